@@ -1,1 +1,11 @@
-pub fn _x(){}
+//! Spectral math for S2LC: thin SVD of real matrices and rank selection by retained energy.
+//!
+//! Pure math on matrices; no I/O and no knowledge of models. A matrix is `rows × cols` as the
+//! math writes it; for a linear layer `W` that is `out × in`.
+#![deny(missing_docs)]
+
+pub mod energy;
+pub mod svd;
+
+pub use energy::{break_even_rank, cumulative_energy, rank_for_energy};
+pub use svd::{thin_svd, Svd, SvdError};

@@ -1,1 +1,304 @@
-fn main(){}
+//! `s2lc`: the S2LC command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+mod bench;
+mod progress;
+
+use s2lc_model::eval::perplexity;
+use s2lc_model::generate::{generate, Sampler, SamplingParams};
+use s2lc_model::kv::DenseKvCache;
+use s2lc_model::llama::LlamaModel;
+use s2lc_model::model::apply_chat_template;
+use s2lc_model::tokenizer::{read_text_file, Tokenizer};
+use s2lc_model::ModelSource;
+
+/// S2LC: spectral low-rank compression and serving of language models.
+#[derive(Parser)]
+#[command(name = "s2lc", version, about)]
+struct Cli {
+    /// Worker threads for the math (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt.
+    Generate(GenerateArgs),
+    /// Perplexity on a text file, plus prefill and decode speed.
+    Eval(EvalArgs),
+    /// Architecture, tensor table, dtypes and parameter counts of a model.
+    Info {
+        /// A .gguf file or a Hugging Face model directory.
+        path: PathBuf,
+    },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Batch-1 prefill and decode speed against this machine's memory-bandwidth bound.
+    Decode(bench::DecodeArgs),
+}
+
+/// Which model to run.
+#[derive(Args)]
+pub struct ModelArg {
+    /// A .gguf file or a Hugging Face directory [default: SmolLM2-135M-Instruct in $S2LC_HOME].
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+impl ModelArg {
+    /// The model path, defaulting to the SmolLM2 asset fetched by `scripts/fetch-assets`.
+    pub fn path(&self) -> PathBuf {
+        self.model
+            .clone()
+            .unwrap_or_else(|| s2lc_home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    }
+}
+
+/// `$S2LC_HOME`, default `~/.cache/s2lc`.
+fn s2lc_home() -> PathBuf {
+    match std::env::var_os("S2LC_HOME") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/s2lc"),
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold (1 keeps every token).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Send the prompt raw instead of wrapped in the model's chat template.
+    #[arg(long)]
+    raw: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// A UTF-8 text file (CRLF is read as LF).
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens per window; each window starts from an empty cache.
+    #[arg(long, default_value_t = 512)]
+    window: usize,
+    /// Tokens between window starts (equal to --window: independent windows).
+    #[arg(long, default_value_t = 512)]
+    stride: usize,
+    /// Read at most this many tokens of the text.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Tokens to decode for the decode-speed figure (0 skips it).
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+}
+
+fn main() -> ExitCode {
+    match try_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting the thread count")?;
+    }
+    match cli.command {
+        Command::Generate(args) => cmd_generate(&args),
+        Command::Eval(args) => cmd_eval(&args),
+        Command::Info { path } => cmd_info(&path),
+        Command::Bench(BenchCommand::Decode(args)) => bench::decode(&args),
+    }
+}
+
+/// Opens a model and loads its runtime weights with a progress bar.
+pub fn load_model(path: &Path) -> Result<(ModelSource, LlamaModel, Tokenizer)> {
+    let source =
+        ModelSource::open(path).with_context(|| format!("opening model {}", path.display()))?;
+    let cfg = source
+        .config()
+        .with_context(|| format!("reading the configuration of {}", path.display()))?;
+    let tokenizer = source
+        .tokenizer()
+        .with_context(|| format!("building the tokenizer of {}", path.display()))?;
+    let bar = progress::bar(cfg.n_layers as u64, "loading blocks");
+    let model = source
+        .load_llama(|_| bar.inc(1))
+        .with_context(|| format!("loading the weights of {}", path.display()))?;
+    bar.finish_and_clear();
+    Ok((source, model, tokenizer))
+}
+
+fn cmd_generate(args: &GenerateArgs) -> Result<()> {
+    let (source, model, tokenizer) = load_model(&args.model.path())?;
+    let template = source.chat_template();
+    let text = if args.raw {
+        args.prompt.clone()
+    } else {
+        apply_chat_template(template.as_deref(), &args.prompt)
+    };
+    let prompt = tokenizer.encode(&text, true).context("tokenizing the prompt")?;
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let mut cache = DenseKvCache::new(
+        model.config().n_layers,
+        model.attn_shape(),
+        model.config().max_seq_len,
+    );
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    });
+    let stop: Vec<u32> = [tokenizer.eos_id(), tokenizer.token_to_id("<|im_end|>")]
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut stream = tokenizer.stream_decoder();
+    let mut out = std::io::stdout().lock();
+    let mut failed = None;
+    let stats = generate(&model, &mut cache, &prompt, args.max_tokens, &mut sampler, &stop, |id| {
+        if stop.contains(&id) {
+            return false;
+        }
+        match stream.push(id) {
+            Ok(Some(piece)) => {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            }
+            Ok(None) => {}
+            Err(e) => failed = Some(e),
+        }
+        failed.is_none()
+    })
+    .context("generating")?;
+    if let Some(e) = failed {
+        return Err(e).context("decoding generated tokens");
+    }
+    writeln!(out)?;
+    eprintln!(
+        "prompt: {} tokens, prefill {:.1} tok/s; generated {} tokens, decode {:.1} tok/s",
+        stats.prompt_tokens,
+        stats.prefill_tok_s(),
+        stats.generated.len(),
+        stats.decode_tok_s()
+    );
+    Ok(())
+}
+
+fn cmd_eval(args: &EvalArgs) -> Result<()> {
+    let text = read_text_file(&args.text).context("reading the evaluation text")?;
+    let (_source, model, tokenizer) = load_model(&args.model.path())?;
+    let mut tokens = tokenizer.encode(&text, false).context("tokenizing the text")?;
+    if let Some(max) = args.max_tokens {
+        tokens.truncate(max);
+    }
+    let windows = s2lc_model::eval::windows(tokens.len(), args.window, args.stride).len();
+    let bar = progress::bar(windows as u64, "scoring windows");
+    let report = perplexity(&model, &tokens, args.window, args.stride, |_, _| bar.inc(1))
+        .with_context(|| format!("scoring {}", args.text.display()))?;
+    bar.finish_and_clear();
+    println!("perplexity: {:.4}", report.perplexity());
+    println!(
+        "tokens scored: {} (of {} read, window {}, stride {})",
+        report.predictions,
+        tokens.len(),
+        args.window,
+        args.stride
+    );
+    println!("prefill: {:.1} tok/s", report.prefill_tok_s());
+    if args.decode_tokens > 0 {
+        let prompt = &tokens[..tokens.len().min(64)];
+        let mut cache =
+            DenseKvCache::new(model.config().n_layers, model.attn_shape(), model.config().max_seq_len);
+        let mut sampler = Sampler::new(SamplingParams::default());
+        let stats = generate(&model, &mut cache, prompt, args.decode_tokens, &mut sampler, &[], |_| true)
+            .context("timing decode")?;
+        println!("decode: {:.1} tok/s", stats.decode_tok_s());
+    }
+    Ok(())
+}
+
+fn cmd_info(path: &Path) -> Result<()> {
+    let source =
+        ModelSource::open(path).with_context(|| format!("opening model {}", path.display()))?;
+    println!("model:        {}", path.display());
+    println!("format:       {}", source.format_name());
+    println!("architecture: {}", source.architecture()?);
+    match source.config() {
+        Ok(cfg) => println!(
+            "config:       d={} ffn={} layers={} heads={}/{} head_dim={} vocab={} rope_theta={} tied={}",
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.n_layers,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            cfg.vocab_size,
+            cfg.rope_theta,
+            cfg.tie_embeddings
+        ),
+        Err(e) => println!("config:       not runnable here ({e})"),
+    }
+    let tensors = source.tensors().describe();
+    let mut by_dtype: std::collections::BTreeMap<String, (usize, u64, u64)> = Default::default();
+    println!("\n{:<48} {:>16} {:>6} {:>12}", "tensor", "shape", "dtype", "bytes");
+    for t in &tensors {
+        let n: u64 = t.shape.iter().map(|&d| d as u64).product();
+        let e = by_dtype.entry(t.dtype.clone()).or_default();
+        e.0 += 1;
+        e.1 += n;
+        e.2 += t.bytes;
+        println!("{:<48} {:>16} {:>6} {:>12}", t.name, format!("{:?}", t.shape), t.dtype, t.bytes);
+    }
+    println!();
+    let (mut params, mut bytes) = (0u64, 0u64);
+    for (dtype, (count, n, b)) in &by_dtype {
+        println!("{dtype:>6}: {count:>4} tensors, {n:>12} parameters, {b:>12} bytes");
+        params += n;
+        bytes += b;
+    }
+    println!(
+        " total: {:>4} tensors, {params:>12} parameters, {bytes:>12} bytes ({:.2} bits/parameter)",
+        tensors.len(),
+        8.0 * bytes as f64 / params.max(1) as f64
+    );
+    Ok(())
+}

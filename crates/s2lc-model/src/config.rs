@@ -1,0 +1,226 @@
+//! Model configuration: a serde mirror of Hugging Face `config.json` and the strict runtime config
+//! derived from it or from GGUF metadata.
+
+use serde::Deserialize;
+
+use crate::error::ModelError;
+use crate::gguf::GgufFile;
+
+/// Architecture families the runtime executes. Both are decoder-only Llama-style transformers;
+/// Qwen2 differs only by biases on the q/k/v projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama family (Llama, SmolLM2, Mistral-style without sliding window).
+    Llama,
+    /// Qwen2 family: Llama plus q/k/v biases.
+    Qwen2,
+}
+
+impl Arch {
+    /// Parses the architecture name used by GGUF (`general.architecture`) or HF (`model_type`).
+    pub fn from_name(name: &str) -> Result<Self, ModelError> {
+        match name {
+            "llama" | "mistral" => Ok(Arch::Llama),
+            "qwen2" => Ok(Arch::Qwen2),
+            other => Err(ModelError::UnsupportedArchitecture(other.to_string())),
+        }
+    }
+
+    /// The name as GGUF and HF spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// `config.json` of a Hugging Face Llama-family model, as written by transformers.
+/// Fields the runtime does not need are ignored; optional ones get the transformers defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfConfig {
+    /// `llama`, `qwen2`, ...
+    pub model_type: String,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU hidden layer.
+    pub intermediate_size: usize,
+    /// Number of decoder blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention); defaults to `num_attention_heads`.
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// RoPE base frequency.
+    pub rope_theta: Option<f32>,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: Option<f32>,
+    /// Maximum context length the model was trained for.
+    pub max_position_embeddings: Option<usize>,
+    /// Whether `lm_head` reuses the embedding matrix.
+    pub tie_word_embeddings: Option<bool>,
+    /// Beginning-of-sequence token id.
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence token id.
+    pub eos_token_id: Option<u32>,
+}
+
+/// The strict configuration the runtime executes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Architecture family.
+    pub arch: Arch,
+    /// Width of the residual stream (`d`).
+    pub hidden_size: usize,
+    /// Width of the SwiGLU hidden layer.
+    pub intermediate_size: usize,
+    /// Number of decoder blocks.
+    pub n_layers: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads; `n_heads` is a multiple of it.
+    pub n_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// RoPE base frequency.
+    pub rope_theta: f32,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// Trained context length.
+    pub max_seq_len: usize,
+    /// `lm_head` is the embedding matrix.
+    pub tie_embeddings: bool,
+}
+
+impl ModelConfig {
+    /// Derives the runtime config from a parsed `config.json`.
+    pub fn from_hf(hf: &HfConfig) -> Result<Self, ModelError> {
+        let arch = Arch::from_name(&hf.model_type)?;
+        let n_heads = hf.num_attention_heads;
+        let cfg = ModelConfig {
+            arch,
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            n_layers: hf.num_hidden_layers,
+            n_heads,
+            n_kv_heads: hf.num_key_value_heads.unwrap_or(n_heads),
+            head_dim: hf
+                .head_dim
+                .unwrap_or(hf.hidden_size / n_heads.max(1)),
+            vocab_size: hf.vocab_size,
+            rope_theta: hf.rope_theta.unwrap_or(10_000.0),
+            rms_eps: hf.rms_norm_eps.unwrap_or(1e-6),
+            max_seq_len: hf.max_position_embeddings.unwrap_or(2048),
+            tie_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+        };
+        cfg.validate()
+    }
+
+    /// Derives the runtime config from GGUF metadata (`{arch}.block_count`, ...).
+    /// `tie_embeddings` is true when the file has no `output.weight`.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
+        let arch = Arch::from_name(file.architecture()?)?;
+        let a = arch.name();
+        let key = |k: &str| format!("{a}.{k}");
+        let hidden_size = file.get_u32(&key("embedding_length"))? as usize;
+        let n_heads = file.get_u32(&key("attention.head_count"))? as usize;
+        let n_kv_heads = file
+            .get_u32(&key("attention.head_count_kv"))
+            .map(|v| v as usize)
+            .unwrap_or(n_heads);
+        let vocab_size = match file.tensor_info("token_embd.weight") {
+            Some(info) => info.shape()[0],
+            None => return Err(ModelError::MissingTensor("token_embd.weight".into())),
+        };
+        let head_dim = file
+            .get_u32(&key("attention.key_length"))
+            .map(|v| v as usize)
+            .unwrap_or(hidden_size / n_heads.max(1));
+        let cfg = ModelConfig {
+            arch,
+            hidden_size,
+            intermediate_size: file.get_u32(&key("feed_forward_length"))? as usize,
+            n_layers: file.get_u32(&key("block_count"))? as usize,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            vocab_size,
+            rope_theta: file.get_f32(&key("rope.freq_base")).unwrap_or(10_000.0),
+            rms_eps: file
+                .get_f32(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-6),
+            max_seq_len: file
+                .get_u32(&key("context_length"))
+                .map(|v| v as usize)
+                .unwrap_or(2048),
+            tie_embeddings: file.tensor_info("output.weight").is_none(),
+        };
+        cfg.validate()
+    }
+
+    /// Checks the invariants the runtime relies on.
+    pub fn validate(self) -> Result<Self, ModelError> {
+        let bad = |why: String| Err(ModelError::InvalidConfig(why));
+        if self.hidden_size == 0 || self.n_layers == 0 || self.n_heads == 0 || self.vocab_size == 0 {
+            return bad(format!("zero-sized dimension in {self:?}"));
+        }
+        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!(
+                "{} query heads is not a multiple of {} key/value heads",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return bad(format!("head_dim {} must be even and non-zero", self.head_dim));
+        }
+        Ok(self)
+    }
+
+    /// Width of the concatenated query heads.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Width of the concatenated key (or value) heads.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hf_config_defaults_and_validation() {
+        let json = r#"{"model_type":"llama","hidden_size":576,"intermediate_size":1536,
+            "num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,
+            "vocab_size":49152,"rope_theta":100000.0,"tie_word_embeddings":true}"#;
+        let hf: HfConfig = serde_json::from_str(json).unwrap();
+        let cfg = ModelConfig::from_hf(&hf).unwrap();
+        assert_eq!(cfg.head_dim, 64);
+        assert_eq!(cfg.kv_dim(), 192);
+        assert!(cfg.tie_embeddings);
+        assert_eq!(cfg.rms_eps, 1e-6);
+
+        let bad = r#"{"model_type":"llama","hidden_size":576,"intermediate_size":1536,
+            "num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":4,"vocab_size":10}"#;
+        let hf: HfConfig = serde_json::from_str(bad).unwrap();
+        let err = ModelConfig::from_hf(&hf).unwrap_err().to_string();
+        assert!(err.contains("multiple"), "{err}");
+
+        let gpt = r#"{"model_type":"gpt2","hidden_size":8,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":1,"vocab_size":10}"#;
+        let hf: HfConfig = serde_json::from_str(gpt).unwrap();
+        assert!(matches!(
+            ModelConfig::from_hf(&hf),
+            Err(ModelError::UnsupportedArchitecture(a)) if a == "gpt2"
+        ));
+    }
+}

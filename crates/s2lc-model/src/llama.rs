@@ -1,0 +1,466 @@
+//! The Llama-family decoder (Llama, SmolLM2, Qwen2): RMSNorm, rotary position embedding,
+//! grouped-query attention, SwiGLU feed-forward, optionally tied embeddings.
+//!
+//! The model is immutable (`&self`); per-sequence state lives in a [`KvCache`] and reusable buffers
+//! in a [`ForwardScratch`], so a decode loop allocates nothing after its first step.
+
+use faer::{Accum, Par};
+
+use crate::config::ModelConfig;
+use crate::error::ModelError;
+use crate::kv::{AttnShape, KvCache};
+use crate::linear::{DenseLinear, Linear};
+use crate::source::Weights;
+
+/// `x ← x / √(mean(x²) + eps) · weight`, for each row of width `weight.len()`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
+            *o = v * inv * w;
+        }
+    }
+}
+
+/// Rotary position embedding in the Hugging Face "rotate half" layout: within each head of width
+/// `hd`, element `i < hd/2` pairs with `i + hd/2` and the pair rotates by `pos · base^(-2i/hd)`.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f64>,
+    head_dim: usize,
+}
+
+impl Rope {
+    /// Frequencies for heads of width `head_dim` (even) and base `theta`.
+    pub fn new(head_dim: usize, theta: f32) -> Self {
+        let half = head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64))
+            .collect();
+        Rope { inv_freq, head_dim }
+    }
+
+    /// Fills `cos`/`sin` (`n × hd/2`) for positions `p0..p0+n`.
+    pub fn tables(&self, p0: usize, n: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        let half = self.head_dim / 2;
+        cos.resize(n * half, 0.0);
+        sin.resize(n * half, 0.0);
+        for t in 0..n {
+            let pos = (p0 + t) as f64;
+            for (i, f) in self.inv_freq.iter().enumerate() {
+                let (s, c) = (pos * f).sin_cos();
+                cos[t * half + i] = c as f32;
+                sin[t * half + i] = s as f32;
+            }
+        }
+    }
+
+    /// Rotates every head of the `n × width` row-major `x` (width a multiple of `hd`) in place.
+    pub fn apply(&self, x: &mut [f32], width: usize, cos: &[f32], sin: &[f32]) {
+        let hd = self.head_dim;
+        let half = hd / 2;
+        for (t, row) in x.chunks_exact_mut(width).enumerate() {
+            let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+            for head in row.chunks_exact_mut(hd) {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x0, x1) = (a[i], b[i]);
+                    a[i] = x0 * c[i] - x1 * s[i];
+                    b[i] = x1 * c[i] + x0 * s[i];
+                }
+            }
+        }
+    }
+}
+
+/// One decoder block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// RMSNorm before attention.
+    pub attn_norm: Vec<f32>,
+    /// Query projection (`q_dim × d`).
+    pub q_proj: Linear,
+    /// Key projection (`kv_dim × d`).
+    pub k_proj: Linear,
+    /// Value projection (`kv_dim × d`).
+    pub v_proj: Linear,
+    /// Output projection (`d × q_dim`).
+    pub o_proj: Linear,
+    /// RMSNorm before the feed-forward.
+    pub ffn_norm: Vec<f32>,
+    /// SwiGLU gate (`ffn × d`).
+    pub gate_proj: Linear,
+    /// SwiGLU up (`ffn × d`).
+    pub up_proj: Linear,
+    /// SwiGLU down (`d × ffn`).
+    pub down_proj: Linear,
+}
+
+/// Loads a linear weight `[out, in]` with an optional bias `[out]` from scope `w`.
+fn load_linear(w: &Weights, out: usize, inp: usize, bias: bool) -> Result<Linear, ModelError> {
+    let weight = w.get("weight", &[out, inp])?;
+    let bias = if bias { w.get_opt("bias", &[out])? } else { None };
+    Ok(Linear::Dense(DenseLinear::new(weight, out, inp, bias)))
+}
+
+impl Block {
+    /// Loads block weights from scope `model.layers.N`.
+    pub fn load(cfg: &ModelConfig, w: &Weights) -> Result<Self, ModelError> {
+        let (d, f, qd, kd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+        let attn = w.pp("self_attn");
+        let mlp = w.pp("mlp");
+        Ok(Block {
+            attn_norm: w.pp("input_layernorm").get("weight", &[d])?,
+            q_proj: load_linear(&attn.pp("q_proj"), qd, d, true)?,
+            k_proj: load_linear(&attn.pp("k_proj"), kd, d, true)?,
+            v_proj: load_linear(&attn.pp("v_proj"), kd, d, true)?,
+            o_proj: load_linear(&attn.pp("o_proj"), d, qd, false)?,
+            ffn_norm: w.pp("post_attention_layernorm").get("weight", &[d])?,
+            gate_proj: load_linear(&mlp.pp("gate_proj"), f, d, false)?,
+            up_proj: load_linear(&mlp.pp("up_proj"), f, d, false)?,
+            down_proj: load_linear(&mlp.pp("down_proj"), d, f, false)?,
+        })
+    }
+
+    /// Every linear layer of the block with its Hugging Face name below `model.layers.N.`.
+    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+        [
+            ("self_attn.q_proj", &self.q_proj),
+            ("self_attn.k_proj", &self.k_proj),
+            ("self_attn.v_proj", &self.v_proj),
+            ("self_attn.o_proj", &self.o_proj),
+            ("mlp.gate_proj", &self.gate_proj),
+            ("mlp.up_proj", &self.up_proj),
+            ("mlp.down_proj", &self.down_proj),
+        ]
+    }
+}
+
+/// Buffers reused across forward passes (sized on first use, then only re-used).
+#[derive(Debug, Default)]
+pub struct ForwardScratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// A Llama-family causal language model.
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    cfg: ModelConfig,
+    embed: Vec<f32>,
+    blocks: Vec<Block>,
+    norm: Vec<f32>,
+    lm_head: Option<Linear>,
+    rope: Rope,
+}
+
+/// Parallelism for a product of `n` rows: batch-1 GEMVs still gain from two threads on the big weights.
+fn par_for(_n: usize) -> Par {
+    Par::rayon(0)
+}
+
+impl LlamaModel {
+    /// Loads every weight from `w` (Hugging Face names) under `cfg`; `on_block` is called after
+    /// each block (for progress bars).
+    pub fn load(
+        cfg: &ModelConfig,
+        w: &Weights,
+        mut on_block: impl FnMut(usize),
+    ) -> Result<Self, ModelError> {
+        let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed = w.pp("model.embed_tokens").get("weight", &[v, d])?;
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            blocks.push(Block::load(cfg, &w.pp("model.layers").pp(i))?);
+            on_block(i);
+        }
+        let norm = w.pp("model.norm").get("weight", &[d])?;
+        let lm_head = if cfg.tie_embeddings {
+            None
+        } else {
+            Some(load_linear(&w.pp("lm_head"), v, d, false)?)
+        };
+        Ok(LlamaModel {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg.head_dim, cfg.rope_theta),
+        })
+    }
+
+    /// The runtime configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The decoder blocks.
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    /// Mutable decoder blocks (to swap a layer's representation, e.g. for a compressed one).
+    pub fn blocks_mut(&mut self) -> &mut [Block] {
+        &mut self.blocks
+    }
+
+    /// Head layout for KV caches.
+    pub fn attn_shape(&self) -> AttnShape {
+        AttnShape {
+            n_heads: self.cfg.n_heads,
+            n_kv_heads: self.cfg.n_kv_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    /// Bytes of weights read to decode one token: every block linear, the norms and the output
+    /// head (one embedding row is negligible and not counted).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let f = std::mem::size_of::<f32>();
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                b.linears().iter().map(|(_, l)| l.weight_bytes()).sum::<usize>()
+                    + (b.attn_norm.len() + b.ffn_norm.len()) * f
+            })
+            .sum();
+        let head = match &self.lm_head {
+            Some(l) => l.weight_bytes(),
+            None => self.embed.len() * f,
+        };
+        blocks + head + self.norm.len() * f
+    }
+
+    /// Total parameters (tied embeddings counted once).
+    pub fn n_params(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                b.linears().iter().map(|(_, l)| l.n_params()).sum::<usize>()
+                    + b.attn_norm.len()
+                    + b.ffn_norm.len()
+            })
+            .sum();
+        blocks + self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, Linear::n_params)
+    }
+
+    /// Runs `tokens` (positions `cache.len()..`) through the decoder, commits them to `cache`, and
+    /// returns the final-normed hidden states (`n × d`, row-major) held in `scratch`.
+    pub fn forward_hidden<'s>(
+        &self,
+        tokens: &[u32],
+        cache: &mut dyn KvCache,
+        scratch: &'s mut ForwardScratch,
+    ) -> Result<&'s [f32], ModelError> {
+        let cfg = &self.cfg;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(ModelError::EmptyInput("no tokens to run".into()));
+        }
+        let (d, f, qd, kd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+        let p0 = cache.len();
+        if p0 + n > cfg.max_seq_len {
+            return Err(ModelError::ContextOverflow {
+                needed: p0 + n,
+                limit: cfg.max_seq_len,
+            });
+        }
+        let s = scratch;
+        s.x.resize(n * d, 0.0);
+        for (row, &t) in s.x.chunks_exact_mut(d).zip(tokens) {
+            let t = t as usize;
+            if t >= cfg.vocab_size {
+                return Err(ModelError::TokenOutOfRange {
+                    id: t as u32,
+                    vocab: cfg.vocab_size,
+                });
+            }
+            row.copy_from_slice(&self.embed[t * d..][..d]);
+        }
+        s.h.resize(n * d, 0.0);
+        s.q.resize(n * qd, 0.0);
+        s.attn.resize(n * qd, 0.0);
+        s.k.resize(n * kd, 0.0);
+        s.v.resize(n * kd, 0.0);
+        s.gate.resize(n * f, 0.0);
+        s.up.resize(n * f, 0.0);
+        self.rope.tables(p0, n, &mut s.cos, &mut s.sin);
+        let par = par_for(n);
+
+        for (layer, b) in self.blocks.iter().enumerate() {
+            rms_norm(&s.x, &b.attn_norm, cfg.rms_eps, &mut s.h);
+            b.q_proj.forward(&s.h, n, &mut s.q, Accum::Replace, par);
+            b.k_proj.forward(&s.h, n, &mut s.k, Accum::Replace, par);
+            b.v_proj.forward(&s.h, n, &mut s.v, Accum::Replace, par);
+            self.rope.apply(&mut s.q, qd, &s.cos, &s.sin);
+            self.rope.apply(&mut s.k, kd, &s.cos, &s.sin);
+            cache.attend(layer, &s.q, &s.k, &s.v, n, &mut s.attn);
+            b.o_proj.forward(&s.attn, n, &mut s.x, Accum::Add, par);
+
+            rms_norm(&s.x, &b.ffn_norm, cfg.rms_eps, &mut s.h);
+            b.gate_proj.forward(&s.h, n, &mut s.gate, Accum::Replace, par);
+            b.up_proj.forward(&s.h, n, &mut s.up, Accum::Replace, par);
+            for (g, u) in s.gate.iter_mut().zip(&s.up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            b.down_proj.forward(&s.gate, n, &mut s.x, Accum::Add, par);
+        }
+        cache.commit(n);
+        rms_norm(&s.x, &self.norm, cfg.rms_eps, &mut s.h);
+        Ok(&s.h)
+    }
+
+    /// Output logits (`n × vocab`, row-major) for `n` final-normed hidden rows (`n × d`).
+    pub fn logits(&self, hidden: &[f32], out: &mut Vec<f32>) {
+        let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let n = hidden.len() / d;
+        out.resize(n * v, 0.0);
+        match &self.lm_head {
+            Some(head) => head.forward(hidden, n, out, Accum::Replace, par_for(n)),
+            None => {
+                let x = faer::MatRef::from_row_major_slice(hidden, n, d);
+                let et = faer::MatRef::from_row_major_slice(&self.embed, v, d).transpose();
+                let y = faer::MatMut::from_row_major_slice_mut(out, n, v);
+                faer::linalg::matmul::matmul(y, Accum::Replace, x, et, 1.0f32, par_for(n));
+            }
+        }
+    }
+
+    /// Runs `tokens` and writes the logits of the last position (`vocab` values) into `out`.
+    pub fn forward_last(
+        &self,
+        tokens: &[u32],
+        cache: &mut dyn KvCache,
+        scratch: &mut ForwardScratch,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let d = self.cfg.hidden_size;
+        let hidden = self.forward_hidden(tokens, cache, scratch)?;
+        let last = &hidden[hidden.len() - d..];
+        self.logits(last, out);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Arch;
+    use crate::kv::DenseKvCache;
+    use crate::source::MemorySource;
+
+    #[test]
+    fn rms_norm_by_hand() {
+        let x = [3.0, 4.0, 0.0, 0.0];
+        let mut out = [0.0; 4];
+        rms_norm(&x, &[1.0, 2.0, 1.0, 1.0], 0.0, &mut out);
+        // mean square = 25/4, rms = 2.5
+        assert_eq!(out, [1.2, 3.2, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_and_preserves_norm() {
+        let rope = Rope::new(4, 10_000.0);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        rope.tables(1, 1, &mut cos, &mut sin);
+        // pair 0 rotates by 1 rad, pair 1 by 1/100 rad.
+        assert!((cos[0] - 1f32.cos()).abs() < 1e-7 && (sin[1] - 0.01f32.sin()).abs() < 1e-7);
+        let mut x = [1.0, 0.0, 0.0, 1.0];
+        rope.apply(&mut x, 4, &cos, &sin);
+        let want = [1f32.cos(), 0.01f32.cos() * 0.0 - 0.01f32.sin(), 1f32.sin(), 0.01f32.cos()];
+        for (a, b) in x.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-6, "{x:?} vs {want:?}");
+        }
+        // Position 0 is the identity; relative positions give equal dot products.
+        rope.tables(0, 1, &mut cos, &mut sin);
+        let mut y = [0.3, -0.2, 0.5, 0.7];
+        let y0 = y;
+        rope.apply(&mut y, 4, &cos, &sin);
+        assert_eq!(y, y0);
+        let dot_at = |pq: usize, pk: usize| {
+            let (mut c, mut s) = (Vec::new(), Vec::new());
+            let mut q = [0.3, -0.2, 0.5, 0.7];
+            let mut k = [0.1, 0.9, -0.4, 0.2];
+            rope.tables(pq, 1, &mut c, &mut s);
+            rope.apply(&mut q, 4, &c, &s);
+            rope.tables(pk, 1, &mut c, &mut s);
+            rope.apply(&mut k, 4, &c, &s);
+            q.iter().zip(&k).map(|(a, b)| a * b).sum::<f32>()
+        };
+        assert!((dot_at(5, 2) - dot_at(13, 10)).abs() < 1e-5);
+    }
+
+    /// A one-layer model with hidden size 4 built in memory.
+    fn tiny() -> LlamaModel {
+        let cfg = ModelConfig {
+            arch: Arch::Llama,
+            hidden_size: 4,
+            intermediate_size: 6,
+            n_layers: 1,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 2,
+            vocab_size: 5,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-6,
+            max_seq_len: 16,
+            tie_embeddings: true,
+        };
+        let mut src = MemorySource::new();
+        let mut fill = |name: &str, shape: Vec<usize>, seed: usize| {
+            let len = shape.iter().product();
+            let data = (0..len).map(|i| (((i * 13 + seed * 7) % 17) as f32 - 8.0) / 10.0).collect();
+            src.insert(name, shape, data);
+        };
+        fill("model.embed_tokens.weight", vec![5, 4], 1);
+        fill("model.norm.weight", vec![4], 2);
+        let l = "model.layers.0";
+        fill(&format!("{l}.input_layernorm.weight"), vec![4], 3);
+        fill(&format!("{l}.post_attention_layernorm.weight"), vec![4], 4);
+        fill(&format!("{l}.self_attn.q_proj.weight"), vec![4, 4], 5);
+        fill(&format!("{l}.self_attn.k_proj.weight"), vec![2, 4], 6);
+        fill(&format!("{l}.self_attn.v_proj.weight"), vec![2, 4], 7);
+        fill(&format!("{l}.self_attn.o_proj.weight"), vec![4, 4], 8);
+        fill(&format!("{l}.mlp.gate_proj.weight"), vec![6, 4], 9);
+        fill(&format!("{l}.mlp.up_proj.weight"), vec![6, 4], 10);
+        fill(&format!("{l}.mlp.down_proj.weight"), vec![4, 6], 11);
+        LlamaModel::load(&cfg, &Weights::new(&src), |_| {}).unwrap()
+    }
+
+    #[test]
+    fn prefill_and_decode_agree() {
+        let model = tiny();
+        let tokens = [1u32, 3, 0, 4, 2];
+        let mut scratch = ForwardScratch::default();
+        let mut cache = DenseKvCache::new(1, model.attn_shape(), 16);
+        let hidden = model.forward_hidden(&tokens, &mut cache, &mut scratch).unwrap().to_vec();
+        let mut all = Vec::new();
+        model.logits(&hidden, &mut all);
+        let mut step_cache = DenseKvCache::new(1, model.attn_shape(), 16);
+        let mut out = Vec::new();
+        for (i, &t) in tokens.iter().enumerate() {
+            model.forward_last(&[t], &mut step_cache, &mut scratch, &mut out).unwrap();
+            for (a, b) in out.iter().zip(&all[i * 5..][..5]) {
+                assert!((a - b).abs() < 1e-5, "position {i}: {a} vs {b}");
+            }
+        }
+        assert_eq!(step_cache.len(), 5);
+        assert!(matches!(
+            model.forward_last(&[9], &mut step_cache, &mut scratch, &mut out),
+            Err(ModelError::TokenOutOfRange { id: 9, vocab: 5 })
+        ));
+    }
+}

@@ -1,0 +1,171 @@
+//! [`ModelSource`]: one entry point that opens a GGUF file or a Hugging Face model directory and
+//! yields its configuration, tokenizer, tensors and the runnable model.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::config::{HfConfig, ModelConfig};
+use crate::error::ModelError;
+use crate::gguf::GgufFile;
+use crate::llama::LlamaModel;
+use crate::source::{GgufSource, SafetensorsSource, TensorSource, Weights};
+use crate::tokenizer::{GgufBpe, Tokenizer};
+
+enum Format {
+    Gguf(GgufSource),
+    HfDir {
+        tensors: SafetensorsSource,
+        config_json: serde_json::Value,
+    },
+}
+
+/// A model on disk: a GGUF file (weights, config and tokenizer in one file) or a Hugging Face
+/// directory (`config.json`, `*.safetensors`, `tokenizer.json`).
+pub struct ModelSource {
+    path: PathBuf,
+    format: Format,
+}
+
+impl ModelSource {
+    /// Opens `path`, deciding the format from what it is: a directory is read as Hugging Face
+    /// layout, a file must start with the GGUF magic.
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+        let format = if meta.is_dir() {
+            let config_path = path.join("config.json");
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|e| ModelError::io(&config_path, e))?;
+            let config_json = serde_json::from_str(&text).map_err(|source| ModelError::Config {
+                path: config_path,
+                source,
+            })?;
+            Format::HfDir {
+                tensors: SafetensorsSource::open_dir(path)?,
+                config_json,
+            }
+        } else {
+            let mut magic = [0u8; 4];
+            let mut f = File::open(path).map_err(|e| ModelError::io(path, e))?;
+            if f.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
+                return Err(ModelError::NotAModel(path.to_path_buf()));
+            }
+            Format::Gguf(GgufSource::new(GgufFile::open(path)?))
+        };
+        Ok(ModelSource {
+            path: path.to_path_buf(),
+            format,
+        })
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `"gguf"` or `"hf"`.
+    pub fn format_name(&self) -> &'static str {
+        match self.format {
+            Format::Gguf(_) => "gguf",
+            Format::HfDir { .. } => "hf",
+        }
+    }
+
+    /// The architecture name as the file states it, even one the runtime cannot execute (`bert`).
+    pub fn architecture(&self) -> Result<String, ModelError> {
+        match &self.format {
+            Format::Gguf(g) => Ok(g.file().architecture()?.to_string()),
+            Format::HfDir { config_json, .. } => config_json
+                .get("model_type")
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| ModelError::InvalidConfig("config.json has no model_type".into())),
+        }
+    }
+
+    /// The runtime configuration (fails for architectures the runtime does not execute).
+    pub fn config(&self) -> Result<ModelConfig, ModelError> {
+        match &self.format {
+            Format::Gguf(g) => ModelConfig::from_gguf(g.file()),
+            Format::HfDir { config_json, .. } => {
+                let hf: HfConfig =
+                    serde_json::from_value(config_json.clone()).map_err(|source| {
+                        ModelError::Config {
+                            path: self.path.join("config.json"),
+                            source,
+                        }
+                    })?;
+                ModelConfig::from_hf(&hf)
+            }
+        }
+    }
+
+    /// The model's tensors under Hugging Face names.
+    pub fn tensors(&self) -> &dyn TensorSource {
+        match &self.format {
+            Format::Gguf(g) => g,
+            Format::HfDir { tensors, .. } => tensors,
+        }
+    }
+
+    /// The GGUF file, when the model is one (raw quantized blocks, metadata).
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        match &self.format {
+            Format::Gguf(g) => Some(g.file()),
+            Format::HfDir { .. } => None,
+        }
+    }
+
+    /// The tokenizer: `tokenizer.json` in a directory, the embedded BPE vocabulary in a GGUF.
+    pub fn tokenizer(&self) -> Result<Tokenizer, ModelError> {
+        match &self.format {
+            Format::HfDir { .. } => Ok(Tokenizer::from_file(&self.path.join("tokenizer.json"))?),
+            Format::Gguf(g) => {
+                let f = g.file();
+                let model = f.get_str("tokenizer.ggml.model")?;
+                if model != "gpt2" {
+                    return Err(crate::tokenizer::TokenizerError::UnsupportedModel(model.to_string()).into());
+                }
+                let spec = GgufBpe {
+                    tokens: f.get_str_array("tokenizer.ggml.tokens")?,
+                    merges: f.get_str_array("tokenizer.ggml.merges")?,
+                    token_types: f.get_i32_array("tokenizer.ggml.token_type").ok(),
+                    pre: f.get_str("tokenizer.ggml.pre").ok(),
+                    bos_id: f.get_u32("tokenizer.ggml.bos_token_id").ok(),
+                    eos_id: f.get_u32("tokenizer.ggml.eos_token_id").ok(),
+                    add_bos: f.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
+                };
+                Ok(Tokenizer::from_gguf_bpe(spec)?)
+            }
+        }
+    }
+
+    /// The chat template (Jinja source) the model ships, if any.
+    pub fn chat_template(&self) -> Option<String> {
+        match &self.format {
+            Format::Gguf(g) => g.file().get_str("tokenizer.chat_template").ok().map(str::to_string),
+            Format::HfDir { .. } => {
+                let p = self.path.join("tokenizer_config.json");
+                let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+                v.get("chat_template")?.as_str().map(str::to_string)
+            }
+        }
+    }
+
+    /// Loads the runnable model (weights dequantized to f32); `on_block` sees each loaded block.
+    pub fn load_llama(&self, on_block: impl FnMut(usize)) -> Result<LlamaModel, ModelError> {
+        let cfg = self.config()?;
+        LlamaModel::load(&cfg, &Weights::new(self.tensors()), on_block)
+    }
+}
+
+/// Wraps `prompt` in a ChatML conversation (`<|im_start|>user ... <|im_start|>assistant`) when
+/// `template` uses ChatML markers (SmolLM2, Qwen2); otherwise returns the prompt unchanged.
+pub fn apply_chat_template(template: Option<&str>, prompt: &str) -> String {
+    match template {
+        Some(t) if t.contains("<|im_start|>") => {
+            format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
+        }
+        _ => prompt.to_string(),
+    }
+}

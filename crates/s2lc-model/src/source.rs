@@ -1,0 +1,470 @@
+//! Where tensors come from: one [`TensorSource`] trait over GGUF files, safetensors directories
+//! and in-memory maps, all addressed by Hugging Face tensor names and yielding f32 row-major data.
+//!
+//! Layer code looks weights up through a scoped [`Weights`] (`w.pp("model.layers.3").get(..)`),
+//! so it never assembles long name strings and a shape mismatch names the full path.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::config::Arch;
+use crate::error::ModelError;
+use crate::gguf::GgufFile;
+
+/// An f32 tensor, row-major (`shape[0]` is the slowest axis; a linear weight is `[out, in]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+    /// `shape.iter().product()` values.
+    pub data: Vec<f32>,
+}
+
+/// What a source says about one tensor without loading it (for `s2lc info`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorDesc {
+    /// Hugging Face name.
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+    /// Storage type as the file names it (`Q4_1`, `F32`, `BF16`, ...).
+    pub dtype: String,
+    /// Bytes in the file.
+    pub bytes: u64,
+}
+
+/// A provider of named tensors, dequantized to f32.
+pub trait TensorSource: Send + Sync {
+    /// Loads tensor `name` (a Hugging Face name) as f32.
+    fn load(&self, name: &str) -> Result<Tensor, ModelError>;
+    /// Whether the source holds `name`.
+    fn contains(&self, name: &str) -> bool;
+    /// Every tensor, by Hugging Face name, in a stable order.
+    fn describe(&self) -> Vec<TensorDesc>;
+}
+
+/// A scoped view of a [`TensorSource`]: `pp` appends a name component, `get` checks the shape.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    source: &'a dyn TensorSource,
+    prefix: String,
+}
+
+impl<'a> Weights<'a> {
+    /// A root scope over `source`.
+    pub fn new(source: &'a dyn TensorSource) -> Self {
+        Weights {
+            source,
+            prefix: String::new(),
+        }
+    }
+
+    /// A child scope: `w.pp("model").pp("layers.0")` looks up `model.layers.0.<leaf>`.
+    pub fn pp(&self, component: impl std::fmt::Display) -> Weights<'a> {
+        let prefix = if self.prefix.is_empty() {
+            component.to_string()
+        } else {
+            format!("{}.{component}", self.prefix)
+        };
+        Weights {
+            source: self.source,
+            prefix,
+        }
+    }
+
+    fn full(&self, leaf: &str) -> String {
+        if self.prefix.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.prefix)
+        }
+    }
+
+    /// Loads `leaf` and checks it has exactly `shape`.
+    pub fn get(&self, leaf: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let name = self.full(leaf);
+        let t = self.source.load(&name)?;
+        if t.shape != shape {
+            return Err(ModelError::ShapeMismatch {
+                name,
+                expected: shape.to_vec(),
+                got: t.shape,
+            });
+        }
+        Ok(t.data)
+    }
+
+    /// Like [`Weights::get`] but `None` when the tensor is absent (optional biases, untied heads).
+    pub fn get_opt(&self, leaf: &str, shape: &[usize]) -> Result<Option<Vec<f32>>, ModelError> {
+        if self.source.contains(&self.full(leaf)) {
+            self.get(leaf, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// Tensor names outside the blocks: (Hugging Face, GGUF).
+const GLOBAL_NAMES: &[(&str, &str)] = &[
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
+
+/// Tensor names inside block N: (Hugging Face below `model.layers.N.`, GGUF below `blk.N.`).
+const BLOCK_NAMES: &[(&str, &str)] = &[
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.q_proj.bias", "attn_q.bias"),
+    ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.k_proj.bias", "attn_k.bias"),
+    ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.v_proj.bias", "attn_v.bias"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
+];
+
+/// Maps a GGUF tensor name to its Hugging Face name (`blk.3.attn_q.weight` →
+/// `model.layers.3.self_attn.q_proj.weight`); `None` for names outside the table.
+pub fn gguf_to_hf(name: &str) -> Option<String> {
+    if let Some(&(hf, _)) = GLOBAL_NAMES.iter().find(|(_, g)| *g == name) {
+        return Some(hf.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, leaf) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let &(hf, _) = BLOCK_NAMES.iter().find(|(_, g)| *g == leaf)?;
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Maps a Hugging Face tensor name to its GGUF name; the inverse of [`gguf_to_hf`].
+pub fn hf_to_gguf(name: &str) -> Option<String> {
+    if let Some(&(_, g)) = GLOBAL_NAMES.iter().find(|(hf, _)| *hf == name) {
+        return Some(g.to_string());
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, leaf) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let &(_, g) = BLOCK_NAMES.iter().find(|(hf, _)| *hf == leaf)?;
+    Some(format!("blk.{layer}.{g}"))
+}
+
+/// Undoes llama.cpp's row permutation of Llama q/k projections.
+///
+/// llama.cpp's converter reorders the rows of each head from the Hugging Face "rotate half" layout
+/// `[h][t][i]` (t ∈ {0,1} selects the half, i < head_dim/2) to the interleaved layout `[h][i][t]` its
+/// RoPE kernel expects. The runtime uses the Hugging Face layout, so GGUF rows are mapped back:
+/// `hf[h·hd + t·hd/2 + i] = gguf[h·hd + 2i + t]`. `data` is `rows × cols` row-major.
+pub fn unpermute_rope_rows(data: &[f32], rows: usize, cols: usize, n_heads: usize) -> Vec<f32> {
+    let hd = rows / n_heads;
+    let half = hd / 2;
+    let mut out = vec![0.0; data.len()];
+    for h in 0..n_heads {
+        for t in 0..2 {
+            for i in 0..half {
+                let dst = (h * hd + t * half + i) * cols;
+                let src = (h * hd + 2 * i + t) * cols;
+                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Tensors of a GGUF file under Hugging Face names, dequantized to f32 on load.
+///
+/// For the `llama` architecture the q/k projections are un-permuted to the Hugging Face layout
+/// (see [`unpermute_rope_rows`]); [`GgufSource::file`] still gives the raw quantized blocks, in
+/// the file's row order.
+pub struct GgufSource {
+    file: GgufFile,
+    /// `(query heads, key/value heads)` when q/k rows must be un-permuted.
+    rope_heads: Option<(usize, usize)>,
+}
+
+impl GgufSource {
+    /// Wraps an open GGUF file.
+    pub fn new(file: GgufFile) -> Self {
+        let rope_heads = match file.architecture().ok().map(Arch::from_name) {
+            Some(Ok(Arch::Llama)) => {
+                let heads = file.get_u32("llama.attention.head_count").ok();
+                let kv = file.get_u32("llama.attention.head_count_kv").ok().or(heads);
+                heads.zip(kv).map(|(h, k)| (h as usize, k as usize))
+            }
+            _ => None,
+        };
+        GgufSource { file, rope_heads }
+    }
+
+    /// The underlying file (metadata, raw quantized blocks).
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+}
+
+impl TensorSource for GgufSource {
+    fn load(&self, name: &str) -> Result<Tensor, ModelError> {
+        let gname = hf_to_gguf(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let info = self
+            .file
+            .tensor_info(&gname)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let shape = info.shape();
+        let mut data = self.file.dequantize(&gname)?;
+        if let (Some((n_heads, n_kv_heads)), 2) = (self.rope_heads, shape.len()) {
+            let heads = if gname.ends_with("attn_q.weight") {
+                Some(n_heads)
+            } else if gname.ends_with("attn_k.weight") {
+                Some(n_kv_heads)
+            } else {
+                None
+            };
+            if let Some(h) = heads {
+                data = unpermute_rope_rows(&data, shape[0], shape[1], h);
+            }
+        }
+        Ok(Tensor { shape, data })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        hf_to_gguf(name).is_some_and(|g| self.file.tensor_info(&g).is_some())
+    }
+
+    fn describe(&self) -> Vec<TensorDesc> {
+        self.file
+            .tensors()
+            .iter()
+            .map(|t| TensorDesc {
+                name: gguf_to_hf(&t.name).unwrap_or_else(|| t.name.clone()),
+                shape: t.shape(),
+                dtype: t.dtype.name().to_string(),
+                bytes: t.n_bytes,
+            })
+            .collect()
+    }
+}
+
+/// Tensors of the `*.safetensors` files of a directory (memory-mapped), converted to f32 on load.
+pub struct SafetensorsSource {
+    files: Vec<(PathBuf, Mmap)>,
+    /// Tensor name → index into `files`.
+    index: BTreeMap<String, usize>,
+}
+
+impl SafetensorsSource {
+    /// Opens every `*.safetensors` file in `dir` (sorted by name).
+    pub fn open_dir(dir: &Path) -> Result<Self, ModelError> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| ModelError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        paths.sort();
+        if paths.is_empty() {
+            return Err(ModelError::NotAModel(dir.to_path_buf()));
+        }
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = BTreeMap::new();
+        for path in paths {
+            let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+            // SAFETY: the map is read-only; the model files are not modified while loaded.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
+            let st = SafeTensors::deserialize(&map).map_err(|e| ModelError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            for name in st.names() {
+                index.insert(name.to_string(), files.len());
+            }
+            files.push((path, map));
+        }
+        Ok(SafetensorsSource { files, index })
+    }
+
+    fn with_view<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&safetensors::tensor::TensorView<'_>) -> Result<T, ModelError>,
+    ) -> Result<T, ModelError> {
+        let &i = self
+            .index
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let (path, map) = &self.files[i];
+        let st = SafeTensors::deserialize(map).map_err(|e| ModelError::Safetensors {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let view = st.tensor(name).map_err(|e| ModelError::Safetensors {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        f(&view)
+    }
+}
+
+/// Converts little-endian f32/f16/bf16 bytes to f32.
+fn bytes_to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, ModelError> {
+    let data = match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(ModelError::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: format!("{other:?}"),
+            })
+        }
+    };
+    Ok(data)
+}
+
+impl TensorSource for SafetensorsSource {
+    fn load(&self, name: &str) -> Result<Tensor, ModelError> {
+        self.with_view(name, |v| {
+            Ok(Tensor {
+                shape: v.shape().to_vec(),
+                data: bytes_to_f32(name, v.dtype(), v.data())?,
+            })
+        })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    fn describe(&self) -> Vec<TensorDesc> {
+        self.index
+            .keys()
+            .filter_map(|name| {
+                self.with_view(name, |v| {
+                    Ok(TensorDesc {
+                        name: name.clone(),
+                        shape: v.shape().to_vec(),
+                        dtype: format!("{:?}", v.dtype()),
+                        bytes: v.data().len() as u64,
+                    })
+                })
+                .ok()
+            })
+            .collect()
+    }
+}
+
+/// Tensors held in memory: for tests and for models built or transformed in-process.
+#[derive(Default, Clone)]
+pub struct MemorySource {
+    tensors: BTreeMap<String, Tensor>,
+}
+
+impl MemorySource {
+    /// An empty source.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) a tensor.
+    pub fn insert(&mut self, name: impl Into<String>, shape: Vec<usize>, data: Vec<f32>) {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        self.tensors.insert(name.into(), Tensor { shape, data });
+    }
+}
+
+impl TensorSource for MemorySource {
+    fn load(&self, name: &str) -> Result<Tensor, ModelError> {
+        self.tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    fn describe(&self) -> Vec<TensorDesc> {
+        self.tensors
+            .iter()
+            .map(|(name, t)| TensorDesc {
+                name: name.clone(),
+                shape: t.shape.clone(),
+                dtype: "F32".into(),
+                bytes: 4 * t.data.len() as u64,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_table_round_trips() {
+        for g in [
+            "token_embd.weight",
+            "output_norm.weight",
+            "blk.0.attn_q.weight",
+            "blk.29.ffn_down.weight",
+            "blk.7.attn_k.bias",
+        ] {
+            let hf = gguf_to_hf(g).unwrap();
+            assert_eq!(hf_to_gguf(&hf).as_deref(), Some(g));
+        }
+        assert_eq!(
+            gguf_to_hf("blk.3.attn_q.weight").as_deref(),
+            Some("model.layers.3.self_attn.q_proj.weight")
+        );
+        assert_eq!(gguf_to_hf("blk.x.attn_q.weight"), None);
+        assert_eq!(gguf_to_hf("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp: w.reshape(h, 2, hd/2, cols).swapaxes(1, 2).reshape(rows, cols)
+        let (heads, hd, cols) = (3, 8, 2);
+        let rows = heads * hd;
+        let hf: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let mut gguf = vec![0.0; hf.len()];
+        for h in 0..heads {
+            for t in 0..2 {
+                for i in 0..hd / 2 {
+                    let src = (h * hd + t * hd / 2 + i) * cols;
+                    let dst = (h * hd + 2 * i + t) * cols;
+                    gguf[dst..dst + cols].copy_from_slice(&hf[src..src + cols]);
+                }
+            }
+        }
+        assert_ne!(gguf, hf);
+        assert_eq!(unpermute_rope_rows(&gguf, rows, cols, heads), hf);
+    }
+
+    #[test]
+    fn weights_scope_checks_shapes() {
+        let mut src = MemorySource::new();
+        src.insert("model.layers.0.w", vec![2, 3], vec![0.0; 6]);
+        let w = Weights::new(&src);
+        let layer = w.pp("model").pp("layers.0");
+        assert_eq!(layer.get("w", &[2, 3]).unwrap().len(), 6);
+        let err = layer.get("w", &[3, 2]).unwrap_err().to_string();
+        assert!(err.contains("model.layers.0.w"), "{err}");
+        assert!(layer.get_opt("b", &[2]).unwrap().is_none());
+        assert!(matches!(layer.get("b", &[2]), Err(ModelError::MissingTensor(n)) if n == "model.layers.0.b"));
+    }
+}
