@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use crate::error::ModelError;
-use crate::kv::DenseKvCache;
+use crate::kv::{DenseKvCache, KvCache};
 use crate::llama::{ForwardScratch, LlamaModel};
 
 /// Rows of logits materialised at once (bounds memory at `rows × vocab` floats).

@@ -84,9 +84,10 @@ impl Sampler {
                 }
             }
         }
+        let u = self.next_uniform() as f32;
         let kept = &self.candidates[..keep];
         let mass: f32 = kept.iter().map(|c| c.0).sum();
-        let mut r = self.next_uniform() as f32 * mass;
+        let mut r = u * mass;
         for c in kept {
             if r < c.0 {
                 return c.1;
