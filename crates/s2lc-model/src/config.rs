@@ -110,9 +110,7 @@ impl ModelConfig {
             n_layers: hf.num_hidden_layers,
             n_heads,
             n_kv_heads: hf.num_key_value_heads.unwrap_or(n_heads),
-            head_dim: hf
-                .head_dim
-                .unwrap_or(hf.hidden_size / n_heads.max(1)),
+            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / n_heads.max(1)),
             vocab_size: hf.vocab_size,
             rope_theta: hf.rope_theta.unwrap_or(10_000.0),
             rms_eps: hf.rms_norm_eps.unwrap_or(1e-6),
@@ -164,10 +162,36 @@ impl ModelConfig {
         cfg.validate()
     }
 
+    /// The `config.json` transformers writes for this configuration (so other tools load our output).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let arch = match self.arch {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+        };
+        serde_json::json!({
+            "architectures": [arch],
+            "model_type": self.arch.name(),
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_eps,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+        })
+    }
+
     /// Checks the invariants the runtime relies on.
     pub fn validate(self) -> Result<Self, ModelError> {
         let bad = |why: String| Err(ModelError::InvalidConfig(why));
-        if self.hidden_size == 0 || self.n_layers == 0 || self.n_heads == 0 || self.vocab_size == 0 {
+        if self.hidden_size == 0 || self.n_layers == 0 || self.n_heads == 0 || self.vocab_size == 0
+        {
             return bad(format!("zero-sized dimension in {self:?}"));
         }
         if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
@@ -177,7 +201,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return bad(format!("head_dim {} must be even and non-zero", self.head_dim));
+            return bad(format!(
+                "head_dim {} must be even and non-zero",
+                self.head_dim
+            ));
         }
         Ok(self)
     }
@@ -204,6 +231,8 @@ mod tests {
             "vocab_size":49152,"rope_theta":100000.0,"tie_word_embeddings":true}"#;
         let hf: HfConfig = serde_json::from_str(json).unwrap();
         let cfg = ModelConfig::from_hf(&hf).unwrap();
+        let again: HfConfig = serde_json::from_value(cfg.to_hf_json()).unwrap();
+        assert_eq!(ModelConfig::from_hf(&again).unwrap(), cfg);
         assert_eq!(cfg.head_dim, 64);
         assert_eq!(cfg.kv_dim(), 192);
         assert!(cfg.tie_embeddings);

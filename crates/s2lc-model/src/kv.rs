@@ -96,9 +96,22 @@ pub fn attend_dense(
             softmax_prefix(row, p0 + i + 1);
         }
         let s = MatRef::from_row_major_slice(scores, n, t);
-        let oh = MatMut::from_row_major_slice_with_stride_mut(&mut out[h * hd..], n, hd, q_dim);
+        let oh = row_major_strided_mut(&mut out[h * hd..], n, hd, q_dim);
         matmul(oh, Accum::Replace, s, vh, 1.0f32, par);
     }
+}
+
+/// A mutable `rows × cols` row-major view whose rows start `row_stride` elements apart.
+///
+/// faer 0.24.4's `MatMut::from_row_major_slice_with_stride_mut` swaps the strides (it builds a
+/// column-major view and writes out of bounds); the transposed column-major view is correct.
+fn row_major_strided_mut(
+    slice: &mut [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+) -> MatMut<'_, f32> {
+    MatMut::from_column_major_slice_with_stride_mut(slice, cols, rows, row_stride).transpose_mut()
 }
 
 /// Softmax over `row[..valid]`, zeroing `row[valid..]` (the causal mask).
@@ -157,7 +170,16 @@ impl KvCache for DenseKvCache {
         values.truncate(self.len * kv_dim);
         keys.extend_from_slice(k);
         values.extend_from_slice(v);
-        attend_dense(self.shape, q, keys, values, n, self.len, out, &mut self.scores);
+        attend_dense(
+            self.shape,
+            q,
+            keys,
+            values,
+            n,
+            self.len,
+            out,
+            &mut self.scores,
+        );
     }
 
     fn commit(&mut self, n: usize) {
@@ -189,14 +211,27 @@ mod tests {
             for i in 0..n {
                 let mut s: Vec<f32> = (0..t)
                     .map(|j| {
-                        let dot: f32 = (0..hd).map(|d| q[i * qd + h * hd + d] * k[j * kd + g * hd + d]).sum();
-                        if j <= p0 + i { dot / (hd as f32).sqrt() } else { f32::NEG_INFINITY }
+                        let dot: f32 = (0..hd)
+                            .map(|d| q[i * qd + h * hd + d] * k[j * kd + g * hd + d])
+                            .sum();
+                        if j <= p0 + i {
+                            dot / (hd as f32).sqrt()
+                        } else {
+                            f32::NEG_INFINITY
+                        }
                     })
                     .collect();
                 let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let z: f32 = s.iter_mut().map(|x| { *x = (*x - m).exp(); *x }).sum();
+                let z: f32 = s
+                    .iter_mut()
+                    .map(|x| {
+                        *x = (*x - m).exp();
+                        *x
+                    })
+                    .sum();
                 for d in 0..hd {
-                    out[i * qd + h * hd + d] = (0..t).map(|j| s[j] / z * v[j * kd + g * hd + d]).sum();
+                    out[i * qd + h * hd + d] =
+                        (0..t).map(|j| s[j] / z * v[j * kd + g * hd + d]).sum();
                 }
             }
         }
@@ -204,12 +239,18 @@ mod tests {
     }
 
     fn data(len: usize, seed: usize) -> Vec<f32> {
-        (0..len).map(|i| (((i * 31 + seed * 17) % 23) as f32 - 11.0) / 9.0).collect()
+        (0..len)
+            .map(|i| (((i * 31 + seed * 17) % 23) as f32 - 11.0) / 9.0)
+            .collect()
     }
 
     #[test]
     fn masked_attention_matches_naive() {
-        let shape = AttnShape { n_heads: 6, n_kv_heads: 2, head_dim: 4 };
+        let shape = AttnShape {
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 4,
+        };
         for &(n, p0) in &[(1, 0), (5, 0), (1, 7), (4, 3)] {
             let t = p0 + n;
             let q = data(n * shape.q_dim(), 1);
@@ -225,9 +266,24 @@ mod tests {
     }
 
     #[test]
+    fn strided_view_writes_only_its_rows() {
+        let mut buf = vec![0.0f32; 3 * 8];
+        let mut v = row_major_strided_mut(&mut buf[4..], 3, 4, 8);
+        v[(2, 3)] = 1.0;
+        v[(1, 0)] = 2.0;
+        assert_eq!(buf[4 + 2 * 8 + 3], 1.0);
+        assert_eq!(buf[4 + 8], 2.0);
+        assert_eq!(buf.iter().filter(|&&x| x != 0.0).count(), 2);
+    }
+
+    #[test]
     fn future_keys_do_not_leak() {
         // Changing the last key must not change the first query's output.
-        let shape = AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: 4 };
+        let shape = AttnShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+        };
         let n = 3;
         let q = data(n * 8, 4);
         let mut k = data(n * 4, 5);
@@ -243,7 +299,11 @@ mod tests {
 
     #[test]
     fn incremental_decode_equals_prefill() {
-        let shape = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 8 };
+        let shape = AttnShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+        };
         let n = 6;
         let q = data(n * shape.q_dim(), 7);
         let k = data(n * shape.kv_dim(), 8);
@@ -256,7 +316,14 @@ mod tests {
         let (qd, kd) = (shape.q_dim(), shape.kv_dim());
         for i in 0..n {
             let mut o = vec![0.0; qd];
-            step.attend(0, &q[i * qd..][..qd], &k[i * kd..][..kd], &v[i * kd..][..kd], 1, &mut o);
+            step.attend(
+                0,
+                &q[i * qd..][..qd],
+                &k[i * kd..][..kd],
+                &v[i * kd..][..kd],
+                1,
+                &mut o,
+            );
             step.commit(1);
             for (a, b) in o.iter().zip(&want[i * qd..][..qd]) {
                 assert!((a - b).abs() < 1e-5);

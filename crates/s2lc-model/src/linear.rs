@@ -127,9 +127,13 @@ mod tests {
     #[test]
     fn dense_matches_naive_on_awkward_sizes() {
         for &(n, o, i) in &[(1, 15, 17), (3, 16, 16), (17, 127, 129), (1, 129, 128)] {
-            let w: Vec<f32> = (0..o * i).map(|k| ((k * 7 % 13) as f32 - 6.0) / 7.0).collect();
+            let w: Vec<f32> = (0..o * i)
+                .map(|k| ((k * 7 % 13) as f32 - 6.0) / 7.0)
+                .collect();
             let b: Vec<f32> = (0..o).map(|k| k as f32 * 0.1).collect();
-            let x: Vec<f32> = (0..n * i).map(|k| ((k * 5 % 11) as f32 - 5.0) / 3.0).collect();
+            let x: Vec<f32> = (0..n * i)
+                .map(|k| ((k * 5 % 11) as f32 - 5.0) / 3.0)
+                .collect();
             for bias in [None, Some(b.clone())] {
                 let lin = Linear::Dense(DenseLinear::new(w.clone(), o, i, bias.clone()));
                 let want = naive(&w, bias.as_deref(), &x, n, o, i);

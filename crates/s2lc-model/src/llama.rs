@@ -101,14 +101,23 @@ pub struct Block {
 /// Loads a linear weight `[out, in]` with an optional bias `[out]` from scope `w`.
 fn load_linear(w: &Weights, out: usize, inp: usize, bias: bool) -> Result<Linear, ModelError> {
     let weight = w.get("weight", &[out, inp])?;
-    let bias = if bias { w.get_opt("bias", &[out])? } else { None };
+    let bias = if bias {
+        w.get_opt("bias", &[out])?
+    } else {
+        None
+    };
     Ok(Linear::Dense(DenseLinear::new(weight, out, inp, bias)))
 }
 
 impl Block {
     /// Loads block weights from scope `model.layers.N`.
     pub fn load(cfg: &ModelConfig, w: &Weights) -> Result<Self, ModelError> {
-        let (d, f, qd, kd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+        let (d, f, qd, kd) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+        );
         let attn = w.pp("self_attn");
         let mlp = w.pp("mlp");
         Ok(Block {
@@ -232,7 +241,10 @@ impl LlamaModel {
             .blocks
             .iter()
             .map(|b| {
-                b.linears().iter().map(|(_, l)| l.weight_bytes()).sum::<usize>()
+                b.linears()
+                    .iter()
+                    .map(|(_, l)| l.weight_bytes())
+                    .sum::<usize>()
                     + (b.attn_norm.len() + b.ffn_norm.len()) * f
             })
             .sum();
@@ -254,7 +266,10 @@ impl LlamaModel {
                     + b.ffn_norm.len()
             })
             .sum();
-        blocks + self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, Linear::n_params)
+        blocks
+            + self.embed.len()
+            + self.norm.len()
+            + self.lm_head.as_ref().map_or(0, Linear::n_params)
     }
 
     /// Runs `tokens` (positions `cache.len()..`) through the decoder, commits them to `cache`, and
@@ -270,7 +285,12 @@ impl LlamaModel {
         if n == 0 {
             return Err(ModelError::EmptyInput("no tokens to run".into()));
         }
-        let (d, f, qd, kd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+        let (d, f, qd, kd) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+        );
         let p0 = cache.len();
         if p0 + n > cfg.max_seq_len {
             return Err(ModelError::ContextOverflow {
@@ -311,7 +331,8 @@ impl LlamaModel {
             b.o_proj.forward(&s.attn, n, &mut s.x, Accum::Add, par);
 
             rms_norm(&s.x, &b.ffn_norm, cfg.rms_eps, &mut s.h);
-            b.gate_proj.forward(&s.h, n, &mut s.gate, Accum::Replace, par);
+            b.gate_proj
+                .forward(&s.h, n, &mut s.gate, Accum::Replace, par);
             b.up_proj.forward(&s.h, n, &mut s.up, Accum::Replace, par);
             for (g, u) in s.gate.iter_mut().zip(&s.up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
@@ -380,7 +401,12 @@ mod tests {
         assert!((cos[0] - 1f32.cos()).abs() < 1e-7 && (sin[1] - 0.01f32.sin()).abs() < 1e-7);
         let mut x = [1.0, 0.0, 0.0, 1.0];
         rope.apply(&mut x, 4, &cos, &sin);
-        let want = [1f32.cos(), 0.01f32.cos() * 0.0 - 0.01f32.sin(), 1f32.sin(), 0.01f32.cos()];
+        let want = [
+            1f32.cos(),
+            0.01f32.cos() * 0.0 - 0.01f32.sin(),
+            1f32.sin(),
+            0.01f32.cos(),
+        ];
         for (a, b) in x.iter().zip(&want) {
             assert!((a - b).abs() < 1e-6, "{x:?} vs {want:?}");
         }
@@ -422,7 +448,9 @@ mod tests {
         let mut src = MemorySource::new();
         let mut fill = |name: &str, shape: Vec<usize>, seed: usize| {
             let len = shape.iter().product();
-            let data = (0..len).map(|i| (((i * 13 + seed * 7) % 17) as f32 - 8.0) / 10.0).collect();
+            let data = (0..len)
+                .map(|i| (((i * 13 + seed * 7) % 17) as f32 - 8.0) / 10.0)
+                .collect();
             src.insert(name, shape, data);
         };
         fill("model.embed_tokens.weight", vec![5, 4], 1);
@@ -446,13 +474,18 @@ mod tests {
         let tokens = [1u32, 3, 0, 4, 2];
         let mut scratch = ForwardScratch::default();
         let mut cache = DenseKvCache::new(1, model.attn_shape(), 16);
-        let hidden = model.forward_hidden(&tokens, &mut cache, &mut scratch).unwrap().to_vec();
+        let hidden = model
+            .forward_hidden(&tokens, &mut cache, &mut scratch)
+            .unwrap()
+            .to_vec();
         let mut all = Vec::new();
         model.logits(&hidden, &mut all);
         let mut step_cache = DenseKvCache::new(1, model.attn_shape(), 16);
         let mut out = Vec::new();
         for (i, &t) in tokens.iter().enumerate() {
-            model.forward_last(&[t], &mut step_cache, &mut scratch, &mut out).unwrap();
+            model
+                .forward_last(&[t], &mut step_cache, &mut scratch, &mut out)
+                .unwrap();
             for (a, b) in out.iter().zip(&all[i * 5..][..5]) {
                 assert!((a - b).abs() < 1e-5, "position {i}: {a} vs {b}");
             }

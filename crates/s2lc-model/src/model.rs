@@ -124,7 +124,10 @@ impl ModelSource {
                 let f = g.file();
                 let model = f.get_str("tokenizer.ggml.model")?;
                 if model != "gpt2" {
-                    return Err(crate::tokenizer::TokenizerError::UnsupportedModel(model.to_string()).into());
+                    return Err(crate::tokenizer::TokenizerError::UnsupportedModel(
+                        model.to_string(),
+                    )
+                    .into());
                 }
                 let spec = GgufBpe {
                     tokens: f.get_str_array("tokenizer.ggml.tokens")?,
@@ -143,10 +146,15 @@ impl ModelSource {
     /// The chat template (Jinja source) the model ships, if any.
     pub fn chat_template(&self) -> Option<String> {
         match &self.format {
-            Format::Gguf(g) => g.file().get_str("tokenizer.chat_template").ok().map(str::to_string),
+            Format::Gguf(g) => g
+                .file()
+                .get_str("tokenizer.chat_template")
+                .ok()
+                .map(str::to_string),
             Format::HfDir { .. } => {
                 let p = self.path.join("tokenizer_config.json");
-                let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
                 v.get("chat_template")?.as_str().map(str::to_string)
             }
         }

@@ -367,6 +367,40 @@ impl TensorSource for SafetensorsSource {
     }
 }
 
+/// Writes f32 tensors (Hugging Face names, row-major) as one safetensors file with `metadata` in
+/// its header. The file is written beside `path` and renamed into place, so a crash never leaves
+/// a half-written file under the final name.
+pub fn write_safetensors<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<(), ModelError> {
+    let mut views = Vec::new();
+    let bytes: Vec<(&str, &[usize], Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let b = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name, t.shape.as_slice(), b)
+        })
+        .collect();
+    for (name, shape, b) in &bytes {
+        let view =
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.to_vec(), b).map_err(|e| {
+                ModelError::Safetensors {
+                    path: path.to_path_buf(),
+                    message: format!("{name}: {e}"),
+                }
+            })?;
+        views.push((*name, view));
+    }
+    let tmp = path.with_extension("safetensors.part");
+    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| ModelError::Safetensors {
+        path: tmp.clone(),
+        message: e.to_string(),
+    })?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}
+
 /// Tensors held in memory: for tests and for models built or transformed in-process.
 #[derive(Default, Clone)]
 pub struct MemorySource {
@@ -456,6 +490,38 @@ mod tests {
     }
 
     #[test]
+    fn safetensors_round_trip() {
+        let dir = std::env::temp_dir().join(format!("s2lc-st-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = Tensor {
+            shape: vec![2, 3],
+            data: vec![1.0, -2.0, 3.5, 0.0, 1e-7, f32::MAX],
+        };
+        let b = Tensor {
+            shape: vec![4],
+            data: vec![0.25; 4],
+        };
+        let meta = std::collections::HashMap::from([("method".to_string(), "test".to_string())]);
+        write_safetensors(
+            &dir.join("model.safetensors"),
+            [("a.weight", &a), ("b", &b)],
+            Some(meta),
+        )
+        .unwrap();
+        let src = SafetensorsSource::open_dir(&dir).unwrap();
+        assert_eq!(src.load("a.weight").unwrap(), a);
+        assert_eq!(src.load("b").unwrap(), b);
+        assert!(!src.contains("c"));
+        assert_eq!(src.describe().len(), 2);
+        // A truncated file is a clear error, not a panic.
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() - 3]).unwrap();
+        let err = SafetensorsSource::open_dir(&dir).err().unwrap().to_string();
+        assert!(err.contains("invalid safetensors"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn weights_scope_checks_shapes() {
         let mut src = MemorySource::new();
         src.insert("model.layers.0.w", vec![2, 3], vec![0.0; 6]);
@@ -465,6 +531,8 @@ mod tests {
         let err = layer.get("w", &[3, 2]).unwrap_err().to_string();
         assert!(err.contains("model.layers.0.w"), "{err}");
         assert!(layer.get_opt("b", &[2]).unwrap().is_none());
-        assert!(matches!(layer.get("b", &[2]), Err(ModelError::MissingTensor(n)) if n == "model.layers.0.b"));
+        assert!(
+            matches!(layer.get("b", &[2]), Err(ModelError::MissingTensor(n)) if n == "model.layers.0.b")
+        );
     }
 }

@@ -68,13 +68,23 @@ pub fn decode(args: &DecodeArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| s2lc_home().join("text/canterbury/alice29.txt"));
     let text = read_text_file(&text_path).context("reading the prompt text")?;
-    let mut prompt = tokenizer.encode(&text, false).context("tokenizing the prompt")?;
+    let mut prompt = tokenizer
+        .encode(&text, false)
+        .context("tokenizing the prompt")?;
     prompt.truncate(args.prompt_tokens.max(1));
     let cfg = model.config();
     let run = || -> Result<_> {
         let mut cache = DenseKvCache::new(cfg.n_layers, model.attn_shape(), cfg.max_seq_len);
         let mut sampler = Sampler::new(SamplingParams::default());
-        Ok(generate(&model, &mut cache, &prompt, args.new_tokens + 1, &mut sampler, &[], |_| true)?)
+        Ok(generate(
+            &model,
+            &mut cache,
+            &prompt,
+            args.new_tokens + 1,
+            &mut sampler,
+            &[],
+            |_| true,
+        )?)
     };
     run().context("warm-up run")?;
     let mut best_prefill = 0.0f64;
@@ -87,9 +97,16 @@ pub fn decode(args: &DecodeArgs) -> Result<()> {
     let bytes = model.weight_bytes_per_token() as f64;
     let bw = read_bandwidth(5);
     let bound = bw / bytes;
-    println!("model: {} ({} parameters, f32 runtime)", path.display(), model.n_params());
+    println!(
+        "model: {} ({} parameters, f32 runtime)",
+        path.display(),
+        model.n_params()
+    );
     println!("threads: {}", rayon::current_num_threads());
-    println!("prefill: {best_prefill:.1} tok/s ({} prompt tokens)", prompt.len());
+    println!(
+        "prefill: {best_prefill:.1} tok/s ({} prompt tokens)",
+        prompt.len()
+    );
     println!("weight bytes per token: {:.1} MB", bytes / 1e6);
     println!("memory read bandwidth: {:.1} GB/s", bw / 1e9);
     println!("bandwidth bound: {bound:.1} tok/s");

@@ -173,7 +173,9 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
     } else {
         apply_chat_template(template.as_deref(), &args.prompt)
     };
-    let prompt = tokenizer.encode(&text, true).context("tokenizing the prompt")?;
+    let prompt = tokenizer
+        .encode(&text, true)
+        .context("tokenizing the prompt")?;
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
@@ -194,20 +196,28 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
     let mut stream = tokenizer.stream_decoder();
     let mut out = std::io::stdout().lock();
     let mut failed = None;
-    let stats = generate(&model, &mut cache, &prompt, args.max_tokens, &mut sampler, &stop, |id| {
-        if stop.contains(&id) {
-            return false;
-        }
-        match stream.push(id) {
-            Ok(Some(piece)) => {
-                let _ = out.write_all(piece.as_bytes());
-                let _ = out.flush();
+    let stats = generate(
+        &model,
+        &mut cache,
+        &prompt,
+        args.max_tokens,
+        &mut sampler,
+        &stop,
+        |id| {
+            if stop.contains(&id) {
+                return false;
             }
-            Ok(None) => {}
-            Err(e) => failed = Some(e),
-        }
-        failed.is_none()
-    })
+            match stream.push(id) {
+                Ok(Some(piece)) => {
+                    let _ = out.write_all(piece.as_bytes());
+                    let _ = out.flush();
+                }
+                Ok(None) => {}
+                Err(e) => failed = Some(e),
+            }
+            failed.is_none()
+        },
+    )
     .context("generating")?;
     if let Some(e) = failed {
         return Err(e).context("decoding generated tokens");
@@ -226,7 +236,9 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
 fn cmd_eval(args: &EvalArgs) -> Result<()> {
     let text = read_text_file(&args.text).context("reading the evaluation text")?;
     let (_source, model, tokenizer) = load_model(&args.model.path())?;
-    let mut tokens = tokenizer.encode(&text, false).context("tokenizing the text")?;
+    let mut tokens = tokenizer
+        .encode(&text, false)
+        .context("tokenizing the text")?;
     if let Some(max) = args.max_tokens {
         tokens.truncate(max);
     }
@@ -246,11 +258,22 @@ fn cmd_eval(args: &EvalArgs) -> Result<()> {
     println!("prefill: {:.1} tok/s", report.prefill_tok_s());
     if args.decode_tokens > 0 {
         let prompt = &tokens[..tokens.len().min(64)];
-        let mut cache =
-            DenseKvCache::new(model.config().n_layers, model.attn_shape(), model.config().max_seq_len);
+        let mut cache = DenseKvCache::new(
+            model.config().n_layers,
+            model.attn_shape(),
+            model.config().max_seq_len,
+        );
         let mut sampler = Sampler::new(SamplingParams::default());
-        let stats = generate(&model, &mut cache, prompt, args.decode_tokens, &mut sampler, &[], |_| true)
-            .context("timing decode")?;
+        let stats = generate(
+            &model,
+            &mut cache,
+            prompt,
+            args.decode_tokens,
+            &mut sampler,
+            &[],
+            |_| true,
+        )
+        .context("timing decode")?;
         println!("decode: {:.1} tok/s", stats.decode_tok_s());
     }
     Ok(())
@@ -279,14 +302,23 @@ fn cmd_info(path: &Path) -> Result<()> {
     }
     let tensors = source.tensors().describe();
     let mut by_dtype: std::collections::BTreeMap<String, (usize, u64, u64)> = Default::default();
-    println!("\n{:<48} {:>16} {:>6} {:>12}", "tensor", "shape", "dtype", "bytes");
+    println!(
+        "\n{:<48} {:>16} {:>6} {:>12}",
+        "tensor", "shape", "dtype", "bytes"
+    );
     for t in &tensors {
         let n: u64 = t.shape.iter().map(|&d| d as u64).product();
         let e = by_dtype.entry(t.dtype.clone()).or_default();
         e.0 += 1;
         e.1 += n;
         e.2 += t.bytes;
-        println!("{:<48} {:>16} {:>6} {:>12}", t.name, format!("{:?}", t.shape), t.dtype, t.bytes);
+        println!(
+            "{:<48} {:>16} {:>6} {:>12}",
+            t.name,
+            format!("{:?}", t.shape),
+            t.dtype,
+            t.bytes
+        );
     }
     println!();
     let (mut params, mut bytes) = (0u64, 0u64);

@@ -1,0 +1,192 @@
+//! The runtime against PyTorch + transformers on the real SmolLM2-135M GGUF.
+//!
+//! The fixture `tests/fixtures/smollm2_reference.json` (and its logits file) is written by
+//! `scripts/reference/crosscheck_smollm2.py`; regenerate it with the script, never by hand.
+
+use std::path::PathBuf;
+
+use s2lc_model::eval::perplexity;
+use s2lc_model::generate::{generate, Sampler, SamplingParams};
+use s2lc_model::kv::DenseKvCache;
+use s2lc_model::llama::ForwardScratch;
+use s2lc_model::tokenizer::read_text_file;
+use s2lc_model::ModelSource;
+use serde_json::Value;
+
+fn s2lc_home() -> PathBuf {
+    std::env::var_os("S2LC_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/s2lc")
+        })
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+#[test]
+fn smollm2_matches_pytorch() {
+    let model_path = s2lc_home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !model_path.exists() {
+        eprintln!(
+            "skipped: {} absent (run scripts/fetch-assets)",
+            model_path.display()
+        );
+        return;
+    }
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("smollm2_reference.json")).expect("fixture"),
+    )
+    .expect("fixture JSON");
+    let source = ModelSource::open(&model_path).unwrap();
+    let tokenizer = source.tokenizer().unwrap();
+    let model = source.load_llama(|_| {}).unwrap();
+
+    // 1. Token ids of the prompt.
+    let prompt = reference["prompt"].as_str().unwrap();
+    let add_special = reference["bos_added"].as_bool().unwrap();
+    let prompt_ids = tokenizer.encode(prompt, add_special).unwrap();
+    assert_eq!(
+        prompt_ids,
+        ids(&reference["prompt_ids"]),
+        "prompt token ids"
+    );
+
+    // 2. Last-position logits within 1e-3 of their range.
+    let bytes = std::fs::read(fixtures().join(reference["logits_file"].as_str().unwrap())).unwrap();
+    let want: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let mut cache = DenseKvCache::new(model.config().n_layers, model.attn_shape(), 4096);
+    let mut logits = Vec::new();
+    model
+        .forward_last(
+            &prompt_ids,
+            &mut cache,
+            &mut ForwardScratch::default(),
+            &mut logits,
+        )
+        .unwrap();
+    assert_eq!(logits.len(), want.len());
+    let range = want.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        - want.iter().copied().fold(f32::INFINITY, f32::min);
+    let max_diff = logits
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!("logits: max |ours - torch| = {max_diff:.3e}, range {range:.2}");
+    assert!(
+        max_diff <= 1e-3 * range,
+        "logits differ by {max_diff} (range {range})"
+    );
+
+    // 3. Greedy continuation.
+    let want_greedy = ids(&reference["greedy_ids"]);
+    let mut cache = DenseKvCache::new(model.config().n_layers, model.attn_shape(), 4096);
+    let mut sampler = Sampler::new(SamplingParams::default());
+    let stats = generate(
+        &model,
+        &mut cache,
+        &prompt_ids,
+        want_greedy.len(),
+        &mut sampler,
+        &[],
+        |_| true,
+    )
+    .unwrap();
+    assert_eq!(stats.generated, want_greedy, "greedy continuation");
+
+    // 4. Perplexity over independent 512-token windows of alice29.txt.
+    let text = read_text_file(&s2lc_home().join("text/canterbury/alice29.txt")).unwrap();
+    let n = reference["ppl_ids"].as_array().unwrap().len();
+    let mut tokens = tokenizer.encode(&text, false).unwrap();
+    tokens.truncate(n);
+    assert_eq!(tokens, ids(&reference["ppl_ids"]), "alice29 token ids");
+    let window = reference["ppl_window"].as_u64().unwrap() as usize;
+    let stride = reference["ppl_stride"].as_u64().unwrap() as usize;
+    let report = perplexity(&model, &tokens, window, stride, |_, _| {}).unwrap();
+    let want_ppl = reference["ppl"].as_f64().unwrap();
+    assert_eq!(
+        report.predictions as u64,
+        reference["ppl_predictions"].as_u64().unwrap()
+    );
+    let rel = (report.perplexity() - want_ppl).abs() / want_ppl;
+    eprintln!(
+        "perplexity: ours {:.4}, torch {want_ppl:.4} (rel diff {rel:.2e})",
+        report.perplexity()
+    );
+    assert!(
+        rel <= 1e-3,
+        "perplexity {} vs {want_ppl}",
+        report.perplexity()
+    );
+}
+
+/// The GGUF model written as a Hugging Face directory (config.json + safetensors) loads back
+/// through the safetensors source and computes the same logits.
+#[test]
+fn smollm2_hf_directory_round_trip() {
+    let model_path = s2lc_home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !model_path.exists() {
+        eprintln!(
+            "skipped: {} absent (run scripts/fetch-assets)",
+            model_path.display()
+        );
+        return;
+    }
+    let gguf = ModelSource::open(&model_path).unwrap();
+    let cfg = gguf.config().unwrap();
+    let dir = std::env::temp_dir().join(format!("s2lc-hf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tensors: Vec<(String, s2lc_model::source::Tensor)> = gguf
+        .tensors()
+        .describe()
+        .into_iter()
+        .map(|d| {
+            let t = gguf.tensors().load(&d.name).unwrap();
+            (d.name, t)
+        })
+        .collect();
+    s2lc_model::source::write_safetensors(
+        &dir.join("model.safetensors"),
+        tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        None,
+    )
+    .unwrap();
+    drop(tensors);
+    std::fs::write(dir.join("config.json"), cfg.to_hf_json().to_string()).unwrap();
+
+    let hf = ModelSource::open(&dir).unwrap();
+    assert_eq!(hf.format_name(), "hf");
+    assert_eq!(hf.config().unwrap(), cfg);
+    let prompt = [504u32, 2365, 6354, 16438, 27003, 690, 260, 23790];
+    let logits_of = |source: &ModelSource| {
+        let model = source.load_llama(|_| {}).unwrap();
+        let mut cache = DenseKvCache::new(cfg.n_layers, model.attn_shape(), 64);
+        let mut logits = Vec::new();
+        model
+            .forward_last(
+                &prompt,
+                &mut cache,
+                &mut ForwardScratch::default(),
+                &mut logits,
+            )
+            .unwrap();
+        logits
+    };
+    let a = logits_of(&gguf);
+    let b = logits_of(&hf);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(a, b);
+}
