@@ -267,7 +267,7 @@ mod tests {
 
     #[test]
     fn strided_view_writes_only_its_rows() {
-        let mut buf = vec![0.0f32; 3 * 8];
+        let mut buf = [0.0f32; 3 * 8];
         let mut v = row_major_strided_mut(&mut buf[4..], 3, 4, 8);
         v[(2, 3)] = 1.0;
         v[(1, 0)] = 2.0;

@@ -14,6 +14,7 @@ pub mod kv;
 pub mod linear;
 pub mod llama;
 pub mod model;
+pub mod perf;
 pub mod quant;
 pub mod source;
 pub mod tokenizer;

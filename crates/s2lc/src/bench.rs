@@ -1,11 +1,9 @@
 //! `s2lc bench ...`: speed measured against this machine's limits in the same run.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use rayon::prelude::*;
 
 use s2lc_model::generate::{generate, Sampler, SamplingParams};
 use s2lc_model::kv::DenseKvCache;
@@ -30,33 +28,6 @@ pub struct DecodeArgs {
     /// Timed repetitions (the best is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-}
-
-/// Best-of-`runs` memory read bandwidth in bytes/s: all threads summing disjoint parts of a
-/// 1 GiB buffer (far larger than any cache).
-pub fn read_bandwidth(runs: usize) -> f64 {
-    let buf = vec![1.0f32; 1 << 28];
-    let mut best = 0.0f64;
-    for _ in 0..runs.max(1) {
-        let t = Instant::now();
-        let s: f32 = buf
-            .par_chunks(1 << 16)
-            .map(|c| {
-                // Eight independent accumulators keep the loads, not the adds, the bottleneck.
-                let mut acc = [0.0f32; 8];
-                for v in c.chunks_exact(8) {
-                    for i in 0..8 {
-                        acc[i] += v[i];
-                    }
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        let secs = t.elapsed().as_secs_f64();
-        std::hint::black_box(s);
-        best = best.max((buf.len() * 4) as f64 / secs);
-    }
-    best
 }
 
 /// Runs `s2lc bench decode`.
@@ -95,7 +66,7 @@ pub fn decode(args: &DecodeArgs) -> Result<()> {
         best_decode = best_decode.max(s.decode_tok_s());
     }
     let bytes = model.weight_bytes_per_token() as f64;
-    let bw = read_bandwidth(5);
+    let bw = s2lc_model::perf::read_bandwidth(5);
     let bound = bw / bytes;
     println!(
         "model: {} ({} parameters, f32 runtime)",

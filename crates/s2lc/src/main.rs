@@ -223,6 +223,7 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
         return Err(e).context("decoding generated tokens");
     }
     writeln!(out)?;
+    out.flush()?;
     eprintln!(
         "prompt: {} tokens, prefill {:.1} tok/s; generated {} tokens, decode {:.1} tok/s",
         stats.prompt_tokens,
