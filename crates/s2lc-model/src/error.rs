@@ -9,7 +9,7 @@ use crate::tokenizer::TokenizerError;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// Reading a file or directory failed.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file involved.
         path: PathBuf,
@@ -34,7 +34,7 @@ pub enum ModelError {
         message: String,
     },
     /// `config.json` is malformed or misses a field.
-    #[error("{path}: invalid config.json: {source}")]
+    #[error("{path}: invalid config.json")]
     Config {
         /// The file involved.
         path: PathBuf,

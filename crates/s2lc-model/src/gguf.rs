@@ -48,7 +48,7 @@ pub const MAX_ARRAY_LEN: u64 = 1 << 24;
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     /// The file could not be opened or mapped.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file involved.
         path: PathBuf,
@@ -56,7 +56,7 @@ pub enum GgufError {
         source: std::io::Error,
     },
     /// A file opened with [`GgufFile::open`] is malformed; `source` says how.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     InFile {
         /// The file involved.
         path: PathBuf,
@@ -241,7 +241,7 @@ pub enum GgufError {
         n_elements: u64,
     },
     /// Dequantizing a tensor failed (typically: its type has no decoder).
-    #[error("tensor '{name}': {source}")]
+    #[error("tensor '{name}'")]
     Quant {
         /// The tensor.
         name: String,

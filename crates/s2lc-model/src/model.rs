@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::config::{HfConfig, ModelConfig};
+use crate::config::{Arch, HfConfig, ModelConfig};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
 use crate::llama::LlamaModel;
@@ -88,6 +88,8 @@ impl ModelSource {
         match &self.format {
             Format::Gguf(g) => ModelConfig::from_gguf(g.file()),
             Format::HfDir { config_json, .. } => {
+                // Name an unsupported architecture before complaining about its fields.
+                Arch::from_name(&self.architecture()?)?;
                 let hf: HfConfig =
                     serde_json::from_value(config_json.clone()).map_err(|source| {
                         ModelError::Config {

@@ -124,11 +124,20 @@ struct EvalArgs {
 fn main() -> ExitCode {
     match try_main() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Output piped into a reader that stopped early (`s2lc info ... | head`) is not an error.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn try_main() -> Result<()> {
@@ -149,18 +158,13 @@ fn try_main() -> Result<()> {
 
 /// Opens a model and loads its runtime weights with a progress bar.
 pub fn load_model(path: &Path) -> Result<(ModelSource, LlamaModel, Tokenizer)> {
-    let source =
-        ModelSource::open(path).with_context(|| format!("opening model {}", path.display()))?;
-    let cfg = source
-        .config()
-        .with_context(|| format!("reading the configuration of {}", path.display()))?;
-    let tokenizer = source
-        .tokenizer()
-        .with_context(|| format!("building the tokenizer of {}", path.display()))?;
+    let source = ModelSource::open(path).context("opening the model")?;
+    let cfg = source.config().context("reading the model configuration")?;
+    let tokenizer = source.tokenizer().context("building the tokenizer")?;
     let bar = progress::bar(cfg.n_layers as u64, "loading blocks");
     let model = source
         .load_llama(|_| bar.inc(1))
-        .with_context(|| format!("loading the weights of {}", path.display()))?;
+        .context("loading the weights")?;
     bar.finish_and_clear();
     Ok((source, model, tokenizer))
 }
@@ -281,13 +285,14 @@ fn cmd_eval(args: &EvalArgs) -> Result<()> {
 }
 
 fn cmd_info(path: &Path) -> Result<()> {
-    let source =
-        ModelSource::open(path).with_context(|| format!("opening model {}", path.display()))?;
-    println!("model:        {}", path.display());
-    println!("format:       {}", source.format_name());
-    println!("architecture: {}", source.architecture()?);
+    let mut out = std::io::stdout().lock();
+    let source = ModelSource::open(path).context("opening the model")?;
+    writeln!(out, "model:        {}", path.display())?;
+    writeln!(out, "format:       {}", source.format_name())?;
+    writeln!(out, "architecture: {}", source.architecture()?)?;
     match source.config() {
-        Ok(cfg) => println!(
+        Ok(cfg) => writeln!(
+            out,
             "config:       d={} ffn={} layers={} heads={}/{} head_dim={} vocab={} rope_theta={} tied={}",
             cfg.hidden_size,
             cfg.intermediate_size,
@@ -298,40 +303,46 @@ fn cmd_info(path: &Path) -> Result<()> {
             cfg.vocab_size,
             cfg.rope_theta,
             cfg.tie_embeddings
-        ),
-        Err(e) => println!("config:       not runnable here ({e})"),
+        )?,
+        Err(e) => writeln!(out, "config:       not runnable here ({e})")?,
     }
     let tensors = source.tensors().describe();
     let mut by_dtype: std::collections::BTreeMap<String, (usize, u64, u64)> = Default::default();
-    println!(
+    writeln!(
+        out,
         "\n{:<48} {:>16} {:>6} {:>12}",
         "tensor", "shape", "dtype", "bytes"
-    );
+    )?;
     for t in &tensors {
         let n: u64 = t.shape.iter().map(|&d| d as u64).product();
         let e = by_dtype.entry(t.dtype.clone()).or_default();
         e.0 += 1;
         e.1 += n;
         e.2 += t.bytes;
-        println!(
+        writeln!(
+            out,
             "{:<48} {:>16} {:>6} {:>12}",
             t.name,
             format!("{:?}", t.shape),
             t.dtype,
             t.bytes
-        );
+        )?;
     }
-    println!();
+    writeln!(out)?;
     let (mut params, mut bytes) = (0u64, 0u64);
     for (dtype, (count, n, b)) in &by_dtype {
-        println!("{dtype:>6}: {count:>4} tensors, {n:>12} parameters, {b:>12} bytes");
+        writeln!(
+            out,
+            "{dtype:>6}: {count:>4} tensors, {n:>12} parameters, {b:>12} bytes"
+        )?;
         params += n;
         bytes += b;
     }
-    println!(
+    writeln!(
+        out,
         " total: {:>4} tensors, {params:>12} parameters, {bytes:>12} bytes ({:.2} bits/parameter)",
         tensors.len(),
         8.0 * bytes as f64 / params.max(1) as f64
-    );
+    )?;
     Ok(())
 }

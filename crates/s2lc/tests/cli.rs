@@ -1,0 +1,189 @@
+//! The `s2lc` binary end to end: bad input gives one clear line and a non-zero exit; the real
+//! model generates and evaluates.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn s2lc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_s2lc"))
+        .args(args)
+        .output()
+        .expect("running s2lc")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("s2lc-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn smollm2() -> Option<PathBuf> {
+    let home = std::env::var_os("S2LC_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/s2lc")
+        });
+    let p = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("skipped: {} absent (run scripts/fetch-assets)", p.display());
+        None
+    }
+}
+
+/// One `error:` line naming the problem, no panic or backtrace, exit code 1.
+fn assert_clean_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
+    assert!(err.starts_with("error: "), "stderr: {err}");
+    assert!(err.contains(needle), "expected '{needle}' in: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "stderr: {err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "stderr: {err}");
+}
+
+#[test]
+fn missing_model_file() {
+    let o = s2lc(&["info", "/nonexistent/model.gguf"]);
+    assert_clean_error(&o, "/nonexistent/model.gguf");
+}
+
+#[test]
+fn not_a_model() {
+    let dir = scratch("notmodel");
+    let p = dir.join("x.gguf");
+    std::fs::write(&p, b"hello world").unwrap();
+    let o = s2lc(&["info", p.to_str().unwrap()]);
+    assert_clean_error(&o, "not a model");
+}
+
+#[test]
+fn truncated_gguf() {
+    let Some(model) = smollm2() else { return };
+    let dir = scratch("trunc");
+    let p = dir.join("truncated.gguf");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let o = s2lc(&["info", p.to_str().unwrap()]);
+    assert_clean_error(&o, "truncated.gguf");
+    std::fs::write(&p, &bytes[..1000]).unwrap();
+    let o = s2lc(&["generate", "--model", p.to_str().unwrap(), "--prompt", "hi"]);
+    assert_clean_error(&o, "truncated.gguf");
+}
+
+#[test]
+fn unknown_architecture_is_named() {
+    // A Hugging Face directory whose model_type the runtime does not execute.
+    let dir = scratch("arch");
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "gpt_neox", "hidden_size": 8}"#,
+    )
+    .unwrap();
+    let t = s2lc_model::source::Tensor {
+        shape: vec![2],
+        data: vec![1.0, 2.0],
+    };
+    s2lc_model::source::write_safetensors(&dir.join("model.safetensors"), [("w", &t)], None)
+        .unwrap();
+    let o = s2lc(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_clean_error(&o, "gpt_neox");
+    // `info` still describes what it can.
+    let o = s2lc(&["info", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("not runnable"));
+}
+
+#[test]
+fn empty_text_file() {
+    let Some(model) = smollm2() else { return };
+    let dir = scratch("empty");
+    let p = dir.join("empty.txt");
+    std::fs::write(&p, b"").unwrap();
+    let o = s2lc(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        p.to_str().unwrap(),
+    ]);
+    assert_clean_error(&o, "empty.txt");
+}
+
+#[test]
+fn info_describes_the_real_model() {
+    let Some(model) = smollm2() else { return };
+    let o = s2lc(&["info", model.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("architecture: llama"), "{out}");
+    assert!(
+        out.contains("layers=30") && out.contains("heads=9/3"),
+        "{out}"
+    );
+    assert!(
+        out.contains("model.layers.29.mlp.down_proj.weight"),
+        "{out}"
+    );
+    assert!(out.contains("Q4_1") && out.contains("Q8_0"), "{out}");
+    assert!(out.contains("134515008 parameters"), "{out}");
+}
+
+#[test]
+fn generate_and_eval_on_the_real_model() {
+    let Some(model) = smollm2() else { return };
+    let m = model.to_str().unwrap();
+    let o = s2lc(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "24",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("Paris"), "{text}");
+
+    let home = model.parent().unwrap().parent().unwrap();
+    let alice = home.join("text/canterbury/alice29.txt");
+    let o = s2lc(&[
+        "eval",
+        "--model",
+        m,
+        "--text",
+        alice.to_str().unwrap(),
+        "--max-tokens",
+        "1024",
+        "--decode-tokens",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let ppl: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("perplexity: "))
+        .expect("a perplexity line")
+        .trim()
+        .parse()
+        .unwrap();
+    // The first two 512-token windows of the reference fixture's four (NLL sums 1629.83 and
+    // 1659.74 over 1022 predictions) give exp(3289.57 / 1022) = 25.0.
+    assert!((ppl - 25.0).abs() < 0.05, "perplexity {ppl}");
+    assert!(out.contains("tokens scored: 1022"), "{out}");
+    assert!(out.contains("decode: "), "{out}");
+}
