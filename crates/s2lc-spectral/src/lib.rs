@@ -5,7 +5,9 @@
 #![deny(missing_docs)]
 
 pub mod energy;
+pub mod lowrank;
 pub mod svd;
 
 pub use energy::{break_even_rank, cumulative_energy, rank_for_energy};
+pub use lowrank::{allocate_ranks, relative_error, BudgetError, LowRankFactors, Spectrum};
 pub use svd::{thin_svd, Svd, SvdError};

@@ -1,0 +1,217 @@
+//! Low-rank factorization of a weight and rank allocation under a parameter budget.
+//!
+//! A weight `W` (`rows × cols`, i.e. `out × in`) of rank-`r` truncation `W ≈ U_r Σ_r V_rᵀ` is kept
+//! as `u = U_r` (`out × r`) and `vs = Σ_r V_rᵀ` (`r × in`), so a layer computes `y = (x·vsᵀ)·uᵀ`.
+
+use faer::{Mat, MatRef};
+
+use crate::energy::break_even_rank;
+use crate::svd::Svd;
+
+/// The thin factors of a rank-`r` approximation: `W ≈ u · vs`.
+#[derive(Debug, Clone)]
+pub struct LowRankFactors {
+    /// Left factor `U_r`, `rows × r`.
+    pub u: Mat<f32>,
+    /// Right factor `Σ_r V_rᵀ`, `r × cols`.
+    pub vs: Mat<f32>,
+}
+
+impl LowRankFactors {
+    /// The rank `r`.
+    pub fn rank(&self) -> usize {
+        self.u.ncols()
+    }
+
+    /// Builds the rank-`rank` factors from a thin SVD (rank is clamped to the number of values).
+    pub fn from_svd(svd: &Svd, rank: usize) -> Self {
+        let r = rank.min(svd.s.len());
+        let u = svd.u.subcols(0, r).to_owned();
+        let vs = Mat::from_fn(r, svd.v.nrows(), |i, j| svd.s[i] * svd.v[(j, i)]);
+        LowRankFactors { u, vs }
+    }
+
+    /// `u · vs`, the dense approximation (for checks; the runtime never re-densifies).
+    pub fn to_dense(&self) -> Mat<f32> {
+        &self.u * &self.vs
+    }
+}
+
+/// A matrix seen by the budget allocator: its shape and singular values (non-increasing).
+#[derive(Debug, Clone, Copy)]
+pub struct Spectrum<'a> {
+    /// Rows (`out`).
+    pub rows: usize,
+    /// Columns (`in`).
+    pub cols: usize,
+    /// Singular values, non-increasing.
+    pub values: &'a [f32],
+}
+
+/// Why a budget cannot be met.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BudgetError {
+    /// The keep ratio is not in (0, 1].
+    #[error("keep ratio {0} is outside (0, 1]")]
+    BadRatio(f64),
+    /// Even all matrices at rank 1 hold more than the budget.
+    #[error("cannot keep {keep:.1}% of the parameters: rank 1 everywhere already keeps {min:.1}%")]
+    Infeasible {
+        /// Requested percentage.
+        keep: f64,
+        /// Smallest achievable percentage.
+        min: f64,
+    },
+}
+
+/// Ranks for `matrices` so that their parameters total at most `keep` of the dense total.
+///
+/// Every matrix starts at rank 1 (`rows + cols` values); the remaining budget goes to the next
+/// singular direction with the largest energy per parameter, `σ_i² / (rows + cols)`, across all
+/// matrices. No matrix goes above its break-even rank (beyond it the factors hold more values than
+/// the dense matrix). The result is one rank per matrix, in order.
+pub fn allocate_ranks(matrices: &[Spectrum<'_>], keep: f64) -> Result<Vec<usize>, BudgetError> {
+    if !(keep > 0.0 && keep <= 1.0) {
+        return Err(BudgetError::BadRatio(keep));
+    }
+    let total: usize = matrices.iter().map(|m| m.rows * m.cols).sum();
+    let budget = (keep * total as f64).floor() as usize;
+    let min: usize = matrices.iter().map(|m| m.rows + m.cols).sum();
+    if min > budget {
+        return Err(BudgetError::Infeasible {
+            keep: 100.0 * keep,
+            min: 100.0 * min as f64 / total.max(1) as f64,
+        });
+    }
+    // Max-heap of (energy per parameter of the next direction, matrix index).
+    #[derive(PartialEq)]
+    struct Next(f64, usize);
+    impl Eq for Next {}
+    impl PartialOrd for Next {
+        fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(o))
+        }
+    }
+    impl Ord for Next {
+        fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+            self.0.total_cmp(&o.0).then(o.1.cmp(&self.1))
+        }
+    }
+    let mut ranks = vec![1usize; matrices.len()];
+    let mut used = min;
+    let gain = |m: &Spectrum, r: usize| -> Option<f64> {
+        let s = *m.values.get(r)? as f64;
+        Some(s * s / (m.rows + m.cols) as f64)
+    };
+    let mut heap: std::collections::BinaryHeap<Next> = matrices
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| gain(m, 1).map(|g| Next(g, i)))
+        .collect();
+    while let Some(Next(_, i)) = heap.pop() {
+        let m = &matrices[i];
+        let cost = m.rows + m.cols;
+        if ranks[i] + 1 > break_even_rank(m.rows, m.cols) || used + cost > budget {
+            continue;
+        }
+        ranks[i] += 1;
+        used += cost;
+        if let Some(g) = gain(m, ranks[i]) {
+            heap.push(Next(g, i));
+        }
+    }
+    Ok(ranks)
+}
+
+/// Relative Frobenius error `‖W − u·vs‖ / ‖W‖` of factors against the dense `w`.
+pub fn relative_error(w: MatRef<'_, f32>, f: &LowRankFactors) -> f64 {
+    let d = f.to_dense();
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for j in 0..w.ncols() {
+        for i in 0..w.nrows() {
+            let a = w[(i, j)] as f64;
+            num += (a - d[(i, j)] as f64).powi(2);
+            den += a * a;
+        }
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::svd::thin_svd;
+    use proptest::prelude::*;
+
+    fn matrix(rows: usize, cols: usize, seed: u64) -> Mat<f32> {
+        let mut state = seed | 1;
+        Mat::from_fn(rows, cols, |_, _| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// ‖W − u·vs‖_F equals sqrt(Σ_{i≥r} σ_i²), the discarded spectral energy.
+        #[test]
+        fn factor_error_is_discarded_energy(rows in 2usize..30, cols in 2usize..30, seed in any::<u64>(), frac in 0.0f64..1.0) {
+            let w = matrix(rows, cols, seed);
+            let svd = thin_svd(w.as_ref()).unwrap();
+            let r = ((svd.s.len() as f64) * frac) as usize;
+            let f = LowRankFactors::from_svd(&svd, r);
+            prop_assert_eq!(f.rank(), r);
+            let err = relative_error(w.as_ref(), &f);
+            let total: f64 = svd.s.iter().map(|&s| (s as f64).powi(2)).sum();
+            let discarded: f64 = svd.s[r..].iter().map(|&s| (s as f64).powi(2)).sum();
+            prop_assert!((err - (discarded / total).sqrt()).abs() < 1e-3, "{} vs {}", err, (discarded / total).sqrt());
+        }
+    }
+
+    #[test]
+    fn budget_prefers_energy_per_parameter_and_respects_break_even() {
+        // Matrix 0 has a flat spectrum, matrix 1 a steep one: the budget goes to matrix 0's
+        // directions only when they pay more per parameter.
+        let flat = [1.0f32; 10];
+        let steep = [10.0f32, 5.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1];
+        let ms = [
+            Spectrum {
+                rows: 10,
+                cols: 10,
+                values: &flat,
+            },
+            Spectrum {
+                rows: 10,
+                cols: 10,
+                values: &steep,
+            },
+        ];
+        // Total 200, budget 100 = 5 rank-units of 20 values; rank 1 each uses 2. Then steep's
+        // σ₂² / 20 = 1.25 beats flat's 0.05, which beats steep's σ₃² / 20 = 0.0005 twice.
+        let ranks = allocate_ranks(&ms, 0.5).unwrap();
+        assert_eq!(ranks, vec![3, 2]);
+        let used: usize = ranks.iter().map(|r| r * 20).sum();
+        assert!(used <= 100);
+        // Ranks never pass break-even (4 for 10 × 10).
+        let ranks = allocate_ranks(&ms, 1.0).unwrap();
+        assert_eq!(ranks, vec![4, 4]);
+    }
+
+    #[test]
+    fn budget_errors_are_clear() {
+        let v = [1.0f32; 4];
+        let ms = [Spectrum {
+            rows: 4,
+            cols: 4,
+            values: &v,
+        }];
+        assert_eq!(allocate_ranks(&ms, 0.0), Err(BudgetError::BadRatio(0.0)));
+        assert_eq!(allocate_ranks(&ms, 1.5), Err(BudgetError::BadRatio(1.5)));
+        assert!(matches!(
+            allocate_ranks(&ms, 0.1),
+            Err(BudgetError::Infeasible { .. })
+        ));
+    }
+}
