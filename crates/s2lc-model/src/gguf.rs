@@ -1501,7 +1501,8 @@ mod tests {
                 ..
             }
         ));
-        assert!(e.to_string().contains("IQ2_XXS"), "{e}");
+        let cause = std::error::Error::source(&e).map(|c| c.to_string()).unwrap_or_default();
+        assert!(cause.contains("IQ2_XXS"), "{e}: {cause}");
     }
 
     #[test]

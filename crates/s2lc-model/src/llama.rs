@@ -9,7 +9,7 @@ use faer::{Accum, Par};
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::kv::{AttnShape, KvCache};
-use crate::linear::{DenseLinear, Linear};
+use crate::linear::{DenseLinear, Linear, LowRankLinear};
 use crate::source::Weights;
 
 /// `x ← x / √(mean(x²) + eps) · weight`, for each row of width `weight.len()`.
@@ -98,14 +98,20 @@ pub struct Block {
     pub down_proj: Linear,
 }
 
-/// Loads a linear weight `[out, in]` with an optional bias `[out]` from scope `w`.
+/// Loads a linear layer `[out, in]` with an optional bias `[out]` from scope `w`: a dense
+/// `weight`, or low-rank factors `lowrank_u` (`[out, r]`) and `lowrank_vs` (`[r, in]`).
 fn load_linear(w: &Weights, out: usize, inp: usize, bias: bool) -> Result<Linear, ModelError> {
-    let weight = w.get("weight", &[out, inp])?;
     let bias = if bias {
         w.get_opt("bias", &[out])?
     } else {
         None
     };
+    if let Some(rank) = w.shape_of("lowrank_u").and_then(|s| s.get(1).copied()) {
+        let u = w.get("lowrank_u", &[out, rank])?;
+        let vs = w.get("lowrank_vs", &[rank, inp])?;
+        return Ok(Linear::LowRank(LowRankLinear::new(u, vs, out, inp, bias)));
+    }
+    let weight = w.get("weight", &[out, inp])?;
     Ok(Linear::Dense(DenseLinear::new(weight, out, inp, bias)))
 }
 
@@ -160,6 +166,7 @@ pub struct ForwardScratch {
     up: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    low_rank: Vec<f32>,
 }
 
 /// A Llama-family causal language model.
@@ -322,22 +329,28 @@ impl LlamaModel {
 
         for (layer, b) in self.blocks.iter().enumerate() {
             rms_norm(&s.x, &b.attn_norm, cfg.rms_eps, &mut s.h);
-            b.q_proj.forward(&s.h, n, &mut s.q, Accum::Replace, par);
-            b.k_proj.forward(&s.h, n, &mut s.k, Accum::Replace, par);
-            b.v_proj.forward(&s.h, n, &mut s.v, Accum::Replace, par);
+            b.q_proj
+                .forward(&s.h, n, &mut s.q, Accum::Replace, par, &mut s.low_rank);
+            b.k_proj
+                .forward(&s.h, n, &mut s.k, Accum::Replace, par, &mut s.low_rank);
+            b.v_proj
+                .forward(&s.h, n, &mut s.v, Accum::Replace, par, &mut s.low_rank);
             self.rope.apply(&mut s.q, qd, &s.cos, &s.sin);
             self.rope.apply(&mut s.k, kd, &s.cos, &s.sin);
             cache.attend(layer, &s.q, &s.k, &s.v, n, &mut s.attn);
-            b.o_proj.forward(&s.attn, n, &mut s.x, Accum::Add, par);
+            b.o_proj
+                .forward(&s.attn, n, &mut s.x, Accum::Add, par, &mut s.low_rank);
 
             rms_norm(&s.x, &b.ffn_norm, cfg.rms_eps, &mut s.h);
             b.gate_proj
-                .forward(&s.h, n, &mut s.gate, Accum::Replace, par);
-            b.up_proj.forward(&s.h, n, &mut s.up, Accum::Replace, par);
+                .forward(&s.h, n, &mut s.gate, Accum::Replace, par, &mut s.low_rank);
+            b.up_proj
+                .forward(&s.h, n, &mut s.up, Accum::Replace, par, &mut s.low_rank);
             for (g, u) in s.gate.iter_mut().zip(&s.up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
-            b.down_proj.forward(&s.gate, n, &mut s.x, Accum::Add, par);
+            b.down_proj
+                .forward(&s.gate, n, &mut s.x, Accum::Add, par, &mut s.low_rank);
         }
         cache.commit(n);
         rms_norm(&s.x, &self.norm, cfg.rms_eps, &mut s.h);
@@ -350,7 +363,7 @@ impl LlamaModel {
         let n = hidden.len() / d;
         out.resize(n * v, 0.0);
         match &self.lm_head {
-            Some(head) => head.forward(hidden, n, out, Accum::Replace, par_for(n)),
+            Some(head) => head.forward(hidden, n, out, Accum::Replace, par_for(n), &mut Vec::new()),
             None => {
                 let x = faer::MatRef::from_row_major_slice(hidden, n, d);
                 let et = faer::MatRef::from_row_major_slice(&self.embed, v, d).transpose();

@@ -42,7 +42,11 @@ pub trait TensorSource: Send + Sync {
     /// Loads tensor `name` (a Hugging Face name) as f32.
     fn load(&self, name: &str) -> Result<Tensor, ModelError>;
     /// Whether the source holds `name`.
-    fn contains(&self, name: &str) -> bool;
+    fn contains(&self, name: &str) -> bool {
+        self.shape(name).is_some()
+    }
+    /// The row-major shape of `name` without loading it; `None` when absent.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
     /// Every tensor, by Hugging Face name, in a stable order.
     fn describe(&self) -> Vec<TensorDesc>;
 }
@@ -96,6 +100,11 @@ impl<'a> Weights<'a> {
             });
         }
         Ok(t.data)
+    }
+
+    /// The shape of `leaf`, or `None` when the tensor is absent.
+    pub fn shape_of(&self, leaf: &str) -> Option<Vec<usize>> {
+        self.source.shape(&self.full(leaf))
     }
 
     /// Like [`Weights::get`] but `None` when the tensor is absent (optional biases, untied heads).
@@ -233,8 +242,8 @@ impl TensorSource for GgufSource {
         Ok(Tensor { shape, data })
     }
 
-    fn contains(&self, name: &str) -> bool {
-        hf_to_gguf(name).is_some_and(|g| self.file.tensor_info(&g).is_some())
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.file.tensor_info(&hf_to_gguf(name)?).map(|t| t.shape())
     }
 
     fn describe(&self) -> Vec<TensorDesc> {
@@ -345,8 +354,8 @@ impl TensorSource for SafetensorsSource {
         })
     }
 
-    fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.with_view(name, |v| Ok(v.shape().to_vec())).ok()
     }
 
     fn describe(&self) -> Vec<TensorDesc> {
@@ -428,8 +437,8 @@ impl TensorSource for MemorySource {
             .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
     }
 
-    fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|t| t.shape.clone())
     }
 
     fn describe(&self) -> Vec<TensorDesc> {
