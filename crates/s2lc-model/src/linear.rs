@@ -70,7 +70,7 @@ impl LowRankLinear {
         in_dim: usize,
         bias: Option<Vec<f32>>,
     ) -> Self {
-        let rank = if out_dim == 0 { 0 } else { u.len() / out_dim };
+        let rank = u.len().checked_div(out_dim).unwrap_or(0);
         assert_eq!(u.len(), out_dim * rank, "u is not out × rank");
         assert_eq!(vs.len(), rank * in_dim, "vs is not rank × in");
         if let Some(b) = &bias {
@@ -116,6 +116,7 @@ pub enum Linear {
     LowRank(LowRankLinear),
 }
 
+#[allow(clippy::too_many_arguments)]
 /// `y = [y +] x · wᵀ` for row-major `x` (`n × k`), `w` (`m × k`), `y` (`n × m`).
 fn matmul_xwt(
     x: &[f32],
