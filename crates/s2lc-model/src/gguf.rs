@@ -1501,7 +1501,9 @@ mod tests {
                 ..
             }
         ));
-        let cause = std::error::Error::source(&e).map(|c| c.to_string()).unwrap_or_default();
+        let cause = std::error::Error::source(&e)
+            .map(|c| c.to_string())
+            .unwrap_or_default();
         assert!(cause.contains("IQ2_XXS"), "{e}: {cause}");
     }
 

@@ -153,6 +153,38 @@ impl Block {
     }
 }
 
+/// The distinct inputs of a block's linear layers (what calibration statistics are taken of).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LinearInput {
+    /// RMS-normed residual: input of q/k/v.
+    Attention,
+    /// Concatenated attention heads: input of o.
+    AttentionOutput,
+    /// RMS-normed residual: input of gate/up.
+    FeedForward,
+    /// SwiGLU activation: input of down.
+    FeedForwardHidden,
+}
+
+impl LinearInput {
+    /// The input feeding the linear layer named `name` (`self_attn.q_proj`, `mlp.down_proj`, ...).
+    pub fn of(name: &str) -> Option<Self> {
+        Some(match name.rsplit('.').next()? {
+            "q_proj" | "k_proj" | "v_proj" => LinearInput::Attention,
+            "o_proj" => LinearInput::AttentionOutput,
+            "gate_proj" | "up_proj" => LinearInput::FeedForward,
+            "down_proj" => LinearInput::FeedForwardHidden,
+            _ => return None,
+        })
+    }
+}
+
+/// Sees the inputs of linear layers during [`LlamaModel::run_block`] (`x` is `n × width`, row-major).
+pub trait ActivationObserver {
+    /// Called once per input kind per block run.
+    fn observe(&mut self, layer: usize, input: LinearInput, x: &[f32], n: usize);
+}
+
 /// Buffers reused across forward passes (sized on first use, then only re-used).
 #[derive(Debug, Default)]
 pub struct ForwardScratch {
@@ -279,6 +311,19 @@ impl LlamaModel {
             + self.lm_head.as_ref().map_or(0, Linear::n_params)
     }
 
+    /// Writes the embeddings of `tokens` (`n × d`, row-major) into `out`.
+    pub fn embed(&self, tokens: &[u32], out: &mut Vec<f32>) -> Result<(), ModelError> {
+        let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        out.resize(tokens.len() * d, 0.0);
+        for (row, &t) in out.chunks_exact_mut(d).zip(tokens) {
+            if t as usize >= v {
+                return Err(ModelError::TokenOutOfRange { id: t, vocab: v });
+            }
+            row.copy_from_slice(&self.embed[t as usize * d..][..d]);
+        }
+        Ok(())
+    }
+
     /// Runs `tokens` (positions `cache.len()..`) through the decoder, commits them to `cache`, and
     /// returns the final-normed hidden states (`n × d`, row-major) held in `scratch`.
     pub fn forward_hidden<'s>(
@@ -287,36 +332,73 @@ impl LlamaModel {
         cache: &mut dyn KvCache,
         scratch: &'s mut ForwardScratch,
     ) -> Result<&'s [f32], ModelError> {
-        let cfg = &self.cfg;
         let n = tokens.len();
         if n == 0 {
             return Err(ModelError::EmptyInput("no tokens to run".into()));
         }
+        let p0 = cache.len();
+        self.check_context(p0, n)?;
+        let mut x = std::mem::take(&mut scratch.x);
+        self.embed(tokens, &mut x)?;
+        self.rope.tables(p0, n, &mut scratch.cos, &mut scratch.sin);
+        for layer in 0..self.blocks.len() {
+            self.block_step(layer, &mut x, n, cache, scratch, None);
+        }
+        cache.commit(n);
+        let s = scratch;
+        s.h.resize(x.len(), 0.0);
+        rms_norm(&x, &self.norm, self.cfg.rms_eps, &mut s.h);
+        s.x = x;
+        Ok(&s.h)
+    }
+
+    fn check_context(&self, p0: usize, n: usize) -> Result<(), ModelError> {
+        if p0 + n > self.cfg.max_seq_len {
+            return Err(ModelError::ContextOverflow {
+                needed: p0 + n,
+                limit: self.cfg.max_seq_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs block `layer` in place on the residual stream `x` (`n × d`, positions
+    /// `cache.len()..`), showing the inputs of its linear layers to `observer`. The caller commits
+    /// the tokens to `cache` after the last block it runs. For calibration, not decoding.
+    pub fn run_block(
+        &self,
+        layer: usize,
+        x: &mut [f32],
+        cache: &mut dyn KvCache,
+        scratch: &mut ForwardScratch,
+        observer: Option<&mut dyn ActivationObserver>,
+    ) -> Result<(), ModelError> {
+        let n = x.len() / self.cfg.hidden_size;
+        self.check_context(cache.len(), n)?;
+        self.rope
+            .tables(cache.len(), n, &mut scratch.cos, &mut scratch.sin);
+        self.block_step(layer, x, n, cache, scratch, observer);
+        Ok(())
+    }
+
+    /// One decoder block on `x` with RoPE tables for the current positions already in `s`.
+    fn block_step(
+        &self,
+        layer: usize,
+        x: &mut [f32],
+        n: usize,
+        cache: &mut dyn KvCache,
+        s: &mut ForwardScratch,
+        mut observer: Option<&mut dyn ActivationObserver>,
+    ) {
+        let cfg = &self.cfg;
+        let b = &self.blocks[layer];
         let (d, f, qd, kd) = (
             cfg.hidden_size,
             cfg.intermediate_size,
             cfg.q_dim(),
             cfg.kv_dim(),
         );
-        let p0 = cache.len();
-        if p0 + n > cfg.max_seq_len {
-            return Err(ModelError::ContextOverflow {
-                needed: p0 + n,
-                limit: cfg.max_seq_len,
-            });
-        }
-        let s = scratch;
-        s.x.resize(n * d, 0.0);
-        for (row, &t) in s.x.chunks_exact_mut(d).zip(tokens) {
-            let t = t as usize;
-            if t >= cfg.vocab_size {
-                return Err(ModelError::TokenOutOfRange {
-                    id: t as u32,
-                    vocab: cfg.vocab_size,
-                });
-            }
-            row.copy_from_slice(&self.embed[t * d..][..d]);
-        }
         s.h.resize(n * d, 0.0);
         s.q.resize(n * qd, 0.0);
         s.attn.resize(n * qd, 0.0);
@@ -324,37 +406,36 @@ impl LlamaModel {
         s.v.resize(n * kd, 0.0);
         s.gate.resize(n * f, 0.0);
         s.up.resize(n * f, 0.0);
-        self.rope.tables(p0, n, &mut s.cos, &mut s.sin);
         let par = par_for(n);
-
-        for (layer, b) in self.blocks.iter().enumerate() {
-            rms_norm(&s.x, &b.attn_norm, cfg.rms_eps, &mut s.h);
-            b.q_proj
-                .forward(&s.h, n, &mut s.q, Accum::Replace, par, &mut s.low_rank);
-            b.k_proj
-                .forward(&s.h, n, &mut s.k, Accum::Replace, par, &mut s.low_rank);
-            b.v_proj
-                .forward(&s.h, n, &mut s.v, Accum::Replace, par, &mut s.low_rank);
-            self.rope.apply(&mut s.q, qd, &s.cos, &s.sin);
-            self.rope.apply(&mut s.k, kd, &s.cos, &s.sin);
-            cache.attend(layer, &s.q, &s.k, &s.v, n, &mut s.attn);
-            b.o_proj
-                .forward(&s.attn, n, &mut s.x, Accum::Add, par, &mut s.low_rank);
-
-            rms_norm(&s.x, &b.ffn_norm, cfg.rms_eps, &mut s.h);
-            b.gate_proj
-                .forward(&s.h, n, &mut s.gate, Accum::Replace, par, &mut s.low_rank);
-            b.up_proj
-                .forward(&s.h, n, &mut s.up, Accum::Replace, par, &mut s.low_rank);
-            for (g, u) in s.gate.iter_mut().zip(&s.up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
+        let mut observe = |input: LinearInput, v: &[f32]| {
+            if let Some(o) = observer.as_deref_mut() {
+                o.observe(layer, input, v, n);
             }
-            b.down_proj
-                .forward(&s.gate, n, &mut s.x, Accum::Add, par, &mut s.low_rank);
+        };
+
+        rms_norm(x, &b.attn_norm, cfg.rms_eps, &mut s.h);
+        observe(LinearInput::Attention, &s.h);
+        let lr = &mut s.low_rank;
+        b.q_proj.forward(&s.h, n, &mut s.q, Accum::Replace, par, lr);
+        b.k_proj.forward(&s.h, n, &mut s.k, Accum::Replace, par, lr);
+        b.v_proj.forward(&s.h, n, &mut s.v, Accum::Replace, par, lr);
+        self.rope.apply(&mut s.q, qd, &s.cos, &s.sin);
+        self.rope.apply(&mut s.k, kd, &s.cos, &s.sin);
+        cache.attend(layer, &s.q, &s.k, &s.v, n, &mut s.attn);
+        observe(LinearInput::AttentionOutput, &s.attn);
+        b.o_proj.forward(&s.attn, n, x, Accum::Add, par, lr);
+
+        rms_norm(x, &b.ffn_norm, cfg.rms_eps, &mut s.h);
+        observe(LinearInput::FeedForward, &s.h);
+        b.gate_proj
+            .forward(&s.h, n, &mut s.gate, Accum::Replace, par, lr);
+        b.up_proj
+            .forward(&s.h, n, &mut s.up, Accum::Replace, par, lr);
+        for (g, u) in s.gate.iter_mut().zip(&s.up) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
         }
-        cache.commit(n);
-        rms_norm(&s.x, &self.norm, cfg.rms_eps, &mut s.h);
-        Ok(&s.h)
+        observe(LinearInput::FeedForwardHidden, &s.gate);
+        b.down_proj.forward(&s.gate, n, x, Accum::Add, par, lr);
     }
 
     /// Output logits (`n × vocab`, row-major) for `n` final-normed hidden rows (`n × d`).

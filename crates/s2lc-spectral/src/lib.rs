@@ -7,7 +7,9 @@
 pub mod energy;
 pub mod lowrank;
 pub mod svd;
+pub mod whiten;
 
 pub use energy::{break_even_rank, cumulative_energy, rank_for_energy};
 pub use lowrank::{allocate_ranks, relative_error, BudgetError, LowRankFactors, Spectrum};
 pub use svd::{thin_svd, Svd, SvdError};
+pub use whiten::{output_error, WhitenError, Whitening};
