@@ -5,6 +5,7 @@
 //! ([`llama::LlamaModel`]) runs on `faer` with a caller-owned [`kv::KvCache`].
 #![deny(missing_docs)]
 
+pub mod compress;
 pub mod config;
 pub mod error;
 pub mod eval;

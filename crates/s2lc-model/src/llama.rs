@@ -10,7 +10,7 @@ use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::kv::{AttnShape, KvCache};
 use crate::linear::{DenseLinear, Linear, LowRankLinear};
-use crate::source::Weights;
+use crate::source::{Tensor, Weights};
 
 /// `x ← x / √(mean(x²) + eps) · weight`, for each row of width `weight.len()`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -294,6 +294,60 @@ impl LlamaModel {
         blocks + head + self.norm.len() * f
     }
 
+    /// Every tensor under its Hugging Face name (row-major f32), low-rank layers as
+    /// `*.lowrank_u` (`[out, r]`) and `*.lowrank_vs` (`[r, in]`): what a saved model holds.
+    pub fn export_tensors(&self) -> Vec<(String, Tensor)> {
+        let t = |shape: Vec<usize>, data: &[f32]| Tensor {
+            shape,
+            data: data.to_vec(),
+        };
+        let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let mut out = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                t(vec![v, d], &self.embed),
+            ),
+            ("model.norm.weight".to_string(), t(vec![d], &self.norm)),
+        ];
+        let mut linear = |name: String, l: &Linear| {
+            let (o, i) = (l.out_dim(), l.in_dim());
+            let bias = match l {
+                Linear::Dense(dl) => {
+                    out.push((format!("{name}.weight"), t(vec![o, i], dl.weight())));
+                    dl.bias()
+                }
+                Linear::LowRank(lr) => {
+                    let r = lr.rank();
+                    out.push((format!("{name}.lowrank_u"), t(vec![o, r], lr.u())));
+                    out.push((format!("{name}.lowrank_vs"), t(vec![r, i], lr.vs())));
+                    lr.bias()
+                }
+            };
+            if let Some(b) = bias {
+                out.push((format!("{name}.bias"), t(vec![o], b)));
+            }
+        };
+        if let Some(head) = &self.lm_head {
+            linear("lm_head".to_string(), head);
+        }
+        for (n, b) in self.blocks.iter().enumerate() {
+            for (leaf, l) in b.linears() {
+                linear(format!("model.layers.{n}.{leaf}"), l);
+            }
+        }
+        for (n, b) in self.blocks.iter().enumerate() {
+            out.push((
+                format!("model.layers.{n}.input_layernorm.weight"),
+                t(vec![d], &b.attn_norm),
+            ));
+            out.push((
+                format!("model.layers.{n}.post_attention_layernorm.weight"),
+                t(vec![d], &b.ffn_norm),
+            ));
+        }
+        out
+    }
+
     /// Total parameters (tied embeddings counted once).
     pub fn n_params(&self) -> usize {
         let blocks: usize = self
@@ -471,7 +525,7 @@ impl LlamaModel {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Arch;
     use crate::kv::DenseKvCache;
@@ -525,40 +579,58 @@ mod tests {
 
     /// A one-layer model with hidden size 4 built in memory.
     fn tiny() -> LlamaModel {
+        random_model(4, 6, 1, (2, 1), 5, 0)
+    }
+
+    /// A random Llama model built in memory: `d` wide, `ffn` hidden, `layers` blocks,
+    /// `heads` = (query, key/value) heads, `vocab` tokens.
+    pub(crate) fn random_model(
+        d: usize,
+        ffn: usize,
+        layers: usize,
+        heads: (usize, usize),
+        vocab: usize,
+        seed: usize,
+    ) -> LlamaModel {
         let cfg = ModelConfig {
             arch: Arch::Llama,
-            hidden_size: 4,
-            intermediate_size: 6,
-            n_layers: 1,
-            n_heads: 2,
-            n_kv_heads: 1,
-            head_dim: 2,
-            vocab_size: 5,
+            hidden_size: d,
+            intermediate_size: ffn,
+            n_layers: layers,
+            n_heads: heads.0,
+            n_kv_heads: heads.1,
+            head_dim: d / heads.0,
+            vocab_size: vocab,
             rope_theta: 10_000.0,
             rms_eps: 1e-6,
-            max_seq_len: 16,
+            max_seq_len: 256,
             tie_embeddings: true,
         };
         let mut src = MemorySource::new();
-        let mut fill = |name: &str, shape: Vec<usize>, seed: usize| {
+        let mut k = seed;
+        let mut fill = |name: String, shape: Vec<usize>| {
+            k += 1;
             let len = shape.iter().product();
             let data = (0..len)
-                .map(|i| (((i * 13 + seed * 7) % 17) as f32 - 8.0) / 10.0)
+                .map(|i| ((((i * 13 + k * 7) * 2654435761) % 1009) as f32 / 1009.0 - 0.5) * 0.8)
                 .collect();
             src.insert(name, shape, data);
         };
-        fill("model.embed_tokens.weight", vec![5, 4], 1);
-        fill("model.norm.weight", vec![4], 2);
-        let l = "model.layers.0";
-        fill(&format!("{l}.input_layernorm.weight"), vec![4], 3);
-        fill(&format!("{l}.post_attention_layernorm.weight"), vec![4], 4);
-        fill(&format!("{l}.self_attn.q_proj.weight"), vec![4, 4], 5);
-        fill(&format!("{l}.self_attn.k_proj.weight"), vec![2, 4], 6);
-        fill(&format!("{l}.self_attn.v_proj.weight"), vec![2, 4], 7);
-        fill(&format!("{l}.self_attn.o_proj.weight"), vec![4, 4], 8);
-        fill(&format!("{l}.mlp.gate_proj.weight"), vec![6, 4], 9);
-        fill(&format!("{l}.mlp.up_proj.weight"), vec![6, 4], 10);
-        fill(&format!("{l}.mlp.down_proj.weight"), vec![4, 6], 11);
+        let (qd, kd) = (cfg.q_dim(), cfg.kv_dim());
+        fill("model.embed_tokens.weight".into(), vec![vocab, d]);
+        fill("model.norm.weight".into(), vec![d]);
+        for n in 0..layers {
+            let l = format!("model.layers.{n}");
+            fill(format!("{l}.input_layernorm.weight"), vec![d]);
+            fill(format!("{l}.post_attention_layernorm.weight"), vec![d]);
+            fill(format!("{l}.self_attn.q_proj.weight"), vec![qd, d]);
+            fill(format!("{l}.self_attn.k_proj.weight"), vec![kd, d]);
+            fill(format!("{l}.self_attn.v_proj.weight"), vec![kd, d]);
+            fill(format!("{l}.self_attn.o_proj.weight"), vec![d, qd]);
+            fill(format!("{l}.mlp.gate_proj.weight"), vec![ffn, d]);
+            fill(format!("{l}.mlp.up_proj.weight"), vec![ffn, d]);
+            fill(format!("{l}.mlp.down_proj.weight"), vec![d, ffn]);
+        }
         LlamaModel::load(&cfg, &Weights::new(&src), |_| {}).unwrap()
     }
 

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod compress;
 mod progress;
 
 use s2lc_model::eval::perplexity;
@@ -40,6 +41,8 @@ enum Command {
         /// A .gguf file or a Hugging Face model directory.
         path: PathBuf,
     },
+    /// Replace linear layers by low-rank factors and save the model.
+    Compress(compress::CompressArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -152,6 +155,7 @@ fn try_main() -> Result<()> {
         Command::Generate(args) => cmd_generate(&args),
         Command::Eval(args) => cmd_eval(&args),
         Command::Info { path } => cmd_info(&path),
+        Command::Compress(args) => compress::run(&args),
         Command::Bench(BenchCommand::Decode(args)) => bench::decode(&args),
     }
 }

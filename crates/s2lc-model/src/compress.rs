@@ -1,0 +1,683 @@
+//! Low-rank compression of a loaded model: every chosen linear layer `W` is replaced by thin
+//! factors `u·vs` chosen by plain SVD or by activation-aware (whitened) SVD, with ranks from an
+//! energy threshold or a global parameter budget.
+//!
+//! Whitening needs calibration activations. With `sequential` calibration each block is whitened
+//! with the activations produced by the already-compressed blocks before it, so later layers
+//! compensate earlier errors instead of compounding them.
+
+use std::collections::HashMap;
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par};
+use rayon::prelude::*;
+use s2lc_spectral::{
+    allocate_ranks, break_even_rank, rank_for_energy, thin_svd, BudgetError, LowRankFactors,
+    Spectrum, Svd, WhitenError, Whitening,
+};
+
+use crate::error::ModelError;
+use crate::kv::{DenseKvCache, KvCache};
+use crate::linear::{Linear, LowRankLinear};
+use crate::llama::{ActivationObserver, ForwardScratch, LinearInput, LlamaModel};
+
+/// How ranks are chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RankPolicy {
+    /// Per matrix, the smallest rank keeping this fraction of the (whitened) spectral energy.
+    Energy(f64),
+    /// Globally, keep this fraction of the linear-layer parameters (ranks by largest marginal
+    /// energy per parameter, never above break-even).
+    KeepParams(f64),
+}
+
+/// How a weight is factored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Truncated SVD of `W`: optimal for the weight error, blind to the inputs.
+    Svd,
+    /// Truncated SVD of `W·L` with `L·Lᵀ = XᵀX` from calibration inputs (SVD-LLM).
+    Whitened,
+}
+
+impl Method {
+    /// The name used on the command line and in metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Svd => "svd",
+            Method::Whitened => "whitened",
+        }
+    }
+}
+
+/// What to compress and how.
+#[derive(Debug, Clone)]
+pub struct CompressOptions {
+    /// Rank policy.
+    pub policy: RankPolicy,
+    /// Factorization method.
+    pub method: Method,
+    /// Calibration windows (token ids, each run from an empty cache); required for `Whitened`.
+    pub calibration: Vec<Vec<u32>>,
+    /// Whiten each block with activations of the already-compressed blocks before it.
+    pub sequential: bool,
+}
+
+/// Why compression failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CompressError {
+    /// The energy threshold is outside (0, 1].
+    #[error("energy threshold {0} is outside (0, 1]")]
+    BadThreshold(f64),
+    /// The parameter budget cannot be met.
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
+    /// Whitening needs calibration text.
+    #[error("whitened compression needs calibration windows (none given)")]
+    NoCalibration,
+    /// A factorization failed.
+    #[error("{name}: {source}")]
+    Factor {
+        /// The matrix.
+        name: String,
+        /// What failed.
+        source: WhitenError,
+    },
+    /// The calibration text is shorter than one window.
+    #[error("calibration text has {tokens} tokens, fewer than one window of {window}")]
+    CalibrationTooShort {
+        /// Tokens in the text.
+        tokens: usize,
+        /// Window length.
+        window: usize,
+    },
+    /// Running the model on calibration text failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// What happened to one matrix.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MatrixReport {
+    /// Hugging Face name without `.weight` (`model.layers.3.self_attn.q_proj`).
+    pub name: String,
+    /// Rows (`out`).
+    pub rows: usize,
+    /// Columns (`in`).
+    pub cols: usize,
+    /// The rank kept, or `None` when the matrix stays dense (rank at or above break-even).
+    pub rank: Option<usize>,
+    /// Fraction of the (whitened, for `Whitened`) spectral energy kept.
+    pub energy_kept: f64,
+    /// Relative damping that made the Gram matrix positive definite (0: none needed).
+    pub damping: f64,
+}
+
+/// The outcome of [`compress`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CompressionReport {
+    /// One entry per linear layer considered.
+    pub matrices: Vec<MatrixReport>,
+    /// Linear-layer parameters before.
+    pub params_before: usize,
+    /// Linear-layer parameters after.
+    pub params_after: usize,
+    /// Calibration tokens used (0 for plain SVD).
+    pub calibration_tokens: usize,
+    /// Notes worth telling the user (damped Gram matrices, ...).
+    pub notes: Vec<String>,
+}
+
+/// `samples` windows of `window` tokens at seeded pseudo-random offsets of `tokens` (SplitMix64),
+/// sorted by offset; the same seed always picks the same windows.
+pub fn calibration_windows(
+    tokens: &[u32],
+    samples: usize,
+    window: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>, CompressError> {
+    if window == 0 || tokens.len() < window {
+        return Err(CompressError::CalibrationTooShort {
+            tokens: tokens.len(),
+            window,
+        });
+    }
+    let span = (tokens.len() - window + 1) as u64;
+    let mut state = seed;
+    let mut offsets: Vec<usize> = (0..samples)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) % span) as usize
+        })
+        .collect();
+    offsets.sort_unstable();
+    Ok(offsets
+        .iter()
+        .map(|&o| tokens[o..o + window].to_vec())
+        .collect())
+}
+
+/// Sums `XᵀX` per (layer, input kind) in f32 (one GEMM per window), widened to f64 for Cholesky.
+#[derive(Default)]
+struct GramCollector {
+    grams: HashMap<(usize, LinearInput), Mat<f32>>,
+}
+
+impl ActivationObserver for GramCollector {
+    fn observe(&mut self, layer: usize, input: LinearInput, x: &[f32], n: usize) {
+        let width = x.len() / n;
+        let g = self
+            .grams
+            .entry((layer, input))
+            .or_insert_with(|| Mat::zeros(width, width));
+        let xv = MatRef::from_row_major_slice(x, n, width);
+        matmul(
+            g.as_mut(),
+            Accum::Add,
+            xv.transpose(),
+            xv,
+            1.0f32,
+            Par::rayon(0),
+        );
+    }
+}
+
+fn to_f64(m: &Mat<f32>) -> Mat<f64> {
+    Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f64)
+}
+
+/// One matrix's spectrum and how to turn it into factors.
+struct Decomposition {
+    svd: Svd,
+    whitening: Option<Whitening>,
+}
+
+impl Decomposition {
+    fn factors(&self, rank: usize) -> LowRankFactors {
+        match &self.whitening {
+            Some(w) => w.factors(&self.svd, rank),
+            None => LowRankFactors::from_svd(&self.svd, rank),
+        }
+    }
+}
+
+/// Names of the seven block linears, in `Block::linears` order.
+const LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+fn dense_weight(l: &Linear) -> Option<MatRef<'_, f32>> {
+    match l {
+        Linear::Dense(d) => Some(MatRef::from_row_major_slice(
+            d.weight(),
+            l.out_dim(),
+            l.in_dim(),
+        )),
+        Linear::LowRank(_) => None,
+    }
+}
+
+/// Decomposes the dense linears of `layer` (plain or whitened by `grams`), in parallel.
+fn decompose_layer(
+    model: &LlamaModel,
+    layer: usize,
+    grams: Option<&HashMap<(usize, LinearInput), Mat<f32>>>,
+) -> Result<Vec<Option<Decomposition>>, CompressError> {
+    let block = &model.blocks()[layer];
+    let linears = block.linears();
+    // One whitening per input kind, shared by the layers reading it.
+    let mut whitenings: HashMap<LinearInput, Whitening> = HashMap::new();
+    if let Some(grams) = grams {
+        for (name, _) in &linears {
+            let input = LinearInput::of(name).expect("block linear names are known");
+            if whitenings.contains_key(&input) {
+                continue;
+            }
+            let g = grams
+                .get(&(layer, input))
+                .ok_or(CompressError::NoCalibration)?;
+            let w = Whitening::from_gram(to_f64(g).as_ref()).map_err(|source| {
+                CompressError::Factor {
+                    name: format!("model.layers.{layer}.{name}"),
+                    source,
+                }
+            })?;
+            whitenings.insert(input, w);
+        }
+    }
+    linears
+        .par_iter()
+        .map(|(name, lin)| {
+            let Some(w) = dense_weight(lin) else {
+                return Ok(None);
+            };
+            let full = format!("model.layers.{layer}.{name}");
+            let whitening = LinearInput::of(name)
+                .and_then(|i| whitenings.get(&i))
+                .cloned();
+            let svd = match &whitening {
+                Some(wh) => wh.svd(w),
+                None => thin_svd(w).map_err(WhitenError::from),
+            }
+            .map_err(|source| CompressError::Factor { name: full, source })?;
+            Ok(Some(Decomposition { svd, whitening }))
+        })
+        .collect()
+}
+
+/// Replaces linear `index` of block `layer` by rank-`rank` factors (or leaves it dense when the
+/// rank reaches break-even) and reports it.
+fn apply(
+    model: &mut LlamaModel,
+    layer: usize,
+    index: usize,
+    dec: &Decomposition,
+    rank: usize,
+) -> MatrixReport {
+    let block = &mut model.blocks_mut()[layer];
+    let slot = match index {
+        0 => &mut block.q_proj,
+        1 => &mut block.k_proj,
+        2 => &mut block.v_proj,
+        3 => &mut block.o_proj,
+        4 => &mut block.gate_proj,
+        5 => &mut block.up_proj,
+        _ => &mut block.down_proj,
+    };
+    let (rows, cols) = (slot.out_dim(), slot.in_dim());
+    let energy = s2lc_spectral::cumulative_energy(&dec.svd.s);
+    let keep = rank < break_even_rank(rows, cols) + 1 && rank < dec.svd.s.len();
+    let report = MatrixReport {
+        name: format!("model.layers.{layer}.{}", LINEARS[index]),
+        rows,
+        cols,
+        rank: keep.then_some(rank),
+        energy_kept: if keep && rank > 0 {
+            energy[rank - 1]
+        } else {
+            1.0
+        },
+        damping: dec.whitening.as_ref().map_or(0.0, |w| w.damping),
+    };
+    if keep {
+        let f = dec.factors(rank);
+        let bias = match slot {
+            Linear::Dense(d) => d.bias().map(<[f32]>::to_vec),
+            Linear::LowRank(l) => l.bias().map(<[f32]>::to_vec),
+        };
+        let u: Vec<f32> = (0..rows)
+            .flat_map(|i| (0..rank).map(move |k| (i, k)))
+            .map(|(i, k)| f.u[(i, k)])
+            .collect();
+        let vs: Vec<f32> = (0..rank)
+            .flat_map(|k| (0..cols).map(move |j| (k, j)))
+            .map(|(k, j)| f.vs[(k, j)])
+            .collect();
+        *slot = Linear::LowRank(LowRankLinear::new(u, vs, rows, cols, bias));
+    }
+    report
+}
+
+fn rank_for(policy: RankPolicy, dec: &Decomposition, fixed: Option<usize>) -> usize {
+    match (policy, fixed) {
+        (_, Some(r)) => r,
+        (RankPolicy::Energy(e), None) => rank_for_energy(&dec.svd.s, e),
+        (RankPolicy::KeepParams(_), None) => dec.svd.s.len(),
+    }
+}
+
+/// Runs calibration windows through block `layer` (in place on each window's residual stream),
+/// collecting Gram matrices when `collect` is set.
+fn advance_block(
+    model: &LlamaModel,
+    layer: usize,
+    streams: &mut [Vec<f32>],
+    collect: Option<&mut GramCollector>,
+) -> Result<(), ModelError> {
+    let cfg = model.config();
+    let window = streams
+        .iter()
+        .map(|s| s.len() / cfg.hidden_size)
+        .max()
+        .unwrap_or(1);
+    let mut cache = DenseKvCache::new(cfg.n_layers, model.attn_shape(), window);
+    let mut scratch = ForwardScratch::default();
+    let mut collect = collect;
+    for x in streams.iter_mut() {
+        cache.clear();
+        let obs = collect
+            .as_deref_mut()
+            .map(|c| c as &mut dyn ActivationObserver);
+        model.run_block(layer, x, &mut cache, &mut scratch, obs)?;
+    }
+    Ok(())
+}
+
+/// Compresses the block linears of `model` in place. `on_layer(done, total)` reports progress.
+pub fn compress(
+    model: &mut LlamaModel,
+    opts: &CompressOptions,
+    mut on_layer: impl FnMut(usize, usize),
+) -> Result<CompressionReport, CompressError> {
+    if let RankPolicy::Energy(e) = opts.policy {
+        if !(e > 0.0 && e <= 1.0) {
+            return Err(CompressError::BadThreshold(e));
+        }
+    }
+    let n_layers = model.config().n_layers;
+    let params_before: usize = linear_params(model);
+    let whitened = opts.method == Method::Whitened;
+    if whitened && opts.calibration.is_empty() {
+        return Err(CompressError::NoCalibration);
+    }
+
+    // Residual streams of the calibration windows at the input of the current block.
+    let mut streams: Vec<Vec<f32>> = Vec::new();
+    if whitened {
+        for w in &opts.calibration {
+            let mut x = Vec::new();
+            model.embed(w, &mut x)?;
+            streams.push(x);
+        }
+    }
+
+    // A global budget needs every spectrum before any rank is fixed: allocate on a first pass
+    // (dense activations for whitening), then factor (sequentially, if asked) with those ranks.
+    let fixed_ranks: Option<Vec<usize>> = match opts.policy {
+        RankPolicy::KeepParams(keep) => {
+            let mut all: Vec<Decomposition> = Vec::new();
+            let mut dense_streams = streams.clone();
+            for layer in 0..n_layers {
+                let mut grams = GramCollector::default();
+                if whitened {
+                    advance_block(model, layer, &mut dense_streams, Some(&mut grams))?;
+                }
+                let decs = decompose_layer(model, layer, whitened.then_some(&grams.grams))?;
+                all.extend(decs.into_iter().flatten());
+                on_layer(layer + 1, 2 * n_layers);
+            }
+            let shapes: Vec<(usize, usize)> = model
+                .blocks()
+                .iter()
+                .flat_map(|b| b.linears().map(|(_, l)| (l.out_dim(), l.in_dim())))
+                .collect();
+            let spectra: Vec<Spectrum> = all
+                .iter()
+                .zip(&shapes)
+                .map(|(d, &(rows, cols))| Spectrum {
+                    rows,
+                    cols,
+                    values: &d.svd.s,
+                })
+                .collect();
+            let ranks = allocate_ranks(&spectra, keep)?;
+            if !(whitened && opts.sequential) {
+                // Non-sequential factors are already computed: apply them.
+                let mut matrices = Vec::new();
+                for (i, dec) in all.iter().enumerate() {
+                    matrices.push(apply(model, i / 7, i % 7, dec, ranks[i]));
+                }
+                on_layer(2 * n_layers, 2 * n_layers);
+                return Ok(finish(model, matrices, params_before, opts, Vec::new()));
+            }
+            Some(ranks)
+        }
+        RankPolicy::Energy(_) => None,
+    };
+
+    let mut matrices = Vec::new();
+    let mut notes = Vec::new();
+    let mut pending_grams: Vec<GramCollector> = Vec::new();
+    for layer in 0..n_layers {
+        let mut grams = GramCollector::default();
+        if whitened {
+            // Gram matrices of this block's inputs, from the (possibly compressed) prefix.
+            let mut probe = streams.clone();
+            advance_block(model, layer, &mut probe, Some(&mut grams))?;
+        }
+        if !whitened || opts.sequential {
+            let decs = decompose_layer(model, layer, whitened.then_some(&grams.grams))?;
+            for (i, dec) in decs.iter().enumerate() {
+                let Some(dec) = dec else { continue };
+                let fixed = fixed_ranks.as_ref().map(|r| r[layer * 7 + i]);
+                let rank = rank_for(opts.policy, dec, fixed);
+                matrices.push(apply(model, layer, i, dec, rank));
+            }
+        } else {
+            pending_grams.push(grams);
+        }
+        if whitened {
+            // Advance the streams through this block as it now is (compressed if sequential).
+            advance_block(model, layer, &mut streams, None)?;
+        }
+        let base = if fixed_ranks.is_some() { n_layers } else { 0 };
+        on_layer(base + layer + 1, base + n_layers);
+    }
+    for (layer, grams) in pending_grams.iter().enumerate() {
+        let decs = decompose_layer(model, layer, Some(&grams.grams))?;
+        for (i, dec) in decs.iter().enumerate() {
+            let Some(dec) = dec else { continue };
+            let rank = rank_for(opts.policy, dec, None);
+            matrices.push(apply(model, layer, i, dec, rank));
+        }
+    }
+    for m in &matrices {
+        if m.damping > 0.0 {
+            notes.push(format!(
+                "{}: Gram matrix not positive definite, damped by {:e}·mean(diag)",
+                m.name, m.damping
+            ));
+        }
+    }
+    Ok(finish(model, matrices, params_before, opts, notes))
+}
+
+fn linear_params(model: &LlamaModel) -> usize {
+    model
+        .blocks()
+        .iter()
+        .flat_map(|b| b.linears().map(|(_, l)| l.n_params()))
+        .sum()
+}
+
+fn finish(
+    model: &LlamaModel,
+    matrices: Vec<MatrixReport>,
+    params_before: usize,
+    opts: &CompressOptions,
+    notes: Vec<String>,
+) -> CompressionReport {
+    let calibration_tokens = if opts.method == Method::Whitened {
+        opts.calibration.iter().map(Vec::len).sum()
+    } else {
+        0
+    };
+    CompressionReport {
+        matrices,
+        params_before,
+        params_after: linear_params(model),
+        calibration_tokens,
+        notes,
+    }
+}
+
+/// Writes `model` as a Hugging Face directory: `config.json`, `model.safetensors` (with the
+/// compression record as `__metadata__["s2lc"]`), `tokenizer.json` and `s2lc_compression.json`.
+/// Files are written under temporary names and renamed, so a failure leaves no partial model.
+pub fn save_model_dir(
+    model: &LlamaModel,
+    tokenizer: &crate::tokenizer::Tokenizer,
+    dir: &std::path::Path,
+    record: &serde_json::Value,
+) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let write = |name: &str, text: String| -> Result<(), ModelError> {
+        let path = dir.join(name);
+        let tmp = dir.join(format!("{name}.part"));
+        std::fs::write(&tmp, text).map_err(|e| ModelError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| ModelError::io(&path, e))
+    };
+    let tensors = model.export_tensors();
+    let meta = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("s2lc".to_string(), record.to_string()),
+    ]);
+    crate::source::write_safetensors(
+        &dir.join("model.safetensors"),
+        tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(meta),
+    )?;
+    let tok_tmp = dir.join("tokenizer.json.part");
+    tokenizer.save(&tok_tmp)?;
+    std::fs::rename(&tok_tmp, dir.join("tokenizer.json")).map_err(|e| ModelError::io(dir, e))?;
+    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    write("config.json", pretty(&model.config().to_hf_json()))?;
+    write("s2lc_compression.json", pretty(record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llama::tests::random_model;
+    use crate::source::{MemorySource, Weights};
+
+    fn logits(model: &LlamaModel, tokens: &[u32]) -> Vec<f32> {
+        let mut cache = DenseKvCache::new(model.config().n_layers, model.attn_shape(), 256);
+        let mut out = Vec::new();
+        model
+            .forward_last(tokens, &mut cache, &mut ForwardScratch::default(), &mut out)
+            .unwrap();
+        out
+    }
+
+    fn opts(policy: RankPolicy, method: Method, sequential: bool) -> CompressOptions {
+        let tokens: Vec<u32> = (0..400u32).map(|i| (i * 7 + i / 3) % 50).collect();
+        CompressOptions {
+            policy,
+            method,
+            calibration: calibration_windows(&tokens, 4, 64, 1).unwrap(),
+            sequential,
+        }
+    }
+
+    #[test]
+    fn energy_policy_ranks_and_export_round_trip() {
+        let mut model = random_model(32, 64, 2, (4, 2), 50, 3);
+        let report = compress(
+            &mut model,
+            &opts(RankPolicy::Energy(0.6), Method::Svd, false),
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(report.matrices.len(), 14);
+        assert!(report.params_after < report.params_before);
+        for m in &report.matrices {
+            if let Some(r) = m.rank {
+                assert!(
+                    m.energy_kept >= 0.6 - 1e-9 && r <= break_even_rank(m.rows, m.cols),
+                    "{m:?}"
+                );
+            }
+        }
+        // Export → in-memory source → load gives the same logits (no re-densification).
+        let mut src = MemorySource::new();
+        for (name, t) in model.export_tensors() {
+            assert!(!name.ends_with("q_proj.weight") || report.matrices[0].rank.is_none());
+            src.insert(name, t.shape, t.data);
+        }
+        let loaded = LlamaModel::load(model.config(), &Weights::new(&src), |_| {}).unwrap();
+        assert!(loaded
+            .blocks()
+            .iter()
+            .any(|b| matches!(b.q_proj, Linear::LowRank(_))));
+        assert_eq!(
+            logits(&model, &[1, 2, 3, 4]),
+            logits(&loaded, &[1, 2, 3, 4])
+        );
+    }
+
+    #[test]
+    fn budget_is_respected() {
+        for method in [Method::Svd, Method::Whitened] {
+            for sequential in [false, true] {
+                let mut model = random_model(32, 64, 2, (4, 2), 50, 5);
+                let report = compress(
+                    &mut model,
+                    &opts(RankPolicy::KeepParams(0.5), method, sequential),
+                    |_, _| {},
+                )
+                .unwrap();
+                let ratio = report.params_after as f64 / report.params_before as f64;
+                assert!(ratio <= 0.5 + 1e-9, "{method:?} {sequential}: kept {ratio}");
+                assert!(ratio > 0.4, "{method:?} {sequential}: kept only {ratio}");
+            }
+        }
+    }
+
+    #[test]
+    fn whitening_lowers_the_output_error_on_calibration_text() {
+        let dense = random_model(32, 64, 2, (4, 2), 50, 9);
+        let o = opts(RankPolicy::KeepParams(0.5), Method::Svd, false);
+        let test: Vec<u32> = o.calibration[0].clone();
+        let want = logits(&dense, &test);
+        let err = |m: &LlamaModel| -> f64 {
+            logits(m, &test)
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        let mut plain = dense.clone();
+        compress(&mut plain, &o, |_, _| {}).unwrap();
+        let mut whitened = dense.clone();
+        compress(
+            &mut whitened,
+            &opts(RankPolicy::KeepParams(0.5), Method::Whitened, true),
+            |_, _| {},
+        )
+        .unwrap();
+        assert!(
+            err(&whitened) < err(&plain),
+            "whitened {} vs plain {}",
+            err(&whitened),
+            err(&plain)
+        );
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let mut model = random_model(32, 64, 1, (4, 2), 50, 1);
+        let e = compress(
+            &mut model,
+            &opts(RankPolicy::Energy(1.5), Method::Svd, false),
+            |_, _| {},
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("1.5"));
+        let e = compress(
+            &mut model,
+            &opts(RankPolicy::KeepParams(0.001), Method::Svd, false),
+            |_, _| {},
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("cannot keep"), "{e}");
+        let e = calibration_windows(&[1, 2, 3], 2, 8, 0).unwrap_err();
+        assert!(e.to_string().contains("fewer than one window"), "{e}");
+        let mut o = opts(RankPolicy::Energy(0.9), Method::Whitened, true);
+        o.calibration.clear();
+        assert!(matches!(
+            compress(&mut model, &o, |_, _| {}),
+            Err(CompressError::NoCalibration)
+        ));
+    }
+}
