@@ -67,8 +67,9 @@ pub enum BudgetError {
 /// Ranks for `matrices` so that their parameters total at most `keep` of the dense total.
 ///
 /// Every matrix starts at rank 1 (`rows + cols` values); the remaining budget goes to the next
-/// singular direction with the largest energy per parameter, `σ_i² / (rows + cols)`, across all
-/// matrices. No matrix goes above its break-even rank (beyond it the factors hold more values than
+/// singular direction with the largest share of its matrix's energy per parameter,
+/// `σ_i² / Σσ² / (rows + cols)`, across all matrices. Energy is compared as a share because
+/// matrices (and whitened spectra, which carry their inputs' scale) differ widely in magnitude. No matrix goes above its break-even rank (beyond it the factors hold more values than
 /// the dense matrix). The result is one rank per matrix, in order.
 pub fn allocate_ranks(matrices: &[Spectrum<'_>], keep: f64) -> Result<Vec<usize>, BudgetError> {
     if !(keep > 0.0 && keep <= 1.0) {
@@ -99,14 +100,25 @@ pub fn allocate_ranks(matrices: &[Spectrum<'_>], keep: f64) -> Result<Vec<usize>
     }
     let mut ranks = vec![1usize; matrices.len()];
     let mut used = min;
-    let gain = |m: &Spectrum, r: usize| -> Option<f64> {
+    let totals: Vec<f64> = matrices
+        .iter()
+        .map(|m| {
+            m.values
+                .iter()
+                .map(|&s| (s as f64).powi(2))
+                .sum::<f64>()
+                .max(f64::MIN_POSITIVE)
+        })
+        .collect();
+    let gain = |i: usize, r: usize| -> Option<f64> {
+        let m = &matrices[i];
         let s = *m.values.get(r)? as f64;
-        Some(s * s / (m.rows + m.cols) as f64)
+        Some(s * s / totals[i] / (m.rows + m.cols) as f64)
     };
     let mut heap: std::collections::BinaryHeap<Next> = matrices
         .iter()
         .enumerate()
-        .filter_map(|(i, m)| gain(m, 1).map(|g| Next(g, i)))
+        .filter_map(|(i, _)| gain(i, 1).map(|g| Next(g, i)))
         .collect();
     while let Some(Next(_, i)) = heap.pop() {
         let m = &matrices[i];
@@ -116,7 +128,7 @@ pub fn allocate_ranks(matrices: &[Spectrum<'_>], keep: f64) -> Result<Vec<usize>
         }
         ranks[i] += 1;
         used += cost;
-        if let Some(g) = gain(m, ranks[i]) {
+        if let Some(g) = gain(i, ranks[i]) {
             heap.push(Next(g, i));
         }
     }
@@ -189,7 +201,7 @@ mod tests {
             },
         ];
         // Total 200, budget 100 = 5 rank-units of 20 values; rank 1 each uses 2. Then steep's
-        // σ₂² / 20 = 1.25 beats flat's 0.05, which beats steep's σ₃² / 20 = 0.0005 twice.
+        // σ₂² share 25/125.08 beats flat's 1/10, which beats steep's σ₃² share twice.
         let ranks = allocate_ranks(&ms, 0.5).unwrap();
         assert_eq!(ranks, vec![3, 2]);
         let used: usize = ranks.iter().map(|r| r * 20).sum();
