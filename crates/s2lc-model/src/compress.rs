@@ -375,6 +375,24 @@ pub fn compress(
     }
     let n_layers = model.config().n_layers;
     let params_before: usize = linear_params(model);
+    if let RankPolicy::KeepParams(keep) = opts.policy {
+        // Fail before any SVD when even rank 1 everywhere does not fit.
+        let shapes: Vec<(usize, usize)> = model
+            .blocks()
+            .iter()
+            .flat_map(|b| b.linears().map(|(_, l)| (l.out_dim(), l.in_dim())))
+            .collect();
+        let ones = vec![1.0f32; 1];
+        let probe: Vec<Spectrum> = shapes
+            .iter()
+            .map(|&(rows, cols)| Spectrum {
+                rows,
+                cols,
+                values: &ones,
+            })
+            .collect();
+        allocate_ranks(&probe, keep)?;
+    }
     let whitened = opts.method == Method::Whitened;
     if whitened && opts.calibration.is_empty() {
         return Err(CompressError::NoCalibration);
