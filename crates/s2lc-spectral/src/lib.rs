@@ -4,11 +4,16 @@
 //! math writes it; for a linear layer `W` that is `out × in`.
 #![deny(missing_docs)]
 
+pub mod analysis;
 pub mod energy;
 pub mod lowrank;
 pub mod svd;
 pub mod whiten;
 
+pub use analysis::{
+    singular_values, AnalysisError, KindSummary, MatrixSpectrum, RankAtEnergy, RankFraction,
+    SpectralReport, ThresholdTotal, DEFAULT_THRESHOLDS,
+};
 pub use energy::{break_even_rank, cumulative_energy, rank_for_energy};
 pub use lowrank::{allocate_ranks, relative_error, BudgetError, LowRankFactors, Spectrum};
 pub use svd::{thin_svd, Svd, SvdError};

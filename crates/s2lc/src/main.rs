@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+mod analyze;
 mod bench;
 mod compress;
 mod progress;
@@ -41,6 +42,8 @@ enum Command {
         /// A .gguf file or a Hugging Face model directory.
         path: PathBuf,
     },
+    /// Singular values of every linear weight: ranks per energy threshold, JSON report and plots.
+    Analyze(analyze::AnalyzeArgs),
     /// Replace linear layers by low-rank factors and save the model.
     Compress(compress::CompressArgs),
     /// Benchmarks.
@@ -156,6 +159,7 @@ fn try_main() -> Result<()> {
         Command::Eval(args) => cmd_eval(&args),
         Command::Info { path } => cmd_info(&path),
         Command::Compress(args) => compress::run(&args),
+        Command::Analyze(args) => analyze::run(&args),
         Command::Bench(BenchCommand::Decode(args)) => bench::decode(&args),
     }
 }
