@@ -18,3 +18,15 @@ pub use energy::{break_even_rank, cumulative_energy, rank_for_energy};
 pub use lowrank::{allocate_ranks, relative_error, BudgetError, LowRankFactors, Spectrum};
 pub use svd::{thin_svd, Svd, SvdError};
 pub use whiten::{output_error, WhitenError, Whitening};
+
+/// A reproducible `rows × cols` test matrix with entries in [-0.5, 0.5) (xorshift64).
+#[cfg(test)]
+pub(crate) fn test_matrix(rows: usize, cols: usize, seed: u64) -> faer::Mat<f32> {
+    let mut state = seed | 1;
+    faer::Mat::from_fn(rows, cols, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    })
+}

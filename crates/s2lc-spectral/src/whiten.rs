@@ -112,17 +112,8 @@ pub fn output_error(x: MatRef<'_, f32>, w: MatRef<'_, f32>, f: &LowRankFactors) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_matrix as matrix;
     use proptest::prelude::*;
-
-    fn matrix(rows: usize, cols: usize, seed: u64) -> Mat<f32> {
-        let mut state = seed | 1;
-        Mat::from_fn(rows, cols, |_, _| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-    }
 
     fn gram(x: MatRef<'_, f32>) -> Mat<f64> {
         let g = x.transpose() * x;

@@ -2,43 +2,11 @@
 //! ranks and draws the plots; bad input gives one clear line and writes nothing.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
+mod common;
+use common::{s2lc, scratch, smollm2, stderr};
 
 use s2lc_spectral::analysis::{SpectralReport, DEFAULT_THRESHOLDS};
-
-fn s2lc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_s2lc"))
-        .args(args)
-        .output()
-        .expect("running s2lc")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A fresh, empty scratch directory for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("s2lc-analyze-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn smollm2() -> Option<PathBuf> {
-    let home = std::env::var_os("S2LC_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/s2lc")
-        });
-    let p = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipped: {} absent (run scripts/fetch-assets)", p.display());
-        None
-    }
-}
 
 fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p)

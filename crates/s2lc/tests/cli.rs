@@ -1,40 +1,10 @@
 //! The `s2lc` binary end to end: bad input gives one clear line and a non-zero exit; the real
 //! model generates and evaluates.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn s2lc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_s2lc"))
-        .args(args)
-        .output()
-        .expect("running s2lc")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("s2lc-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn smollm2() -> Option<PathBuf> {
-    let home = std::env::var_os("S2LC_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/s2lc")
-        });
-    let p = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipped: {} absent (run scripts/fetch-assets)", p.display());
-        None
-    }
-}
+mod common;
+use common::{s2lc, scratch, smollm2, stderr};
 
 /// One `error:` line naming the problem, no panic or backtrace, exit code 1.
 fn assert_clean_error(o: &Output, needle: &str) {

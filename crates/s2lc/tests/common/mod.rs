@@ -1,0 +1,46 @@
+//! Helpers shared by the binary's integration tests.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Runs the built `s2lc` binary with `args`.
+pub fn s2lc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_s2lc"))
+        .args(args)
+        .output()
+        .expect("running s2lc")
+}
+
+/// The standard error of a run, as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A fresh, empty scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("s2lc-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `$S2LC_HOME`, default `~/.cache/s2lc`.
+pub fn s2lc_home() -> PathBuf {
+    std::env::var_os("S2LC_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/s2lc")
+        })
+}
+
+/// The SmolLM2 GGUF fetched by `scripts/fetch-assets`, or `None` (with the reason printed).
+pub fn smollm2() -> Option<PathBuf> {
+    let p = s2lc_home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("skipped: {} absent (run scripts/fetch-assets)", p.display());
+        None
+    }
+}
