@@ -55,6 +55,9 @@ enum Command {
 enum BenchCommand {
     /// Batch-1 prefill and decode speed against this machine's memory-bandwidth bound.
     Decode(bench::DecodeArgs),
+    /// Dense vs low-rank variants (energy thresholds and parameter budgets × svd/whitened) in one
+    /// process: parameters, bytes, held-out perplexity, prefill and decode speed.
+    CompressSweep(bench::SweepArgs),
 }
 
 /// Which model to run.
@@ -161,6 +164,7 @@ fn try_main() -> Result<()> {
         Command::Compress(args) => compress::run(&args),
         Command::Analyze(args) => analyze::run(&args),
         Command::Bench(BenchCommand::Decode(args)) => bench::decode(&args),
+        Command::Bench(BenchCommand::CompressSweep(args)) => bench::compress_sweep(&args),
     }
 }
 
