@@ -13,7 +13,9 @@ prefill: one forward pass over the prompt with use_cache=True (fresh cache each 
 decode:  after a prefill (not timed), --new-tokens greedy steps of one token each with the KV cache
          (past_key_values, argmax of the last logits); only the decode loop is timed;
          tok/s = new tokens / seconds.
-One untimed warm-up of each, then --repeats timed runs; the median is reported (min and max too).
+One untimed warm-up of each, then --repeats timed runs; the median is reported (min and max too), and
+the lowest ratio of process CPU time to wall time over the timed runs (close to --threads when PyTorch's
+threads had the cores to themselves; clearly lower means the run was disturbed).
 Run it on an otherwise idle machine: with more runnable threads than cores, PyTorch's OpenMP threads
 wait on each other and decode gets several times slower (a warning is printed when the load average
 is high).
@@ -33,11 +35,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def cpu_seconds():
+    t = os.times()
+    return t.user + t.system
+
+
 def prefill(model, ids):
-    t0 = time.perf_counter()
-    out = model(ids, use_cache=True)
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    model(ids, use_cache=True)
     dt = time.perf_counter() - t0
-    return out, dt
+    return dt, (cpu_seconds() - c0) / dt
 
 
 def decode(model, ids, new_tokens):
@@ -45,14 +52,14 @@ def decode(model, ids, new_tokens):
     past = out.past_key_values
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     produced = [int(nxt)]
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     for _ in range(new_tokens):
         out = model(nxt, past_key_values=past, use_cache=True)
         past = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         produced.append(int(nxt))
     dt = time.perf_counter() - t0
-    return produced, dt
+    return dt, (cpu_seconds() - c0) / dt
 
 
 def busy_fraction(seconds=1.0):
@@ -106,24 +113,24 @@ def main() -> int:
     with torch.no_grad():
         prefill(model, ids)                      # warm-up
         decode(model, ids, min(8, args.new_tokens))
-        pre = [prefill(model, ids)[1] for _ in range(args.repeats)]
-        dec = [decode(model, ids, args.new_tokens)[1] for _ in range(args.repeats)]
+        pre = [prefill(model, ids) for _ in range(args.repeats)]
+        dec = [decode(model, ids, args.new_tokens) for _ in range(args.repeats)]
 
-    def rates(n, times):
-        r = sorted(n / t for t in times)
-        return statistics.median(r), r[0], r[-1]
+    def rates(n, runs):
+        r = sorted(n / t for t, _ in runs)
+        return statistics.median(r), r[0], r[-1], min(u for _, u in runs)
 
-    pm, plo, phi = rates(ids.shape[1], pre)
-    dm, dlo, dhi = rates(args.new_tokens, dec)
+    pm, plo, phi, pcpu = rates(ids.shape[1], pre)
+    dm, dlo, dhi, dcpu = rates(args.new_tokens, dec)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"threads {torch.get_num_threads()}, attn {model.config._attn_implementation}, "
           f"CPUs busy before the run {'?' if busy is None else f'{busy:.0%}'}, "
           f"f32 weights {n_params * 4 / 1e6:.0f} MB ({n_params / 1e6:.1f} M params, tied)")
     print(f"torch prefill: {pm:.1f} tok/s ({ids.shape[1]} tokens; median of {args.repeats}, "
-          f"min {plo:.1f}, max {phi:.1f})")
+          f"min {plo:.1f}, max {phi:.1f}; cpu/wall >= {pcpu:.2f})")
     print(f"torch decode: {dm:.1f} tok/s ({args.new_tokens} new tokens after a "
           f"{ids.shape[1]}-token prompt, KV cache; median of {args.repeats}, "
-          f"min {dlo:.1f}, max {dhi:.1f})")
+          f"min {dlo:.1f}, max {dhi:.1f}; cpu/wall >= {dcpu:.2f})")
     return 0
 
 
