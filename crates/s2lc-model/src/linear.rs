@@ -196,6 +196,15 @@ impl Linear {
     ) {
         debug_assert_eq!(x.len(), n * self.in_dim());
         debug_assert_eq!(out.len(), n * self.out_dim());
+        // Batch-1 low-rank products under ~1 MB of weights run faster on one thread than with a
+        // hand-off to the pool (benches/lowrank.rs); dense layers gained nothing from it.
+        let par_of = |values: usize| {
+            if n == 1 && values < (1 << 18) {
+                Par::Seq
+            } else {
+                par
+            }
+        };
         match self {
             Linear::Dense(d) => {
                 let accum = apply_bias(d.bias.as_deref(), out, accum);
@@ -203,9 +212,20 @@ impl Linear {
             }
             Linear::LowRank(l) => {
                 scratch.resize(n * l.rank, 0.0);
-                matmul_xwt(x, n, &l.vs, l.rank, l.in_dim, scratch, Accum::Replace, par);
+                let first = par_of(l.vs.len());
+                matmul_xwt(
+                    x,
+                    n,
+                    &l.vs,
+                    l.rank,
+                    l.in_dim,
+                    scratch,
+                    Accum::Replace,
+                    first,
+                );
                 let accum = apply_bias(l.bias.as_deref(), out, accum);
-                matmul_xwt(scratch, n, &l.u, l.out_dim, l.rank, out, accum, par);
+                let second = par_of(l.u.len());
+                matmul_xwt(scratch, n, &l.u, l.out_dim, l.rank, out, accum, second);
             }
         }
     }
