@@ -12,8 +12,8 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 use s2lc_spectral::{
-    allocate_ranks, break_even_rank, rank_for_energy, thin_svd, BudgetError, LowRankFactors,
-    Spectrum, Svd, WhitenError, Whitening,
+    allocate_ranks, break_even_rank, rank_for_energy, refit_left, thin_svd, BudgetError,
+    LowRankFactors, Spectrum, Svd, WhitenError, Whitening,
 };
 
 use crate::error::ModelError;
@@ -61,6 +61,9 @@ pub struct CompressOptions {
     pub calibration: Vec<Vec<u32>>,
     /// Whiten each block with activations of the already-compressed blocks before it.
     pub sequential: bool,
+    /// After factoring, refit each `u` by least squares so the compressed layer, fed the
+    /// compressed model's inputs, reproduces the dense model's outputs (sequential whitening only).
+    pub refit: bool,
 }
 
 /// Why compression failed.
@@ -161,13 +164,46 @@ pub fn calibration_windows(
 }
 
 /// Sums `XᵀX` per (layer, input kind) in f32 (one GEMM per window), widened to f64 for Cholesky.
+/// With `record`, it also keeps every input (per kind, in window order) for cross-Gram matrices.
 #[derive(Default)]
 struct GramCollector {
     grams: HashMap<(usize, LinearInput), Mat<f32>>,
+    record: Option<HashMap<LinearInput, Vec<Vec<f32>>>>,
+}
+
+impl GramCollector {
+    fn recording() -> Self {
+        GramCollector {
+            grams: HashMap::new(),
+            record: Some(HashMap::new()),
+        }
+    }
+}
+
+/// `Σ_w X_c,wᵀ X_d,w` over paired windows of one input kind, widened to f64.
+fn cross_gram(xc: &[Vec<f32>], xd: &[Vec<f32>], width: usize) -> Mat<f64> {
+    let mut g = Mat::<f32>::zeros(width, width);
+    for (c, d) in xc.iter().zip(xd) {
+        let n = c.len() / width;
+        let cv = MatRef::from_row_major_slice(c, n, width);
+        let dv = MatRef::from_row_major_slice(d, n, width);
+        matmul(
+            g.as_mut(),
+            Accum::Add,
+            cv.transpose(),
+            dv,
+            1.0f32,
+            Par::rayon(0),
+        );
+    }
+    to_f64(&g)
 }
 
 impl ActivationObserver for GramCollector {
     fn observe(&mut self, layer: usize, input: LinearInput, x: &[f32], n: usize) {
+        if let Some(r) = self.record.as_mut() {
+            r.entry(input).or_default().push(x.to_vec());
+        }
         let width = x.len() / n;
         let g = self
             .grams
@@ -282,7 +318,8 @@ fn apply(
     index: usize,
     dec: &Decomposition,
     rank: usize,
-) -> MatrixReport {
+    refit: Option<(&Mat<f64>, &Mat<f64>)>,
+) -> Result<MatrixReport, CompressError> {
     let block = &mut model.blocks_mut()[layer];
     let slot = match index {
         0 => &mut block.q_proj,
@@ -309,7 +346,15 @@ fn apply(
         damping: dec.whitening.as_ref().map_or(0.0, |w| w.damping),
     };
     if keep {
-        let f = dec.factors(rank);
+        let mut f = dec.factors(rank);
+        if let (Some((g_cc, g_cd)), Some(w)) = (refit, dense_weight(slot)) {
+            f.u = refit_left(w, f.vs.as_ref(), g_cc.as_ref(), g_cd.as_ref()).map_err(|source| {
+                CompressError::Factor {
+                    name: report.name.clone(),
+                    source,
+                }
+            })?;
+        }
         let bias = match slot {
             Linear::Dense(d) => d.bias().map(<[f32]>::to_vec),
             Linear::LowRank(l) => l.bias().map(<[f32]>::to_vec),
@@ -324,7 +369,7 @@ fn apply(
             .collect();
         *slot = Linear::LowRank(LowRankLinear::new(u, vs, rows, cols, bias));
     }
-    report
+    Ok(report)
 }
 
 fn rank_for(policy: RankPolicy, dec: &Decomposition, fixed: Option<usize>) -> usize {
@@ -442,7 +487,7 @@ pub fn compress(
                 // Non-sequential factors are already computed: apply them.
                 let mut matrices = Vec::new();
                 for (i, dec) in all.iter().enumerate() {
-                    matrices.push(apply(model, i / 7, i % 7, dec, ranks[i]));
+                    matrices.push(apply(model, i / 7, i % 7, dec, ranks[i], None)?);
                 }
                 on_layer(2 * n_layers, 2 * n_layers);
                 return Ok(finish(model, matrices, params_before, opts, Vec::new()));
@@ -455,12 +500,36 @@ pub fn compress(
     let mut matrices = Vec::new();
     let mut notes = Vec::new();
     let mut pending_grams: Vec<GramCollector> = Vec::new();
+    let refit = whitened && opts.sequential && opts.refit;
+    // The dense model's residual streams, for refit targets.
+    let mut dense_streams = if refit { streams.clone() } else { Vec::new() };
     for layer in 0..n_layers {
-        let mut grams = GramCollector::default();
+        let mut grams = if refit {
+            GramCollector::recording()
+        } else {
+            GramCollector::default()
+        };
         if whitened {
             // Gram matrices of this block's inputs, from the (possibly compressed) prefix.
             let mut probe = streams.clone();
             advance_block(model, layer, &mut probe, Some(&mut grams))?;
+        }
+        // Cross-Gram matrices X_cᵀ·X_d per input kind (block `layer` is still dense here).
+        let mut refit_grams: HashMap<LinearInput, (Mat<f64>, Mat<f64>)> = HashMap::new();
+        if refit {
+            let mut dense_taps = GramCollector::recording();
+            advance_block(model, layer, &mut dense_streams, Some(&mut dense_taps))?;
+            let (rc, rd) = (grams.record.take(), dense_taps.record.take());
+            for (kind, xc) in rc.iter().flatten() {
+                let Some(xd) = rd.as_ref().and_then(|r| r.get(kind)) else {
+                    continue;
+                };
+                let g_cc = grams.grams.get(&(layer, *kind)).map(to_f64);
+                let width = g_cc.as_ref().map_or(0, |g| g.nrows());
+                if let Some(g_cc) = g_cc {
+                    refit_grams.insert(*kind, (g_cc, cross_gram(xc, xd, width)));
+                }
+            }
         }
         if !whitened || opts.sequential {
             let decs = decompose_layer(model, layer, whitened.then_some(&grams.grams))?;
@@ -468,7 +537,9 @@ pub fn compress(
                 let Some(dec) = dec else { continue };
                 let fixed = fixed_ranks.as_ref().map(|r| r[layer * 7 + i]);
                 let rank = rank_for(opts.policy, dec, fixed);
-                matrices.push(apply(model, layer, i, dec, rank));
+                let kind = LinearInput::of(LINEARS[i]).expect("block linear names are known");
+                let pair = refit_grams.get(&kind).map(|(a, b)| (a, b));
+                matrices.push(apply(model, layer, i, dec, rank, pair)?);
             }
         } else {
             pending_grams.push(grams);
@@ -485,7 +556,7 @@ pub fn compress(
         for (i, dec) in decs.iter().enumerate() {
             let Some(dec) = dec else { continue };
             let rank = rank_for(opts.policy, dec, None);
-            matrices.push(apply(model, layer, i, dec, rank));
+            matrices.push(apply(model, layer, i, dec, rank, None)?);
         }
     }
     for m in &matrices {
@@ -584,6 +655,7 @@ mod tests {
             method,
             calibration: calibration_windows(&tokens, 4, 64, 1).unwrap(),
             sequential,
+            refit: false,
         }
     }
 
@@ -670,6 +742,14 @@ mod tests {
             err(&whitened),
             err(&plain)
         );
+        // Refit keeps the budget and the factor shapes; its effect on real text is measured in
+        // docs/RESULTS.md, not asserted on a random model.
+        let mut refit = dense.clone();
+        let mut o = opts(RankPolicy::KeepParams(0.5), Method::Whitened, true);
+        o.refit = true;
+        let report = compress(&mut refit, &o, |_, _| {}).unwrap();
+        assert!(report.params_after as f64 <= 0.5 * report.params_before as f64);
+        assert!(err(&refit).is_finite());
     }
 
     #[test]

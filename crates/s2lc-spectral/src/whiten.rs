@@ -96,6 +96,33 @@ impl Whitening {
     }
 }
 
+/// Refits the left factor to compensate upstream errors: with `vs` fixed, the `u` minimising
+/// `‖X_d·Wᵀ − X_c·vsᵀ·uᵀ‖_F` — the dense layer's outputs on the dense model's inputs `X_d`, matched
+/// from the compressed model's inputs `X_c` — is `uᵀ = (vs·G_cc·vsᵀ)⁻¹ · vs·G_cd·Wᵀ` with
+/// `G_cc = X_cᵀX_c` and `G_cd = X_cᵀX_d` (both `in × in`). `w` is `out × in`, `vs` is `r × in`;
+/// returns `u` (`out × r`). The `r × r` system is damped like [`Whitening::from_gram`] if needed.
+pub fn refit_left(
+    w: MatRef<'_, f32>,
+    vs: MatRef<'_, f32>,
+    g_cc: MatRef<'_, f64>,
+    g_cd: MatRef<'_, f64>,
+) -> Result<Mat<f32>, WhitenError> {
+    let vs64 = Mat::from_fn(vs.nrows(), vs.ncols(), |i, j| vs[(i, j)] as f64);
+    let w64 = Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)] as f64);
+    let m = &vs64 * g_cc * vs64.transpose();
+    let b = &vs64 * g_cd * w64.transpose();
+    let llt = Whitening::from_gram(m.as_ref())?;
+    // Solve L·Lᵀ·X = B: forward with L, backward with Lᵀ.
+    let mut x = b;
+    faer::linalg::triangular_solve::solve_lower_triangular_in_place(
+        llt.l.as_ref(),
+        x.as_mut(),
+        Par::Seq,
+    );
+    solve_upper_triangular_in_place(llt.l.transpose(), x.as_mut(), Par::Seq);
+    Ok(Mat::from_fn(x.ncols(), x.nrows(), |i, k| x[(k, i)] as f32))
+}
+
 /// `‖X·(W − u·vs)ᵀ‖_F` for inputs `x` (`n × in`): the output error a layer makes on `x`.
 pub fn output_error(x: MatRef<'_, f32>, w: MatRef<'_, f32>, f: &LowRankFactors) -> f64 {
     let diff = w - f.to_dense();
@@ -140,6 +167,50 @@ mod tests {
             let discarded: f64 = svd_w.s[r..].iter().map(|&s| (s as f64).powi(2)).sum::<f64>().sqrt();
             prop_assert!((ew - discarded).abs() <= 1e-3 * (1.0 + discarded), "{} vs {}", ew, discarded);
         }
+    }
+
+    #[test]
+    fn refit_compensates_shifted_inputs() {
+        let (out, inp, n, r) = (12, 10, 80, 4);
+        let w = matrix(out, inp, 11);
+        let xd = Mat::from_fn(n, inp, |i, j| matrix(n, inp, 12)[(i, j)] * (1.0 + j as f32));
+        // The compressed model sees perturbed inputs.
+        let xc = Mat::from_fn(n, inp, |i, j| xd[(i, j)] + 0.3 * matrix(n, inp, 13)[(i, j)]);
+        let wh = Whitening::from_gram(gram(xc.as_ref()).as_ref()).unwrap();
+        let svd = wh.svd(w.as_ref()).unwrap();
+        let f = wh.factors(&svd, r);
+        let to64 = |m: Mat<f32>| Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f64);
+        let g_cc = gram(xc.as_ref());
+        let g_cd = to64(xc.transpose() * &xd);
+        let err = |u: &Mat<f32>| {
+            let d = &xd * w.transpose() - &xc * f.vs.transpose() * u.transpose();
+            let mut s = 0.0f64;
+            for j in 0..d.ncols() {
+                for i in 0..d.nrows() {
+                    s += (d[(i, j)] as f64).powi(2);
+                }
+            }
+            s.sqrt()
+        };
+        let u2 = refit_left(w.as_ref(), f.vs.as_ref(), g_cc.as_ref(), g_cd.as_ref()).unwrap();
+        // Least squares: no u does better for this objective, and the whitened u is not it.
+        assert!(
+            err(&u2) < err(&f.u),
+            "refit {} vs whitened {}",
+            err(&u2),
+            err(&f.u)
+        );
+        let nudged = Mat::from_fn(out, r, |i, k| {
+            u2[(i, k)] + 1e-2 * matrix(out, r, 14)[(i, k)]
+        });
+        assert!(err(&u2) <= err(&nudged));
+        // With unperturbed inputs the whitened factors are already optimal: refit keeps them.
+        let u3 = refit_left(w.as_ref(), f.vs.as_ref(), g_cc.as_ref(), g_cc.as_ref()).unwrap();
+        let diff = (0..out)
+            .flat_map(|i| (0..r).map(move |k| (i, k)))
+            .map(|(i, k)| (u3[(i, k)] - f.u[(i, k)]).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-3, "{diff}");
     }
 
     #[test]

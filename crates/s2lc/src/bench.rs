@@ -205,6 +205,7 @@ pub fn compress_sweep(args: &SweepArgs) -> Result<()> {
             method,
             calibration: calibration.clone(),
             sequential: true,
+            refit: false,
         };
         let t = std::time::Instant::now();
         compress(&mut model, &opts, |_, _| {}).with_context(|| format!("compressing ({name})"))?;

@@ -54,6 +54,10 @@ pub struct CompressArgs {
     /// Whiten every block with dense-model activations instead of those of the compressed prefix.
     #[arg(long)]
     no_sequential: bool,
+    /// Refit each left factor by least squares so the compressed layer reproduces the dense
+    /// model's outputs from the compressed model's inputs (sequential whitening only).
+    #[arg(long, conflicts_with = "no_sequential")]
+    refit: bool,
 }
 
 /// Runs `s2lc compress`.
@@ -94,6 +98,7 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         method,
         calibration,
         sequential: !args.no_sequential,
+        refit: args.refit,
     };
     let start = Instant::now();
     let bar = progress::bar(model.config().n_layers as u64, "compressing");
@@ -117,6 +122,7 @@ pub fn run(args: &CompressArgs) -> Result<()> {
             RankPolicy::KeepParams(k) => serde_json::json!({"keep_params": k}),
         },
         "sequential_calibration": opts.sequential && method == Method::Whitened,
+        "refit": opts.refit && opts.sequential && method == Method::Whitened,
         "calibration": if method == Method::Whitened { serde_json::json!({
             "text": calib_path.display().to_string(),
             "samples": args.calib_samples,
