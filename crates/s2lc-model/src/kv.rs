@@ -163,6 +163,11 @@ impl KvCache for DenseKvCache {
     }
 
     fn attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32], n: usize, out: &mut [f32]) {
+        debug_assert!(
+            self.len + n <= self.limit,
+            "cache of {} tokens overflows",
+            self.limit
+        );
         let kv_dim = self.shape.kv_dim();
         let (keys, values) = (&mut self.keys[layer], &mut self.values[layer]);
         // Drop anything a previous, uncommitted pass appended.

@@ -212,11 +212,6 @@ pub struct LlamaModel {
     rope: Rope,
 }
 
-/// Parallelism for a product of `n` rows: batch-1 GEMVs still gain from two threads on the big weights.
-fn par_for(_n: usize) -> Par {
-    Par::rayon(0)
-}
-
 impl LlamaModel {
     /// Loads every weight from `w` (Hugging Face names) under `cfg`; `on_block` is called after
     /// each block (for progress bars).
@@ -460,7 +455,9 @@ impl LlamaModel {
         s.v.resize(n * kd, 0.0);
         s.gate.resize(n * f, 0.0);
         s.up.resize(n * f, 0.0);
-        let par = par_for(n);
+        // Every product uses the rayon pool: batch-1 GEMVs still gain from two threads streaming
+        // the weights (small low-rank products opt out in `Linear::forward`).
+        let par = Par::rayon(0);
         let mut observe = |input: LinearInput, v: &[f32]| {
             if let Some(o) = observer.as_deref_mut() {
                 o.observe(layer, input, v, n);
@@ -498,12 +495,19 @@ impl LlamaModel {
         let n = hidden.len() / d;
         out.resize(n * v, 0.0);
         match &self.lm_head {
-            Some(head) => head.forward(hidden, n, out, Accum::Replace, par_for(n), &mut Vec::new()),
+            Some(head) => head.forward(
+                hidden,
+                n,
+                out,
+                Accum::Replace,
+                Par::rayon(0),
+                &mut Vec::new(),
+            ),
             None => {
                 let x = faer::MatRef::from_row_major_slice(hidden, n, d);
                 let et = faer::MatRef::from_row_major_slice(&self.embed, v, d).transpose();
                 let y = faer::MatMut::from_row_major_slice_mut(out, n, v);
-                faer::linalg::matmul::matmul(y, Accum::Replace, x, et, 1.0f32, par_for(n));
+                faer::linalg::matmul::matmul(y, Accum::Replace, x, et, 1.0f32, Par::rayon(0));
             }
         }
     }
