@@ -7,6 +7,7 @@
 pub mod analysis;
 pub mod energy;
 pub mod lowrank;
+pub mod rsvd;
 pub mod svd;
 pub mod whiten;
 
@@ -16,6 +17,7 @@ pub use analysis::{
 };
 pub use energy::{break_even_rank, cumulative_energy, rank_for_energy};
 pub use lowrank::{allocate_ranks, relative_error, BudgetError, LowRankFactors, Spectrum};
+pub use rsvd::{rsvd, rsvd_batch, GaussianRng, RsvdParams};
 pub use svd::{thin_svd, Svd, SvdError};
 pub use whiten::{output_error, refit_left, WhitenError, Whitening};
 
