@@ -7,6 +7,7 @@
 //! compensate earlier errors instead of compounding them.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
@@ -17,7 +18,7 @@ use s2lc_spectral::{
 };
 
 use crate::error::ModelError;
-use crate::kv::{DenseKvCache, KvCache};
+use crate::kv::KvCache;
 use crate::linear::{Linear, LowRankLinear};
 use crate::llama::{ActivationObserver, ForwardScratch, LinearInput, LlamaModel};
 
@@ -228,7 +229,8 @@ fn to_f64(m: &Mat<f32>) -> Mat<f64> {
 /// One matrix's spectrum and how to turn it into factors.
 struct Decomposition {
     svd: Svd,
-    whitening: Option<Whitening>,
+    /// Shared by the linears reading the same input.
+    whitening: Option<Arc<Whitening>>,
 }
 
 impl Decomposition {
@@ -271,7 +273,7 @@ fn decompose_layer(
     let block = &model.blocks()[layer];
     let linears = block.linears();
     // One whitening per input kind, shared by the layers reading it.
-    let mut whitenings: HashMap<LinearInput, Whitening> = HashMap::new();
+    let mut whitenings: HashMap<LinearInput, Arc<Whitening>> = HashMap::new();
     if let Some(grams) = grams {
         for (name, _) in &linears {
             let input = LinearInput::of(name).expect("block linear names are known");
@@ -287,7 +289,7 @@ fn decompose_layer(
                     source,
                 }
             })?;
-            whitenings.insert(input, w);
+            whitenings.insert(input, Arc::new(w));
         }
     }
     linears
@@ -394,7 +396,7 @@ fn advance_block(
         .map(|s| s.len() / cfg.hidden_size)
         .max()
         .unwrap_or(1);
-    let mut cache = DenseKvCache::new(cfg.n_layers, model.attn_shape(), window);
+    let mut cache = model.dense_cache(window);
     let mut scratch = ForwardScratch::default();
     let mut collect = collect;
     for x in streams.iter_mut() {
@@ -419,14 +421,10 @@ pub fn compress(
         }
     }
     let n_layers = model.config().n_layers;
-    let params_before: usize = linear_params(model);
+    let params_before: usize = model.linear_params();
     if let RankPolicy::KeepParams(keep) = opts.policy {
         // Fail before any SVD when even rank 1 everywhere does not fit.
-        let shapes: Vec<(usize, usize)> = model
-            .blocks()
-            .iter()
-            .flat_map(|b| b.linears().map(|(_, l)| (l.out_dim(), l.in_dim())))
-            .collect();
+        let shapes = model.linear_shapes();
         let ones = vec![1.0f32; 1];
         let probe: Vec<Spectrum> = shapes
             .iter()
@@ -468,11 +466,7 @@ pub fn compress(
                 all.extend(decs.into_iter().flatten());
                 on_layer(layer + 1, 2 * n_layers);
             }
-            let shapes: Vec<(usize, usize)> = model
-                .blocks()
-                .iter()
-                .flat_map(|b| b.linears().map(|(_, l)| (l.out_dim(), l.in_dim())))
-                .collect();
+            let shapes = model.linear_shapes();
             let spectra: Vec<Spectrum> = all
                 .iter()
                 .zip(&shapes)
@@ -490,7 +484,7 @@ pub fn compress(
                     matrices.push(apply(model, i / 7, i % 7, dec, ranks[i], None)?);
                 }
                 on_layer(2 * n_layers, 2 * n_layers);
-                return Ok(finish(model, matrices, params_before, opts, Vec::new()));
+                return Ok(finish(model, matrices, params_before, opts));
             }
             Some(ranks)
         }
@@ -498,7 +492,6 @@ pub fn compress(
     };
 
     let mut matrices = Vec::new();
-    let mut notes = Vec::new();
     let mut pending_grams: Vec<GramCollector> = Vec::new();
     let refit = whitened && opts.sequential && opts.refit;
     // The dense model's residual streams, for refit targets.
@@ -559,32 +552,26 @@ pub fn compress(
             matrices.push(apply(model, layer, i, dec, rank, None)?);
         }
     }
-    for m in &matrices {
-        if m.damping > 0.0 {
-            notes.push(format!(
-                "{}: Gram matrix not positive definite, damped by {:e}·mean(diag)",
-                m.name, m.damping
-            ));
-        }
-    }
-    Ok(finish(model, matrices, params_before, opts, notes))
+    Ok(finish(model, matrices, params_before, opts))
 }
 
-fn linear_params(model: &LlamaModel) -> usize {
-    model
-        .blocks()
-        .iter()
-        .flat_map(|b| b.linears().map(|(_, l)| l.n_params()))
-        .sum()
-}
-
+/// The report of a finished compression; notes are derived from the matrix reports.
 fn finish(
     model: &LlamaModel,
     matrices: Vec<MatrixReport>,
     params_before: usize,
     opts: &CompressOptions,
-    notes: Vec<String>,
 ) -> CompressionReport {
+    let notes = matrices
+        .iter()
+        .filter(|m| m.damping > 0.0)
+        .map(|m| {
+            format!(
+                "{}: Gram matrix not positive definite, damped by {:e}·mean(diag)",
+                m.name, m.damping
+            )
+        })
+        .collect();
     let calibration_tokens = if opts.method == Method::Whitened {
         opts.calibration.iter().map(Vec::len).sum()
     } else {
@@ -593,7 +580,7 @@ fn finish(
     CompressionReport {
         matrices,
         params_before,
-        params_after: linear_params(model),
+        params_after: model.linear_params(),
         calibration_tokens,
         notes,
     }
@@ -640,7 +627,7 @@ mod tests {
     use crate::source::{MemorySource, Weights};
 
     fn logits(model: &LlamaModel, tokens: &[u32]) -> Vec<f32> {
-        let mut cache = DenseKvCache::new(model.config().n_layers, model.attn_shape(), 256);
+        let mut cache = model.dense_cache(256);
         let mut out = Vec::new();
         model
             .forward_last(tokens, &mut cache, &mut ForwardScratch::default(), &mut out)

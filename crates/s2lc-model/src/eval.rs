@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use crate::error::ModelError;
-use crate::kv::{DenseKvCache, KvCache};
+use crate::kv::KvCache;
 use crate::llama::{ForwardScratch, LlamaModel};
 
 /// Rows of logits materialised at once (bounds memory at `rows × vocab` floats).
@@ -87,7 +87,7 @@ pub fn perplexity(
     let wins = windows(tokens.len(), window, stride);
     let vocab = model.config().vocab_size;
     let d = model.config().hidden_size;
-    let mut cache = DenseKvCache::new(model.config().n_layers, model.attn_shape(), window);
+    let mut cache = model.dense_cache(window);
     let mut scratch = ForwardScratch::default();
     let mut logits = Vec::new();
     let mut report = PerplexityReport::default();

@@ -8,7 +8,7 @@ use faer::{Accum, Par};
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::kv::{AttnShape, KvCache};
+use crate::kv::{AttnShape, DenseKvCache, KvCache};
 use crate::linear::{DenseLinear, Linear, LowRankLinear};
 use crate::source::{Tensor, Weights};
 
@@ -265,6 +265,27 @@ impl LlamaModel {
             n_kv_heads: self.cfg.n_kv_heads,
             head_dim: self.cfg.head_dim,
         }
+    }
+
+    /// `(out, in)` of every block linear, in block order and `Block::linears` order.
+    pub fn linear_shapes(&self) -> Vec<(usize, usize)> {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.linears().map(|(_, l)| (l.out_dim(), l.in_dim())))
+            .collect()
+    }
+
+    /// Parameters held by the block linears (what compression shrinks).
+    pub fn linear_params(&self) -> usize {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.linears().map(|(_, l)| l.n_params()))
+            .sum()
+    }
+
+    /// An empty dense KV cache for this model holding at most `limit` tokens.
+    pub fn dense_cache(&self, limit: usize) -> DenseKvCache {
+        DenseKvCache::new(self.cfg.n_layers, self.attn_shape(), limit)
     }
 
     /// Bytes of weights read to decode one token: every block linear, the norms and the output

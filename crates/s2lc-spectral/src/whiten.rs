@@ -34,11 +34,21 @@ pub enum WhitenError {
 #[derive(Debug, Clone)]
 pub struct Whitening {
     l: Mat<f64>,
+    /// `L` in f32, for the product `W·L` (made once, shared by every weight reading this input).
+    l32: Mat<f32>,
     /// The relative damping λ that made `G` positive definite (0 when none was needed).
     pub damping: f64,
 }
 
 impl Whitening {
+    fn new(l: MatRef<'_, f64>, damping: f64) -> Self {
+        Whitening {
+            l: l.to_owned(),
+            l32: Mat::from_fn(l.nrows(), l.ncols(), |i, j| l[(i, j)] as f32),
+            damping,
+        }
+    }
+
     /// Factors the Gram matrix `gram` (`in × in`, symmetric). If it is not positive definite, the
     /// relative damping λ grows from 1e-8 by 10x up to 1e-1; [`Whitening::damping`] says which
     /// one was used.
@@ -52,10 +62,7 @@ impl Whitening {
             });
         }
         if let Ok(llt) = gram.llt(Side::Lower) {
-            return Ok(Whitening {
-                l: llt.L().to_owned(),
-                damping: 0.0,
-            });
+            return Ok(Whitening::new(llt.L(), 0.0));
         }
         let mean_diag = (0..n).map(|i| gram[(i, i)]).sum::<f64>() / n.max(1) as f64;
         let scale = if mean_diag > 0.0 { mean_diag } else { 1.0 };
@@ -65,10 +72,7 @@ impl Whitening {
                 gram[(i, j)] + if i == j { lambda * scale } else { 0.0 }
             });
             if let Ok(llt) = damped.llt(Side::Lower) {
-                return Ok(Whitening {
-                    l: llt.L().to_owned(),
-                    damping: lambda,
-                });
+                return Ok(Whitening::new(llt.L(), lambda));
             }
             lambda *= 10.0;
         }
@@ -77,8 +81,7 @@ impl Whitening {
 
     /// SVD of the whitened weight `A = W·L` for `w` (`out × in`).
     pub fn svd(&self, w: MatRef<'_, f32>) -> Result<Svd, WhitenError> {
-        let l32 = Mat::from_fn(self.l.nrows(), self.l.ncols(), |i, j| self.l[(i, j)] as f32);
-        let a = w * &l32;
+        let a = w * &self.l32;
         Ok(thin_svd(a.as_ref())?)
     }
 

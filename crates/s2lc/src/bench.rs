@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use s2lc_model::generate::{generate, Sampler, SamplingParams};
-use s2lc_model::kv::DenseKvCache;
+use s2lc_model::llama::LlamaModel;
 use s2lc_model::tokenizer::read_text_file;
 
 use crate::{load_model, s2lc_home, ModelArg};
@@ -45,7 +45,7 @@ pub fn decode(args: &DecodeArgs) -> Result<()> {
     prompt.truncate(args.prompt_tokens.max(1));
     let cfg = model.config();
     let run = || -> Result<_> {
-        let mut cache = DenseKvCache::new(cfg.n_layers, model.attn_shape(), cfg.max_seq_len);
+        let mut cache = model.dense_cache(cfg.max_seq_len);
         let mut sampler = Sampler::new(SamplingParams::default());
         Ok(generate(
             &model,
@@ -89,6 +89,24 @@ pub fn decode(args: &DecodeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Greedy decode speed (tokens/s after the first) generating `generated` tokens from the first
+/// 64 of `tokens`; what `eval` and `compress-sweep` report as decode speed.
+pub fn decode_speed(model: &LlamaModel, tokens: &[u32], generated: usize) -> Result<f64> {
+    let prompt = &tokens[..tokens.len().min(64)];
+    let mut cache = model.dense_cache(model.config().max_seq_len);
+    let mut sampler = Sampler::new(SamplingParams::default());
+    let stats = generate(
+        model,
+        &mut cache,
+        prompt,
+        generated,
+        &mut sampler,
+        &[],
+        |_| true,
+    )?;
+    Ok(stats.decode_tok_s())
+}
+
 /// Options of `s2lc bench compress-sweep`.
 #[derive(Args)]
 pub struct SweepArgs {
@@ -129,36 +147,20 @@ struct SweepRow {
 
 fn measure(
     name: String,
-    model: &s2lc_model::llama::LlamaModel,
+    model: &LlamaModel,
     eval: &[u32],
     decode_tokens: usize,
 ) -> Result<SweepRow> {
     let report = s2lc_model::eval::perplexity(model, eval, 512, 512, |_, _| {})?;
-    let cfg = model.config();
-    let mut cache = DenseKvCache::new(cfg.n_layers, model.attn_shape(), cfg.max_seq_len);
-    let mut sampler = Sampler::new(SamplingParams::default());
-    let prompt = &eval[..eval.len().min(64)];
-    let stats = generate(
-        model,
-        &mut cache,
-        prompt,
-        decode_tokens + 1,
-        &mut sampler,
-        &[],
-        |_| true,
-    )?;
-    let params = model
-        .blocks()
-        .iter()
-        .flat_map(|b| b.linears().map(|(_, l)| l.n_params()))
-        .sum();
+    let decode = decode_speed(model, eval, decode_tokens + 1)?;
+    let params = model.linear_params();
     Ok(SweepRow {
         name,
         params,
         bytes: model.weight_bytes_per_token(),
         ppl: report.perplexity(),
         prefill: report.prefill_tok_s(),
-        decode: stats.decode_tok_s(),
+        decode,
     })
 }
 

@@ -14,7 +14,6 @@ mod progress;
 
 use s2lc_model::eval::perplexity;
 use s2lc_model::generate::{generate, Sampler, SamplingParams};
-use s2lc_model::kv::DenseKvCache;
 use s2lc_model::llama::LlamaModel;
 use s2lc_model::model::apply_chat_template;
 use s2lc_model::tokenizer::{read_text_file, Tokenizer};
@@ -195,11 +194,7 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
-    let mut cache = DenseKvCache::new(
-        model.config().n_layers,
-        model.attn_shape(),
-        model.config().max_seq_len,
-    );
+    let mut cache = model.dense_cache(model.config().max_seq_len);
     let mut sampler = Sampler::new(SamplingParams {
         temperature: args.temperature,
         top_p: args.top_p,
@@ -274,24 +269,9 @@ fn cmd_eval(args: &EvalArgs) -> Result<()> {
     );
     println!("prefill: {:.1} tok/s", report.prefill_tok_s());
     if args.decode_tokens > 0 {
-        let prompt = &tokens[..tokens.len().min(64)];
-        let mut cache = DenseKvCache::new(
-            model.config().n_layers,
-            model.attn_shape(),
-            model.config().max_seq_len,
-        );
-        let mut sampler = Sampler::new(SamplingParams::default());
-        let stats = generate(
-            &model,
-            &mut cache,
-            prompt,
-            args.decode_tokens,
-            &mut sampler,
-            &[],
-            |_| true,
-        )
-        .context("timing decode")?;
-        println!("decode: {:.1} tok/s", stats.decode_tok_s());
+        let speed =
+            bench::decode_speed(&model, &tokens, args.decode_tokens).context("timing decode")?;
+        println!("decode: {speed:.1} tok/s");
     }
     Ok(())
 }
