@@ -21,6 +21,20 @@ fn s2lc_home() -> PathBuf {
         })
 }
 
+/// The SmolLM2 GGUF fetched by `scripts/fetch-assets`, or `None` (with the reason printed).
+fn smollm2() -> Option<PathBuf> {
+    let path = s2lc_home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!(
+            "skipped: {} absent (run scripts/fetch-assets)",
+            path.display()
+        );
+        None
+    }
+}
+
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
@@ -35,14 +49,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 #[test]
 fn smollm2_matches_pytorch() {
-    let model_path = s2lc_home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !model_path.exists() {
-        eprintln!(
-            "skipped: {} absent (run scripts/fetch-assets)",
-            model_path.display()
-        );
-        return;
-    }
+    let Some(model_path) = smollm2() else { return };
     let reference: Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("smollm2_reference.json")).expect("fixture"),
     )
@@ -137,14 +144,7 @@ fn smollm2_matches_pytorch() {
 /// through the safetensors source and computes the same logits.
 #[test]
 fn smollm2_hf_directory_round_trip() {
-    let model_path = s2lc_home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !model_path.exists() {
-        eprintln!(
-            "skipped: {} absent (run scripts/fetch-assets)",
-            model_path.display()
-        );
-        return;
-    }
+    let Some(model_path) = smollm2() else { return };
     let gguf = ModelSource::open(&model_path).unwrap();
     let cfg = gguf.config().unwrap();
     let dir = std::env::temp_dir().join(format!("s2lc-hf-{}", std::process::id()));

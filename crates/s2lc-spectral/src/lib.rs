@@ -32,3 +32,15 @@ pub(crate) fn test_matrix(rows: usize, cols: usize, seed: u64) -> faer::Mat<f32>
         ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     })
 }
+
+/// The largest absolute entry of `m` (tests compare matrices with it).
+#[cfg(test)]
+pub(crate) fn test_max_abs(m: faer::MatRef<'_, f32>) -> f32 {
+    let mut best = 0.0f32;
+    for j in 0..m.ncols() {
+        for i in 0..m.nrows() {
+            best = best.max(m[(i, j)].abs());
+        }
+    }
+    best
+}

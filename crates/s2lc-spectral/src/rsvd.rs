@@ -307,16 +307,7 @@ pub fn rsvd_batch(mats: &[MatRef<'_, f32>], p: &RsvdParams) -> Result<Vec<Svd>, 
 mod tests {
     use super::*;
     use crate::test_matrix;
-
-    fn max_abs(m: MatRef<'_, f32>) -> f32 {
-        let mut best = 0.0f32;
-        for j in 0..m.ncols() {
-            for i in 0..m.nrows() {
-                best = best.max(m[(i, j)].abs());
-            }
-        }
-        best
-    }
+    use crate::test_max_abs as max_abs;
 
     fn frob(m: MatRef<'_, f32>) -> f64 {
         let mut e = 0.0f64;

@@ -44,6 +44,7 @@ pub fn thin_svd(a: MatRef<'_, f32>) -> Result<Svd, SvdError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_max_abs as max_abs;
     use proptest::prelude::*;
 
     fn matrix(rows: usize, cols: usize, seed: u64) -> Mat<f32> {
@@ -56,16 +57,6 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         })
-    }
-
-    fn max_abs(m: MatRef<'_, f32>) -> f32 {
-        let mut best = 0.0f32;
-        for j in 0..m.ncols() {
-            for i in 0..m.nrows() {
-                best = best.max(m[(i, j)].abs());
-            }
-        }
-        best
     }
 
     proptest! {
