@@ -84,6 +84,9 @@ pub enum ModelError {
         /// The limit.
         limit: usize,
     },
+    /// A weight cannot be stored or read in the requested format.
+    #[error("weight format: {0}")]
+    WeightFormat(String),
     /// An input that must not be empty is empty.
     #[error("empty input: {0}")]
     EmptyInput(String),

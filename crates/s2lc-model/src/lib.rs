@@ -11,6 +11,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod gguf;
+pub mod kernels;
 pub mod kv;
 pub mod linear;
 pub mod llama;

@@ -1,0 +1,495 @@
+//! Row dot products `out[r] (+)= W[r]·x` for every storage format, with an AVX2 path (runtime
+//! detected) and a portable one that computes the same integer sums.
+//!
+//! Block formats take the activation quantized to 8 bits per block of 32 ([`QuantizedActs`], as
+//! llama.cpp does for its Q4/Q5/Q8 dot products): per block, `Σ w·x = d_w·d_x·Σ q_w·q_x` plus the
+//! weight offset times `d_x·Σ q_x` (the minimum `m` for Q4_1/Q5_1, `−8·d_w` for Q4_0, `−16·d_w`
+//! for Q5_0). The integer sums are exact, so the two paths differ only in float summation order.
+
+use half::{bf16, f16};
+
+use super::WeightFormat;
+
+/// Elements per quantization block of every block format here.
+pub const BLOCK: usize = 32;
+
+/// An activation vector quantized per block of 32: `x ≈ d·q`, `q ∈ [−127, 127]`.
+#[derive(Debug, Default, Clone)]
+pub struct QuantizedActs {
+    /// The quants, one per element.
+    pub qs: Vec<i8>,
+    /// Per-block scale `d`.
+    pub d: Vec<f32>,
+    /// Per-block `d·Σq` (what offsets multiply).
+    pub s: Vec<f32>,
+}
+
+impl QuantizedActs {
+    /// Quantizes `x` (length a multiple of 32) in place of the previous contents.
+    pub fn quantize(&mut self, x: &[f32]) {
+        debug_assert_eq!(x.len() % BLOCK, 0);
+        let nb = x.len() / BLOCK;
+        self.qs.resize(x.len(), 0);
+        self.d.resize(nb, 0.0);
+        self.s.resize(nb, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if simd() {
+            // SAFETY: the CPU has the features `simd()` checked for; lengths were set above.
+            unsafe { avx2::quantize(x, self) };
+            return;
+        }
+        quantize_scalar(x, self);
+    }
+}
+
+/// The portable activation quantizer (the AVX2 one gives the same quants).
+pub(crate) fn quantize_scalar(x: &[f32], a: &mut QuantizedActs) {
+    for (b, (xb, qb)) in x
+        .chunks_exact(BLOCK)
+        .zip(a.qs.chunks_exact_mut(BLOCK))
+        .enumerate()
+    {
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in qb.iter_mut().zip(xb) {
+            let r = (v * id).round_ties_even() as i32;
+            *q = r as i8;
+            sum += r;
+        }
+        a.d[b] = d;
+        a.s[b] = d * sum as f32;
+    }
+}
+
+/// Whether the AVX2 + FMA + F16C kernels run on this CPU (`S2LC_NO_SIMD=1` turns them off).
+pub fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::env::var_os("S2LC_NO_SIMD").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Consecutive weight rows of one format.
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    /// f32 values, `rows × cols`.
+    F32(&'a [f32]),
+    /// Raw little-endian blocks of a non-f32 format, `rows × row_bytes`.
+    Blocks(WeightFormat, &'a [u8]),
+}
+
+/// `out[r] = W[r]·x` (or `+=` with `add`) for the `out.len()` rows in `rows`, each `x.len()` wide.
+/// `acts` must hold `x` quantized when the format is a block format.
+pub fn dot_rows(rows: Rows<'_>, x: &[f32], acts: &QuantizedActs, out: &mut [f32], add: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: features checked; every kernel reads `out.len()` rows of the checked layout.
+        unsafe { avx2::dot_rows(rows, x, acts, out, add) };
+        return;
+    }
+    dot_rows_scalar(rows, x, acts, out, add);
+}
+
+fn store(o: &mut f32, v: f32, add: bool) {
+    if add {
+        *o += v;
+    } else {
+        *o = v;
+    }
+}
+
+fn f16_le(b: &[u8]) -> f32 {
+    f16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+/// The portable kernels: the same per-block integer sums as the AVX2 ones.
+pub fn dot_rows_scalar(rows: Rows<'_>, x: &[f32], a: &QuantizedActs, out: &mut [f32], add: bool) {
+    let cols = x.len();
+    match rows {
+        Rows::F32(w) => {
+            for (o, row) in out.iter_mut().zip(w.chunks_exact(cols)) {
+                store(o, row.iter().zip(x).map(|(w, x)| w * x).sum(), add);
+            }
+        }
+        Rows::Blocks(format, data) => {
+            let row_bytes = format.row_bytes(cols);
+            for (o, row) in out.iter_mut().zip(data.chunks_exact(row_bytes)) {
+                let v = match format {
+                    WeightFormat::F32 => unreachable!("f32 rows are passed as Rows::F32"),
+                    WeightFormat::F16 => {
+                        row.chunks_exact(2).zip(x).map(|(b, x)| f16_le(b) * x).sum()
+                    }
+                    WeightFormat::BF16 => row
+                        .chunks_exact(2)
+                        .zip(x)
+                        .map(|(b, x)| bf16::from_le_bytes([b[0], b[1]]).to_f32() * x)
+                        .sum(),
+                    _ => dot_blocks_scalar(format, row, a),
+                };
+                store(o, v, add);
+            }
+        }
+    }
+}
+
+/// One block row against quantized activations: `Σ_b (d_w·d_x·Σ q_w·q_x + offset_b·s_b)`.
+fn dot_blocks_scalar(format: WeightFormat, row: &[u8], a: &QuantizedActs) -> f32 {
+    let bytes = format.block_bytes();
+    let mut total = 0.0f32;
+    for (b, blk) in row.chunks_exact(bytes).enumerate() {
+        let xq = &a.qs[b * BLOCK..][..BLOCK];
+        let d = f16_le(blk);
+        let (isum, offset) = match format {
+            WeightFormat::Q8_0 => {
+                let s: i32 = blk[2..]
+                    .iter()
+                    .zip(xq)
+                    .map(|(&w, &x)| w as i8 as i32 * x as i32)
+                    .sum();
+                (s, 0.0)
+            }
+            WeightFormat::Q4_0 => (nibble_dot(&blk[2..], 0, xq), -8.0 * d),
+            WeightFormat::Q4_1 => (nibble_dot(&blk[4..], 0, xq), f16_le(&blk[2..])),
+            WeightFormat::Q5_0 => (nibble_dot(&blk[6..], u32_le(&blk[2..]), xq), -16.0 * d),
+            WeightFormat::Q5_1 => (
+                nibble_dot(&blk[8..], u32_le(&blk[4..]), xq),
+                f16_le(&blk[2..]),
+            ),
+            WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16 => {
+                unreachable!("not a block format")
+            }
+        };
+        total += d * a.d[b] * isum as f32 + offset * a.s[b];
+    }
+    total
+}
+
+fn u32_le(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// `Σ q_j·x_j` for 4-bit quants in `qs` (element `j < 16` low nibble of `qs[j]`, `j + 16` its high
+/// nibble) with bit `j` of `qh` as bit 4 (zero for the 4-bit formats).
+fn nibble_dot(qs: &[u8], qh: u32, xq: &[i8]) -> i32 {
+    let mut s = 0i32;
+    for j in 0..16 {
+        let lo = (qs[j] & 0x0F) as i32 | ((((qh >> j) & 1) as i32) << 4);
+        let hi = (qs[j] >> 4) as i32 | ((((qh >> (j + 16)) & 1) as i32) << 4);
+        s += lo * xq[j] as i32 + hi * xq[j + 16] as i32;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{QuantizedActs, Rows, BLOCK};
+    use crate::kernels::WeightFormat;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// Two f16 values (`d`, then `m`) at `p` as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_pair(p: *const u8) -> (f32, f32) {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned()));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+    }
+
+    /// One f16 value at `p` as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_one(p: *const u8) -> f32 {
+        let bits = p.cast::<u16>().read_unaligned() as i32;
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    }
+
+    /// 16 bytes of packed nibbles as 32 bytes: low nibbles (elements 0..16) then high nibbles.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let b = _mm_loadu_si128(p.cast());
+        let v = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
+        _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+    }
+
+    /// Bit `j` of `bits` as byte `j` = 0x10 (set) or 0 (clear).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn high_bits(bits: u32) -> __m256i {
+        let shuf = _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        );
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), shuf);
+        // Every bit set except bit (j mod 8): the byte is all ones exactly when that bit was set.
+        let probe = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64));
+        let set = _mm256_cmpeq_epi8(probe, _mm256_set1_epi64x(-1));
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    /// `Σ u·s` over 32 unsigned (≤ 31) × signed byte pairs, as eight i32 lanes converted to f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn udot(u: __m256i, s: __m256i) -> __m256 {
+        let p16 = _mm256_maddubs_epi16(u, s);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+    }
+
+    /// `Σ w·x` over 32 signed byte pairs: the weight's sign moves onto the activation so
+    /// maddubs sees `|w|` as its unsigned operand.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn sdot(w: __m256i, x: __m256i) -> __m256 {
+        udot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn put(o: &mut f32, v: f32, add: bool) {
+        if add {
+            *o += v;
+        } else {
+            *o = v;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows(
+        rows: Rows<'_>,
+        x: &[f32],
+        a: &QuantizedActs,
+        out: &mut [f32],
+        add: bool,
+    ) {
+        let cols = x.len();
+        match rows {
+            Rows::F32(w) => {
+                debug_assert!(w.len() >= out.len() * cols);
+                for (r, o) in out.iter_mut().enumerate() {
+                    put(o, dot_f32(w.as_ptr().add(r * cols), x), add);
+                }
+            }
+            Rows::Blocks(format, data) => {
+                let rb = format.row_bytes(cols);
+                debug_assert!(data.len() >= out.len() * rb);
+                let nb = cols / BLOCK;
+                let kernel: unsafe fn(*const u8, usize, &[f32], &QuantizedActs) -> f32 =
+                    match format {
+                        WeightFormat::F32 => unreachable!("f32 rows are passed as Rows::F32"),
+                        WeightFormat::F16 => dot_f16,
+                        WeightFormat::BF16 => dot_bf16,
+                        WeightFormat::Q8_0 => dot_q8_0,
+                        WeightFormat::Q4_0 => dot_q4_0,
+                        WeightFormat::Q4_1 => dot_q4_1,
+                        WeightFormat::Q5_0 => dot_q5_0,
+                        WeightFormat::Q5_1 => dot_q5_1,
+                    };
+                for (r, o) in out.iter_mut().enumerate() {
+                    put(o, kernel(data.as_ptr().add(r * rb), nb, x, a), add);
+                }
+            }
+        }
+    }
+
+    /// Sums `f(k)·x[k..k+8]` products with four accumulators, then the scalar tail via `tail`.
+    macro_rules! float_dot {
+        ($x:expr, $load:expr, $tail:expr) => {{
+            let x: &[f32] = $x;
+            let n = x.len();
+            let xp = x.as_ptr();
+            let (mut a0, mut a1, mut a2, mut a3) = (
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+            );
+            let mut k = 0;
+            while k + 32 <= n {
+                a0 = _mm256_fmadd_ps($load(k), _mm256_loadu_ps(xp.add(k)), a0);
+                a1 = _mm256_fmadd_ps($load(k + 8), _mm256_loadu_ps(xp.add(k + 8)), a1);
+                a2 = _mm256_fmadd_ps($load(k + 16), _mm256_loadu_ps(xp.add(k + 16)), a2);
+                a3 = _mm256_fmadd_ps($load(k + 24), _mm256_loadu_ps(xp.add(k + 24)), a3);
+                k += 32;
+            }
+            while k + 8 <= n {
+                a0 = _mm256_fmadd_ps($load(k), _mm256_loadu_ps(xp.add(k)), a0);
+                k += 8;
+            }
+            let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+            while k < n {
+                s += $tail(k) * x[k];
+                k += 1;
+            }
+            s
+        }};
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_f32(w: *const f32, x: &[f32]) -> f32 {
+        float_dot!(x, |k| _mm256_loadu_ps(w.add(k)), |k| *w.add(k))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_f16(p: *const u8, _nb: usize, x: &[f32], _a: &QuantizedActs) -> f32 {
+        let w = p.cast::<u16>();
+        float_dot!(
+            x,
+            |k| _mm256_cvtph_ps(_mm_loadu_si128(w.add(k).cast())),
+            |k| f16_one(w.add(k).cast())
+        )
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_bf16(p: *const u8, _nb: usize, x: &[f32], _a: &QuantizedActs) -> f32 {
+        let w = p.cast::<u16>();
+        let widen = |k: usize| {
+            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(w.add(k).cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32(h, 16))
+        };
+        float_dot!(x, widen, |k| f32::from_bits(
+            (w.add(k).read_unaligned() as u32) << 16
+        ))
+    }
+
+    /// The shared loop of the block kernels, two blocks per step: `decode(block) -> (quants, d_w,
+    /// offset)` and `prod(quants, activation quants)` the eight-lane integer dot.
+    macro_rules! block_dot {
+        ($p:expr, $nb:expr, $a:expr, $bytes:expr, $prod:expr, $decode:expr) => {{
+            let (a, p): (&QuantizedActs, *const u8) = ($a, $p);
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let (mut off0, mut off1) = (0.0f32, 0.0f32);
+            let xq = a.qs.as_ptr();
+            let mut b = 0;
+            while b + 2 <= $nb {
+                let (q0, d0, o0) = $decode(p.add(b * $bytes));
+                let (q1, d1, o1) = $decode(p.add((b + 1) * $bytes));
+                let x0 = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
+                let x1 = _mm256_loadu_si256(xq.add((b + 1) * BLOCK).cast());
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a.d[b]), $prod(q0, x0), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * a.d[b + 1]), $prod(q1, x1), acc1);
+                off0 += o0 * a.s[b];
+                off1 += o1 * a.s[b + 1];
+                b += 2;
+            }
+            if b < $nb {
+                let (q0, d0, o0) = $decode(p.add(b * $bytes));
+                let x0 = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a.d[b]), $prod(q0, x0), acc0);
+                off0 += o0 * a.s[b];
+            }
+            hsum(_mm256_add_ps(acc0, acc1)) + (off0 + off1)
+        }};
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q4_0(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
+        block_dot!(p, nb, a, 18, udot, |blk: *const u8| {
+            let d = f16_one(blk);
+            (nibbles(blk.add(2)), d, -8.0 * d)
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q4_1(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
+        block_dot!(p, nb, a, 20, udot, |blk: *const u8| {
+            let (d, m) = f16_pair(blk);
+            (nibbles(blk.add(4)), d, m)
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q5_0(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
+        block_dot!(p, nb, a, 22, udot, |blk: *const u8| {
+            let d = f16_one(blk);
+            let qh = blk.add(2).cast::<u32>().read_unaligned();
+            let q = _mm256_or_si256(nibbles(blk.add(6)), high_bits(qh));
+            (q, d, -16.0 * d)
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q5_1(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
+        block_dot!(p, nb, a, 24, udot, |blk: *const u8| {
+            let (d, m) = f16_pair(blk);
+            let qh = blk.add(4).cast::<u32>().read_unaligned();
+            let q = _mm256_or_si256(nibbles(blk.add(8)), high_bits(qh));
+            (q, d, m)
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q8_0(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
+        block_dot!(p, nb, a, 34, sdot, |blk: *const u8| {
+            let w = _mm256_loadu_si256(blk.add(2).cast());
+            (w, f16_one(blk), 0.0f32)
+        })
+    }
+
+    /// Per block of 32: `d = max|x|/127`, `q = round(x/d)` (ties to even), `s = d·Σq`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn quantize(x: &[f32], a: &mut QuantizedActs) {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for b in 0..x.len() / BLOCK {
+            let p = x.as_ptr().add(b * BLOCK);
+            let v = [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ];
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+            );
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let round = |v: __m256| {
+                _mm256_cvtps_epi32(_mm256_round_ps(
+                    _mm256_mul_ps(v, id),
+                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+                ))
+            };
+            let i = [round(v[0]), round(v[1]), round(v[2]), round(v[3])];
+            let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+            let s4 = _mm_add_epi32(
+                _mm256_castsi256_si128(sum),
+                _mm256_extracti128_si256(sum, 1),
+            );
+            let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+            let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
+            // Pack 4 × 8 i32 to 32 i8; the packs work per 128-bit lane, the permute restores order.
+            let p16a = _mm256_packs_epi32(i[0], i[1]);
+            let p16b = _mm256_packs_epi32(i[2], i[3]);
+            let p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), perm);
+            _mm256_storeu_si256(a.qs.as_mut_ptr().add(b * BLOCK).cast(), p8);
+            a.d[b] = d;
+            a.s[b] = d * _mm_cvtsi128_si32(s1) as f32;
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! Weight storage formats and the CPU kernels that multiply by them.
+//!
+//! A [`WeightMatrix`] is `rows × cols` (output × input, the Hugging Face layout), stored as f32 or
+//! in one of ggml's formats exactly as a GGUF file holds it (f16, bf16, Q8_0, Q4_0, Q4_1, Q5_0,
+//! Q5_1: rows of 32-element blocks, no dequantization pass). Two products:
+//! - [`gemv`]: batch-1 `y = W·x`, memory-bound; rows are split across the persistent [`pool`] and
+//!   each row is one SIMD dot product ([`dot`]). Several matrices sharing an input (q/k/v,
+//!   gate/up) run as one job over their concatenated rows.
+//! - [`WeightMatrix::matmul`]: `n > 1` rows of activations (prefill), compute-bound; each thread
+//!   takes a range of weight rows, dequantizes a tile of them to f32 and multiplies it with faer.
+
+pub mod dot;
+pub mod pool;
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use half::{bf16, f16};
+
+use crate::error::ModelError;
+use crate::quant::{dequantize, GgmlType};
+use dot::{dot_rows, QuantizedActs, Rows, BLOCK};
+
+/// How a [`WeightMatrix`] stores its values.
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    /// IEEE f32.
+    F32,
+    /// IEEE f16.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// ggml Q8_0: 32 × i8 with an f16 scale (8.5 bits per weight).
+    Q8_0,
+    /// ggml Q4_0: 32 × 4-bit with an f16 scale (4.5 bits per weight).
+    Q4_0,
+    /// ggml Q4_1: 32 × 4-bit with an f16 scale and minimum (5 bits per weight).
+    Q4_1,
+    /// ggml Q5_0: 32 × 5-bit with an f16 scale (5.5 bits per weight).
+    Q5_0,
+    /// ggml Q5_1: 32 × 5-bit with an f16 scale and minimum (6 bits per weight).
+    Q5_1,
+}
+
+impl WeightFormat {
+    /// The ggml type with the same layout.
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            WeightFormat::F32 => GgmlType::F32,
+            WeightFormat::F16 => GgmlType::F16,
+            WeightFormat::BF16 => GgmlType::BF16,
+            WeightFormat::Q8_0 => GgmlType::Q8_0,
+            WeightFormat::Q4_0 => GgmlType::Q4_0,
+            WeightFormat::Q4_1 => GgmlType::Q4_1,
+            WeightFormat::Q5_0 => GgmlType::Q5_0,
+            WeightFormat::Q5_1 => GgmlType::Q5_1,
+        }
+    }
+
+    /// The format with kernels for ggml type `t`, if any.
+    pub fn from_ggml(t: GgmlType) -> Option<Self> {
+        Some(match t {
+            GgmlType::F32 => WeightFormat::F32,
+            GgmlType::F16 => WeightFormat::F16,
+            GgmlType::BF16 => WeightFormat::BF16,
+            GgmlType::Q8_0 => WeightFormat::Q8_0,
+            GgmlType::Q4_0 => WeightFormat::Q4_0,
+            GgmlType::Q4_1 => WeightFormat::Q4_1,
+            GgmlType::Q5_0 => WeightFormat::Q5_0,
+            GgmlType::Q5_1 => WeightFormat::Q5_1,
+            _ => return None,
+        })
+    }
+
+    /// Elements per block (1 for the float formats).
+    pub fn block_size(self) -> usize {
+        self.ggml().block_size()
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        self.ggml().type_size()
+    }
+
+    /// Bytes of one row of `cols` elements (`cols` a multiple of the block size).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_size() * self.block_bytes()
+    }
+
+    /// Whether products take the activation quantized to 8 bits ([`QuantizedActs`]).
+    fn quantizes_acts(self) -> bool {
+        self.block_size() == BLOCK
+    }
+
+    /// Lower-case name as used on the command line (`f32`, `q4_1`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::F16 => "f16",
+            WeightFormat::BF16 => "bf16",
+            WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::Q4_0 => "q4_0",
+            WeightFormat::Q4_1 => "q4_1",
+            WeightFormat::Q5_0 => "q5_0",
+            WeightFormat::Q5_1 => "q5_1",
+        }
+    }
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Storage {
+    F32(Vec<f32>),
+    Blocks(WeightFormat, Vec<u8>),
+}
+
+/// A `rows × cols` weight matrix (output × input), row-major, in one [`WeightFormat`].
+#[derive(Debug, Clone)]
+pub struct WeightMatrix {
+    rows: usize,
+    cols: usize,
+    storage: Storage,
+}
+
+impl WeightMatrix {
+    /// Wraps `rows × cols` row-major f32 values.
+    ///
+    /// # Panics
+    /// If `data.len() != rows · cols` (callers load through shape-checked [`crate::source::Weights`]).
+    pub fn from_f32(data: Vec<f32>, rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "weight is not rows × cols");
+        WeightMatrix {
+            rows,
+            cols,
+            storage: Storage::F32(data),
+        }
+    }
+
+    /// Wraps raw little-endian blocks of `format` (a GGUF tensor's bytes), checking the length.
+    pub fn from_blocks(
+        format: WeightFormat,
+        bytes: Vec<u8>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, ModelError> {
+        if format == WeightFormat::F32 {
+            let data = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect::<Vec<_>>();
+            check_len(format, rows, cols, bytes.len())?;
+            return Ok(WeightMatrix::from_f32(data, rows, cols));
+        }
+        check_len(format, rows, cols, bytes.len())?;
+        Ok(WeightMatrix {
+            rows,
+            cols,
+            storage: Storage::Blocks(format, bytes),
+        })
+    }
+
+    /// Converts f32 values to `format`: f16/bf16 round to nearest, Q8_0 as llama.cpp quantizes
+    /// it (`d = max|x|/127` per block, stored as f16). The 4/5-bit formats are only loaded, never
+    /// produced here.
+    pub fn quantize(
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+        format: WeightFormat,
+    ) -> Result<Self, ModelError> {
+        assert_eq!(data.len(), rows * cols, "weight is not rows × cols");
+        let bytes: Vec<u8> = match format {
+            WeightFormat::F32 => return Ok(WeightMatrix::from_f32(data.to_vec(), rows, cols)),
+            WeightFormat::F16 => data
+                .iter()
+                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            WeightFormat::BF16 => data
+                .iter()
+                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+            WeightFormat::Q8_0 => {
+                if cols % BLOCK != 0 {
+                    return Err(layout_error(format, cols));
+                }
+                let mut out = Vec::with_capacity(format.row_bytes(cols) * rows);
+                for block in data.chunks_exact(BLOCK) {
+                    let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    let d = amax / 127.0;
+                    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    out.extend(block.iter().map(|v| (v * id).round() as i8 as u8));
+                }
+                out
+            }
+            other => {
+                return Err(ModelError::WeightFormat(format!(
+                    "converting to {other} is not supported (only f32, f16, bf16 and q8_0 are produced)"
+                )))
+            }
+        };
+        WeightMatrix::from_blocks(format, bytes, rows, cols)
+    }
+
+    /// Output features (rows).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features (columns).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The storage format.
+    pub fn format(&self) -> WeightFormat {
+        match &self.storage {
+            Storage::F32(_) => WeightFormat::F32,
+            Storage::Blocks(f, _) => *f,
+        }
+    }
+
+    /// Bytes held (what a product reads from memory).
+    pub fn bytes(&self) -> usize {
+        match &self.storage {
+            Storage::F32(v) => v.len() * 4,
+            Storage::Blocks(_, b) => b.len(),
+        }
+    }
+
+    /// The f32 values when stored as f32.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.storage {
+            Storage::F32(v) => Some(v),
+            Storage::Blocks(..) => None,
+        }
+    }
+
+    /// All values as f32 (borrowed when stored as f32, dequantized otherwise).
+    pub fn to_f32(&self) -> Cow<'_, [f32]> {
+        match &self.storage {
+            Storage::F32(v) => Cow::Borrowed(v),
+            Storage::Blocks(..) => {
+                let mut out = vec![0.0; self.rows * self.cols];
+                self.dequantize_rows(0, self.rows, &mut out);
+                Cow::Owned(out)
+            }
+        }
+    }
+
+    /// Rows `r0..r1` as f32 into `out` (`(r1 − r0) × cols`).
+    pub fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let c = self.cols;
+        match &self.storage {
+            Storage::F32(v) => out.copy_from_slice(&v[r0 * c..r1 * c]),
+            Storage::Blocks(f, b) => {
+                let rb = f.row_bytes(c);
+                // The layout was checked on construction, so decoding cannot fail.
+                let r = dequantize(f.ggml(), &b[r0 * rb..r1 * rb], out);
+                debug_assert!(r.is_ok(), "{r:?}");
+            }
+        }
+    }
+
+    fn rows_ref(&self, r0: usize, r1: usize) -> Rows<'_> {
+        let c = self.cols;
+        match &self.storage {
+            Storage::F32(v) => Rows::F32(&v[r0 * c..r1 * c]),
+            Storage::Blocks(f, b) => {
+                let rb = f.row_bytes(c);
+                Rows::Blocks(*f, &b[r0 * rb..r1 * rb])
+            }
+        }
+    }
+
+    /// `y (n × rows) = [y +] x (n × cols) · Wᵀ`, both row-major: [`gemv`] for `n = 1`, otherwise
+    /// tiles of `W` dequantized to f32 and multiplied with faer, weight rows split across threads.
+    pub fn matmul(
+        &self,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        accum: Accum,
+        acts: &mut QuantizedActs,
+    ) {
+        debug_assert_eq!(x.len(), n * self.cols);
+        debug_assert_eq!(y.len(), n * self.rows);
+        if n == 1 {
+            gemv(&mut [GemvTask::new(self, y, accum == Accum::Add)], x, acts);
+            return;
+        }
+        let (m, k) = (self.rows, self.cols);
+        let pool = pool::global();
+        // Weight rows per dequantized tile: ~128 KB of f32, at least 8.
+        let tile = (32 * 1024 / k.max(1)).clamp(8, 256) / 8 * 8;
+        let y_ptr = SyncPtr(y.as_mut_ptr());
+        let job = |part: usize, parts: usize| {
+            let rows = pool::split_range(m, part, parts, 8);
+            let xm = MatRef::from_row_major_slice(x, n, k);
+            TILE.with_borrow_mut(|buf| {
+                for r0 in rows.clone().step_by(tile) {
+                    let r1 = (r0 + tile).min(rows.end);
+                    let w = match self.as_f32() {
+                        Some(v) => &v[r0 * k..r1 * k],
+                        None => {
+                            buf.resize((r1 - r0) * k, 0.0);
+                            self.dequantize_rows(r0, r1, buf);
+                            &buf[..]
+                        }
+                    };
+                    let wt = MatRef::from_row_major_slice(w, r1 - r0, k).transpose();
+                    // SAFETY: this part writes only columns r0..r1 of the n × m row-major `y`,
+                    // disjoint from every other part's; `y` outlives the job.
+                    let out = unsafe {
+                        MatMut::from_raw_parts_mut(y_ptr.get().add(r0), n, r1 - r0, m as isize, 1)
+                    };
+                    matmul(out, accum, xm, wt, 1.0f32, Par::Seq);
+                }
+            });
+        };
+        pool.run(&job);
+    }
+}
+
+thread_local! {
+    /// Per-thread dequantized weight tile of [`WeightMatrix::matmul`], reused across calls.
+    static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A raw output pointer shared by the parts of a pool job, each writing a disjoint range.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+
+// SAFETY: parts write disjoint elements (each use states its partition) and the job ends before
+// the buffer is used again.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn layout_error(format: WeightFormat, cols: usize) -> ModelError {
+    ModelError::WeightFormat(format!(
+        "{format} stores rows in blocks of {}, but a row has {cols} values",
+        format.block_size()
+    ))
+}
+
+fn check_len(format: WeightFormat, rows: usize, cols: usize, len: usize) -> Result<(), ModelError> {
+    if cols % format.block_size() != 0 {
+        return Err(layout_error(format, cols));
+    }
+    let want = format.row_bytes(cols) * rows;
+    if len != want {
+        return Err(ModelError::WeightFormat(format!(
+            "{rows} × {cols} {format} needs {want} bytes, got {len}"
+        )));
+    }
+    Ok(())
+}
+
+/// One matrix of a fused [`gemv`]: `out (+)= W·x`.
+pub struct GemvTask<'a> {
+    weight: &'a WeightMatrix,
+    out: SyncPtr,
+    len: usize,
+    add: bool,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> GemvTask<'a> {
+    /// `out` (`weight.rows()` values) is overwritten, or added to when `add`.
+    pub fn new(weight: &'a WeightMatrix, out: &'a mut [f32], add: bool) -> Self {
+        assert_eq!(out.len(), weight.rows(), "gemv output is not rows long");
+        GemvTask {
+            weight,
+            len: out.len(),
+            out: SyncPtr(out.as_mut_ptr()),
+            add,
+            _out: std::marker::PhantomData,
+        }
+    }
+}
+
+/// Batch-1 `out_i (+)= W_i·x` for every task, all sharing the input `x` (`cols` values), as one
+/// pool job over the concatenated rows (so q/k/v or gate/up cost one hand-off, not three).
+/// `acts` is scratch for `x` quantized to 8 bits, filled only when some format needs it.
+pub fn gemv(tasks: &mut [GemvTask<'_>], x: &[f32], acts: &mut QuantizedActs) {
+    for t in tasks.iter() {
+        assert_eq!(t.weight.cols(), x.len(), "gemv input is not cols long");
+    }
+    if tasks.iter().any(|t| t.weight.format().quantizes_acts()) {
+        acts.quantize(x);
+    }
+    let acts = &*acts;
+    let total: usize = tasks.iter().map(|t| t.weight.rows()).sum();
+    let tasks = &*tasks;
+    let job = |part: usize, parts: usize| {
+        // Rows in units of 4 so no two parts split a cache line of f32 outputs finely.
+        let mine = pool::split_range(total, part, parts, 4);
+        let mut base = 0;
+        for t in tasks {
+            let (lo, hi) = (mine.start.max(base), mine.end.min(base + t.len));
+            if lo < hi {
+                let (r0, r1) = (lo - base, hi - base);
+                // SAFETY: rows r0..r1 of this task belong to this part alone; the slice lives
+                // as long as the task's borrow, which outlives the job.
+                let out = unsafe { std::slice::from_raw_parts_mut(t.out.get().add(r0), r1 - r0) };
+                dot_rows(t.weight.rows_ref(r0, r1), x, acts, out, t.add);
+            }
+            base += t.len;
+        }
+    };
+    // Tiny products (a few KB of weights) are not worth waking the other threads.
+    let bytes: usize = tasks.iter().map(|t| t.weight.bytes()).sum();
+    if bytes < 64 * 1024 {
+        job(0, 1);
+    } else {
+        pool::global().run(&job);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,243 @@
+//! Every kernel against the f32 reference: the matrix dequantized by `quant::dequantize` (itself
+//! bit-exact against gguf-py), multiplied in f64.
+
+use super::dot::{dot_rows, dot_rows_scalar, simd, QuantizedActs};
+use super::*;
+
+/// Deterministic values in [−1, 1).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn byte(&mut self) -> u8 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 56) as u8
+    }
+
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
+    }
+}
+
+const ALL: [WeightFormat; 8] = [
+    WeightFormat::F32,
+    WeightFormat::F16,
+    WeightFormat::BF16,
+    WeightFormat::Q8_0,
+    WeightFormat::Q4_0,
+    WeightFormat::Q4_1,
+    WeightFormat::Q5_0,
+    WeightFormat::Q5_1,
+];
+
+/// A `rows × cols` matrix in `format`: converted from random values where S2LC can produce the
+/// format, random blocks (random quants, scales ~0.01, minimums ~−0.1) for the load-only ones.
+fn matrix(format: WeightFormat, rows: usize, cols: usize, rng: &mut Lcg) -> WeightMatrix {
+    let values = rng.vec(rows * cols);
+    if let Ok(m) = WeightMatrix::quantize(&values, rows, cols, format) {
+        return m;
+    }
+    let nb = rows * cols / 32;
+    let mut bytes = Vec::with_capacity(format.block_bytes() * nb);
+    for _ in 0..nb {
+        bytes.extend(half::f16::from_f32(0.01 * (1.0 + rng.next())).to_le_bytes());
+        if matches!(format, WeightFormat::Q4_1 | WeightFormat::Q5_1) {
+            bytes.extend(half::f16::from_f32(-0.1 * (1.0 + rng.next())).to_le_bytes());
+        }
+        while bytes.len() % format.block_bytes() != 0 {
+            bytes.push(rng.byte());
+        }
+    }
+    WeightMatrix::from_blocks(format, bytes, rows, cols).unwrap()
+}
+
+/// `W·x` per row in f64 from the dequantized weights, and `Σ|w|·err_x` per row where `err_x` is
+/// the per-element rounding bound of the activation quantization (zero for the float formats).
+fn reference(w: &WeightMatrix, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let dense = w.to_f32();
+    let mut acts = QuantizedActs::default();
+    let quantized = w.format().quantizes_acts();
+    if quantized {
+        acts.quantize(x);
+    }
+    let mut want = Vec::new();
+    let mut bound = Vec::new();
+    for row in dense.chunks_exact(w.cols()) {
+        want.push(row.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum());
+        let abs: f64 = row
+            .iter()
+            .zip(x)
+            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+            .sum();
+        let q: f64 = if quantized {
+            row.iter()
+                .enumerate()
+                .map(|(j, &a)| a.abs() as f64 * acts.d[j / 32] as f64 * 0.5)
+                .sum()
+        } else {
+            0.0
+        };
+        // Rounding of the f32/f16 sums on top of the quantization bound.
+        bound.push(q + 1e-5 * abs + 1e-6);
+    }
+    (want, bound)
+}
+
+#[test]
+fn gemv_matches_the_dequantized_reference_on_awkward_sizes() {
+    let mut rng = Lcg(7);
+    for format in ALL {
+        let col_choices: &[usize] = if format.block_size() == 1 {
+            &[1, 7, 13, 33, 96, 577]
+        } else {
+            &[32, 96, 160, 576]
+        };
+        for &cols in col_choices {
+            for rows in [1, 3, 37, 129] {
+                let w = matrix(format, rows, cols, &mut rng);
+                let x = rng.vec(cols);
+                let (want, bound) = reference(&w, &x);
+                let mut y = vec![f32::NAN; rows];
+                let mut acts = QuantizedActs::default();
+                w.matmul(&x, 1, &mut y, Accum::Replace, &mut acts);
+                for r in 0..rows {
+                    let err = (y[r] as f64 - want[r]).abs();
+                    assert!(
+                        err <= bound[r],
+                        "{format} {rows}×{cols} row {r}: {} vs {} (bound {})",
+                        y[r],
+                        want[r],
+                        bound[r]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_and_portable_kernels_agree() {
+    if !simd() {
+        eprintln!("no AVX2 here: the portable kernels are the only ones");
+    }
+    let mut rng = Lcg(11);
+    for format in ALL {
+        let cols = if format.block_size() == 1 { 203 } else { 224 };
+        let w = matrix(format, 19, cols, &mut rng);
+        let x = rng.vec(cols);
+        let mut acts = QuantizedActs::default();
+        acts.quantize(&x[..cols / 32 * 32]);
+        let mut scalar_acts = QuantizedActs::default();
+        scalar_acts.qs.resize(cols / 32 * 32, 0);
+        scalar_acts.d.resize(cols / 32, 0.0);
+        scalar_acts.s.resize(cols / 32, 0.0);
+        super::dot::quantize_scalar(&x[..cols / 32 * 32], &mut scalar_acts);
+        assert_eq!(acts.qs, scalar_acts.qs, "activation quants differ");
+        assert_eq!(acts.d, scalar_acts.d);
+        let (mut a, mut b) = (vec![0.5; 19], vec![0.5; 19]);
+        dot_rows(w.rows_ref(0, 19), &x, &acts, &mut a, true);
+        dot_rows_scalar(w.rows_ref(0, 19), &x, &scalar_acts, &mut b, true);
+        for (p, q) in a.iter().zip(&b) {
+            assert!(
+                (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                "{format}: {p} vs {q}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_gemv_equals_separate_products_and_accumulates() {
+    let mut rng = Lcg(3);
+    let q = matrix(WeightFormat::Q4_1, 576, 576, &mut rng);
+    let k = matrix(WeightFormat::Q8_0, 192, 576, &mut rng);
+    let v = matrix(WeightFormat::F16, 192, 576, &mut rng);
+    let x = rng.vec(576);
+    let mut acts = QuantizedActs::default();
+    let (mut yq, mut yk, mut yv) = (vec![0.0; 576], vec![0.0; 192], vec![1.0; 192]);
+    gemv(
+        &mut [
+            GemvTask::new(&q, &mut yq, false),
+            GemvTask::new(&k, &mut yk, false),
+            GemvTask::new(&v, &mut yv, true),
+        ],
+        &x,
+        &mut acts,
+    );
+    for (w, y, add) in [(&q, &yq, 0.0), (&k, &yk, 0.0), (&v, &yv, 1.0)] {
+        let mut alone = vec![0.0; w.rows()];
+        w.matmul(&x, 1, &mut alone, Accum::Replace, &mut acts);
+        for (a, b) in y.iter().zip(&alone) {
+            assert_eq!(*a, b + add);
+        }
+    }
+}
+
+#[test]
+fn batched_matmul_matches_the_reference_and_accumulates() {
+    let mut rng = Lcg(5);
+    for format in [
+        WeightFormat::F32,
+        WeightFormat::F16,
+        WeightFormat::Q4_1,
+        WeightFormat::Q5_0,
+    ] {
+        let (n, rows, cols) = (5, 301, 96);
+        let w = matrix(format, rows, cols, &mut rng);
+        let x = rng.vec(n * cols);
+        let dense = w.to_f32();
+        let mut y = vec![2.0; n * rows];
+        w.matmul(&x, n, &mut y, Accum::Add, &mut QuantizedActs::default());
+        for t in 0..n {
+            for r in 0..rows {
+                let want: f64 = 2.0
+                    + (0..cols)
+                        .map(|c| dense[r * cols + c] as f64 * x[t * cols + c] as f64)
+                        .sum::<f64>();
+                let got = y[t * rows + r] as f64;
+                assert!(
+                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "{format}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn conversions_round_trip_within_their_precision() {
+    let mut rng = Lcg(9);
+    let values = rng.vec(64 * 96);
+    for (format, tol) in [
+        (WeightFormat::F32, 0.0),
+        (WeightFormat::F16, 1e-3),
+        (WeightFormat::BF16, 8e-3),
+        (WeightFormat::Q8_0, 1.0 / 127.0),
+    ] {
+        let w = WeightMatrix::quantize(&values, 64, 96, format).unwrap();
+        assert_eq!(w.bytes(), format.row_bytes(96) * 64);
+        for (a, b) in w.to_f32().iter().zip(&values) {
+            assert!((a - b).abs() <= tol * 1.01, "{format}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn bad_layouts_are_named_errors() {
+    let err = WeightMatrix::quantize(&[0.0; 40], 1, 40, WeightFormat::Q8_0).unwrap_err();
+    assert!(err.to_string().contains("blocks of 32"), "{err}");
+    let err = WeightMatrix::from_blocks(WeightFormat::Q4_1, vec![0; 19], 1, 32).unwrap_err();
+    assert!(err.to_string().contains("needs 20 bytes, got 19"), "{err}");
+    let err = WeightMatrix::quantize(&[0.0; 32], 1, 32, WeightFormat::Q4_0).unwrap_err();
+    assert!(err.to_string().contains("not supported"), "{err}");
+}
