@@ -3,8 +3,8 @@
 
 use std::time::Instant;
 
-use faer::{Accum, Par};
-use s2lc_model::linear::{DenseLinear, Linear, LowRankLinear};
+use faer::Accum;
+use s2lc_model::linear::{DenseLinear, Linear, LinearScratch, LowRankLinear};
 
 fn data(len: usize, seed: usize) -> Vec<f32> {
     (0..len)
@@ -18,15 +18,14 @@ fn time(
     x: &[f32],
     n: usize,
     out: &mut [f32],
-    scratch: &mut Vec<f32>,
+    scratch: &mut LinearScratch,
     reps: usize,
 ) -> f64 {
-    let par = Par::rayon(0);
-    lin.forward(x, n, out, Accum::Replace, par, scratch);
+    lin.forward(x, n, out, Accum::Replace, scratch);
     let mut best = f64::MAX;
     for _ in 0..reps {
         let t = Instant::now();
-        lin.forward(x, n, out, Accum::Replace, par, scratch);
+        lin.forward(x, n, out, Accum::Replace, scratch);
         best = best.min(t.elapsed().as_secs_f64());
     }
     best
@@ -50,7 +49,7 @@ fn main() {
             for n in [1usize, 128] {
                 let x = data(n * inp, 4);
                 let mut y = vec![0.0; n * out];
-                let mut scratch = Vec::new();
+                let mut scratch = LinearScratch::default();
                 let reps = if n == 1 { 2000 } else { 50 };
                 let td = time(&dense, &x, n, &mut y, &mut scratch, reps);
                 let tl = time(&lr, &x, n, &mut y, &mut scratch, reps);

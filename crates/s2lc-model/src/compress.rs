@@ -253,13 +253,14 @@ const LINEARS: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// The f32 weight of a dense layer (compression works on a model loaded with
+/// [`crate::source::WeightStorage::F32`]; layers held in other formats are left alone).
 fn dense_weight(l: &Linear) -> Option<MatRef<'_, f32>> {
     match l {
-        Linear::Dense(d) => Some(MatRef::from_row_major_slice(
-            d.weight(),
-            l.out_dim(),
-            l.in_dim(),
-        )),
+        Linear::Dense(d) => d
+            .matrix()
+            .as_f32()
+            .map(|w| MatRef::from_row_major_slice(w, l.out_dim(), l.in_dim())),
         Linear::LowRank(_) => None,
     }
 }
@@ -624,7 +625,7 @@ pub fn save_model_dir(
 mod tests {
     use super::*;
     use crate::llama::tests::random_model;
-    use crate::source::{MemorySource, Weights};
+    use crate::source::{MemorySource, WeightStorage, Weights};
 
     fn logits(model: &LlamaModel, tokens: &[u32]) -> Vec<f32> {
         let mut cache = model.dense_cache(256);
@@ -671,7 +672,13 @@ mod tests {
             assert!(!name.ends_with("q_proj.weight") || report.matrices[0].rank.is_none());
             src.insert(name, t.shape, t.data);
         }
-        let loaded = LlamaModel::load(model.config(), &Weights::new(&src), |_| {}).unwrap();
+        let loaded = LlamaModel::load(
+            model.config(),
+            &Weights::new(&src),
+            WeightStorage::F32,
+            |_| {},
+        )
+        .unwrap();
         assert!(loaded
             .blocks()
             .iter()

@@ -2,8 +2,13 @@
 //! model serves many sequences, and a cache decides how it stores keys and values (dense here,
 //! spectral factors elsewhere) as long as it computes attention for the new queries.
 
+use std::cell::RefCell;
+
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
+
+use crate::kernels::ops;
+use crate::kernels::pool::{self, split_range};
 
 /// Head layout of an attention layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,9 +62,10 @@ pub trait KvCache: Send {
 
 /// Causal grouped-query attention of `n` queries at positions `p0..p0+n` over `t = p0 + n` keys.
 ///
-/// `q`/`out`: `n × q_dim`; `k_all`/`v_all`: `t × kv_dim`, all row-major. `scores` is scratch reused
-/// across calls. Scores are `q·kᵀ/√head_dim`, masked so query `i` sees keys `0..=p0+i`.
-#[allow(clippy::too_many_arguments)]
+/// `q`/`out`: `n × q_dim`; `k_all`/`v_all`: `t × kv_dim`, all row-major. Scores are
+/// `q·kᵀ/√head_dim`, masked so query `i` sees keys `0..=p0+i`. Work is split into (head, block of
+/// up to 32 query rows) units spread over the kernel pool; a single query (decode) runs as dot
+/// products and axpys over the cached rows, a block as two faer products.
 pub fn attend_dense(
     shape: AttnShape,
     q: &[f32],
@@ -68,65 +74,98 @@ pub fn attend_dense(
     n: usize,
     p0: usize,
     out: &mut [f32],
-    scores: &mut Vec<f32>,
 ) {
+    const ROWS: usize = 32;
     let (hd, q_dim, kv_dim) = (shape.head_dim, shape.q_dim(), shape.kv_dim());
-    let t = p0 + n;
-    debug_assert_eq!(k_all.len(), t * kv_dim);
+    debug_assert_eq!(k_all.len(), (p0 + n) * kv_dim);
     debug_assert_eq!(q.len(), n * q_dim);
+    debug_assert_eq!(out.len(), n * q_dim);
     let group = shape.n_heads / shape.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    // Small products run faster without thread hand-off.
-    let par = if n * t * hd >= 1 << 18 {
-        Par::rayon(0)
-    } else {
-        Par::Seq
+    let chunks = n.div_ceil(ROWS);
+    let units = shape.n_heads * chunks;
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let job = |part: usize, parts: usize| {
+        SCORES.with_borrow_mut(|scores| {
+            for unit in split_range(units, part, parts, 1) {
+                let (h, chunk) = (unit / chunks, unit % chunks);
+                let (r0, r1) = (chunk * ROWS, ((chunk + 1) * ROWS).min(n));
+                let g = h / group;
+                // Keys visible to the last row of the block.
+                let t = p0 + r1;
+                if r1 - r0 == 1 {
+                    let qh = &q[r0 * q_dim + h * hd..][..hd];
+                    scores.resize(t, 0.0);
+                    ops::key_scores(qh, &k_all[g * hd..], kv_dim, scale, scores);
+                    softmax_prefix(scores, t);
+                    // SAFETY: this unit alone writes row r0, columns h·hd..(h+1)·hd of `out`.
+                    let oh = unsafe {
+                        std::slice::from_raw_parts_mut(out_ptr.get().add(r0 * q_dim + h * hd), hd)
+                    };
+                    ops::weighted_rows(scores, &v_all[g * hd..], kv_dim, oh);
+                    continue;
+                }
+                let rows = r1 - r0;
+                let qh = MatRef::from_row_major_slice_with_stride(
+                    &q[r0 * q_dim + h * hd..],
+                    rows,
+                    hd,
+                    q_dim,
+                );
+                let kh = MatRef::from_row_major_slice_with_stride(&k_all[g * hd..], t, hd, kv_dim);
+                let vh = MatRef::from_row_major_slice_with_stride(&v_all[g * hd..], t, hd, kv_dim);
+                scores.resize(rows * t, 0.0);
+                {
+                    let s = MatMut::from_row_major_slice_mut(scores, rows, t);
+                    matmul(s, Accum::Replace, qh, kh.transpose(), scale, Par::Seq);
+                }
+                for (i, row) in scores.chunks_exact_mut(t).enumerate() {
+                    softmax_prefix(row, p0 + r0 + i + 1);
+                }
+                let s = MatRef::from_row_major_slice(scores, rows, t);
+                // SAFETY: this unit alone writes rows r0..r1, columns h·hd..(h+1)·hd of `out`
+                // (row stride q_dim); `out` outlives the job.
+                let oh = unsafe {
+                    MatMut::from_raw_parts_mut(
+                        out_ptr.get().add(r0 * q_dim + h * hd),
+                        rows,
+                        hd,
+                        q_dim as isize,
+                        1,
+                    )
+                };
+                matmul(oh, Accum::Replace, s, vh, 1.0f32, Par::Seq);
+            }
+        });
     };
-    scores.resize(n * t, 0.0);
-    for h in 0..shape.n_heads {
-        let g = h / group;
-        let qh = MatRef::from_row_major_slice_with_stride(&q[h * hd..], n, hd, q_dim);
-        let kh = MatRef::from_row_major_slice_with_stride(&k_all[g * hd..], t, hd, kv_dim);
-        let vh = MatRef::from_row_major_slice_with_stride(&v_all[g * hd..], t, hd, kv_dim);
-        {
-            let s = MatMut::from_row_major_slice_mut(scores, n, t);
-            matmul(s, Accum::Replace, qh, kh.transpose(), scale, par);
-        }
-        for (i, row) in scores.chunks_exact_mut(t).enumerate() {
-            softmax_prefix(row, p0 + i + 1);
-        }
-        let s = MatRef::from_row_major_slice(scores, n, t);
-        let oh = row_major_strided_mut(&mut out[h * hd..], n, hd, q_dim);
-        matmul(oh, Accum::Replace, s, vh, 1.0f32, par);
+    // A short decode step is cheaper on one thread than split.
+    if n * (p0 + n) * shape.n_heads < 4096 {
+        job(0, 1);
+    } else {
+        pool::global().run(&job);
     }
 }
 
-/// A mutable `rows × cols` row-major view whose rows start `row_stride` elements apart.
-///
-/// faer 0.24.4's `MatMut::from_row_major_slice_with_stride_mut` swaps the strides (it builds a
-/// column-major view and writes out of bounds); the transposed column-major view is correct.
-fn row_major_strided_mut(
-    slice: &mut [f32],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-) -> MatMut<'_, f32> {
-    MatMut::from_column_major_slice_with_stride_mut(slice, cols, rows, row_stride).transpose_mut()
+thread_local! {
+    /// Per-thread attention scores of [`attend_dense`], reused across calls.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Softmax over `row[..valid]`, zeroing `row[valid..]` (the causal mask).
-pub fn softmax_prefix(row: &mut [f32], valid: usize) {
-    let (live, masked) = row.split_at_mut(valid);
-    let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for x in live.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
+/// The output pointer shared by the units of one attention job (each writes a disjoint block).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+// SAFETY: units write disjoint elements and the job ends before `out` is used again.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
     }
-    let inv = 1.0 / sum;
-    live.iter_mut().for_each(|x| *x *= inv);
-    masked.iter_mut().for_each(|x| *x = 0.0);
 }
+
+pub use crate::kernels::ops::softmax_prefix;
 
 /// A dense f32 cache: per layer, keys and values as `tokens × kv_dim` row-major buffers.
 pub struct DenseKvCache {
@@ -135,7 +174,6 @@ pub struct DenseKvCache {
     values: Vec<Vec<f32>>,
     len: usize,
     limit: usize,
-    scores: Vec<f32>,
 }
 
 impl DenseKvCache {
@@ -147,7 +185,6 @@ impl DenseKvCache {
             values: vec![Vec::new(); n_layers],
             len: 0,
             limit,
-            scores: Vec::new(),
         }
     }
 
@@ -175,16 +212,7 @@ impl KvCache for DenseKvCache {
         values.truncate(self.len * kv_dim);
         keys.extend_from_slice(k);
         values.extend_from_slice(v);
-        attend_dense(
-            self.shape,
-            q,
-            keys,
-            values,
-            n,
-            self.len,
-            out,
-            &mut self.scores,
-        );
+        attend_dense(self.shape, q, keys, values, n, self.len, out);
     }
 
     fn commit(&mut self, n: usize) {
@@ -256,29 +284,19 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 4,
         };
-        for &(n, p0) in &[(1, 0), (5, 0), (1, 7), (4, 3)] {
+        // Decode steps, one block, and several blocks of 32 rows split across the pool.
+        for &(n, p0) in &[(1, 0), (5, 0), (1, 7), (4, 3), (1, 900), (70, 0), (33, 40)] {
             let t = p0 + n;
             let q = data(n * shape.q_dim(), 1);
             let k = data(t * shape.kv_dim(), 2);
             let v = data(t * shape.kv_dim(), 3);
             let mut out = vec![0.0; n * shape.q_dim()];
-            attend_dense(shape, &q, &k, &v, n, p0, &mut out, &mut Vec::new());
+            attend_dense(shape, &q, &k, &v, n, p0, &mut out);
             let want = naive(shape, &q, &k, &v, n, p0);
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-5, "n={n} p0={p0}: {a} vs {b}");
             }
         }
-    }
-
-    #[test]
-    fn strided_view_writes_only_its_rows() {
-        let mut buf = [0.0f32; 3 * 8];
-        let mut v = row_major_strided_mut(&mut buf[4..], 3, 4, 8);
-        v[(2, 3)] = 1.0;
-        v[(1, 0)] = 2.0;
-        assert_eq!(buf[4 + 2 * 8 + 3], 1.0);
-        assert_eq!(buf[4 + 8], 2.0);
-        assert_eq!(buf.iter().filter(|&&x| x != 0.0).count(), 2);
     }
 
     #[test]
@@ -294,10 +312,10 @@ mod tests {
         let mut k = data(n * 4, 5);
         let v = data(n * 4, 6);
         let mut a = vec![0.0; n * 8];
-        attend_dense(shape, &q, &k, &v, n, 0, &mut a, &mut Vec::new());
+        attend_dense(shape, &q, &k, &v, n, 0, &mut a);
         k[8..].iter_mut().for_each(|x| *x += 100.0);
         let mut b = vec![0.0; n * 8];
-        attend_dense(shape, &q, &k, &v, n, 0, &mut b, &mut Vec::new());
+        attend_dense(shape, &q, &k, &v, n, 0, &mut b);
         assert_eq!(a[..16], b[..16]);
         assert_ne!(a[16..], b[16..]);
     }

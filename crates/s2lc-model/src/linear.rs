@@ -5,39 +5,48 @@
 //! the Hugging Face layout; viewed transposed as an `in × out` column-major matrix, each output is a
 //! dot product over one contiguous weight row, which is what a batch-1 GEMV wants.
 
-use faer::linalg::matmul::matmul;
-use faer::{Accum, MatMut, MatRef, Par};
+use std::borrow::Cow;
 
-/// A dense f32 linear layer.
+use faer::Accum;
+
+use crate::kernels::dot::QuantizedActs;
+use crate::kernels::{gemv, GemvTask, WeightFormat, WeightMatrix};
+
+/// A dense linear layer: one [`WeightMatrix`] (f32 or a quantized format) and an optional bias.
 #[derive(Debug, Clone)]
 pub struct DenseLinear {
-    weight: Vec<f32>,
-    out_dim: usize,
-    in_dim: usize,
+    weight: WeightMatrix,
     bias: Option<Vec<f32>>,
 }
 
 impl DenseLinear {
-    /// Builds a layer from an `out_dim × in_dim` row-major weight and an optional bias of `out_dim`.
+    /// Builds a layer from an `out_dim × in_dim` row-major f32 weight and an optional bias.
     ///
     /// # Panics
     /// If the lengths do not match the dimensions (callers load through shape-checked [`crate::source::Weights`]).
     pub fn new(weight: Vec<f32>, out_dim: usize, in_dim: usize, bias: Option<Vec<f32>>) -> Self {
-        assert_eq!(weight.len(), out_dim * in_dim, "weight is not out × in");
-        if let Some(b) = &bias {
-            assert_eq!(b.len(), out_dim, "bias is not out");
-        }
-        DenseLinear {
-            weight,
-            out_dim,
-            in_dim,
-            bias,
-        }
+        Self::from_matrix(WeightMatrix::from_f32(weight, out_dim, in_dim), bias)
     }
 
-    /// The `out × in` row-major weight.
-    pub fn weight(&self) -> &[f32] {
+    /// Builds a layer from a weight in any format and an optional bias of `weight.rows()`.
+    ///
+    /// # Panics
+    /// If the bias length is not `weight.rows()`.
+    pub fn from_matrix(weight: WeightMatrix, bias: Option<Vec<f32>>) -> Self {
+        if let Some(b) = &bias {
+            assert_eq!(b.len(), weight.rows(), "bias is not out");
+        }
+        DenseLinear { weight, bias }
+    }
+
+    /// The weight as stored.
+    pub fn matrix(&self) -> &WeightMatrix {
         &self.weight
+    }
+
+    /// The `out × in` row-major weight as f32 (dequantized if stored otherwise).
+    pub fn weight(&self) -> Cow<'_, [f32]> {
+        self.weight.to_f32()
     }
 
     /// The bias, if any.
@@ -50,16 +59,13 @@ impl DenseLinear {
 /// Two thin products replace one dense one; the `n × r` intermediate lives in caller scratch.
 #[derive(Debug, Clone)]
 pub struct LowRankLinear {
-    u: Vec<f32>,
-    vs: Vec<f32>,
-    out_dim: usize,
-    in_dim: usize,
-    rank: usize,
+    u: WeightMatrix,
+    vs: WeightMatrix,
     bias: Option<Vec<f32>>,
 }
 
 impl LowRankLinear {
-    /// Builds a layer from `u` (`out_dim × rank`) and `vs` (`rank × in_dim`), row-major.
+    /// Builds a layer from f32 `u` (`out_dim × rank`) and `vs` (`rank × in_dim`), row-major.
     ///
     /// # Panics
     /// If the lengths do not match the dimensions (callers load through shape-checked [`crate::source::Weights`]).
@@ -71,34 +77,47 @@ impl LowRankLinear {
         bias: Option<Vec<f32>>,
     ) -> Self {
         let rank = u.len().checked_div(out_dim).unwrap_or(0);
-        assert_eq!(u.len(), out_dim * rank, "u is not out × rank");
-        assert_eq!(vs.len(), rank * in_dim, "vs is not rank × in");
-        if let Some(b) = &bias {
-            assert_eq!(b.len(), out_dim, "bias is not out");
-        }
-        LowRankLinear {
-            u,
-            vs,
-            out_dim,
-            in_dim,
-            rank,
+        Self::from_matrices(
+            WeightMatrix::from_f32(u, out_dim, rank),
+            WeightMatrix::from_f32(vs, rank, in_dim),
             bias,
+        )
+    }
+
+    /// Builds a layer from factors in any format.
+    ///
+    /// # Panics
+    /// If the inner dimensions or the bias length do not match.
+    pub fn from_matrices(u: WeightMatrix, vs: WeightMatrix, bias: Option<Vec<f32>>) -> Self {
+        assert_eq!(
+            u.cols(),
+            vs.rows(),
+            "u is not out × rank or vs not rank × in"
+        );
+        if let Some(b) = &bias {
+            assert_eq!(b.len(), u.rows(), "bias is not out");
         }
+        LowRankLinear { u, vs, bias }
     }
 
     /// The rank `r`.
     pub fn rank(&self) -> usize {
-        self.rank
+        self.vs.rows()
     }
 
-    /// The left factor `u` (`out × r`, row-major).
-    pub fn u(&self) -> &[f32] {
-        &self.u
+    /// The left factor `u` (`out × r`, row-major) as f32.
+    pub fn u(&self) -> Cow<'_, [f32]> {
+        self.u.to_f32()
     }
 
-    /// The right factor `vs` (`r × in`, row-major).
-    pub fn vs(&self) -> &[f32] {
-        &self.vs
+    /// The right factor `vs` (`r × in`, row-major) as f32.
+    pub fn vs(&self) -> Cow<'_, [f32]> {
+        self.vs.to_f32()
+    }
+
+    /// The factors as stored (`u`, `vs`).
+    pub fn matrices(&self) -> (&WeightMatrix, &WeightMatrix) {
+        (&self.u, &self.vs)
     }
 
     /// The bias, if any.
@@ -110,34 +129,34 @@ impl LowRankLinear {
 /// A linear layer in one of the representations the runtime executes.
 #[derive(Debug, Clone)]
 pub enum Linear {
-    /// Full f32 weight.
+    /// Full weight.
     Dense(DenseLinear),
-    /// Thin f32 factors.
+    /// Thin factors.
     LowRank(LowRankLinear),
 }
 
-#[allow(clippy::too_many_arguments)]
-/// `y = [y +] x · wᵀ` for row-major `x` (`n × k`), `w` (`m × k`), `y` (`n × m`).
-fn matmul_xwt(
-    x: &[f32],
-    n: usize,
-    w: &[f32],
-    m: usize,
-    k: usize,
-    y: &mut [f32],
-    accum: Accum,
-    par: Par,
-) {
-    let x = MatRef::from_row_major_slice(x, n, k);
-    let wt = MatRef::from_row_major_slice(w, m, k).transpose();
-    matmul(
-        MatMut::from_row_major_slice_mut(y, n, m),
-        accum,
-        x,
-        wt,
-        1.0f32,
-        par,
-    );
+/// Buffers a [`Linear::forward`] reuses across calls: the low-rank intermediate and the
+/// activation quantized for block formats.
+#[derive(Debug, Default)]
+pub struct LinearScratch {
+    low_rank: Vec<f32>,
+    acts: QuantizedActs,
+}
+
+impl LinearScratch {
+    /// The quantized-activation buffer (for products outside a [`Linear`], e.g. a tied head).
+    pub fn acts_mut(&mut self) -> &mut QuantizedActs {
+        &mut self.acts
+    }
+}
+
+/// The fused-GEMV task of a dense layer, its bias written into `out` first.
+fn dense_task<'t>(l: &'t Linear, out: &'t mut [f32]) -> GemvTask<'t> {
+    let Linear::Dense(d) = l else {
+        unreachable!("forward_shared fuses dense layers only")
+    };
+    let add = apply_bias(d.bias.as_deref(), out, Accum::Replace) == Accum::Add;
+    GemvTask::new(&d.weight, out, add)
 }
 
 /// Writes (or adds) the bias into each row of `out`; returns the accumulation mode for what follows.
@@ -156,77 +175,102 @@ impl Linear {
     /// Output features.
     pub fn out_dim(&self) -> usize {
         match self {
-            Linear::Dense(d) => d.out_dim,
-            Linear::LowRank(l) => l.out_dim,
+            Linear::Dense(d) => d.weight.rows(),
+            Linear::LowRank(l) => l.u.rows(),
         }
     }
 
     /// Input features.
     pub fn in_dim(&self) -> usize {
         match self {
-            Linear::Dense(d) => d.in_dim,
-            Linear::LowRank(l) => l.in_dim,
+            Linear::Dense(d) => d.weight.cols(),
+            Linear::LowRank(l) => l.vs.cols(),
         }
     }
 
     /// Parameters held (weights and bias).
     pub fn n_params(&self) -> usize {
+        let bias = |b: &Option<Vec<f32>>| b.as_ref().map_or(0, Vec::len);
         match self {
-            Linear::Dense(d) => d.weight.len() + d.bias.as_ref().map_or(0, Vec::len),
-            Linear::LowRank(l) => l.u.len() + l.vs.len() + l.bias.as_ref().map_or(0, Vec::len),
+            Linear::Dense(d) => d.weight.rows() * d.weight.cols() + bias(&d.bias),
+            Linear::LowRank(l) => {
+                l.u.rows() * l.u.cols() + l.vs.rows() * l.vs.cols() + bias(&l.bias)
+            }
         }
     }
 
-    /// Bytes read from memory per forward pass.
+    /// Bytes read from memory per forward pass (weights as stored, f32 bias).
     pub fn weight_bytes(&self) -> usize {
-        self.n_params() * std::mem::size_of::<f32>()
+        let bias = |b: &Option<Vec<f32>>| b.as_ref().map_or(0, |b| 4 * b.len());
+        match self {
+            Linear::Dense(d) => d.weight.bytes() + bias(&d.bias),
+            Linear::LowRank(l) => l.u.bytes() + l.vs.bytes() + bias(&l.bias),
+        }
     }
 
-    /// `out (n × out_dim) = [out +] x (n × in_dim) · Wᵀ + b`, both row-major. `scratch` holds the
-    /// low-rank intermediate and is reused across calls.
-    #[allow(clippy::too_many_arguments)]
+    /// The storage format of the (largest) weight.
+    pub fn format(&self) -> WeightFormat {
+        match self {
+            Linear::Dense(d) => d.weight.format(),
+            Linear::LowRank(l) => l.vs.format(),
+        }
+    }
+
+    /// `out (n × out_dim) = [out +] x (n × in_dim) · Wᵀ + b`, both row-major.
     pub fn forward(
         &self,
         x: &[f32],
         n: usize,
         out: &mut [f32],
         accum: Accum,
-        par: Par,
-        scratch: &mut Vec<f32>,
+        scratch: &mut LinearScratch,
     ) {
         debug_assert_eq!(x.len(), n * self.in_dim());
         debug_assert_eq!(out.len(), n * self.out_dim());
-        // Batch-1 low-rank products under ~1 MB of weights run faster on one thread than with a
-        // hand-off to the pool (benches/lowrank.rs); dense layers gained nothing from it.
-        let par_of = |values: usize| {
-            if n == 1 && values < (1 << 18) {
-                Par::Seq
-            } else {
-                par
-            }
-        };
         match self {
             Linear::Dense(d) => {
                 let accum = apply_bias(d.bias.as_deref(), out, accum);
-                matmul_xwt(x, n, &d.weight, d.out_dim, d.in_dim, out, accum, par);
+                d.weight.matmul(x, n, out, accum, &mut scratch.acts);
             }
             Linear::LowRank(l) => {
-                scratch.resize(n * l.rank, 0.0);
-                let first = par_of(l.vs.len());
-                matmul_xwt(
-                    x,
-                    n,
-                    &l.vs,
-                    l.rank,
-                    l.in_dim,
-                    scratch,
-                    Accum::Replace,
-                    first,
-                );
+                let mid = &mut scratch.low_rank;
+                mid.resize(n * l.rank(), 0.0);
+                l.vs.matmul(x, n, mid, Accum::Replace, &mut scratch.acts);
                 let accum = apply_bias(l.bias.as_deref(), out, accum);
-                let second = par_of(l.u.len());
-                matmul_xwt(scratch, n, &l.u, l.out_dim, l.rank, out, accum, second);
+                l.u.matmul(mid, n, out, accum, &mut scratch.acts);
             }
+        }
+    }
+
+    /// `outs[i] = x · W_iᵀ + b_i` for layers sharing the input `x` (q/k/v, gate/up). A batch-1
+    /// step over dense layers runs as one fused pass over all their rows; anything else runs the
+    /// layers one by one.
+    pub fn forward_shared(
+        layers: &[&Linear],
+        x: &[f32],
+        n: usize,
+        outs: &mut [&mut [f32]],
+        scratch: &mut LinearScratch,
+    ) {
+        debug_assert_eq!(layers.len(), outs.len());
+        let all_dense = layers.iter().all(|l| matches!(l, Linear::Dense(_)));
+        if n != 1 || !all_dense || layers.len() > 3 {
+            for (l, out) in layers.iter().zip(outs.iter_mut()) {
+                l.forward(x, n, out, Accum::Replace, scratch);
+            }
+            return;
+        }
+        // Tasks on the stack (no allocation per token): one per layer, bias written first.
+        let acts = &mut scratch.acts;
+        match (layers, outs) {
+            ([a], [oa]) => gemv(&mut [dense_task(a, oa)], x, acts),
+            ([a, b], [oa, ob]) => gemv(&mut [dense_task(a, oa), dense_task(b, ob)], x, acts),
+            ([a, b, c], [oa, ob, oc]) => gemv(
+                &mut [dense_task(a, oa), dense_task(b, ob), dense_task(c, oc)],
+                x,
+                acts,
+            ),
+            _ => {}
         }
     }
 }
@@ -257,9 +301,9 @@ mod tests {
         let n = 4;
         let x: Vec<f32> = (0..n * i).map(|k| (k as f32 * 0.37).sin()).collect();
         let (mut a, mut b) = (vec![0.5; n * o], vec![0.5; n * o]);
-        let mut scratch = Vec::new();
-        lr.forward(&x, n, &mut a, Accum::Add, Par::Seq, &mut scratch);
-        dense.forward(&x, n, &mut b, Accum::Add, Par::Seq, &mut scratch);
+        let mut scratch = LinearScratch::default();
+        lr.forward(&x, n, &mut a, Accum::Add, &mut scratch);
+        dense.forward(&x, n, &mut b, Accum::Add, &mut scratch);
         for (p, q) in a.iter().zip(&b) {
             assert!((p - q).abs() < 1e-4, "{p} vs {q}");
         }
@@ -293,13 +337,13 @@ mod tests {
                 let lin = Linear::Dense(DenseLinear::new(w.clone(), o, i, bias.clone()));
                 let want = naive(&w, bias.as_deref(), &x, n, o, i);
                 let mut y = vec![f32::NAN; n * o];
-                lin.forward(&x, n, &mut y, Accum::Replace, Par::Seq, &mut Vec::new());
+                lin.forward(&x, n, &mut y, Accum::Replace, &mut LinearScratch::default());
                 for (a, b) in y.iter().zip(&want) {
                     assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
                 }
                 // Accumulate into a non-zero destination.
                 let mut y2 = vec![1.0; n * o];
-                lin.forward(&x, n, &mut y2, Accum::Add, Par::rayon(2), &mut Vec::new());
+                lin.forward(&x, n, &mut y2, Accum::Add, &mut LinearScratch::default());
                 for (a, b) in y2.iter().zip(&want) {
                     assert!((a - (b + 1.0)).abs() <= 1e-4 * (1.0 + b.abs()));
                 }

@@ -4,25 +4,16 @@
 //! The model is immutable (`&self`); per-sequence state lives in a [`KvCache`] and reusable buffers
 //! in a [`ForwardScratch`], so a decode loop allocates nothing after its first step.
 
-use faer::{Accum, Par};
+use faer::Accum;
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
+use crate::kernels::WeightMatrix;
 use crate::kv::{AttnShape, DenseKvCache, KvCache};
-use crate::linear::{DenseLinear, Linear, LowRankLinear};
-use crate::source::{Tensor, Weights};
+use crate::linear::{DenseLinear, Linear, LinearScratch, LowRankLinear};
+use crate::source::{Tensor, WeightStorage, Weights};
 
-/// `x ← x / √(mean(x²) + eps) · weight`, for each row of width `weight.len()`.
-pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let d = weight.len();
-    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
-            *o = v * inv * w;
-        }
-    }
-}
+pub use crate::kernels::ops::rms_norm;
 
 /// Rotary position embedding in the Hugging Face "rotate half" layout: within each head of width
 /// `hd`, element `i < hd/2` pairs with `i + hd/2` and the pair rotates by `pos · base^(-2i/hd)`.
@@ -99,25 +90,36 @@ pub struct Block {
 }
 
 /// Loads a linear layer `[out, in]` with an optional bias `[out]` from scope `w`: a dense
-/// `weight`, or low-rank factors `lowrank_u` (`[out, r]`) and `lowrank_vs` (`[r, in]`).
-fn load_linear(w: &Weights, out: usize, inp: usize, bias: bool) -> Result<Linear, ModelError> {
+/// `weight`, or low-rank factors `lowrank_u` (`[out, r]`) and `lowrank_vs` (`[r, in]`), each
+/// matrix kept in `storage`.
+fn load_linear(
+    w: &Weights,
+    out: usize,
+    inp: usize,
+    bias: bool,
+    storage: WeightStorage,
+) -> Result<Linear, ModelError> {
     let bias = if bias {
         w.get_opt("bias", &[out])?
     } else {
         None
     };
     if let Some(rank) = w.shape_of("lowrank_u").and_then(|s| s.get(1).copied()) {
-        let u = w.get("lowrank_u", &[out, rank])?;
-        let vs = w.get("lowrank_vs", &[rank, inp])?;
-        return Ok(Linear::LowRank(LowRankLinear::new(u, vs, out, inp, bias)));
+        let u = w.matrix("lowrank_u", out, rank, storage)?;
+        let vs = w.matrix("lowrank_vs", rank, inp, storage)?;
+        return Ok(Linear::LowRank(LowRankLinear::from_matrices(u, vs, bias)));
     }
-    let weight = w.get("weight", &[out, inp])?;
-    Ok(Linear::Dense(DenseLinear::new(weight, out, inp, bias)))
+    let weight = w.matrix("weight", out, inp, storage)?;
+    Ok(Linear::Dense(DenseLinear::from_matrix(weight, bias)))
 }
 
 impl Block {
-    /// Loads block weights from scope `model.layers.N`.
-    pub fn load(cfg: &ModelConfig, w: &Weights) -> Result<Self, ModelError> {
+    /// Loads block weights from scope `model.layers.N`, linear weights kept in `storage`.
+    pub fn load(
+        cfg: &ModelConfig,
+        w: &Weights,
+        storage: WeightStorage,
+    ) -> Result<Self, ModelError> {
         let (d, f, qd, kd) = (
             cfg.hidden_size,
             cfg.intermediate_size,
@@ -128,14 +130,14 @@ impl Block {
         let mlp = w.pp("mlp");
         Ok(Block {
             attn_norm: w.pp("input_layernorm").get("weight", &[d])?,
-            q_proj: load_linear(&attn.pp("q_proj"), qd, d, true)?,
-            k_proj: load_linear(&attn.pp("k_proj"), kd, d, true)?,
-            v_proj: load_linear(&attn.pp("v_proj"), kd, d, true)?,
-            o_proj: load_linear(&attn.pp("o_proj"), d, qd, false)?,
+            q_proj: load_linear(&attn.pp("q_proj"), qd, d, true, storage)?,
+            k_proj: load_linear(&attn.pp("k_proj"), kd, d, true, storage)?,
+            v_proj: load_linear(&attn.pp("v_proj"), kd, d, true, storage)?,
+            o_proj: load_linear(&attn.pp("o_proj"), d, qd, false, storage)?,
             ffn_norm: w.pp("post_attention_layernorm").get("weight", &[d])?,
-            gate_proj: load_linear(&mlp.pp("gate_proj"), f, d, false)?,
-            up_proj: load_linear(&mlp.pp("up_proj"), f, d, false)?,
-            down_proj: load_linear(&mlp.pp("down_proj"), d, f, false)?,
+            gate_proj: load_linear(&mlp.pp("gate_proj"), f, d, false, storage)?,
+            up_proj: load_linear(&mlp.pp("up_proj"), f, d, false, storage)?,
+            down_proj: load_linear(&mlp.pp("down_proj"), d, f, false, storage)?,
         })
     }
 
@@ -198,14 +200,93 @@ pub struct ForwardScratch {
     up: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
-    low_rank: Vec<f32>,
+    linear: LinearScratch,
+    /// When set, wall time per part of the forward pass accumulates here.
+    pub profile: Option<Profile>,
+}
+
+/// The parts of a forward pass a [`Profile`] times separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Fused q/k/v projections.
+    Qkv,
+    /// Attention over the KV cache (including the cache append).
+    Attention,
+    /// Attention output projection.
+    Output,
+    /// Fused gate/up projections.
+    GateUp,
+    /// Down projection.
+    Down,
+    /// Output head (logits).
+    Head,
+    /// Norms, RoPE, SwiGLU and the rest.
+    Other,
+}
+
+impl Part {
+    /// Every part, in [`Profile::secs`] order.
+    pub const ALL: [Part; 7] = [
+        Part::Qkv,
+        Part::Attention,
+        Part::Output,
+        Part::GateUp,
+        Part::Down,
+        Part::Head,
+        Part::Other,
+    ];
+
+    /// Short label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Qkv => "q/k/v",
+            Part::Attention => "attention",
+            Part::Output => "o_proj",
+            Part::GateUp => "gate/up",
+            Part::Down => "down",
+            Part::Head => "head",
+            Part::Other => "norms/rope/act",
+        }
+    }
+}
+
+/// Accumulated wall time per [`Part`] (seconds, in [`Part::ALL`] order).
+#[derive(Debug, Default, Clone)]
+pub struct Profile {
+    /// Seconds per part.
+    pub secs: [f64; 7],
+}
+
+/// A stopwatch that charges the time since its last mark to a part (no-op when not profiling).
+struct Lap<'a> {
+    profile: Option<&'a mut Profile>,
+    at: std::time::Instant,
+}
+
+impl<'a> Lap<'a> {
+    fn start(profile: &'a mut Option<Profile>) -> Self {
+        Lap {
+            profile: profile.as_mut(),
+            at: std::time::Instant::now(),
+        }
+    }
+
+    fn mark(&mut self, part: Part) {
+        if let Some(p) = self.profile.as_deref_mut() {
+            let now = std::time::Instant::now();
+            let i = Part::ALL.iter().position(|&q| q == part).unwrap_or(6);
+            p.secs[i] += (now - self.at).as_secs_f64();
+            self.at = now;
+        }
+    }
 }
 
 /// A Llama-family causal language model.
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
     cfg: ModelConfig,
-    embed: Vec<f32>,
+    /// `vocab × d`; also the output head when embeddings are tied.
+    embed: WeightMatrix,
     blocks: Vec<Block>,
     norm: Vec<f32>,
     lm_head: Option<Linear>,
@@ -213,25 +294,27 @@ pub struct LlamaModel {
 }
 
 impl LlamaModel {
-    /// Loads every weight from `w` (Hugging Face names) under `cfg`; `on_block` is called after
-    /// each block (for progress bars).
+    /// Loads every weight from `w` (Hugging Face names) under `cfg`, weight matrices (embedding
+    /// and head included) kept in `storage`; `on_block` is called after each block (for progress
+    /// bars).
     pub fn load(
         cfg: &ModelConfig,
         w: &Weights,
+        storage: WeightStorage,
         mut on_block: impl FnMut(usize),
     ) -> Result<Self, ModelError> {
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = w.pp("model.embed_tokens").get("weight", &[v, d])?;
+        let embed = w.pp("model.embed_tokens").matrix("weight", v, d, storage)?;
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
-            blocks.push(Block::load(cfg, &w.pp("model.layers").pp(i))?);
+            blocks.push(Block::load(cfg, &w.pp("model.layers").pp(i), storage)?);
             on_block(i);
         }
         let norm = w.pp("model.norm").get("weight", &[d])?;
         let lm_head = if cfg.tie_embeddings {
             None
         } else {
-            Some(load_linear(&w.pp("lm_head"), v, d, false)?)
+            Some(load_linear(&w.pp("lm_head"), v, d, false, storage)?)
         };
         Ok(LlamaModel {
             cfg: cfg.clone(),
@@ -305,7 +388,7 @@ impl LlamaModel {
             .sum();
         let head = match &self.lm_head {
             Some(l) => l.weight_bytes(),
-            None => self.embed.len() * f,
+            None => self.embed.bytes(),
         };
         blocks + head + self.norm.len() * f
     }
@@ -321,7 +404,7 @@ impl LlamaModel {
         let mut out = vec![
             (
                 "model.embed_tokens.weight".to_string(),
-                t(vec![v, d], &self.embed),
+                t(vec![v, d], &self.embed.to_f32()),
             ),
             ("model.norm.weight".to_string(), t(vec![d], &self.norm)),
         ];
@@ -329,13 +412,13 @@ impl LlamaModel {
             let (o, i) = (l.out_dim(), l.in_dim());
             let bias = match l {
                 Linear::Dense(dl) => {
-                    out.push((format!("{name}.weight"), t(vec![o, i], dl.weight())));
+                    out.push((format!("{name}.weight"), t(vec![o, i], &dl.weight())));
                     dl.bias()
                 }
                 Linear::LowRank(lr) => {
                     let r = lr.rank();
-                    out.push((format!("{name}.lowrank_u"), t(vec![o, r], lr.u())));
-                    out.push((format!("{name}.lowrank_vs"), t(vec![r, i], lr.vs())));
+                    out.push((format!("{name}.lowrank_u"), t(vec![o, r], &lr.u())));
+                    out.push((format!("{name}.lowrank_vs"), t(vec![r, i], &lr.vs())));
                     lr.bias()
                 }
             };
@@ -376,7 +459,7 @@ impl LlamaModel {
             })
             .sum();
         blocks
-            + self.embed.len()
+            + self.embed.rows() * self.embed.cols()
             + self.norm.len()
             + self.lm_head.as_ref().map_or(0, Linear::n_params)
     }
@@ -389,7 +472,7 @@ impl LlamaModel {
             if t as usize >= v {
                 return Err(ModelError::TokenOutOfRange { id: t, vocab: v });
             }
-            row.copy_from_slice(&self.embed[t as usize * d..][..d]);
+            self.embed.dequantize_rows(t as usize, t as usize + 1, row);
         }
         Ok(())
     }
@@ -476,60 +559,66 @@ impl LlamaModel {
         s.v.resize(n * kd, 0.0);
         s.gate.resize(n * f, 0.0);
         s.up.resize(n * f, 0.0);
-        // Every product uses the rayon pool: batch-1 GEMVs still gain from two threads streaming
-        // the weights (small low-rank products opt out in `Linear::forward`).
-        let par = Par::rayon(0);
         let mut observe = |input: LinearInput, v: &[f32]| {
             if let Some(o) = observer.as_deref_mut() {
                 o.observe(layer, input, v, n);
             }
         };
 
+        let mut lap = Lap::start(&mut s.profile);
         rms_norm(x, &b.attn_norm, cfg.rms_eps, &mut s.h);
         observe(LinearInput::Attention, &s.h);
-        let lr = &mut s.low_rank;
-        b.q_proj.forward(&s.h, n, &mut s.q, Accum::Replace, par, lr);
-        b.k_proj.forward(&s.h, n, &mut s.k, Accum::Replace, par, lr);
-        b.v_proj.forward(&s.h, n, &mut s.v, Accum::Replace, par, lr);
+        lap.mark(Part::Other);
+        let ls = &mut s.linear;
+        Linear::forward_shared(
+            &[&b.q_proj, &b.k_proj, &b.v_proj],
+            &s.h,
+            n,
+            &mut [&mut s.q, &mut s.k, &mut s.v],
+            ls,
+        );
+        lap.mark(Part::Qkv);
         self.rope.apply(&mut s.q, qd, &s.cos, &s.sin);
         self.rope.apply(&mut s.k, kd, &s.cos, &s.sin);
+        lap.mark(Part::Other);
         cache.attend(layer, &s.q, &s.k, &s.v, n, &mut s.attn);
         observe(LinearInput::AttentionOutput, &s.attn);
-        b.o_proj.forward(&s.attn, n, x, Accum::Add, par, lr);
+        lap.mark(Part::Attention);
+        b.o_proj.forward(&s.attn, n, x, Accum::Add, ls);
+        lap.mark(Part::Output);
 
         rms_norm(x, &b.ffn_norm, cfg.rms_eps, &mut s.h);
         observe(LinearInput::FeedForward, &s.h);
-        b.gate_proj
-            .forward(&s.h, n, &mut s.gate, Accum::Replace, par, lr);
-        b.up_proj
-            .forward(&s.h, n, &mut s.up, Accum::Replace, par, lr);
-        for (g, u) in s.gate.iter_mut().zip(&s.up) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
+        lap.mark(Part::Other);
+        Linear::forward_shared(
+            &[&b.gate_proj, &b.up_proj],
+            &s.h,
+            n,
+            &mut [&mut s.gate, &mut s.up],
+            ls,
+        );
+        lap.mark(Part::GateUp);
+        crate::kernels::ops::silu_mul(&mut s.gate, &s.up);
         observe(LinearInput::FeedForwardHidden, &s.gate);
-        b.down_proj.forward(&s.gate, n, x, Accum::Add, par, lr);
+        lap.mark(Part::Other);
+        b.down_proj.forward(&s.gate, n, x, Accum::Add, ls);
+        lap.mark(Part::Down);
     }
 
     /// Output logits (`n × vocab`, row-major) for `n` final-normed hidden rows (`n × d`).
     pub fn logits(&self, hidden: &[f32], out: &mut Vec<f32>) {
+        self.head(hidden, out, &mut LinearScratch::default());
+    }
+
+    fn head(&self, hidden: &[f32], out: &mut Vec<f32>, scratch: &mut LinearScratch) {
         let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let n = hidden.len() / d;
         out.resize(n * v, 0.0);
         match &self.lm_head {
-            Some(head) => head.forward(
-                hidden,
-                n,
-                out,
-                Accum::Replace,
-                Par::rayon(0),
-                &mut Vec::new(),
-            ),
-            None => {
-                let x = faer::MatRef::from_row_major_slice(hidden, n, d);
-                let et = faer::MatRef::from_row_major_slice(&self.embed, v, d).transpose();
-                let y = faer::MatMut::from_row_major_slice_mut(out, n, v);
-                faer::linalg::matmul::matmul(y, Accum::Replace, x, et, 1.0f32, Par::rayon(0));
-            }
+            Some(head) => head.forward(hidden, n, out, Accum::Replace, scratch),
+            None => self
+                .embed
+                .matmul(hidden, n, out, Accum::Replace, scratch.acts_mut()),
         }
     }
 
@@ -542,9 +631,11 @@ impl LlamaModel {
         out: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
         let d = self.cfg.hidden_size;
-        let hidden = self.forward_hidden(tokens, cache, scratch)?;
-        let last = &hidden[hidden.len() - d..];
-        self.logits(last, out);
+        self.forward_hidden(tokens, cache, scratch)?;
+        let mut lap = Lap::start(&mut scratch.profile);
+        let last = &scratch.h[scratch.h.len() - d..];
+        self.head(last, out, &mut scratch.linear);
+        lap.mark(Part::Head);
         Ok(())
     }
 }
@@ -656,7 +747,7 @@ pub(crate) mod tests {
             fill(format!("{l}.mlp.up_proj.weight"), vec![ffn, d]);
             fill(format!("{l}.mlp.down_proj.weight"), vec![d, ffn]);
         }
-        LlamaModel::load(&cfg, &Weights::new(&src), |_| {}).unwrap()
+        LlamaModel::load(&cfg, &Weights::new(&src), WeightStorage::F32, |_| {}).unwrap()
     }
 
     #[test]

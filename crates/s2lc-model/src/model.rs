@@ -9,7 +9,7 @@ use crate::config::{Arch, HfConfig, ModelConfig};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
 use crate::llama::LlamaModel;
-use crate::source::{GgufSource, SafetensorsSource, TensorSource, Weights};
+use crate::source::{GgufSource, SafetensorsSource, TensorSource, WeightStorage, Weights};
 use crate::tokenizer::{GgufBpe, Tokenizer};
 
 enum Format {
@@ -162,10 +162,15 @@ impl ModelSource {
         }
     }
 
-    /// Loads the runnable model (weights dequantized to f32); `on_block` sees each loaded block.
-    pub fn load_llama(&self, on_block: impl FnMut(usize)) -> Result<LlamaModel, ModelError> {
+    /// Loads the runnable model, weight matrices kept in `storage`; `on_block` sees each loaded
+    /// block.
+    pub fn load_llama(
+        &self,
+        storage: WeightStorage,
+        on_block: impl FnMut(usize),
+    ) -> Result<LlamaModel, ModelError> {
         let cfg = self.config()?;
-        LlamaModel::load(&cfg, &Weights::new(self.tensors()), on_block)
+        LlamaModel::load(&cfg, &Weights::new(self.tensors()), storage, on_block)
     }
 }
 

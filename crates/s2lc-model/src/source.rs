@@ -14,6 +14,8 @@ use safetensors::{Dtype, SafeTensors};
 use crate::config::Arch;
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
+use crate::kernels::{WeightFormat, WeightMatrix};
+use crate::quant::GgmlType;
 
 /// An f32 tensor, row-major (`shape[0]` is the slowest axis; a linear weight is `[out, in]`).
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +51,49 @@ pub trait TensorSource: Send + Sync {
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     /// Every tensor, by Hugging Face name, in a stable order.
     fn describe(&self) -> Vec<TensorDesc>;
+    /// Tensor `name` as stored (ggml type and raw bytes, rows in the runtime's order), when the
+    /// source keeps it in a block or half format; `None` means only [`TensorSource::load`] applies.
+    fn load_raw(&self, _name: &str) -> Result<Option<RawTensor>, ModelError> {
+        Ok(None)
+    }
+}
+
+/// A tensor's bytes as a file stores them (see [`TensorSource::load_raw`]).
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    /// Storage type.
+    pub dtype: GgmlType,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+    /// Little-endian rows of blocks.
+    pub bytes: Vec<u8>,
+}
+
+/// The storage the runtime keeps weight matrices in (`--weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightStorage {
+    /// Dequantized f32 (the reference; what compression works on).
+    F32,
+    /// IEEE f16.
+    F16,
+    /// ggml Q8_0 (8-bit blocks of 32).
+    Q8_0,
+    /// The file's own blocks when a kernel exists for them (GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/F16/
+    /// BF16); other block types are re-quantized to Q8_0, unquantized tensors stay f32.
+    Native,
+}
+
+impl WeightStorage {
+    /// Parses `f32`, `f16`, `q8_0` or `native`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "f32" => WeightStorage::F32,
+            "f16" => WeightStorage::F16,
+            "q8_0" => WeightStorage::Q8_0,
+            "native" => WeightStorage::Native,
+            _ => return None,
+        })
+    }
 }
 
 /// A scoped view of a [`TensorSource`]: `pp` appends a name component, `get` checks the shape.
@@ -105,6 +150,47 @@ impl<'a> Weights<'a> {
     /// The shape of `leaf`, or `None` when the tensor is absent.
     pub fn shape_of(&self, leaf: &str) -> Option<Vec<usize>> {
         self.source.shape(&self.full(leaf))
+    }
+
+    /// Loads the `rows × cols` matrix `leaf` in `storage` (see [`WeightStorage`]); a width that a
+    /// block format cannot hold (not a multiple of 32) stays f32.
+    pub fn matrix(
+        &self,
+        leaf: &str,
+        rows: usize,
+        cols: usize,
+        storage: WeightStorage,
+    ) -> Result<WeightMatrix, ModelError> {
+        let name = self.full(leaf);
+        let mut stored_in_blocks = false;
+        if storage == WeightStorage::Native {
+            if let Some(raw) = self.source.load_raw(&name)? {
+                if raw.shape != [rows, cols] {
+                    return Err(ModelError::ShapeMismatch {
+                        name,
+                        expected: vec![rows, cols],
+                        got: raw.shape,
+                    });
+                }
+                match WeightFormat::from_ggml(raw.dtype) {
+                    Some(format) => {
+                        return WeightMatrix::from_blocks(format, raw.bytes, rows, cols)
+                    }
+                    None => stored_in_blocks = true,
+                }
+            }
+        }
+        let data = self.get(leaf, &[rows, cols])?;
+        let format = match storage {
+            WeightStorage::F32 => WeightFormat::F32,
+            WeightStorage::F16 => WeightFormat::F16,
+            // Native reaches here for f32 tensors (they stay f32) and block types without a
+            // kernel (re-quantized to Q8_0, the closest format with one).
+            WeightStorage::Native if !stored_in_blocks => WeightFormat::F32,
+            WeightStorage::Q8_0 | WeightStorage::Native if cols % 32 == 0 => WeightFormat::Q8_0,
+            WeightStorage::Q8_0 | WeightStorage::Native => WeightFormat::F32,
+        };
+        WeightMatrix::quantize(&data, rows, cols, format)
     }
 
     /// Like [`Weights::get`] but `None` when the tensor is absent (optional biases, untied heads).
@@ -171,10 +257,17 @@ pub fn hf_to_gguf(name: &str) -> Option<String> {
 /// `[h][t][i]` (t ∈ {0,1} selects the half, i < head_dim/2) to the interleaved layout `[h][i][t]` its
 /// RoPE kernel expects. The runtime uses the Hugging Face layout, so GGUF rows are mapped back:
 /// `hf[h·hd + t·hd/2 + i] = gguf[h·hd + 2i + t]`. `data` is `rows × cols` row-major.
-pub fn unpermute_rope_rows(data: &[f32], rows: usize, cols: usize, n_heads: usize) -> Vec<f32> {
+/// Works on any element type: raw rows of quantized blocks move the same way (`cols` is then the
+/// bytes per row).
+pub fn unpermute_rope_rows<T: Copy + Default>(
+    data: &[T],
+    rows: usize,
+    cols: usize,
+    n_heads: usize,
+) -> Vec<T> {
     let hd = rows / n_heads;
     let half = hd / 2;
-    let mut out = vec![0.0; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..n_heads {
         for t in 0..2 {
             for i in 0..half {
@@ -216,6 +309,21 @@ impl GgufSource {
     pub fn file(&self) -> &GgufFile {
         &self.file
     }
+
+    /// The head count whose rows llama.cpp permuted in GGUF tensor `gname`, if any.
+    fn permuted_heads(&self, gname: &str, shape: &[usize]) -> Option<usize> {
+        let (n_heads, n_kv_heads) = self.rope_heads?;
+        if shape.len() != 2 {
+            return None;
+        }
+        if gname.ends_with("attn_q.weight") {
+            Some(n_heads)
+        } else if gname.ends_with("attn_k.weight") {
+            Some(n_kv_heads)
+        } else {
+            None
+        }
+    }
 }
 
 impl TensorSource for GgufSource {
@@ -227,19 +335,33 @@ impl TensorSource for GgufSource {
             .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         let shape = info.shape();
         let mut data = self.file.dequantize(&gname)?;
-        if let (Some((n_heads, n_kv_heads)), 2) = (self.rope_heads, shape.len()) {
-            let heads = if gname.ends_with("attn_q.weight") {
-                Some(n_heads)
-            } else if gname.ends_with("attn_k.weight") {
-                Some(n_kv_heads)
-            } else {
-                None
-            };
-            if let Some(h) = heads {
-                data = unpermute_rope_rows(&data, shape[0], shape[1], h);
-            }
+        if let Some(h) = self.permuted_heads(&gname, &shape) {
+            data = unpermute_rope_rows(&data, shape[0], shape[1], h);
         }
         Ok(Tensor { shape, data })
+    }
+
+    fn load_raw(&self, name: &str) -> Result<Option<RawTensor>, ModelError> {
+        let Some(gname) = hf_to_gguf(name) else {
+            return Ok(None);
+        };
+        let Some(info) = self.file.tensor_info(&gname) else {
+            return Ok(None);
+        };
+        if info.dtype == GgmlType::F32 {
+            return Ok(None);
+        }
+        let shape = info.shape();
+        let mut bytes = self.file.tensor_bytes(info).to_vec();
+        if let Some(h) = self.permuted_heads(&gname, &shape) {
+            let row_bytes = bytes.len() / shape[0];
+            bytes = unpermute_rope_rows(&bytes, shape[0], row_bytes, h);
+        }
+        Ok(Some(RawTensor {
+            dtype: info.dtype,
+            shape,
+            bytes,
+        }))
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {

@@ -9,6 +9,7 @@ use s2lc_model::eval::perplexity;
 use s2lc_model::generate::{generate, Sampler, SamplingParams};
 use s2lc_model::kv::DenseKvCache;
 use s2lc_model::llama::ForwardScratch;
+use s2lc_model::source::WeightStorage;
 use s2lc_model::tokenizer::read_text_file;
 use s2lc_model::ModelSource;
 use serde_json::Value;
@@ -56,7 +57,7 @@ fn smollm2_matches_pytorch() {
     .expect("fixture JSON");
     let source = ModelSource::open(&model_path).unwrap();
     let tokenizer = source.tokenizer().unwrap();
-    let model = source.load_llama(|_| {}).unwrap();
+    let model = source.load_llama(WeightStorage::F32, |_| {}).unwrap();
 
     // 1. Token ids of the prompt.
     let prompt = reference["prompt"].as_str().unwrap();
@@ -172,7 +173,7 @@ fn smollm2_hf_directory_round_trip() {
     assert_eq!(hf.config().unwrap(), cfg);
     let prompt = [504u32, 2365, 6354, 16438, 27003, 690, 260, 23790];
     let logits_of = |source: &ModelSource| {
-        let model = source.load_llama(|_| {}).unwrap();
+        let model = source.load_llama(WeightStorage::F32, |_| {}).unwrap();
         let mut cache = DenseKvCache::new(cfg.n_layers, model.attn_shape(), 64);
         let mut logits = Vec::new();
         model

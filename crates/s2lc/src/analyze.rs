@@ -22,6 +22,8 @@ use s2lc_spectral::analysis::{
     singular_values, MatrixSpectrum, SpectralReport, DEFAULT_THRESHOLDS,
 };
 
+use s2lc_model::source::WeightStorage;
+
 use crate::{load_model, progress, ModelArg};
 
 /// Arguments of `s2lc analyze`.
@@ -56,7 +58,7 @@ pub fn run(args: &AnalyzeArgs) -> Result<()> {
         .unwrap_or_else(|| args.out.join("spectra"));
 
     let start = Instant::now();
-    let (_source, model, _tokenizer) = load_model(&path)?;
+    let (_source, model, _tokenizer) = load_model(&path, WeightStorage::F32)?;
     let loaded = start.elapsed();
 
     // One job per linear weight, in model order; the decompositions run in parallel, each one
@@ -144,13 +146,14 @@ fn linear_singular_values(linear: &Linear) -> Result<Vec<f32>> {
     let (rows, cols) = (linear.out_dim(), linear.in_dim());
     let values = match linear {
         Linear::Dense(d) => singular_values(
-            MatRef::from_row_major_slice(d.weight(), rows, cols),
+            MatRef::from_row_major_slice(&d.weight(), rows, cols),
             Par::Seq,
         )?,
         Linear::LowRank(l) => {
             let r = l.rank();
-            let u = MatRef::from_row_major_slice(l.u(), rows, r);
-            let vs = MatRef::from_row_major_slice(l.vs(), r, cols);
+            let (u, vs) = (l.u(), l.vs());
+            let u = MatRef::from_row_major_slice(&u, rows, r);
+            let vs = MatRef::from_row_major_slice(&vs, r, cols);
             singular_values((u * vs).as_ref(), Par::Seq)?
         }
     };

@@ -5,88 +5,187 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use std::time::Instant;
+
 use s2lc_model::generate::{generate, Sampler, SamplingParams};
-use s2lc_model::llama::LlamaModel;
+use s2lc_model::kv::KvCache;
+use s2lc_model::llama::{ForwardScratch, LlamaModel, Part, Profile};
+use s2lc_model::source::WeightStorage;
 use s2lc_model::tokenizer::read_text_file;
 
-use crate::{load_model, s2lc_home, ModelArg};
+use crate::{load_model, parse_weights, s2lc_home, ModelArg};
 
 /// Options of `s2lc bench decode`.
 #[derive(Args)]
 pub struct DecodeArgs {
     #[command(flatten)]
     model: ModelArg,
-    /// Prompt length (tokens of the prompt text).
-    #[arg(long, default_value_t = 128)]
+    /// Weight storages to measure, one model load each.
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16,q8_0,native", value_parser = parse_weights)]
+    weights: Vec<WeightStorage>,
+    /// Prompt length (tokens of the prompt text), run as one prefill.
+    #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
-    /// Tokens to decode.
+    /// Tokens decoded (greedy) for the decode speed.
     #[arg(long, default_value_t = 128)]
     new_tokens: usize,
+    /// Context already in the cache when decode timing starts (1 = from the start, like
+    /// llama-bench's `tg` test).
+    #[arg(long, default_value_t = 1)]
+    decode_context: usize,
     /// Prompt text file [default: alice29.txt from $S2LC_HOME].
     #[arg(long)]
     text: Option<PathBuf>,
     /// Timed repetitions (the best is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Also print where a decode step spends its time, per part of the forward pass.
+    #[arg(long)]
+    profile: bool,
 }
 
-/// Runs `s2lc bench decode`.
+/// One timed prefill of `prompt`, then (on a fresh cache, as llama-bench's `tg` test does) a
+/// greedy decode of `new_tokens` after `context` prompt tokens; returns (prefill tok/s, decode tok/s).
+fn prefill_and_decode(
+    model: &LlamaModel,
+    prompt: &[u32],
+    context: usize,
+    new_tokens: usize,
+    scratch: &mut ForwardScratch,
+) -> Result<(f64, f64)> {
+    let mut cache = model.dense_cache(prompt.len().max(context + 1) + new_tokens);
+    let mut logits = Vec::new();
+    let t = Instant::now();
+    model.forward_last(prompt, &mut cache, scratch, &mut logits)?;
+    let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
+    cache.clear();
+    let start = &prompt[..context.clamp(1, prompt.len())];
+    model.forward_last(start, &mut cache, scratch, &mut logits)?;
+    let t = Instant::now();
+    for _ in 0..new_tokens {
+        let next = argmax(&logits);
+        model.forward_last(&[next], &mut cache, scratch, &mut logits)?;
+    }
+    let decode = new_tokens as f64 / t.elapsed().as_secs_f64();
+    Ok((prefill, decode))
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Runs `s2lc bench decode`: per weight storage, prefill and decode speed, bytes per token and
+/// the fraction of the memory-bandwidth bound, measured in one process.
 pub fn decode(args: &DecodeArgs) -> Result<()> {
     let path = args.model.path();
-    let (_source, model, tokenizer) = load_model(&path)?;
     let text_path = args
         .text
         .clone()
         .unwrap_or_else(|| s2lc_home().join("text/canterbury/alice29.txt"));
     let text = read_text_file(&text_path).context("reading the prompt text")?;
-    let mut prompt = tokenizer
-        .encode(&text, false)
-        .context("tokenizing the prompt")?;
-    prompt.truncate(args.prompt_tokens.max(1));
-    let cfg = model.config();
-    let run = || -> Result<_> {
-        let mut cache = model.dense_cache(cfg.max_seq_len);
-        let mut sampler = Sampler::new(SamplingParams::default());
-        Ok(generate(
-            &model,
-            &mut cache,
-            &prompt,
-            args.new_tokens + 1,
-            &mut sampler,
-            &[],
-            |_| true,
-        )?)
-    };
-    run().context("warm-up run")?;
-    let mut best_prefill = 0.0f64;
-    let mut best_decode = 0.0f64;
-    for _ in 0..args.runs.max(1) {
-        let s = run().context("timed run")?;
-        best_prefill = best_prefill.max(s.prefill_tok_s());
-        best_decode = best_decode.max(s.decode_tok_s());
-    }
-    let bytes = model.weight_bytes_per_token() as f64;
     let bw = s2lc_model::perf::read_bandwidth(5);
-    let bound = bw / bytes;
+    println!("model: {}", path.display());
     println!(
-        "model: {} ({} parameters, f32 runtime)",
-        path.display(),
-        model.n_params()
+        "threads: {}, SIMD kernels: {}",
+        s2lc_model::kernels::pool::global().threads(),
+        if s2lc_model::kernels::dot::simd() {
+            "AVX2"
+        } else {
+            "portable"
+        }
     );
-    println!("threads: {}", rayon::current_num_threads());
-    println!(
-        "prefill: {best_prefill:.1} tok/s ({} prompt tokens)",
-        prompt.len()
-    );
-    println!("weight bytes per token: {:.1} MB", bytes / 1e6);
     println!("memory read bandwidth: {:.1} GB/s", bw / 1e9);
-    println!("bandwidth bound: {bound:.1} tok/s");
+    let mut rows = Vec::new();
+    let mut profiles = Vec::new();
+    for &storage in &args.weights {
+        let (_source, model, tokenizer) = load_model(&path, storage)?;
+        let mut prompt = tokenizer
+            .encode(&text, false)
+            .context("tokenizing the prompt")?;
+        prompt.truncate(args.prompt_tokens.max(1));
+        let mut scratch = ForwardScratch::default();
+        prefill_and_decode(&model, &prompt, args.decode_context, 8, &mut scratch)
+            .context("warm-up run")?;
+        let (mut prefill, mut decode) = (0.0f64, 0.0f64);
+        for _ in 0..args.runs.max(1) {
+            let (p, d) = prefill_and_decode(
+                &model,
+                &prompt,
+                args.decode_context,
+                args.new_tokens,
+                &mut scratch,
+            )
+            .context("timed run")?;
+            prefill = prefill.max(p);
+            decode = decode.max(d);
+        }
+        if args.profile {
+            let mut scratch = ForwardScratch::default();
+            let start = &prompt[..args.decode_context.clamp(1, prompt.len())];
+            let mut cache = model.dense_cache(start.len() + args.new_tokens);
+            let mut logits = Vec::new();
+            model.forward_last(start, &mut cache, &mut scratch, &mut logits)?;
+            scratch.profile = Some(Profile::default());
+            for _ in 0..args.new_tokens {
+                let next = argmax(&logits);
+                model.forward_last(&[next], &mut cache, &mut scratch, &mut logits)?;
+            }
+            let p = scratch.profile.take().unwrap_or_default();
+            profiles.push((storage_name(storage, &model), p, args.new_tokens));
+        }
+        let bytes = model.weight_bytes_per_token() as f64;
+        rows.push((storage_name(storage, &model), bytes, prefill, decode));
+    }
     println!(
-        "decode: {best_decode:.1} tok/s ({} new tokens, {:.0}% of the bandwidth bound)",
-        args.new_tokens,
-        100.0 * best_decode / bound
+        "\nprefill: {} prompt tokens in one pass; decode: {} tokens after {} of context; best of {} runs\n",
+        args.prompt_tokens, args.new_tokens, args.decode_context, args.runs
     );
+    println!("| weights | MB read per token | prefill tok/s | decode tok/s | bandwidth bound tok/s | % of bound |");
+    println!("|---|---|---|---|---|---|");
+    for (name, bytes, prefill, decode) in &rows {
+        let bound = bw / bytes;
+        println!(
+            "| {name} | {:.1} | {prefill:.1} | {decode:.1} | {bound:.1} | {:.0}% |",
+            bytes / 1e6,
+            100.0 * decode / bound
+        );
+    }
+    for (name, p, tokens) in &profiles {
+        let total: f64 = p.secs.iter().sum();
+        println!(
+            "\ndecode profile, {name} ({:.3} ms per token):",
+            1e3 * total / *tokens as f64
+        );
+        for (part, secs) in Part::ALL.iter().zip(&p.secs) {
+            println!(
+                "  {:<16} {:>8.3} ms/token {:>5.1}%",
+                part.name(),
+                1e3 * secs / *tokens as f64,
+                100.0 * secs / total
+            );
+        }
+    }
     Ok(())
+}
+
+/// `native` shown with the format the linears actually ended up in (e.g. `native (q4_1)`).
+fn storage_name(storage: WeightStorage, model: &LlamaModel) -> String {
+    let name = match storage {
+        WeightStorage::F32 => "f32",
+        WeightStorage::F16 => "f16",
+        WeightStorage::Q8_0 => "q8_0",
+        WeightStorage::Native => "native",
+    };
+    match (storage, model.blocks().first()) {
+        (WeightStorage::Native, Some(b)) => format!("{name} ({})", b.q_proj.format()),
+        _ => name.to_string(),
+    }
 }
 
 /// Greedy decode speed (tokens/s after the first) generating `generated` tokens from the first
@@ -170,7 +269,7 @@ pub fn compress_sweep(args: &SweepArgs) -> Result<()> {
         calibration_windows, compress, CompressOptions, Method, RankPolicy,
     };
 
-    let (_source, dense, tokenizer) = load_model(&args.model.path())?;
+    let (_source, dense, tokenizer) = load_model(&args.model.path(), WeightStorage::F32)?;
     let read = |p: &Option<PathBuf>, default: &str| -> Result<Vec<u32>> {
         let path = p.clone().unwrap_or_else(|| s2lc_home().join(default));
         let text = read_text_file(&path).with_context(|| format!("reading {}", path.display()))?;

@@ -11,6 +11,8 @@ use s2lc_model::compress::{
 };
 use s2lc_model::tokenizer::read_text_file;
 
+use s2lc_model::source::WeightStorage;
+
 use crate::{load_model, progress, s2lc_home, ModelArg};
 
 /// Factorization method on the command line.
@@ -74,7 +76,7 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         }
     }
     let model_path = args.model.path();
-    let (_source, mut model, tokenizer) = load_model(&model_path)?;
+    let (_source, mut model, tokenizer) = load_model(&model_path, WeightStorage::F32)?;
     let method = match args.method {
         MethodArg::Svd => Method::Svd,
         MethodArg::Whitened => Method::Whitened,

@@ -16,6 +16,7 @@ use s2lc_model::eval::perplexity;
 use s2lc_model::generate::{generate, Sampler, SamplingParams};
 use s2lc_model::llama::LlamaModel;
 use s2lc_model::model::apply_chat_template;
+use s2lc_model::source::WeightStorage;
 use s2lc_model::tokenizer::{read_text_file, Tokenizer};
 use s2lc_model::ModelSource;
 
@@ -88,6 +89,8 @@ fn s2lc_home() -> PathBuf {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    weights: WeightsArg,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -112,6 +115,8 @@ struct GenerateArgs {
 struct EvalArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    weights: WeightsArg,
     /// A UTF-8 text file (CRLF is read as LF).
     #[arg(long)]
     text: PathBuf,
@@ -151,10 +156,14 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 fn try_main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
             .context("setting the thread count")?;
+        s2lc_model::kernels::pool::init_global(n);
     }
     match cli.command {
         Command::Generate(args) => cmd_generate(&args),
@@ -167,21 +176,38 @@ fn try_main() -> Result<()> {
     }
 }
 
-/// Opens a model and loads its runtime weights with a progress bar.
-pub fn load_model(path: &Path) -> Result<(ModelSource, LlamaModel, Tokenizer)> {
+/// How the runtime stores weight matrices (`--weights`).
+#[derive(Args, Clone, Copy)]
+pub struct WeightsArg {
+    /// Weight storage: f32 (dequantized reference), f16, q8_0, or native (the file's own
+    /// quantized blocks; f32 for unquantized files).
+    #[arg(long = "weights", default_value = "native", value_parser = parse_weights)]
+    pub storage: WeightStorage,
+}
+
+fn parse_weights(s: &str) -> Result<WeightStorage, String> {
+    WeightStorage::parse(s)
+        .ok_or_else(|| format!("unknown weight storage '{s}' (f32, f16, q8_0, native)"))
+}
+
+/// Opens a model and loads its runtime weights in `storage` with a progress bar.
+pub fn load_model(
+    path: &Path,
+    storage: WeightStorage,
+) -> Result<(ModelSource, LlamaModel, Tokenizer)> {
     let source = ModelSource::open(path).context("opening the model")?;
     let cfg = source.config().context("reading the model configuration")?;
     let tokenizer = source.tokenizer().context("building the tokenizer")?;
     let bar = progress::bar(cfg.n_layers as u64, "loading blocks");
     let model = source
-        .load_llama(|_| bar.inc(1))
+        .load_llama(storage, |_| bar.inc(1))
         .context("loading the weights")?;
     bar.finish_and_clear();
     Ok((source, model, tokenizer))
 }
 
 fn cmd_generate(args: &GenerateArgs) -> Result<()> {
-    let (source, model, tokenizer) = load_model(&args.model.path())?;
+    let (source, model, tokenizer) = load_model(&args.model.path(), args.weights.storage)?;
     let template = source.chat_template();
     let text = if args.raw {
         args.prompt.clone()
@@ -247,7 +273,7 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
 
 fn cmd_eval(args: &EvalArgs) -> Result<()> {
     let text = read_text_file(&args.text).context("reading the evaluation text")?;
-    let (_source, model, tokenizer) = load_model(&args.model.path())?;
+    let (_source, model, tokenizer) = load_model(&args.model.path(), args.weights.storage)?;
     let mut tokens = tokenizer
         .encode(&text, false)
         .context("tokenizing the text")?;

@@ -10,6 +10,7 @@
 //!   takes a range of weight rows, dequantizes a tile of them to f32 and multiplies it with faer.
 
 pub mod dot;
+pub mod ops;
 pub mod pool;
 
 use std::borrow::Cow;

@@ -197,9 +197,21 @@ fn worker(s: &Shared, part: usize, parts: usize) {
     }
 }
 
-/// The process-wide pool: `S2LC_THREADS` threads, or one per available core.
+static POOL: OnceLock<ThreadPool> = OnceLock::new();
+
+/// Sizes the process-wide pool to `threads` (before its first use); false if it already exists.
+pub fn init_global(threads: usize) -> bool {
+    let mut created = false;
+    POOL.get_or_init(|| {
+        created = true;
+        ThreadPool::new(threads)
+    });
+    created
+}
+
+/// The process-wide pool: as set by [`init_global`], else `S2LC_THREADS` threads, else one per
+/// available core.
 pub fn global() -> &'static ThreadPool {
-    static POOL: OnceLock<ThreadPool> = OnceLock::new();
     POOL.get_or_init(|| {
         let threads = std::env::var("S2LC_THREADS")
             .ok()
