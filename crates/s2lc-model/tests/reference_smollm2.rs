@@ -191,3 +191,82 @@ fn smollm2_hf_directory_round_trip() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(a, b);
 }
+
+/// Perplexity of `tokens[1..]` scored one token at a time through the KV cache: the batch-1
+/// decode path (quantized activations for the block formats), not the batched prefill.
+fn decode_path_perplexity(model: &s2lc_model::llama::LlamaModel, tokens: &[u32]) -> f64 {
+    let mut cache = model.dense_cache(tokens.len());
+    let mut scratch = ForwardScratch::default();
+    let mut logits = Vec::new();
+    let mut nll = 0.0f64;
+    for (i, &t) in tokens[..tokens.len() - 1].iter().enumerate() {
+        model
+            .forward_last(&[t], &mut cache, &mut scratch, &mut logits)
+            .unwrap();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max
+            + logits
+                .iter()
+                .map(|&v| (v as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        nll += lse - logits[tokens[i + 1] as usize] as f64;
+    }
+    (nll / (tokens.len() - 1) as f64).exp()
+}
+
+#[test]
+fn weight_formats_keep_the_decode_perplexity_and_f32_is_deterministic() {
+    let Some(model_path) = smollm2() else { return };
+    let source = ModelSource::open(&model_path).unwrap();
+    let tokenizer = source.tokenizer().unwrap();
+    let text = read_text_file(&s2lc_home().join("text/canterbury/lcet10.txt")).unwrap();
+    let mut tokens = tokenizer.encode(&text, false).unwrap();
+    tokens.truncate(769);
+
+    let f32_model = source.load_llama(WeightStorage::F32, |_| {}).unwrap();
+    let reference = decode_path_perplexity(&f32_model, &tokens);
+    // Bit-for-bit deterministic: the same prefill twice gives identical logits.
+    let run = || {
+        let mut cache = f32_model.dense_cache(tokens.len());
+        let mut logits = Vec::new();
+        f32_model
+            .forward_last(
+                &tokens,
+                &mut cache,
+                &mut ForwardScratch::default(),
+                &mut logits,
+            )
+            .unwrap();
+        logits
+    };
+    assert!(run() == run(), "f32 prefill logits differ between runs");
+    drop(f32_model);
+
+    let mut failures = Vec::new();
+    for storage in [
+        WeightStorage::F16,
+        WeightStorage::Q8_0,
+        WeightStorage::Native,
+    ] {
+        let model = source.load_llama(storage, |_| {}).unwrap();
+        if storage == WeightStorage::Native {
+            // The file's own blocks, not a dequantized copy: Q4_1 linears, Q8_0 tied head.
+            assert_eq!(
+                model.blocks()[0].q_proj.format(),
+                s2lc_model::kernels::WeightFormat::Q4_1
+            );
+            assert!(model.weight_bytes_per_token() < 100_000_000);
+        }
+        let ppl = decode_path_perplexity(&model, &tokens);
+        let rel = ppl / reference - 1.0;
+        eprintln!(
+            "{storage:?}: decode-path perplexity {ppl:.4} vs f32 {reference:.4} ({:+.3}%)",
+            100.0 * rel
+        );
+        if rel.abs() >= 0.005 {
+            failures.push(format!("{storage:?}: {ppl:.4} vs f32 {reference:.4}"));
+        }
+    }
+    assert!(failures.is_empty(), "beyond 0.5 %: {failures:?}");
+}

@@ -70,7 +70,7 @@ pub fn softmax_prefix(row: &mut [f32], valid: usize) {
 }
 
 /// `x ← exp(x − shift)`, returning `Σ x` afterwards.
-fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
+pub fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd() {
         // SAFETY: features checked; the slice is accessed within its length.
