@@ -106,6 +106,23 @@ pub fn dot_rows(rows: Rows<'_>, x: &[f32], acts: &QuantizedActs, out: &mut [f32]
     dot_rows_scalar(rows, x, acts, out, add);
 }
 
+/// Decodes whole rows of `format` into f32 with AVX2 when there is a fast path for it (f16,
+/// bf16, Q8_0, Q4_1: what prefill tiles and the tied embedding use); false means the caller must
+/// use the generic decoder. Results equal `quant::dequantize` bit for bit (same operation order).
+pub fn dequantize_fast(format: WeightFormat, bytes: &[u8], out: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        let n = out.len();
+        if bytes.len() != format.row_bytes(n) || n % format.block_size() != 0 {
+            return false;
+        }
+        // SAFETY: features checked; `bytes` holds exactly the blocks of `out.len()` values.
+        return unsafe { avx2::dequantize(format, bytes, out) };
+    }
+    let _ = (format, bytes, out);
+    false
+}
+
 fn store(o: &mut f32, v: f32, add: bool) {
     if add {
         *o += v;
@@ -391,7 +408,8 @@ mod avx2 {
             let (a, p): (&QuantizedActs, *const u8) = ($a, $p);
             let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let (mut off0, mut off1) = (0.0f32, 0.0f32);
-            let xq = a.qs.as_ptr();
+            let (xq, xd, xs) = (a.qs.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
+            debug_assert!(a.d.len() >= $nb && a.s.len() >= $nb && a.qs.len() >= $nb * BLOCK);
             let mut b = 0;
             while b + 2 <= $nb {
                 // Weights stream once per token: fetch ~1 KB ahead of use.
@@ -400,17 +418,17 @@ mod avx2 {
                 let (q1, d1, o1) = $decode(p.add((b + 1) * $bytes));
                 let p0 = qdot(q0, xq.add(b * BLOCK));
                 let p1 = qdot(q1, xq.add((b + 1) * BLOCK));
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a.d[b]), p0, acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * a.d[b + 1]), p1, acc1);
-                off0 += o0 * a.s[b];
-                off1 += o1 * a.s[b + 1];
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * *xd.add(b)), p0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * *xd.add(b + 1)), p1, acc1);
+                off0 += o0 * *xs.add(b);
+                off1 += o1 * *xs.add(b + 1);
                 b += 2;
             }
             if b < $nb {
                 let (q0, d0, o0) = $decode(p.add(b * $bytes));
                 let p0 = qdot(q0, xq.add(b * BLOCK));
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a.d[b]), p0, acc0);
-                off0 += o0 * a.s[b];
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * *xd.add(b)), p0, acc0);
+                off0 += o0 * *xs.add(b);
             }
             hsum(_mm256_add_ps(acc0, acc1)) + (off0 + off1)
         }};
@@ -459,6 +477,68 @@ mod avx2 {
             );
             (w, f16_one(blk), 0.0f32)
         })
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dequantize(format: WeightFormat, bytes: &[u8], out: &mut [f32]) -> bool {
+        let (src, dst, n) = (bytes.as_ptr(), out.as_mut_ptr(), out.len());
+        match format {
+            WeightFormat::F16 | WeightFormat::BF16 => {
+                let mut k = 0;
+                while k + 8 <= n {
+                    let h = _mm_loadu_si128(src.add(2 * k).cast());
+                    let v = if format == WeightFormat::F16 {
+                        _mm256_cvtph_ps(h)
+                    } else {
+                        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                    };
+                    _mm256_storeu_ps(dst.add(k), v);
+                    k += 8;
+                }
+                if k < n {
+                    let tail = &bytes[2 * k..];
+                    if crate::quant::dequantize(format.ggml(), tail, &mut out[k..]).is_err() {
+                        return false;
+                    }
+                }
+                true
+            }
+            WeightFormat::Q8_0 | WeightFormat::Q4_1 => {
+                let bb = format.block_bytes();
+                for b in 0..n / BLOCK {
+                    let blk = src.add(b * bb);
+                    let o = dst.add(b * BLOCK);
+                    if format == WeightFormat::Q8_0 {
+                        let d = _mm256_set1_ps(f16_one(blk));
+                        for c in 0..4 {
+                            let q =
+                                _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * c).cast()));
+                            _mm256_storeu_ps(o.add(8 * c), _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+                        }
+                    } else {
+                        let (d, m) = f16_pair(blk);
+                        let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
+                        let Quants(lo, hi) = nibbles(blk.add(4));
+                        for (c, half) in [lo, hi].into_iter().enumerate() {
+                            for (e, part) in [
+                                _mm256_castsi256_si128(half),
+                                _mm256_extracti128_si256(half, 1),
+                            ]
+                            .into_iter()
+                            .enumerate()
+                            {
+                                let q = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(part));
+                                // d·q + m unfused, as the reference decoder rounds it.
+                                let v = _mm256_add_ps(_mm256_mul_ps(d, q), m);
+                                _mm256_storeu_ps(o.add(16 * c + 8 * e), v);
+                            }
+                        }
+                    }
+                }
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Per block of 32: `d = max|x|/32767`, `q = round(x/d)` (ties to even), `s = d·Σq`.

@@ -264,9 +264,12 @@ impl WeightMatrix {
             Storage::F32(v) => out.copy_from_slice(&v[r0 * c..r1 * c]),
             Storage::Blocks(f, b) => {
                 let rb = f.row_bytes(c);
-                // The layout was checked on construction, so decoding cannot fail.
-                let r = dequantize(f.ggml(), &b[r0 * rb..r1 * rb], out);
-                debug_assert!(r.is_ok(), "{r:?}");
+                let bytes = &b[r0 * rb..r1 * rb];
+                if !dot::dequantize_fast(*f, bytes, out) {
+                    // The layout was checked on construction, so decoding cannot fail.
+                    let r = dequantize(f.ggml(), bytes, out);
+                    debug_assert!(r.is_ok(), "{r:?}");
+                }
             }
         }
     }

@@ -233,6 +233,27 @@ fn conversions_round_trip_within_their_precision() {
 }
 
 #[test]
+fn fast_dequantization_is_bit_exact() {
+    let mut rng = Lcg(13);
+    for format in ALL {
+        let w = matrix(format, 7, 96, &mut rng);
+        let Storage::Blocks(_, bytes) = &w.storage else {
+            continue;
+        };
+        let mut want = vec![0.0; 7 * 96];
+        crate::quant::dequantize(format.ggml(), bytes, &mut want).unwrap();
+        let mut got = vec![f32::NAN; 7 * 96];
+        w.dequantize_rows(0, 7, &mut got);
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{format}"
+        );
+    }
+}
+
+#[test]
 fn bad_layouts_are_named_errors() {
     let err = WeightMatrix::quantize(&[0.0; 40], 1, 40, WeightFormat::Q8_0).unwrap_err();
     assert!(err.to_string().contains("blocks of 32"), "{err}");
