@@ -106,9 +106,8 @@ pub fn dot_rows(rows: Rows<'_>, x: &[f32], acts: &QuantizedActs, out: &mut [f32]
     dot_rows_scalar(rows, x, acts, out, add);
 }
 
-/// Decodes whole rows of `format` into f32 with AVX2 when there is a fast path for it (f16,
-/// bf16, Q8_0, Q4_1: what prefill tiles and the tied embedding use); false means the caller must
-/// use the generic decoder. Results equal `quant::dequantize` bit for bit (same operation order).
+/// Decodes whole rows of `format` into f32 with AVX2 (every format with a kernel: prefill tiles
+/// and embedding rows); false means the caller must use the generic decoder. Results equal `quant::dequantize` bit for bit (same operation order).
 pub fn dequantize_fast(format: WeightFormat, bytes: &[u8], out: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if simd() {
@@ -503,35 +502,61 @@ mod avx2 {
                 }
                 true
             }
-            WeightFormat::Q8_0 | WeightFormat::Q4_1 => {
+            WeightFormat::Q8_0 => {
+                for b in 0..n / BLOCK {
+                    let blk = src.add(b * 34);
+                    let d = _mm256_set1_ps(f16_one(blk));
+                    for c in 0..4 {
+                        let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * c).cast()));
+                        let v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+                        _mm256_storeu_ps(dst.add(b * BLOCK + 8 * c), v);
+                    }
+                }
+                true
+            }
+            WeightFormat::Q4_0 | WeightFormat::Q4_1 | WeightFormat::Q5_0 | WeightFormat::Q5_1 => {
                 let bb = format.block_bytes();
                 for b in 0..n / BLOCK {
                     let blk = src.add(b * bb);
-                    let o = dst.add(b * BLOCK);
-                    if format == WeightFormat::Q8_0 {
-                        let d = _mm256_set1_ps(f16_one(blk));
-                        for c in 0..4 {
-                            let q =
-                                _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * c).cast()));
-                            _mm256_storeu_ps(o.add(8 * c), _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+                    // (quants, d, m, subtracted offset) as the reference decoder computes
+                    // `d·(q − offset)` or `d·q + m`, unfused.
+                    let (q, d, m, offset) = match format {
+                        WeightFormat::Q4_0 => (nibbles(blk.add(2)), f16_one(blk), None, 8),
+                        WeightFormat::Q4_1 => {
+                            let (d, m) = f16_pair(blk);
+                            (nibbles(blk.add(4)), d, Some(m), 0)
                         }
-                    } else {
-                        let (d, m) = f16_pair(blk);
-                        let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
-                        let Quants(lo, hi) = nibbles(blk.add(4));
-                        for (c, half) in [lo, hi].into_iter().enumerate() {
-                            for (e, part) in [
-                                _mm256_castsi256_si128(half),
-                                _mm256_extracti128_si256(half, 1),
-                            ]
-                            .into_iter()
-                            .enumerate()
-                            {
-                                let q = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(part));
-                                // d·q + m unfused, as the reference decoder rounds it.
-                                let v = _mm256_add_ps(_mm256_mul_ps(d, q), m);
-                                _mm256_storeu_ps(o.add(16 * c + 8 * e), v);
+                        WeightFormat::Q5_0 => {
+                            let qh = blk.add(2).cast::<u32>().read_unaligned();
+                            (
+                                or(nibbles(blk.add(6)), high_bits(qh)),
+                                f16_one(blk),
+                                None,
+                                16,
+                            )
+                        }
+                        _ => {
+                            let (d, m) = f16_pair(blk);
+                            let qh = blk.add(4).cast::<u32>().read_unaligned();
+                            (or(nibbles(blk.add(8)), high_bits(qh)), d, Some(m), 0)
+                        }
+                    };
+                    let (dv, off) = (_mm256_set1_ps(d), _mm256_set1_epi32(offset));
+                    let o = dst.add(b * BLOCK);
+                    for (c, half) in [q.0, q.1].into_iter().enumerate() {
+                        for (e, part) in [
+                            _mm256_castsi256_si128(half),
+                            _mm256_extracti128_si256(half, 1),
+                        ]
+                        .into_iter()
+                        .enumerate()
+                        {
+                            let qi = _mm256_sub_epi32(_mm256_cvtepu16_epi32(part), off);
+                            let mut v = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(qi));
+                            if let Some(m) = m {
+                                v = _mm256_add_ps(v, _mm256_set1_ps(m));
                             }
+                            _mm256_storeu_ps(o.add(16 * c + 8 * e), v);
                         }
                     }
                 }
