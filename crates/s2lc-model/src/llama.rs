@@ -8,7 +8,7 @@ use faer::Accum;
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::kernels::WeightMatrix;
+use crate::kernels::{WeightFormat, WeightMatrix};
 use crate::kv::{AttnShape, DenseKvCache, KvCache};
 use crate::linear::{DenseLinear, Linear, LinearScratch, LowRankLinear};
 use crate::source::{Tensor, WeightStorage, Weights};
@@ -105,6 +105,22 @@ fn load_linear(
         None
     };
     if let Some(rank) = w.shape_of("lowrank_u").and_then(|s| s.get(1).copied()) {
+        if storage == WeightStorage::Q8_0 && rank % 32 != 0 {
+            // Q8_0 rows are blocks of 32 values: pad the rank with zero columns of `u` and zero
+            // rows of `vs` (the product is unchanged) so both factors can be 8-bit.
+            let padded = rank.next_multiple_of(32);
+            let u = w.get("lowrank_u", &[out, rank])?;
+            let mut vs = w.get("lowrank_vs", &[rank, inp])?;
+            let mut u_padded = vec![0.0; out * padded];
+            for (dst, src) in u_padded.chunks_exact_mut(padded).zip(u.chunks_exact(rank)) {
+                dst[..rank].copy_from_slice(src);
+            }
+            vs.resize(padded * inp, 0.0);
+            let q8 = WeightFormat::Q8_0;
+            let u = WeightMatrix::quantize(&u_padded, out, padded, q8)?;
+            let vs = WeightMatrix::quantize(&vs, padded, inp, q8)?;
+            return Ok(Linear::LowRank(LowRankLinear::from_matrices(u, vs, bias)));
+        }
         let u = w.matrix("lowrank_u", out, rank, storage)?;
         let vs = w.matrix("lowrank_vs", rank, inp, storage)?;
         return Ok(Linear::LowRank(LowRankLinear::from_matrices(u, vs, bias)));
@@ -748,6 +764,41 @@ pub(crate) mod tests {
             fill(format!("{l}.mlp.down_proj.weight"), vec![d, ffn]);
         }
         LlamaModel::load(&cfg, &Weights::new(&src), WeightStorage::F32, |_| {}).unwrap()
+    }
+
+    #[test]
+    fn low_rank_factors_load_as_q8_0_with_the_rank_padded_to_a_block() {
+        let (out, inp, rank) = (40, 64, 5);
+        let val = |i: usize, k: usize| (((i * 7 + k * 13) % 17) as f32 - 8.0) / 8.0;
+        let mut src = MemorySource::new();
+        src.insert(
+            "l.lowrank_u",
+            vec![out, rank],
+            (0..out * rank).map(|i| val(i, 1)).collect(),
+        );
+        src.insert(
+            "l.lowrank_vs",
+            vec![rank, inp],
+            (0..rank * inp).map(|i| val(i, 2)).collect(),
+        );
+        let w = Weights::new(&src).pp("l");
+        let exact = load_linear(&w, out, inp, false, WeightStorage::F32).unwrap();
+        let int8 = load_linear(&w, out, inp, false, WeightStorage::Q8_0).unwrap();
+        let Linear::LowRank(lr) = &int8 else {
+            panic!("not low-rank")
+        };
+        assert_eq!(lr.rank(), 32);
+        assert_eq!(lr.matrices().0.format(), WeightFormat::Q8_0);
+        assert_eq!(lr.matrices().1.format(), WeightFormat::Q8_0);
+        let x: Vec<f32> = (0..inp).map(|i| val(i, 3)).collect();
+        let (mut a, mut b) = (vec![0.0; out], vec![0.0; out]);
+        let mut scratch = LinearScratch::default();
+        exact.forward(&x, 1, &mut a, Accum::Replace, &mut scratch);
+        int8.forward(&x, 1, &mut b, Accum::Replace, &mut scratch);
+        let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() < 0.02 * scale, "{p} vs {q}");
+        }
     }
 
     #[test]
