@@ -7,8 +7,8 @@ use std::cell::RefCell;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
-use crate::kernels::ops;
 use crate::kernels::pool::{self, split_range};
+use crate::kernels::{ops, SyncPtr};
 
 /// Head layout of an attention layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +84,7 @@ pub fn attend_dense(
     let scale = 1.0 / (hd as f32).sqrt();
     let chunks = n.div_ceil(ROWS);
     let units = shape.n_heads * chunks;
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = SyncPtr(out.as_mut_ptr());
     let job = |part: usize, parts: usize| {
         SCORES.with_borrow_mut(|scores| {
             for unit in split_range(units, part, parts, 1) {
@@ -149,20 +149,6 @@ pub fn attend_dense(
 thread_local! {
     /// Per-thread attention scores of [`attend_dense`], reused across calls.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The output pointer shared by the units of one attention job (each writes a disjoint block).
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-
-// SAFETY: units write disjoint elements and the job ends before `out` is used again.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 pub use crate::kernels::ops::softmax_prefix;

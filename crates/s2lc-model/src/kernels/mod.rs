@@ -341,7 +341,7 @@ thread_local! {
 
 /// A raw output pointer shared by the parts of a pool job, each writing a disjoint range.
 #[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
 
 // SAFETY: parts write disjoint elements (each use states its partition) and the job ends before
 // the buffer is used again.
@@ -349,7 +349,8 @@ unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
 impl SyncPtr {
-    fn get(self) -> *mut f32 {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
