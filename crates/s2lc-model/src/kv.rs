@@ -164,11 +164,15 @@ pub struct DenseKvCache {
 
 impl DenseKvCache {
     /// An empty cache for `n_layers` layers holding at most `limit` tokens.
+    ///
+    /// The buffers are reserved for `limit` tokens up front (address space only until written),
+    /// so a decode step never reallocates and copies the cache.
     pub fn new(n_layers: usize, shape: AttnShape, limit: usize) -> Self {
+        let reserve = || (0..n_layers).map(|_| Vec::with_capacity(limit * shape.kv_dim()));
         DenseKvCache {
             shape,
-            keys: vec![Vec::new(); n_layers],
-            values: vec![Vec::new(); n_layers],
+            keys: reserve().collect(),
+            values: reserve().collect(),
             len: 0,
             limit,
         }
