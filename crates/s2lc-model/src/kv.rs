@@ -77,6 +77,10 @@ pub fn attend_dense(
 ) {
     const ROWS: usize = 32;
     let (hd, q_dim, kv_dim) = (shape.head_dim, shape.q_dim(), shape.kv_dim());
+    if n == 1 {
+        attend_decode(shape, q, k_all, v_all, p0 + 1, out);
+        return;
+    }
     debug_assert_eq!(k_all.len(), (p0 + n) * kv_dim);
     debug_assert_eq!(q.len(), n * q_dim);
     debug_assert_eq!(out.len(), n * q_dim);
@@ -146,9 +150,103 @@ pub fn attend_dense(
     }
 }
 
+/// Keys per unit of a decode step in [`attend_decode`] (K and V of one KV head: 256 KB at width 64).
+const DECODE_KEYS: usize = 512;
+
+/// One query per head (a decode step) over all `t` keys, flash-decoding style.
+///
+/// Units are (KV head, chunk of up to [`DECODE_KEYS`] keys). A unit computes, for each query head
+/// of its group, the chunk's largest score `m`, `l = Σ e^(s − m)` and the unnormalised
+/// `o = Σ e^(s − m)·v`; the query heads sharing a KV head therefore read its keys and values while
+/// they are in L2, and a long context spreads over every core. The chunks are merged afterwards:
+/// `out = Σ_c e^(m_c − m*)·o_c / Σ_c e^(m_c − m*)·l_c`.
+fn attend_decode(
+    shape: AttnShape,
+    q: &[f32],
+    k_all: &[f32],
+    v_all: &[f32],
+    t: usize,
+    out: &mut [f32],
+) {
+    let (hd, kv_dim) = (shape.head_dim, shape.kv_dim());
+    debug_assert_eq!(k_all.len(), t * kv_dim);
+    let group = shape.n_heads / shape.n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // At least two units per thread so the KV heads spread evenly, at most DECODE_KEYS keys and
+    // at least ~16 keys per unit.
+    let threads = pool::global().threads();
+    let chunks = t
+        .div_ceil(DECODE_KEYS)
+        .max((2 * threads).div_ceil(shape.n_kv_heads))
+        .min(t.div_ceil(16))
+        .max(1);
+    let keys_per_chunk = t.div_ceil(chunks);
+    let units = shape.n_kv_heads * chunks;
+    // Per unit and query head of the group: [m, l, o (hd values)].
+    let slot = hd + 2;
+    PARTIALS.with_borrow_mut(|partials| {
+        partials.resize(units * group * slot, 0.0);
+        let parts_ptr = SyncPtr(partials.as_mut_ptr());
+        let job = |part: usize, parts: usize| {
+            SCORES.with_borrow_mut(|scores| {
+                for unit in split_range(units, part, parts, 1) {
+                    let (g, c) = (unit / chunks, unit % chunks);
+                    let (j0, j1) = (c * keys_per_chunk, ((c + 1) * keys_per_chunk).min(t));
+                    scores.resize(j1 - j0, 0.0);
+                    let keys = &k_all[j0 * kv_dim + g * hd..];
+                    let values = &v_all[j0 * kv_dim + g * hd..];
+                    for hh in 0..group {
+                        let h = g * group + hh;
+                        ops::key_scores(&q[h * hd..][..hd], keys, kv_dim, scale, scores);
+                        let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let l = ops::exp_shifted(scores, m);
+                        // SAFETY: slot (unit, hh) of `partials` belongs to this unit alone and
+                        // `partials` outlives the job.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                parts_ptr.get().add((unit * group + hh) * slot),
+                                slot,
+                            )
+                        };
+                        dst[0] = m;
+                        dst[1] = l;
+                        ops::weighted_rows(scores, values, kv_dim, &mut dst[2..]);
+                    }
+                }
+            });
+        };
+        // The first decode steps are cheaper on one thread than split (~1 µs hand-off).
+        if t * shape.n_heads < 256 {
+            job(0, 1);
+        } else {
+            pool::global().run(&job);
+        }
+        for h in 0..shape.n_heads {
+            let (g, hh) = (h / group, h % group);
+            let at = |c: usize| &partials[((g * chunks + c) * group + hh) * slot..][..slot];
+            let m_max = (0..chunks)
+                .map(|c| at(c)[0])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let oh = &mut out[h * hd..][..hd];
+            oh.fill(0.0);
+            let mut l = 0.0f32;
+            for c in 0..chunks {
+                let p = at(c);
+                let w = (p[0] - m_max).exp();
+                l += w * p[1];
+                ops::axpy(oh, w, &p[2..]);
+            }
+            let inv = 1.0 / l;
+            oh.iter_mut().for_each(|v| *v *= inv);
+        }
+    });
+}
+
 thread_local! {
     /// Per-thread attention scores of [`attend_dense`], reused across calls.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-chunk partial results of [`attend_decode`] (on the calling thread), reused.
+    static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 pub use crate::kernels::ops::softmax_prefix;
@@ -275,7 +373,16 @@ mod tests {
             head_dim: 4,
         };
         // Decode steps, one block, and several blocks of 32 rows split across the pool.
-        for &(n, p0) in &[(1, 0), (5, 0), (1, 7), (4, 3), (1, 900), (70, 0), (33, 40)] {
+        for &(n, p0) in &[
+            (1, 0),
+            (5, 0),
+            (1, 7),
+            (4, 3),
+            (1, 900),
+            (1, 1535),
+            (70, 0),
+            (33, 40),
+        ] {
             let t = p0 + n;
             let q = data(n * shape.q_dim(), 1);
             let k = data(t * shape.kv_dim(), 2);
