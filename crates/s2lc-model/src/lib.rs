@@ -1,8 +1,10 @@
 //! Model formats and the S2LC transformer runtime.
 //!
 //! Loading goes through one [`source::TensorSource`] (GGUF, safetensors directory, in-memory map)
-//! behind [`model::ModelSource`]; weights are dequantized to f32 on load and the runtime
-//! ([`llama::LlamaModel`]) runs on `faer` with a caller-owned [`kv::KvCache`].
+//! behind [`model::ModelSource`]; weight matrices are kept as f32, f16, Q8_0 or the file's own
+//! quantized blocks ([`source::WeightStorage`]) and multiplied by the [`kernels`] (SIMD GEMV, tiled
+//! faer GEMM, a persistent thread pool); the runtime ([`llama::LlamaModel`]) takes a caller-owned
+//! [`kv::KvCache`].
 #![deny(missing_docs)]
 
 pub mod compress;
