@@ -12,8 +12,9 @@ use crate::error::ModelError;
 use crate::kv::KvCache;
 use crate::llama::{ForwardScratch, LlamaModel};
 
-/// Rows of logits materialised at once (bounds memory at `rows × vocab` floats).
-const LOGIT_CHUNK: usize = 64;
+/// Rows of logits materialised at once (bounds memory at `rows × vocab` floats: 50 MB for a
+/// 49152-token vocabulary; fewer rows would decode a quantized tied head more often).
+const LOGIT_CHUNK: usize = 256;
 
 /// Result of a perplexity run.
 #[derive(Debug, Clone, Default)]

@@ -253,3 +253,16 @@ fn compress_then_eval_the_real_model() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn bad_weight_storage_and_thread_count_are_named() {
+    let o = s2lc(&["eval", "--text", "x.txt", "--weights", "q3"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(
+        err.contains("unknown weight storage 'q3' (f32, f16, q8_0, native)"),
+        "{err}"
+    );
+    let o = s2lc(&["--threads", "0", "info", "x.gguf"]);
+    assert_clean_error(&o, "--threads must be at least 1");
+}
