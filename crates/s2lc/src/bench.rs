@@ -89,7 +89,7 @@ pub fn decode(args: &DecodeArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| s2lc_home().join("text/canterbury/alice29.txt"));
     let text = read_text_file(&text_path).context("reading the prompt text")?;
-    let bw = s2lc_model::perf::read_bandwidth(5);
+    let bw = s2lc_model::perf::read_bandwidth(10);
     println!("model: {}", path.display());
     println!(
         "threads: {}, SIMD kernels: {}",
