@@ -63,9 +63,9 @@ pub trait KvCache: Send {
 /// Causal grouped-query attention of `n` queries at positions `p0..p0+n` over `t = p0 + n` keys.
 ///
 /// `q`/`out`: `n × q_dim`; `k_all`/`v_all`: `t × kv_dim`, all row-major. Scores are
-/// `q·kᵀ/√head_dim`, masked so query `i` sees keys `0..=p0+i`. Work is split into (head, block of
-/// up to 32 query rows) units spread over the kernel pool; a single query (decode) runs as dot
-/// products and axpys over the cached rows, a block as two faer products.
+/// `q·kᵀ/√head_dim`, masked so query `i` sees keys `0..=p0+i`. A single query (decode) goes to
+/// [`attend_decode`]; otherwise work is split into (head, block of up to 32 query rows) units
+/// spread over the kernel pool, each two faer products.
 pub fn attend_dense(
     shape: AttnShape,
     q: &[f32],
@@ -97,18 +97,6 @@ pub fn attend_dense(
                 let g = h / group;
                 // Keys visible to the last row of the block.
                 let t = p0 + r1;
-                if r1 - r0 == 1 {
-                    let qh = &q[r0 * q_dim + h * hd..][..hd];
-                    scores.resize(t, 0.0);
-                    ops::key_scores(qh, &k_all[g * hd..], kv_dim, scale, scores);
-                    softmax_prefix(scores, t);
-                    // SAFETY: this unit alone writes row r0, columns h·hd..(h+1)·hd of `out`.
-                    let oh = unsafe {
-                        std::slice::from_raw_parts_mut(out_ptr.get().add(r0 * q_dim + h * hd), hd)
-                    };
-                    ops::weighted_rows(scores, &v_all[g * hd..], kv_dim, oh);
-                    continue;
-                }
                 let rows = r1 - r0;
                 let qh = MatRef::from_row_major_slice_with_stride(
                     &q[r0 * q_dim + h * hd..],
