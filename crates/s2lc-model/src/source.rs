@@ -84,15 +84,27 @@ pub enum WeightStorage {
 }
 
 impl WeightStorage {
-    /// Parses `f32`, `f16`, `q8_0` or `native`.
+    /// Every storage, in command-line order.
+    pub const ALL: [WeightStorage; 4] = [
+        WeightStorage::F32,
+        WeightStorage::F16,
+        WeightStorage::Q8_0,
+        WeightStorage::Native,
+    ];
+
+    /// The command-line name: `f32`, `f16`, `q8_0` or `native`.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightStorage::F32 => "f32",
+            WeightStorage::F16 => "f16",
+            WeightStorage::Q8_0 => "q8_0",
+            WeightStorage::Native => "native",
+        }
+    }
+
+    /// Parses a command-line name (see [`WeightStorage::name`]).
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "f32" => WeightStorage::F32,
-            "f16" => WeightStorage::F16,
-            "q8_0" => WeightStorage::Q8_0,
-            "native" => WeightStorage::Native,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|w| w.name() == s)
     }
 }
 

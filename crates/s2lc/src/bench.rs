@@ -45,14 +45,16 @@ pub struct DecodeArgs {
 }
 
 /// One timed prefill of `prompt`, then (on a fresh cache, as llama-bench's `tg` test does) a
-/// greedy decode of `new_tokens` after `context` prompt tokens; returns (prefill tok/s, decode tok/s).
+/// greedy decode of `new_tokens` after `context` prompt tokens; returns (prefill tok/s, decode
+/// tok/s) and, when `profile`, where the decode steps spent their time.
 fn prefill_and_decode(
     model: &LlamaModel,
     prompt: &[u32],
     context: usize,
     new_tokens: usize,
     scratch: &mut ForwardScratch,
-) -> Result<(f64, f64)> {
+    profile: bool,
+) -> Result<(f64, f64, Option<Profile>)> {
     let mut cache = model.dense_cache(prompt.len().max(context + 1) + new_tokens);
     let mut logits = Vec::new();
     let t = Instant::now();
@@ -61,13 +63,14 @@ fn prefill_and_decode(
     cache.clear();
     let start = &prompt[..context.clamp(1, prompt.len())];
     model.forward_last(start, &mut cache, scratch, &mut logits)?;
+    scratch.profile = profile.then(Profile::default);
     let t = Instant::now();
     for _ in 0..new_tokens {
         let next = argmax(&logits);
         model.forward_last(&[next], &mut cache, scratch, &mut logits)?;
     }
     let decode = new_tokens as f64 / t.elapsed().as_secs_f64();
-    Ok((prefill, decode))
+    Ok((prefill, decode, scratch.profile.take()))
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -110,34 +113,38 @@ pub fn decode(args: &DecodeArgs) -> Result<()> {
             .context("tokenizing the prompt")?;
         prompt.truncate(args.prompt_tokens.max(1));
         let mut scratch = ForwardScratch::default();
-        prefill_and_decode(&model, &prompt, args.decode_context, 8, &mut scratch)
+        prefill_and_decode(&model, &prompt, args.decode_context, 8, &mut scratch, false)
             .context("warm-up run")?;
         let (mut prefill, mut decode) = (0.0f64, 0.0f64);
         for _ in 0..args.runs.max(1) {
-            let (p, d) = prefill_and_decode(
+            let (p, d, _) = prefill_and_decode(
                 &model,
                 &prompt,
                 args.decode_context,
                 args.new_tokens,
                 &mut scratch,
+                false,
             )
             .context("timed run")?;
             prefill = prefill.max(p);
             decode = decode.max(d);
         }
         if args.profile {
-            let mut scratch = ForwardScratch::default();
-            let start = &prompt[..args.decode_context.clamp(1, prompt.len())];
-            let mut cache = model.dense_cache(start.len() + args.new_tokens);
-            let mut logits = Vec::new();
-            model.forward_last(start, &mut cache, &mut scratch, &mut logits)?;
-            scratch.profile = Some(Profile::default());
-            for _ in 0..args.new_tokens {
-                let next = argmax(&logits);
-                model.forward_last(&[next], &mut cache, &mut scratch, &mut logits)?;
-            }
-            let p = scratch.profile.take().unwrap_or_default();
-            profiles.push((storage_name(storage, &model), p, args.new_tokens));
+            // An extra run: the stopwatch calls stay out of the timed ones.
+            let (_, _, p) = prefill_and_decode(
+                &model,
+                &prompt,
+                args.decode_context,
+                args.new_tokens,
+                &mut scratch,
+                true,
+            )
+            .context("profiled run")?;
+            profiles.push((
+                storage_name(storage, &model),
+                p.unwrap_or_default(),
+                args.new_tokens,
+            ));
         }
         let bytes = model.weight_bytes_per_token() as f64;
         rows.push((storage_name(storage, &model), bytes, prefill, decode));
@@ -176,12 +183,7 @@ pub fn decode(args: &DecodeArgs) -> Result<()> {
 
 /// `native` shown with the format the linears actually ended up in (e.g. `native (q4_1)`).
 fn storage_name(storage: WeightStorage, model: &LlamaModel) -> String {
-    let name = match storage {
-        WeightStorage::F32 => "f32",
-        WeightStorage::F16 => "f16",
-        WeightStorage::Q8_0 => "q8_0",
-        WeightStorage::Native => "native",
-    };
+    let name = storage.name();
     match (storage, model.blocks().first()) {
         (WeightStorage::Native, Some(b)) => format!("{name} ({})", b.q_proj.format()),
         _ => name.to_string(),
