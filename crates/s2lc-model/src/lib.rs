@@ -7,6 +7,7 @@
 //! [`kv::KvCache`].
 #![deny(missing_docs)]
 
+pub mod assets;
 pub mod compress;
 pub mod config;
 pub mod error;

@@ -2,7 +2,6 @@
 //! test binary is counted, on the real SmolLM2 in each weight storage.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use s2lc_model::llama::ForwardScratch;
@@ -38,12 +37,7 @@ static GLOBAL: Counting = Counting;
 
 #[test]
 fn decode_steps_allocate_nothing() {
-    let home = std::env::var_os("S2LC_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/s2lc")
-        });
-    let path = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = s2lc_model::assets::smollm2();
     if !path.exists() {
         eprintln!(
             "skipped: {} absent (run scripts/fetch-assets)",

@@ -13,12 +13,7 @@ use s2lc_model::quant::GgmlType;
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn model_path() -> PathBuf {
-    let home = std::env::var_os("S2LC_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/s2lc")
-        });
-    home.join("models").join(MODEL)
+    s2lc_model::assets::home().join("models").join(MODEL)
 }
 
 fn open_model() -> Option<GgufFile> {

@@ -15,16 +15,12 @@ use s2lc_model::ModelSource;
 use serde_json::Value;
 
 fn s2lc_home() -> PathBuf {
-    std::env::var_os("S2LC_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/s2lc")
-        })
+    s2lc_model::assets::home()
 }
 
 /// The SmolLM2 GGUF fetched by `scripts/fetch-assets`, or `None` (with the reason printed).
 fn smollm2() -> Option<PathBuf> {
-    let path = s2lc_home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = s2lc_model::assets::smollm2();
     if path.exists() {
         Some(path)
     } else {

@@ -15,11 +15,7 @@ use serde_json::Value;
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn home() -> PathBuf {
-    std::env::var_os("S2LC_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/s2lc")
-        })
+    s2lc_model::assets::home()
 }
 
 fn fixture() -> &'static Value {

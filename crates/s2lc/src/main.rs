@@ -73,16 +73,13 @@ impl ModelArg {
     pub fn path(&self) -> PathBuf {
         self.model
             .clone()
-            .unwrap_or_else(|| s2lc_home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+            .unwrap_or_else(s2lc_model::assets::smollm2)
     }
 }
 
-/// `$S2LC_HOME`, default `~/.cache/s2lc`.
+/// `$S2LC_HOME`, default `~/.cache/s2lc` (where `scripts/fetch-assets` puts the assets).
 fn s2lc_home() -> PathBuf {
-    match std::env::var_os("S2LC_HOME") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/s2lc"),
-    }
+    s2lc_model::assets::home()
 }
 
 #[derive(Args)]

@@ -1,7 +1,7 @@
 //! `s2lc analyze` end to end: on the real SmolLM2 it reports all 210 linear weights with sane
 //! ranks and draws the plots; bad input gives one clear line and writes nothing.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 mod common;
 use common::{s2lc, scratch, smollm2, stderr};
@@ -134,12 +134,7 @@ fn missing_model_is_one_line_and_writes_nothing() {
 
 #[test]
 fn unsupported_architecture_is_one_line() {
-    let home = std::env::var_os("S2LC_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/s2lc")
-        });
-    let bert = home.join("models/all-MiniLM-L6-v2");
+    let bert = s2lc_model::assets::home().join("models/all-MiniLM-L6-v2");
     if !bert.exists() {
         eprintln!(
             "skipped: {} absent (run scripts/fetch-assets)",

@@ -27,16 +27,12 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// `$S2LC_HOME`, default `~/.cache/s2lc`.
 pub fn s2lc_home() -> PathBuf {
-    std::env::var_os("S2LC_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/s2lc")
-        })
+    s2lc_model::assets::home()
 }
 
 /// The SmolLM2 GGUF fetched by `scripts/fetch-assets`, or `None` (with the reason printed).
 pub fn smollm2() -> Option<PathBuf> {
-    let p = s2lc_home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = s2lc_model::assets::smollm2();
     if p.exists() {
         Some(p)
     } else {

@@ -1,0 +1,17 @@
+//! Where `scripts/fetch-assets` puts the real assets, so the CLI, tests and benches agree.
+
+use std::path::PathBuf;
+
+/// `$S2LC_HOME`, default `~/.cache/s2lc`.
+pub fn home() -> PathBuf {
+    std::env::var_os("S2LC_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/s2lc")
+        })
+}
+
+/// The SmolLM2-135M-Instruct GGUF (the default model) under [`home`].
+pub fn smollm2() -> PathBuf {
+    home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
