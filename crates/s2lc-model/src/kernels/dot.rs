@@ -23,6 +23,10 @@ pub const BLOCK: usize = 32;
 pub struct QuantizedActs {
     /// The quants, one per element.
     pub qs: Vec<i16>,
+    /// The same quants reordered per block: the 16 even-index elements, then the 16 odd-index
+    /// ones. This is the lane order of the 4-bit kernels, which widen two packed bytes per 16-bit
+    /// lane instead of shuffling each byte into its own lane.
+    pub split: Vec<i16>,
     /// Per-block scale `d`.
     pub d: Vec<f32>,
     /// Per-block `d·Σq` (what offsets multiply).
@@ -35,6 +39,7 @@ impl QuantizedActs {
         debug_assert_eq!(x.len() % BLOCK, 0);
         let nb = x.len() / BLOCK;
         self.qs.resize(x.len(), 0);
+        self.split.resize(x.len(), 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
         #[cfg(target_arch = "x86_64")]
@@ -65,6 +70,10 @@ pub(crate) fn quantize_scalar(x: &[f32], a: &mut QuantizedActs) {
         }
         a.d[b] = d;
         a.s[b] = d * sum as f32;
+        let sb = &mut a.split[b * BLOCK..(b + 1) * BLOCK];
+        for (j, &q) in qb.iter().enumerate() {
+            sb[j / 2 + (j % 2) * 16] = q;
+        }
     }
 }
 
@@ -261,6 +270,25 @@ pub(crate) mod avx2 {
         )
     }
 
+    /// The same 16 bytes of nibbles in the order of [`QuantizedActs::split`], without a shuffle:
+    /// the bytes are loaded into both 128-bit halves, so 16-bit lane `k` holds bytes `2k` and
+    /// `2k + 1`. The first vector is the even elements (`0, 2, …, 14 | 16, 18, …, 30`), the second
+    /// the odd ones; lanes of the upper half (elements ≥ 16, high nibbles) are masked in place
+    /// and so hold 16 × their quant — the caller divides that half's sum by 16 once per row.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn nibbles_split(p: *const u8) -> Quants {
+        let b = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast()));
+        let m = _mm256_setr_epi16(
+            0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0xF0, 0xF0, 0xF0, 0xF0, 0xF0, 0xF0,
+            0xF0, 0xF0,
+        );
+        Quants(
+            _mm256_and_si256(b, m),
+            _mm256_and_si256(_mm256_srli_epi16(b, 8), m),
+        )
+    }
+
     /// Bit `j` of `bits` as 16-bit lane `j` (of elements 0..32) = 0x10 (set) or 0 (clear).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -402,13 +430,14 @@ pub(crate) mod avx2 {
     }
 
     /// The shared loop of the block kernels, two blocks per step: `decode(block) -> (quants, d_w,
-    /// offset)`.
+    /// offset)` against the activation quants `$xq` (natural or split order); `$lanes` weighs the
+    /// eight lanes of the sum at the end (the split order's upper half carries a factor 16).
     macro_rules! block_dot {
-        ($p:expr, $nb:expr, $a:expr, $bytes:expr, $decode:expr) => {{
+        ($p:expr, $nb:expr, $a:expr, $xq:expr, $lanes:expr, $bytes:expr, $decode:expr) => {{
             let (a, p): (&QuantizedActs, *const u8) = ($a, $p);
             let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let (mut off0, mut off1) = (0.0f32, 0.0f32);
-            let (xq, xd, xs) = (a.qs.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
+            let (xq, xd, xs): (*const i16, _, _) = ($xq, a.d.as_ptr(), a.s.as_ptr());
             debug_assert!(a.d.len() >= $nb && a.s.len() >= $nb && a.qs.len() >= $nb * BLOCK);
             let mut b = 0;
             while b + 2 <= $nb {
@@ -430,53 +459,100 @@ pub(crate) mod avx2 {
                 acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * *xd.add(b)), p0, acc0);
                 off0 += o0 * *xs.add(b);
             }
-            hsum(_mm256_add_ps(acc0, acc1)) + (off0 + off1)
+            hsum(_mm256_mul_ps(_mm256_add_ps(acc0, acc1), $lanes)) + (off0 + off1)
         }};
+    }
+
+    /// Lane weights undoing [`nibbles_split`]'s factor 16 on the upper half.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn split_lanes() -> __m256 {
+        _mm256_setr_ps(1.0, 1.0, 1.0, 1.0, 0.0625, 0.0625, 0.0625, 0.0625)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q4_0(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
-        block_dot!(p, nb, a, 18, |blk: *const u8| {
-            let d = f16_one(blk);
-            (nibbles(blk.add(2)), d, -8.0 * d)
-        })
+        block_dot!(
+            p,
+            nb,
+            a,
+            a.split.as_ptr(),
+            split_lanes(),
+            18,
+            |blk: *const u8| {
+                let d = f16_one(blk);
+                (nibbles_split(blk.add(2)), d, -8.0 * d)
+            }
+        )
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q4_1(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
-        block_dot!(p, nb, a, 20, |blk: *const u8| {
-            let (d, m) = f16_pair(blk);
-            (nibbles(blk.add(4)), d, m)
-        })
+        block_dot!(
+            p,
+            nb,
+            a,
+            a.split.as_ptr(),
+            split_lanes(),
+            20,
+            |blk: *const u8| {
+                let (d, m) = f16_pair(blk);
+                (nibbles_split(blk.add(4)), d, m)
+            }
+        )
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q5_0(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
-        block_dot!(p, nb, a, 22, |blk: *const u8| {
-            let d = f16_one(blk);
-            let qh = blk.add(2).cast::<u32>().read_unaligned();
-            (or(nibbles(blk.add(6)), high_bits(qh)), d, -16.0 * d)
-        })
+        block_dot!(
+            p,
+            nb,
+            a,
+            a.qs.as_ptr(),
+            _mm256_set1_ps(1.0),
+            22,
+            |blk: *const u8| {
+                let d = f16_one(blk);
+                let qh = blk.add(2).cast::<u32>().read_unaligned();
+                (or(nibbles(blk.add(6)), high_bits(qh)), d, -16.0 * d)
+            }
+        )
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q5_1(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
-        block_dot!(p, nb, a, 24, |blk: *const u8| {
-            let (d, m) = f16_pair(blk);
-            let qh = blk.add(4).cast::<u32>().read_unaligned();
-            (or(nibbles(blk.add(8)), high_bits(qh)), d, m)
-        })
+        block_dot!(
+            p,
+            nb,
+            a,
+            a.qs.as_ptr(),
+            _mm256_set1_ps(1.0),
+            24,
+            |blk: *const u8| {
+                let (d, m) = f16_pair(blk);
+                let qh = blk.add(4).cast::<u32>().read_unaligned();
+                (or(nibbles(blk.add(8)), high_bits(qh)), d, m)
+            }
+        )
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q8_0(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
-        block_dot!(p, nb, a, 34, |blk: *const u8| {
-            let w = Quants(
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(2).cast())),
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(18).cast())),
-            );
-            (w, f16_one(blk), 0.0f32)
-        })
+        block_dot!(
+            p,
+            nb,
+            a,
+            a.qs.as_ptr(),
+            _mm256_set1_ps(1.0),
+            34,
+            |blk: *const u8| {
+                let w = Quants(
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(2).cast())),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(18).cast())),
+                );
+                (w, f16_one(blk), 0.0f32)
+            }
+        )
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -609,6 +685,18 @@ pub(crate) mod avx2 {
                 let packed =
                     _mm256_permute4x64_epi64(_mm256_packs_epi32(pair[0], pair[1]), 0b11_01_10_00);
                 _mm256_storeu_si256(out.add(h).cast(), packed);
+            }
+            // Split order: a pair of i16 quants read as one i32 gives the even element in its
+            // low half and the odd one in its high half.
+            let n0 = _mm256_loadu_si256(out.cast());
+            let n1 = _mm256_loadu_si256(out.add(16).cast());
+            let even = |n: __m256i| _mm256_srai_epi32(_mm256_slli_epi32(n, 16), 16);
+            let odd = |n: __m256i| _mm256_srai_epi32(n, 16);
+            let split = a.split.as_mut_ptr().add(b * BLOCK);
+            for (h, pair) in [(0, [even(n0), even(n1)]), (16, [odd(n0), odd(n1)])] {
+                let packed =
+                    _mm256_permute4x64_epi64(_mm256_packs_epi32(pair[0], pair[1]), 0b11_01_10_00);
+                _mm256_storeu_si256(split.add(h).cast(), packed);
             }
             a.d[b] = d;
             a.s[b] = d * _mm_cvtsi128_si32(s1) as f32;

@@ -139,10 +139,12 @@ fn simd_and_portable_kernels_agree() {
         acts.quantize(&x[..cols / 32 * 32]);
         let mut scalar_acts = QuantizedActs::default();
         scalar_acts.qs.resize(cols / 32 * 32, 0);
+        scalar_acts.split.resize(cols / 32 * 32, 0);
         scalar_acts.d.resize(cols / 32, 0.0);
         scalar_acts.s.resize(cols / 32, 0.0);
         super::dot::quantize_scalar(&x[..cols / 32 * 32], &mut scalar_acts);
         assert_eq!(acts.qs, scalar_acts.qs, "activation quants differ");
+        assert_eq!(acts.split, scalar_acts.split, "split-order quants differ");
         assert_eq!(acts.d, scalar_acts.d);
         let (mut a, mut b) = (vec![0.5; 19], vec![0.5; 19]);
         dot_rows(w.rows_ref(0, 19), &x, &acts, &mut a, true);
