@@ -33,6 +33,10 @@ impl AttnShape {
     }
 }
 
+pub mod compressed;
+
+pub use compressed::{CompressedConfig, CompressedKvCache, KvSpec};
+
 /// Storage of past keys and values plus the attention computed over them.
 pub trait KvCache: Send {
     /// Tokens already committed (the position of the next token).
@@ -267,6 +271,12 @@ impl DenseKvCache {
     /// Most tokens the cache accepts.
     pub fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// The committed keys and values of `layer` (`len() × kv_dim` each, keys with RoPE applied).
+    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        let n = self.len * self.shape.kv_dim();
+        (&self.keys[layer][..n], &self.values[layer][..n])
     }
 }
 
