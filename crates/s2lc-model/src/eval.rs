@@ -116,6 +116,60 @@ pub fn perplexity(
     Ok(report)
 }
 
+/// Perplexity of `tokens` read as one sequence through `cache`, the way generation sees it: the
+/// tokens go in `chunk`-token pieces (chunked prefill), each attending to everything before it
+/// *as the cache stores it* (a compressed cache answers from its compressed blocks), and every
+/// token but the first is scored. `cache` must hold `tokens.len()` tokens; it is cleared first.
+/// `on_chunk(done, of)` reports progress.
+pub fn perplexity_streamed(
+    model: &LlamaModel,
+    tokens: &[u32],
+    cache: &mut dyn KvCache,
+    chunk: usize,
+    mut on_chunk: impl FnMut(usize, usize),
+) -> Result<PerplexityReport, ModelError> {
+    if chunk == 0 {
+        return Err(ModelError::InvalidConfig(
+            "streamed perplexity needs a chunk of at least 1 token".into(),
+        ));
+    }
+    if tokens.len() < 2 {
+        return Err(ModelError::EmptyInput(format!(
+            "perplexity needs at least 2 tokens, the text has {}",
+            tokens.len()
+        )));
+    }
+    let vocab = model.config().vocab_size;
+    let d = model.config().hidden_size;
+    let mut scratch = ForwardScratch::default();
+    let mut logits = Vec::new();
+    let mut report = PerplexityReport::default();
+    cache.clear();
+    let chunks = tokens.len().div_ceil(chunk);
+    for (ci, start) in (0..tokens.len()).step_by(chunk).enumerate() {
+        let end = (start + chunk).min(tokens.len());
+        let t0 = Instant::now();
+        let hidden = model.forward_hidden(&tokens[start..end], cache, &mut scratch)?;
+        // Row r predicts token start + r + 1, which exists for every row but the text's last.
+        let rows = 0..(end - start).min(tokens.len() - 1 - start);
+        let mut nll = 0.0f64;
+        for r0 in rows.clone().step_by(LOGIT_CHUNK) {
+            let r1 = (r0 + LOGIT_CHUNK).min(rows.end);
+            model.logits(&hidden[r0 * d..r1 * d], &mut logits);
+            for (r, row) in (r0..r1).zip(logits.chunks_exact_mut(vocab)) {
+                let target = row[tokens[start + r + 1] as usize] as f64;
+                nll += log_sum_exp(row) - target;
+            }
+        }
+        report.forward_time += t0.elapsed();
+        report.tokens_run += end - start;
+        report.predictions += rows.len();
+        report.window_nll.push(nll);
+        on_chunk(ci + 1, chunks);
+    }
+    Ok(report)
+}
+
 /// `log Σ exp(x)`, shifted by the maximum for stability; overwrites `x` with `exp(x − max)`
 /// (vectorised: scoring a 49152-token vocabulary per position dominated evaluation otherwise).
 fn log_sum_exp(x: &mut [f32]) -> f64 {

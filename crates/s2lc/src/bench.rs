@@ -73,7 +73,8 @@ fn prefill_and_decode(
     Ok((prefill, decode, scratch.profile.take()))
 }
 
-fn argmax(v: &[f32]) -> u32 {
+/// Index of the largest logit (greedy decoding).
+pub fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
     for (i, x) in v.iter().enumerate() {
         if *x > v[best] {

@@ -10,10 +10,12 @@ use clap::{Args, Parser, Subcommand};
 mod analyze;
 mod bench;
 mod compress;
+mod kvbench;
 mod progress;
 
-use s2lc_model::eval::perplexity;
+use s2lc_model::eval::{perplexity, perplexity_streamed};
 use s2lc_model::generate::{generate, Sampler, SamplingParams};
+use s2lc_model::kv::{CompressedKvCache, KvCache, KvSpec};
 use s2lc_model::llama::LlamaModel;
 use s2lc_model::model::apply_chat_template;
 use s2lc_model::source::WeightStorage;
@@ -58,6 +60,9 @@ enum BenchCommand {
     /// Dense vs low-rank variants (energy thresholds and parameter budgets × svd/whitened) in one
     /// process: parameters, bytes, held-out perplexity, prefill and decode speed.
     CompressSweep(bench::SweepArgs),
+    /// KV caches on a long real text, one process: dense vs q8/q4 vs spectral at several
+    /// energies and blocks — perplexity through the cache, KV bytes, decode speed at the context.
+    Kv(kvbench::KvArgs),
 }
 
 /// Which model to run.
@@ -106,6 +111,10 @@ struct GenerateArgs {
     /// Send the prompt raw instead of wrapped in the model's chat template.
     #[arg(long)]
     raw: bool,
+    /// KV cache: `dense` (f32), or `spectral|q8|q4[:energy=E,rank=R,block=B,window=W,keys=C,values=C]`
+    /// (older blocks compressed, the recent window dense; e.g. `spectral:energy=0.99,block=512,window=256`).
+    #[arg(long, default_value = "dense", value_parser = parse_kv)]
+    kv: KvSpec,
 }
 
 #[derive(Args)]
@@ -129,6 +138,14 @@ struct EvalArgs {
     /// Tokens to decode for the decode-speed figure (0 skips it).
     #[arg(long, default_value_t = 64)]
     decode_tokens: usize,
+    /// Score the text as one sequence through this KV cache (same syntax as `generate --kv`;
+    /// `dense` for the uncompressed baseline) in chunks of `--chunk` tokens, instead of
+    /// independent windows.
+    #[arg(long, value_parser = parse_kv)]
+    kv: Option<KvSpec>,
+    /// Tokens per chunk with `--kv`.
+    #[arg(long, default_value_t = 256)]
+    chunk: usize,
 }
 
 fn main() -> ExitCode {
@@ -170,6 +187,7 @@ fn try_main() -> Result<()> {
         Command::Analyze(args) => analyze::run(&args),
         Command::Bench(BenchCommand::Decode(args)) => bench::decode(&args),
         Command::Bench(BenchCommand::CompressSweep(args)) => bench::compress_sweep(&args),
+        Command::Bench(BenchCommand::Kv(args)) => kvbench::run(&args),
     }
 }
 
@@ -180,6 +198,10 @@ pub struct WeightsArg {
     /// quantized blocks; f32 for unquantized files).
     #[arg(long = "weights", default_value = "native", value_parser = parse_weights)]
     pub storage: WeightStorage,
+}
+
+fn parse_kv(s: &str) -> Result<KvSpec, String> {
+    KvSpec::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_weights(s: &str) -> Result<WeightStorage, String> {
@@ -217,7 +239,14 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
-    let mut cache = model.dense_cache(model.config().max_seq_len);
+    let mut cache = args
+        .kv
+        .cache(
+            model.config().n_layers,
+            model.attn_shape(),
+            model.config().max_seq_len,
+        )
+        .context("setting up the KV cache")?;
     let mut sampler = Sampler::new(SamplingParams {
         temperature: args.temperature,
         top_p: args.top_p,
@@ -232,7 +261,7 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
     let mut failed = None;
     let stats = generate(
         &model,
-        &mut cache,
+        cache.as_mut(),
         &prompt,
         args.max_tokens,
         &mut sampler,
@@ -265,6 +294,56 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
         stats.generated.len(),
         stats.decode_tok_s()
     );
+    eprintln!(
+        "KV cache: {} ({:.2} MB; a dense f16 cache would hold {:.2} MB)",
+        args.kv.name(),
+        cache.bytes() as f64 / 1e6,
+        kvbench::dense_bytes(&model, cache.len(), 2) as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// `eval --kv`: the text as one sequence through the chosen cache, then decode at that context.
+fn eval_streamed(args: &EvalArgs, spec: &KvSpec, model: &LlamaModel, tokens: &[u32]) -> Result<()> {
+    let shape = model.attn_shape();
+    let limit = tokens.len() + args.decode_tokens + 1;
+    let config = spec
+        .check(shape)
+        .context("checking --kv against the model")?;
+    let mut cache: Box<dyn KvCache> = match config {
+        None => Box::new(model.dense_cache(limit)),
+        Some(c) => Box::new(CompressedKvCache::new(model.config().n_layers, shape, c)),
+    };
+    let bar = progress::bar(
+        tokens.len().div_ceil(args.chunk.max(1)) as u64,
+        "scoring chunks",
+    );
+    let report = perplexity_streamed(model, tokens, cache.as_mut(), args.chunk, |_, _| bar.inc(1))
+        .with_context(|| format!("scoring {}", args.text.display()))?;
+    bar.finish_and_clear();
+    println!("perplexity: {:.4}", report.perplexity());
+    println!(
+        "tokens scored: {} (one sequence of {}, chunks of {}, KV cache {})",
+        report.predictions,
+        tokens.len(),
+        args.chunk,
+        spec.name()
+    );
+    println!(
+        "KV cache: {:.2} MB ({:.2}x smaller than dense f16, {:.2}x than dense f32)",
+        cache.bytes() as f64 / 1e6,
+        kvbench::dense_bytes(model, cache.len(), 2) as f64 / cache.bytes() as f64,
+        kvbench::dense_bytes(model, cache.len(), 4) as f64 / cache.bytes() as f64
+    );
+    println!("prefill: {:.1} tok/s", report.prefill_tok_s());
+    if args.decode_tokens > 0 {
+        let speed = kvbench::decode_after(model, cache.as_mut(), tokens, args.decode_tokens)
+            .context("timing decode")?;
+        println!(
+            "decode at {} tokens of context: {speed:.1} tok/s",
+            tokens.len()
+        );
+    }
     Ok(())
 }
 
@@ -276,6 +355,9 @@ fn cmd_eval(args: &EvalArgs) -> Result<()> {
         .context("tokenizing the text")?;
     if let Some(max) = args.max_tokens {
         tokens.truncate(max);
+    }
+    if let Some(spec) = &args.kv {
+        return eval_streamed(args, spec, &model, &tokens);
     }
     let windows = s2lc_model::eval::windows(tokens.len(), args.window, args.stride).len();
     let bar = progress::bar(windows as u64, "scoring windows");

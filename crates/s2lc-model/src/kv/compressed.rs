@@ -5,13 +5,13 @@
 //! # Layout
 //! Per layer, committed tokens are a list of compressed *segments* of `block` tokens each
 //! (oldest first) followed by a dense f32 *window*. When the committed window reaches
-//! `window + block` tokens, its oldest `block` tokens are compressed into a new segment, so at
-//! least `window` recent tokens always stay exact.
+//! `window + block` tokens (checked at each commit), its oldest `block` tokens are compressed
+//! into a new segment, so at least `window` recent tokens always stay exact.
 //!
 //! # Spectral coding
 //! A segment's keys (or values) of one KV head form a `T × d` matrix `X` (`T = block` tokens,
 //! `d = head_dim`). Its SVD `X = U·Σ·Vᵀ` truncated to rank `r` is stored as coefficients `C = U_r`
-//! (`T × r`, int8 with one f16 scale per token) and a basis `B = Σ_r·V_rᵀ` (`r × d`, f32), so
+//! (`T × r`, int8 with one f16 scale per token) and a basis `B = Σ_r·V_rᵀ` (`r × d`, f16), so
 //! `X ≈ C·B`. Keeping the singular values in the basis leaves every coefficient column with unit
 //! norm, so one scale per token quantizes all components to the same relative precision. `r` is
 //! the smallest rank keeping the requested share of `‖X‖²_F`, capped by the maximum rank. The
@@ -68,6 +68,9 @@ pub enum Coding {
 impl Coding {
     fn name(&self) -> String {
         match self {
+            Coding::Spectral { energy, max_rank } if *max_rank == usize::MAX => {
+                format!("spectral(energy={energy})")
+            }
             Coding::Spectral { energy, max_rank } => {
                 format!("spectral(energy={energy},rank≤{max_rank})")
             }
@@ -161,9 +164,11 @@ impl KvSpec {
                         values = Some(side);
                     }
                 }
-                _ => return Err(bad(format!(
+                _ => {
+                    return Err(bad(format!(
                     "unknown option '{key}' (expected energy, rank, block, window, keys, values)"
-                ))),
+                )))
+                }
             }
         }
         if !matches!(kind, "spectral" | "q8" | "q4") {
@@ -218,6 +223,14 @@ impl KvSpec {
             }
         }
         Ok(KvSpec::Compressed(config))
+    }
+
+    /// The spec in words (`dense`, or the codings, block and window).
+    pub fn name(&self) -> String {
+        match self {
+            KvSpec::Dense => "dense f32".into(),
+            KvSpec::Compressed(c) => c.to_string(),
+        }
     }
 
     /// Checks the spec against a model's attention shape (head size vs rank and groups) and
@@ -298,7 +311,7 @@ pub struct Factors {
     /// Per-token scale of `coef`.
     pub scale: Vec<f16>,
     /// `rank × d` basis (`Σ_r·V_rᵀ`, row-major).
-    pub basis: Vec<f32>,
+    pub basis: Vec<f16>,
 }
 
 /// One side (keys or values) of a compressed segment, all KV heads.
@@ -324,7 +337,7 @@ impl Coded {
         match self {
             Coded::Spectral(heads) => heads
                 .iter()
-                .map(|f| f.coef.len() + 2 * f.scale.len() + 4 * f.basis.len())
+                .map(|f| f.coef.len() + 2 * (f.scale.len() + f.basis.len()))
                 .sum(),
             Coded::Quant { data, scale, .. } => data.len() + 2 * scale.len(),
         }
@@ -516,10 +529,10 @@ fn factors(svd: &s2lc_spectral::svd::Svd, r: usize, tokens: usize, hd: usize) ->
         }
         scale[t] = quantize_row_i8(&row, &mut coef[t * r..(t + 1) * r]);
     }
-    let mut basis = vec![0.0f32; r * hd];
+    let mut basis = vec![f16::ZERO; r * hd];
     for j in 0..r {
         for c in 0..hd {
-            basis[j * hd + c] = svd.s[j] * svd.v[(c, j)];
+            basis[j * hd + c] = f16::from_f32(svd.s[j] * svd.v[(c, j)]);
         }
     }
     Factors {
@@ -544,7 +557,13 @@ fn identity_factors(x: MatRef<'_, f32>) -> Factors {
         scale[t] = quantize_row_i8(&row, &mut coef[t * hd..(t + 1) * hd]);
     }
     let basis = (0..hd * hd)
-        .map(|i| if i / hd == i % hd { 1.0 } else { 0.0 })
+        .map(|i| {
+            if i / hd == i % hd {
+                f16::ONE
+            } else {
+                f16::ZERO
+            }
+        })
         .collect();
     Factors {
         rank: hd,
@@ -612,15 +631,16 @@ fn dequantize_groups(bits: u32, data: &[u8], scale: &[f16], at: usize, out: &mut
 }
 
 /// Writes KV head `g` of a coded side into `out` in a form attention can multiply:
-/// spectral → the `T × r` coefficients as f32 (returns `Some(basis, r)`); quantized → the
-/// `T × d` rows (returns `None`).
-fn unpack<'a>(
-    coded: &'a Coded,
+/// spectral → the `T × r` coefficients as f32 and the `r × d` basis as f32 in `basis`
+/// (returns `Some(r)`); quantized → the `T × d` rows (returns `None`).
+fn unpack(
+    coded: &Coded,
     g: usize,
     tokens: usize,
     shape: AttnShape,
     out: &mut Vec<f32>,
-) -> Option<(&'a [f32], usize)> {
+    basis: &mut Vec<f32>,
+) -> Option<usize> {
     let (hd, kv_dim) = (shape.head_dim, shape.kv_dim());
     match coded {
         Coded::Spectral(heads) => {
@@ -636,7 +656,9 @@ fn unpack<'a>(
                     *v = s * c as f32;
                 }
             }
-            Some((&f.basis, f.rank))
+            basis.clear();
+            basis.extend(f.basis.iter().map(|b| b.to_f32()));
+            Some(f.rank)
         }
         Coded::Quant { bits, data, scale } => {
             out.resize(tokens * hd, 0.0);
@@ -652,10 +674,10 @@ fn unpack<'a>(
 /// never rebuilds them).
 pub fn reconstruct(coded: &Coded, g: usize, tokens: usize, shape: AttnShape) -> Vec<f32> {
     let hd = shape.head_dim;
-    let mut rows = Vec::new();
-    match unpack(coded, g, tokens, shape, &mut rows) {
+    let (mut rows, mut basis) = (Vec::new(), Vec::new());
+    match unpack(coded, g, tokens, shape, &mut rows, &mut basis) {
         None => rows,
-        Some((basis, r)) => {
+        Some(r) => {
             let mut out = vec![0.0f32; tokens * hd];
             for (o, c) in out.chunks_exact_mut(hd).zip(rows.chunks_exact(r)) {
                 for (cj, b) in c.iter().zip(basis.chunks_exact(hd)) {
@@ -672,6 +694,8 @@ pub fn reconstruct(coded: &Coded, g: usize, tokens: usize, shape: AttnShape) -> 
 struct UnitScratch {
     keys: Vec<f32>,
     values: Vec<f32>,
+    key_basis: Vec<f32>,
+    value_basis: Vec<f32>,
     scores: Vec<f32>,
     small: Vec<f32>,
 }
@@ -799,8 +823,8 @@ fn attend_unit(
     };
     let (kb, vb) = match part {
         Part::Segment(seg) => (
-            unpack(&seg.keys, g, t, shape, &mut s.keys),
-            unpack(&seg.values, g, t, shape, &mut s.values),
+            unpack(&seg.keys, g, t, shape, &mut s.keys, &mut s.key_basis),
+            unpack(&seg.values, g, t, shape, &mut s.values, &mut s.value_basis),
         ),
         Part::Dense { .. } => (None, None),
     };
@@ -816,9 +840,9 @@ fn attend_unit(
                     let km = MatRef::from_row_major_slice_with_stride(&k[g * hd..], t, hd, kv_dim);
                     matmul(sm, Accum::Replace, qh, km.transpose(), scale, Par::Seq);
                 }
-                (Part::Segment(_), Some((basis, r))) => {
+                (Part::Segment(_), Some(r)) => {
                     s.small.resize(n * r, 0.0);
-                    let b = MatRef::from_row_major_slice(basis, r, hd);
+                    let b = MatRef::from_row_major_slice(&s.key_basis, r, hd);
                     matmul(
                         MatMut::from_row_major_slice_mut(&mut s.small, n, r),
                         Accum::Replace,
@@ -866,12 +890,12 @@ fn attend_unit(
                 let vm = MatRef::from_row_major_slice_with_stride(&v[g * hd..], t, hd, kv_dim);
                 matmul(o, Accum::Replace, p, vm, 1.0f32, Par::Seq);
             }
-            (Part::Segment(_), Some((basis, r))) => {
+            (Part::Segment(_), Some(r)) => {
                 s.small.resize(n * r, 0.0);
                 let c = MatRef::from_row_major_slice(&s.values[..t * r], t, r);
                 let pc = MatMut::from_row_major_slice_mut(&mut s.small, n, r);
                 matmul(pc, Accum::Replace, p, c, 1.0f32, Par::Seq);
-                let b = MatRef::from_row_major_slice(basis, r, hd);
+                let b = MatRef::from_row_major_slice(&s.value_basis, r, hd);
                 let pc = MatRef::from_row_major_slice(&s.small, n, r);
                 matmul(o, Accum::Replace, pc, b, 1.0f32, Par::Seq);
             }
@@ -894,11 +918,6 @@ impl KvCache for CompressedKvCache {
         // Drop anything a previous, uncommitted pass appended.
         self.window_k[layer].truncate(committed * kv_dim);
         self.window_v[layer].truncate(committed * kv_dim);
-        // Every layer sees the same committed length, so all compress at the same step; the
-        // per-layer window may still hold an uncompressed block from the previous call.
-        while self.window_k[layer].len() / kv_dim >= self.config.window + self.config.block {
-            self.compress_oldest(layer);
-        }
         let p0 = self.window_k[layer].len() / kv_dim;
         self.window_k[layer].extend_from_slice(k);
         self.window_v[layer].extend_from_slice(v);
@@ -916,6 +935,13 @@ impl KvCache for CompressedKvCache {
 
     fn commit(&mut self, n: usize) {
         self.len += n;
+        // Compress as soon as a block is committed past the window, so `bytes()` is the steady
+        // state and the next step attends to the compressed form.
+        for layer in 0..self.segments.len() {
+            while self.window_tokens(layer) >= self.config.window + self.config.block {
+                self.compress_oldest(layer);
+            }
+        }
     }
 
     fn clear(&mut self) {
@@ -1191,8 +1217,8 @@ mod tests {
         // segments (128 tokens) and a window of 72.
         assert_eq!(cache.segments(0).len(), 2);
         assert_eq!(cache.window_tokens(1), 72);
-        // Per segment, side and KV head: 64×8 int8 coefficients, 64 f16 scales, 8×64 f32 basis.
-        let per_factors = 64 * 8 + 2 * 64 + 4 * 8 * hd;
+        // Per segment, side and KV head: 64×8 int8 coefficients, 64 f16 scales, 8×64 f16 basis.
+        let per_factors = 64 * 8 + 2 * 64 + 2 * 8 * hd;
         let segments = layers * 2 * 2 * SHAPE.n_kv_heads * per_factors;
         let window = layers * 2 * 72 * kv * 4;
         assert_eq!(cache.bytes(), segments + window);

@@ -1,0 +1,184 @@
+//! `s2lc bench kv`: KV caches compared on one long real text in one process.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use s2lc_model::eval::perplexity_streamed;
+use s2lc_model::kv::{CompressedKvCache, KvCache, KvSpec};
+use s2lc_model::llama::{ForwardScratch, LlamaModel};
+use s2lc_model::source::WeightStorage;
+use s2lc_model::tokenizer::read_text_file;
+
+use crate::{load_model, parse_kv, parse_weights, s2lc_home, ModelArg};
+
+/// The caches `bench kv` measures when no `--kv` is given.
+const DEFAULT_SPECS: &[&str] = &[
+    "dense",
+    "q8",
+    "q4",
+    "spectral:energy=0.999",
+    "spectral:energy=0.99",
+    "spectral:energy=0.95",
+    "spectral:energy=0.99,block=256,window=128",
+    "spectral:energy=0.99,values=q8",
+    "spectral:energy=0.95,values=q4",
+];
+
+/// Options of `s2lc bench kv`.
+#[derive(Args)]
+pub struct KvArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Weight storage of the model (the caches are what is compared).
+    #[arg(long, default_value = "native", value_parser = parse_weights)]
+    weights: WeightStorage,
+    /// Long evaluation text [default: plrabn12.txt from $S2LC_HOME].
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Tokens of the text read as one sequence.
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Tokens per prefill chunk.
+    #[arg(long, default_value_t = 256)]
+    chunk: usize,
+    /// Tokens decoded after the text to time decode at that context.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// A cache to measure (repeat the flag; same syntax as `generate --kv`) [default: dense,
+    /// q8, q4 and several spectral settings].
+    #[arg(long = "kv", value_parser = parse_kv)]
+    specs: Vec<KvSpec>,
+}
+
+/// Bytes of a dense cache of `tokens` tokens with `bytes_per_value`-byte keys and values.
+pub fn dense_bytes(model: &LlamaModel, tokens: usize, bytes_per_value: usize) -> usize {
+    2 * model.config().n_layers * tokens * model.attn_shape().kv_dim() * bytes_per_value
+}
+
+/// Greedy decode speed of `n` steps on a cache already holding a context (the first step, which
+/// repeats the last token of `tokens` to get logits, is not timed).
+pub fn decode_after(
+    model: &LlamaModel,
+    cache: &mut dyn KvCache,
+    tokens: &[u32],
+    n: usize,
+) -> Result<f64> {
+    let mut scratch = ForwardScratch::default();
+    let mut logits = Vec::new();
+    let last = *tokens.last().context("no tokens")?;
+    model.forward_last(&[last], cache, &mut scratch, &mut logits)?;
+    let t = Instant::now();
+    for _ in 0..n {
+        let next = crate::bench::argmax(&logits);
+        model.forward_last(&[next], cache, &mut scratch, &mut logits)?;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// One measured cache.
+struct Row {
+    name: String,
+    ppl: f64,
+    bytes: usize,
+    ranks: Option<(f64, f64)>,
+    compress: Duration,
+    prefill: f64,
+    decode: f64,
+}
+
+/// Runs `s2lc bench kv` and prints a Markdown table.
+pub fn run(args: &KvArgs) -> Result<()> {
+    let text_path = args
+        .text
+        .clone()
+        .unwrap_or_else(|| s2lc_home().join("text/canterbury/plrabn12.txt"));
+    let text = read_text_file(&text_path).context("reading the evaluation text")?;
+    let (_source, model, tokenizer) = load_model(&args.model.path(), args.weights)?;
+    let mut tokens = tokenizer
+        .encode(&text, false)
+        .context("tokenizing the text")?;
+    tokens.truncate(args.tokens);
+    let specs: Vec<KvSpec> = if args.specs.is_empty() {
+        DEFAULT_SPECS
+            .iter()
+            .map(|s| KvSpec::parse(s))
+            .collect::<Result<_, _>>()?
+    } else {
+        args.specs.clone()
+    };
+    let shape = model.attn_shape();
+    let layers = model.config().n_layers;
+    let limit = tokens.len() + args.decode_tokens + 1;
+    // Check every spec before the first (slow) run.
+    let configs = specs
+        .iter()
+        .map(|s| s.check(shape))
+        .collect::<Result<Vec<_>, _>>()
+        .context("checking --kv against the model")?;
+    let mut rows = Vec::new();
+    for (spec, config) in specs.iter().zip(configs) {
+        eprintln!("bench kv: {}", spec.name());
+        let (report, bytes, ranks, compress, decode) = match config {
+            None => {
+                let mut cache = model.dense_cache(limit);
+                let r = perplexity_streamed(&model, &tokens, &mut cache, args.chunk, |_, _| {})?;
+                let bytes = cache.bytes();
+                let d = decode_after(&model, &mut cache, &tokens, args.decode_tokens)?;
+                (r, bytes, None, Duration::ZERO, d)
+            }
+            Some(c) => {
+                let mut cache = CompressedKvCache::new(layers, shape, c);
+                let r = perplexity_streamed(&model, &tokens, &mut cache, args.chunk, |_, _| {})?;
+                let (bytes, compress) = (cache.bytes(), cache.compress_time());
+                let spectral = cache.ranks().keys.1 + cache.ranks().values.1 > 0;
+                let ranks = spectral.then(|| cache.ranks().means());
+                let d = decode_after(&model, &mut cache, &tokens, args.decode_tokens)?;
+                (r, bytes, ranks, compress, d)
+            }
+        };
+        rows.push(Row {
+            name: spec.name(),
+            ppl: report.perplexity(),
+            bytes,
+            ranks,
+            compress,
+            prefill: report.prefill_tok_s(),
+            decode,
+        });
+    }
+    let n = tokens.len();
+    let f16 = dense_bytes(&model, n, 2) as f64;
+    let base = rows.first().map_or(f64::NAN, |r| r.ppl);
+    println!(
+        "\n{}: {n} tokens as one sequence, chunks of {}, then {} decode steps at that context; \
+         weights {}; threads {}\n",
+        text_path.display(),
+        args.chunk,
+        args.decode_tokens,
+        args.weights.name(),
+        s2lc_model::kernels::pool::global().threads()
+    );
+    println!("| KV cache | perplexity | vs first row | KV MB | smaller than f16 | mean rank K / V | compression ms per token | prefill tok/s | decode tok/s at {n} | compression / decode time |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let per_token = r.compress.as_secs_f64() / n as f64;
+        println!(
+            "| {} | {:.4} | {:+.2}% | {:.2} | {:.2}x | {} | {:.3} | {:.1} | {:.1} | {:.1}% |",
+            r.name,
+            r.ppl,
+            100.0 * (r.ppl / base - 1.0),
+            r.bytes as f64 / 1e6,
+            f16 / r.bytes as f64,
+            r.ranks
+                .map_or("—".to_string(), |(k, v)| format!("{k:.1} / {v:.1}")),
+            per_token * 1e3,
+            r.prefill,
+            r.decode,
+            100.0 * per_token * r.decode
+        );
+    }
+    Ok(())
+}
