@@ -30,6 +30,31 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x);
 }
 
+/// `Σ c_i·x_i` for int8 `c` (equal lengths): a query against int8 key coefficients.
+pub fn dot_i8(c: &[i8], x: &[f32]) -> f32 {
+    debug_assert_eq!(c.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: features checked; both slices are read within their common length.
+        return unsafe { avx2::dot_i8(c, x) };
+    }
+    c.iter().zip(x).map(|(c, x)| *c as f32 * x).sum()
+}
+
+/// `y ← y + alpha·c` for int8 `c` (equal lengths): accumulating int8 value rows.
+pub fn axpy_i8(y: &mut [f32], alpha: f32, c: &[i8]) {
+    debug_assert_eq!(c.len(), y.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: features checked; both slices are accessed within their common length.
+        unsafe { avx2::axpy_i8(y, alpha, c) };
+        return;
+    }
+    y.iter_mut()
+        .zip(c)
+        .for_each(|(y, c)| *y += alpha * *c as f32);
+}
+
 /// `scores[j] = scale · q·k_j` for the `scores.len()` keys `k_j = keys[j·stride..][..q.len()]`.
 pub fn key_scores(q: &[f32], keys: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
     debug_assert!(scores.is_empty() || keys.len() >= (scores.len() - 1) * stride + q.len());
@@ -115,6 +140,53 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use crate::kernels::dot::avx2::hsum;
+
+    /// Eight int8 values at `p` as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn i8x8(p: *const i8) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_i8(c: &[i8], x: &[f32]) -> f32 {
+        let n = c.len().min(x.len());
+        let (pc, px) = (c.as_ptr(), x.as_ptr());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut k = 0;
+        while k + 16 <= n {
+            s0 = _mm256_fmadd_ps(i8x8(pc.add(k)), _mm256_loadu_ps(px.add(k)), s0);
+            s1 = _mm256_fmadd_ps(i8x8(pc.add(k + 8)), _mm256_loadu_ps(px.add(k + 8)), s1);
+            k += 16;
+        }
+        if k + 8 <= n {
+            s0 = _mm256_fmadd_ps(i8x8(pc.add(k)), _mm256_loadu_ps(px.add(k)), s0);
+            k += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(s0, s1));
+        while k < n {
+            s += c[k] as f32 * x[k];
+            k += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy_i8(y: &mut [f32], alpha: f32, c: &[i8]) {
+        let n = y.len().min(c.len());
+        let (py, pc) = (y.as_mut_ptr(), c.as_ptr());
+        let a = _mm256_set1_ps(alpha);
+        let mut k = 0;
+        while k + 8 <= n {
+            let v = _mm256_fmadd_ps(a, i8x8(pc.add(k)), _mm256_loadu_ps(py.add(k)));
+            _mm256_storeu_ps(py.add(k), v);
+            k += 8;
+        }
+        while k < n {
+            y[k] += alpha * c[k] as f32;
+            k += 1;
+        }
+    }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -337,6 +409,16 @@ mod tests {
             axpy(&mut y, 0.5, &a);
             for i in 0..n {
                 assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
+            }
+            let c: Vec<i8> = (0..n)
+                .map(|i| ((i * 37 % 255) as i32 - 127) as i8)
+                .collect();
+            let want: f32 = c.iter().zip(&b).map(|(c, y)| *c as f32 * y).sum();
+            assert!((dot_i8(&c, &b) - want).abs() < 1e-4 * (1.0 + want.abs()));
+            let mut y = b.clone();
+            axpy_i8(&mut y, 0.25, &c);
+            for i in 0..n {
+                assert!((y[i] - (b[i] + 0.25 * c[i] as f32)).abs() < 1e-5);
             }
             let mut g = a.clone();
             silu_mul(&mut g, &b);

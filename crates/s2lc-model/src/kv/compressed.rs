@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use s2lc_spectral::rsvd::{rsvd_batch, RsvdParams};
 
 use super::{AttnShape, KvCache};
@@ -640,23 +641,18 @@ pub fn quantize_groups(x: &[f32], bits: u32) -> (Vec<u8>, Vec<f16>) {
     (data, scale)
 }
 
-/// Dequantizes the `cols` values starting at element `at` of a group-quantized buffer (`at` and
-/// `cols` multiples of 32) into `out`.
+/// Dequantizes the `out.len()` values starting at element `at` of a group-quantized buffer
+/// (`at` and the length multiples of 32) into `out`.
 fn dequantize_groups(bits: u32, data: &[u8], scale: &[f16], at: usize, out: &mut [f32]) {
+    let mut buf = [0i8; GROUP];
     for (gi, o) in out.chunks_exact_mut(GROUP).enumerate() {
-        let g = at / GROUP + gi;
-        let d = scale[g].to_f32();
-        if bits == 8 {
-            for (v, &q) in o.iter_mut().zip(&data[g * GROUP..(g + 1) * GROUP]) {
-                *v = d * (q as i8) as f32;
-            }
-        } else {
-            let bytes = &data[g * GROUP / 2..(g + 1) * GROUP / 2];
-            for (pair, &b) in o.chunks_exact_mut(2).zip(bytes) {
-                pair[0] = d * ((b & 0x0F) as i32 - 8) as f32;
-                pair[1] = d * ((b >> 4) as i32 - 8) as f32;
-            }
-        }
+        let g = at + gi * GROUP;
+        o.fill(0.0);
+        ops::axpy_i8(
+            o,
+            scale[g / GROUP].to_f32(),
+            group_quants(bits, data, g, &mut buf),
+        );
     }
 }
 
@@ -675,19 +671,20 @@ fn unpack(
     match coded {
         Coded::Spectral(heads) => {
             let f = &heads[g];
+            // The per-token scales go through `basis` first (converted as one slice).
+            basis.resize(tokens, 0.0);
+            f.scale.convert_to_f32_slice(basis);
             out.resize(tokens * f.rank, 0.0);
-            for ((o, q), s) in out
+            for ((o, q), &s) in out
                 .chunks_exact_mut(f.rank)
                 .zip(f.coef.chunks_exact(f.rank))
-                .zip(&f.scale)
+                .zip(basis.iter())
             {
-                let s = s.to_f32();
-                for (v, &c) in o.iter_mut().zip(q) {
-                    *v = s * c as f32;
-                }
+                o.fill(0.0);
+                ops::axpy_i8(o, s, q);
             }
-            basis.clear();
-            basis.extend(f.basis.iter().map(|b| b.to_f32()));
+            basis.resize(f.basis.len(), 0.0);
+            f.basis.convert_to_f32_slice(basis);
             Some(f.rank)
         }
         Coded::Exact(rows) => {
@@ -733,6 +730,8 @@ struct UnitScratch {
     values: Vec<f32>,
     key_basis: Vec<f32>,
     value_basis: Vec<f32>,
+    key_scale: Vec<f32>,
+    value_scale: Vec<f32>,
     scores: Vec<f32>,
     small: Vec<f32>,
 }
@@ -837,6 +836,127 @@ pub fn attend_compressed(
     });
 }
 
+/// The 32 quants of the group starting at element `at`, as int8 (4-bit ones unpacked into `buf`).
+#[inline]
+fn group_quants<'a>(bits: u32, data: &'a [u8], at: usize, buf: &'a mut [i8; GROUP]) -> &'a [i8] {
+    if bits == 8 {
+        // SAFETY: u8 and i8 have the same size and alignment, and `bytes` is in bounds.
+        let bytes = &data[at..at + GROUP];
+        return unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<i8>(), GROUP) };
+    }
+    for (pair, &b) in buf
+        .chunks_exact_mut(2)
+        .zip(&data[at / 2..at / 2 + GROUP / 2])
+    {
+        pair[0] = (b & 0x0F) as i8 - 8;
+        pair[1] = (b >> 4) as i8 - 8;
+    }
+    buf
+}
+
+/// [`attend_unit`] for one query row (a decode step), straight from the stored form: int8
+/// coefficients and quants are read by int8 kernels instead of being expanded to f32 first.
+#[allow(clippy::too_many_arguments)]
+fn attend_one(
+    shape: AttnShape,
+    q: &[f32],
+    g: usize,
+    part: Part<'_>,
+    scale: f32,
+    s: &mut UnitScratch,
+    dst: &mut [f32],
+) {
+    let (hd, kv_dim) = (shape.head_dim, shape.kv_dim());
+    let group = shape.n_heads / shape.n_kv_heads;
+    let slot = hd + 2;
+    let t = match part {
+        Part::Segment(seg) => seg.tokens,
+        Part::Dense { t, .. } => t,
+    };
+    // Once per unit, shared by the group's query heads: f16 bases and token scales to f32,
+    // group-quantized rows to f32 (`hd`-wide rows in `s.keys` / `s.values`).
+    if let Part::Segment(seg) = part {
+        for (coded, basis, scales, rows) in [
+            (&seg.keys, &mut s.key_basis, &mut s.key_scale, &mut s.keys),
+            (
+                &seg.values,
+                &mut s.value_basis,
+                &mut s.value_scale,
+                &mut s.values,
+            ),
+        ] {
+            match coded {
+                Coded::Spectral(heads) => {
+                    let f = &heads[g];
+                    basis.resize(f.basis.len(), 0.0);
+                    f.basis.convert_to_f32_slice(basis);
+                    scales.resize(t, 0.0);
+                    f.scale.convert_to_f32_slice(scales);
+                }
+                Coded::Quant { .. } => {
+                    unpack(coded, g, t, shape, rows, basis);
+                }
+                Coded::Exact(_) => {}
+            }
+        }
+    }
+    s.scores.resize(t, 0.0);
+    for hh in 0..group {
+        let h = g * group + hh;
+        let qh = &q[h * hd..][..hd];
+        let scores = &mut s.scores[..t];
+        match part {
+            Part::Dense { k, .. } => ops::key_scores(qh, &k[g * hd..], kv_dim, scale, scores),
+            Part::Segment(seg) => match &seg.keys {
+                Coded::Exact(rows) => ops::key_scores(qh, &rows[g * hd..], kv_dim, scale, scores),
+                Coded::Spectral(heads) => {
+                    let f = &heads[g];
+                    let r = f.rank;
+                    s.small.resize(r, 0.0);
+                    for (qb, b) in s.small.iter_mut().zip(s.key_basis.chunks_exact(hd)) {
+                        *qb = scale * ops::dot(qh, b);
+                    }
+                    for ((sc, c), ts) in scores
+                        .iter_mut()
+                        .zip(f.coef.chunks_exact(r))
+                        .zip(&s.key_scale)
+                    {
+                        *sc = ts * ops::dot_i8(c, &s.small);
+                    }
+                }
+                Coded::Quant { .. } => ops::key_scores(qh, &s.keys, hd, scale, scores),
+            },
+        }
+        let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let l = ops::exp_shifted(scores, m);
+        let d = &mut dst[hh * slot..][..slot];
+        d[0] = m;
+        d[1] = l;
+        let o = &mut d[2..];
+        let p = &s.scores[..t];
+        match part {
+            Part::Dense { v, .. } => ops::weighted_rows(p, &v[g * hd..], kv_dim, o),
+            Part::Segment(seg) => match &seg.values {
+                Coded::Exact(rows) => ops::weighted_rows(p, &rows[g * hd..], kv_dim, o),
+                Coded::Spectral(heads) => {
+                    let f = &heads[g];
+                    let r = f.rank;
+                    s.small.clear();
+                    s.small.resize(r, 0.0);
+                    for ((pt, c), ts) in p.iter().zip(f.coef.chunks_exact(r)).zip(&s.value_scale) {
+                        ops::axpy_i8(&mut s.small, pt * ts, c);
+                    }
+                    o.fill(0.0);
+                    for (w, b) in s.small.iter().zip(s.value_basis.chunks_exact(hd)) {
+                        ops::axpy(o, *w, b);
+                    }
+                }
+                Coded::Quant { .. } => ops::weighted_rows(p, &s.values, hd, o),
+            },
+        }
+    }
+}
+
 /// One unit: every query head of KV group `g`, every query row, over one part. `dst` holds per
 /// (query head, row) `[max, Σexp, o (hd)]`.
 #[allow(clippy::too_many_arguments)]
@@ -850,6 +970,10 @@ fn attend_unit(
     s: &mut UnitScratch,
     dst: &mut [f32],
 ) {
+    if n == 1 {
+        attend_one(shape, q, g, part, scale, s, dst);
+        return;
+    }
     let (hd, q_dim, kv_dim) = (shape.head_dim, shape.q_dim(), shape.kv_dim());
     let group = shape.n_heads / shape.n_kv_heads;
     let slot = hd + 2;
