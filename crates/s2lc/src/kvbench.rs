@@ -19,12 +19,14 @@ const DEFAULT_SPECS: &[&str] = &[
     "dense",
     "q8",
     "q4",
-    "spectral:energy=0.999",
+    "q8:values=q4",
+    "spectral:energy=1",
+    "spectral:energy=0.99,sink=0",
     "spectral:energy=0.99",
     "spectral:energy=0.95",
     "spectral:energy=0.99,block=256,window=128",
-    "spectral:energy=0.99,values=q8",
     "spectral:energy=0.95,values=q4",
+    "spectral:energy=0.9,values=q4",
 ];
 
 /// Options of `s2lc bench kv`.
@@ -83,7 +85,8 @@ struct Row {
     name: String,
     ppl: f64,
     bytes: usize,
-    ranks: Option<(f64, f64)>,
+    /// Mean spectral rank of keys and values (`None`: not spectral).
+    ranks: Option<(Option<f64>, Option<f64>)>,
     compress: Duration,
     prefill: f64,
     decode: f64,
@@ -133,8 +136,7 @@ pub fn run(args: &KvArgs) -> Result<()> {
                 let mut cache = CompressedKvCache::new(layers, shape, c);
                 let r = perplexity_streamed(&model, &tokens, &mut cache, args.chunk, |_, _| {})?;
                 let (bytes, compress) = (cache.bytes(), cache.compress_time());
-                let spectral = cache.ranks().keys.1 + cache.ranks().values.1 > 0;
-                let ranks = spectral.then(|| cache.ranks().means());
+                let ranks = Some(cache.ranks().means());
                 let d = decode_after(&model, &mut cache, &tokens, args.decode_tokens)?;
                 (r, bytes, ranks, compress, d)
             }
@@ -172,8 +174,12 @@ pub fn run(args: &KvArgs) -> Result<()> {
             100.0 * (r.ppl / base - 1.0),
             r.bytes as f64 / 1e6,
             f16 / r.bytes as f64,
-            r.ranks
-                .map_or("—".to_string(), |(k, v)| format!("{k:.1} / {v:.1}")),
+            {
+                let side = |r: Option<f64>| r.map_or("—".to_string(), |r| format!("{r:.1}"));
+                r.ranks.map_or("—".to_string(), |(k, v)| {
+                    format!("{} / {}", side(k), side(v))
+                })
+            },
             per_token * 1e3,
             r.prefill,
             r.decode,

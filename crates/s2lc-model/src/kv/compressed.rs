@@ -397,9 +397,9 @@ pub struct RankStats {
 }
 
 impl RankStats {
-    /// Mean key rank and mean value rank (0 when none).
-    pub fn means(&self) -> (f64, f64) {
-        let mean = |(s, n): (usize, usize)| if n == 0 { 0.0 } else { s as f64 / n as f64 };
+    /// Mean key rank and mean value rank (`None` for a side that is not spectral).
+    pub fn means(&self) -> (Option<f64>, Option<f64>) {
+        let mean = |(s, n): (usize, usize)| (n > 0).then(|| s as f64 / n as f64);
         (mean(self.keys), mean(self.values))
     }
 }
