@@ -284,7 +284,7 @@ fn spectral_generation_stays_coherent() {
     let prompt = &tokens[..160];
     let new = 96;
     // Small blocks so that both prompt and generated tokens get compressed while generating.
-    let mut continuation = |spec: &str| {
+    let continuation = |spec: &str| {
         let mut cache = KvSpec::parse(spec)
             .unwrap()
             .cache(layers, shape, prompt.len() + new + 1)
