@@ -266,3 +266,84 @@ fn bad_weight_storage_and_thread_count_are_named() {
     let o = s2lc(&["--threads", "0", "info", "x.gguf"]);
     assert_clean_error(&o, "--threads must be at least 1");
 }
+
+#[test]
+fn bad_kv_specs_are_named_before_the_model_loads() {
+    for (spec, needle) in [
+        ("spectral:energy=1.5", "energy 1.5 is outside (0, 1]"),
+        (
+            "spectral:block=100",
+            "block 100 is not a positive multiple of 32",
+        ),
+        (
+            "spectral:rank=600",
+            "rank 600 is larger than the block of 512 tokens",
+        ),
+        ("zip", "unknown cache 'zip'"),
+    ] {
+        // A missing model: the spec is rejected first, by argument parsing (exit code 2).
+        let o = s2lc(&["eval", "--text", "x.txt", "--kv", spec]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{spec}: {err}");
+        assert!(err.contains(needle), "{spec}: {err}");
+    }
+}
+
+#[test]
+fn eval_and_generate_through_a_spectral_cache() {
+    let Some(model) = smollm2() else { return };
+    let m = model.to_str().unwrap();
+    let home = model.parent().unwrap().parent().unwrap();
+    let text = home.join("text/canterbury/plrabn12.txt");
+    let o = s2lc(&[
+        "eval",
+        "--model",
+        m,
+        "--text",
+        text.to_str().unwrap(),
+        "--max-tokens",
+        "600",
+        "--kv",
+        "spectral:block=128,window=64",
+        "--decode-tokens",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("tokens scored: 599 (one sequence of 600"),
+        "{out}"
+    );
+    assert!(out.contains("smaller than dense f16"), "{out}");
+    assert!(out.contains("decode at 600 tokens of context"), "{out}");
+    // The rank check needs the model's head size (64): rejected after loading, still one line.
+    let o = s2lc(&[
+        "eval",
+        "--model",
+        m,
+        "--text",
+        text.to_str().unwrap(),
+        "--kv",
+        "spectral:rank=65,block=128",
+    ]);
+    assert_clean_error(&o, "rank 65 is larger than the head size 64");
+    let o = s2lc(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "24",
+        "--kv",
+        "spectral:block=32,window=0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("Paris"), "{text}");
+    assert!(
+        stderr(&o).contains("KV cache: keys spectral"),
+        "{}",
+        stderr(&o)
+    );
+}
