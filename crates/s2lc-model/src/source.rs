@@ -78,7 +78,7 @@ pub enum WeightStorage {
     F16,
     /// ggml Q8_0 (8-bit blocks of 32).
     Q8_0,
-    /// The file's own blocks when a kernel exists for them (GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/F16/
+    /// The file's own blocks when a kernel exists for them (GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q8_0/F16/
     /// BF16); other block types are re-quantized to Q8_0, unquantized tensors stay f32.
     Native,
 }

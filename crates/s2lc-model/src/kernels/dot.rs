@@ -165,6 +165,7 @@ pub fn dot_rows_scalar(rows: Rows<'_>, x: &[f32], a: &QuantizedActs, out: &mut [
                         .zip(x)
                         .map(|(b, x)| bf16::from_le_bytes([b[0], b[1]]).to_f32() * x)
                         .sum(),
+                    WeightFormat::Q4_K => dot_q4_k_scalar(row, a),
                     _ => dot_blocks_scalar(format, row, a),
                 };
                 store(o, v, add);
@@ -196,11 +197,55 @@ fn dot_blocks_scalar(format: WeightFormat, row: &[u8], a: &QuantizedActs) -> f32
                 nibble_dot(&blk[8..], u32_le(&blk[4..]), xq),
                 f16_le(&blk[2..]),
             ),
-            WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16 => {
-                unreachable!("not a block format")
+            WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16 | WeightFormat::Q4_K => {
+                unreachable!("not a block format of 32")
             }
         };
         total += d * a.d[b] * isum as f32 + offset * a.s[b];
+    }
+    total
+}
+
+/// Bytes of a Q4_K super-block (256 elements): `d, dmin: f16 | scales: [u8; 12] | qs: [u8; 128]`.
+const Q4_K_BYTES: usize = 144;
+
+/// The 6-bit scale and minimum of sub-block `j` (0..8) of a Q4_K block (ggml's
+/// `get_scale_min_k4`; see `quant::block_q4_k`).
+#[inline]
+fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// One Q4_K row: per sub-block `j` of 32 (activation block `b`), `Σ w·x = d·sc_j·d_x·Σ q·q_x −
+/// dmin·m_j·d_x·Σ q_x`. Group `g` of 64 uses `qs[32g..32g+32]`: low nibbles are sub-block `2g`,
+/// high nibbles sub-block `2g + 1`.
+fn dot_q4_k_scalar(row: &[u8], a: &QuantizedActs) -> f32 {
+    let mut total = 0.0f32;
+    for (sb, blk) in row.chunks_exact(Q4_K_BYTES).enumerate() {
+        let (d, dmin) = (f16_le(blk), f16_le(&blk[2..]));
+        let (scales, qs) = blk[4..].split_at(12);
+        for g in 0..4 {
+            let q = &qs[32 * g..32 * g + 32];
+            for (half, shift) in [(0, 0), (1, 4)] {
+                let j = 2 * g + half;
+                let b = 8 * sb + j;
+                let xq = &a.qs[b * BLOCK..][..BLOCK];
+                let isum: i32 = q
+                    .iter()
+                    .zip(xq)
+                    .map(|(&w, &x)| ((w >> shift) & 0x0F) as i32 * x as i32)
+                    .sum();
+                let (sc, m) = scale_min_k4(j, scales);
+                total += d * sc as f32 * a.d[b] * isum as f32 - dmin * m as f32 * a.s[b];
+            }
+        }
     }
     total
 }
@@ -360,6 +405,7 @@ pub(crate) mod avx2 {
                         WeightFormat::Q4_1 => dot_q4_1,
                         WeightFormat::Q5_0 => dot_q5_0,
                         WeightFormat::Q5_1 => dot_q5_1,
+                        WeightFormat::Q4_K => dot_q4_k,
                     };
                 for (r, o) in out.iter_mut().enumerate() {
                     put(o, kernel(data.as_ptr().add(r * rb), nb, x, a), add);
@@ -500,6 +546,52 @@ pub(crate) mod avx2 {
                 (nibbles_split(blk.add(4)), d, m)
             }
         )
+    }
+
+    /// Q4_K (see `dot_q4_k_scalar`): the 32 bytes of a 64-element group are loaded once; as
+    /// 16-bit lanes, masks and shifts give the even and odd elements of both sub-blocks in the
+    /// split order of the activations, with no shuffle.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q4_k(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
+        use super::{scale_min_k4, Q4_K_BYTES};
+        let (xq, xd, xs) = (a.split.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
+        debug_assert!(a.d.len() >= nb && a.split.len() >= nb * BLOCK);
+        let m4 = _mm256_set1_epi16(0x0F);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut off = 0.0f32;
+        let qdot2 = |lo: __m256i, hi: __m256i, b: usize| {
+            let x = xq.add(b * BLOCK);
+            let e = _mm256_madd_epi16(lo, _mm256_loadu_si256(x.cast()));
+            let o = _mm256_madd_epi16(hi, _mm256_loadu_si256(x.add(16).cast()));
+            _mm256_cvtepi32_ps(_mm256_add_epi32(e, o))
+        };
+        // `nb` counts blocks of 32; a super-block holds 8.
+        for sb in 0..nb / 8 {
+            let blk = p.add(sb * Q4_K_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(blk.add(Q4_K_BYTES * 4).cast());
+            let (d, dmin) = f16_pair(blk);
+            let scales = std::slice::from_raw_parts(blk.add(4), 12);
+            for g in 0..4 {
+                let l = _mm256_loadu_si256(blk.add(16 + 32 * g).cast());
+                let b = 8 * sb + 2 * g;
+                let (sc0, m0) = scale_min_k4(2 * g, scales);
+                let (sc1, m1) = scale_min_k4(2 * g + 1, scales);
+                let lo = qdot2(
+                    _mm256_and_si256(l, m4),
+                    _mm256_and_si256(_mm256_srli_epi16(l, 8), m4),
+                    b,
+                );
+                let hi = qdot2(
+                    _mm256_and_si256(_mm256_srli_epi16(l, 4), m4),
+                    _mm256_srli_epi16(l, 12),
+                    b + 1,
+                );
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * sc0 as f32 * *xd.add(b)), lo, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * sc1 as f32 * *xd.add(b + 1)), hi, acc1);
+                off += dmin * (m0 as f32 * *xs.add(b) + m1 as f32 * *xs.add(b + 1));
+            }
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) - off
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -44,6 +44,9 @@ pub enum WeightFormat {
     Q5_0,
     /// ggml Q5_1: 32 × 5-bit with an f16 scale and minimum (6 bits per weight).
     Q5_1,
+    /// ggml Q4_K: 256 × 4-bit in 8 sub-blocks of 32 with 6-bit scales and minimums under f16
+    /// super-scales (4.5 bits per weight).
+    Q4_K,
 }
 
 impl WeightFormat {
@@ -58,6 +61,7 @@ impl WeightFormat {
             WeightFormat::Q4_1 => GgmlType::Q4_1,
             WeightFormat::Q5_0 => GgmlType::Q5_0,
             WeightFormat::Q5_1 => GgmlType::Q5_1,
+            WeightFormat::Q4_K => GgmlType::Q4_K,
         }
     }
 
@@ -72,6 +76,7 @@ impl WeightFormat {
             GgmlType::Q4_1 => WeightFormat::Q4_1,
             GgmlType::Q5_0 => WeightFormat::Q5_0,
             GgmlType::Q5_1 => WeightFormat::Q5_1,
+            GgmlType::Q4_K => WeightFormat::Q4_K,
             _ => return None,
         })
     }
@@ -91,9 +96,10 @@ impl WeightFormat {
         cols / self.block_size() * self.block_bytes()
     }
 
-    /// Whether products take the activation quantized to 8 bits ([`QuantizedActs`]).
+    /// Whether products take the activation quantized per block of 32 ([`QuantizedActs`]): every
+    /// block format (a K-quant's sub-blocks are blocks of 32 too).
     fn quantizes_acts(self) -> bool {
-        self.block_size() == BLOCK
+        self.block_size() % BLOCK == 0
     }
 
     /// Lower-case name as used on the command line (`f32`, `q4_1`, ...).
@@ -107,6 +113,7 @@ impl WeightFormat {
             WeightFormat::Q4_1 => "q4_1",
             WeightFormat::Q5_0 => "q5_0",
             WeightFormat::Q5_1 => "q5_1",
+            WeightFormat::Q4_K => "q4_k",
         }
     }
 }

@@ -29,7 +29,7 @@ impl Lcg {
     }
 }
 
-const ALL: [WeightFormat; 8] = [
+const ALL: [WeightFormat; 9] = [
     WeightFormat::F32,
     WeightFormat::F16,
     WeightFormat::BF16,
@@ -38,6 +38,7 @@ const ALL: [WeightFormat; 8] = [
     WeightFormat::Q4_1,
     WeightFormat::Q5_0,
     WeightFormat::Q5_1,
+    WeightFormat::Q4_K,
 ];
 
 /// A `rows × cols` matrix in `format`: converted from random values where S2LC can produce the
@@ -47,12 +48,16 @@ fn matrix(format: WeightFormat, rows: usize, cols: usize, rng: &mut Lcg) -> Weig
     if let Ok(m) = WeightMatrix::quantize(&values, rows, cols, format) {
         return m;
     }
-    let nb = rows * cols / 32;
+    let nb = rows * cols / format.block_size();
     let mut bytes = Vec::with_capacity(format.block_bytes() * nb);
     for _ in 0..nb {
         bytes.extend(half::f16::from_f32(0.01 * (1.0 + rng.next())).to_le_bytes());
         if matches!(format, WeightFormat::Q4_1 | WeightFormat::Q5_1) {
             bytes.extend(half::f16::from_f32(-0.1 * (1.0 + rng.next())).to_le_bytes());
+        }
+        if format == WeightFormat::Q4_K {
+            // dmin (subtracted times the 6-bit minimums); random scale bytes follow.
+            bytes.extend(half::f16::from_f32(0.002 * (1.0 + rng.next())).to_le_bytes());
         }
         while bytes.len() % format.block_bytes() != 0 {
             bytes.push(rng.byte());
@@ -97,10 +102,10 @@ fn reference(w: &WeightMatrix, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
 fn gemv_matches_the_dequantized_reference_on_awkward_sizes() {
     let mut rng = Lcg(7);
     for format in ALL {
-        let col_choices: &[usize] = if format.block_size() == 1 {
-            &[1, 7, 13, 33, 96, 577]
-        } else {
-            &[32, 96, 160, 576]
+        let col_choices: &[usize] = match format.block_size() {
+            1 => &[1, 7, 13, 33, 96, 577],
+            32 => &[32, 96, 160, 576],
+            _ => &[256, 768, 1536],
         };
         for &cols in col_choices {
             for rows in [1, 3, 37, 129] {
@@ -132,7 +137,11 @@ fn simd_and_portable_kernels_agree() {
     }
     let mut rng = Lcg(11);
     for format in ALL {
-        let cols = if format.block_size() == 1 { 203 } else { 224 };
+        let cols = match format.block_size() {
+            1 => 203,
+            32 => 224,
+            _ => 512,
+        };
         let w = matrix(format, 19, cols, &mut rng);
         let x = rng.vec(cols);
         let mut acts = QuantizedActs::default();
@@ -193,8 +202,17 @@ fn batched_matmul_matches_the_reference_and_accumulates() {
         WeightFormat::F16,
         WeightFormat::Q4_1,
         WeightFormat::Q5_0,
+        WeightFormat::Q4_K,
     ] {
-        let (n, rows, cols) = (5, 301, 96);
+        let (n, rows, cols) = (
+            5,
+            301,
+            if format == WeightFormat::Q4_K {
+                256
+            } else {
+                96
+            },
+        );
         let w = matrix(format, rows, cols, &mut rng);
         let x = rng.vec(n * cols);
         let dense = w.to_f32();
@@ -238,13 +256,14 @@ fn conversions_round_trip_within_their_precision() {
 fn fast_dequantization_is_bit_exact() {
     let mut rng = Lcg(13);
     for format in ALL {
-        let w = matrix(format, 7, 96, &mut rng);
+        // 768 columns: whole blocks of 32 and of 256.
+        let w = matrix(format, 7, 768, &mut rng);
         let Storage::Blocks(_, bytes) = &w.storage else {
             continue;
         };
-        let mut want = vec![0.0; 7 * 96];
+        let mut want = vec![0.0; 7 * 768];
         crate::quant::dequantize(format.ggml(), bytes, &mut want).unwrap();
-        let mut got = vec![f32::NAN; 7 * 96];
+        let mut got = vec![f32::NAN; 7 * 768];
         w.dequantize_rows(0, 7, &mut got);
         assert!(
             got.iter()
