@@ -86,8 +86,6 @@ pub fn perplexity(
         )));
     }
     let wins = windows(tokens.len(), window, stride);
-    let vocab = model.config().vocab_size;
-    let d = model.config().hidden_size;
     let mut cache = model.dense_cache(window);
     let mut scratch = ForwardScratch::default();
     let mut logits = Vec::new();
@@ -98,15 +96,13 @@ pub fn perplexity(
         let hidden = model.forward_hidden(&tokens[start..end], &mut cache, &mut scratch)?;
         // Hidden row r predicts token start + r + 1; score targets first..end.
         let rows = (first - 1 - start)..(end - 1 - start);
-        let mut nll = 0.0f64;
-        for chunk_start in rows.clone().step_by(LOGIT_CHUNK) {
-            let chunk_end = (chunk_start + LOGIT_CHUNK).min(rows.end);
-            model.logits(&hidden[chunk_start * d..chunk_end * d], &mut logits);
-            for (r, row) in (chunk_start..chunk_end).zip(logits.chunks_exact_mut(vocab)) {
-                let target = row[tokens[start + r + 1] as usize] as f64;
-                nll += log_sum_exp(row) - target;
-            }
-        }
+        let nll = score_rows(
+            model,
+            hidden,
+            &tokens[start + 1..],
+            rows.clone(),
+            &mut logits,
+        );
         report.forward_time += t0.elapsed();
         report.tokens_run += end - start;
         report.predictions += rows.len();
@@ -139,8 +135,6 @@ pub fn perplexity_streamed(
             tokens.len()
         )));
     }
-    let vocab = model.config().vocab_size;
-    let d = model.config().hidden_size;
     let mut scratch = ForwardScratch::default();
     let mut logits = Vec::new();
     let mut report = PerplexityReport::default();
@@ -152,15 +146,13 @@ pub fn perplexity_streamed(
         let hidden = model.forward_hidden(&tokens[start..end], cache, &mut scratch)?;
         // Row r predicts token start + r + 1, which exists for every row but the text's last.
         let rows = 0..(end - start).min(tokens.len() - 1 - start);
-        let mut nll = 0.0f64;
-        for r0 in rows.clone().step_by(LOGIT_CHUNK) {
-            let r1 = (r0 + LOGIT_CHUNK).min(rows.end);
-            model.logits(&hidden[r0 * d..r1 * d], &mut logits);
-            for (r, row) in (r0..r1).zip(logits.chunks_exact_mut(vocab)) {
-                let target = row[tokens[start + r + 1] as usize] as f64;
-                nll += log_sum_exp(row) - target;
-            }
-        }
+        let nll = score_rows(
+            model,
+            hidden,
+            &tokens[start + 1..],
+            rows.clone(),
+            &mut logits,
+        );
         report.forward_time += t0.elapsed();
         report.tokens_run += end - start;
         report.predictions += rows.len();
@@ -168,6 +160,28 @@ pub fn perplexity_streamed(
         on_chunk(ci + 1, chunks);
     }
     Ok(report)
+}
+
+/// Summed NLL of hidden rows `rows`, row `r` predicting `targets[r]`; logits are materialised
+/// [`LOGIT_CHUNK`] rows at a time into `logits`.
+fn score_rows(
+    model: &LlamaModel,
+    hidden: &[f32],
+    targets: &[u32],
+    rows: std::ops::Range<usize>,
+    logits: &mut Vec<f32>,
+) -> f64 {
+    let (d, vocab) = (model.config().hidden_size, model.config().vocab_size);
+    let mut nll = 0.0f64;
+    for r0 in rows.clone().step_by(LOGIT_CHUNK) {
+        let r1 = (r0 + LOGIT_CHUNK).min(rows.end);
+        model.logits(&hidden[r0 * d..r1 * d], logits);
+        for (r, row) in (r0..r1).zip(logits.chunks_exact_mut(vocab)) {
+            let target = row[targets[r] as usize] as f64;
+            nll += log_sum_exp(row) - target;
+        }
+    }
+    nll
 }
 
 /// `log Σ exp(x)`, shifted by the maximum for stability; overwrites `x` with `exp(x − max)`

@@ -487,7 +487,7 @@ fn block_q3_k(b: &[u8; Q3_K_BYTES], y: &mut [f32; QK_K]) {
 /// `get_scale_min_k4`). The 12 bytes hold, for `j < 4`, `sc = s[j] & 63`, `m = s[j + 4] & 63`;
 /// for `j ≥ 4`, the low 4 bits in `s[j + 4]` (scale low nibble, minimum high nibble) and the high
 /// 2 bits in the top bits of `s[j − 4]` (scale) and `s[j]` (minimum).
-fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {

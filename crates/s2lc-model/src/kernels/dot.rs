@@ -14,6 +14,7 @@
 use half::{bf16, f16};
 
 use super::WeightFormat;
+use crate::quant::scale_min_k4;
 
 /// Elements per quantization block of every block format here.
 pub const BLOCK: usize = 32;
@@ -208,20 +209,6 @@ fn dot_blocks_scalar(format: WeightFormat, row: &[u8], a: &QuantizedActs) -> f32
 
 /// Bytes of a Q4_K super-block (256 elements): `d, dmin: f16 | scales: [u8; 12] | qs: [u8; 128]`.
 const Q4_K_BYTES: usize = 144;
-
-/// The 6-bit scale and minimum of sub-block `j` (0..8) of a Q4_K block (ggml's
-/// `get_scale_min_k4`; see `quant::block_q4_k`).
-#[inline]
-fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (s[j] & 63, s[j + 4] & 63)
-    } else {
-        (
-            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
-            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-        )
-    }
-}
 
 /// One Q4_K row: per sub-block `j` of 32 (activation block `b`), `Σ w·x = d·sc_j·d_x·Σ q·q_x −
 /// dmin·m_j·d_x·Σ q_x`. Group `g` of 64 uses `qs[32g..32g+32]`: low nibbles are sub-block `2g`,
@@ -553,7 +540,8 @@ pub(crate) mod avx2 {
     /// split order of the activations, with no shuffle.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q4_k(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
-        use super::{scale_min_k4, Q4_K_BYTES};
+        use super::Q4_K_BYTES;
+        use crate::quant::scale_min_k4;
         let (xq, xd, xs) = (a.split.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
         debug_assert!(a.d.len() >= nb && a.split.len() >= nb * BLOCK);
         let m4 = _mm256_set1_epi16(0x0F);
