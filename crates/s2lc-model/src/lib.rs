@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod kv;
 pub mod linear;
 pub mod llama;
+pub mod lora;
 pub mod model;
 pub mod perf;
 pub mod quant;

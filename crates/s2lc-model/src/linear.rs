@@ -44,6 +44,11 @@ impl DenseLinear {
         &self.weight
     }
 
+    /// The weight, mutable (merging adapters into it).
+    pub fn matrix_mut(&mut self) -> &mut WeightMatrix {
+        &mut self.weight
+    }
+
     /// The `out × in` row-major weight as f32 (dequantized if stored otherwise).
     pub fn weight(&self) -> Cow<'_, [f32]> {
         self.weight.to_f32()

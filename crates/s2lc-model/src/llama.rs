@@ -11,6 +11,7 @@ use crate::error::ModelError;
 use crate::kernels::{WeightFormat, WeightMatrix};
 use crate::kv::{AttnShape, DenseKvCache, KvCache};
 use crate::linear::{DenseLinear, Linear, LinearScratch, LowRankLinear};
+use crate::lora::{LoraAdapter, LoraDelta};
 use crate::source::{Tensor, WeightStorage, Weights};
 
 pub use crate::kernels::ops::rms_norm;
@@ -87,6 +88,8 @@ pub struct Block {
     pub up_proj: Linear,
     /// SwiGLU down (`d × ffn`).
     pub down_proj: Linear,
+    /// Unmerged LoRA deltas per linear layer, in [`Block::linears`] order (empty: none).
+    pub lora: [Vec<LoraDelta>; 7],
 }
 
 /// Loads a linear layer `[out, in]` with an optional bias `[out]` from scope `w`: a dense
@@ -154,6 +157,7 @@ impl Block {
             gate_proj: load_linear(&mlp.pp("gate_proj"), f, d, false, storage)?,
             up_proj: load_linear(&mlp.pp("up_proj"), f, d, false, storage)?,
             down_proj: load_linear(&mlp.pp("down_proj"), d, f, false, storage)?,
+            lora: Default::default(),
         })
     }
 
@@ -217,6 +221,7 @@ pub struct ForwardScratch {
     cos: Vec<f32>,
     sin: Vec<f32>,
     linear: LinearScratch,
+    lora_mid: Vec<f32>,
     /// When set, wall time per part of the forward pass accumulates here.
     pub profile: Option<Profile>,
 }
@@ -593,6 +598,11 @@ impl LlamaModel {
             &mut [&mut s.q, &mut s.k, &mut s.v],
             ls,
         );
+        for (deltas, out) in b.lora[..3].iter().zip([&mut s.q, &mut s.k, &mut s.v]) {
+            for delta in deltas {
+                delta.apply(&s.h, n, out, &mut s.lora_mid, ls.acts_mut());
+            }
+        }
         lap.mark(Part::Qkv);
         self.rope.apply(&mut s.q, qd, &s.cos, &s.sin);
         self.rope.apply(&mut s.k, kd, &s.cos, &s.sin);
@@ -601,6 +611,9 @@ impl LlamaModel {
         observe(LinearInput::AttentionOutput, &s.attn);
         lap.mark(Part::Attention);
         b.o_proj.forward(&s.attn, n, x, Accum::Add, ls);
+        for delta in &b.lora[3] {
+            delta.apply(&s.attn, n, x, &mut s.lora_mid, ls.acts_mut());
+        }
         lap.mark(Part::Output);
 
         rms_norm(x, &b.ffn_norm, cfg.rms_eps, &mut s.h);
@@ -613,12 +626,92 @@ impl LlamaModel {
             &mut [&mut s.gate, &mut s.up],
             ls,
         );
+        for (deltas, out) in b.lora[4..6].iter().zip([&mut s.gate, &mut s.up]) {
+            for delta in deltas {
+                delta.apply(&s.h, n, out, &mut s.lora_mid, ls.acts_mut());
+            }
+        }
         lap.mark(Part::GateUp);
         crate::kernels::ops::silu_mul(&mut s.gate, &s.up);
         observe(LinearInput::FeedForwardHidden, &s.gate);
         lap.mark(Part::Other);
         b.down_proj.forward(&s.gate, n, x, Accum::Add, ls);
+        for delta in &b.lora[6] {
+            delta.apply(&s.gate, n, x, &mut s.lora_mid, ls.acts_mut());
+        }
         lap.mark(Part::Down);
+    }
+
+    /// Attaches a LoRA adapter, unmerged: its deltas run beside the shared base weights (several
+    /// adapters add up). Every delta's shape is checked first; on error nothing is attached.
+    pub fn attach_adapter(&mut self, adapter: &LoraAdapter) -> Result<(), ModelError> {
+        let bad = |msg: String| {
+            ModelError::InvalidConfig(format!("adapter {}: {msg}", adapter.path.display()))
+        };
+        if adapter.layers.len() > self.blocks.len() {
+            return Err(bad(format!(
+                "adapts layer {} but the model has {} layers (an adapter for another base?)",
+                adapter.layers.len() - 1,
+                self.blocks.len()
+            )));
+        }
+        for (layer, (deltas, block)) in adapter.layers.iter().zip(&self.blocks).enumerate() {
+            for ((name, linear), delta) in block.linears().iter().zip(deltas) {
+                let Some(delta) = delta else { continue };
+                if (delta.out_dim(), delta.in_dim()) != (linear.out_dim(), linear.in_dim()) {
+                    return Err(bad(format!(
+                        "layer {layer} {name}: LoRA is {}×{} (B·A) but the layer is {}×{} (an adapter for another base?)",
+                        delta.out_dim(),
+                        delta.in_dim(),
+                        linear.out_dim(),
+                        linear.in_dim()
+                    )));
+                }
+            }
+        }
+        for (deltas, block) in adapter.layers.iter().zip(&mut self.blocks) {
+            for (slot, delta) in block.lora.iter_mut().zip(deltas) {
+                slot.extend(delta.iter().cloned());
+            }
+        }
+        Ok(())
+    }
+
+    /// Merges every attached delta into its layer's weight (`W ← W + s·B·A`) and detaches it.
+    /// Needs dense f32 weights (`--weights f32`); on error nothing is changed.
+    pub fn merge_adapters(&mut self) -> Result<(), ModelError> {
+        for (layer, block) in self.blocks.iter().enumerate() {
+            for ((name, linear), deltas) in block.linears().iter().zip(&block.lora) {
+                let dense_f32 = matches!(linear, Linear::Dense(d) if d.matrix().as_f32().is_some());
+                if !deltas.is_empty() && !dense_f32 {
+                    return Err(ModelError::WeightFormat(format!(
+                        "layer {layer} {name}: merging a LoRA needs a dense f32 weight (load with f32 storage)"
+                    )));
+                }
+            }
+        }
+        for block in &mut self.blocks {
+            let deltas = std::mem::take(&mut block.lora);
+            let layers = [
+                &mut block.q_proj,
+                &mut block.k_proj,
+                &mut block.v_proj,
+                &mut block.o_proj,
+                &mut block.gate_proj,
+                &mut block.up_proj,
+                &mut block.down_proj,
+            ];
+            for (linear, deltas) in layers.into_iter().zip(&deltas) {
+                let Linear::Dense(d) = linear else { continue };
+                for delta in deltas {
+                    let w = d.matrix_mut().as_f32_mut().expect("checked above");
+                    for (w, dw) in w.iter_mut().zip(delta.dense()) {
+                        *w += dw;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Output logits (`n × vocab`, row-major) for `n` final-normed hidden rows (`n × d`).
@@ -764,6 +857,119 @@ pub(crate) mod tests {
             fill(format!("{l}.mlp.down_proj.weight"), vec![d, ffn]);
         }
         LlamaModel::load(&cfg, &Weights::new(&src), WeightStorage::F32, |_| {}).unwrap()
+    }
+
+    /// An adapter with a delta on every linear of every layer of `model`.
+    fn full_adapter(model: &LlamaModel, rank: usize, scale: f32) -> LoraAdapter {
+        let layers = model
+            .blocks()
+            .iter()
+            .enumerate()
+            .map(|(l, b)| {
+                let ls = b.linears();
+                std::array::from_fn(|t| {
+                    let (out, inp) = (ls[t].1.out_dim(), ls[t].1.in_dim());
+                    let v = |n: usize, s: usize| {
+                        (0..n)
+                            .map(|i| (((i * 31 + s * 17 + l * 5) % 23) as f32 - 11.0) / 23.0)
+                            .collect::<Vec<f32>>()
+                    };
+                    Some(LoraDelta::new(
+                        v(rank * inp, t),
+                        v(out * rank, t + 7),
+                        rank,
+                        inp,
+                        out,
+                        scale,
+                    ))
+                })
+            })
+            .collect();
+        LoraAdapter {
+            path: "test-adapter".into(),
+            rank,
+            alpha: scale * rank as f32,
+            scale,
+            base_model: None,
+            layers,
+        }
+    }
+
+    fn last_logits(model: &LlamaModel, tokens: &[u32]) -> Vec<f32> {
+        let mut cache = DenseKvCache::new(model.config().n_layers, model.attn_shape(), 64);
+        let mut out = Vec::new();
+        model
+            .forward_last(tokens, &mut cache, &mut ForwardScratch::default(), &mut out)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn unmerged_lora_equals_merged_lora_and_changes_the_output() {
+        let base = random_model(8, 12, 2, (2, 1), 11, 3);
+        let tokens = [1u32, 4, 7, 2, 9];
+        let plain = last_logits(&base, &tokens);
+        let adapter = full_adapter(&base, 2, 0.5);
+        let mut unmerged = base.clone();
+        unmerged.attach_adapter(&adapter).unwrap();
+        let a = last_logits(&unmerged, &tokens);
+        let mut merged = unmerged.clone();
+        merged.merge_adapters().unwrap();
+        assert!(merged
+            .blocks()
+            .iter()
+            .all(|b| b.lora.iter().all(Vec::is_empty)));
+        let b = last_logits(&merged, &tokens);
+        let diff = a
+            .iter()
+            .zip(&plain)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(diff > 1e-3, "the adapter changes the logits ({diff})");
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+        // Two adapters add up: attaching the same one twice doubles the delta.
+        let mut twice = base.clone();
+        twice.attach_adapter(&adapter).unwrap();
+        twice.attach_adapter(&adapter).unwrap();
+        let doubled = full_adapter(&base, 2, 1.0);
+        let mut once = base.clone();
+        once.attach_adapter(&doubled).unwrap();
+        for (x, y) in last_logits(&twice, &tokens)
+            .iter()
+            .zip(&last_logits(&once, &tokens))
+        {
+            assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn adapters_for_another_base_are_rejected_untouched() {
+        let base = random_model(8, 12, 2, (2, 1), 11, 3);
+        let other = random_model(8, 16, 2, (2, 1), 11, 3);
+        let mut model = base.clone();
+        let err = model
+            .attach_adapter(&full_adapter(&other, 2, 1.0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("layer 0 mlp.gate_proj") && err.contains("another base"),
+            "{err}"
+        );
+        assert!(model
+            .blocks()
+            .iter()
+            .all(|b| b.lora.iter().all(Vec::is_empty)));
+        let deeper = random_model(8, 12, 3, (2, 1), 11, 3);
+        let err = model
+            .attach_adapter(&full_adapter(&deeper, 2, 1.0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("adapts layer 2 but the model has 2 layers"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -454,7 +454,7 @@ impl SafetensorsSource {
 }
 
 /// Converts little-endian f32/f16/bf16 bytes to f32.
-fn bytes_to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, ModelError> {
+pub(crate) fn bytes_to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, ModelError> {
     let data = match dtype {
         Dtype::F32 => bytes
             .chunks_exact(4)

@@ -17,6 +17,7 @@ use s2lc_model::eval::{perplexity, perplexity_streamed};
 use s2lc_model::generate::{generate, Sampler, SamplingParams};
 use s2lc_model::kv::{CompressedKvCache, KvCache, KvSpec};
 use s2lc_model::llama::LlamaModel;
+use s2lc_model::lora::LoraAdapter;
 use s2lc_model::model::apply_chat_template;
 use s2lc_model::source::WeightStorage;
 use s2lc_model::tokenizer::{read_text_file, Tokenizer};
@@ -191,13 +192,39 @@ fn try_main() -> Result<()> {
     }
 }
 
-/// How the runtime stores weight matrices (`--weights`).
-#[derive(Args, Clone, Copy)]
+/// How the runtime stores weight matrices (`--weights`) and which LoRA adapters it applies.
+#[derive(Args, Clone)]
 pub struct WeightsArg {
     /// Weight storage: f32 (dequantized reference), f16, q8_0, or native (the file's own
     /// quantized blocks; f32 for unquantized files).
     #[arg(long = "weights", default_value = "native", value_parser = parse_weights)]
     pub storage: WeightStorage,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), applied
+    /// unmerged; repeat the flag to stack several.
+    #[arg(long = "adapter")]
+    pub adapters: Vec<PathBuf>,
+}
+
+impl WeightsArg {
+    /// Loads the model in the chosen storage with the adapters attached.
+    fn load(&self, path: &Path) -> Result<(ModelSource, LlamaModel, Tokenizer)> {
+        let (source, mut model, tokenizer) = load_model(path, self.storage)?;
+        for dir in &self.adapters {
+            let adapter = LoraAdapter::load(dir)
+                .with_context(|| format!("reading the adapter {}", dir.display()))?;
+            model
+                .attach_adapter(&adapter)
+                .with_context(|| format!("attaching the adapter {}", dir.display()))?;
+            eprintln!(
+                "adapter {}: rank {}, scale {}, {} layers adapted",
+                dir.display(),
+                adapter.rank,
+                adapter.scale,
+                adapter.n_deltas()
+            );
+        }
+        Ok((source, model, tokenizer))
+    }
 }
 
 fn parse_kv(s: &str) -> Result<KvSpec, String> {
@@ -226,7 +253,7 @@ pub fn load_model(
 }
 
 fn cmd_generate(args: &GenerateArgs) -> Result<()> {
-    let (source, model, tokenizer) = load_model(&args.model.path(), args.weights.storage)?;
+    let (source, model, tokenizer) = args.weights.load(&args.model.path())?;
     let template = source.chat_template();
     let text = if args.raw {
         args.prompt.clone()
@@ -349,7 +376,7 @@ fn eval_streamed(args: &EvalArgs, spec: &KvSpec, model: &LlamaModel, tokens: &[u
 
 fn cmd_eval(args: &EvalArgs) -> Result<()> {
     let text = read_text_file(&args.text).context("reading the evaluation text")?;
-    let (_source, model, tokenizer) = load_model(&args.model.path(), args.weights.storage)?;
+    let (_source, model, tokenizer) = args.weights.load(&args.model.path())?;
     let mut tokens = tokenizer
         .encode(&text, false)
         .context("tokenizing the text")?;

@@ -347,3 +347,99 @@ fn eval_and_generate_through_a_spectral_cache() {
         stderr(&o)
     );
 }
+
+/// Writes a PEFT-layout adapter: `config` as adapter_config.json and rank-`r` A/B tensors for
+/// `q_proj` of layer 0 with the given (in, out) sizes.
+fn write_adapter(dir: &std::path::Path, config: &str, r: usize, inp: usize, out: usize) {
+    use s2lc_model::source::{write_safetensors, Tensor};
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), config).unwrap();
+    let a = Tensor {
+        shape: vec![r, inp],
+        data: vec![0.01; r * inp],
+    };
+    let b = Tensor {
+        shape: vec![out, r],
+        data: vec![0.01; out * r],
+    };
+    let p = "base_model.model.model.layers.0.self_attn.q_proj";
+    let (na, nb) = (format!("{p}.lora_A.weight"), format!("{p}.lora_B.weight"));
+    write_safetensors(
+        &dir.join("adapter_model.safetensors"),
+        [(na.as_str(), &a), (nb.as_str(), &b)],
+        None,
+    )
+    .unwrap();
+}
+
+#[test]
+fn bad_adapters_are_one_clear_error() {
+    let Some(model) = smollm2() else { return };
+    let m = model.to_str().unwrap();
+    let dir = scratch("adapters");
+    let ok = r#"{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}"#;
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("missing", String::new(), "adapter_config.json"),
+        (
+            "rank0",
+            r#"{"r": 0, "lora_alpha": 4, "target_modules": ["q_proj"]}"#.into(),
+            "LoRA rank r is 0",
+        ),
+        (
+            "target",
+            r#"{"r": 2, "lora_alpha": 4, "target_modules": ["qkv"]}"#.into(),
+            "unknown target module 'qkv'",
+        ),
+        (
+            "other-base",
+            ok.into(),
+            "LoRA is 576×960 (B·A) but the layer is 576×576",
+        ),
+        ("corrupt", ok.into(), "invalid safetensors"),
+    ];
+    for (name, config, needle) in &cases {
+        let d = dir.join(name);
+        match *name {
+            "missing" => {}
+            "other-base" => write_adapter(&d, config, 2, 960, 576),
+            _ => write_adapter(&d, config, 2, 576, 576),
+        }
+        if *name == "corrupt" {
+            std::fs::write(
+                d.join("adapter_model.safetensors"),
+                b"not a safetensors file",
+            )
+            .unwrap();
+        }
+        let o = s2lc(&[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "Hi",
+            "--adapter",
+            d.to_str().unwrap(),
+        ]);
+        assert_clean_error(&o, needle);
+    }
+    // A well-formed adapter loads and runs.
+    let d = dir.join("fine");
+    write_adapter(&d, ok, 2, 576, 576);
+    let o = s2lc(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "4",
+        "--adapter",
+        d.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("rank 2, scale 2, 1 layers adapted"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -244,6 +244,14 @@ impl WeightMatrix {
         }
     }
 
+    /// The f32 values, mutable, when stored as f32 (merging a delta into the weight).
+    pub fn as_f32_mut(&mut self) -> Option<&mut [f32]> {
+        match &mut self.storage {
+            Storage::F32(v) => Some(v),
+            Storage::Blocks(..) => None,
+        }
+    }
+
     /// The f32 values when stored as f32.
     pub fn as_f32(&self) -> Option<&[f32]> {
         match &self.storage {
