@@ -6,16 +6,18 @@ Run with the reference venv (see scripts/reference/setup-venv and README.md; it 
     $S2LC_REF_VENV/bin/python scripts/reference/train_adapters.py \\
         --text $S2LC_HOME/text/canterbury/asyoulik.txt --name shakespeare-r8 [--steps 300 ...]
 
-    # the committed test fixture tests/fixtures/adapters/alice-r4 (~5 minutes here):
+    # the committed test fixture tests/fixtures/adapters/alice-r4 (~6 minutes here):
     $S2LC_REF_VENV/bin/python scripts/reference/train_adapters.py \\
         --text $S2LC_HOME/text/canterbury/alice29.txt --name alice-r4 --rank 4 --alpha 8 \\
         --targets q_proj,v_proj --steps 60 --lr 2e-3 --fixture tests/fixtures/adapters/alice-r4
 
 Never run by CI and never needed by the library: it produces adapters to try S2LC's adapter support
 on, and (with --fixture) a small committed fixture that the Rust runtime is tested against. Runtime
-on a 2-core CPU (torch.set_num_threads(2)): about 4.5 s per step at --batch 4 --seq 256 with rank 4
-on q_proj,v_proj, about 5 s per step with rank 8 on all seven projections, plus ~30 s for loading
-and evaluation; the default 300 steps take ~25 minutes.
+on this 2-core CPU (torch.set_num_threads(2), idle machine): ~5.3 s per step at --batch 4 --seq 256
+with rank 4 on q_proj,v_proj, ~5.7 s per step with rank 8 on all seven projections, plus ~45 s for
+loading, the two held-out evaluations and saving. The alice-r4 fixture (60 steps) took 6m10s; 80
+steps of the default rank-8 adapter on asyoulik.txt took 10m20s (7.1 s/step: a cargo build ran
+alongside); the default 300 steps take ~30 minutes. Several times slower when the cores are busy.
 
 Model: $S2LC_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf loaded by transformers exactly as in
 crosscheck_smollm2.py (AutoModelForCausalLM / AutoTokenizer with gguf_file=..., every tensor
