@@ -79,37 +79,18 @@ pub fn perplexity(
             "perplexity needs window >= 2 and 0 < stride <= window (got window {window}, stride {stride})"
         )));
     }
-    if tokens.len() < 2 {
-        return Err(ModelError::EmptyInput(format!(
-            "perplexity needs at least 2 tokens, the text has {}",
-            tokens.len()
-        )));
-    }
+    enough_tokens(tokens)?;
     let wins = windows(tokens.len(), window, stride);
     let mut cache = model.dense_cache(window);
-    let mut scratch = ForwardScratch::default();
-    let mut logits = Vec::new();
-    let mut report = PerplexityReport::default();
+    let mut scorer = Scorer::default();
     for (wi, &(start, end, first)) in wins.iter().enumerate() {
         cache.clear();
-        let t0 = Instant::now();
-        let hidden = model.forward_hidden(&tokens[start..end], &mut cache, &mut scratch)?;
         // Hidden row r predicts token start + r + 1; score targets first..end.
         let rows = (first - 1 - start)..(end - 1 - start);
-        let nll = score_rows(
-            model,
-            hidden,
-            &tokens[start + 1..],
-            rows.clone(),
-            &mut logits,
-        );
-        report.forward_time += t0.elapsed();
-        report.tokens_run += end - start;
-        report.predictions += rows.len();
-        report.window_nll.push(nll);
+        scorer.piece(model, &mut cache, tokens, start..end, rows)?;
         on_window(wi + 1, wins.len());
     }
-    Ok(report)
+    Ok(scorer.report)
 }
 
 /// Perplexity of `tokens` read as one sequence through `cache`, the way generation sees it: the
@@ -129,37 +110,65 @@ pub fn perplexity_streamed(
             "streamed perplexity needs a chunk of at least 1 token".into(),
         ));
     }
+    enough_tokens(tokens)?;
+    let mut scorer = Scorer::default();
+    cache.clear();
+    let chunks = tokens.len().div_ceil(chunk);
+    for (ci, start) in (0..tokens.len()).step_by(chunk).enumerate() {
+        let end = (start + chunk).min(tokens.len());
+        // Row r predicts token start + r + 1, which exists for every row but the text's last.
+        let rows = 0..(end - start).min(tokens.len() - 1 - start);
+        scorer.piece(model, cache, tokens, start..end, rows)?;
+        on_chunk(ci + 1, chunks);
+    }
+    Ok(scorer.report)
+}
+
+/// Perplexity needs a prediction: at least two tokens.
+fn enough_tokens(tokens: &[u32]) -> Result<(), ModelError> {
     if tokens.len() < 2 {
         return Err(ModelError::EmptyInput(format!(
             "perplexity needs at least 2 tokens, the text has {}",
             tokens.len()
         )));
     }
-    let mut scratch = ForwardScratch::default();
-    let mut logits = Vec::new();
-    let mut report = PerplexityReport::default();
-    cache.clear();
-    let chunks = tokens.len().div_ceil(chunk);
-    for (ci, start) in (0..tokens.len()).step_by(chunk).enumerate() {
-        let end = (start + chunk).min(tokens.len());
+    Ok(())
+}
+
+/// The buffers and running totals of a perplexity run.
+#[derive(Default)]
+struct Scorer {
+    scratch: ForwardScratch,
+    logits: Vec<f32>,
+    report: PerplexityReport,
+}
+
+impl Scorer {
+    /// Runs `tokens[run]` through `cache` and adds the NLL of hidden rows `rows` (row `r`
+    /// predicting token `run.start + r + 1`) to the report as one entry.
+    fn piece(
+        &mut self,
+        model: &LlamaModel,
+        cache: &mut dyn KvCache,
+        tokens: &[u32],
+        run: std::ops::Range<usize>,
+        rows: std::ops::Range<usize>,
+    ) -> Result<(), ModelError> {
         let t0 = Instant::now();
-        let hidden = model.forward_hidden(&tokens[start..end], cache, &mut scratch)?;
-        // Row r predicts token start + r + 1, which exists for every row but the text's last.
-        let rows = 0..(end - start).min(tokens.len() - 1 - start);
+        let hidden = model.forward_hidden(&tokens[run.clone()], cache, &mut self.scratch)?;
         let nll = score_rows(
             model,
             hidden,
-            &tokens[start + 1..],
+            &tokens[run.start + 1..],
             rows.clone(),
-            &mut logits,
+            &mut self.logits,
         );
-        report.forward_time += t0.elapsed();
-        report.tokens_run += end - start;
-        report.predictions += rows.len();
-        report.window_nll.push(nll);
-        on_chunk(ci + 1, chunks);
+        self.report.forward_time += t0.elapsed();
+        self.report.tokens_run += run.len();
+        self.report.predictions += rows.len();
+        self.report.window_nll.push(nll);
+        Ok(())
     }
-    Ok(report)
 }
 
 /// Summed NLL of hidden rows `rows`, row `r` predicting `targets[r]`; logits are materialised

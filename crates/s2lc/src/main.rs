@@ -15,7 +15,7 @@ mod progress;
 
 use s2lc_model::eval::{perplexity, perplexity_streamed};
 use s2lc_model::generate::{generate, Sampler, SamplingParams};
-use s2lc_model::kv::{CompressedKvCache, KvCache, KvSpec};
+use s2lc_model::kv::KvSpec;
 use s2lc_model::llama::LlamaModel;
 use s2lc_model::lora::LoraAdapter;
 use s2lc_model::model::apply_chat_template;
@@ -332,15 +332,10 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
 
 /// `eval --kv`: the text as one sequence through the chosen cache, then decode at that context.
 fn eval_streamed(args: &EvalArgs, spec: &KvSpec, model: &LlamaModel, tokens: &[u32]) -> Result<()> {
-    let shape = model.attn_shape();
     let limit = tokens.len() + args.decode_tokens + 1;
-    let config = spec
-        .check(shape)
+    let mut cache = spec
+        .cache(model.config().n_layers, model.attn_shape(), limit)
         .context("checking --kv against the model")?;
-    let mut cache: Box<dyn KvCache> = match config {
-        None => Box::new(model.dense_cache(limit)),
-        Some(c) => Box::new(CompressedKvCache::new(model.config().n_layers, shape, c)),
-    };
     let bar = progress::bar(
         tokens.len().div_ceil(args.chunk.max(1)) as u64,
         "scoring chunks",

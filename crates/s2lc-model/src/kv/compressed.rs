@@ -227,13 +227,14 @@ impl KvSpec {
                 config.block
             )));
         }
-        if let Coding::Spectral { max_rank, .. } = config.keys.max_rank_side(config.values) {
-            if max_rank != usize::MAX && max_rank > config.block {
-                return Err(bad(format!(
-                    "rank {max_rank} is larger than the block of {} tokens",
-                    config.block
-                )));
-            }
+        let spectral_side = [config.keys, config.values]
+            .iter()
+            .any(|c| matches!(c, Coding::Spectral { .. }));
+        if let Some(rank) = rank.filter(|r| spectral_side && *r > config.block) {
+            return Err(bad(format!(
+                "rank {rank} is larger than the block of {} tokens",
+                config.block
+            )));
         }
         Ok(KvSpec::Compressed(config))
     }
@@ -287,17 +288,6 @@ impl KvSpec {
             None => Box::new(super::DenseKvCache::new(n_layers, shape, limit)),
             Some(config) => Box::new(CompressedKvCache::new(n_layers, shape, config)),
         })
-    }
-}
-
-impl Coding {
-    /// `self` if spectral, else `other` (for checks that concern the spectral side).
-    fn max_rank_side(self, other: Coding) -> Coding {
-        if matches!(self, Coding::Spectral { .. }) {
-            self
-        } else {
-            other
-        }
     }
 }
 
@@ -551,15 +541,7 @@ fn energy_rank(s: &[f32], total: f64, energy: f64) -> usize {
 
 /// Coefficients `U_r` (int8 per token) and basis `Σ_r·V_rᵀ` from an SVD.
 fn factors(svd: &s2lc_spectral::svd::Svd, r: usize, tokens: usize, hd: usize) -> Factors {
-    let mut coef = vec![0i8; tokens * r];
-    let mut scale = vec![f16::ZERO; tokens];
-    let mut row = vec![0.0f32; r];
-    for t in 0..tokens {
-        for (j, v) in row.iter_mut().enumerate() {
-            *v = svd.u[(t, j)];
-        }
-        scale[t] = quantize_row_i8(&row, &mut coef[t * r..(t + 1) * r]);
-    }
+    let (coef, scale) = int8_rows(tokens, r, |t, j| svd.u[(t, j)]);
     let mut basis = vec![f16::ZERO; r * hd];
     for j in 0..r {
         for c in 0..hd {
@@ -577,16 +559,14 @@ fn factors(svd: &s2lc_spectral::svd::Svd, r: usize, tokens: usize, hd: usize) ->
 /// Full-rank "factors" of `x` itself (identity basis), for blocks an SVD cannot handle.
 fn identity_factors(x: MatRef<'_, f32>) -> Factors {
     let (tokens, hd) = (x.nrows(), x.ncols());
-    let mut coef = vec![0i8; tokens * hd];
-    let mut scale = vec![f16::ZERO; tokens];
-    let mut row = vec![0.0f32; hd];
-    for t in 0..tokens {
-        for (j, v) in row.iter_mut().enumerate() {
-            let e = x[(t, j)];
-            *v = if e.is_finite() { e } else { 0.0 };
+    let (coef, scale) = int8_rows(tokens, hd, |t, j| {
+        let e = x[(t, j)];
+        if e.is_finite() {
+            e
+        } else {
+            0.0
         }
-        scale[t] = quantize_row_i8(&row, &mut coef[t * hd..(t + 1) * hd]);
-    }
+    });
     let basis = (0..hd * hd)
         .map(|i| {
             if i / hd == i % hd {
@@ -602,6 +582,24 @@ fn identity_factors(x: MatRef<'_, f32>) -> Factors {
         scale,
         basis,
     }
+}
+
+/// `rows × width` values `value(t, j)` quantized per row to int8 with an f16 scale.
+fn int8_rows(
+    rows: usize,
+    width: usize,
+    value: impl Fn(usize, usize) -> f32,
+) -> (Vec<i8>, Vec<f16>) {
+    let mut coef = vec![0i8; rows * width];
+    let mut scale = vec![f16::ZERO; rows];
+    let mut row = vec![0.0f32; width];
+    for (t, (c, s)) in coef.chunks_exact_mut(width).zip(&mut scale).enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = value(t, j);
+        }
+        *s = quantize_row_i8(&row, c);
+    }
+    (coef, scale)
 }
 
 /// `q = round(x/d)` with `d = max|x|/127` (as f16, the stored scale); returns the scale.
