@@ -48,8 +48,6 @@ tests/fixtures/smollm2_reference.json
 
 import argparse
 import datetime
-import hashlib
-import json
 import math
 import os
 import platform
@@ -61,6 +59,8 @@ import numpy as np
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fixture_io import dump_json, sha256_file
 
 PROMPT = "The quick brown fox jumps over the lazy dog. In a distant galaxy, scientists discovered"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,32 +80,6 @@ EXPECTED_SHA256 = {
 REPO = Path(__file__).resolve().parents[2]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def dump_json(obj, indent=2) -> str:
-    """JSON with objects indented but lists of scalars kept on one line (compact fixture)."""
-
-    def enc(o, level):
-        pad = " " * (indent * (level + 1))
-        end = " " * (indent * level)
-        if isinstance(o, dict):
-            if not o:
-                return "{}"
-            items = [f"{pad}{json.dumps(k)}: {enc(v, level + 1)}" for k, v in o.items()]
-            return "{\n" + ",\n".join(items) + "\n" + end + "}"
-        if isinstance(o, (list, tuple)):
-            if all(not isinstance(x, (dict, list, tuple)) for x in o):
-                return "[" + ", ".join(json.dumps(x) for x in o) + "]"
-            return "[\n" + ",\n".join(pad + enc(x, level + 1) for x in o) + "\n" + end + "]"
-        return json.dumps(o)
-
-    return enc(obj, 0) + "\n"
 
 
 def numpy_f64_logits(gguf_path: Path, ids, cfg) -> np.ndarray:

@@ -23,7 +23,6 @@ Needs the `gguf` and `numpy` packages (scripts/reference/setup-venv installs the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -34,6 +33,8 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as T
 from gguf.constants import GGML_QUANT_SIZES
+
+from fixture_io import sha256_file
 
 SEED = 20250611
 REPO = Path(__file__).resolve().parents[2]
@@ -52,13 +53,6 @@ K_SCALE_FIELDS = {
 }
 QUANTIZABLE = [T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dequant(raw: np.ndarray, qtype: T) -> np.ndarray:
@@ -116,7 +110,7 @@ def real_cases(model: Path, out_dir: Path, cases: list) -> dict:
                 file_offset=int(t.data_offset),
                 rows=rows,
             )
-    return {"file": model.name, "sha256": sha256(model)}
+    return {"file": model.name, "sha256": sha256_file(model)}
 
 
 def synthetic_data(rng: np.random.Generator) -> np.ndarray:

@@ -42,8 +42,6 @@ import argparse
 import ast
 import copy
 import datetime
-import hashlib
-import json
 import os
 import platform
 import struct
@@ -55,6 +53,8 @@ from pathlib import Path
 
 from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer
+
+from fixture_io import dump_json, sha256_file
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_DIR = "all-MiniLM-L6-v2"
@@ -99,13 +99,6 @@ EXPECTED_SHA256 = {
 REPO = Path(__file__).resolve().parents[2]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def fnv1a64(ids) -> str:
     """FNV-1a 64 of the ids as little-endian u32 bytes (the Rust test computes the same)."""
@@ -114,25 +107,6 @@ def fnv1a64(ids) -> str:
         h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
     return f"{h:016x}"
 
-
-def dump_json(obj, indent=2) -> str:
-    """JSON with objects indented but lists of scalars kept on one line (compact fixture)."""
-
-    def enc(o, level):
-        pad = " " * (indent * (level + 1))
-        end = " " * (indent * level)
-        if isinstance(o, dict):
-            if not o:
-                return "{}"
-            items = [f"{pad}{json.dumps(k, ensure_ascii=False)}: {enc(v, level + 1)}" for k, v in o.items()]
-            return "{\n" + ",\n".join(items) + "\n" + end + "}"
-        if isinstance(o, (list, tuple)):
-            if all(not isinstance(x, (dict, list, tuple)) for x in o):
-                return "[" + ", ".join(json.dumps(x, ensure_ascii=False) for x in o) + "]"
-            return "[\n" + ",\n".join(pad + enc(x, level + 1) for x in o) + "\n" + end + "]"
-        return json.dumps(o, ensure_ascii=False)
-
-    return enc(obj, 0) + "\n"
 
 
 def read_text(path: Path) -> str:
@@ -267,7 +241,7 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(dump_json(fixture), encoding="utf-8")
+    args.out.write_text(dump_json(fixture, ensure_ascii=False), encoding="utf-8")
     print(f"tokenizer_fixture: wrote {args.out} ({args.out.stat().st_size} bytes)", file=sys.stderr)
     return 0
 
