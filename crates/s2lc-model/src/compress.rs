@@ -21,6 +21,7 @@ use crate::error::ModelError;
 use crate::kv::KvCache;
 use crate::linear::{Linear, LowRankLinear};
 use crate::llama::{ActivationObserver, ForwardScratch, LinearInput, LlamaModel};
+use crate::source::write_file_atomic;
 
 /// How ranks are chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -597,12 +598,7 @@ pub fn save_model_dir(
     record: &serde_json::Value,
 ) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let write = |name: &str, text: String| -> Result<(), ModelError> {
-        let path = dir.join(name);
-        let tmp = dir.join(format!("{name}.part"));
-        std::fs::write(&tmp, text).map_err(|e| ModelError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| ModelError::io(&path, e))
-    };
+    let write = |name: &str, text: String| write_file_atomic(&dir.join(name), text.as_bytes());
     let tensors = model.export_tensors();
     let meta = HashMap::from([
         ("format".to_string(), "pt".to_string()),

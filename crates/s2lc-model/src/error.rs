@@ -90,6 +90,9 @@ pub enum ModelError {
     /// An input that must not be empty is empty.
     #[error("empty input: {0}")]
     EmptyInput(String),
+    /// A decomposition failed (non-finite weights).
+    #[error(transparent)]
+    Svd(#[from] s2lc_spectral::SvdError),
 }
 
 impl ModelError {

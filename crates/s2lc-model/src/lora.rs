@@ -4,20 +4,25 @@
 //! `use_rslora`, `base_model_name_or_path`, …) and `adapter_model.safetensors` with, per adapted
 //! layer, `base_model.model.model.layers.N.<self_attn|mlp>.<target>.lora_A.weight` (`r × in`) and
 //! `….lora_B.weight` (`out × r`). The layer then computes `y = W·x + s·B·(A·x)` with
-//! `s = lora_alpha / r` (`lora_alpha / √r` with rsLoRA). S2LC applies the deltas *unmerged*, so the
-//! base weights stay shared between adapters, or merges them into f32 weights on request.
+//! `s = lora_alpha / r` (`lora_alpha / √r` with rsLoRA); PEFT's `rank_pattern` / `alpha_pattern`
+//! override `r` and `lora_alpha` per module. S2LC applies the deltas *unmerged*, so the base weights
+//! stay shared between adapters, or merges them into f32 weights on request.
+//!
+//! S2LC also writes adapters in the same layout ([`LoraAdapter::save`]), e.g. after re-ranking every
+//! delta by its spectrum ([`LoraAdapter::truncate`]).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use faer::Accum;
+use faer::{Accum, MatRef};
 use safetensors::SafeTensors;
-use serde_json::Value;
+use serde_json::{json, Map, Value};
 
 use crate::error::ModelError;
 use crate::kernels::dot::QuantizedActs;
 use crate::kernels::WeightMatrix;
-use crate::source::bytes_to_f32;
+use crate::source::{bytes_to_f32, write_file_atomic, write_safetensors, Tensor};
 
 /// The PEFT `target_modules` names S2LC can adapt, in the order of [`crate::llama::Block::linears`].
 pub const TARGETS: [&str; 7] = [
@@ -76,6 +81,20 @@ impl LoraDelta {
         mid.resize(n * self.rank(), 0.0);
         self.a.matmul(x, n, mid, Accum::Replace, acts);
         self.b_scaled.matmul(mid, n, out, Accum::Add, acts);
+    }
+
+    /// `(A, s·B)` as f32, row-major (`r × in` and `out × r`).
+    pub fn factors(&self) -> (Cow<'_, [f32]>, Cow<'_, [f32]>) {
+        (self.a.to_f32(), self.b_scaled.to_f32())
+    }
+
+    /// Thin SVD of `s·B·A` through its factors (`min(r, out, in)` values).
+    pub fn svd(&self) -> Result<s2lc_spectral::Svd, ModelError> {
+        let (a, b) = self.factors();
+        let (r, inp, out) = (self.rank(), self.in_dim(), self.out_dim());
+        let a = MatRef::from_row_major_slice(&a, r, inp);
+        let b = MatRef::from_row_major_slice(&b, out, r);
+        Ok(s2lc_spectral::factored_svd(b, a)?)
     }
 
     /// The dense `s·B·A` (`out × in`, row-major), for merging.
@@ -138,11 +157,16 @@ impl LoraAdapter {
             return Err(bad("LoRA rank r is 0".into()));
         }
         let alpha = config["lora_alpha"].as_f64().unwrap_or(rank as f64) as f32;
-        let scale = if config["use_rslora"].as_bool().unwrap_or(false) {
-            alpha / (rank as f32).sqrt()
-        } else {
-            alpha / rank as f32
+        let rslora = config["use_rslora"].as_bool().unwrap_or(false);
+        let scale_of = |alpha: f32, rank: usize| {
+            if rslora {
+                alpha / (rank as f32).sqrt()
+            } else {
+                alpha / rank as f32
+            }
         };
+        let rank_pattern = Pattern::read(&config, "rank_pattern").map_err(bad)?;
+        let alpha_pattern = Pattern::read(&config, "alpha_pattern").map_err(bad)?;
         let targets: Vec<String> = match &config["target_modules"] {
             Value::String(s) => vec![s.clone()],
             Value::Array(a) => a
@@ -184,20 +208,28 @@ impl LoraAdapter {
             *side = Some((data, view.shape().to_vec()));
         }
         for ((layer, target), pair) in pending {
-            let name = format!("layer {layer} {}", TARGETS[target]);
+            let module = module_name(layer, target);
             let (Some((a, a_shape)), Some((b, b_shape))) = (pair.a, pair.b) else {
-                return Err(bad(format!("{name}: lora_A or lora_B is missing")));
+                return Err(bad(format!("{module}: lora_A or lora_B is missing")));
             };
-            if a_shape.len() != 2 || b_shape.len() != 2 || a_shape[0] != rank || b_shape[1] != rank
-            {
+            let r = rank_pattern.lookup(&module).map_or(rank, |v| v as usize);
+            if a_shape.len() != 2 || b_shape.len() != 2 || a_shape[0] != r || b_shape[1] != r {
                 return Err(bad(format!(
-                    "{name}: lora_A {a_shape:?} and lora_B {b_shape:?} do not have rank {rank}"
+                    "{module}: lora_A {a_shape:?} and lora_B {b_shape:?} do not have rank {r}"
                 )));
             }
+            let alpha = alpha_pattern.lookup(&module).map_or(alpha, |v| v as f32);
             if layers.len() <= layer {
                 layers.resize_with(layer + 1, Default::default);
             }
-            layers[layer][target] = Some(LoraDelta::new(a, b, rank, a_shape[1], b_shape[0], scale));
+            layers[layer][target] = Some(LoraDelta::new(
+                a,
+                b,
+                r,
+                a_shape[1],
+                b_shape[0],
+                scale_of(alpha, r),
+            ));
         }
         if layers.is_empty() {
             return Err(bad("adapter_model.safetensors holds no LoRA weights".into()));
@@ -206,7 +238,7 @@ impl LoraAdapter {
             path: dir.to_path_buf(),
             rank,
             alpha,
-            scale,
+            scale: scale_of(alpha, rank),
             base_model: config["base_model_name_or_path"]
                 .as_str()
                 .map(str::to_string),
@@ -214,9 +246,216 @@ impl LoraAdapter {
         })
     }
 
+    /// Writes the adapter as PEFT does: `adapter_config.json` and `adapter_model.safetensors` (f32)
+    /// in `dir` (created if needed; files written under temporary names and renamed). The scales
+    /// are folded into `B`, so `lora_alpha` equals each module's rank; `r` is the largest rank and
+    /// modules of another rank are listed in `rank_pattern` / `alpha_pattern` by full module name.
+    pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        let max_rank = self
+            .deltas()
+            .map(|(_, _, d)| d.rank())
+            .max()
+            .ok_or_else(|| {
+                ModelError::EmptyInput(format!("adapter {} has no deltas", self.path.display()))
+            })?;
+        let (mut rank_pattern, mut alpha_pattern) = (Map::new(), Map::new());
+        let mut present = [false; 7];
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (layer, target, delta) in self.deltas() {
+            present[target] = true;
+            let (a, b) = delta.factors();
+            let (r, inp, out) = (delta.rank(), delta.in_dim(), delta.out_dim());
+            let module = module_name(layer, target);
+            if r != max_rank {
+                rank_pattern.insert(module.clone(), json!(r));
+                alpha_pattern.insert(module.clone(), json!(r));
+            }
+            for (side, shape, data) in [("A", vec![r, inp], a), ("B", vec![out, r], b)] {
+                let name = format!("base_model.model.{module}.lora_{side}.weight");
+                let data = data.into_owned();
+                tensors.push((name, Tensor { shape, data }));
+            }
+        }
+        let targets: Vec<&str> = TARGETS
+            .iter()
+            .zip(present)
+            .filter_map(|(t, p)| p.then_some(*t))
+            .collect();
+        let config = json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": self.base_model,
+            "r": max_rank,
+            "lora_alpha": max_rank,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "target_modules": targets,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "use_rslora": false,
+            "use_dora": false,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "revision": null,
+        });
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        write_safetensors(
+            &dir.join("adapter_model.safetensors"),
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            Some(HashMap::from([("format".to_string(), "pt".to_string())])),
+        )?;
+        let text = serde_json::to_string_pretty(&config).unwrap_or_default();
+        write_file_atomic(&dir.join("adapter_config.json"), text.as_bytes())
+    }
+
+    /// Every delta with its layer and target index, in layer then [`TARGETS`] order.
+    pub fn deltas(&self) -> impl Iterator<Item = (usize, usize, &LoraDelta)> {
+        self.layers.iter().enumerate().flat_map(|(l, slots)| {
+            slots
+                .iter()
+                .enumerate()
+                .filter_map(move |(t, d)| d.as_ref().map(|d| (l, t, d)))
+        })
+    }
+
+    /// Re-ranks every delta by its spectrum: the smallest rank keeping `energy` of `‖s·B·A‖²_F`
+    /// (all of it with `None`), at most `max_rank`, at least 1. The new factors are
+    /// `A' = V_kᵀ` and `B' = U_k Σ_k` of the thin SVD, so `B'·A'` is the best rank-`k` delta.
+    pub fn truncate(
+        &self,
+        energy: Option<f64>,
+        max_rank: Option<usize>,
+    ) -> Result<(LoraAdapter, Vec<DeltaTruncation>), ModelError> {
+        let mut layers: Vec<[Option<LoraDelta>; 7]> = vec![Default::default(); self.layers.len()];
+        let mut report = Vec::new();
+        for (layer, target, delta) in self.deltas() {
+            let svd = delta.svd()?;
+            let full = svd.s.len().max(1);
+            let k = energy
+                .map_or(full, |e| s2lc_spectral::rank_for_energy(&svd.s, e))
+                .min(max_rank.unwrap_or(usize::MAX))
+                .clamp(1, full);
+            let total: f64 = svd.s.iter().map(|&v| (v as f64).powi(2)).sum();
+            let kept: f64 = svd.s[..k.min(svd.s.len())]
+                .iter()
+                .map(|&v| (v as f64).powi(2))
+                .sum();
+            let (inp, out) = (delta.in_dim(), delta.out_dim());
+            let a: Vec<f32> = (0..k)
+                .flat_map(|i| (0..inp).map(move |j| (i, j)))
+                .map(|(i, j)| if i < svd.s.len() { svd.v[(j, i)] } else { 0.0 })
+                .collect();
+            let b: Vec<f32> = (0..out)
+                .flat_map(|o| (0..k).map(move |i| (o, i)))
+                .map(|(o, i)| {
+                    if i < svd.s.len() {
+                        svd.u[(o, i)] * svd.s[i]
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            layers[layer][target] = Some(LoraDelta::new(a, b, k, inp, out, 1.0));
+            report.push(DeltaTruncation {
+                layer,
+                target,
+                rank_before: delta.rank(),
+                rank_after: k,
+                energy_kept: if total > 0.0 { kept / total } else { 1.0 },
+                sq_norm: total,
+            });
+        }
+        let rank = report.iter().map(|t| t.rank_after).max().unwrap_or(1);
+        let adapter = LoraAdapter {
+            path: self.path.clone(),
+            rank,
+            alpha: rank as f32,
+            scale: 1.0,
+            base_model: self.base_model.clone(),
+            layers,
+        };
+        Ok((adapter, report))
+    }
+
+    /// Parameters of all `A` and `B` factors.
+    pub fn n_params(&self) -> usize {
+        self.deltas()
+            .map(|(_, _, d)| d.rank() * (d.in_dim() + d.out_dim()))
+            .sum()
+    }
+
     /// Adapted (layer, target) pairs.
     pub fn n_deltas(&self) -> usize {
         self.layers.iter().flatten().flatten().count()
+    }
+}
+
+/// What [`LoraAdapter::truncate`] did to one delta.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeltaTruncation {
+    /// Layer index.
+    pub layer: usize,
+    /// Index into [`TARGETS`].
+    pub target: usize,
+    /// Rank before.
+    pub rank_before: usize,
+    /// Rank after.
+    pub rank_after: usize,
+    /// Fraction of `‖ΔW‖²_F` kept (1 − squared relative Frobenius error).
+    pub energy_kept: f64,
+    /// `‖ΔW‖²_F` before truncation (to weight the adapter-wide energy).
+    pub sq_norm: f64,
+}
+
+/// The module name PEFT uses for a target of a layer: `model.layers.N.self_attn.q_proj`.
+pub fn module_name(layer: usize, target: usize) -> String {
+    let group = if target < 4 { "self_attn" } else { "mlp" };
+    format!("model.layers.{layer}.{group}.{}", TARGETS[target])
+}
+
+/// PEFT's `rank_pattern` / `alpha_pattern`: per-module overrides keyed by a module name or a
+/// suffix of one (PEFT matches `(.*\.)?KEY$` as a regular expression; S2LC accepts the literal
+/// keys PEFT and S2LC write, with `\.` read as `.`, and refuses other regular expressions).
+struct Pattern(Vec<(String, f64)>);
+
+impl Pattern {
+    fn read(config: &Value, field: &str) -> Result<Self, String> {
+        let Some(map) = config[field].as_object() else {
+            return Ok(Pattern(Vec::new()));
+        };
+        let mut keys = Vec::new();
+        for (key, value) in map {
+            let literal = key.replace("\\.", ".");
+            if literal.contains(|c: char| "^$*+?()[]{}|\\".contains(c)) {
+                return Err(format!(
+                    "{field} key '{key}' is a regular expression; S2LC matches module names literally"
+                ));
+            }
+            let v = value
+                .as_f64()
+                .filter(|v| *v > 0.0)
+                .ok_or_else(|| format!("{field}['{key}'] is not a positive number"))?;
+            keys.push((literal, v));
+        }
+        Ok(Pattern(keys))
+    }
+
+    /// The value of the longest key naming `module` or a dotted suffix of it (PEFT takes the
+    /// first matching key in file order; they agree unless two keys match one module).
+    fn lookup(&self, module: &str) -> Option<f64> {
+        self.0
+            .iter()
+            .filter(|(key, _)| {
+                module == key
+                    || module
+                        .strip_suffix(key.as_str())
+                        .is_some_and(|head| head.ends_with('.'))
+            })
+            .max_by_key(|(key, _)| key.len())
+            .map(|(_, v)| *v)
     }
 }
 
@@ -296,5 +535,120 @@ mod tests {
             let merged: f32 = 1.0 + (0..inp).map(|i| dense[o * inp + i] * x[i]).sum::<f32>();
             assert!((merged - want).abs() < 1e-5);
         }
+    }
+
+    /// A synthetic adapter: layer 0 q_proj (rank 3) and layer 1 down_proj (rank 2).
+    fn synthetic() -> LoraAdapter {
+        // xorshift values in [-0.5, 0.5): full-rank factors.
+        let m = |n: usize, seed: u64| -> Vec<f32> {
+            let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        let mut layers: Vec<[Option<LoraDelta>; 7]> = vec![Default::default(); 2];
+        layers[0][0] = Some(LoraDelta::new(m(3 * 8, 1), m(6 * 3, 2), 3, 8, 6, 0.5));
+        layers[1][6] = Some(LoraDelta::new(m(2 * 5, 3), m(8 * 2, 4), 2, 5, 8, 2.0));
+        LoraAdapter {
+            path: PathBuf::from("synthetic"),
+            rank: 3,
+            alpha: 1.5,
+            scale: 0.5,
+            base_model: Some("base".into()),
+            layers,
+        }
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn saved_adapter_reloads_with_the_same_deltas_and_mixed_ranks() {
+        let adapter = synthetic();
+        let dir = std::env::temp_dir().join(format!("s2lc-lora-save-{}", std::process::id()));
+        adapter.save(&dir).unwrap();
+        let config: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["r"], 3);
+        assert_eq!(config["target_modules"], json!(["q_proj", "down_proj"]));
+        assert_eq!(config["rank_pattern"]["model.layers.1.mlp.down_proj"], 2);
+        let back = LoraAdapter::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(back.base_model.as_deref(), Some("base"));
+        let before: Vec<_> = adapter
+            .deltas()
+            .map(|(l, t, d)| (l, t, d.dense()))
+            .collect();
+        let after: Vec<_> = back.deltas().map(|(l, t, d)| (l, t, d.dense())).collect();
+        assert_eq!(before.len(), after.len());
+        for ((l0, t0, d0), (l1, t1, d1)) in before.iter().zip(&after) {
+            assert_eq!((l0, t0), (l1, t1));
+            assert!(max_diff(d0, d1) < 1e-6);
+        }
+    }
+
+    #[test]
+    fn truncation_keeps_the_best_rank_k_delta() {
+        let adapter = synthetic();
+        let (same, report) = adapter.truncate(None, None).unwrap();
+        for ((_, _, d0), (_, _, d1)) in adapter.deltas().zip(same.deltas()) {
+            assert!(max_diff(&d0.dense(), &d1.dense()) < 1e-4);
+        }
+        assert!(report.iter().all(|t| (t.energy_kept - 1.0).abs() < 1e-9));
+        let (cut, report) = adapter.truncate(None, Some(1)).unwrap();
+        for ((_, _, d0), ((_, _, d1), t)) in adapter.deltas().zip(cut.deltas().zip(&report)) {
+            assert_eq!(d1.rank(), 1);
+            // Eckart–Young: the squared error is the discarded energy.
+            let err: f64 = d0
+                .dense()
+                .iter()
+                .zip(d1.dense())
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let discarded = (1.0 - t.energy_kept) * t.sq_norm;
+            assert!(
+                (err - discarded).abs() <= 1e-4 * t.sq_norm,
+                "{err} vs {discarded}"
+            );
+            assert!(t.energy_kept < 1.0 && t.energy_kept > 0.0);
+        }
+        let (by_energy, report) = adapter.truncate(Some(0.999_999), None).unwrap();
+        assert_eq!(by_energy.n_params(), adapter.n_params());
+        assert!(report.iter().all(|t| t.rank_after == t.rank_before));
+    }
+
+    #[test]
+    fn rank_patterns_match_module_suffixes_and_refuse_regexes() {
+        let config = json!({"rank_pattern": {"q_proj": 2, "model.layers.1.self_attn.q_proj": 5}});
+        let p = Pattern::read(&config, "rank_pattern").unwrap();
+        assert_eq!(p.lookup("model.layers.0.self_attn.q_proj"), Some(2.0));
+        assert_eq!(p.lookup("model.layers.1.self_attn.q_proj"), Some(5.0));
+        assert_eq!(p.lookup("model.layers.1.self_attn.qq_proj"), None);
+        let escaped = json!({"alpha_pattern": {"model\\.layers\\.3\\.mlp\\.up_proj": 7}});
+        let p = Pattern::read(&escaped, "alpha_pattern").unwrap();
+        assert_eq!(p.lookup("model.layers.3.mlp.up_proj"), Some(7.0));
+        let err = Pattern::read(
+            &json!({"rank_pattern": {"^model.*q_proj": 2}}),
+            "rank_pattern",
+        )
+        .err()
+        .unwrap();
+        assert!(err.contains("regular expression"), "{err}");
+        let err = Pattern::read(&json!({"rank_pattern": {"q_proj": 0}}), "rank_pattern")
+            .err()
+            .unwrap();
+        assert!(err.contains("positive"), "{err}");
     }
 }

@@ -510,6 +510,16 @@ impl TensorSource for SafetensorsSource {
     }
 }
 
+/// Writes `bytes` to `path` through a `.part` file renamed into place, so a crash never leaves a
+/// half-written file under the final name.
+pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".part");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}
+
 /// Writes f32 tensors (Hugging Face names, row-major) as one safetensors file with `metadata` in
 /// its header. The file is written beside `path` and renamed into place, so a crash never leaves
 /// a half-written file under the final name.

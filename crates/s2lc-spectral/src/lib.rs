@@ -18,7 +18,7 @@ pub use analysis::{
 pub use energy::{break_even_rank, cumulative_energy, rank_for_energy};
 pub use lowrank::{allocate_ranks, relative_error, BudgetError, LowRankFactors, Spectrum};
 pub use rsvd::{rsvd, rsvd_batch, GaussianRng, RsvdParams};
-pub use svd::{thin_svd, Svd, SvdError};
+pub use svd::{factored_svd, thin_svd, Svd, SvdError};
 pub use whiten::{output_error, refit_left, WhitenError, Whitening};
 
 /// A reproducible `rows × cols` test matrix with entries in [-0.5, 0.5) (xorshift64).

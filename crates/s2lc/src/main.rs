@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+mod adapter;
 mod analyze;
 mod bench;
 mod compress;
@@ -49,6 +50,12 @@ enum Command {
     Analyze(analyze::AnalyzeArgs),
     /// Replace linear layers by low-rank factors and save the model.
     Compress(compress::CompressArgs),
+    /// Inspect LoRA adapters (PEFT layout) and re-rank them by their spectra.
+    #[command(subcommand)]
+    Adapter(adapter::AdapterCommand),
+    /// Write the last-position logits of a prompt (raw little-endian f32, vocabulary order) and
+    /// print the top tokens: for cross-checks against other runtimes.
+    Logits(LogitsArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -149,6 +156,20 @@ struct EvalArgs {
     chunk: usize,
 }
 
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    #[command(flatten)]
+    weights: WeightsArg,
+    /// The prompt text, tokenized as is (no chat template).
+    #[arg(long)]
+    prompt: String,
+    /// Output file.
+    #[arg(short, long)]
+    out: PathBuf,
+}
+
 fn main() -> ExitCode {
     match try_main() {
         Ok(()) => ExitCode::SUCCESS,
@@ -186,6 +207,8 @@ fn try_main() -> Result<()> {
         Command::Info { path } => cmd_info(&path),
         Command::Compress(args) => compress::run(&args),
         Command::Analyze(args) => analyze::run(&args),
+        Command::Adapter(cmd) => adapter::run(&cmd),
+        Command::Logits(args) => cmd_logits(&args),
         Command::Bench(BenchCommand::Decode(args)) => bench::decode(&args),
         Command::Bench(BenchCommand::CompressSweep(args)) => bench::compress_sweep(&args),
         Command::Bench(BenchCommand::Kv(args)) => kvbench::run(&args),
@@ -400,6 +423,37 @@ fn cmd_eval(args: &EvalArgs) -> Result<()> {
             bench::decode_speed(&model, &tokens, args.decode_tokens).context("timing decode")?;
         println!("decode: {speed:.1} tok/s");
     }
+    Ok(())
+}
+
+fn cmd_logits(args: &LogitsArgs) -> Result<()> {
+    let (_source, model, tokenizer) = args.weights.load(&args.model.path())?;
+    let ids = tokenizer
+        .encode(&args.prompt, true)
+        .context("tokenizing the prompt")?;
+    if ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let mut cache = model.dense_cache(ids.len());
+    let mut logits = Vec::new();
+    model
+        .forward_last(
+            &ids,
+            &mut cache,
+            &mut s2lc_model::llama::ForwardScratch::default(),
+            &mut logits,
+        )
+        .context("running the prompt")?;
+    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(&args.out, bytes).with_context(|| format!("writing {}", args.out.display()))?;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    println!("prompt ids: {ids:?}");
+    for &id in order.iter().take(5) {
+        let piece = tokenizer.decode(&[id as u32], false).unwrap_or_default();
+        println!("{id:>6} {:>10.4} {piece:?}", logits[id]);
+    }
+    println!("{} logits written to {}", logits.len(), args.out.display());
     Ok(())
 }
 

@@ -443,3 +443,63 @@ fn bad_adapters_are_one_clear_error() {
         stderr(&o)
     );
 }
+
+/// The committed real adapter (trained with PEFT on alice29.txt, rank 4 on q/v).
+fn alice_r4() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/adapters/alice-r4")
+}
+
+#[test]
+fn adapter_info_and_truncate_on_a_real_adapter() {
+    let src = alice_r4();
+    let src = src.to_str().unwrap();
+    let o = s2lc(&["adapter", "info", src]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("rank 4 · lora_alpha 8 · scale 2 · 60 deltas"),
+        "{out}"
+    );
+    assert!(out.contains("q_proj") && out.contains("v_proj"), "{out}");
+
+    let dir = scratch("truncate");
+    let dst = dir.join("r2");
+    let o = s2lc(&[
+        "adapter",
+        "truncate",
+        src,
+        "--rank",
+        "2",
+        "-o",
+        dst.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("230400 -> 115200 (2.00x fewer)"), "{out}");
+    let o = s2lc(&["adapter", "info", dst.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("rank 2 · lora_alpha 2 · scale 1 · 60 deltas"),
+        "{out}"
+    );
+
+    for (args, needle) in [
+        (vec!["--energy", "0"], "outside (0, 1]"),
+        (vec!["--rank", "0"], "at least 1"),
+        (vec![], "give --energy, --rank or both"),
+    ] {
+        let mut all = vec!["adapter", "truncate", src, "-o", dst.to_str().unwrap()];
+        all.extend(args);
+        assert_clean_error(&s2lc(&all), needle);
+    }
+    assert_clean_error(
+        &s2lc(&["adapter", "truncate", src, "--rank", "1", "-o", src]),
+        "is the input adapter",
+    );
+    assert_clean_error(
+        &s2lc(&["adapter", "info", dir.join("nothing").to_str().unwrap()]),
+        "adapter_config.json",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
