@@ -15,3 +15,14 @@ pub fn home() -> PathBuf {
 pub fn smollm2() -> PathBuf {
     home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
+
+/// The real text domains of the adapter set: name and path under [`home`] (Canterbury texts and
+/// the documentation corpora that `scripts/fetch-assets` builds).
+pub const DOMAINS: [(&str, &str); 6] = [
+    ("shakespeare", "text/canterbury/asyoulik.txt"),
+    ("milton", "text/canterbury/plrabn12.txt"),
+    ("carroll", "text/canterbury/alice29.txt"),
+    ("techreport", "text/canterbury/lcet10.txt"),
+    ("python", "text/domains/python.txt"),
+    ("linux", "text/domains/linux.txt"),
+];

@@ -677,6 +677,13 @@ impl LlamaModel {
         Ok(())
     }
 
+    /// Detaches every unmerged adapter: the model computes with its base weights again.
+    pub fn detach_adapters(&mut self) {
+        for block in &mut self.blocks {
+            block.lora = Default::default();
+        }
+    }
+
     /// Merges every attached delta into its layer's weight (`W ← W + s·B·A`) and detaches it.
     /// Needs dense f32 weights (`--weights f32`); on error nothing is changed.
     pub fn merge_adapters(&mut self) -> Result<(), ModelError> {
@@ -929,6 +936,10 @@ pub(crate) mod tests {
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
         }
+        // Detaching restores the base model exactly.
+        let mut detached = unmerged.clone();
+        detached.detach_adapters();
+        assert_eq!(last_logits(&detached, &tokens), plain);
         // Two adapters add up: attaching the same one twice doubles the delta.
         let mut twice = base.clone();
         twice.attach_adapter(&adapter).unwrap();

@@ -47,7 +47,7 @@ pub struct DecodeArgs {
 /// One timed prefill of `prompt`, then (on a fresh cache, as llama-bench's `tg` test does) a
 /// greedy decode of `new_tokens` after `context` prompt tokens; returns (prefill tok/s, decode
 /// tok/s) and, when `profile`, where the decode steps spent their time.
-fn prefill_and_decode(
+pub(crate) fn prefill_and_decode(
     model: &LlamaModel,
     prompt: &[u32],
     context: usize,

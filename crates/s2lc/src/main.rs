@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 mod adapter;
+mod adapterbench;
 mod analyze;
 mod bench;
 mod compress;
@@ -71,6 +72,9 @@ enum BenchCommand {
     /// KV caches on a long real text, one process: dense vs q8/q4 vs spectral at several
     /// energies and blocks — perplexity through the cache, KV bytes, decode speed at the context.
     Kv(kvbench::KvArgs),
+    /// The adapter set on the real text domains, one process: a domain × adapter matrix of
+    /// held-out perplexity, and prefill/decode speed of the base vs each adapter unmerged.
+    Adapters(adapterbench::AdaptersArgs),
 }
 
 /// Which model to run.
@@ -212,6 +216,7 @@ fn try_main() -> Result<()> {
         Command::Bench(BenchCommand::Decode(args)) => bench::decode(&args),
         Command::Bench(BenchCommand::CompressSweep(args)) => bench::compress_sweep(&args),
         Command::Bench(BenchCommand::Kv(args)) => kvbench::run(&args),
+        Command::Bench(BenchCommand::Adapters(args)) => adapterbench::run(&args),
     }
 }
 

@@ -503,3 +503,53 @@ fn adapter_info_and_truncate_on_a_real_adapter() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn bench_adapters_scores_every_domain() {
+    let Some(model) = smollm2() else { return };
+    let home = common::s2lc_home();
+    if let Some((_, rel)) = s2lc_model::assets::DOMAINS
+        .iter()
+        .find(|(_, rel)| !home.join(rel).exists())
+    {
+        eprintln!("skipped: {rel} absent (run scripts/fetch-assets)");
+        return;
+    }
+    let dir = scratch("bench-adapters");
+    let json = dir.join("report.json");
+    let adapter = alice_r4();
+    let o = s2lc(&[
+        "bench",
+        "adapters",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--max-windows",
+        "1",
+        "--decode-tokens",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let domains = report["domains"].as_array().unwrap();
+    assert_eq!(domains.len(), s2lc_model::assets::DOMAINS.len());
+    assert!(domains.iter().all(|d| d["tokens_scored"] == 255));
+    let carroll = domains.iter().position(|d| d["name"] == "carroll").unwrap();
+    let base = report["base"][carroll].as_f64().unwrap();
+    let adapted = report["adapters"][0]["perplexity"][carroll]
+        .as_f64()
+        .unwrap();
+    assert!(
+        adapted < base,
+        "the alice29 adapter lowers perplexity on alice29's held-out text: {adapted} vs {base}"
+    );
+    assert_clean_error(
+        &s2lc(&["bench", "adapters", "--heldout", "1.5"]),
+        "--heldout 1.5 is outside (0, 1)",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
