@@ -11,6 +11,11 @@ Run with the reference venv (see scripts/reference/setup-venv and README.md; it 
         --text $S2LC_HOME/text/canterbury/alice29.txt --name alice-r4 --rank 4 --alpha 8 \\
         --targets q_proj,v_proj --steps 60 --lr 2e-3 --fixture tests/fixtures/adapters/alice-r4
 
+    # a domain expert (--mode experts): the full FFN of every third layer fine-tuned on one domain,
+    # added to the expert set $S2LC_HOME/experts/ffn-every3 (see train_experts below):
+    $S2LC_REF_VENV/bin/python scripts/reference/train_adapters.py --mode experts \\
+        --text $S2LC_HOME/text/canterbury/asyoulik.txt --name shakespeare [--steps 80 ...]
+
 Never run by CI and never needed by the library: it produces adapters to try S2LC's adapter support
 on, and (with --fixture) a small committed fixture that the Rust runtime is tested against. Runtime
 on this 2-core CPU (torch.set_num_threads(2), idle machine): ~5.3 s per step at --batch 4 --seq 256
@@ -57,6 +62,7 @@ perplexities, versions).
 import argparse
 import copy
 import datetime
+import json
 import math
 import os
 import platform
@@ -128,6 +134,152 @@ def versions():
     }
 
 
+def train_loop(model, params, ids, heldout_start, args):
+    """AdamW on `params` over random --seq windows of ids[:heldout_start]; returns the losses,
+    the training seconds and the warm-up steps. The model is left in eval mode."""
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    warmup = max(1, args.steps // 10)
+
+    def lr_factor(step):  # step = number of scheduler.step() calls so far
+        if step < warmup:
+            return (step + 1) / warmup
+        prog = (step - warmup) / max(1, args.steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * prog))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    gen = torch.Generator().manual_seed(args.seed)
+    train_ids = torch.tensor(ids[:heldout_start], dtype=torch.long)
+    max_start = heldout_start - args.seq  # window [s, s+seq) stays below heldout_start
+    losses = []
+    model.train()
+    t_train = time.perf_counter()
+    for step in range(args.steps):
+        starts = torch.randint(0, max_start + 1, (args.batch,), generator=gen)
+        batch = torch.stack([train_ids[s:s + args.seq] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step == 0 or (step + 1) % 10 == 0 or step + 1 == args.steps:
+            el = time.perf_counter() - t_train
+            print(f"step {step + 1}/{args.steps} loss {losses[-1]:.4f} "
+                  f"lr {opt.param_groups[0]['lr']:.2e} [{el:.0f} s, {el / (step + 1):.2f} s/step]",
+                  flush=True)
+    model.eval()
+    return losses, time.perf_counter() - t_train, warmup
+
+
+FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+def ffn_tensors(model, layers):
+    """The FFN weights of `layers` under their Hugging Face names, f32, contiguous, on the CPU."""
+    out = {}
+    for layer in layers:
+        mlp = model.model.layers[layer].mlp
+        for m in FFN_MODULES:
+            out[f"model.layers.{layer}.mlp.{m}.weight"] = (
+                getattr(mlp, m).weight.detach().to(torch.float32).contiguous().clone())
+    return out
+
+
+def train_experts(args, base, ids, heldout_start, base_eval, gguf_path, t_start):
+    """Branch-Train-MiX style domain expert: the full FFN (gate/up/down) of --expert-layers is
+    fine-tuned on the domain text, everything else frozen, and saved into the expert set
+    $S2LC_HOME/experts/SET: base_ffn.safetensors (the shared base FFN of those layers, written
+    once), NAME.safetensors (this domain's FFN, same tensor names) and manifest.json."""
+    from safetensors.torch import load_file, save_file
+    n_layers = base.config.num_hidden_layers
+    layers = (list(range(0, n_layers, 3)) if args.expert_layers is None
+              else [int(x) for x in args.expert_layers.split(",") if x.strip()])
+    if not layers or any(not 0 <= l < n_layers for l in layers):
+        print(f"train_adapters: --expert-layers must name layers in 0..{n_layers - 1}",
+              file=sys.stderr)
+        return 1
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    base_ffn = ffn_tensors(base, layers)
+    base_file = out / "base_ffn.safetensors"
+    if manifest is None:
+        save_file(base_ffn, str(base_file), metadata={"format": "pt"})
+        manifest = {
+            "kind": "s2lc-expert-set",
+            "note": ("domain FFN experts built by S2LC from the dense SmolLM2 model "
+                     "(Branch-Train-MiX style fine-tuning), not taken from a released MoE"),
+            "base_model": GGUF_FILE,
+            "base_model_sha256": sha256_file(gguf_path),
+            "layers": layers,
+            "modules": list(FFN_MODULES),
+            "base_file": base_file.name,
+            "experts": {},
+        }
+    else:
+        if manifest["layers"] != layers or manifest["base_model_sha256"] != sha256_file(gguf_path):
+            print(f"train_adapters: {manifest_path} has layers {manifest['layers']} for another "
+                  f"setting; use another --expert-set", file=sys.stderr)
+            return 1
+        stored = load_file(str(base_file))
+        if any(not torch.equal(stored[k], v) for k, v in base_ffn.items()):
+            print(f"train_adapters: {base_file} differs from this base model", file=sys.stderr)
+            return 1
+
+    for p in base.parameters():
+        p.requires_grad_(False)
+    params = []
+    for layer in layers:
+        for m in FFN_MODULES:
+            w = getattr(base.model.layers[layer].mlp, m).weight
+            w.requires_grad_(True)
+            params.append(w)
+    n_trainable = sum(p.numel() for p in params)
+    print(f"expert {args.name}: {n_trainable} trainable FFN parameters in layers {layers}",
+          flush=True)
+    losses, train_seconds, warmup = train_loop(base, params, ids, heldout_start, args)
+    expert_eval = heldout_ppl(base, ids, heldout_start, args.seq)
+    expert = ffn_tensors(base, layers)
+    residual = math.sqrt(sum(float(((expert[k] - v) ** 2).sum()) for k, v in base_ffn.items()))
+    norm = math.sqrt(sum(float((v ** 2).sum()) for v in base_ffn.values()))
+    file = out / f"{args.name}.safetensors"
+    save_file(expert, str(file), metadata={"format": "pt"})
+    beats = expert_eval["ppl"] < base_eval["ppl"]
+    manifest["experts"][args.name] = {
+        "file": file.name,
+        "text": args.text.name,
+        "text_sha256": sha256_file(args.text),
+        "heldout_start_token": heldout_start,
+        "heldout_tokens_scored": base_eval["scored"],
+        "base_heldout_ppl": base_eval["ppl"],
+        "expert_heldout_ppl": expert_eval["ppl"],
+        "expert_beats_base": beats,
+        "residual_rel_frobenius": residual / norm,
+        "trainable_parameters": n_trainable,
+        "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr,
+        "seed": args.seed,
+        "schedule": f"AdamW(wd=0), linear warm-up {warmup} steps then cosine to 0, grad-norm clip 1.0",
+        "final_train_loss_mean_last10": sum(losses[-10:]) / len(losses[-10:]),
+        "train_losses": losses,
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - t_start,
+        "versions": versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    tmp = manifest_path.with_suffix(".json.part")
+    tmp.write_text(dump_json(manifest))
+    tmp.replace(manifest_path)
+    print(f"expert {args.name}: held-out ppl {expert_eval['ppl']:.4f} (base {base_eval['ppl']:.4f}); "
+          f"‖expert − base‖/‖base‖ = {residual / norm:.4f}; wrote {file}")
+    if not beats:
+        print(f"train_adapters: FAILED: expert {args.name} does NOT beat the base on its own "
+              f"held-out text", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main() -> int:
     t_start = time.perf_counter()
     s2lc_home = Path(os.environ.get("S2LC_HOME", Path.home() / ".cache" / "s2lc"))
@@ -143,7 +295,15 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=256, help="training and evaluation window (ids)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=4, help="windows per step")
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="peak AdamW learning rate (default 1e-3 for LoRA, 1e-4 for experts)")
+    ap.add_argument("--mode", choices=("lora", "experts"), default="lora",
+                    help="lora: a PEFT LoRA adapter; experts: fine-tune the full FFN of "
+                         "--expert-layers and add it to the expert set --expert-set")
+    ap.add_argument("--expert-layers", default=None,
+                    help="comma-separated layer indices (default every third layer: 0,3,6,...)")
+    ap.add_argument("--expert-set", default="ffn-every3",
+                    help="expert set name; written to $S2LC_HOME/experts/NAME")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--heldout", type=float, default=0.1, help="held-out fraction at the end")
@@ -151,12 +311,17 @@ def main() -> int:
     ap.add_argument("--fixture", type=Path, default=None,
                     help="also write a Rust test fixture into this directory")
     args = ap.parse_args()
+    if args.lr is None:
+        args.lr = 1e-3 if args.mode == "lora" else 1e-4
+    if args.mode == "experts" and args.fixture is not None:
+        ap.error("--fixture is for LoRA adapters")
     if args.alpha is None:
         args.alpha = 2.0 * args.rank
     if float(args.alpha).is_integer():
         args.alpha = int(args.alpha)  # written as "lora_alpha": 8, as in most PEFT configs
     if args.out is None:
-        args.out = s2lc_home / "adapters" / args.name
+        args.out = (s2lc_home / "adapters" / args.name if args.mode == "lora"
+                    else s2lc_home / "experts" / args.expert_set)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not 0.0 < args.heldout < 1.0:
         ap.error("--heldout must be in (0, 1)")
@@ -202,6 +367,9 @@ def main() -> int:
           f"[{time.perf_counter() - t0:.1f} s]", flush=True)
     pristine = copy.deepcopy(base)  # untouched base for reloading the saved adapter
 
+    if args.mode == "experts":
+        return train_experts(args, base, ids, heldout_start, base_eval, gguf_path, t_start)
+
     # ---- training --------------------------------------------------------------------------------
     torch.manual_seed(args.seed)
     lcfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets,
@@ -210,39 +378,7 @@ def main() -> int:
     model.print_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    warmup = max(1, args.steps // 10)
-
-    def lr_factor(step):  # step = number of scheduler.step() calls so far
-        if step < warmup:
-            return (step + 1) / warmup
-        prog = (step - warmup) / max(1, args.steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * prog))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    gen = torch.Generator().manual_seed(args.seed)
-    train_ids = torch.tensor(ids[:heldout_start], dtype=torch.long)
-    max_start = heldout_start - args.seq  # window [s, s+seq) stays below heldout_start
-    losses = []
-    model.train()
-    t_train = time.perf_counter()
-    for step in range(args.steps):
-        starts = torch.randint(0, max_start + 1, (args.batch,), generator=gen)
-        batch = torch.stack([train_ids[s:s + args.seq] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step == 0 or (step + 1) % 10 == 0 or step + 1 == args.steps:
-            el = time.perf_counter() - t_train
-            print(f"step {step + 1}/{args.steps} loss {losses[-1]:.4f} "
-                  f"lr {opt.param_groups[0]['lr']:.2e} [{el:.0f} s, {el / (step + 1):.2f} s/step]",
-                  flush=True)
-    train_seconds = time.perf_counter() - t_train
-    model.eval()
+    losses, train_seconds, warmup = train_loop(model, params, ids, heldout_start, args)
 
     # ---- save in PEFT's layout and reload onto the untouched base --------------------------------
     args.out.mkdir(parents=True, exist_ok=True)

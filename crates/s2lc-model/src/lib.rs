@@ -12,6 +12,7 @@ pub mod compress;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod experts;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;

@@ -902,7 +902,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn last_logits(model: &LlamaModel, tokens: &[u32]) -> Vec<f32> {
+    pub(crate) fn last_logits(model: &LlamaModel, tokens: &[u32]) -> Vec<f32> {
         let mut cache = DenseKvCache::new(model.config().n_layers, model.attn_shape(), 64);
         let mut out = Vec::new();
         model

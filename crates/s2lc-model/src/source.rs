@@ -510,6 +510,23 @@ impl TensorSource for SafetensorsSource {
     }
 }
 
+/// Reads every tensor of one safetensors file as f32 (F32, F16 and BF16 are converted), by name.
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>, ModelError> {
+    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = bytes_to_f32(&name, view.dtype(), view.data())?;
+            let shape = view.shape().to_vec();
+            Ok((name, Tensor { shape, data }))
+        })
+        .collect()
+}
+
 /// Writes `bytes` to `path` through a `.part` file renamed into place, so a crash never leaves a
 /// half-written file under the final name.
 pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {

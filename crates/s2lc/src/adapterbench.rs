@@ -7,13 +7,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
-use s2lc_model::eval::perplexity;
 use s2lc_model::llama::{ForwardScratch, LlamaModel};
 use s2lc_model::lora::LoraAdapter;
 use s2lc_model::source::WeightStorage;
-use s2lc_model::tokenizer::read_text_file;
 
 use crate::bench::prefill_and_decode;
+use crate::heldout::{default_texts, domain_of_text, print_table, Domain, HeldoutArgs, Row};
 use crate::{load_model, parse_weights, progress, s2lc_home, ModelArg};
 
 /// Options of `s2lc bench adapters`.
@@ -28,15 +27,8 @@ pub struct AdaptersArgs {
     /// $S2LC_HOME/adapters, as `scripts/reference/train_adapter_set.sh` writes them].
     #[arg(long = "adapter")]
     adapters: Vec<PathBuf>,
-    /// Held-out fraction at the end of each domain text (the training script's split).
-    #[arg(long, default_value_t = 0.1)]
-    heldout: f64,
-    /// Tokens per independent evaluation window.
-    #[arg(long, default_value_t = 256)]
-    seq: usize,
-    /// Most held-out windows scored per domain.
-    #[arg(long, default_value_t = 16)]
-    max_windows: usize,
+    #[command(flatten)]
+    heldout: HeldoutArgs,
     /// Tokens decoded per timing run (0 skips the timing).
     #[arg(long, default_value_t = 64)]
     decode_tokens: usize,
@@ -46,16 +38,6 @@ pub struct AdaptersArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-}
-
-/// One text domain's held-out tokens.
-struct Domain {
-    name: &'static str,
-    path: PathBuf,
-    /// Token index where the held-out part starts.
-    start: usize,
-    /// `windows × seq` held-out tokens.
-    heldout: Vec<u32>,
 }
 
 /// An adapter and the domain it was trained on (from its `s2lc_training.json`, if any).
@@ -81,66 +63,20 @@ fn find_adapters(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(dirs)
 }
 
-/// Index of the domain whose text file the adapter was trained on.
+/// Index of the domain whose text file the adapter was trained on (its `s2lc_training.json`).
 fn own_domain(dir: &Path, domains: &[Domain]) -> Option<usize> {
     let record: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("s2lc_training.json")).ok()?)
             .ok()?;
-    let text = Path::new(record["args"]["text"].as_str()?);
-    domains.iter().position(|d| {
-        d.path.file_name() == text.file_name()
-            && d.path.parent().and_then(Path::file_name) == text.parent().and_then(Path::file_name)
-    })
-}
-
-/// Held-out perplexity of `model` on every domain.
-fn score(model: &LlamaModel, domains: &[Domain], seq: usize) -> Result<Vec<f64>> {
-    domains
-        .iter()
-        .map(|d| {
-            Ok(perplexity(model, &d.heldout, seq, seq, |_, _| {})
-                .with_context(|| format!("scoring {}", d.path.display()))?
-                .perplexity())
-        })
-        .collect()
+    domain_of_text(record["args"]["text"].as_str()?, domains)
 }
 
 /// Runs `s2lc bench adapters`.
 pub fn run(args: &AdaptersArgs) -> Result<()> {
-    if !(args.heldout > 0.0 && args.heldout < 1.0) {
-        bail!("--heldout {} is outside (0, 1)", args.heldout);
-    }
-    if args.seq < 2 || args.max_windows == 0 {
-        bail!("--seq must be at least 2 and --max-windows at least 1");
-    }
     let (_source, mut model, tokenizer) = load_model(&args.model.path(), args.weights)?;
+    let h = &args.heldout;
+    let domains = h.load(&tokenizer, &default_texts())?;
     let home = s2lc_home();
-    let mut domains = Vec::new();
-    for (name, rel) in s2lc_model::assets::DOMAINS {
-        let path = home.join(rel);
-        let text = read_text_file(&path)
-            .with_context(|| format!("reading domain '{name}' (run scripts/fetch-assets)"))?;
-        let tokens = tokenizer
-            .encode(&text, false)
-            .with_context(|| format!("tokenizing {}", path.display()))?;
-        let start = (tokens.len() as f64 * (1.0 - args.heldout)).floor() as usize;
-        let windows = ((tokens.len() - start) / args.seq).min(args.max_windows);
-        if windows == 0 {
-            bail!(
-                "{}: {} held-out tokens, fewer than one window of {}",
-                path.display(),
-                tokens.len() - start,
-                args.seq
-            );
-        }
-        let heldout = tokens[start..start + windows * args.seq].to_vec();
-        domains.push(Domain {
-            name,
-            path,
-            start,
-            heldout,
-        });
-    }
     let dirs = if args.adapters.is_empty() {
         find_adapters(&home.join("adapters"))?
     } else {
@@ -158,14 +94,14 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
     }
 
     let bar = progress::bar(entries.len() as u64 + 1, "scoring base and adapters");
-    let base_ppl = score(&model, &domains, args.seq)?;
+    let base_ppl = h.score(&model, &domains)?;
     bar.inc(1);
     let mut rows = Vec::new();
     for e in &entries {
         model
             .attach_adapter(&e.adapter)
             .with_context(|| format!("attaching {}", e.dir.display()))?;
-        let ppl = score(&model, &domains, args.seq);
+        let ppl = h.score(&model, &domains);
         model.detach_adapters();
         rows.push(ppl?);
         bar.inc(1);
@@ -178,64 +114,28 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
             |n| n.to_string_lossy().into(),
         )
     };
-    let scored: Vec<usize> = domains.iter().map(|d| d.heldout.len()).collect();
-    println!(
-        "held-out perplexity ({} weights; last {:.0} % of each text, up to {} windows of {}; * = the adapter's own domain)",
-        args.weights.name(),
-        args.heldout * 100.0,
-        args.max_windows,
-        args.seq
-    );
-    print!("{:<18} {:>5} {:>9}", "adapter", "rank", "params");
-    for d in &domains {
-        print!(" {:>11}", d.name);
-    }
-    println!();
-    print!("{:<18} {:>5} {:>9}", "(base)", "-", "-");
-    for p in &base_ppl {
-        print!(" {p:>11.3}");
-    }
-    println!();
-    let mut failures = Vec::new();
-    for (e, ppl) in entries.iter().zip(&rows) {
-        print!(
-            "{:<18} {:>5} {:>9}",
-            name(e),
-            e.adapter.rank,
-            e.adapter.n_params()
-        );
-        for (i, (p, b)) in ppl.iter().zip(&base_ppl).enumerate() {
-            let mark = if e.own == Some(i) { "*" } else { " " };
-            print!(" {:>10}{mark}", format!("{:+.1}%", (p / b - 1.0) * 100.0));
-        }
-        println!();
-        if let Some(i) = e.own {
-            if ppl[i] >= base_ppl[i] {
-                failures.push(format!(
-                    "{} does not beat the base on its own domain {} ({:.3} vs {:.3})",
-                    name(e),
-                    domains[i].name,
-                    ppl[i],
-                    base_ppl[i]
-                ));
-            }
-        }
-    }
-    println!(
-        "tokens scored per domain: {}",
-        domains
-            .iter()
-            .zip(&scored)
-            .map(|(d, n)| format!("{} {}", d.name, n - n / args.seq))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    h.print_title(&format!(
+        "held-out perplexity, {} weights, change vs base",
+        args.weights.name()
+    ));
+    let table: Vec<Row> = entries
+        .iter()
+        .zip(&rows)
+        .map(|(e, ppl)| Row {
+            label: name(e),
+            extra: vec![e.adapter.rank.to_string(), e.adapter.n_params().to_string()],
+            ppl: ppl.clone(),
+            own: e.own,
+        })
+        .collect();
+    let failures = print_table(&domains, &[("rank", 5), ("params", 9)], &base_ppl, &table);
+    h.print_scored(&domains);
     for f in &failures {
         eprintln!("warning: {f}");
     }
 
     let timing = if args.decode_tokens > 0 {
-        time_adapters(&mut model, &entries, &domains[0].heldout, args)?
+        time_adapters(&mut model, &entries, &domains[0].tokens, args)?
     } else {
         Vec::new()
     };
@@ -244,7 +144,7 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
         println!(
             "\nbatch-1 speed, {} weights (prefill {} tokens, decode {} after 64; best of {}):",
             args.weights.name(),
-            args.seq,
+            h.seq,
             args.decode_tokens,
             args.runs
         );
@@ -265,21 +165,16 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
         let report = json!({
             "model": args.model.path(),
             "weights": args.weights.name(),
-            "heldout": args.heldout,
-            "seq": args.seq,
-            "domains": domains.iter().zip(&scored).map(|(d, n)| json!({
-                "name": d.name,
-                "path": d.path,
-                "heldout_start_token": d.start,
-                "tokens_scored": n - n / args.seq,
-            })).collect::<Vec<_>>(),
+            "heldout": h.heldout,
+            "seq": h.seq,
+            "domains": h.domains_json(&domains),
             "base": base_ppl,
             "adapters": entries.iter().zip(&rows).map(|(e, ppl)| json!({
                 "name": name(e),
                 "path": e.dir,
                 "rank": e.adapter.rank,
                 "params": e.adapter.n_params(),
-                "own_domain": e.own.map(|i| domains[i].name),
+                "own_domain": e.own.map(|i| &domains[i].name),
                 "perplexity": ppl,
             })).collect::<Vec<_>>(),
             "speed": timing.iter().map(|(label, p, d)| json!({
@@ -301,7 +196,7 @@ fn time_adapters(
     text: &[u32],
     args: &AdaptersArgs,
 ) -> Result<Vec<(String, f64, f64)>> {
-    let prompt = &text[..args.seq.min(text.len())];
+    let prompt = &text[..args.heldout.seq.min(text.len())];
     let mut merged = None;
     if args.weights == WeightStorage::F32 {
         let mut m = model.clone();

@@ -12,6 +12,8 @@ mod adapterbench;
 mod analyze;
 mod bench;
 mod compress;
+mod experts;
+mod heldout;
 mod kvbench;
 mod progress;
 
@@ -54,6 +56,9 @@ enum Command {
     /// Inspect LoRA adapters (PEFT layout) and re-rank them by their spectra.
     #[command(subcommand)]
     Adapter(adapter::AdapterCommand),
+    /// Domain FFN expert sets (MoE residuals built from the dense model).
+    #[command(subcommand)]
+    Experts(experts::ExpertsCommand),
     /// Write the last-position logits of a prompt (raw little-endian f32, vocabulary order) and
     /// print the top tokens: for cross-checks against other runtimes.
     Logits(LogitsArgs),
@@ -212,6 +217,7 @@ fn try_main() -> Result<()> {
         Command::Compress(args) => compress::run(&args),
         Command::Analyze(args) => analyze::run(&args),
         Command::Adapter(cmd) => adapter::run(&cmd),
+        Command::Experts(cmd) => experts::run(&cmd),
         Command::Logits(args) => cmd_logits(&args),
         Command::Bench(BenchCommand::Decode(args)) => bench::decode(&args),
         Command::Bench(BenchCommand::CompressSweep(args)) => bench::compress_sweep(&args),

@@ -553,3 +553,75 @@ fn bench_adapters_scores_every_domain() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// An expert set built from the real model: layer 0's FFN as base, and one expert that is the
+/// base scaled by 1.01 (residual exactly 1 % of the base, rank 1536 spread over the spectrum).
+#[test]
+fn experts_eval_swaps_each_expert_in() {
+    let Some(model) = smollm2() else { return };
+    let text = common::s2lc_home().join("text/canterbury/alice29.txt");
+    if !text.exists() {
+        eprintln!("skipped: alice29.txt absent");
+        return;
+    }
+    use s2lc_model::source::{write_safetensors, Tensor};
+    let source = s2lc_model::ModelSource::open(&model).unwrap();
+    let dir = scratch("experts");
+    for (file, factor) in [("base.safetensors", 1.0f32), ("scaled.safetensors", 1.01)] {
+        let tensors: Vec<(String, Tensor)> = ["gate_proj", "up_proj", "down_proj"]
+            .iter()
+            .map(|m| {
+                let name = format!("model.layers.0.mlp.{m}.weight");
+                let mut t = source.tensors().load(&name).unwrap();
+                t.data.iter_mut().for_each(|v| *v *= factor);
+                (name, t)
+            })
+            .collect();
+        write_safetensors(
+            &dir.join(file),
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            None,
+        )
+        .unwrap();
+    }
+    let manifest = serde_json::json!({
+        "layers": [0], "modules": ["gate_proj", "up_proj", "down_proj"],
+        "base_file": "base.safetensors",
+        "experts": {"scaled": {"file": "scaled.safetensors", "text": "alice29.txt"}},
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    let json = dir.join("report.json");
+    let o = s2lc(&[
+        "experts",
+        "eval",
+        dir.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--max-windows",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let expert = &report["experts"][0];
+    assert_eq!(expert["own_domain"], "alice29");
+    let rel = expert["residual_rel_frobenius"].as_f64().unwrap();
+    assert!((rel - 0.01).abs() < 1e-4, "{rel}");
+    let (base, scaled) = (
+        report["base"][0].as_f64().unwrap(),
+        expert["perplexity"][0].as_f64().unwrap(),
+    );
+    assert!(
+        base.is_finite() && scaled.is_finite() && base != scaled,
+        "{base} {scaled}"
+    );
+    assert_clean_error(
+        &s2lc(&["experts", "eval", dir.join("absent").to_str().unwrap()]),
+        "manifest.json",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
