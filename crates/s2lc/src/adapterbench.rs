@@ -1,5 +1,6 @@
 //! `s2lc bench adapters`: the real adapter set on the real text domains in one process — a
-//! domain × adapter matrix of held-out perplexity, and what an unmerged adapter costs in speed.
+//! domain × adapter matrix of held-out perplexity, the domain × expert table of the expert set, and
+//! what an unmerged adapter costs in speed.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,7 @@ use s2lc_model::lora::LoraAdapter;
 use s2lc_model::source::WeightStorage;
 
 use crate::bench::prefill_and_decode;
+use crate::experts::{default_set, measure};
 use crate::heldout::{default_texts, domain_of_text, print_table, Domain, HeldoutArgs, Row};
 use crate::{load_model, parse_weights, progress, s2lc_home, ModelArg};
 
@@ -35,6 +37,13 @@ pub struct AdaptersArgs {
     /// Timing rounds; base and every adapter are timed once per round, interleaved, best kept.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Expert set to score after the adapters [default: $S2LC_HOME/experts/ffn-every3 when it
+    /// exists].
+    #[arg(long)]
+    experts: Option<PathBuf>,
+    /// Skip the expert set.
+    #[arg(long, conflicts_with = "experts")]
+    no_experts: bool,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -134,6 +143,24 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
         eprintln!("warning: {f}");
     }
 
+    let experts_dir = match (&args.experts, args.no_experts) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, false) => Some(default_set()).filter(|d| d.join("manifest.json").is_file()),
+        (None, true) => None,
+    };
+    let mut experts_json = Value::Null;
+    if let Some(dir) = &experts_dir {
+        println!();
+        let report = measure(dir, &mut model, &domains, h)?;
+        let failures = report.print(&domains, h, args.weights.name());
+        for f in &failures {
+            eprintln!("warning: {f}");
+        }
+        experts_json = report.to_json(&domains, &failures);
+        // Back to the storage the timing below measures.
+        model = load_model(&args.model.path(), args.weights)?.1;
+    }
+
     let timing = if args.decode_tokens > 0 {
         time_adapters(&mut model, &entries, &domains[0].tokens, args)?
     } else {
@@ -181,6 +208,7 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
                 "model": label, "prefill_tok_s": p, "decode_tok_s": d,
             })).collect::<Vec<_>>(),
             "failures": failures,
+            "experts": experts_json,
         });
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -529,6 +529,7 @@ fn bench_adapters_scores_every_domain() {
         "1",
         "--decode-tokens",
         "0",
+        "--no-experts",
         "--json",
         json.to_str().unwrap(),
     ]);
