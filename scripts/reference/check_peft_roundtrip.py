@@ -7,7 +7,7 @@
         [--fixture tests/fixtures/adapters/alice-r4-e90]
 
 Steps:
-1. `s2lc adapter truncate ADAPTER --energy E -o FIXTURE` re-ranks every delta of a real PEFT adapter
+1. `s2lc adapters truncate ADAPTER --energy E -o FIXTURE` re-ranks every delta of a real PEFT adapter
    by its spectrum and writes it in PEFT layout: per-module ranks in `rank_pattern` /
    `alpha_pattern`, scales folded into B (lora_alpha = rank).
 2. `s2lc logits --weights f32 --adapter FIXTURE --prompt PROMPT` writes S2LC's last-position logits.
@@ -63,7 +63,7 @@ def main() -> int:
             print(f"check_peft_roundtrip: missing {p}", file=sys.stderr)
             return 1
 
-    truncate_out = run([args.s2lc, "adapter", "truncate", args.adapter,
+    truncate_out = run([args.s2lc, "adapters", "truncate", args.adapter,
                         "--energy", str(args.energy), "-o", args.fixture])
     with tempfile.TemporaryDirectory() as tmp:
         logits_path = Path(tmp) / "s2lc_logits.f32"
@@ -117,7 +117,7 @@ def main() -> int:
         "generated_by": "scripts/reference/check_peft_roundtrip.py",
         "source_adapter": str(args.adapter.relative_to(REPO)) if args.adapter.is_relative_to(REPO)
         else str(args.adapter),
-        "s2lc_command": f"s2lc adapter truncate SOURCE --energy {args.energy} -o FIXTURE",
+        "s2lc_command": f"s2lc adapters truncate SOURCE --energy {args.energy} -o FIXTURE",
         "s2lc_truncate_output": truncate_out.strip().splitlines(),
         "energy": args.energy,
         "rank": config["r"],

@@ -86,7 +86,7 @@ fn smollm2_f32() -> Option<(LlamaModel, Tokenizer)> {
     ))
 }
 
-/// An adapter written by S2LC (`s2lc adapter truncate` of alice-r4 at 90 % energy, per-module
+/// An adapter written by S2LC (`s2lc adapters truncate` of alice-r4 at 90 % energy, per-module
 /// ranks in `rank_pattern`) gives PEFT's logits when PEFT loads it
 /// (`scripts/reference/check_peft_roundtrip.py`), and S2LC's own truncation reproduces it.
 #[test]

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-mod adapter;
 mod adapterbench;
+mod adapters;
 mod analyze;
 mod bench;
 mod compress;
@@ -55,7 +55,7 @@ enum Command {
     Compress(compress::CompressArgs),
     /// Inspect LoRA adapters (PEFT layout) and re-rank them by their spectra.
     #[command(subcommand)]
-    Adapter(adapter::AdapterCommand),
+    Adapters(adapters::AdaptersCommand),
     /// Domain FFN expert sets (MoE residuals built from the dense model).
     #[command(subcommand)]
     Experts(experts::ExpertsCommand),
@@ -216,7 +216,7 @@ fn try_main() -> Result<()> {
         Command::Info { path } => cmd_info(&path),
         Command::Compress(args) => compress::run(&args),
         Command::Analyze(args) => analyze::run(&args),
-        Command::Adapter(cmd) => adapter::run(&cmd),
+        Command::Adapters(cmd) => adapters::run(&cmd),
         Command::Experts(cmd) => experts::run(&cmd),
         Command::Logits(args) => cmd_logits(&args),
         Command::Bench(BenchCommand::Decode(args)) => bench::decode(&args),

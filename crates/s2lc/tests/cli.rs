@@ -454,7 +454,7 @@ fn alice_r4() -> std::path::PathBuf {
 fn adapter_info_and_truncate_on_a_real_adapter() {
     let src = alice_r4();
     let src = src.to_str().unwrap();
-    let o = s2lc(&["adapter", "info", src]);
+    let o = s2lc(&["adapters", "info", src]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -466,7 +466,7 @@ fn adapter_info_and_truncate_on_a_real_adapter() {
     let dir = scratch("truncate");
     let dst = dir.join("r2");
     let o = s2lc(&[
-        "adapter",
+        "adapters",
         "truncate",
         src,
         "--rank",
@@ -477,7 +477,7 @@ fn adapter_info_and_truncate_on_a_real_adapter() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("230400 -> 115200 (2.00x fewer)"), "{out}");
-    let o = s2lc(&["adapter", "info", dst.to_str().unwrap()]);
+    let o = s2lc(&["adapters", "info", dst.to_str().unwrap()]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("rank 2 · lora_alpha 2 · scale 1 · 60 deltas"),
@@ -489,16 +489,16 @@ fn adapter_info_and_truncate_on_a_real_adapter() {
         (vec!["--rank", "0"], "at least 1"),
         (vec![], "give --energy, --rank or both"),
     ] {
-        let mut all = vec!["adapter", "truncate", src, "-o", dst.to_str().unwrap()];
+        let mut all = vec!["adapters", "truncate", src, "-o", dst.to_str().unwrap()];
         all.extend(args);
         assert_clean_error(&s2lc(&all), needle);
     }
     assert_clean_error(
-        &s2lc(&["adapter", "truncate", src, "--rank", "1", "-o", src]),
+        &s2lc(&["adapters", "truncate", src, "--rank", "1", "-o", src]),
         "is the input adapter",
     );
     assert_clean_error(
-        &s2lc(&["adapter", "info", dir.join("nothing").to_str().unwrap()]),
+        &s2lc(&["adapters", "info", dir.join("nothing").to_str().unwrap()]),
         "adapter_config.json",
     );
     std::fs::remove_dir_all(&dir).ok();

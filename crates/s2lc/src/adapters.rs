@@ -1,4 +1,4 @@
-//! `s2lc adapter info | truncate`: inspect PEFT LoRA adapters and re-rank them by their spectra.
+//! `s2lc adapters info | truncate`: inspect PEFT LoRA adapters and re-rank them by their spectra.
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +8,7 @@ use s2lc_model::lora::{DeltaTruncation, LoraAdapter, TARGETS};
 
 /// What to do with an adapter.
 #[derive(Subcommand)]
-pub enum AdapterCommand {
+pub enum AdaptersCommand {
     /// Rank, scale, targets, parameters and the spectrum of every delta (`s·B·A`) of an adapter.
     Info {
         /// A PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
@@ -19,7 +19,7 @@ pub enum AdapterCommand {
     Truncate(TruncateArgs),
 }
 
-/// `s2lc adapter truncate`.
+/// `s2lc adapters truncate`.
 #[derive(Args)]
 pub struct TruncateArgs {
     /// The PEFT adapter directory to read.
@@ -36,10 +36,10 @@ pub struct TruncateArgs {
 }
 
 /// Runs an `adapter` subcommand.
-pub fn run(cmd: &AdapterCommand) -> Result<()> {
+pub fn run(cmd: &AdaptersCommand) -> Result<()> {
     match cmd {
-        AdapterCommand::Info { dir } => info(dir),
-        AdapterCommand::Truncate(args) => truncate(args),
+        AdaptersCommand::Info { dir } => info(dir),
+        AdaptersCommand::Truncate(args) => truncate(args),
     }
 }
 
