@@ -5,9 +5,11 @@
 #![deny(missing_docs)]
 
 pub mod analysis;
+pub mod blockquant;
 pub mod energy;
 pub mod lowrank;
 pub mod rsvd;
+pub mod shared;
 pub mod svd;
 pub mod whiten;
 
@@ -17,7 +19,9 @@ pub use analysis::{
 };
 pub use energy::{break_even_rank, cumulative_energy, rank_for_energy};
 pub use lowrank::{allocate_ranks, relative_error, BudgetError, LowRankFactors, Spectrum};
+pub use blockquant::{BlockQuant, QuantBits};
 pub use rsvd::{rsvd, rsvd_batch, GaussianRng, RsvdParams};
+pub use shared::{fit_shared_basis, SharedBasis};
 pub use svd::{factored_svd, thin_svd, Svd, SvdError};
 pub use whiten::{output_error, refit_left, WhitenError, Whitening};
 

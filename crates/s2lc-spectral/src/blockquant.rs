@@ -1,0 +1,302 @@
+//! Block-sparse quantization: a vector cut into fixed blocks, the blocks holding the least energy
+//! dropped (a bitmap records which are kept), each kept block stored as int8 or int4 with one f16
+//! scale — a layout a SIMD decoder reads in one pass (bitmap word, then the kept blocks in order).
+//!
+//! Quantization is symmetric round-to-nearest: `q = round(x / d)` with `d = max|x| / qmax`
+//! (`qmax` = 127 for int8, 7 for int4), so each kept value is off by at most `d / 2` (plus the f16
+//! rounding of `d`). Dropping blocks in order of increasing energy removes at most
+//! `drop_energy · ‖x‖²`.
+
+use half::f16;
+
+/// Bits per stored value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum QuantBits {
+    /// int8 in [-127, 127].
+    Int8,
+    /// int4 in [-7, 7], two per byte (low nibble first).
+    Int4,
+}
+
+impl QuantBits {
+    /// Largest magnitude of a quantized value.
+    fn qmax(self) -> f32 {
+        match self {
+            QuantBits::Int8 => 127.0,
+            QuantBits::Int4 => 7.0,
+        }
+    }
+
+    /// Bytes one block of `block` values takes.
+    pub fn block_bytes(self, block: usize) -> usize {
+        match self {
+            QuantBits::Int8 => block,
+            QuantBits::Int4 => block.div_ceil(2),
+        }
+    }
+
+    /// The name used in files and reports (`int8`, `int4`).
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantBits::Int8 => "int8",
+            QuantBits::Int4 => "int4",
+        }
+    }
+
+    /// Parses [`QuantBits::name`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "int8" => Some(QuantBits::Int8),
+            "int4" => Some(QuantBits::Int4),
+            _ => None,
+        }
+    }
+}
+
+/// A block-sparse quantized vector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockQuant {
+    /// Bits per value.
+    pub bits: QuantBits,
+    /// Values per block (the last block may be shorter).
+    pub block: usize,
+    /// Length of the original vector.
+    pub len: usize,
+    /// Bit `i` set when block `i` is kept (64 blocks per word).
+    pub kept: Vec<u64>,
+    /// One scale per kept block, in block order.
+    pub scales: Vec<f16>,
+    /// The kept blocks' values, in block order, each block padded to a whole block.
+    pub data: Vec<u8>,
+}
+
+impl BlockQuant {
+    /// Quantizes `values` in blocks of `block` (> 0), dropping the lowest-energy blocks whose
+    /// energy adds up to at most `drop_energy` (in `[0, 1)`) of the total.
+    pub fn quantize(values: &[f32], block: usize, bits: QuantBits, drop_energy: f64) -> Self {
+        assert!(block > 0, "block size must be positive");
+        let n_blocks = values.len().div_ceil(block);
+        let energy: Vec<f64> = values
+            .chunks(block)
+            .map(|c| c.iter().map(|&v| (v as f64).powi(2)).sum())
+            .collect();
+        let total: f64 = energy.iter().sum();
+        let mut keep = vec![true; n_blocks];
+        if drop_energy > 0.0 && total > 0.0 {
+            let mut order: Vec<usize> = (0..n_blocks).collect();
+            order.sort_by(|&a, &b| energy[a].total_cmp(&energy[b]));
+            let budget = drop_energy * total;
+            let mut dropped = 0.0;
+            for i in order {
+                if dropped + energy[i] > budget {
+                    break;
+                }
+                dropped += energy[i];
+                keep[i] = false;
+            }
+        }
+        let mut kept = vec![0u64; n_blocks.div_ceil(64)];
+        let mut scales = Vec::new();
+        let mut data = Vec::new();
+        let qmax = bits.qmax();
+        for (i, chunk) in values.chunks(block).enumerate() {
+            if !keep[i] {
+                continue;
+            }
+            kept[i / 64] |= 1 << (i % 64);
+            let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = f16::from_f32(amax / qmax);
+            scales.push(d);
+            let inv = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+            let q = |v: f32| (v * inv).round().clamp(-qmax, qmax) as i8;
+            match bits {
+                QuantBits::Int8 => {
+                    data.extend(chunk.iter().map(|&v| q(v) as u8));
+                    data.resize(data.len() + block - chunk.len(), 0);
+                }
+                QuantBits::Int4 => {
+                    let mut padded = chunk.iter().map(|&v| q(v)).collect::<Vec<i8>>();
+                    padded.resize(block.next_multiple_of(2), 0);
+                    data.extend(
+                        padded
+                            .chunks_exact(2)
+                            .map(|p| (p[0] as u8 & 0x0f) | ((p[1] as u8 & 0x0f) << 4)),
+                    );
+                }
+            }
+        }
+        BlockQuant {
+            bits,
+            block,
+            len: values.len(),
+            kept,
+            scales,
+            data,
+        }
+    }
+
+    /// Whether block `i` is kept.
+    pub fn is_kept(&self, i: usize) -> bool {
+        self.kept
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    /// Kept blocks.
+    pub fn kept_blocks(&self) -> usize {
+        self.kept.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Bytes stored: values, scales and bitmap.
+    pub fn bytes(&self) -> usize {
+        self.data.len() + 2 * self.scales.len() + 8 * self.kept.len()
+    }
+
+    /// Checks that the parts agree (lengths of bitmap, scales and data); for data read from disk.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.block == 0 {
+            return Err("block size 0".into());
+        }
+        let n_blocks = self.len.div_ceil(self.block);
+        if self.kept.len() != n_blocks.div_ceil(64) {
+            return Err(format!(
+                "bitmap of {} words for {n_blocks} blocks",
+                self.kept.len()
+            ));
+        }
+        if (n_blocks..self.kept.len() * 64).any(|i| self.is_kept(i)) {
+            return Err("bitmap marks blocks past the end".into());
+        }
+        let kept = self.kept_blocks();
+        if self.scales.len() != kept || self.data.len() != kept * self.bits.block_bytes(self.block)
+        {
+            return Err(format!(
+                "{kept} kept blocks but {} scales and {} data bytes",
+                self.scales.len(),
+                self.data.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes the dequantized vector into `out` (`len` values; dropped blocks are zero).
+    ///
+    /// # Panics
+    /// If `out.len() != self.len` or the parts disagree (see [`BlockQuant::validate`]).
+    pub fn dequantize_into(&self, out: &mut [f32]) {
+        assert_eq!(out.len(), self.len, "output length");
+        let bytes = self.bits.block_bytes(self.block);
+        let mut k = 0;
+        for (i, chunk) in out.chunks_mut(self.block).enumerate() {
+            if !self.is_kept(i) {
+                chunk.fill(0.0);
+                continue;
+            }
+            let d = self.scales[k].to_f32();
+            let src = &self.data[k * bytes..(k + 1) * bytes];
+            match self.bits {
+                QuantBits::Int8 => {
+                    for (o, &q) in chunk.iter_mut().zip(src) {
+                        *o = d * (q as i8) as f32;
+                    }
+                }
+                QuantBits::Int4 => {
+                    // Sign-extend each nibble: shift it to the top of an i8, then back.
+                    for (j, o) in chunk.iter_mut().enumerate() {
+                        let b = src[j / 2];
+                        let nib = if j % 2 == 0 { b << 4 } else { b & 0xf0 };
+                        *o = d * ((nib as i8) >> 4) as f32;
+                    }
+                }
+            }
+            k += 1;
+        }
+    }
+
+    /// The dequantized vector.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.len];
+        self.dequantize_into(&mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed | 1;
+        (0..n)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // Blocks of very different magnitude, so dropping has something to choose.
+                let scale = 1.0 + (i / 7 % 5) as f32 * 3.0;
+                scale * ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Every kept value is within half a step of the original, dropped blocks are zero, and
+        /// the dropped energy stays within the budget.
+        #[test]
+        fn round_trip_error_is_bounded(n in 1usize..300, block in 1usize..70, seed in any::<u64>(),
+                                       int4 in any::<bool>(), drop in 0.0f64..0.5) {
+            let bits = if int4 { QuantBits::Int4 } else { QuantBits::Int8 };
+            let x = values(n, seed);
+            let q = BlockQuant::quantize(&x, block, bits, drop);
+            prop_assert!(q.validate().is_ok());
+            let y = q.dequantize();
+            let total: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
+            let mut dropped = 0.0;
+            let mut k = 0;
+            for (i, (xc, yc)) in x.chunks(block).zip(y.chunks(block)).enumerate() {
+                if !q.is_kept(i) {
+                    prop_assert!(yc.iter().all(|&v| v == 0.0));
+                    dropped += xc.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
+                    continue;
+                }
+                let d = q.scales[k].to_f32();
+                k += 1;
+                let amax = xc.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                for (a, b) in xc.iter().zip(yc) {
+                    // Half a step, plus the f16 rounding of the scale times the largest code.
+                    let tol = 0.5 * d + amax * 1e-3 + 1e-7;
+                    prop_assert!((a - b).abs() <= tol, "{} vs {} (d {})", a, b, d);
+                }
+            }
+            prop_assert!(dropped <= drop * total + 1e-9 * total.max(1.0));
+        }
+    }
+
+    #[test]
+    fn layout_and_sizes() {
+        let x = values(100, 3);
+        let q = BlockQuant::quantize(&x, 32, QuantBits::Int4, 0.0);
+        assert_eq!(q.kept_blocks(), 4);
+        assert_eq!(q.data.len(), 4 * 16);
+        assert_eq!(q.bytes(), 64 + 8 + 8);
+        let q8 = BlockQuant::quantize(&x, 32, QuantBits::Int8, 0.0);
+        assert_eq!(q8.data.len(), 4 * 32);
+        // int8 is close to exact.
+        let err: f32 = x
+            .iter()
+            .zip(q8.dequantize())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 0.05, "{err}");
+        // Dropping half of the energy drops the weakest blocks first.
+        let half = BlockQuant::quantize(&x, 10, QuantBits::Int8, 0.5);
+        assert!(half.kept_blocks() < 10 && half.kept_blocks() > 0);
+        let mut corrupt = half.clone();
+        corrupt.scales.pop();
+        assert!(corrupt.validate().is_err());
+        assert_eq!(QuantBits::parse("int4"), Some(QuantBits::Int4));
+        assert_eq!(QuantBits::parse("int3"), None);
+    }
+}
