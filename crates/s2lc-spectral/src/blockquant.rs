@@ -107,7 +107,11 @@ impl BlockQuant {
             let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let d = f16::from_f32(amax / qmax);
             scales.push(d);
-            let inv = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+            let inv = if d.to_f32() > 0.0 {
+                1.0 / d.to_f32()
+            } else {
+                0.0
+            };
             let q = |v: f32| (v * inv).round().clamp(-qmax, qmax) as i8;
             match bits {
                 QuantBits::Int8 => {

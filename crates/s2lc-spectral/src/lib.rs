@@ -17,9 +17,9 @@ pub use analysis::{
     singular_values, AnalysisError, KindSummary, MatrixSpectrum, RankAtEnergy, RankFraction,
     SpectralReport, ThresholdTotal, DEFAULT_THRESHOLDS,
 };
+pub use blockquant::{BlockQuant, QuantBits};
 pub use energy::{break_even_rank, cumulative_energy, rank_for_energy};
 pub use lowrank::{allocate_ranks, relative_error, BudgetError, LowRankFactors, Spectrum};
-pub use blockquant::{BlockQuant, QuantBits};
 pub use rsvd::{rsvd, rsvd_batch, GaussianRng, RsvdParams};
 pub use shared::{fit_shared_basis, SharedBasis};
 pub use svd::{factored_svd, thin_svd, Svd, SvdError};

@@ -1,0 +1,368 @@
+//! The packed-artifact format: a directory other tools can read with any safetensors reader.
+//!
+//! ```text
+//! pack.json                     format, parameters, target matrices, members and their files
+//! basis.safetensors             per matrix: the shared bases U and V
+//! members/NAME.safetensors      per matrix: the member's core (and orthogonal residual)
+//! ```
+//!
+//! A block-quantized matrix `X` is three tensors: `X.data` (U8, the kept blocks' int8 values or
+//! int4 pairs), `X.scales` (F16, one per kept block) and `X.kept` (U8, the bitmap as little-endian
+//! 64-bit words); its rows, columns, bits and block size are in the file's `__metadata__` under
+//! `s2lc` as JSON. Tensor prefixes are `L{layer}.{target}.u|v|core|extra_b|extra_a`. The bases
+//! file is shared by every member, so a content-addressed store keeps it once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use half::f16;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use s2lc_model::lora::TARGETS;
+use s2lc_spectral::{BlockQuant, QuantBits};
+
+use crate::pack::{
+    ModuleKey, PackError, PackParams, PackedCore, PackedMember, PackedModule, PackedSet, QMat,
+};
+
+/// Format tag written to `pack.json`.
+pub const FORMAT: &str = "s2lc-pack/1";
+
+/// Shape and coding of one quantized matrix, as kept in a file's metadata.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct QMatHeader {
+    rows: usize,
+    cols: usize,
+    bits: QuantBits,
+    block: usize,
+}
+
+/// Tensors of one safetensors file being written: name → (dtype, shape, bytes).
+#[derive(Default)]
+struct Writer {
+    tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    headers: BTreeMap<String, QMatHeader>,
+}
+
+impl Writer {
+    fn put(&mut self, prefix: &str, m: &QMat) {
+        let q = &m.q;
+        let scales: Vec<u8> = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let kept: Vec<u8> = q.kept.iter().flat_map(|w| w.to_le_bytes()).collect();
+        self.tensors.push((
+            format!("{prefix}.data"),
+            Dtype::U8,
+            vec![q.data.len()],
+            q.data.clone(),
+        ));
+        self.tensors.push((
+            format!("{prefix}.scales"),
+            Dtype::F16,
+            vec![q.scales.len()],
+            scales,
+        ));
+        self.tensors
+            .push((format!("{prefix}.kept"), Dtype::U8, vec![kept.len()], kept));
+        self.headers.insert(
+            prefix.to_string(),
+            QMatHeader {
+                rows: m.rows,
+                cols: m.cols,
+                bits: q.bits,
+                block: q.block,
+            },
+        );
+    }
+
+    /// Serializes to `path` through a `.part` file renamed into place.
+    fn write(self, path: &Path) -> Result<(), PackError> {
+        let fail = |message: String| PackError::Format {
+            path: path.to_path_buf(),
+            message,
+        };
+        let views = self
+            .tensors
+            .iter()
+            .map(|(n, d, s, b)| {
+                TensorView::new(*d, s.clone(), b)
+                    .map(|v| (n.as_str(), v))
+                    .map_err(|e| fail(format!("{n}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let meta = HashMap::from([(
+            "s2lc".to_string(),
+            serde_json::to_string(&self.headers).map_err(|e| fail(e.to_string()))?,
+        )]);
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| fail(e.to_string()))?;
+        write_atomic(path, &bytes)
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PackError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".part");
+    let tmp = PathBuf::from(tmp);
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| PackError::Io { path: p, source }
+    };
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// A parsed safetensors file with its quantized-matrix headers.
+struct Reader<'a> {
+    path: PathBuf,
+    st: SafeTensors<'a>,
+    headers: BTreeMap<String, QMatHeader>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(path: &Path, bytes: &'a [u8]) -> Result<Self, PackError> {
+        let fail = |message: String| PackError::Format {
+            path: path.to_path_buf(),
+            message,
+        };
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| fail(e.to_string()))?;
+        let headers = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("s2lc"))
+            .ok_or_else(|| fail("no s2lc metadata (not an S2LC pack file)".into()))?;
+        let headers = serde_json::from_str(headers).map_err(|e| fail(e.to_string()))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| fail(e.to_string()))?;
+        Ok(Reader {
+            path: path.to_path_buf(),
+            st,
+            headers,
+        })
+    }
+
+    fn fail(&self, message: String) -> PackError {
+        PackError::Format {
+            path: self.path.clone(),
+            message,
+        }
+    }
+
+    fn bytes(&self, name: &str, dtype: Dtype) -> Result<&'a [u8], PackError> {
+        let view = self
+            .st
+            .tensor(name)
+            .map_err(|_| self.fail(format!("tensor {name} is missing")))?;
+        if view.dtype() != dtype {
+            return Err(self.fail(format!(
+                "tensor {name} is {:?}, not {dtype:?}",
+                view.dtype()
+            )));
+        }
+        Ok(view.data())
+    }
+
+    fn has(&self, prefix: &str) -> bool {
+        self.headers.contains_key(prefix)
+    }
+
+    fn get(&self, prefix: &str) -> Result<QMat, PackError> {
+        let h = self
+            .headers
+            .get(prefix)
+            .ok_or_else(|| self.fail(format!("matrix {prefix} is missing")))?;
+        let data = self.bytes(&format!("{prefix}.data"), Dtype::U8)?.to_vec();
+        let scales = self
+            .bytes(&format!("{prefix}.scales"), Dtype::F16)?
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        let kept_bytes = self.bytes(&format!("{prefix}.kept"), Dtype::U8)?;
+        if kept_bytes.len() % 8 != 0 {
+            return Err(self.fail(format!("{prefix}.kept is not whole 64-bit words")));
+        }
+        let kept = kept_bytes
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        let q = BlockQuant {
+            bits: h.bits,
+            block: h.block,
+            len: h.rows * h.cols,
+            kept,
+            scales,
+            data,
+        };
+        q.validate()
+            .map_err(|e| self.fail(format!("matrix {prefix}: {e}")))?;
+        Ok(QMat {
+            rows: h.rows,
+            cols: h.cols,
+            q,
+        })
+    }
+}
+
+fn prefix(key: &ModuleKey, part: &str) -> String {
+    format!("L{}.{}.{part}", key.layer, TARGETS[key.target])
+}
+
+/// A member name usable as a file name.
+fn check_name(name: &str) -> Result<(), PackError> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(PackError::Invalid(format!(
+            "member name '{name}' must be letters, digits, '.', '_' or '-'"
+        )))
+    }
+}
+
+/// Writes `set` into `dir` (created if needed). Every file goes through a temporary name, and
+/// `pack.json` is written last, so a reader never sees a pack whose files are incomplete.
+pub fn save(set: &PackedSet, dir: &Path) -> Result<(), PackError> {
+    for m in &set.members {
+        check_name(&m.name)?;
+    }
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| PackError::Io { path: p, source }
+    };
+    std::fs::create_dir_all(dir.join("members")).map_err(io(dir))?;
+    let mut basis = Writer::default();
+    for (key, module) in &set.modules {
+        basis.put(&prefix(key, "u"), &module.u);
+        basis.put(&prefix(key, "v"), &module.v);
+    }
+    basis.write(&dir.join("basis.safetensors"))?;
+    let mut members = Vec::new();
+    for m in &set.members {
+        let mut w = Writer::default();
+        let mut ranks = BTreeMap::new();
+        for (key, core) in &m.cores {
+            w.put(&prefix(key, "core"), &core.core);
+            if let Some((b, a)) = &core.extra {
+                w.put(&prefix(key, "extra_b"), b);
+                w.put(&prefix(key, "extra_a"), a);
+            }
+            ranks.insert(prefix(key, "core"), core.rank);
+        }
+        let file = format!("members/{}.safetensors", m.name);
+        w.write(&dir.join(&file))?;
+        members.push(json!({"name": m.name, "file": file, "ranks": ranks, "bytes": m.bytes()}));
+    }
+    let manifest = json!({
+        "format": FORMAT,
+        "params": set.params,
+        "modules": set.modules.keys().collect::<Vec<_>>(),
+        "basis_file": "basis.safetensors",
+        "basis_bytes": set.basis_bytes(),
+        "members": members,
+    });
+    let text = serde_json::to_string_pretty(&manifest).map_err(|e| PackError::Format {
+        path: dir.join("pack.json"),
+        message: e.to_string(),
+    })?;
+    write_atomic(&dir.join("pack.json"), text.as_bytes())
+}
+
+/// Reads a pack written by [`save`]; every matrix is checked for consistency.
+pub fn load(dir: &Path) -> Result<PackedSet, PackError> {
+    let manifest_path = dir.join("pack.json");
+    let text = std::fs::read_to_string(&manifest_path).map_err(|source| PackError::Io {
+        path: manifest_path.clone(),
+        source,
+    })?;
+    let fail = |message: String| PackError::Format {
+        path: manifest_path.clone(),
+        message,
+    };
+    let manifest: Value = serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
+    if manifest["format"] != FORMAT {
+        return Err(fail(format!(
+            "format {} is not {FORMAT}",
+            manifest["format"]
+        )));
+    }
+    let params: PackParams =
+        serde_json::from_value(manifest["params"].clone()).map_err(|e| fail(e.to_string()))?;
+    let keys: Vec<ModuleKey> =
+        serde_json::from_value(manifest["modules"].clone()).map_err(|e| fail(e.to_string()))?;
+    let read = |file: &str| -> Result<Vec<u8>, PackError> {
+        let path = dir.join(file);
+        std::fs::read(&path).map_err(|source| PackError::Io { path, source })
+    };
+    let basis_file = manifest["basis_file"]
+        .as_str()
+        .ok_or_else(|| fail("no basis_file".into()))?;
+    let basis_bytes = read(basis_file)?;
+    let basis = Reader::new(&dir.join(basis_file), &basis_bytes)?;
+    let mut modules = BTreeMap::new();
+    for key in &keys {
+        if key.target >= TARGETS.len() {
+            return Err(fail(format!("target index {} out of range", key.target)));
+        }
+        let module = PackedModule {
+            u: basis.get(&prefix(key, "u"))?,
+            v: basis.get(&prefix(key, "v"))?,
+        };
+        modules.insert(*key, module);
+    }
+    let mut members = Vec::new();
+    for m in manifest["members"]
+        .as_array()
+        .ok_or_else(|| fail("no members list".into()))?
+    {
+        let name = m["name"]
+            .as_str()
+            .ok_or_else(|| fail("a member has no name".into()))?;
+        check_name(name)?;
+        let file = m["file"]
+            .as_str()
+            .ok_or_else(|| fail(format!("member {name} has no file")))?;
+        let bytes = read(file)?;
+        let r = Reader::new(&dir.join(file), &bytes)?;
+        let mut cores = BTreeMap::new();
+        for key in &keys {
+            let core_prefix = prefix(key, "core");
+            if !r.has(&core_prefix) {
+                continue;
+            }
+            let module = &modules[key];
+            let core = r.get(&core_prefix)?;
+            if (core.rows, core.cols) != (module.u.cols, module.v.cols) {
+                return Err(r.fail(format!(
+                    "{core_prefix} is {}×{} but the bases give {}×{}",
+                    core.rows, core.cols, module.u.cols, module.v.cols
+                )));
+            }
+            let extra = if r.has(&prefix(key, "extra_b")) {
+                Some((
+                    r.get(&prefix(key, "extra_b"))?,
+                    r.get(&prefix(key, "extra_a"))?,
+                ))
+            } else {
+                None
+            };
+            let rank = m["ranks"][&core_prefix]
+                .as_u64()
+                .ok_or_else(|| fail(format!("member {name}: no rank for {core_prefix}")))?
+                as usize;
+            cores.insert(*key, PackedCore { rank, core, extra });
+        }
+        members.push(PackedMember {
+            name: name.to_string(),
+            cores,
+        });
+    }
+    Ok(PackedSet {
+        params,
+        modules,
+        members,
+    })
+}

@@ -1,0 +1,883 @@
+//! Packing, adding and unpacking members (see the crate docs for the method).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use faer::{Mat, MatRef};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use s2lc_model::experts::FfnWeights;
+use s2lc_model::lora::{module_name, LoraAdapter, LoraDelta, TARGETS};
+use s2lc_spectral::{
+    factored_svd, fit_shared_basis, rank_for_energy, thin_svd, BlockQuant, QuantBits, Svd, SvdError,
+};
+
+/// Why packing, unpacking or reading a pack failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    /// A decomposition failed (non-finite values).
+    #[error(transparent)]
+    Svd(#[from] SvdError),
+    /// Reading an adapter or expert failed.
+    #[error(transparent)]
+    Model(#[from] s2lc_model::ModelError),
+    /// The members or parameters are inconsistent.
+    #[error("{0}")]
+    Invalid(String),
+    /// A file could not be read or written.
+    #[error("{path}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A pack file is malformed.
+    #[error("{path}: {message}")]
+    Format {
+        /// The file involved.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A target matrix: a layer and an index into [`TARGETS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ModuleKey {
+    /// Layer index.
+    pub layer: usize,
+    /// Index into [`TARGETS`].
+    pub target: usize,
+}
+
+impl ModuleKey {
+    /// PEFT's module name, e.g. `model.layers.3.self_attn.q_proj`.
+    pub fn name(&self) -> String {
+        module_name(self.layer, self.target)
+    }
+}
+
+/// One member's change to one target matrix (`rows × cols`).
+#[derive(Debug, Clone)]
+pub enum Delta {
+    /// `b·a` with `b` (`rows × r`) and `a` (`r × cols`): a LoRA delta, scale folded into `b`.
+    Factors {
+        /// `rows × r`.
+        b: Mat<f32>,
+        /// `r × cols`.
+        a: Mat<f32>,
+    },
+    /// A dense matrix (an expert residual).
+    Dense(Mat<f32>),
+}
+
+impl Delta {
+    /// `(rows, cols)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Delta::Factors { b, a } => (b.nrows(), a.ncols()),
+            Delta::Dense(m) => (m.nrows(), m.ncols()),
+        }
+    }
+
+    /// Thin SVD (through the factors when there are some).
+    pub fn svd(&self) -> Result<Svd, SvdError> {
+        match self {
+            Delta::Factors { b, a } => factored_svd(b.as_ref(), a.as_ref()),
+            Delta::Dense(m) => thin_svd(m.as_ref()),
+        }
+    }
+
+    /// The dense matrix.
+    pub fn dense(&self) -> Mat<f32> {
+        match self {
+            Delta::Factors { b, a } => b * a,
+            Delta::Dense(m) => m.clone(),
+        }
+    }
+
+    /// Values an f16 file of this delta holds (`r·(rows + cols)` for factors).
+    pub fn stored_values(&self) -> usize {
+        match self {
+            Delta::Factors { b, a } => b.nrows() * b.ncols() + a.nrows() * a.ncols(),
+            Delta::Dense(m) => m.nrows() * m.ncols(),
+        }
+    }
+}
+
+/// A named set of deltas: one adapter or one expert residual.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Name (adapter or expert).
+    pub name: String,
+    /// Deltas by target matrix.
+    pub deltas: BTreeMap<ModuleKey, Delta>,
+}
+
+/// A row-major `rows × cols` slice as a matrix.
+fn mat(data: &[f32], rows: usize, cols: usize) -> Mat<f32> {
+    MatRef::from_row_major_slice(data, rows, cols).to_owned()
+}
+
+impl Member {
+    /// A LoRA adapter's deltas (`s·B·A`).
+    pub fn from_lora(name: &str, adapter: &LoraAdapter) -> Self {
+        let deltas = adapter
+            .deltas()
+            .map(|(layer, target, d)| {
+                let (a, b) = d.factors();
+                let delta = Delta::Factors {
+                    b: mat(&b, d.out_dim(), d.rank()),
+                    a: mat(&a, d.rank(), d.in_dim()),
+                };
+                (ModuleKey { layer, target }, delta)
+            })
+            .collect();
+        Member {
+            name: name.to_string(),
+            deltas,
+        }
+    }
+
+    /// An expert's residual `expert − base` (FFN matrices as gate/up/down targets).
+    pub fn from_residual(name: &str, residual: &FfnWeights) -> Self {
+        let deltas = residual
+            .matrices()
+            .map(|(layer, module, t)| {
+                let target = TARGETS.iter().position(|m| *m == module).unwrap_or(4);
+                let delta = Delta::Dense(mat(&t.data, t.shape[0], t.shape[1]));
+                (ModuleKey { layer, target }, delta)
+            })
+            .collect();
+        Member {
+            name: name.to_string(),
+            deltas,
+        }
+    }
+
+    /// `Σ‖ΔW‖²_F`.
+    pub fn sq_norm(&self) -> f64 {
+        self.deltas
+            .values()
+            .map(|d| sq_norm(d.dense().as_ref()))
+            .sum()
+    }
+}
+
+/// `‖M‖²_F`.
+fn sq_norm(m: MatRef<'_, f32>) -> f64 {
+    let mut e = 0.0;
+    for j in 0..m.ncols() {
+        for i in 0..m.nrows() {
+            e += (m[(i, j)] as f64).powi(2);
+        }
+    }
+    e
+}
+
+/// How members are packed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PackParams {
+    /// Share of energy kept at each spectral step: each delta's truncation, the shared bases, and
+    /// (with an orthogonal residual when needed) each member's projection.
+    pub energy: f64,
+    /// Bits of the cores and residual factors.
+    pub bits: QuantBits,
+    /// Bits of the shared bases.
+    pub basis_bits: QuantBits,
+    /// Values per quantization block.
+    pub block: usize,
+    /// Share of each core's energy its dropped blocks may hold.
+    pub drop_energy: f64,
+    /// Fit the bases over all members (`false`: every member gets its own bases, the baseline
+    /// that shows what sharing buys).
+    pub shared: bool,
+}
+
+impl Default for PackParams {
+    fn default() -> Self {
+        PackParams {
+            energy: 0.95,
+            bits: QuantBits::Int8,
+            basis_bits: QuantBits::Int8,
+            block: 32,
+            drop_energy: 0.0,
+            shared: true,
+        }
+    }
+}
+
+impl PackParams {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<(), PackError> {
+        if !(self.energy > 0.0 && self.energy <= 1.0) {
+            return Err(PackError::Invalid(format!(
+                "energy {} is outside (0, 1]",
+                self.energy
+            )));
+        }
+        if !(0.0..1.0).contains(&self.drop_energy) {
+            return Err(PackError::Invalid(format!(
+                "drop energy {} is outside [0, 1)",
+                self.drop_energy
+            )));
+        }
+        if self.block == 0 || self.block % 2 != 0 {
+            return Err(PackError::Invalid(format!(
+                "block {} must be a positive even number",
+                self.block
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A block-quantized row-major matrix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QMat {
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// The values, row-major.
+    pub q: BlockQuant,
+}
+
+impl QMat {
+    /// Quantizes `m` row-major.
+    pub fn new(m: MatRef<'_, f32>, block: usize, bits: QuantBits, drop_energy: f64) -> Self {
+        let mut data = Vec::with_capacity(m.nrows() * m.ncols());
+        for i in 0..m.nrows() {
+            data.extend((0..m.ncols()).map(|j| m[(i, j)]));
+        }
+        QMat {
+            rows: m.nrows(),
+            cols: m.ncols(),
+            q: BlockQuant::quantize(&data, block, bits, drop_energy),
+        }
+    }
+
+    /// The dequantized matrix.
+    pub fn to_mat(&self) -> Mat<f32> {
+        mat(&self.q.dequantize(), self.rows, self.cols)
+    }
+
+    /// Bytes stored.
+    pub fn bytes(&self) -> usize {
+        self.q.bytes()
+    }
+}
+
+/// The shared bases of one target matrix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedModule {
+    /// `rows × p`.
+    pub u: QMat,
+    /// `cols × q`.
+    pub v: QMat,
+}
+
+/// One member's part of one target matrix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedCore {
+    /// Rank of the member's truncated delta (the rank it unpacks to, before any residual).
+    pub rank: usize,
+    /// `p × q`.
+    pub core: QMat,
+    /// `(b, a)`: an orthogonal residual `b·a` (`rows × r`, `r × cols`) kept when the projection
+    /// onto the shared bases lost more than the energy budget.
+    pub extra: Option<(QMat, QMat)>,
+}
+
+impl PackedCore {
+    /// Bytes stored.
+    pub fn bytes(&self) -> usize {
+        self.core.bytes()
+            + self
+                .extra
+                .as_ref()
+                .map_or(0, |(b, a)| b.bytes() + a.bytes())
+    }
+}
+
+/// One member of a pack.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedMember {
+    /// Name.
+    pub name: String,
+    /// Cores by target matrix.
+    pub cores: BTreeMap<ModuleKey, PackedCore>,
+}
+
+impl PackedMember {
+    /// Bytes of the cores and residuals.
+    pub fn bytes(&self) -> usize {
+        self.cores.values().map(PackedCore::bytes).sum()
+    }
+}
+
+/// Members packed over shared bases.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedSet {
+    /// How it was packed.
+    pub params: PackParams,
+    /// Shared bases by target matrix.
+    pub modules: BTreeMap<ModuleKey, PackedModule>,
+    /// The members, in the order they were packed or added.
+    pub members: Vec<PackedMember>,
+}
+
+/// A member unpacked: per target matrix, factors `(b, a)` (`rows × k`, `k × cols`).
+pub type Unpacked = BTreeMap<ModuleKey, (Mat<f32>, Mat<f32>)>;
+
+/// What packing did to one member.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberReport {
+    /// Member name.
+    pub name: String,
+    /// Values of the member as stored before packing (`r·(rows+cols)` per LoRA delta).
+    pub input_values: usize,
+    /// Bytes of its cores and residuals.
+    pub core_bytes: usize,
+    /// Target matrices that needed an orthogonal residual.
+    pub residuals: usize,
+    /// `‖ΔW − unpacked‖_F / ‖ΔW‖_F` over all its matrices, quantization included.
+    pub rel_error: f64,
+}
+
+/// The truncated SVD of a delta keeping `energy` (rank ≥ 1 unless the delta is zero).
+fn truncated(delta: &Delta, energy: f64) -> Result<Svd, SvdError> {
+    let svd = delta.svd()?;
+    let k = if svd.s.first().is_some_and(|&s| s > 0.0) {
+        rank_for_energy(&svd.s, energy).max(1)
+    } else {
+        0
+    };
+    Ok(Svd {
+        u: svd.u.subcols(0, k).to_owned(),
+        s: svd.s[..k].to_vec(),
+        v: svd.v.subcols(0, k).to_owned(),
+    })
+}
+
+/// `[x | y]`.
+fn hcat(x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> Mat<f32> {
+    Mat::from_fn(x.nrows(), x.ncols() + y.ncols(), |i, j| {
+        if j < x.ncols() {
+            x[(i, j)]
+        } else {
+            y[(i, j - x.ncols())]
+        }
+    })
+}
+
+/// `u·diag(s)`.
+fn scale_cols(u: MatRef<'_, f32>, s: &[f32]) -> Mat<f32> {
+    Mat::from_fn(u.nrows(), s.len(), |i, j| u[(i, j)] * s[j])
+}
+
+/// Projects a member's truncated delta onto dequantized bases `(u, v)`: its core, plus an
+/// orthogonal residual when the projection keeps less than `energy` of the truncated delta.
+fn project(
+    u: MatRef<'_, f32>,
+    v: MatRef<'_, f32>,
+    svd: &Svd,
+    params: &PackParams,
+) -> Result<PackedCore, SvdError> {
+    let p_fac = scale_cols(svd.u.as_ref(), &svd.s); // rows × k
+    let core = (u.transpose() * &p_fac) * (svd.v.transpose() * v); // p × q
+    let qcore = QMat::new(core.as_ref(), params.block, params.bits, params.drop_energy);
+    // Residual of the stored core: [P | −u·Ĉ] · [V_i | v]ᵀ, decomposed through its factors.
+    let stored = qcore.to_mat();
+    let b = hcat(p_fac.as_ref(), (-(u * &stored)).as_ref());
+    let a = hcat(svd.v.as_ref(), v).transpose().to_owned();
+    let residual = factored_svd(b.as_ref(), a.as_ref())?;
+    let total: f64 = svd.s.iter().map(|&s| (s as f64).powi(2)).sum();
+    let lost: f64 = residual.s.iter().map(|&s| (s as f64).powi(2)).sum();
+    let budget = (1.0 - params.energy) * total;
+    let extra = if lost > budget && total > 0.0 {
+        // Smallest rank whose remaining residual energy fits the budget.
+        let mut rest = lost;
+        let mut r = 0;
+        while r < residual.s.len() && rest > budget {
+            rest -= (residual.s[r] as f64).powi(2);
+            r += 1;
+        }
+        let eb = scale_cols(residual.u.subcols(0, r), &residual.s[..r]);
+        let ea = residual.v.subcols(0, r).transpose().to_owned();
+        let q = |m: MatRef<'_, f32>| QMat::new(m, params.block, params.bits, 0.0);
+        Some((q(eb.as_ref()), q(ea.as_ref())))
+    } else {
+        None
+    };
+    Ok(PackedCore {
+        rank: svd.s.len(),
+        core: qcore,
+        extra,
+    })
+}
+
+/// Checks that every member's delta at `key` has one shape; returns it.
+fn common_shape(members: &[&Member], key: ModuleKey) -> Result<(usize, usize), PackError> {
+    let mut shape = None;
+    for m in members {
+        let Some(d) = m.deltas.get(&key) else {
+            continue;
+        };
+        match shape {
+            None => shape = Some(d.shape()),
+            Some(s) if s != d.shape() => {
+                return Err(PackError::Invalid(format!(
+                    "{}: member '{}' is {:?} but others are {:?} (adapters for different bases?)",
+                    key.name(),
+                    m.name,
+                    d.shape(),
+                    s
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    shape.ok_or_else(|| PackError::Invalid(format!("{}: no member adapts it", key.name())))
+}
+
+/// Packs `members` over bases fitted on all of them (or, with `params.shared == false`, on each
+/// alone: see [`pack_separately`]). Names must be unique.
+pub fn pack(members: &[Member], params: PackParams) -> Result<PackedSet, PackError> {
+    params.validate()?;
+    let mut names = BTreeSet::new();
+    for m in members {
+        if !names.insert(m.name.as_str()) {
+            return Err(PackError::Invalid(format!(
+                "member '{}' appears twice",
+                m.name
+            )));
+        }
+    }
+    if members.is_empty() {
+        return Err(PackError::Invalid("nothing to pack".into()));
+    }
+    let keys: BTreeSet<ModuleKey> = members
+        .iter()
+        .flat_map(|m| m.deltas.keys().copied())
+        .collect();
+    let refs: Vec<&Member> = members.iter().collect();
+    for &key in &keys {
+        common_shape(&refs, key)?;
+    }
+    type ModuleOut = (ModuleKey, PackedModule, Vec<Option<PackedCore>>);
+    let per_module: Vec<ModuleOut> = keys
+        .par_iter()
+        .map(|&key| -> Result<ModuleOut, PackError> {
+            let svds: Vec<Option<Svd>> = members
+                .iter()
+                .map(|m| m.deltas.get(&key).map(|d| truncated(d, params.energy)))
+                .map(Option::transpose)
+                .collect::<Result<_, _>>()?;
+            let present: Vec<Svd> = svds.iter().flatten().cloned().collect();
+            let basis = fit_shared_basis(&present, params.energy, None)?;
+            let q = |m: MatRef<'_, f32>| QMat::new(m, params.block, params.basis_bits, 0.0);
+            let module = PackedModule {
+                u: q(basis.u.as_ref()),
+                v: q(basis.v.as_ref()),
+            };
+            let (u, v) = (module.u.to_mat(), module.v.to_mat());
+            let cores = svds
+                .iter()
+                .map(|s| {
+                    s.as_ref()
+                        .map(|s| project(u.as_ref(), v.as_ref(), s, &params))
+                        .transpose()
+                })
+                .collect::<Result<_, _>>()?;
+            Ok((key, module, cores))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut set = PackedSet {
+        params,
+        modules: BTreeMap::new(),
+        members: members
+            .iter()
+            .map(|m| PackedMember {
+                name: m.name.clone(),
+                cores: BTreeMap::new(),
+            })
+            .collect(),
+    };
+    for (key, module, cores) in per_module {
+        set.modules.insert(key, module);
+        for (member, core) in set.members.iter_mut().zip(cores) {
+            if let Some(core) = core {
+                member.cores.insert(key, core);
+            }
+        }
+    }
+    Ok(set)
+}
+
+/// The no-sharing baseline: every member packed alone (its own bases), same parameters.
+pub fn pack_separately(
+    members: &[Member],
+    params: PackParams,
+) -> Result<Vec<PackedSet>, PackError> {
+    members
+        .iter()
+        .map(|m| pack(std::slice::from_ref(m), params))
+        .collect()
+}
+
+impl PackedSet {
+    /// Bytes of the shared bases.
+    pub fn basis_bytes(&self) -> usize {
+        self.modules
+            .values()
+            .map(|m| m.u.bytes() + m.v.bytes())
+            .sum()
+    }
+
+    /// Bytes of everything: bases and every member.
+    pub fn bytes(&self) -> usize {
+        self.basis_bytes() + self.members.iter().map(PackedMember::bytes).sum::<usize>()
+    }
+
+    /// The member called `name`.
+    pub fn member(&self, name: &str) -> Result<&PackedMember, PackError> {
+        self.members.iter().find(|m| m.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.members.iter().map(|m| m.name.as_str()).collect();
+            PackError::Invalid(format!(
+                "no member '{name}' in the pack (it holds {})",
+                names.join(", ")
+            ))
+        })
+    }
+
+    /// Adds a member onto the existing bases (a core per matrix, plus an orthogonal residual where
+    /// the projection loses more than the energy budget). A matrix the pack has no basis for, a
+    /// shape mismatch or a taken name is an error, and the pack is then unchanged.
+    pub fn add(&mut self, member: &Member) -> Result<(), PackError> {
+        if self.members.iter().any(|m| m.name == member.name) {
+            return Err(PackError::Invalid(format!(
+                "the pack already has a member '{}'",
+                member.name
+            )));
+        }
+        let cores = member
+            .deltas
+            .par_iter()
+            .map(
+                |(&key, delta)| -> Result<(ModuleKey, PackedCore), PackError> {
+                    let module = self.modules.get(&key).ok_or_else(|| {
+                        PackError::Invalid(format!(
+                            "{}: the pack has no basis for this matrix (re-pack to include it)",
+                            key.name()
+                        ))
+                    })?;
+                    let shape = (module.u.rows, module.v.rows);
+                    if delta.shape() != shape {
+                        return Err(PackError::Invalid(format!(
+                            "{}: member '{}' is {:?} but the pack's basis is {:?}",
+                            key.name(),
+                            member.name,
+                            delta.shape(),
+                            shape
+                        )));
+                    }
+                    let svd = truncated(delta, self.params.energy)?;
+                    let (u, v) = (module.u.to_mat(), module.v.to_mat());
+                    Ok((key, project(u.as_ref(), v.as_ref(), &svd, &self.params)?))
+                },
+            )
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        self.members.push(PackedMember {
+            name: member.name.clone(),
+            cores,
+        });
+        Ok(())
+    }
+
+    /// Rebuilds a member as factors `(b, a)` per matrix (`rows × k`, `k × cols`): the core's SVD
+    /// truncated to the member's rank, mapped through the bases, plus its residual if any.
+    pub fn unpack(&self, name: &str) -> Result<Unpacked, PackError> {
+        let member = self.member(name)?;
+        member
+            .cores
+            .par_iter()
+            .map(|(&key, core)| {
+                let module = self.modules.get(&key).ok_or_else(|| {
+                    PackError::Invalid(format!("{}: no basis in the pack", key.name()))
+                })?;
+                Ok((key, self.unpack_core(module, core)?))
+            })
+            .collect()
+    }
+
+    fn unpack_core(
+        &self,
+        module: &PackedModule,
+        core: &PackedCore,
+    ) -> Result<(Mat<f32>, Mat<f32>), PackError> {
+        let (u, v) = (module.u.to_mat(), module.v.to_mat());
+        let c = core.core.to_mat();
+        let (mut b, mut a) = if c.nrows() == 0 || c.ncols() == 0 {
+            (Mat::zeros(u.nrows(), 0), Mat::zeros(0, v.nrows()))
+        } else {
+            let svd = thin_svd(c.as_ref())?;
+            let k = core.rank.min(svd.s.len());
+            let b = &u * scale_cols(svd.u.subcols(0, k), &svd.s[..k]);
+            let a = svd.v.subcols(0, k).transpose() * v.transpose();
+            (b, a)
+        };
+        if let Some((eb, ea)) = &core.extra {
+            b = hcat(b.as_ref(), eb.to_mat().as_ref());
+            a = hcat(a.transpose(), ea.to_mat().transpose())
+                .transpose()
+                .to_owned();
+        }
+        Ok((b, a))
+    }
+
+    /// A member unpacked as a LoRA adapter (scale 1, the rank of each matrix as unpacked).
+    pub fn unpack_lora(&self, name: &str) -> Result<LoraAdapter, PackError> {
+        let factors = self.unpack(name)?;
+        let n_layers = factors.keys().map(|k| k.layer + 1).max().unwrap_or(0);
+        let mut layers: Vec<[Option<LoraDelta>; 7]> = vec![Default::default(); n_layers];
+        let mut rank = 1;
+        for (key, (b, a)) in factors {
+            let (rows, k, cols) = (b.nrows(), b.ncols(), a.ncols());
+            if k == 0 {
+                continue;
+            }
+            rank = rank.max(k);
+            let row_major = |m: &Mat<f32>| {
+                let mut out = Vec::with_capacity(m.nrows() * m.ncols());
+                for i in 0..m.nrows() {
+                    out.extend((0..m.ncols()).map(|j| m[(i, j)]));
+                }
+                out
+            };
+            layers[key.layer][key.target] = Some(LoraDelta::new(
+                row_major(&a),
+                row_major(&b),
+                k,
+                cols,
+                rows,
+                1.0,
+            ));
+        }
+        Ok(LoraAdapter {
+            path: PathBuf::from(name),
+            rank,
+            alpha: rank as f32,
+            scale: 1.0,
+            base_model: None,
+            layers,
+        })
+    }
+
+    /// Measures each of `members` (as given to [`pack`] or [`PackedSet::add`]) against its
+    /// unpacked form.
+    pub fn report(&self, members: &[Member]) -> Result<Vec<MemberReport>, PackError> {
+        members
+            .iter()
+            .map(|m| {
+                let packed = self.member(&m.name)?;
+                let unpacked = self.unpack(&m.name)?;
+                let (mut err, mut total) = (0.0, 0.0);
+                for (key, delta) in &m.deltas {
+                    let dense = delta.dense();
+                    total += sq_norm(dense.as_ref());
+                    err += match unpacked.get(key) {
+                        Some((b, a)) => sq_norm((dense - b * a).as_ref()),
+                        None => sq_norm(dense.as_ref()),
+                    };
+                }
+                Ok(MemberReport {
+                    name: m.name.clone(),
+                    input_values: m.deltas.values().map(Delta::stored_values).sum(),
+                    core_bytes: packed.bytes(),
+                    residuals: packed.cores.values().filter(|c| c.extra.is_some()).count(),
+                    rel_error: if total > 0.0 {
+                        (err / total).sqrt()
+                    } else {
+                        0.0
+                    },
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// xorshift values in [-0.5, 0.5).
+    fn matrix(rows: usize, cols: usize, seed: u64) -> Mat<f32> {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        Mat::from_fn(rows, cols, |_, _| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+    }
+
+    /// `n` LoRA-like members on two layers × two targets whose column spaces share `common`
+    /// directions (plus `r − common` of their own).
+    fn members(
+        n: usize,
+        rows: usize,
+        cols: usize,
+        r: usize,
+        common: usize,
+        seed: u64,
+    ) -> Vec<Member> {
+        let shared_b = matrix(rows, common, seed);
+        (0..n)
+            .map(|i| {
+                let deltas = [(0, 0), (0, 2), (1, 0), (1, 2)]
+                    .into_iter()
+                    .map(|(layer, target)| {
+                        let s = seed ^ ((i * 16 + layer * 4 + target) as u64 + 1);
+                        let own = matrix(rows, r - common, s);
+                        let b = hcat(shared_b.as_ref(), own.as_ref());
+                        let a = matrix(r, cols, s ^ 0xabc);
+                        (ModuleKey { layer, target }, Delta::Factors { b, a })
+                    })
+                    .collect();
+                Member {
+                    name: format!("m{i}"),
+                    deltas,
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(12))]
+        /// Pack → unpack error is bounded by the energy the spectral steps may drop plus a little
+        /// quantization error, for packed and for added members.
+        #[test]
+        fn unpack_error_is_bounded_by_the_dropped_energy(n in 1usize..4, rows in 8usize..40, cols in 8usize..40,
+                                                         r in 2usize..6, seed in any::<u64>(), e in 0.8f64..1.0,
+                                                         int4 in any::<bool>()) {
+            let all = members(n + 1, rows, cols, r, 1, seed);
+            let (first, later) = all.split_at(n);
+            let params = PackParams {
+                energy: e,
+                bits: if int4 { QuantBits::Int4 } else { QuantBits::Int8 },
+                ..PackParams::default()
+            };
+            let mut set = pack(first, params).unwrap();
+            set.add(&later[0]).unwrap();
+            // int8 bases and cores: ~1e-2 relative; int4 cores: up to ~0.15.
+            let quant = if int4 { 0.2f64 } else { 0.03 };
+            for rep in set.report(&all).unwrap() {
+                let bound = (2.0 * (1.0 - e)).sqrt() + quant;
+                prop_assert!(rep.rel_error <= bound, "{}: {} > {}", rep.name, rep.rel_error, bound);
+            }
+        }
+    }
+
+    #[test]
+    fn sharing_shrinks_members_with_a_common_subspace() {
+        let ms = members(4, 48, 40, 6, 5, 7);
+        let params = PackParams {
+            energy: 0.999,
+            ..PackParams::default()
+        };
+        let shared = pack(&ms, params).unwrap();
+        let alone: usize = pack_separately(&ms, params)
+            .unwrap()
+            .iter()
+            .map(PackedSet::bytes)
+            .sum();
+        assert!(shared.bytes() < alone, "{} vs {alone}", shared.bytes());
+        for rep in shared.report(&ms).unwrap() {
+            assert!(rep.rel_error < 0.05, "{}: {}", rep.name, rep.rel_error);
+        }
+        // Unpacked as LoRA: the same deltas.
+        let lora = shared.unpack_lora("m0").unwrap();
+        assert_eq!(lora.n_deltas(), 4);
+    }
+
+    #[test]
+    fn bad_members_are_refused_and_leave_the_pack_unchanged() {
+        let ms = members(2, 16, 12, 3, 1, 3);
+        assert!(pack(&[ms[0].clone(), ms[0].clone()], PackParams::default())
+            .unwrap_err()
+            .to_string()
+            .contains("appears twice"));
+        let mut set = pack(&ms, PackParams::default()).unwrap();
+        let before = set.clone();
+        let err = set.add(&ms[0]).unwrap_err().to_string();
+        assert!(err.contains("already has a member 'm0'"), "{err}");
+        let mut stranger = members(1, 16, 12, 3, 1, 9).remove(0);
+        stranger.name = "new".into();
+        stranger.deltas.insert(
+            ModuleKey {
+                layer: 5,
+                target: 1,
+            },
+            Delta::Dense(matrix(16, 12, 1)),
+        );
+        let err = set.add(&stranger).unwrap_err().to_string();
+        assert!(
+            err.contains("layers.5.self_attn.k_proj") && err.contains("no basis"),
+            "{err}"
+        );
+        let mut wrong_shape = members(1, 20, 12, 3, 1, 9).remove(0);
+        wrong_shape.name = "other".into();
+        let err = set.add(&wrong_shape).unwrap_err().to_string();
+        assert!(
+            err.contains("is (20, 12) but the pack's basis is (16, 12)"),
+            "{err}"
+        );
+        assert_eq!(set, before);
+        let bad = PackParams {
+            energy: 1.5,
+            ..PackParams::default()
+        };
+        assert!(pack(&ms, bad)
+            .unwrap_err()
+            .to_string()
+            .contains("outside (0, 1]"));
+        assert!(set
+            .unpack("nope")
+            .unwrap_err()
+            .to_string()
+            .contains("no member 'nope'"));
+    }
+
+    #[test]
+    fn saved_packs_load_back_identically_and_corruption_is_named() {
+        let ms = members(3, 24, 20, 4, 2, 11);
+        let set = pack(
+            &ms,
+            PackParams {
+                bits: QuantBits::Int4,
+                drop_energy: 0.01,
+                energy: 0.9,
+                ..PackParams::default()
+            },
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("s2lc-pack-{}", std::process::id()));
+        crate::format::save(&set, &dir).unwrap();
+        let back = crate::format::load(&dir).unwrap();
+        assert_eq!(back, set);
+        // A truncated member file is reported with its path.
+        let file = dir.join("members/m1.safetensors");
+        let bytes = std::fs::read(&file).unwrap();
+        std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+        let err = crate::format::load(&dir).unwrap_err().to_string();
+        assert!(err.contains("m1.safetensors"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+        let mut bad = set.clone();
+        bad.members[0].name = "../evil".into();
+        assert!(crate::format::save(&bad, &dir).is_err());
+    }
+}
