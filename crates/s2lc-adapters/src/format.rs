@@ -3,13 +3,13 @@
 //! ```text
 //! pack.json                     format, parameters, target matrices, members and their files
 //! basis.safetensors             per matrix: the shared bases U and V
-//! members/NAME.safetensors      per matrix: the member's core (and orthogonal residual)
+//! members/NAME.safetensors      per matrix: the member's core factors (and orthogonal residual)
 //! ```
 //!
 //! A block-quantized matrix `X` is three tensors: `X.data` (U8, the kept blocks' int8 values or
 //! int4 pairs), `X.scales` (F16, one per kept block) and `X.kept` (U8, the bitmap as little-endian
 //! 64-bit words); its rows, columns, bits and block size are in the file's `__metadata__` under
-//! `s2lc` as JSON. Tensor prefixes are `L{layer}.{target}.u|v|core|extra_b|extra_a`. The bases
+//! `s2lc` as JSON. Tensor prefixes are `L{layer}.{target}.u|v|core_b|core_a|extra_b|extra_a`. The bases
 //! file is shared by every member, so a content-addressed store keeps it once.
 
 use std::collections::{BTreeMap, HashMap};
@@ -243,18 +243,17 @@ pub fn save(set: &PackedSet, dir: &Path) -> Result<(), PackError> {
     let mut members = Vec::new();
     for m in &set.members {
         let mut w = Writer::default();
-        let mut ranks = BTreeMap::new();
         for (key, core) in &m.cores {
-            w.put(&prefix(key, "core"), &core.core);
+            w.put(&prefix(key, "core_b"), &core.core_b);
+            w.put(&prefix(key, "core_a"), &core.core_a);
             if let Some((b, a)) = &core.extra {
                 w.put(&prefix(key, "extra_b"), b);
                 w.put(&prefix(key, "extra_a"), a);
             }
-            ranks.insert(prefix(key, "core"), core.rank);
         }
         let file = format!("members/{}.safetensors", m.name);
         w.write(&dir.join(&file))?;
-        members.push(json!({"name": m.name, "file": file, "ranks": ranks, "bytes": m.bytes()}));
+        members.push(json!({"name": m.name, "file": file, "bytes": m.bytes()}));
     }
     let manifest = json!({
         "format": FORMAT,
@@ -329,31 +328,41 @@ pub fn load(dir: &Path) -> Result<PackedSet, PackError> {
         let r = Reader::new(&dir.join(file), &bytes)?;
         let mut cores = BTreeMap::new();
         for key in &keys {
-            let core_prefix = prefix(key, "core");
+            let core_prefix = prefix(key, "core_b");
             if !r.has(&core_prefix) {
                 continue;
             }
             let module = &modules[key];
-            let core = r.get(&core_prefix)?;
-            if (core.rows, core.cols) != (module.u.cols, module.v.cols) {
+            let (core_b, core_a) = (r.get(&core_prefix)?, r.get(&prefix(key, "core_a"))?);
+            if core_b.rows != module.u.cols
+                || core_a.cols != module.v.cols
+                || core_b.cols != core_a.rows
+            {
                 return Err(r.fail(format!(
-                    "{core_prefix} is {}×{} but the bases give {}×{}",
-                    core.rows, core.cols, module.u.cols, module.v.cols
+                    "{core_prefix}: core factors {}×{} and {}×{} do not fit bases of {} and {} vectors",
+                    core_b.rows, core_b.cols, core_a.rows, core_a.cols, module.u.cols, module.v.cols
                 )));
             }
             let extra = if r.has(&prefix(key, "extra_b")) {
-                Some((
+                let (b, a) = (
                     r.get(&prefix(key, "extra_b"))?,
                     r.get(&prefix(key, "extra_a"))?,
-                ))
+                );
+                if b.rows != module.u.rows || a.cols != module.v.rows || b.cols != a.rows {
+                    return Err(r.fail(format!("{core_prefix}: residual factors do not fit")));
+                }
+                Some((b, a))
             } else {
                 None
             };
-            let rank = m["ranks"][&core_prefix]
-                .as_u64()
-                .ok_or_else(|| fail(format!("member {name}: no rank for {core_prefix}")))?
-                as usize;
-            cores.insert(*key, PackedCore { rank, core, extra });
+            cores.insert(
+                *key,
+                PackedCore {
+                    core_b,
+                    core_a,
+                    extra,
+                },
+            );
         }
         members.push(PackedMember {
             name: name.to_string(),

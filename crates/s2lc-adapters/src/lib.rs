@@ -11,10 +11,11 @@
 //! 3. cores and bases are block-quantized ([`s2lc_spectral::blockquant`]): int8 or int4 blocks with
 //!    an f16 scale, the weakest blocks dropped under a budget.
 //!
-//! Unpacking rebuilds a member as LoRA factors of its original truncated rank: the SVD of the
-//! dequantized core `Cᵢ = X·Σ·Yᵀ` gives `B = U·X·Σ`, `A = Yᵀ·Vᵀ`. Adding a member later projects it
-//! onto the existing bases and, when that loses more than the energy budget, stores a small
-//! orthogonal residual beside its core.
+//! The error of each member is measured and reported, not bounded: a shared basis that does not
+//! hold a member's directions shows up as that member's error. Unpacking rebuilds a member as LoRA
+//! factors of its original truncated rank: the SVD of the dequantized core `Cᵢ = X·Σ·Yᵀ` gives
+//! `B = U·X·Σ`, `A = Yᵀ·Vᵀ`. Adding a member later projects it onto the existing bases and, when
+//! that loses more than the energy budget, stores a small orthogonal residual beside its core.
 #![deny(missing_docs)]
 
 pub mod format;

@@ -1,10 +1,14 @@
-//! `s2lc adapters info | truncate`: inspect PEFT LoRA adapters and re-rank them by their spectra.
+//! `s2lc adapters info | truncate | pack | add | unpack`: inspect PEFT LoRA adapters, re-rank them
+//! by their spectra, and pack many of them over shared spectral bases (S2LC packing).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use s2lc_adapters::pack::{MemberReport, PackedSet};
+use s2lc_adapters::{format, pack, Member, PackParams};
 use s2lc_model::lora::{DeltaTruncation, LoraAdapter, TARGETS};
+use s2lc_spectral::QuantBits;
 
 /// What to do with an adapter.
 #[derive(Subcommand)]
@@ -17,6 +21,89 @@ pub enum AdaptersCommand {
     /// Re-rank every delta by its singular values and write a PEFT adapter (per-module ranks in
     /// `rank_pattern`).
     Truncate(TruncateArgs),
+    /// Pack PEFT adapters over shared spectral bases: energy-truncated, block-quantized cores.
+    Pack(PackArgs),
+    /// Add a PEFT adapter to an existing pack, projected onto its bases (which stay unchanged).
+    Add(AddArgs),
+    /// Rebuild one adapter of a pack as a PEFT adapter directory.
+    Unpack(UnpackArgs),
+}
+
+/// How adapters are packed.
+#[derive(Args, Clone)]
+pub struct PackOptions {
+    /// Share of energy kept by each spectral step (delta truncation, shared bases, projection).
+    #[arg(long, default_value_t = 0.95)]
+    pub energy: f64,
+    /// Bits of the cores: int8 or int4.
+    #[arg(long, default_value = "int8", value_parser = parse_bits)]
+    pub bits: QuantBits,
+    /// Bits of the shared bases: int8 or int4.
+    #[arg(long, default_value = "int8", value_parser = parse_bits)]
+    pub basis_bits: QuantBits,
+    /// Values per quantization block (even).
+    #[arg(long, default_value_t = 32)]
+    pub block: usize,
+    /// Share of each core's energy that dropped blocks may hold.
+    #[arg(long, default_value_t = 0.0)]
+    pub drop_energy: f64,
+}
+
+impl PackOptions {
+    /// The packing parameters (`shared` as given).
+    pub fn params(&self, shared: bool) -> Result<PackParams> {
+        let p = PackParams {
+            energy: self.energy,
+            bits: self.bits,
+            basis_bits: self.basis_bits,
+            block: self.block,
+            drop_energy: self.drop_energy,
+            shared,
+        };
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+fn parse_bits(s: &str) -> Result<QuantBits, String> {
+    QuantBits::parse(s).ok_or_else(|| format!("unknown bits '{s}' (int8, int4)"))
+}
+
+/// `s2lc adapters pack`.
+#[derive(Args)]
+pub struct PackArgs {
+    /// PEFT adapter directories (each member is named after its directory).
+    #[arg(required = true)]
+    dirs: Vec<PathBuf>,
+    /// Output directory of the pack (must not hold a pack yet).
+    #[arg(short, long)]
+    out: PathBuf,
+    #[command(flatten)]
+    options: PackOptions,
+}
+
+/// `s2lc adapters add`.
+#[derive(Args)]
+pub struct AddArgs {
+    /// A pack written by `s2lc adapters pack`.
+    pack: PathBuf,
+    /// The PEFT adapter directory to add.
+    dir: PathBuf,
+    /// Member name [default: the directory's name].
+    #[arg(long)]
+    name: Option<String>,
+}
+
+/// `s2lc adapters unpack`.
+#[derive(Args)]
+pub struct UnpackArgs {
+    /// A pack written by `s2lc adapters pack`.
+    pack: PathBuf,
+    /// The member to rebuild.
+    name: String,
+    /// Output directory (PEFT layout).
+    #[arg(short, long)]
+    out: PathBuf,
 }
 
 /// `s2lc adapters truncate`.
@@ -40,7 +127,121 @@ pub fn run(cmd: &AdaptersCommand) -> Result<()> {
     match cmd {
         AdaptersCommand::Info { dir } => info(dir),
         AdaptersCommand::Truncate(args) => truncate(args),
+        AdaptersCommand::Pack(args) => pack_cmd(args),
+        AdaptersCommand::Add(args) => add_cmd(args),
+        AdaptersCommand::Unpack(args) => unpack_cmd(args),
     }
+}
+
+/// The member name of an adapter directory: its last path component.
+pub fn dir_name(dir: &Path) -> String {
+    dir.file_name().map_or_else(
+        || dir.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+/// Reads PEFT adapters as pack members named after their directories.
+pub fn read_members(dirs: &[PathBuf]) -> Result<(Vec<LoraAdapter>, Vec<Member>)> {
+    let mut adapters = Vec::new();
+    let mut members = Vec::new();
+    for dir in dirs {
+        let adapter = load(dir)?;
+        members.push(Member::from_lora(&dir_name(dir), &adapter));
+        adapters.push(adapter);
+    }
+    Ok((adapters, members))
+}
+
+/// Prints what packing did: per member, f16 PEFT bytes vs its packed bytes (cores plus an even
+/// share of the bases), the ratio, and the relative error of the unpacked deltas.
+fn print_pack_report(set: &PackedSet, reports: &[MemberReport]) {
+    let share = set.basis_bytes() as f64 / set.members.len().max(1) as f64;
+    println!(
+        "shared bases: {:.3} MB over {} matrices ({} members)",
+        set.basis_bytes() as f64 / 1e6,
+        set.modules.len(),
+        set.members.len()
+    );
+    println!(
+        "{:<20} {:>11} {:>11} {:>11} {:>8} {:>10} {:>9}",
+        "member", "f16 PEFT MB", "core MB", "+bases MB", "ratio", "rel.error", "residuals"
+    );
+    for r in reports {
+        let f16 = 2.0 * r.input_values as f64;
+        let packed = r.core_bytes as f64 + share;
+        println!(
+            "{:<20} {:>11.3} {:>11.3} {:>11.3} {:>7.2}x {:>10.4} {:>9}",
+            r.name,
+            f16 / 1e6,
+            r.core_bytes as f64 / 1e6,
+            packed / 1e6,
+            f16 / packed,
+            r.rel_error,
+            r.residuals
+        );
+    }
+    let f16: f64 = reports.iter().map(|r| 2.0 * r.input_values as f64).sum();
+    println!(
+        "total: {:.3} MB f16 PEFT -> {:.3} MB packed ({:.2}x)",
+        f16 / 1e6,
+        set.bytes() as f64 / 1e6,
+        f16 / set.bytes() as f64
+    );
+}
+
+fn pack_cmd(args: &PackArgs) -> Result<()> {
+    if args.out.join("pack.json").exists() {
+        bail!(
+            "{} already holds a pack (add to it with `s2lc adapters add`, or choose another directory)",
+            args.out.display()
+        );
+    }
+    let params = args.options.params(true)?;
+    let (_, members) = read_members(&args.dirs)?;
+    let set = pack(&members, params).context("packing")?;
+    let reports = set.report(&members).context("measuring the pack")?;
+    format::save(&set, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    print_pack_report(&set, &reports);
+    println!("written: {}", args.out.display());
+    Ok(())
+}
+
+fn add_cmd(args: &AddArgs) -> Result<()> {
+    let mut set =
+        format::load(&args.pack).with_context(|| format!("reading {}", args.pack.display()))?;
+    let adapter = load(&args.dir)?;
+    let name = args.name.clone().unwrap_or_else(|| dir_name(&args.dir));
+    let member = Member::from_lora(&name, &adapter);
+    set.add(&member)
+        .with_context(|| format!("adding {} to {}", args.dir.display(), args.pack.display()))?;
+    let reports = set.report(std::slice::from_ref(&member))?;
+    format::save(&set, &args.pack).with_context(|| format!("writing {}", args.pack.display()))?;
+    print_pack_report(&set, &reports);
+    Ok(())
+}
+
+fn unpack_cmd(args: &UnpackArgs) -> Result<()> {
+    let set =
+        format::load(&args.pack).with_context(|| format!("reading {}", args.pack.display()))?;
+    let t = std::time::Instant::now();
+    let adapter = set
+        .unpack_lora(&args.name)
+        .with_context(|| format!("unpacking '{}'", args.name))?;
+    let took = t.elapsed();
+    adapter
+        .save(&args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    println!(
+        "{}: {} deltas, rank up to {}, {} parameters, unpacked in {:.2} ms; written: {}",
+        args.name,
+        adapter.n_deltas(),
+        adapter.rank,
+        adapter.n_params(),
+        took.as_secs_f64() * 1e3,
+        args.out.display()
+    );
+    Ok(())
 }
 
 fn load(dir: &Path) -> Result<LoraAdapter> {

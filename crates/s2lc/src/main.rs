@@ -15,6 +15,7 @@ mod compress;
 mod experts;
 mod heldout;
 mod kvbench;
+mod packbench;
 mod progress;
 
 use s2lc_model::eval::{perplexity, perplexity_streamed};
@@ -80,6 +81,9 @@ enum BenchCommand {
     /// The adapter set on the real text domains, one process: a domain × adapter matrix of
     /// held-out perplexity, and prefill/decode speed of the base vs each adapter unmerged.
     Adapters(adapterbench::AdaptersArgs),
+    /// S2LC packing of the adapter set and the expert set: bytes vs f16, error, own-domain
+    /// perplexity after unpacking, unpack time — per energy × bits, with and without sharing.
+    Pack(packbench::PackBenchArgs),
 }
 
 /// Which model to run.
@@ -223,6 +227,7 @@ fn try_main() -> Result<()> {
         Command::Bench(BenchCommand::CompressSweep(args)) => bench::compress_sweep(&args),
         Command::Bench(BenchCommand::Kv(args)) => kvbench::run(&args),
         Command::Bench(BenchCommand::Adapters(args)) => adapterbench::run(&args),
+        Command::Bench(BenchCommand::Pack(args)) => packbench::run(&args),
     }
 }
 

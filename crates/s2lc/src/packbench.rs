@@ -1,0 +1,372 @@
+//! `s2lc bench pack`: S2LC packing of the real adapter set and the expert set, in one process —
+//! bytes against f16 PEFT (or f16 dense residuals), error of the unpacked deltas, own-domain
+//! perplexity of each unpacked member against the original, and unpack time, for every energy ×
+//! bits, with and without the shared basis.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::{json, Value};
+
+use s2lc_adapters::pack::{pack_separately, PackedSet};
+use s2lc_adapters::{pack, Member, PackParams};
+use s2lc_model::experts::{ExpertSet, FfnWeights};
+use s2lc_model::llama::LlamaModel;
+use s2lc_model::lora::LoraAdapter;
+use s2lc_model::source::WeightStorage;
+use s2lc_spectral::QuantBits;
+
+use crate::adapters::read_members;
+use crate::heldout::{default_texts, domain_of_text, Domain, HeldoutArgs};
+use crate::{load_model, parse_weights, progress, s2lc_home, ModelArg};
+
+/// Options of `s2lc bench pack`.
+#[derive(Args)]
+pub struct PackBenchArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Weight storage of the base model.
+    #[arg(long, default_value = "native", value_parser = parse_weights)]
+    weights: WeightStorage,
+    /// PEFT adapters to pack (repeat the flag) [default: the rank-8 domain adapters
+    /// `$S2LC_HOME/adapters/DOMAIN-r8` that exist].
+    #[arg(long = "adapter")]
+    adapters: Vec<PathBuf>,
+    /// Expert set to pack the residuals of [default: $S2LC_HOME/experts/ffn-every3 if present].
+    #[arg(long)]
+    experts: Option<PathBuf>,
+    /// Energies to try (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "0.9,0.95,0.99")]
+    energies: Vec<f64>,
+    /// Core bits to try (comma-separated: int8, int4).
+    #[arg(long, value_delimiter = ',', default_value = "int8,int4")]
+    bits: Vec<String>,
+    #[command(flatten)]
+    heldout: HeldoutArgs,
+    /// Unpack timings per configuration (the median is reported).
+    #[arg(long, default_value_t = 9)]
+    unpack_runs: usize,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// A member set with what it is measured by.
+struct Suite {
+    label: &'static str,
+    members: Vec<Member>,
+    /// Own-domain index per member.
+    own: Vec<Option<usize>>,
+    /// Perplexity of each original member on its own domain.
+    reference: Vec<Option<f64>>,
+}
+
+/// One packing configuration's results.
+struct Outcome {
+    energy: f64,
+    bits: QuantBits,
+    shared: bool,
+    f16_bytes: usize,
+    packed_bytes: usize,
+    max_rel_error: f64,
+    ppl_delta: Vec<Option<f64>>,
+    unpack_ms: f64,
+}
+
+/// Perplexity on `domain` with a LoRA adapter attached.
+fn lora_ppl(
+    model: &mut LlamaModel,
+    adapter: &LoraAdapter,
+    domain: &Domain,
+    h: &HeldoutArgs,
+) -> Result<f64> {
+    model.attach_adapter(adapter)?;
+    let ppl = h.score(model, std::slice::from_ref(domain));
+    model.detach_adapters();
+    Ok(ppl?[0])
+}
+
+/// `base + Σ b·a` for the expert matrices unpacked from a pack.
+fn expert_ffn(base: &FfnWeights, set: &PackedSet, name: &str) -> Result<FfnWeights> {
+    let unpacked = set.unpack(name)?;
+    let mut out = base.clone();
+    for (layer, tensors) in &mut out.layers {
+        for (m, t) in tensors.iter_mut().enumerate() {
+            let key = s2lc_adapters::ModuleKey {
+                layer: *layer,
+                target: 4 + m,
+            };
+            let Some((b, a)) = unpacked.get(&key) else {
+                continue;
+            };
+            let delta = b * a;
+            let cols = t.shape[1];
+            for (idx, w) in t.data.iter_mut().enumerate() {
+                *w += delta[(idx / cols, idx % cols)];
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `s2lc bench pack`.
+pub fn run(args: &PackBenchArgs) -> Result<()> {
+    let bits: Vec<QuantBits> = args
+        .bits
+        .iter()
+        .map(|b| QuantBits::parse(b).with_context(|| format!("unknown bits '{b}' (int8, int4)")))
+        .collect::<Result<_>>()?;
+    for &e in &args.energies {
+        PackParams {
+            energy: e,
+            ..PackParams::default()
+        }
+        .validate()?;
+    }
+    let home = s2lc_home();
+    let dirs: Vec<PathBuf> = if args.adapters.is_empty() {
+        s2lc_model::assets::DOMAINS
+            .iter()
+            .map(|(d, _)| home.join(format!("adapters/{d}-r8")))
+            .filter(|p| p.join("adapter_config.json").is_file())
+            .collect()
+    } else {
+        args.adapters.clone()
+    };
+    let experts_dir = args.experts.clone().or_else(|| {
+        Some(crate::experts::default_set()).filter(|d| d.join("manifest.json").is_file())
+    });
+    if dirs.is_empty() && experts_dir.is_none() {
+        bail!("nothing to pack: no adapters (scripts/reference/train_adapter_set.sh) and no expert set");
+    }
+    let (_source, mut model, tokenizer) = load_model(&args.model.path(), args.weights)?;
+    let h = &args.heldout;
+    let domains = h.load(&tokenizer, &default_texts())?;
+
+    let mut suites = Vec::new();
+    if !dirs.is_empty() {
+        let (adapters, members) = read_members(&dirs)?;
+        let own: Vec<Option<usize>> = dirs
+            .iter()
+            .map(|d| {
+                let record: Value = std::fs::read_to_string(d.join("s2lc_training.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok())?;
+                domain_of_text(record["args"]["text"].as_str()?, &domains)
+            })
+            .collect();
+        let mut reference = Vec::new();
+        for (a, o) in adapters.iter().zip(&own) {
+            reference.push(match o {
+                Some(i) => Some(lora_ppl(&mut model, a, &domains[*i], h)?),
+                None => None,
+            });
+        }
+        let members = members
+            .iter()
+            .map(Member::with_svds)
+            .collect::<Result<_, _>>()?;
+        suites.push(Suite {
+            label: "LoRA adapters",
+            members,
+            own,
+            reference,
+        });
+    }
+    let mut expert_base = None;
+    if let Some(dir) = &experts_dir {
+        let set = ExpertSet::open(dir)
+            .with_context(|| format!("opening the expert set {}", dir.display()))?;
+        let base = set.base()?;
+        let bar = progress::bar(set.experts.len() as u64, "decomposing expert residuals");
+        let (mut members, mut own, mut reference) = (Vec::new(), Vec::new(), Vec::new());
+        for info in &set.experts {
+            let expert = set.expert(&info.name)?;
+            let o = info
+                .text
+                .as_deref()
+                .and_then(|t| domain_of_text(t, &domains));
+            reference.push(match o {
+                Some(i) => {
+                    expert.swap_into(&mut model)?;
+                    Some(h.score(&model, std::slice::from_ref(&domains[i]))?[0])
+                }
+                None => None,
+            });
+            own.push(o);
+            members.push(Member::from_residual(&info.name, &expert.minus(&base)?).with_svds()?);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        base.swap_into(&mut model)?;
+        suites.push(Suite {
+            label: "expert residuals",
+            members,
+            own,
+            reference,
+        });
+        expert_base = Some(base);
+    }
+
+    let mut report = Vec::new();
+    for suite in &suites {
+        let names: Vec<&str> = suite.members.iter().map(|m| m.name.as_str()).collect();
+        println!(
+            "\n{}: {} (own-domain perplexity of the originals: {})",
+            suite.label,
+            names.join(", "),
+            suite
+                .reference
+                .iter()
+                .map(|r| r.map_or("-".into(), |v| format!("{v:.3}")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "{:>6} {:>5} {:>7} {:>10} {:>10} {:>8} {:>9} {:>14} {:>14} {:>10}",
+            "energy",
+            "bits",
+            "shared",
+            "f16 MB",
+            "packed MB",
+            "ratio",
+            "max err",
+            "max Δppl",
+            "mean Δppl",
+            "unpack ms"
+        );
+        let mut rows = Vec::new();
+        for &energy in &args.energies {
+            for &b in &bits {
+                for shared in [true, false] {
+                    let params = PackParams {
+                        energy,
+                        bits: b,
+                        shared,
+                        ..PackParams::default()
+                    };
+                    let o = measure_config(
+                        suite,
+                        params,
+                        &mut model,
+                        &domains,
+                        h,
+                        expert_base.as_ref(),
+                        args.unpack_runs,
+                    )?;
+                    let deltas: Vec<f64> = o.ppl_delta.iter().flatten().copied().collect();
+                    let max = deltas.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let mean = deltas.iter().sum::<f64>() / deltas.len().max(1) as f64;
+                    println!(
+                        "{:>6} {:>5} {:>7} {:>10.3} {:>10.3} {:>7.2}x {:>9.4} {:>13.2}% {:>13.2}% {:>10.2}",
+                        o.energy,
+                        o.bits.name(),
+                        if o.shared { "yes" } else { "no" },
+                        o.f16_bytes as f64 / 1e6,
+                        o.packed_bytes as f64 / 1e6,
+                        o.f16_bytes as f64 / o.packed_bytes as f64,
+                        o.max_rel_error,
+                        max * 100.0,
+                        mean * 100.0,
+                        o.unpack_ms
+                    );
+                    rows.push(json!({
+                        "energy": o.energy, "bits": o.bits.name(), "shared": o.shared,
+                        "f16_bytes": o.f16_bytes, "packed_bytes": o.packed_bytes,
+                        "max_rel_error": o.max_rel_error,
+                        "ppl_delta": o.ppl_delta, "unpack_ms_p50": o.unpack_ms,
+                    }));
+                }
+            }
+        }
+        report.push(json!({
+            "suite": suite.label,
+            "members": names,
+            "own_domain": suite.own.iter().map(|o| o.map(|i| &domains[i].name)).collect::<Vec<_>>(),
+            "reference_ppl": suite.reference,
+            "configs": rows,
+        }));
+    }
+    if let Some(path) = &args.json {
+        let out = json!({
+            "model": args.model.path(),
+            "weights": args.weights.name(),
+            "heldout": h.heldout, "seq": h.seq, "max_windows": h.max_windows,
+            "suites": report,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Packs a suite with `params` (jointly or each member alone), unpacks every member, and scores
+/// it on its own domain against the original.
+#[allow(clippy::too_many_arguments)]
+fn measure_config(
+    suite: &Suite,
+    params: PackParams,
+    model: &mut LlamaModel,
+    domains: &[Domain],
+    h: &HeldoutArgs,
+    expert_base: Option<&FfnWeights>,
+    unpack_runs: usize,
+) -> Result<Outcome> {
+    let sets: Vec<PackedSet> = if params.shared {
+        vec![pack(&suite.members, params)?]
+    } else {
+        pack_separately(&suite.members, params)?
+    };
+    let set_of = |name: &str| {
+        sets.iter()
+            .find(|s| s.members.iter().any(|m| m.name == name))
+            .expect("every member is packed")
+    };
+    let mut max_rel_error: f64 = 0.0;
+    let mut ppl_delta = Vec::new();
+    for ((m, own), reference) in suite.members.iter().zip(&suite.own).zip(&suite.reference) {
+        let set = set_of(&m.name);
+        let rep = set.report(std::slice::from_ref(m))?;
+        max_rel_error = max_rel_error.max(rep[0].rel_error);
+        let (Some(i), Some(reference)) = (own, reference) else {
+            ppl_delta.push(None);
+            continue;
+        };
+        let ppl = match expert_base {
+            None => lora_ppl(model, &set.unpack_lora(&m.name)?, &domains[*i], h)?,
+            Some(base) => {
+                expert_ffn(base, set, &m.name)?.swap_into(model)?;
+                let p = h.score(model, std::slice::from_ref(&domains[*i]))?[0];
+                base.swap_into(model)?;
+                p
+            }
+        };
+        ppl_delta.push(Some(ppl / reference - 1.0));
+    }
+    // Median time to unpack the first member (bases dequantized inside, as on a cold start).
+    let first = &suite.members[0].name;
+    let set = set_of(first);
+    let mut times: Vec<f64> = (0..unpack_runs.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            set.unpack(first).map(|_| t.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_, _>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(Outcome {
+        energy: params.energy,
+        bits: params.bits,
+        shared: params.shared,
+        f16_bytes: 2 * suite
+            .members
+            .iter()
+            .map(|m| m.deltas.values().map(|d| d.stored_values()).sum::<usize>())
+            .sum::<usize>(),
+        packed_bytes: sets.iter().map(PackedSet::bytes).sum(),
+        max_rel_error,
+        ppl_delta,
+        unpack_ms: times[times.len() / 2],
+    })
+}
