@@ -14,7 +14,7 @@ use s2lc_model::source::WeightStorage;
 
 use crate::bench::prefill_and_decode;
 use crate::experts::{default_set, measure};
-use crate::heldout::{default_texts, domain_of_text, print_table, Domain, HeldoutArgs, Row};
+use crate::heldout::{adapter_domain, default_texts, print_table, HeldoutArgs, Row};
 use crate::{load_model, parse_weights, progress, s2lc_home, ModelArg};
 
 /// Options of `s2lc bench adapters`.
@@ -72,14 +72,6 @@ fn find_adapters(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(dirs)
 }
 
-/// Index of the domain whose text file the adapter was trained on (its `s2lc_training.json`).
-fn own_domain(dir: &Path, domains: &[Domain]) -> Option<usize> {
-    let record: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("s2lc_training.json")).ok()?)
-            .ok()?;
-    domain_of_text(record["args"]["text"].as_str()?, domains)
-}
-
 /// Runs `s2lc bench adapters`.
 pub fn run(args: &AdaptersArgs) -> Result<()> {
     let (_source, mut model, tokenizer) = load_model(&args.model.path(), args.weights)?;
@@ -98,7 +90,7 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
     for dir in dirs {
         let adapter = LoraAdapter::load(&dir)
             .with_context(|| format!("reading the adapter {}", dir.display()))?;
-        let own = own_domain(&dir, &domains);
+        let own = adapter_domain(&dir, &domains);
         entries.push(Entry { dir, adapter, own });
     }
 

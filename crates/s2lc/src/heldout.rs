@@ -222,3 +222,16 @@ pub fn domain_of_text(text: &str, domains: &[Domain]) -> Option<usize> {
                 || parent(&d.path) == parent(text))
     })
 }
+
+/// The domain a trained adapter directory belongs to: the text named by its
+/// `s2lc_training.json` (`args.text`, written by `train_adapters.py`) or, for a committed fixture,
+/// its `reference.json` (`text`).
+pub fn adapter_domain(dir: &Path, domains: &[Domain]) -> Option<usize> {
+    let read = |file: &str| -> Option<Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(file)).ok()?).ok()
+    };
+    let text = read("s2lc_training.json")
+        .and_then(|r| r["args"]["text"].as_str().map(str::to_string))
+        .or_else(|| read("reference.json").and_then(|r| r["text"].as_str().map(str::to_string)))?;
+    domain_of_text(&text, domains)
+}

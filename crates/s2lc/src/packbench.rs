@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use s2lc_adapters::pack::{pack_separately, PackedSet};
 use s2lc_adapters::{pack, Member, PackParams};
@@ -19,7 +19,7 @@ use s2lc_model::source::WeightStorage;
 use s2lc_spectral::QuantBits;
 
 use crate::adapters::read_members;
-use crate::heldout::{default_texts, domain_of_text, Domain, HeldoutArgs};
+use crate::heldout::{adapter_domain, default_texts, domain_of_text, Domain, HeldoutArgs};
 use crate::{load_model, parse_weights, progress, s2lc_home, ModelArg};
 
 /// Options of `s2lc bench pack`.
@@ -37,6 +37,9 @@ pub struct PackBenchArgs {
     /// Expert set to pack the residuals of [default: $S2LC_HOME/experts/ffn-every3 if present].
     #[arg(long)]
     experts: Option<PathBuf>,
+    /// Skip the expert set.
+    #[arg(long, conflicts_with = "experts")]
+    no_experts: bool,
     /// Energies to try (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "0.9,0.95,0.99")]
     energies: Vec<f64>,
@@ -61,6 +64,8 @@ struct Suite {
     own: Vec<Option<usize>>,
     /// Perplexity of each original member on its own domain.
     reference: Vec<Option<f64>>,
+    /// For expert residuals: the base FFN they are added to (`None`: LoRA adapters).
+    expert_base: Option<FfnWeights>,
 }
 
 /// One packing configuration's results.
@@ -148,15 +153,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
     let mut suites = Vec::new();
     if !dirs.is_empty() {
         let (adapters, members) = read_members(&dirs)?;
-        let own: Vec<Option<usize>> = dirs
-            .iter()
-            .map(|d| {
-                let record: Value = std::fs::read_to_string(d.join("s2lc_training.json"))
-                    .ok()
-                    .and_then(|t| serde_json::from_str(&t).ok())?;
-                domain_of_text(record["args"]["text"].as_str()?, &domains)
-            })
-            .collect();
+        let own: Vec<Option<usize>> = dirs.iter().map(|d| adapter_domain(d, &domains)).collect();
         let mut reference = Vec::new();
         for (a, o) in adapters.iter().zip(&own) {
             reference.push(match o {
@@ -173,9 +170,9 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             members,
             own,
             reference,
+            expert_base: None,
         });
     }
-    let mut expert_base = None;
     if let Some(dir) = &experts_dir {
         let set = ExpertSet::open(dir)
             .with_context(|| format!("opening the expert set {}", dir.display()))?;
@@ -206,8 +203,8 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             members,
             own,
             reference,
+            expert_base: Some(base),
         });
-        expert_base = Some(base);
     }
 
     let mut report = Vec::new();
@@ -247,15 +244,8 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
                         shared,
                         ..PackParams::default()
                     };
-                    let o = measure_config(
-                        suite,
-                        params,
-                        &mut model,
-                        &domains,
-                        h,
-                        expert_base.as_ref(),
-                        args.unpack_runs,
-                    )?;
+                    let o =
+                        measure_config(suite, params, &mut model, &domains, h, args.unpack_runs)?;
                     let deltas: Vec<f64> = o.ppl_delta.iter().flatten().copied().collect();
                     let max = deltas.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     let mean = deltas.iter().sum::<f64>() / deltas.len().max(1) as f64;
@@ -304,14 +294,12 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
 
 /// Packs a suite with `params` (jointly or each member alone), unpacks every member, and scores
 /// it on its own domain against the original.
-#[allow(clippy::too_many_arguments)]
 fn measure_config(
     suite: &Suite,
     params: PackParams,
     model: &mut LlamaModel,
     domains: &[Domain],
     h: &HeldoutArgs,
-    expert_base: Option<&FfnWeights>,
     unpack_runs: usize,
 ) -> Result<Outcome> {
     let sets: Vec<PackedSet> = if params.shared {
@@ -334,7 +322,7 @@ fn measure_config(
             ppl_delta.push(None);
             continue;
         };
-        let ppl = match expert_base {
+        let ppl = match &suite.expert_base {
             None => lora_ppl(model, &set.unpack_lora(&m.name)?, &domains[*i], h)?,
             Some(base) => {
                 expert_ffn(base, set, &m.name)?.swap_into(model)?;

@@ -626,3 +626,154 @@ fn experts_eval_swaps_each_expert_in() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn adapters_pack_add_unpack_round_trip() {
+    let fixtures = alice_r4().parent().unwrap().to_path_buf();
+    let (r4, e90) = (fixtures.join("alice-r4"), fixtures.join("alice-r4-e90"));
+    let dir = scratch("pack");
+    let pack = dir.join("pack");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let o = s2lc(&[
+        "adapters",
+        "pack",
+        &s(&r4),
+        &s(&e90),
+        "-o",
+        &s(&pack),
+        "--energy",
+        "0.99",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("alice-r4 ") && out.contains("alice-r4-e90"),
+        "{out}"
+    );
+    assert!(pack.join("pack.json").is_file() && pack.join("basis.safetensors").is_file());
+    let o = s2lc(&[
+        "adapters",
+        "add",
+        &s(&pack),
+        &s(&r4),
+        "--name",
+        "alice-again",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let un = dir.join("unpacked");
+    let o = s2lc(&[
+        "adapters",
+        "unpack",
+        &s(&pack),
+        "alice-again",
+        "-o",
+        &s(&un),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The unpacked adapter is a PEFT directory S2LC reads back, with the original's 60 deltas.
+    let o = s2lc(&["adapters", "info", &s(&un)]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("60 deltas"));
+
+    assert_clean_error(
+        &s2lc(&["adapters", "pack", &s(&r4), "-o", &s(&pack)]),
+        "already holds a pack",
+    );
+    assert_clean_error(
+        &s2lc(&["adapters", "unpack", &s(&pack), "nobody", "-o", &s(&un)]),
+        "no member 'nobody'",
+    );
+    assert_clean_error(
+        &s2lc(&[
+            "adapters",
+            "add",
+            &s(&pack),
+            &s(&r4),
+            "--name",
+            "alice-again",
+        ]),
+        "already has a member 'alice-again'",
+    );
+    assert_clean_error(
+        &s2lc(&[
+            "adapters",
+            "pack",
+            &s(&r4),
+            "-o",
+            &s(&dir.join("p2")),
+            "--energy",
+            "0",
+        ]),
+        "outside (0, 1]",
+    );
+    assert_clean_error(
+        &s2lc(&[
+            "adapters",
+            "unpack",
+            &s(&dir.join("missing")),
+            "x",
+            "-o",
+            &s(&un),
+        ]),
+        "pack.json",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bench_pack_measures_a_real_adapter() {
+    let Some(model) = smollm2() else { return };
+    let home = common::s2lc_home();
+    if s2lc_model::assets::DOMAINS
+        .iter()
+        .any(|(_, rel)| !home.join(rel).exists())
+    {
+        eprintln!("skipped: domain texts absent (run scripts/fetch-assets)");
+        return;
+    }
+    let dir = scratch("bench-pack");
+    let json = dir.join("pack.json");
+    let o = s2lc(&[
+        "bench",
+        "pack",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        alice_r4().to_str().unwrap(),
+        "--no-experts",
+        "--energies",
+        "0.99",
+        "--bits",
+        "int8",
+        "--max-windows",
+        "1",
+        "--unpack-runs",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let configs = report["suites"][0]["configs"].as_array().unwrap();
+    assert_eq!(configs.len(), 2, "shared and separate");
+    for c in configs {
+        let (f16, packed) = (
+            c["f16_bytes"].as_f64().unwrap(),
+            c["packed_bytes"].as_f64().unwrap(),
+        );
+        assert!(packed > 0.0 && packed < f16, "{packed} vs {f16}");
+        assert!(c["max_rel_error"].as_f64().unwrap() < 0.2);
+        // The fixture's own domain (alice29.txt, from its reference.json) is scored.
+        let delta = c["ppl_delta"][0].as_f64().unwrap();
+        assert!(
+            delta.abs() < 0.05,
+            "perplexity change after packing: {delta}"
+        );
+    }
+    assert_eq!(report["suites"][0]["own_domain"][0], "carroll");
+    assert_clean_error(
+        &s2lc(&["bench", "pack", "--bits", "int3", "--no-experts"]),
+        "unknown bits 'int3'",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
