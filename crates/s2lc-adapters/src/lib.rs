@@ -21,4 +21,6 @@
 pub mod format;
 pub mod pack;
 
-pub use pack::{pack, Delta, Member, MemberReport, ModuleKey, PackError, PackParams, PackedSet};
+pub use pack::{
+    pack, DecodedBases, Delta, Member, MemberReport, ModuleKey, PackError, PackParams, PackedSet,
+};

@@ -477,6 +477,70 @@ fn project(
     })
 }
 
+/// Dequantized shared bases `(U, V)` by target matrix.
+#[derive(Debug, Clone)]
+pub struct DecodedBases(BTreeMap<ModuleKey, (Mat<f32>, Mat<f32>)>);
+
+impl DecodedBases {
+    /// Bytes held (f32).
+    pub fn bytes(&self) -> usize {
+        self.0
+            .values()
+            .map(|(u, v)| 4 * (u.nrows() * u.ncols() + v.nrows() * v.ncols()))
+            .sum()
+    }
+}
+
+/// `(U·core_b, core_a·Vᵀ)`, with the residual factors appended.
+fn unpack_core(u: MatRef<'_, f32>, v: MatRef<'_, f32>, core: &PackedCore) -> (Mat<f32>, Mat<f32>) {
+    let mut b = u * core.core_b.to_mat();
+    let mut a = core.core_a.to_mat() * v.transpose();
+    if let Some((eb, ea)) = &core.extra {
+        b = hcat(b.as_ref(), eb.to_mat().as_ref());
+        a = hcat(a.transpose(), ea.to_mat().transpose())
+            .transpose()
+            .to_owned();
+    }
+    (b, a)
+}
+
+/// Unpacked factors as a LoRA adapter named `name` (scale 1).
+fn to_lora(name: &str, factors: Unpacked) -> LoraAdapter {
+    let n_layers = factors.keys().map(|k| k.layer + 1).max().unwrap_or(0);
+    let mut layers: Vec<[Option<LoraDelta>; 7]> = vec![Default::default(); n_layers];
+    let mut rank = 1;
+    let row_major = |m: &Mat<f32>| {
+        let mut out = Vec::with_capacity(m.nrows() * m.ncols());
+        for i in 0..m.nrows() {
+            out.extend((0..m.ncols()).map(|j| m[(i, j)]));
+        }
+        out
+    };
+    for (key, (b, a)) in factors {
+        let (rows, k, cols) = (b.nrows(), b.ncols(), a.ncols());
+        if k == 0 {
+            continue;
+        }
+        rank = rank.max(k);
+        layers[key.layer][key.target] = Some(LoraDelta::new(
+            row_major(&a),
+            row_major(&b),
+            k,
+            cols,
+            rows,
+            1.0,
+        ));
+    }
+    LoraAdapter {
+        path: PathBuf::from(name),
+        rank,
+        alpha: rank as f32,
+        scale: 1.0,
+        base_model: None,
+        layers,
+    }
+}
+
 /// Checks that every member's delta at `key` has one shape; returns it.
 fn common_shape(members: &[&Member], key: ModuleKey) -> Result<(usize, usize), PackError> {
     let mut shape = None;
@@ -659,74 +723,65 @@ impl PackedSet {
     }
 
     /// Rebuilds a member as factors `(b, a)` per matrix (`rows × k`, `k × cols`): the core's
-    /// factors mapped through the bases (`b = U·X·Σ`, `a = Yᵀ·Vᵀ`), plus its residual if any.
+    /// factors mapped through the bases (`b = U·X·Σ`, `a = Yᵀ·Vᵀ`), plus its residual if any. The
+    /// bases it needs are dequantized on the way (a cold start; see [`PackedSet::unpack_with`]).
     pub fn unpack(&self, name: &str) -> Result<Unpacked, PackError> {
+        self.unpack_from(name, None)
+    }
+
+    /// [`PackedSet::unpack`] with the bases already dequantized (as a server keeps them resident,
+    /// shared by every member).
+    pub fn unpack_with(&self, bases: &DecodedBases, name: &str) -> Result<Unpacked, PackError> {
+        self.unpack_from(name, Some(bases))
+    }
+
+    /// Every basis, dequantized.
+    pub fn decode_bases(&self) -> DecodedBases {
+        DecodedBases(
+            self.modules
+                .par_iter()
+                .map(|(&key, m)| (key, (m.u.to_mat(), m.v.to_mat())))
+                .collect(),
+        )
+    }
+
+    fn unpack_from(&self, name: &str, bases: Option<&DecodedBases>) -> Result<Unpacked, PackError> {
         let member = self.member(name)?;
         member
             .cores
             .par_iter()
             .map(|(&key, core)| {
-                let module = self.modules.get(&key).ok_or_else(|| {
-                    PackError::Invalid(format!("{}: no basis in the pack", key.name()))
-                })?;
-                Ok((key, self.unpack_core(module, core)?))
+                let missing =
+                    || PackError::Invalid(format!("{}: no basis in the pack", key.name()));
+                let decoded;
+                let (u, v) = match bases {
+                    Some(b) => {
+                        let (u, v) = b.0.get(&key).ok_or_else(missing)?;
+                        (u.as_ref(), v.as_ref())
+                    }
+                    None => {
+                        let m = self.modules.get(&key).ok_or_else(missing)?;
+                        decoded = (m.u.to_mat(), m.v.to_mat());
+                        (decoded.0.as_ref(), decoded.1.as_ref())
+                    }
+                };
+                Ok((key, unpack_core(u, v, core)))
             })
             .collect()
     }
 
-    fn unpack_core(
-        &self,
-        module: &PackedModule,
-        core: &PackedCore,
-    ) -> Result<(Mat<f32>, Mat<f32>), PackError> {
-        let (u, v) = (module.u.to_mat(), module.v.to_mat());
-        let mut b = u * core.core_b.to_mat();
-        let mut a = core.core_a.to_mat() * v.transpose();
-        if let Some((eb, ea)) = &core.extra {
-            b = hcat(b.as_ref(), eb.to_mat().as_ref());
-            a = hcat(a.transpose(), ea.to_mat().transpose())
-                .transpose()
-                .to_owned();
-        }
-        Ok((b, a))
-    }
-
     /// A member unpacked as a LoRA adapter (scale 1, the rank of each matrix as unpacked).
     pub fn unpack_lora(&self, name: &str) -> Result<LoraAdapter, PackError> {
-        let factors = self.unpack(name)?;
-        let n_layers = factors.keys().map(|k| k.layer + 1).max().unwrap_or(0);
-        let mut layers: Vec<[Option<LoraDelta>; 7]> = vec![Default::default(); n_layers];
-        let mut rank = 1;
-        for (key, (b, a)) in factors {
-            let (rows, k, cols) = (b.nrows(), b.ncols(), a.ncols());
-            if k == 0 {
-                continue;
-            }
-            rank = rank.max(k);
-            let row_major = |m: &Mat<f32>| {
-                let mut out = Vec::with_capacity(m.nrows() * m.ncols());
-                for i in 0..m.nrows() {
-                    out.extend((0..m.ncols()).map(|j| m[(i, j)]));
-                }
-                out
-            };
-            layers[key.layer][key.target] = Some(LoraDelta::new(
-                row_major(&a),
-                row_major(&b),
-                k,
-                cols,
-                rows,
-                1.0,
-            ));
-        }
-        Ok(LoraAdapter {
-            path: PathBuf::from(name),
-            rank,
-            alpha: rank as f32,
-            scale: 1.0,
-            base_model: None,
-            layers,
-        })
+        Ok(to_lora(name, self.unpack(name)?))
+    }
+
+    /// [`PackedSet::unpack_lora`] with resident bases.
+    pub fn unpack_lora_with(
+        &self,
+        bases: &DecodedBases,
+        name: &str,
+    ) -> Result<LoraAdapter, PackError> {
+        Ok(to_lora(name, self.unpack_with(bases, name)?))
     }
 
     /// Measures each of `members` (as given to [`pack`] or [`PackedSet::add`]) against its
