@@ -270,6 +270,18 @@ pub fn save(set: &PackedSet, dir: &Path) -> Result<(), PackError> {
     write_atomic(&dir.join("pack.json"), text.as_bytes())
 }
 
+/// Writes a pack holding only the member `name` (same bases, byte for byte: a content-addressed
+/// store keeps them once however many members are pushed).
+pub fn save_member(set: &PackedSet, name: &str, dir: &Path) -> Result<(), PackError> {
+    let member = set.member(name)?.clone();
+    let single = PackedSet {
+        params: set.params,
+        modules: set.modules.clone(),
+        members: vec![member],
+    };
+    save(&single, dir)
+}
+
 /// Reads a pack written by [`save`]; every matrix is checked for consistency.
 pub fn load(dir: &Path) -> Result<PackedSet, PackError> {
     let manifest_path = dir.join("pack.json");

@@ -17,6 +17,7 @@ mod heldout;
 mod kvbench;
 mod packbench;
 mod progress;
+mod store;
 
 use s2lc_model::eval::{perplexity, perplexity_streamed};
 use s2lc_model::generate::{generate, Sampler, SamplingParams};
@@ -60,6 +61,8 @@ enum Command {
     /// Domain FFN expert sets (MoE residuals built from the dense model).
     #[command(subcommand)]
     Experts(experts::ExpertsCommand),
+    /// The Adapter Store: content-addressed blobs, semantic versions, local or S3.
+    Store(store::StoreArgs),
     /// Write the last-position logits of a prompt (raw little-endian f32, vocabulary order) and
     /// print the top tokens: for cross-checks against other runtimes.
     Logits(LogitsArgs),
@@ -222,6 +225,7 @@ fn try_main() -> Result<()> {
         Command::Analyze(args) => analyze::run(&args),
         Command::Adapters(cmd) => adapters::run(&cmd),
         Command::Experts(cmd) => experts::run(&cmd),
+        Command::Store(args) => store::run(&args),
         Command::Logits(args) => cmd_logits(&args),
         Command::Bench(BenchCommand::Decode(args)) => bench::decode(&args),
         Command::Bench(BenchCommand::CompressSweep(args)) => bench::compress_sweep(&args),

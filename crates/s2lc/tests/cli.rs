@@ -777,3 +777,127 @@ fn bench_pack_measures_a_real_adapter() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn store_push_pull_ls_verify_gc() {
+    let fixtures = alice_r4().parent().unwrap().to_path_buf();
+    let dir = scratch("store");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let store = s(&dir.join("store"));
+    // A small stand-in base model: the digest is what matters here.
+    let base = dir.join("base.gguf");
+    std::fs::write(&base, b"base model bytes").unwrap();
+    let other = dir.join("other.gguf");
+    std::fs::write(&other, b"another base").unwrap();
+    let run = |args: &[&str]| {
+        let mut all = vec!["store", "--store", store.as_str()];
+        all.extend_from_slice(args);
+        s2lc(&all)
+    };
+    let o = run(&[
+        "push",
+        &s(&fixtures.join("alice-r4")),
+        "alice@1.0.0",
+        "--model",
+        &s(&base),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Two members of one pack: their shared bases are stored once.
+    let pack = dir.join("pack");
+    let o = s2lc(&[
+        "adapters",
+        "pack",
+        &s(&fixtures.join("alice-r4")),
+        &s(&fixtures.join("alice-r4-e90")),
+        "-o",
+        &s(&pack),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (member, target) in [
+        ("alice-r4", "alice-packed@1.0.0"),
+        ("alice-r4-e90", "alice-e90@1.0.0"),
+    ] {
+        let o = run(&[
+            "push",
+            &s(&pack),
+            target,
+            "--member",
+            member,
+            "--model",
+            &s(&base),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let o = run(&["ls"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("3 versions") && out.contains("dedup saves"),
+        "{out}"
+    );
+    let saving: f64 = out
+        .split("dedup saves ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap();
+    assert!(saving > 10.0, "the shared bases are stored once: {out}");
+
+    let pulled = dir.join("pulled");
+    let o = run(&[
+        "pull",
+        "alice-packed@^1",
+        "-o",
+        &s(&pulled),
+        "--model",
+        &s(&base),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = s2lc(&[
+        "adapters",
+        "unpack",
+        &s(&pulled),
+        "alice-r4",
+        "-o",
+        &s(&dir.join("un")),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_clean_error(
+        &run(&[
+            "pull",
+            "alice@1.0.0",
+            "-o",
+            &s(&dir.join("x")),
+            "--model",
+            &s(&other),
+        ]),
+        "was made for base model",
+    );
+    assert_clean_error(
+        &run(&[
+            "push",
+            &s(&fixtures.join("alice-r4")),
+            "alice@1.0.0",
+            "--model",
+            &s(&base),
+        ]),
+        "alice@1.0.0 already exists",
+    );
+    assert_clean_error(
+        &run(&["push", &s(&pack), "alice@1.x", "--model", &s(&base)]),
+        "bad version '1.x'",
+    );
+    assert_clean_error(
+        &run(&["pull", "alice@^2", "-o", &s(&dir.join("x")), "--any-base"]),
+        "no version of 'alice' satisfies ^2",
+    );
+    let o = run(&["tag", "alice@1.0.0", "prod"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["verify"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["rm", "alice@1.0.0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["gc", "--grace-secs", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("removed"));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,759 @@
+//! The S2LC Adapter Store: content-addressed blobs, manifests and semantic-version refs over
+//! [`object_store`] — a local directory by default, any S3-compatible store with the `s3` feature.
+//!
+//! Layout under the store's root:
+//!
+//! ```text
+//! blobs/<blake3>              file contents, named by the BLAKE3 of their bytes (stored once)
+//! manifests/<blake3>          JSON manifest of one pushed version (itself content-addressed)
+//! refs/<name>/<version>       the manifest digest of name@version (written last, never replaced)
+//! tags/<name>/<tag>           a version of name
+//! ```
+//!
+//! Every read re-hashes what it got; every object is written whole (object_store puts are
+//! atomic) and a push writes its blobs, then its manifest, then — with a conditional put that
+//! fails if it exists — its ref, so a version is visible only once complete and two pushes of one
+//! version cannot both win. `gc` removes only unreachable objects older than a grace period, so it
+//! never deletes the blobs of a push still in flight. The store knows nothing of tensors: a pushed
+//! version is a directory of files plus caller metadata (base model digest, packing parameters).
+#![deny(missing_docs)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::TryStreamExt;
+use object_store::path::Path as Key;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use semver::{Version, VersionReq};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend failed (I/O, network, permissions).
+    #[error("store backend: {0}")]
+    Backend(#[from] object_store::Error),
+    /// A local file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// An object's bytes do not hash to its name.
+    #[error("corrupt object {key}: BLAKE3 is {actual}")]
+    Corrupt {
+        /// The object.
+        key: String,
+        /// Hash of what was read.
+        actual: String,
+    },
+    /// A name, version, tag or requirement is malformed.
+    #[error("{0}")]
+    BadName(String),
+    /// `name@version` is already in the store.
+    #[error("{name}@{version} already exists (versions are immutable; push a new version)")]
+    VersionExists {
+        /// Adapter name.
+        name: String,
+        /// The version.
+        version: Version,
+    },
+    /// Nothing matches.
+    #[error("{0}")]
+    NotFound(String),
+    /// A manifest is malformed, or the pull does not fit the local base model.
+    #[error("{0}")]
+    Invalid(String),
+    /// The caller aborted a push (see [`Store::push`]'s `progress`).
+    #[error("push aborted: {0}")]
+    Aborted(String),
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// BLAKE3 of `bytes`, hex.
+pub fn digest(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+/// One file of a pushed version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Path inside the version's directory (`/`-separated, relative).
+    pub path: String,
+    /// BLAKE3 of its bytes: the blob holding it.
+    pub digest: String,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// What one pushed version holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Adapter name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// Digest of the base model it was made for, if recorded.
+    pub base_digest: Option<String>,
+    /// The files.
+    pub files: Vec<FileEntry>,
+    /// Caller metadata (packing parameters, provenance).
+    pub meta: Value,
+}
+
+impl Manifest {
+    /// Bytes of all its files.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// A version in the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listing {
+    /// Adapter name.
+    pub name: String,
+    /// Version.
+    pub version: Version,
+    /// Manifest digest.
+    pub manifest: String,
+    /// Bytes of its files.
+    pub bytes: u64,
+    /// Tags pointing at it.
+    pub tags: Vec<String>,
+}
+
+/// What [`Store::verify`] found.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct VerifyReport {
+    /// Objects re-hashed.
+    pub checked: usize,
+    /// Problems, one line each (corrupt blobs, manifests or refs pointing at missing objects).
+    pub problems: Vec<String>,
+}
+
+/// What [`Store::gc`] did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct GcReport {
+    /// Objects removed.
+    pub removed: usize,
+    /// Bytes freed.
+    pub freed: u64,
+    /// Unreachable objects kept because they are younger than the grace period.
+    pub young: usize,
+}
+
+/// A reference to an adapter in a pull: `name@REQ` where REQ is an exact version (`1.2.0`), a
+/// requirement (`^1.2`, `>=1, <2`, `*`) or a tag (`prod`); a bare `name` means `name@*`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Selector {
+    /// Exactly this version.
+    Exact(Version),
+    /// The highest version matching.
+    Req(VersionReq),
+    /// The version a tag points at.
+    Tag(String),
+}
+
+/// Checks an adapter name: lowercase letters, digits, `.`, `_`, `-`, starting with a letter or
+/// digit (it becomes part of object keys).
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+        && name.len() <= 128;
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::BadName(format!(
+            "bad adapter name '{name}' (lowercase letters, digits, '.', '_', '-'; at most 128)"
+        )))
+    }
+}
+
+fn check_tag(tag: &str) -> Result<()> {
+    let ok = tag.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+        && tag
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::BadName(format!(
+            "bad tag '{tag}' (a lowercase letter, then letters, digits, '_', '-')"
+        )))
+    }
+}
+
+/// Splits `name@version` (exact semantic version) for a push.
+pub fn parse_versioned(s: &str) -> Result<(String, Version)> {
+    let (name, version) = s.split_once('@').ok_or_else(|| {
+        StoreError::BadName(format!("'{s}' needs a version: NAME@MAJOR.MINOR.PATCH"))
+    })?;
+    check_name(name)?;
+    let version = Version::parse(version).map_err(|e| {
+        StoreError::BadName(format!(
+            "bad version '{version}' in '{s}': {e} (expected e.g. 1.2.0)"
+        ))
+    })?;
+    Ok((name.to_string(), version))
+}
+
+/// Splits `name[@selector]` for a pull.
+pub fn parse_selector(s: &str) -> Result<(String, Selector)> {
+    let (name, sel) = s.split_once('@').unwrap_or((s, "*"));
+    check_name(name)?;
+    let sel = if let Ok(v) = Version::parse(sel) {
+        Selector::Exact(v)
+    } else if let Ok(r) = VersionReq::parse(sel) {
+        Selector::Req(r)
+    } else if check_tag(sel).is_ok() {
+        Selector::Tag(sel.to_string())
+    } else {
+        return Err(StoreError::BadName(format!(
+            "bad version requirement '{sel}' in '{s}' (e.g. 1.2.0, ^1.2, >=1.0, <2, or a tag)"
+        )));
+    };
+    Ok((name.to_string(), sel))
+}
+
+/// The adapter store.
+pub struct Store {
+    backend: Arc<dyn ObjectStore>,
+    /// Prefix of every key (the part of an `s3://bucket/prefix` URL after the bucket).
+    root: Key,
+    rt: tokio::runtime::Runtime,
+    location: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.location)
+    }
+}
+
+impl Store {
+    /// Opens a store: `s3://bucket[/prefix]` (with the `s3` feature; credentials, region and
+    /// `AWS_ENDPOINT_URL` from the usual AWS variables) or a local directory (created if needed).
+    pub fn open(location: &str) -> Result<Store> {
+        let (backend, root): (Arc<dyn ObjectStore>, Key) =
+            if let Some(rest) = location.strip_prefix("s3://") {
+                open_s3(rest)?
+            } else if location.contains("://") {
+                return Err(StoreError::BadName(format!(
+                    "unsupported store '{location}' (a directory or s3://bucket/prefix)"
+                )));
+            } else {
+                let dir = Path::new(location);
+                std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)?;
+                (Arc::new(fs), Key::default())
+            };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| StoreError::Io {
+                path: PathBuf::from(location),
+                source,
+            })?;
+        Ok(Store {
+            backend,
+            root,
+            rt,
+            location: location.to_string(),
+        })
+    }
+
+    /// Where the store is.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn key(&self, rel: &str) -> Key {
+        let mut parts: Vec<String> = self.root.parts().map(|p| p.as_ref().to_string()).collect();
+        parts.extend(rel.split('/').map(str::to_string));
+        Key::from_iter(parts)
+    }
+
+    /// `rel` of a listed key (its path below the root).
+    fn rel(&self, key: &Key) -> String {
+        let root: Vec<_> = self.root.parts().collect();
+        key.parts()
+            .skip(root.len())
+            .map(|p| p.as_ref().to_string())
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    fn get_raw(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        let key = self.key(rel);
+        self.rt.block_on(async {
+            match self.backend.get(&key).await {
+                Ok(r) => Ok(Some(r.bytes().await?.to_vec())),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    /// Writes `bytes` at `rel`; with `create`, fails with `Ok(false)` if it exists.
+    fn put_raw(&self, rel: &str, bytes: Vec<u8>, create: bool) -> Result<bool> {
+        let key = self.key(rel);
+        let opts = PutOptions {
+            mode: if create {
+                PutMode::Create
+            } else {
+                PutMode::Overwrite
+            },
+            ..Default::default()
+        };
+        self.rt.block_on(async {
+            match self
+                .backend
+                .put_opts(&key, PutPayload::from(bytes), opts)
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    /// Every object under `rel/` with (path below the root, size, age in seconds).
+    fn list_raw(&self, rel: &str) -> Result<Vec<(String, u64, u64)>> {
+        let prefix = self.key(rel);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let metas: Vec<_> = self
+            .rt
+            .block_on(self.backend.list(Some(&prefix)).try_collect::<Vec<_>>())?;
+        Ok(metas
+            .into_iter()
+            .map(|m| {
+                let age = (now - m.last_modified.timestamp()).max(0) as u64;
+                (self.rel(&m.location), m.size, age)
+            })
+            .collect())
+    }
+
+    fn delete_raw(&self, rel: &str) -> Result<()> {
+        let key = self.key(rel);
+        self.rt.block_on(async {
+            match self.backend.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    /// Stores `bytes` as a blob (once: an existing blob is kept); returns its digest.
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<String> {
+        let d = digest(bytes);
+        self.put_raw(&format!("blobs/{d}"), bytes.to_vec(), true)?;
+        Ok(d)
+    }
+
+    /// Reads the object `dir/digest` and checks its hash.
+    fn get_verified(&self, dir: &str, d: &str) -> Result<Vec<u8>> {
+        let rel = format!("{dir}/{d}");
+        let bytes = self
+            .get_raw(&rel)?
+            .ok_or_else(|| StoreError::NotFound(format!("{rel} is missing from the store")))?;
+        let actual = digest(&bytes);
+        if actual != d {
+            return Err(StoreError::Corrupt { key: rel, actual });
+        }
+        Ok(bytes)
+    }
+
+    /// Reads a blob, checking its hash.
+    pub fn get_blob(&self, d: &str) -> Result<Vec<u8>> {
+        self.get_verified("blobs", d)
+    }
+
+    /// Pushes the files of `dir` (recursively) as `name@version` with `meta`: blobs first, then
+    /// the manifest, then the ref (refused if the version exists). `progress(k)` is called after
+    /// the k-th blob; an error it returns aborts the push, leaving the store valid (the orphaned
+    /// blobs are reachable by a later push of the same files, or collected by `gc`).
+    pub fn push(
+        &self,
+        name: &str,
+        version: &Version,
+        dir: &Path,
+        base_digest: Option<String>,
+        meta: Value,
+        progress: &mut dyn FnMut(usize) -> Result<(), String>,
+    ) -> Result<Manifest> {
+        check_name(name)?;
+        if self.get_raw(&ref_key(name, version))?.is_some() {
+            return Err(StoreError::VersionExists {
+                name: name.to_string(),
+                version: version.clone(),
+            });
+        }
+        let mut files = Vec::new();
+        for (path, rel) in walk(dir)? {
+            let bytes = std::fs::read(&path).map_err(|source| StoreError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let d = self.put_blob(&bytes)?;
+            files.push(FileEntry {
+                path: rel,
+                digest: d,
+                size: bytes.len() as u64,
+            });
+            progress(files.len()).map_err(StoreError::Aborted)?;
+        }
+        if files.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "{} holds no files to push",
+                dir.display()
+            )));
+        }
+        let manifest = Manifest {
+            name: name.to_string(),
+            version: version.to_string(),
+            base_digest,
+            files,
+            meta,
+        };
+        let text =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let md = digest(&text);
+        self.put_raw(&format!("manifests/{md}"), text, true)?;
+        if !self.put_raw(&ref_key(name, version), md.into_bytes(), true)? {
+            return Err(StoreError::VersionExists {
+                name: name.to_string(),
+                version: version.clone(),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Versions of `name`, ascending.
+    pub fn versions(&self, name: &str) -> Result<Vec<Version>> {
+        check_name(name)?;
+        let mut v: Vec<Version> = self
+            .list_raw(&format!("refs/{name}"))?
+            .into_iter()
+            .filter_map(|(rel, _, _)| Version::parse(rel.rsplit('/').next()?).ok())
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// The version `sel` picks for `name`.
+    pub fn resolve(&self, name: &str, sel: &Selector) -> Result<Version> {
+        let versions = self.versions(name)?;
+        if versions.is_empty() {
+            return Err(StoreError::NotFound(format!(
+                "no adapter '{name}' in the store"
+            )));
+        }
+        let found =
+            match sel {
+                Selector::Exact(v) => versions.iter().find(|x| *x == v).cloned(),
+                Selector::Req(r) => versions.iter().rev().find(|x| r.matches(x)).cloned(),
+                Selector::Tag(t) => {
+                    let bytes = self
+                        .get_raw(&format!("tags/{name}/{t}"))?
+                        .ok_or_else(|| StoreError::NotFound(format!("{name} has no tag '{t}'")))?;
+                    let text = String::from_utf8_lossy(&bytes);
+                    Some(Version::parse(text.trim()).map_err(|e| {
+                        StoreError::Invalid(format!("tag {name}@{t} is corrupt: {e}"))
+                    })?)
+                }
+            };
+        found.ok_or_else(|| {
+            let all: Vec<String> = versions.iter().map(Version::to_string).collect();
+            StoreError::NotFound(format!(
+                "no version of '{name}' satisfies {} (have {})",
+                match sel {
+                    Selector::Exact(v) => v.to_string(),
+                    Selector::Req(r) => r.to_string(),
+                    Selector::Tag(t) => t.clone(),
+                },
+                all.join(", ")
+            ))
+        })
+    }
+
+    /// The manifest of `name@version` (ref and manifest hashes checked).
+    pub fn manifest(&self, name: &str, version: &Version) -> Result<(String, Manifest)> {
+        let md = self
+            .get_raw(&ref_key(name, version))?
+            .ok_or_else(|| StoreError::NotFound(format!("{name}@{version} is not in the store")))?;
+        let md = String::from_utf8_lossy(&md).trim().to_string();
+        let text = self.get_verified("manifests", &md)?;
+        let m: Manifest = serde_json::from_slice(&text)
+            .map_err(|e| StoreError::Invalid(format!("manifest {md}: {e}")))?;
+        Ok((md, m))
+    }
+
+    /// Writes `name@sel` into `dir` (every blob's hash checked before anything is written);
+    /// refused if `base_digest` is given and differs from the one recorded at push.
+    pub fn pull(
+        &self,
+        name: &str,
+        sel: &Selector,
+        dir: &Path,
+        base_digest: Option<&str>,
+    ) -> Result<Manifest> {
+        let version = self.resolve(name, sel)?;
+        let (_, m) = self.manifest(name, &version)?;
+        if let (Some(want), Some(have)) = (base_digest, m.base_digest.as_deref()) {
+            if want != have {
+                return Err(StoreError::Invalid(format!(
+                    "{name}@{version} was made for base model {have}, not this one ({want})"
+                )));
+            }
+        }
+        let mut contents = Vec::new();
+        for f in &m.files {
+            if f.path
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..")
+            {
+                return Err(StoreError::Invalid(format!(
+                    "manifest of {name}@{version} names an unsafe path '{}'",
+                    f.path
+                )));
+            }
+            contents.push((f, self.get_blob(&f.digest)?));
+        }
+        for (f, bytes) in contents {
+            let path = dir.join(&f.path);
+            let io = |source| StoreError::Io {
+                path: path.clone(),
+                source,
+            };
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            let tmp = path.with_extension("part");
+            std::fs::write(&tmp, bytes).map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+        }
+        Ok(m)
+    }
+
+    /// Points `name@tag` at an existing version (moving the tag if it exists).
+    pub fn tag(&self, name: &str, version: &Version, tag: &str) -> Result<()> {
+        check_tag(tag)?;
+        self.manifest(name, version)?;
+        self.put_raw(
+            &format!("tags/{name}/{tag}"),
+            version.to_string().into_bytes(),
+            false,
+        )?;
+        Ok(())
+    }
+
+    /// Removes `name@version` (its ref and the tags on it); blobs stay until `gc`.
+    pub fn remove(&self, name: &str, version: &Version) -> Result<()> {
+        self.manifest(name, version)?;
+        for (rel, _, _) in self.list_raw(&format!("tags/{name}"))? {
+            if self
+                .get_raw(&rel)?
+                .is_some_and(|b| String::from_utf8_lossy(&b).trim() == version.to_string())
+            {
+                self.delete_raw(&rel)?;
+            }
+        }
+        self.delete_raw(&ref_key(name, version))
+    }
+
+    /// Every version in the store, with its tags.
+    pub fn list(&self) -> Result<Vec<Listing>> {
+        let mut tags: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        for (rel, _, _) in self.list_raw("tags")? {
+            let parts: Vec<&str> = rel.split('/').collect();
+            if let [_, name, tag] = parts[..] {
+                if let Some(v) = self.get_raw(&rel)? {
+                    let v = String::from_utf8_lossy(&v).trim().to_string();
+                    tags.entry((name.to_string(), v))
+                        .or_default()
+                        .push(tag.to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (rel, _, _) in self.list_raw("refs")? {
+            let parts: Vec<&str> = rel.split('/').collect();
+            let [_, name, version] = parts[..] else {
+                continue;
+            };
+            let Ok(version) = Version::parse(version) else {
+                continue;
+            };
+            let (md, m) = self.manifest(name, &version)?;
+            out.push(Listing {
+                name: name.to_string(),
+                tags: tags
+                    .remove(&(name.to_string(), version.to_string()))
+                    .unwrap_or_default(),
+                version,
+                manifest: md,
+                bytes: m.bytes(),
+            });
+        }
+        out.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+        Ok(out)
+    }
+
+    /// `(bytes all versions reference, bytes of distinct blobs)`: the dedup saving.
+    pub fn usage(&self) -> Result<(u64, u64)> {
+        let logical = self.list()?.iter().map(|l| l.bytes).sum();
+        let physical = self.list_raw("blobs")?.iter().map(|(_, s, _)| s).sum();
+        Ok((logical, physical))
+    }
+
+    /// Digests of the manifests and blobs every ref reaches.
+    fn reachable(&self, problems: &mut Vec<String>) -> Result<BTreeSet<String>> {
+        let mut keep = BTreeSet::new();
+        for (rel, _, _) in self.list_raw("refs")? {
+            let Some(md) = self.get_raw(&rel)? else {
+                continue;
+            };
+            let md = String::from_utf8_lossy(&md).trim().to_string();
+            keep.insert(format!("manifests/{md}"));
+            match self.get_verified("manifests", &md) {
+                Ok(text) => match serde_json::from_slice::<Manifest>(&text) {
+                    Ok(m) => keep.extend(m.files.iter().map(|f| format!("blobs/{}", f.digest))),
+                    Err(e) => problems.push(format!("{rel}: manifest {md} is malformed: {e}")),
+                },
+                Err(e) => problems.push(format!("{rel}: {e}")),
+            }
+        }
+        Ok(keep)
+    }
+
+    /// Re-hashes every blob and manifest, and checks that every ref reaches existing objects.
+    pub fn verify(&self) -> Result<VerifyReport> {
+        let mut report = VerifyReport::default();
+        let reachable = self.reachable(&mut report.problems)?;
+        let mut present = BTreeSet::new();
+        for dir in ["blobs", "manifests"] {
+            for (rel, _, _) in self.list_raw(dir)? {
+                let name = rel.rsplit('/').next().unwrap_or_default().to_string();
+                report.checked += 1;
+                match self.get_verified(dir, &name) {
+                    Ok(_) => {}
+                    Err(e) => report.problems.push(e.to_string()),
+                }
+                present.insert(rel);
+            }
+        }
+        for missing in reachable.difference(&present) {
+            report
+                .problems
+                .push(format!("{missing} is referenced but missing"));
+        }
+        Ok(report)
+    }
+
+    /// Removes blobs and manifests no ref reaches that are older than `grace` (younger ones may
+    /// belong to a push in flight, whose ref is written last).
+    pub fn gc(&self, grace: Duration) -> Result<GcReport> {
+        let mut problems = Vec::new();
+        let keep = self.reachable(&mut problems)?;
+        if !problems.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "gc refused: the store has problems (run verify): {}",
+                problems.join("; ")
+            )));
+        }
+        let mut report = GcReport::default();
+        for dir in ["blobs", "manifests"] {
+            for (rel, size, age) in self.list_raw(dir)? {
+                if keep.contains(&rel) {
+                    continue;
+                }
+                if age < grace.as_secs() {
+                    report.young += 1;
+                    continue;
+                }
+                self.delete_raw(&rel)?;
+                report.removed += 1;
+                report.freed += size;
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn ref_key(name: &str, version: &Version) -> String {
+    format!("refs/{name}/{version}")
+}
+
+/// Files under `dir`, recursively, in byte order of their relative paths (`/`-separated).
+fn walk(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|source| StoreError::Io {
+            path: d.clone(),
+            source,
+        })?;
+        for e in entries {
+            let e = e.map_err(|source| StoreError::Io {
+                path: d.clone(),
+                source,
+            })?;
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path
+                    .strip_prefix(dir)
+                    .map_err(|_| StoreError::Invalid(format!("{} escapes", path.display())))?
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                out.push((path, rel));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    Ok(out)
+}
+
+#[cfg(feature = "s3")]
+fn open_s3(rest: &str) -> Result<(Arc<dyn ObjectStore>, Key)> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(StoreError::BadName("s3:// needs a bucket".into()));
+    }
+    let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+    if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
+        b = b
+            .with_allow_http(endpoint.starts_with("http://"))
+            .with_endpoint(endpoint);
+    }
+    let s3 = b.build()?;
+    Ok((Arc::new(s3), Key::from(prefix)))
+}
+
+#[cfg(not(feature = "s3"))]
+fn open_s3(_: &str) -> Result<(Arc<dyn ObjectStore>, Key)> {
+    Err(StoreError::BadName(
+        "this build has no S3 support (build s2lc with --features s3)".into(),
+    ))
+}
