@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use s2lc_model::experts::FfnWeights;
 use s2lc_model::lora::{module_name, LoraAdapter, LoraDelta, TARGETS};
 use s2lc_spectral::{
-    factored_svd, fit_shared_basis, rank_for_energy, thin_svd, BlockQuant, QuantBits, Svd, SvdError,
+    factored_svd, fit_shared_basis, rank_for_energy, sq_frobenius as sq_norm, thin_svd, BlockQuant,
+    QuantBits, Svd, SvdError,
 };
 
 /// Why packing, unpacking or reading a pack failed.
@@ -199,17 +200,6 @@ impl Member {
             .map(|d| sq_norm(d.dense().as_ref()))
             .sum()
     }
-}
-
-/// `‖M‖²_F`.
-fn sq_norm(m: MatRef<'_, f32>) -> f64 {
-    let mut e = 0.0;
-    for j in 0..m.ncols() {
-        for i in 0..m.nrows() {
-            e += (m[(i, j)] as f64).powi(2);
-        }
-    }
-    e
 }
 
 /// How members are packed.

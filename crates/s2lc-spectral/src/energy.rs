@@ -21,6 +21,17 @@ pub fn cumulative_energy(singular_values: &[f32]) -> Vec<f64> {
         .collect()
 }
 
+/// `‖M‖²_F` in f64: the energy every truncation and projection is measured against.
+pub fn sq_frobenius(m: faer::MatRef<'_, f32>) -> f64 {
+    let mut e = 0.0f64;
+    for j in 0..m.ncols() {
+        for i in 0..m.nrows() {
+            e += (m[(i, j)] as f64).powi(2);
+        }
+    }
+    e
+}
+
 /// Smallest rank whose cumulative energy reaches `threshold` (in `[0, 1]`); values must be sorted
 /// non-increasing. Rank 0 only for a zero threshold or an all-zero spectrum.
 pub fn rank_for_energy(singular_values: &[f32], threshold: f64) -> usize {

@@ -18,7 +18,7 @@ pub use analysis::{
     SpectralReport, ThresholdTotal, DEFAULT_THRESHOLDS,
 };
 pub use blockquant::{BlockQuant, QuantBits};
-pub use energy::{break_even_rank, cumulative_energy, rank_for_energy};
+pub use energy::{break_even_rank, cumulative_energy, rank_for_energy, sq_frobenius};
 pub use lowrank::{allocate_ranks, relative_error, BudgetError, LowRankFactors, Spectrum};
 pub use rsvd::{rsvd, rsvd_batch, GaussianRng, RsvdParams};
 pub use shared::{fit_shared_basis, SharedBasis};

@@ -313,13 +313,7 @@ mod tests {
     use crate::test_max_abs as max_abs;
 
     fn frob(m: MatRef<'_, f32>) -> f64 {
-        let mut e = 0.0f64;
-        for j in 0..m.ncols() {
-            for i in 0..m.nrows() {
-                e += (m[(i, j)] as f64).powi(2);
-            }
-        }
-        e.sqrt()
+        crate::energy::sq_frobenius(m).sqrt()
     }
 
     /// `A = U₀·diag(s)·V₀ᵀ` with orthonormal `U₀`, `V₀` from thin SVDs of random matrices and

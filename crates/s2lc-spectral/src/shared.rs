@@ -101,15 +101,7 @@ mod tests {
     use crate::test_max_abs as max_abs;
     use proptest::prelude::*;
 
-    fn sq_norm(m: MatRef<'_, f32>) -> f64 {
-        let mut e = 0.0;
-        for j in 0..m.ncols() {
-            for i in 0..m.nrows() {
-                e += (m[(i, j)] as f64).powi(2);
-            }
-        }
-        e
-    }
+    use crate::energy::sq_frobenius as sq_norm;
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(16))]

@@ -444,6 +444,16 @@ fn bad_adapters_are_one_clear_error() {
     );
 }
 
+/// Runs `s2lc args… --json DIR/report.json`, checks it succeeded, and returns the report.
+fn s2lc_json(args: &[&str], dir: &std::path::Path) -> serde_json::Value {
+    let json = dir.join("report.json");
+    let mut all = args.to_vec();
+    all.extend(["--json", json.to_str().unwrap()]);
+    let o = s2lc(&all);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+}
+
 /// The committed real adapter (trained with PEFT on alice29.txt, rank 4 on q/v).
 fn alice_r4() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -516,26 +526,23 @@ fn bench_adapters_scores_every_domain() {
         return;
     }
     let dir = scratch("bench-adapters");
-    let json = dir.join("report.json");
     let adapter = alice_r4();
-    let o = s2lc(&[
-        "bench",
-        "adapters",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--max-windows",
-        "1",
-        "--decode-tokens",
-        "0",
-        "--no-experts",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = s2lc_json(
+        &[
+            "bench",
+            "adapters",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--max-windows",
+            "1",
+            "--decode-tokens",
+            "0",
+            "--no-experts",
+        ],
+        &dir,
+    );
     let domains = report["domains"].as_array().unwrap();
     assert_eq!(domains.len(), s2lc_model::assets::DOMAINS.len());
     assert!(domains.iter().all(|d| d["tokens_scored"] == 255));
@@ -591,23 +598,20 @@ fn experts_eval_swaps_each_expert_in() {
         "experts": {"scaled": {"file": "scaled.safetensors", "text": "alice29.txt"}},
     });
     std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
-    let json = dir.join("report.json");
-    let o = s2lc(&[
-        "experts",
-        "eval",
-        dir.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--text",
-        text.to_str().unwrap(),
-        "--max-windows",
-        "1",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = s2lc_json(
+        &[
+            "experts",
+            "eval",
+            dir.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--max-windows",
+            "1",
+        ],
+        &dir,
+    );
     let expert = &report["experts"][0];
     assert_eq!(expert["own_domain"], "alice29");
     let rel = expert["residual_rel_frobenius"].as_f64().unwrap();
@@ -731,29 +735,26 @@ fn bench_pack_measures_a_real_adapter() {
         return;
     }
     let dir = scratch("bench-pack");
-    let json = dir.join("pack.json");
-    let o = s2lc(&[
-        "bench",
-        "pack",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        alice_r4().to_str().unwrap(),
-        "--no-experts",
-        "--energies",
-        "0.99",
-        "--bits",
-        "int8",
-        "--max-windows",
-        "1",
-        "--unpack-runs",
-        "1",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = s2lc_json(
+        &[
+            "bench",
+            "pack",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            alice_r4().to_str().unwrap(),
+            "--no-experts",
+            "--energies",
+            "0.99",
+            "--bits",
+            "int8",
+            "--max-windows",
+            "1",
+            "--unpack-runs",
+            "1",
+        ],
+        &dir,
+    );
     let configs = report["suites"][0]["configs"].as_array().unwrap();
     assert_eq!(configs.len(), 2, "shared and separate");
     for c in configs {
