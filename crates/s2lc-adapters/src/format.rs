@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use s2lc_model::lora::TARGETS;
+use s2lc_model::source::write_file_atomic;
 use s2lc_spectral::{BlockQuant, QuantBits};
 
 use crate::pack::{
@@ -97,20 +98,8 @@ impl Writer {
             serde_json::to_string(&self.headers).map_err(|e| fail(e.to_string()))?,
         )]);
         let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| fail(e.to_string()))?;
-        write_atomic(path, &bytes)
+        Ok(write_file_atomic(path, &bytes)?)
     }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PackError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".part");
-    let tmp = PathBuf::from(tmp);
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| PackError::Io { path: p, source }
-    };
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 /// A parsed safetensors file with its quantized-matrix headers.
@@ -267,7 +256,7 @@ pub fn save(set: &PackedSet, dir: &Path) -> Result<(), PackError> {
         path: dir.join("pack.json"),
         message: e.to_string(),
     })?;
-    write_atomic(&dir.join("pack.json"), text.as_bytes())
+    Ok(write_file_atomic(&dir.join("pack.json"), text.as_bytes())?)
 }
 
 /// Writes a pack holding only the member `name` (same bases, byte for byte: a content-addressed

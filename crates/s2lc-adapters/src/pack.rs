@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use s2lc_model::experts::FfnWeights;
 use s2lc_model::lora::{module_name, LoraAdapter, LoraDelta, TARGETS};
 use s2lc_spectral::{
-    factored_svd, fit_shared_basis, rank_for_energy, sq_frobenius as sq_norm, thin_svd, BlockQuant,
-    QuantBits, Svd, SvdError,
+    factored_svd, fit_shared_basis, rank_for_energy, row_major, sq_frobenius as sq_norm, thin_svd,
+    BlockQuant, QuantBits, Svd, SvdError,
 };
 
 /// Why packing, unpacking or reading a pack failed.
@@ -159,7 +159,10 @@ impl Member {
         let deltas = residual
             .matrices()
             .map(|(layer, module, t)| {
-                let target = TARGETS.iter().position(|m| *m == module).unwrap_or(4);
+                let target = TARGETS
+                    .iter()
+                    .position(|m| *m == module)
+                    .expect("FFN modules are LoRA targets");
                 let delta = Delta::Dense(mat(&t.data, t.shape[0], t.shape[1]));
                 (ModuleKey { layer, target }, delta)
             })
@@ -192,14 +195,6 @@ impl Member {
             deltas,
         })
     }
-
-    /// `Σ‖ΔW‖²_F`.
-    pub fn sq_norm(&self) -> f64 {
-        self.deltas
-            .values()
-            .map(|d| sq_norm(d.dense().as_ref()))
-            .sum()
-    }
 }
 
 /// How members are packed.
@@ -216,9 +211,6 @@ pub struct PackParams {
     pub block: usize,
     /// Share of each core's energy its dropped blocks may hold.
     pub drop_energy: f64,
-    /// Fit the bases over all members (`false`: every member gets its own bases, the baseline
-    /// that shows what sharing buys).
-    pub shared: bool,
 }
 
 impl Default for PackParams {
@@ -229,7 +221,6 @@ impl Default for PackParams {
             basis_bits: QuantBits::Int8,
             block: 32,
             drop_energy: 0.0,
-            shared: true,
         }
     }
 }
@@ -273,14 +264,10 @@ pub struct QMat {
 impl QMat {
     /// Quantizes `m` row-major.
     pub fn new(m: MatRef<'_, f32>, block: usize, bits: QuantBits, drop_energy: f64) -> Self {
-        let mut data = Vec::with_capacity(m.nrows() * m.ncols());
-        for i in 0..m.nrows() {
-            data.extend((0..m.ncols()).map(|j| m[(i, j)]));
-        }
         QMat {
             rows: m.nrows(),
             cols: m.ncols(),
-            q: BlockQuant::quantize(&data, block, bits, drop_energy),
+            q: BlockQuant::quantize(&row_major(m), block, bits, drop_energy),
         }
     }
 
@@ -499,13 +486,6 @@ fn to_lora(name: &str, factors: Unpacked) -> LoraAdapter {
     let n_layers = factors.keys().map(|k| k.layer + 1).max().unwrap_or(0);
     let mut layers: Vec<[Option<LoraDelta>; 7]> = vec![Default::default(); n_layers];
     let mut rank = 1;
-    let row_major = |m: &Mat<f32>| {
-        let mut out = Vec::with_capacity(m.nrows() * m.ncols());
-        for i in 0..m.nrows() {
-            out.extend((0..m.ncols()).map(|j| m[(i, j)]));
-        }
-        out
-    };
     for (key, (b, a)) in factors {
         let (rows, k, cols) = (b.nrows(), b.ncols(), a.ncols());
         if k == 0 {
@@ -513,8 +493,8 @@ fn to_lora(name: &str, factors: Unpacked) -> LoraAdapter {
         }
         rank = rank.max(k);
         layers[key.layer][key.target] = Some(LoraDelta::new(
-            row_major(&a),
-            row_major(&b),
+            row_major(a.as_ref()),
+            row_major(b.as_ref()),
             k,
             cols,
             rows,
@@ -555,8 +535,8 @@ fn common_shape(members: &[&Member], key: ModuleKey) -> Result<(usize, usize), P
     shape.ok_or_else(|| PackError::Invalid(format!("{}: no member adapts it", key.name())))
 }
 
-/// Packs `members` over bases fitted on all of them (or, with `params.shared == false`, on each
-/// alone: see [`pack_separately`]). Names must be unique.
+/// Packs `members` over bases fitted on all of them ([`pack_separately`] gives each its own).
+/// Names must be unique.
 pub fn pack(members: &[Member], params: PackParams) -> Result<PackedSet, PackError> {
     params.validate()?;
     let mut names = BTreeSet::new();

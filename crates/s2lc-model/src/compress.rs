@@ -13,7 +13,7 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 use s2lc_spectral::{
-    allocate_ranks, break_even_rank, rank_for_energy, refit_left, thin_svd, BudgetError,
+    allocate_ranks, break_even_rank, rank_for_energy, refit_left, row_major, thin_svd, BudgetError,
     LowRankFactors, Spectrum, Svd, WhitenError, Whitening,
 };
 
@@ -363,14 +363,7 @@ fn apply(
             Linear::Dense(d) => d.bias().map(<[f32]>::to_vec),
             Linear::LowRank(l) => l.bias().map(<[f32]>::to_vec),
         };
-        let u: Vec<f32> = (0..rows)
-            .flat_map(|i| (0..rank).map(move |k| (i, k)))
-            .map(|(i, k)| f.u[(i, k)])
-            .collect();
-        let vs: Vec<f32> = (0..rank)
-            .flat_map(|k| (0..cols).map(move |j| (k, j)))
-            .map(|(k, j)| f.vs[(k, j)])
-            .collect();
+        let (u, vs) = (row_major(f.u.as_ref()), row_major(f.vs.as_ref()));
         *slot = Linear::LowRank(LowRankLinear::new(u, vs, rows, cols, bias));
     }
     Ok(report)

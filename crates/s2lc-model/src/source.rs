@@ -529,7 +529,7 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>, ModelEr
 
 /// Writes `bytes` to `path` through a `.part` file renamed into place, so a crash never leaves a
 /// half-written file under the final name.
-pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".part");
     let tmp = PathBuf::from(tmp);

@@ -25,6 +25,16 @@ pub use shared::{fit_shared_basis, SharedBasis};
 pub use svd::{factored_svd, thin_svd, Svd, SvdError};
 pub use whiten::{output_error, refit_left, WhitenError, Whitening};
 
+/// The entries of `m` in row-major order: the layout of a weight `out × in` in a safetensors file
+/// and in the runtime.
+pub fn row_major(m: faer::MatRef<'_, f32>) -> Vec<f32> {
+    let mut out = Vec::with_capacity(m.nrows() * m.ncols());
+    for i in 0..m.nrows() {
+        out.extend((0..m.ncols()).map(|j| m[(i, j)]));
+    }
+    out
+}
+
 /// A reproducible `rows × cols` test matrix with entries in [-0.5, 0.5) (xorshift64).
 #[cfg(test)]
 pub(crate) fn test_matrix(rows: usize, cols: usize, seed: u64) -> faer::Mat<f32> {

@@ -12,8 +12,9 @@ use s2lc_model::llama::{ForwardScratch, LlamaModel};
 use s2lc_model::lora::LoraAdapter;
 use s2lc_model::source::WeightStorage;
 
+use crate::adapters::{dir_name, load_adapter};
 use crate::bench::prefill_and_decode;
-use crate::experts::{default_set, measure};
+use crate::experts::{bench_set, measure};
 use crate::heldout::{adapter_domain, default_texts, print_table, HeldoutArgs, Row};
 use crate::{load_model, parse_weights, progress, s2lc_home, ModelArg};
 
@@ -88,8 +89,7 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
     }
     let mut entries = Vec::new();
     for dir in dirs {
-        let adapter = LoraAdapter::load(&dir)
-            .with_context(|| format!("reading the adapter {}", dir.display()))?;
+        let adapter = load_adapter(&dir)?;
         let own = adapter_domain(&dir, &domains);
         entries.push(Entry { dir, adapter, own });
     }
@@ -109,12 +109,7 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
     }
     bar.finish_and_clear();
 
-    let name = |e: &Entry| {
-        e.dir.file_name().map_or_else(
-            || e.dir.display().to_string(),
-            |n| n.to_string_lossy().into(),
-        )
-    };
+    let name = |e: &Entry| dir_name(&e.dir);
     h.print_title(&format!(
         "held-out perplexity, {} weights, change vs base",
         args.weights.name()
@@ -135,22 +130,17 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
         eprintln!("warning: {f}");
     }
 
-    let experts_dir = match (&args.experts, args.no_experts) {
-        (Some(dir), _) => Some(dir.clone()),
-        (None, false) => Some(default_set()).filter(|d| d.join("manifest.json").is_file()),
-        (None, true) => None,
-    };
+    let experts_dir = bench_set(args.experts.as_deref(), args.no_experts);
     let mut experts_json = Value::Null;
     if let Some(dir) = &experts_dir {
         println!();
-        let report = measure(dir, &mut model, &domains, h)?;
+        // On a copy: the experts replace FFN weights, and the timing below measures the base.
+        let report = measure(dir, &mut model.clone(), &domains, h)?;
         let failures = report.print(&domains, h, args.weights.name());
         for f in &failures {
             eprintln!("warning: {f}");
         }
         experts_json = report.to_json(&domains, &failures);
-        // Back to the storage the timing below measures.
-        model = load_model(&args.model.path(), args.weights)?.1;
     }
 
     let timing = if args.decode_tokens > 0 {
@@ -224,10 +214,7 @@ fn time_adapters(
         m.merge_adapters()?;
         merged = Some(m);
     }
-    let label = |e: &Entry, how: &str| {
-        let n = e.dir.file_name().map(|n| n.to_string_lossy().into_owned());
-        format!("{} {how}", n.unwrap_or_default())
-    };
+    let label = |e: &Entry, how: &str| format!("{} {how}", dir_name(&e.dir));
     let mut best: Vec<(String, f64, f64)> = std::iter::once("base".to_string())
         .chain(entries.iter().map(|e| label(e, "unmerged")))
         .chain(merged.iter().map(|_| label(&entries[0], "merged")))

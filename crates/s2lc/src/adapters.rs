@@ -50,15 +50,14 @@ pub struct PackOptions {
 }
 
 impl PackOptions {
-    /// The packing parameters (`shared` as given).
-    pub fn params(&self, shared: bool) -> Result<PackParams> {
+    /// The packing parameters, checked.
+    pub fn params(&self) -> Result<PackParams> {
         let p = PackParams {
             energy: self.energy,
             bits: self.bits,
             basis_bits: self.basis_bits,
             block: self.block,
             drop_energy: self.drop_energy,
-            shared,
         };
         p.validate()?;
         Ok(p)
@@ -146,7 +145,7 @@ pub fn read_members(dirs: &[PathBuf]) -> Result<(Vec<LoraAdapter>, Vec<Member>)>
     let mut adapters = Vec::new();
     let mut members = Vec::new();
     for dir in dirs {
-        let adapter = load(dir)?;
+        let adapter = load_adapter(dir)?;
         members.push(Member::from_lora(&dir_name(dir), &adapter));
         adapters.push(adapter);
     }
@@ -197,7 +196,7 @@ fn pack_cmd(args: &PackArgs) -> Result<()> {
             args.out.display()
         );
     }
-    let params = args.options.params(true)?;
+    let params = args.options.params()?;
     let (_, members) = read_members(&args.dirs)?;
     let set = pack(&members, params).context("packing")?;
     let reports = set.report(&members).context("measuring the pack")?;
@@ -210,7 +209,7 @@ fn pack_cmd(args: &PackArgs) -> Result<()> {
 fn add_cmd(args: &AddArgs) -> Result<()> {
     let mut set =
         format::load(&args.pack).with_context(|| format!("reading {}", args.pack.display()))?;
-    let adapter = load(&args.dir)?;
+    let adapter = load_adapter(&args.dir)?;
     let name = args.name.clone().unwrap_or_else(|| dir_name(&args.dir));
     let member = Member::from_lora(&name, &adapter);
     set.add(&member)
@@ -244,7 +243,8 @@ fn unpack_cmd(args: &UnpackArgs) -> Result<()> {
     Ok(())
 }
 
-fn load(dir: &Path) -> Result<LoraAdapter> {
+/// Reads a PEFT adapter directory, the error naming it.
+pub fn load_adapter(dir: &Path) -> Result<LoraAdapter> {
     LoraAdapter::load(dir).with_context(|| format!("reading the adapter {}", dir.display()))
 }
 
@@ -252,7 +252,7 @@ fn load(dir: &Path) -> Result<LoraAdapter> {
 const INFO_ENERGIES: [f64; 3] = [0.9, 0.95, 0.99];
 
 fn info(dir: &Path) -> Result<()> {
-    let adapter = load(dir)?;
+    let adapter = load_adapter(dir)?;
     println!("adapter:     {}", dir.display());
     println!(
         "base model:  {}",
@@ -331,7 +331,7 @@ fn truncate(args: &TruncateArgs) -> Result<()> {
             args.out.display()
         );
     }
-    let adapter = load(&args.dir)?;
+    let adapter = load_adapter(&args.dir)?;
     let (cut, report) = adapter
         .truncate(args.energy, args.rank)
         .context("re-ranking the deltas")?;

@@ -185,6 +185,16 @@ pub fn default_set() -> PathBuf {
     crate::s2lc_home().join("experts/ffn-every3")
 }
 
+/// The expert set a bench measures: `--experts DIR` if given, none with `--no-experts`, else the
+/// default set when it exists.
+pub fn bench_set(explicit: Option<&Path>, skip: bool) -> Option<PathBuf> {
+    match (explicit, skip) {
+        (Some(dir), _) => Some(dir.to_path_buf()),
+        (None, true) => None,
+        (None, false) => Some(default_set()).filter(|d| d.join("manifest.json").is_file()),
+    }
+}
+
 fn eval(args: &EvalArgs) -> Result<()> {
     let dir = args.set.clone().unwrap_or_else(default_set);
     // Open the set before the model loads, so a wrong path fails fast.

@@ -23,7 +23,6 @@ use s2lc_model::eval::{perplexity, perplexity_streamed};
 use s2lc_model::generate::{generate, Sampler, SamplingParams};
 use s2lc_model::kv::KvSpec;
 use s2lc_model::llama::LlamaModel;
-use s2lc_model::lora::LoraAdapter;
 use s2lc_model::model::apply_chat_template;
 use s2lc_model::source::WeightStorage;
 use s2lc_model::tokenizer::{read_text_file, Tokenizer};
@@ -253,8 +252,7 @@ impl WeightsArg {
     fn load(&self, path: &Path) -> Result<(ModelSource, LlamaModel, Tokenizer)> {
         let (source, mut model, tokenizer) = load_model(path, self.storage)?;
         for dir in &self.adapters {
-            let adapter = LoraAdapter::load(dir)
-                .with_context(|| format!("reading the adapter {}", dir.display()))?;
+            let adapter = adapters::load_adapter(dir)?;
             model
                 .attach_adapter(&adapter)
                 .with_context(|| format!("attaching the adapter {}", dir.display()))?;

@@ -107,10 +107,9 @@ fn expert_ffn(base: &FfnWeights, set: &PackedSet, name: &str) -> Result<FfnWeigh
             let Some((b, a)) = unpacked.get(&key) else {
                 continue;
             };
-            let delta = b * a;
-            let cols = t.shape[1];
-            for (idx, w) in t.data.iter_mut().enumerate() {
-                *w += delta[(idx / cols, idx % cols)];
+            let delta = s2lc_spectral::row_major((b * a).as_ref());
+            for (w, d) in t.data.iter_mut().zip(delta) {
+                *w += d;
             }
         }
     }
@@ -141,9 +140,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
     } else {
         args.adapters.clone()
     };
-    let experts_dir = args.experts.clone().or_else(|| {
-        Some(crate::experts::default_set()).filter(|d| d.join("manifest.json").is_file())
-    });
+    let experts_dir = crate::experts::bench_set(args.experts.as_deref(), args.no_experts);
     if dirs.is_empty() && experts_dir.is_none() {
         bail!("nothing to pack: no adapters (scripts/reference/train_adapter_set.sh) and no expert set");
     }
@@ -242,11 +239,17 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
                     let params = PackParams {
                         energy,
                         bits: b,
-                        shared,
                         ..PackParams::default()
                     };
-                    let o =
-                        measure_config(suite, params, &mut model, &domains, h, args.unpack_runs)?;
+                    let o = measure_config(
+                        suite,
+                        params,
+                        shared,
+                        &mut model,
+                        &domains,
+                        h,
+                        args.unpack_runs,
+                    )?;
                     let deltas: Vec<f64> = o.ppl_delta.iter().flatten().copied().collect();
                     let max = deltas.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     let mean = deltas.iter().sum::<f64>() / deltas.len().max(1) as f64;
@@ -295,17 +298,18 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Packs a suite with `params` (jointly or each member alone), unpacks every member, and scores
-/// it on its own domain against the original.
+/// Packs a suite with `params` (over shared bases, or each member alone), unpacks every member,
+/// and scores it on its own domain against the original.
 fn measure_config(
     suite: &Suite,
     params: PackParams,
+    shared: bool,
     model: &mut LlamaModel,
     domains: &[Domain],
     h: &HeldoutArgs,
     unpack_runs: usize,
 ) -> Result<Outcome> {
-    let sets: Vec<PackedSet> = if params.shared {
+    let sets: Vec<PackedSet> = if shared {
         vec![pack(&suite.members, params)?]
     } else {
         pack_separately(&suite.members, params)?
@@ -356,7 +360,7 @@ fn measure_config(
     Ok(Outcome {
         energy: params.energy,
         bits: params.bits,
-        shared: params.shared,
+        shared,
         f16_bytes: 2 * suite
             .members
             .iter()
