@@ -18,6 +18,9 @@
 //! version is a directory of files plus caller metadata (base model digest, packing parameters).
 #![deny(missing_docs)]
 
+#[cfg(feature = "s3")]
+pub mod loopback;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -246,12 +249,23 @@ impl Store {
     /// Opens a store: `s3://bucket[/prefix]` (with the `s3` feature; credentials, region and
     /// `AWS_ENDPOINT_URL` from the usual AWS variables) or a local directory (created if needed).
     pub fn open(location: &str) -> Result<Store> {
+        Store::open_with(location, &[])
+    }
+
+    /// [`Store::open`] with S3 settings that override the environment, named as object_store's
+    /// `AmazonS3ConfigKey` parses them (`aws_endpoint`, `aws_access_key_id`, `aws_allow_http`, ...).
+    /// A local store takes no settings.
+    pub fn open_with(location: &str, s3_options: &[(&str, &str)]) -> Result<Store> {
         let (backend, root): (Arc<dyn ObjectStore>, Key) =
             if let Some(rest) = location.strip_prefix("s3://") {
-                open_s3(rest)?
+                open_s3(rest, s3_options)?
             } else if location.contains("://") {
                 return Err(StoreError::BadName(format!(
                     "unsupported store '{location}' (a directory or s3://bucket/prefix)"
+                )));
+            } else if let Some((key, _)) = s3_options.first() {
+                return Err(StoreError::BadName(format!(
+                    "S3 setting '{key}' given for the local store '{location}'"
                 )));
             } else {
                 let dir = Path::new(location);
@@ -736,23 +750,31 @@ fn walk(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
 }
 
 #[cfg(feature = "s3")]
-fn open_s3(rest: &str) -> Result<(Arc<dyn ObjectStore>, Key)> {
+fn open_s3(rest: &str, options: &[(&str, &str)]) -> Result<(Arc<dyn ObjectStore>, Key)> {
+    use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
         return Err(StoreError::BadName("s3:// needs a bucket".into()));
     }
-    let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
-    if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
-        b = b
-            .with_allow_http(endpoint.starts_with("http://"))
-            .with_endpoint(endpoint);
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    for (key, value) in options {
+        let key: AmazonS3ConfigKey = key
+            .parse()
+            .map_err(|_| StoreError::BadName(format!("unknown S3 setting '{key}'")))?;
+        b = b.with_config(key, *value);
+    }
+    // A plain-http endpoint (a local S3-compatible server) needs no separate AWS_ALLOW_HTTP.
+    if let Some(endpoint) = b.get_config_value(&AmazonS3ConfigKey::Endpoint) {
+        if endpoint.starts_with("http://") {
+            b = b.with_allow_http(true);
+        }
     }
     let s3 = b.build()?;
     Ok((Arc::new(s3), Key::from(prefix)))
 }
 
 #[cfg(not(feature = "s3"))]
-fn open_s3(_: &str) -> Result<(Arc<dyn ObjectStore>, Key)> {
+fn open_s3(_: &str, _: &[(&str, &str)]) -> Result<(Arc<dyn ObjectStore>, Key)> {
     Err(StoreError::BadName(
         "this build has no S3 support (build s2lc with --features s3)".into(),
     ))

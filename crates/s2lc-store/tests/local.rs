@@ -1,128 +1,22 @@
-//! The store against its local-directory backend: round trips, dedup, semantic versions, tags,
-//! and the faults the design promises to survive (aborted push, flipped byte, racing pushes).
+//! The store suite (`common`) on the local-directory backend, plus name and version parsing.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+mod common;
 
-use s2lc_store::{parse_selector, parse_versioned, Selector, Store, StoreError};
-use semver::Version;
-use serde_json::json;
+use common::{scratch, Backend};
+use s2lc_store::{parse_selector, parse_versioned, Store};
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("s2lc-store-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A version directory: a shared "basis" file, a per-version "core" and a nested file.
-fn version_dir(root: &Path, tag: &str) -> PathBuf {
-    let d = root.join(format!("src-{tag}"));
-    std::fs::create_dir_all(d.join("members")).unwrap();
-    std::fs::write(d.join("basis.safetensors"), vec![7u8; 4096]).unwrap();
-    std::fs::write(d.join("members/core.safetensors"), format!("core {tag}")).unwrap();
-    std::fs::write(d.join("pack.json"), format!("{{\"v\": \"{tag}\"}}")).unwrap();
-    d
-}
-
-fn v(s: &str) -> Version {
-    Version::parse(s).unwrap()
-}
-
-fn ok(_: usize) -> Result<(), String> {
-    Ok(())
-}
-
-#[test]
-fn push_pull_dedup_versions_tags() {
-    let root = scratch("basic");
-    let store = Store::open(root.join("store").to_str().unwrap()).unwrap();
-    for ver in ["1.0.0", "1.2.0", "1.2.5", "2.0.0"] {
-        let src = version_dir(&root, ver);
-        let m = store
-            .push(
-                "legal",
-                &v(ver),
-                &src,
-                Some("base-1".into()),
-                json!({"energy": 0.95}),
-                &mut ok,
-            )
-            .unwrap();
-        assert_eq!(m.files.len(), 3);
+fn local(name: &str) -> Backend {
+    let scratch = scratch(name);
+    let objects = scratch.join("store");
+    let location = objects.to_str().unwrap().to_string();
+    Backend {
+        open: Box::new(move || Store::open(&location).unwrap()),
+        objects,
+        scratch,
     }
-    // Same version again: refused, nothing changes.
-    let again = store.push(
-        "legal",
-        &v("1.2.0"),
-        &version_dir(&root, "x"),
-        None,
-        json!({}),
-        &mut ok,
-    );
-    assert!(
-        matches!(again, Err(StoreError::VersionExists { .. })),
-        "{again:?}"
-    );
-
-    // Semver resolution.
-    let (name, sel) = parse_selector("legal@^1.2").unwrap();
-    assert_eq!(store.resolve(&name, &sel).unwrap(), v("1.2.5"));
-    assert_eq!(
-        store
-            .resolve("legal", &Selector::Exact(v("1.2.0")))
-            .unwrap(),
-        v("1.2.0")
-    );
-    let (_, any) = parse_selector("legal").unwrap();
-    assert_eq!(store.resolve("legal", &any).unwrap(), v("2.0.0"));
-    let (_, none) = parse_selector("legal@^3").unwrap();
-    let err = store.resolve("legal", &none).unwrap_err().to_string();
-    assert!(
-        err.contains("no version of 'legal' satisfies ^3") && err.contains("2.0.0"),
-        "{err}"
-    );
-    assert!(store
-        .resolve("nobody", &any)
-        .unwrap_err()
-        .to_string()
-        .contains("no adapter 'nobody'"));
-
-    // Pull writes the files of the resolved version.
-    let out = root.join("out");
-    let m = store.pull("legal", &sel, &out, Some("base-1")).unwrap();
-    assert_eq!(m.version, "1.2.5");
-    assert_eq!(
-        std::fs::read_to_string(out.join("members/core.safetensors")).unwrap(),
-        "core 1.2.5"
-    );
-    // A different base model is refused.
-    let err = store
-        .pull("legal", &sel, &root.join("o2"), Some("base-2"))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("made for base model base-1"), "{err}");
-
-    // Dedup: the 4 KiB basis is stored once for four versions.
-    let (logical, physical) = store.usage().unwrap();
-    assert!(
-        logical >= 4 * 4096 && physical < 2 * 4096,
-        "{logical} {physical}"
-    );
-
-    // Tags, listing, removal.
-    store.tag("legal", &v("1.2.0"), "prod").unwrap();
-    let (_, prod) = parse_selector("legal@prod").unwrap();
-    assert_eq!(store.resolve("legal", &prod).unwrap(), v("1.2.0"));
-    let list = store.list().unwrap();
-    assert_eq!(list.len(), 4);
-    assert_eq!(list[1].tags, vec!["prod".to_string()]);
-    store.remove("legal", &v("1.2.0")).unwrap();
-    assert!(store.resolve("legal", &prod).is_err());
-    assert_eq!(store.list().unwrap().len(), 3);
-    assert!(store.verify().unwrap().problems.is_empty());
-    std::fs::remove_dir_all(&root).ok();
 }
+
+store_suite!(local);
 
 #[test]
 fn bad_names_and_versions_are_named() {
@@ -144,111 +38,10 @@ fn bad_names_and_versions_are_named() {
 }
 
 #[test]
-fn aborted_push_leaves_a_valid_store_that_accepts_the_push_again() {
-    let root = scratch("abort");
-    let store = Store::open(root.join("store").to_str().unwrap()).unwrap();
-    let src = version_dir(&root, "a");
-    let mut fail_after_two = |k: usize| {
-        if k >= 2 {
-            Err("injected failure".to_string())
-        } else {
-            Ok(())
-        }
-    };
-    let err = store
-        .push(
-            "med",
-            &v("1.0.0"),
-            &src,
-            None,
-            json!({}),
-            &mut fail_after_two,
-        )
-        .unwrap_err();
-    assert!(err.to_string().contains("injected failure"), "{err}");
-    // Not visible, store valid, and the orphaned blobs are young (kept by gc's grace period).
-    assert!(store.list().unwrap().is_empty());
-    assert!(store.verify().unwrap().problems.is_empty());
-    assert_eq!(store.gc(Duration::from_secs(3600)).unwrap().removed, 0);
-    store
-        .push("med", &v("1.0.0"), &src, None, json!({}), &mut ok)
-        .unwrap();
-    assert_eq!(store.list().unwrap().len(), 1);
-    // Removing the version makes its objects unreachable; gc with no grace deletes them.
-    store.remove("med", &v("1.0.0")).unwrap();
-    let gc = store.gc(Duration::ZERO).unwrap();
-    assert_eq!(gc.removed, 4, "three blobs and the manifest");
-    assert!(store.verify().unwrap().problems.is_empty());
-    std::fs::remove_dir_all(&root).ok();
-}
-
-#[test]
-fn a_flipped_byte_is_caught_on_read_and_by_verify() {
-    let root = scratch("flip");
-    let dir = root.join("store");
-    let store = Store::open(dir.to_str().unwrap()).unwrap();
-    let m = store
-        .push(
-            "fin",
-            &v("0.1.0"),
-            &version_dir(&root, "f"),
-            None,
-            json!({}),
-            &mut ok,
-        )
-        .unwrap();
-    let core = m.files.iter().find(|f| f.path.contains("core")).unwrap();
-    let blob = dir.join("blobs").join(&core.digest);
-    let mut bytes = std::fs::read(&blob).unwrap();
-    bytes[0] ^= 1;
-    std::fs::write(&blob, bytes).unwrap();
-    let err = store
-        .pull("fin", &Selector::Exact(v("0.1.0")), &root.join("out"), None)
+fn s3_settings_are_refused_for_a_local_store() {
+    let dir = scratch("settings");
+    let err = Store::open_with(dir.to_str().unwrap(), &[("aws_region", "x")])
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("corrupt object") && err.contains(&core.digest),
-        "{err}"
-    );
-    assert!(
-        !root.join("out/pack.json").exists(),
-        "nothing is written from a corrupt pull"
-    );
-    let report = store.verify().unwrap();
-    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
-    assert!(
-        store.gc(Duration::ZERO).is_ok(),
-        "gc skips nothing it should keep"
-    );
-    std::fs::remove_dir_all(&root).ok();
-}
-
-#[test]
-fn racing_pushes_of_one_version_have_one_winner() {
-    let root = scratch("race");
-    let dir = root.join("store");
-    let srcs: Vec<PathBuf> = (0..4)
-        .map(|i| version_dir(&root, &format!("r{i}")))
-        .collect();
-    let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = srcs
-            .iter()
-            .map(|src| {
-                let dir = dir.clone();
-                s.spawn(move || {
-                    let store = Store::open(dir.to_str().unwrap()).unwrap();
-                    store.push("race", &v("1.0.0"), src, None, json!({}), &mut ok)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let wins = results.iter().filter(|r| r.is_ok()).count();
-    assert_eq!(wins, 1, "{results:?}");
-    for r in results.iter().filter(|r| r.is_err()) {
-        assert!(matches!(r, Err(StoreError::VersionExists { .. })), "{r:?}");
-    }
-    let store = Store::open(dir.to_str().unwrap()).unwrap();
-    assert!(store.verify().unwrap().problems.is_empty());
-    std::fs::remove_dir_all(&root).ok();
+    assert!(err.contains("S3 setting 'aws_region'"), "{err}");
 }

@@ -4,7 +4,7 @@
 use std::process::Output;
 
 mod common;
-use common::{s2lc, scratch, smollm2, stderr};
+use common::{s2lc, s2lc_env, scratch, smollm2, stderr};
 
 /// One `error:` line naming the problem, no panic or backtrace, exit code 1.
 fn assert_clean_error(o: &Output, needle: &str) {
@@ -781,19 +781,38 @@ fn bench_pack_measures_a_real_adapter() {
 
 #[test]
 fn store_push_pull_ls_verify_gc() {
-    let fixtures = alice_r4().parent().unwrap().to_path_buf();
     let dir = scratch("store");
+    let store = dir.join("store").to_str().unwrap().to_string();
+    store_commands(&dir, &store, &[]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The same commands against a real S3-compatible server (`s3s-fs` on loopback), configured the
+/// way a user would: `--store s3://bucket/prefix` and the AWS environment variables.
+#[cfg(feature = "s3")]
+#[test]
+fn store_push_pull_ls_verify_gc_on_s3() {
+    let dir = scratch("store-s3");
+    let server = s2lc_store::loopback::S3sFs::start(&dir.join("s3")).unwrap();
+    std::fs::create_dir_all(server.root().join("fleet")).unwrap();
+    store_commands(&dir, "s3://fleet/adapters", &server.env());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// push (whole adapter and pack members), ls with dedup, pull + unpack, base-model refusal,
+/// immutable versions, bad versions, tag, verify, rm, gc — on the store at `store`.
+fn store_commands(dir: &std::path::Path, store: &str, env: &[(&str, String)]) {
+    let fixtures = alice_r4().parent().unwrap().to_path_buf();
     let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
-    let store = s(&dir.join("store"));
     // A small stand-in base model: the digest is what matters here.
     let base = dir.join("base.gguf");
     std::fs::write(&base, b"base model bytes").unwrap();
     let other = dir.join("other.gguf");
     std::fs::write(&other, b"another base").unwrap();
     let run = |args: &[&str]| {
-        let mut all = vec!["store", "--store", store.as_str()];
+        let mut all = vec!["store", "--store", store];
         all.extend_from_slice(args);
-        s2lc(&all)
+        s2lc_env(&all, env)
     };
     let o = run(&[
         "push",
@@ -900,5 +919,4 @@ fn store_push_pull_ls_verify_gc() {
     let o = run(&["gc", "--grace-secs", "0"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("removed"));
-    std::fs::remove_dir_all(&dir).ok();
 }

@@ -6,8 +6,14 @@ use std::process::{Command, Output};
 
 /// Runs the built `s2lc` binary with `args`.
 pub fn s2lc(args: &[&str]) -> Output {
+    s2lc_env(args, &[])
+}
+
+/// Runs the built `s2lc` binary with `args` and extra environment variables.
+pub fn s2lc_env(args: &[&str], env: &[(&str, String)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_s2lc"))
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .expect("running s2lc")
 }
