@@ -3,7 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use faer::{Mat, MatRef};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -344,8 +345,41 @@ pub struct PackedSet {
     pub members: Vec<PackedMember>,
 }
 
-/// A member unpacked: per target matrix, factors `(b, a)` (`rows × k`, `k × cols`).
-pub type Unpacked = BTreeMap<ModuleKey, (Mat<f32>, Mat<f32>)>;
+/// One matrix unpacked, `ΔW ≈ b·a`, both row-major (the runtime's layout, so they become a
+/// [`LoraDelta`] without a copy).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Factors {
+    /// Rows of `ΔW`.
+    pub rows: usize,
+    /// Rank (columns of `b`, rows of `a`).
+    pub rank: usize,
+    /// Columns of `ΔW`.
+    pub cols: usize,
+    /// `rows × rank`, row-major.
+    pub b: Vec<f32>,
+    /// `rank × cols`, row-major.
+    pub a: Vec<f32>,
+}
+
+impl Factors {
+    /// `b` as a matrix view.
+    pub fn b(&self) -> MatRef<'_, f32> {
+        MatRef::from_row_major_slice(&self.b, self.rows, self.rank)
+    }
+
+    /// `a` as a matrix view.
+    pub fn a(&self) -> MatRef<'_, f32> {
+        MatRef::from_row_major_slice(&self.a, self.rank, self.cols)
+    }
+
+    /// `b·a`.
+    pub fn dense(&self) -> Mat<f32> {
+        self.b() * self.a()
+    }
+}
+
+/// A member unpacked: its factors per target matrix.
+pub type Unpacked = BTreeMap<ModuleKey, Factors>;
 
 /// What packing did to one member.
 #[derive(Debug, Clone, Serialize)]
@@ -454,31 +488,90 @@ fn project(
     })
 }
 
+/// A dequantized matrix, row-major.
+#[derive(Debug, Clone)]
+struct RowMajor {
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
+}
+
+impl RowMajor {
+    fn decode(m: &QMat) -> Self {
+        RowMajor {
+            rows: m.rows,
+            cols: m.cols,
+            data: m.q.dequantize(),
+        }
+    }
+
+    fn view(&self) -> MatRef<'_, f32> {
+        MatRef::from_row_major_slice(&self.data, self.rows, self.cols)
+    }
+}
+
 /// Dequantized shared bases `(U, V)` by target matrix.
 #[derive(Debug, Clone)]
-pub struct DecodedBases(BTreeMap<ModuleKey, (Mat<f32>, Mat<f32>)>);
+pub struct DecodedBases(BTreeMap<ModuleKey, (RowMajor, RowMajor)>);
 
 impl DecodedBases {
     /// Bytes held (f32).
     pub fn bytes(&self) -> usize {
         self.0
             .values()
-            .map(|(u, v)| 4 * (u.nrows() * u.ncols() + v.nrows() * v.ncols()))
+            .map(|(u, v)| 4 * (u.data.len() + v.data.len()))
             .sum()
     }
 }
 
-/// `(U·core_b, core_a·Vᵀ)`, with the residual factors appended.
-fn unpack_core(u: MatRef<'_, f32>, v: MatRef<'_, f32>, core: &PackedCore) -> (Mat<f32>, Mat<f32>) {
-    let mut b = u * core.core_b.to_mat();
-    let mut a = core.core_a.to_mat() * v.transpose();
-    if let Some((eb, ea)) = &core.extra {
-        b = hcat(b.as_ref(), eb.to_mat().as_ref());
-        a = hcat(a.transpose(), ea.to_mat().transpose())
-            .transpose()
-            .to_owned();
+/// `b = [U·core_b | extra_b]`, `a = [core_a·Vᵀ ; extra_a]`, written straight into row-major
+/// buffers. Sequential: the caller runs matrices in parallel.
+fn unpack_core(u: MatRef<'_, f32>, v: MatRef<'_, f32>, core: &PackedCore) -> Factors {
+    let (rows, cols) = (u.nrows(), v.nrows());
+    let k = core.core_b.cols;
+    let extra = core
+        .extra
+        .as_ref()
+        .map(|(eb, ea)| (eb.q.dequantize(), ea.q.dequantize()));
+    let r = core.extra.as_ref().map_or(0, |(eb, _)| eb.cols);
+    let rank = k + r;
+    let (cb, ca) = (
+        RowMajor::decode(&core.core_b),
+        RowMajor::decode(&core.core_a),
+    );
+    let mut b = vec![0.0f32; rows * rank];
+    let mut a = vec![0.0f32; rank * cols];
+    matmul(
+        MatMut::from_row_major_slice_mut(&mut b, rows, rank).subcols_mut(0, k),
+        Accum::Replace,
+        u,
+        cb.view(),
+        1.0,
+        Par::Seq,
+    );
+    matmul(
+        MatMut::from_row_major_slice_mut(&mut a, rank, cols).subrows_mut(0, k),
+        Accum::Replace,
+        ca.view(),
+        v.transpose(),
+        1.0,
+        Par::Seq,
+    );
+    if let Some((eb, ea)) = extra {
+        // The residual's columns go after the core's in each row of b; its rows after the
+        // core's in a (contiguous there).
+        for (dst, src) in b.chunks_exact_mut(rank).zip(eb.chunks_exact(r)) {
+            dst[k..].copy_from_slice(src);
+        }
+        a[k * cols..].copy_from_slice(&ea);
     }
-    (b, a)
+    Factors {
+        rows,
+        rank,
+        cols,
+        b,
+        a,
+    }
 }
 
 /// Unpacked factors as a LoRA adapter named `name` (scale 1).
@@ -486,20 +579,12 @@ fn to_lora(name: &str, factors: Unpacked) -> LoraAdapter {
     let n_layers = factors.keys().map(|k| k.layer + 1).max().unwrap_or(0);
     let mut layers: Vec<[Option<LoraDelta>; 7]> = vec![Default::default(); n_layers];
     let mut rank = 1;
-    for (key, (b, a)) in factors {
-        let (rows, k, cols) = (b.nrows(), b.ncols(), a.ncols());
-        if k == 0 {
+    for (key, f) in factors {
+        if f.rank == 0 {
             continue;
         }
-        rank = rank.max(k);
-        layers[key.layer][key.target] = Some(LoraDelta::new(
-            row_major(a.as_ref()),
-            row_major(b.as_ref()),
-            k,
-            cols,
-            rows,
-            1.0,
-        ));
+        rank = rank.max(f.rank);
+        layers[key.layer][key.target] = Some(LoraDelta::new(f.a, f.b, f.rank, f.cols, f.rows, 1.0));
     }
     LoraAdapter {
         path: PathBuf::from(name),
@@ -710,7 +795,7 @@ impl PackedSet {
         DecodedBases(
             self.modules
                 .par_iter()
-                .map(|(&key, m)| (key, (m.u.to_mat(), m.v.to_mat())))
+                .map(|(&key, m)| (key, (RowMajor::decode(&m.u), RowMajor::decode(&m.v))))
                 .collect(),
         )
     }
@@ -727,12 +812,12 @@ impl PackedSet {
                 let (u, v) = match bases {
                     Some(b) => {
                         let (u, v) = b.0.get(&key).ok_or_else(missing)?;
-                        (u.as_ref(), v.as_ref())
+                        (u.view(), v.view())
                     }
                     None => {
                         let m = self.modules.get(&key).ok_or_else(missing)?;
-                        decoded = (m.u.to_mat(), m.v.to_mat());
-                        (decoded.0.as_ref(), decoded.1.as_ref())
+                        decoded = (RowMajor::decode(&m.u), RowMajor::decode(&m.v));
+                        (decoded.0.view(), decoded.1.view())
                     }
                 };
                 Ok((key, unpack_core(u, v, core)))
@@ -767,7 +852,7 @@ impl PackedSet {
                     let dense = delta.dense();
                     total += sq_norm(dense.as_ref());
                     err += match unpacked.get(key) {
-                        Some((b, a)) => sq_norm((dense - b * a).as_ref()),
+                        Some(f) => sq_norm((dense - f.dense()).as_ref()),
                         None => sq_norm(dense.as_ref()),
                     };
                 }
@@ -881,6 +966,12 @@ mod tests {
         for rep in shared.report(&ms).unwrap() {
             assert!(rep.rel_error < 0.05, "{}: {}", rep.name, rep.rel_error);
         }
+        // Resident bases give the same factors as a cold unpack.
+        let bases = shared.decode_bases();
+        assert_eq!(
+            shared.unpack_with(&bases, "m1").unwrap(),
+            shared.unpack("m1").unwrap()
+        );
         // Unpacked as LoRA: the same deltas.
         let lora = shared.unpack_lora("m0").unwrap();
         assert_eq!(lora.n_deltas(), 4);

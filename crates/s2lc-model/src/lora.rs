@@ -46,11 +46,20 @@ pub struct LoraDelta {
 
 impl LoraDelta {
     /// A delta from PEFT's `A` (`r × in`), `B` (`out × r`) and the scale.
-    pub fn new(a: Vec<f32>, b: Vec<f32>, rank: usize, inp: usize, out: usize, scale: f32) -> Self {
-        let b_scaled = b.iter().map(|v| v * scale).collect();
+    pub fn new(
+        a: Vec<f32>,
+        mut b: Vec<f32>,
+        rank: usize,
+        inp: usize,
+        out: usize,
+        scale: f32,
+    ) -> Self {
+        if scale != 1.0 {
+            b.iter_mut().for_each(|v| *v *= scale);
+        }
         LoraDelta {
             a: WeightMatrix::from_f32(a, rank, inp),
-            b_scaled: WeightMatrix::from_f32(b_scaled, out, rank),
+            b_scaled: WeightMatrix::from_f32(b, out, rank),
         }
     }
 

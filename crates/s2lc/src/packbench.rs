@@ -104,10 +104,10 @@ fn expert_ffn(base: &FfnWeights, set: &PackedSet, name: &str) -> Result<FfnWeigh
                 layer: *layer,
                 target: 4 + m,
             };
-            let Some((b, a)) = unpacked.get(&key) else {
+            let Some(f) = unpacked.get(&key) else {
                 continue;
             };
-            let delta = s2lc_spectral::row_major((b * a).as_ref());
+            let delta = s2lc_spectral::row_major(f.dense().as_ref());
             for (w, d) in t.data.iter_mut().zip(delta) {
                 *w += d;
             }
