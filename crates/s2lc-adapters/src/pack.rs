@@ -198,12 +198,47 @@ impl Member {
     }
 }
 
+/// Over what a member's truncation keeps its share of energy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnergyScope {
+    /// Every delta keeps `energy` of its own energy (rank ≥ 1 each).
+    #[default]
+    Matrix,
+    /// The member keeps `energy` of its total energy: its singular values across all its
+    /// matrices are ranked together, so a matrix whose delta is small relative to the rest keeps
+    /// fewer directions, or none.
+    Member,
+}
+
+impl EnergyScope {
+    /// Parses `matrix` or `member`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "matrix" => Some(EnergyScope::Matrix),
+            "member" => Some(EnergyScope::Member),
+            _ => None,
+        }
+    }
+
+    /// `matrix` or `member`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EnergyScope::Matrix => "matrix",
+            EnergyScope::Member => "member",
+        }
+    }
+}
+
 /// How members are packed.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PackParams {
     /// Share of energy kept at each spectral step: each delta's truncation, the shared bases, and
     /// (with an orthogonal residual when needed) each member's projection.
     pub energy: f64,
+    /// Whether the truncation's `energy` is per matrix or over the whole member.
+    #[serde(default)]
+    pub scope: EnergyScope,
     /// Bits of the cores and residual factors.
     pub bits: QuantBits,
     /// Bits of the shared bases.
@@ -218,6 +253,7 @@ impl Default for PackParams {
     fn default() -> Self {
         PackParams {
             energy: 0.95,
+            scope: EnergyScope::Matrix,
             bits: QuantBits::Int8,
             basis_bits: QuantBits::Int8,
             block: 32,
@@ -396,13 +432,34 @@ pub struct MemberReport {
     pub rel_error: f64,
 }
 
-/// The truncated SVD of a delta keeping `energy` (rank ≥ 1 unless the delta is zero).
-fn truncated(delta: &Delta, energy: f64) -> Result<Svd, SvdError> {
+/// How a delta is truncated: to `energy` of its own, or to the singular values at least
+/// `floor` (a member-wide cut, see [`EnergyScope::Member`]).
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    Energy(f64),
+    Floor(f32),
+}
+
+/// The member-wide cut of [`EnergyScope::Member`]: the smallest singular value that, with all
+/// the larger ones across the member's matrices, keeps `energy` of its total energy.
+fn member_floor(member: &Member, energy: f64) -> Result<f32, SvdError> {
+    let mut s: Vec<f32> = Vec::new();
+    for d in member.deltas.values() {
+        s.extend(d.svd()?.s);
+    }
+    s.sort_by(|a, b| b.total_cmp(a));
+    let k = rank_for_energy(&s, energy).max(1);
+    Ok(s.get(k - 1).copied().unwrap_or(0.0))
+}
+
+/// The truncated SVD of a delta (rank ≥ 1 under [`Cut::Energy`] unless the delta is zero; under
+/// [`Cut::Floor`] the rank may be 0).
+fn truncated(delta: &Delta, cut: Cut) -> Result<Svd, SvdError> {
     let svd = delta.svd()?;
-    let k = if svd.s.first().is_some_and(|&s| s > 0.0) {
-        rank_for_energy(&svd.s, energy).max(1)
-    } else {
-        0
+    let k = match cut {
+        _ if !svd.s.first().is_some_and(|&s| s > 0.0) => 0,
+        Cut::Energy(energy) => rank_for_energy(&svd.s, energy).max(1),
+        Cut::Floor(floor) => svd.s.iter().take_while(|&&s| s >= floor && s > 0.0).count(),
     };
     Ok(Svd {
         u: svd.u.subcols(0, k).to_owned(),
@@ -644,16 +701,33 @@ pub fn pack(members: &[Member], params: PackParams) -> Result<PackedSet, PackErr
     for &key in &keys {
         common_shape(&refs, key)?;
     }
-    type ModuleOut = (ModuleKey, PackedModule, Vec<Option<PackedCore>>);
+    let cuts: Vec<Cut> = match params.scope {
+        EnergyScope::Matrix => vec![Cut::Energy(params.energy); members.len()],
+        EnergyScope::Member => members
+            .par_iter()
+            .map(|m| member_floor(m, params.energy).map(Cut::Floor))
+            .collect::<Result<_, _>>()?,
+    };
+    type ModuleOut = Option<(ModuleKey, PackedModule, Vec<Option<PackedCore>>)>;
     let per_module: Vec<ModuleOut> = keys
         .par_iter()
         .map(|&key| -> Result<ModuleOut, PackError> {
+            // A delta truncated to rank 0 (member scope) is left out of this matrix.
             let svds: Vec<Option<Svd>> = members
                 .iter()
-                .map(|m| m.deltas.get(&key).map(|d| truncated(d, params.energy)))
-                .map(Option::transpose)
+                .zip(&cuts)
+                .map(|(m, &cut)| {
+                    m.deltas
+                        .get(&key)
+                        .map(|d| truncated(d, cut))
+                        .transpose()
+                        .map(|s| s.filter(|s| !s.s.is_empty()))
+                })
                 .collect::<Result<_, _>>()?;
             let present: Vec<Svd> = svds.iter().flatten().cloned().collect();
+            if present.is_empty() {
+                return Ok(None);
+            }
             let basis = fit_shared_basis(&present, params.energy, None)?;
             let q = |m: MatRef<'_, f32>| QMat::new(m, params.block, params.basis_bits, 0.0);
             let module = PackedModule {
@@ -669,7 +743,7 @@ pub fn pack(members: &[Member], params: PackParams) -> Result<PackedSet, PackErr
                         .transpose()
                 })
                 .collect::<Result<_, _>>()?;
-            Ok((key, module, cores))
+            Ok(Some((key, module, cores)))
         })
         .collect::<Result<_, _>>()?;
     let mut set = PackedSet {
@@ -683,7 +757,7 @@ pub fn pack(members: &[Member], params: PackParams) -> Result<PackedSet, PackErr
             })
             .collect(),
     };
-    for (key, module, cores) in per_module {
+    for (key, module, cores) in per_module.into_iter().flatten() {
         set.modules.insert(key, module);
         for (member, core) in set.members.iter_mut().zip(cores) {
             if let Some(core) = core {
@@ -740,11 +814,19 @@ impl PackedSet {
                 member.name
             )));
         }
+        let cut = match self.params.scope {
+            EnergyScope::Matrix => Cut::Energy(self.params.energy),
+            EnergyScope::Member => Cut::Floor(member_floor(member, self.params.energy)?),
+        };
         let cores = member
             .deltas
             .par_iter()
             .map(
-                |(&key, delta)| -> Result<(ModuleKey, PackedCore), PackError> {
+                |(&key, delta)| -> Result<Option<(ModuleKey, PackedCore)>, PackError> {
+                    let svd = truncated(delta, cut)?;
+                    if svd.s.is_empty() {
+                        return Ok(None);
+                    }
                     let module = self.modules.get(&key).ok_or_else(|| {
                         PackError::Invalid(format!(
                             "{}: the pack has no basis for this matrix (re-pack to include it)",
@@ -761,15 +843,17 @@ impl PackedSet {
                             shape
                         )));
                     }
-                    let svd = truncated(delta, self.params.energy)?;
                     let (u, v) = (module.u.to_mat(), module.v.to_mat());
-                    Ok((
+                    Ok(Some((
                         key,
                         project(u.as_ref(), v.as_ref(), &svd, &self.params, true)?,
-                    ))
+                    )))
                 },
             )
-            .collect::<Result<BTreeMap<_, _>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+            .collect();
         self.members.push(PackedMember {
             name: member.name.clone(),
             cores,
@@ -947,6 +1031,54 @@ mod tests {
                 prop_assert!(rep.rel_error <= bound, "{}: {} > {}", rep.name, rep.rel_error, bound);
             }
         }
+    }
+
+    /// Member scope ranks a member's singular values together: a matrix whose delta is tiny
+    /// next to the others gets no core (it stays in with matrix scope), and the member's error
+    /// stays within its energy budget — packed or added later.
+    #[test]
+    fn member_scope_drops_matrices_that_hold_little_of_the_member() {
+        let mut ms = members(3, 40, 36, 4, 1, 11);
+        let tiny = ModuleKey {
+            layer: 1,
+            target: 2,
+        };
+        for m in &mut ms {
+            if let Some(Delta::Factors { b, .. }) = m.deltas.get_mut(&tiny) {
+                *b = &*b * faer::Scale(1e-3);
+            }
+        }
+        let (first, later) = ms.split_at(2);
+        for scope in [EnergyScope::Matrix, EnergyScope::Member] {
+            let params = PackParams {
+                energy: 0.9,
+                scope,
+                ..PackParams::default()
+            };
+            let mut set = pack(first, params).unwrap();
+            set.add(&later[0]).unwrap();
+            for m in &set.members {
+                assert_eq!(
+                    m.cores.contains_key(&tiny),
+                    scope == EnergyScope::Matrix,
+                    "{scope:?} {}",
+                    m.name
+                );
+            }
+            for rep in set.report(&ms).unwrap() {
+                // Truncation, basis and projection may each drop 1 − e (n = 2 pooled members).
+                let bound = (4.0f64 * 0.1).sqrt() + 0.03;
+                assert!(
+                    rep.rel_error <= bound,
+                    "{scope:?} {}: {}",
+                    rep.name,
+                    rep.rel_error
+                );
+            }
+        }
+        // The command-line names.
+        assert_eq!(EnergyScope::parse("member"), Some(EnergyScope::Member));
+        assert_eq!(EnergyScope::parse("layer"), None);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use s2lc_adapters::pack::{MemberReport, PackedSet};
-use s2lc_adapters::{format, pack, Member, PackParams};
+use s2lc_adapters::{format, pack, EnergyScope, Member, PackParams};
 use s2lc_model::lora::{DeltaTruncation, LoraAdapter, TARGETS};
 use s2lc_spectral::QuantBits;
 
@@ -35,6 +35,10 @@ pub struct PackOptions {
     /// Share of energy kept by each spectral step (delta truncation, shared bases, projection).
     #[arg(long, default_value_t = 0.95)]
     pub energy: f64,
+    /// What the truncation's energy is a share of: each matrix (`matrix`), or the whole adapter
+    /// (`member`: its singular values ranked together, so small deltas lose more).
+    #[arg(long, default_value = "matrix", value_parser = parse_scope)]
+    pub scope: EnergyScope,
     /// Bits of the cores: int8 or int4.
     #[arg(long, default_value = "int8", value_parser = parse_bits)]
     pub bits: QuantBits,
@@ -54,6 +58,7 @@ impl PackOptions {
     pub fn params(&self) -> Result<PackParams> {
         let p = PackParams {
             energy: self.energy,
+            scope: self.scope,
             bits: self.bits,
             basis_bits: self.basis_bits,
             block: self.block,
@@ -64,8 +69,14 @@ impl PackOptions {
     }
 }
 
-fn parse_bits(s: &str) -> Result<QuantBits, String> {
+/// Parses `int8` / `int4`.
+pub fn parse_bits(s: &str) -> Result<QuantBits, String> {
     QuantBits::parse(s).ok_or_else(|| format!("unknown bits '{s}' (int8, int4)"))
+}
+
+/// Parses `matrix` / `member`.
+pub fn parse_scope(s: &str) -> Result<EnergyScope, String> {
+    EnergyScope::parse(s).ok_or_else(|| format!("unknown energy scope '{s}' (matrix, member)"))
 }
 
 /// `s2lc adapters pack`.

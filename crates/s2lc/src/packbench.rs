@@ -11,14 +11,14 @@ use clap::Args;
 use serde_json::json;
 
 use s2lc_adapters::pack::{pack_separately, PackedSet};
-use s2lc_adapters::{pack, Member, PackParams};
+use s2lc_adapters::{pack, EnergyScope, Member, PackParams};
 use s2lc_model::experts::{ExpertSet, FfnWeights};
 use s2lc_model::llama::LlamaModel;
 use s2lc_model::lora::LoraAdapter;
 use s2lc_model::source::WeightStorage;
 use s2lc_spectral::QuantBits;
 
-use crate::adapters::read_members;
+use crate::adapters::{parse_bits, parse_scope, read_members};
 use crate::heldout::{adapter_domain, default_texts, domain_of_text, Domain, HeldoutArgs};
 use crate::{load_model, parse_weights, progress, s2lc_home, ModelArg};
 
@@ -46,6 +46,15 @@ pub struct PackBenchArgs {
     /// Core bits to try (comma-separated: int8, int4).
     #[arg(long, value_delimiter = ',', default_value = "int8,int4")]
     bits: Vec<String>,
+    /// What each energy is a share of: `matrix` or `member` (see `s2lc adapters pack --scope`).
+    #[arg(long, default_value = "matrix", value_parser = parse_scope)]
+    scope: EnergyScope,
+    /// Bits of the shared bases.
+    #[arg(long, default_value = "int8", value_parser = parse_bits)]
+    basis_bits: QuantBits,
+    /// Share of each core's energy that dropped blocks may hold.
+    #[arg(long, default_value_t = 0.0)]
+    drop_energy: f64,
     #[command(flatten)]
     heldout: HeldoutArgs,
     /// Unpack timings per configuration (the median is reported).
@@ -123,12 +132,16 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
         .iter()
         .map(|b| QuantBits::parse(b).with_context(|| format!("unknown bits '{b}' (int8, int4)")))
         .collect::<Result<_>>()?;
+    let params_at = |energy: f64, bits: QuantBits| PackParams {
+        energy,
+        scope: args.scope,
+        bits,
+        basis_bits: args.basis_bits,
+        drop_energy: args.drop_energy,
+        ..PackParams::default()
+    };
     for &e in &args.energies {
-        PackParams {
-            energy: e,
-            ..PackParams::default()
-        }
-        .validate()?;
+        params_at(e, QuantBits::Int8).validate()?;
     }
     let home = s2lc_home();
     let dirs: Vec<PathBuf> = if args.adapters.is_empty() {
@@ -236,11 +249,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
         for &energy in &args.energies {
             for &b in &bits {
                 for shared in [true, false] {
-                    let params = PackParams {
-                        energy,
-                        bits: b,
-                        ..PackParams::default()
-                    };
+                    let params = params_at(energy, b);
                     let o = measure_config(
                         suite,
                         params,
@@ -290,6 +299,8 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             "model": args.model.path(),
             "weights": args.weights.name(),
             "heldout": h.heldout, "seq": h.seq, "max_windows": h.max_windows,
+            "scope": args.scope.name(), "basis_bits": args.basis_bits.name(),
+            "drop_energy": args.drop_energy,
             "suites": report,
         });
         std::fs::write(path, serde_json::to_string_pretty(&out)?)
