@@ -1,0 +1,547 @@
+//! The HTTP API: OpenAI-style completions over one base model and the store's adapters.
+//!
+//! `model` is the base's id (`smollm2`) or `base:adapter@requirement` (`smollm2:legal@^1.2`); the
+//! S2LC field `adapter` does the same. Every error is a JSON body
+//! `{"error": {"message", "type", "code"}}` with a 4xx/5xx status, and the server keeps serving.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use s2lc_model::generate::{generate, Sampler, SamplingParams};
+use s2lc_model::llama::LlamaModel;
+use s2lc_model::lora::LoraAdapter;
+use s2lc_model::tokenizer::Tokenizer;
+
+use crate::cache::{CacheError, JitCache};
+use crate::source::{AdapterSource, SourceError};
+
+/// Limits and names of a server.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The id clients use for the base model (`model` in requests).
+    pub model_id: String,
+    /// Bytes the unpacked adapters may hold (f32 factors).
+    pub adapter_budget: usize,
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens: usize,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+}
+
+/// The base model and what generation needs; requests take turns on it.
+pub struct Engine {
+    model: Mutex<LlamaModel>,
+    tokenizer: Tokenizer,
+    chat_template: Option<String>,
+    stop: Vec<u32>,
+    max_seq_len: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Engine(max_seq_len {})", self.max_seq_len)
+    }
+}
+
+impl Engine {
+    /// An engine over a loaded model, its tokenizer and its chat template (if any).
+    pub fn new(model: LlamaModel, tokenizer: Tokenizer, chat_template: Option<String>) -> Self {
+        let stop = [tokenizer.eos_id(), tokenizer.token_to_id("<|im_end|>")]
+            .into_iter()
+            .flatten()
+            .collect();
+        let max_seq_len = model.config().max_seq_len;
+        Engine {
+            model: Mutex::new(model),
+            tokenizer,
+            chat_template,
+            stop,
+            max_seq_len,
+        }
+    }
+}
+
+/// An API error: status, OpenAI-style type, and a message naming the problem.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<SourceError> for ApiError {
+    fn from(e: SourceError) -> Self {
+        let status = match e {
+            SourceError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            SourceError::NotFound(_) => StatusCode::NOT_FOUND,
+            SourceError::Unusable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            SourceError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<CacheError<SourceError>> for ApiError {
+    fn from(e: CacheError<SourceError>) -> Self {
+        match e {
+            CacheError::Load(e) => e.into(),
+            e @ CacheError::OverBudget { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
+            e @ CacheError::Panicked(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = if self.status.is_server_error() {
+            "server_error"
+        } else {
+            "invalid_request_error"
+        };
+        let body = json!({"error": {
+            "message": self.message, "type": kind, "code": self.status.as_u16(),
+        }});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Counters behind `/metrics`.
+#[derive(Debug, Default)]
+struct Metrics {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+/// Everything a request handler needs.
+struct AppState {
+    engine: Engine,
+    source: Box<dyn AdapterSource>,
+    cache: JitCache<LoraAdapter, SourceError>,
+    config: ServeConfig,
+    metrics: Metrics,
+}
+
+/// One chat message.
+#[derive(Debug, Deserialize)]
+struct Message {
+    role: String,
+    content: String,
+}
+
+/// The fields of `/v1/completions` and `/v1/chat/completions` the server reads (others, such
+/// as `user` or `n`, are ignored as OpenAI's server ignores what it does not know).
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    model: Option<String>,
+    prompt: Option<Value>,
+    messages: Option<Vec<Message>>,
+    max_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+    stream: Option<bool>,
+    /// S2LC: the adapter, `name@requirement`.
+    adapter: Option<String>,
+}
+
+/// What a generation produced.
+struct Completion {
+    text: String,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    finish_reason: &'static str,
+    adapter: Option<String>,
+    cache: &'static str,
+}
+
+/// The router over a state; see the module docs for the routes.
+fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until the process ends (blocking; runs its own tokio runtime).
+pub fn serve(
+    listener: TcpListener,
+    engine: Engine,
+    source: Box<dyn AdapterSource>,
+    config: ServeConfig,
+) -> std::io::Result<()> {
+    let state = Arc::new(AppState {
+        engine,
+        source,
+        cache: JitCache::new(config.adapter_budget),
+        config,
+        metrics: Metrics::default(),
+    });
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        axum::serve(listener, router(state)).await
+    })
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let st = s.clone();
+    let adapters = tokio::task::spawn_blocking(move || st.source.list())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let base = &s.config.model_id;
+    let mut data = vec![json!({"id": base, "object": "model", "owned_by": "s2lc"})];
+    data.extend(adapters.iter().map(|a| {
+        json!({"id": format!("{base}:{a}"), "object": "model", "owned_by": "s2lc", "root": base})
+    }));
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    let c = s.cache.stats();
+    let m = &s.metrics;
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, kind: &str, v: f64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+        ));
+    };
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+    counter(
+        "s2lc_requests_total",
+        "Completion requests received.",
+        "counter",
+        get(&m.requests),
+    );
+    counter(
+        "s2lc_request_errors_total",
+        "Completion requests answered with an error.",
+        "counter",
+        get(&m.errors),
+    );
+    counter(
+        "s2lc_prompt_tokens_total",
+        "Prompt tokens processed.",
+        "counter",
+        get(&m.prompt_tokens),
+    );
+    counter(
+        "s2lc_completion_tokens_total",
+        "Tokens generated.",
+        "counter",
+        get(&m.completion_tokens),
+    );
+    counter(
+        "s2lc_adapter_cache_hits_total",
+        "Adapter requests served from the cache.",
+        "counter",
+        (c.hits + c.coalesced) as f64,
+    );
+    counter(
+        "s2lc_adapter_cache_misses_total",
+        "Adapter requests that loaded the adapter.",
+        "counter",
+        c.misses as f64,
+    );
+    counter(
+        "s2lc_adapter_cache_evictions_total",
+        "Adapters evicted to stay within the budget.",
+        "counter",
+        c.evictions as f64,
+    );
+    counter(
+        "s2lc_adapter_cache_resident_bytes",
+        "Bytes of unpacked adapters resident.",
+        "gauge",
+        c.resident_bytes as f64,
+    );
+    counter(
+        "s2lc_adapter_cache_budget_bytes",
+        "The adapter cache's byte budget.",
+        "gauge",
+        s.cache.budget() as f64,
+    );
+    let bounds = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+    let (counts, n, sum) = s.cache.load_histogram(&bounds);
+    out.push_str("# HELP s2lc_adapter_load_seconds Time to pull and unpack an adapter.\n");
+    out.push_str("# TYPE s2lc_adapter_load_seconds histogram\n");
+    for (b, c) in bounds.iter().zip(counts) {
+        out.push_str(&format!(
+            "s2lc_adapter_load_seconds_bucket{{le=\"{b}\"}} {c}\n"
+        ));
+    }
+    out.push_str(&format!(
+        "s2lc_adapter_load_seconds_bucket{{le=\"+Inf\"}} {n}\ns2lc_adapter_load_seconds_sum {sum}\ns2lc_adapter_load_seconds_count {n}\n"
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn completions(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    respond(s, body, false).await
+}
+
+async fn chat_completions(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    respond(s, body, true).await
+}
+
+async fn respond(s: Arc<AppState>, body: Result<Bytes, BytesRejection>, chat: bool) -> Response {
+    s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let result = async {
+        let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+        let req: CompletionRequest = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("malformed JSON body: {e}")))?;
+        let st = s.clone();
+        tokio::task::spawn_blocking(move || complete(&st, req, chat))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    }
+    .await;
+    match result {
+        Ok((c, model)) => {
+            let m = &s.metrics;
+            m.prompt_tokens
+                .fetch_add(c.prompt_tokens as u64, Ordering::Relaxed);
+            m.completion_tokens
+                .fetch_add(c.completion_tokens as u64, Ordering::Relaxed);
+            let created = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let id = format!("cmpl-{}", m.requests.load(Ordering::Relaxed));
+            let choice = if chat {
+                json!({"index": 0, "finish_reason": c.finish_reason,
+                       "message": {"role": "assistant", "content": c.text}})
+            } else {
+                json!({"index": 0, "finish_reason": c.finish_reason, "text": c.text})
+            };
+            Json(json!({
+                "id": id,
+                "object": if chat { "chat.completion" } else { "text_completion" },
+                "created": created,
+                "model": model,
+                "choices": [choice],
+                "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                          "total_tokens": c.prompt_tokens + c.completion_tokens},
+                "s2lc": {"adapter": c.adapter, "adapter_cache": c.cache},
+            }))
+            .into_response()
+        }
+        Err(e) => {
+            s.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            e.into_response()
+        }
+    }
+}
+
+/// Validates a request, finds its adapter (through the cache), and generates. Blocking.
+fn complete(
+    s: &AppState,
+    req: CompletionRequest,
+    chat: bool,
+) -> Result<(Completion, String), ApiError> {
+    if req.stream == Some(true) {
+        return Err(ApiError::bad(
+            "stream: true is not supported yet; send stream: false",
+        ));
+    }
+    let base = &s.config.model_id;
+    let (model_base, model_adapter) = match req.model.as_deref() {
+        None => (base.as_str(), None),
+        Some(m) => match m.split_once(':') {
+            Some((b, a)) => (b, Some(a)),
+            None => (m, None),
+        },
+    };
+    if model_base != base {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("model '{model_base}' is not served here (the base is '{base}')"),
+        ));
+    }
+    let spec = match (model_adapter, req.adapter.as_deref()) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::bad(format!(
+                "the model names adapter '{a}' but the adapter field names '{b}'"
+            )))
+        }
+        (a, b) => a.or(b),
+    };
+    let max_tokens = req.max_tokens.unwrap_or(16);
+    if max_tokens > s.config.max_tokens {
+        return Err(ApiError::bad(format!(
+            "max_tokens {max_tokens} is over this server's limit of {}",
+            s.config.max_tokens
+        )));
+    }
+    let temperature = req.temperature.unwrap_or(0.0);
+    let top_p = req.top_p.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) || !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad(format!(
+            "temperature must be in [0, 2] and top_p in (0, 1] (got {temperature}, {top_p})"
+        )));
+    }
+    let e = &s.engine;
+    let text = if chat {
+        chat_prompt(e.chat_template.as_deref(), req.messages.as_deref())?
+    } else {
+        match &req.prompt {
+            Some(Value::String(p)) => p.clone(),
+            Some(_) => return Err(ApiError::bad("prompt must be one string")),
+            None => return Err(ApiError::bad("prompt is missing")),
+        }
+    };
+    let prompt = e
+        .tokenizer
+        .encode(&text, true)
+        .map_err(|err| ApiError::bad(format!("tokenizing the prompt: {err}")))?;
+    if prompt.is_empty() {
+        return Err(ApiError::bad("the prompt is empty"));
+    }
+    if prompt.len() + max_tokens > e.max_seq_len {
+        return Err(ApiError::bad(format!(
+            "the prompt has {} tokens; with max_tokens {max_tokens} that is over the context of {} tokens",
+            prompt.len(),
+            e.max_seq_len
+        )));
+    }
+    // The adapter: resolved to one version, then from the cache or loaded into it.
+    let (adapter, key, cache) = match spec {
+        None => (None, None, "none"),
+        Some(spec) => {
+            let key = s.source.resolve(spec)?;
+            let mut loaded = false;
+            let a = s.cache.get_or_load(&key, || {
+                loaded = true;
+                let a = s.source.load(&key)?;
+                let bytes = 4 * a.n_params();
+                Ok((a, bytes))
+            })?;
+            (Some(a), Some(key), if loaded { "miss" } else { "hit" })
+        }
+    };
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature,
+        top_p,
+        seed: req.seed.unwrap_or(0),
+    });
+    let generated = {
+        let mut model = e.model.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = &adapter {
+            model
+                .attach_adapter(a)
+                .map_err(|err| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, err.to_string()))?;
+        }
+        let mut kv = model.dense_cache(prompt.len() + max_tokens);
+        let out = generate(
+            &*model,
+            &mut kv,
+            &prompt,
+            max_tokens,
+            &mut sampler,
+            &e.stop,
+            |_| true,
+        );
+        model.detach_adapters();
+        out.map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?
+    };
+    let ids = &generated.generated;
+    let stopped = ids.last().is_some_and(|t| e.stop.contains(t));
+    let kept = if stopped { &ids[..ids.len() - 1] } else { ids };
+    let text = e
+        .tokenizer
+        .decode(kept, true)
+        .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
+    let model_name = match &key {
+        Some(k) => format!("{base}:{k}"),
+        None => base.clone(),
+    };
+    Ok((
+        Completion {
+            text,
+            prompt_tokens: prompt.len(),
+            completion_tokens: ids.len(),
+            finish_reason: if stopped { "stop" } else { "length" },
+            adapter: key,
+            cache,
+        },
+        model_name,
+    ))
+}
+
+/// The prompt of a chat request: every message in ChatML when the model's template uses it
+/// (SmolLM2, Qwen2), else the single user message as is.
+fn chat_prompt(template: Option<&str>, messages: Option<&[Message]>) -> Result<String, ApiError> {
+    let messages = messages
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| ApiError::bad("messages is missing or empty"))?;
+    for m in messages {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+            return Err(ApiError::bad(format!(
+                "unknown message role '{}' (system, user, assistant)",
+                m.role
+            )));
+        }
+    }
+    if template.is_some_and(|t| t.contains("<|im_start|>")) {
+        let mut out = String::new();
+        for m in messages {
+            out.push_str(&format!(
+                "<|im_start|>{}\n{}<|im_end|>\n",
+                m.role, m.content
+            ));
+        }
+        out.push_str("<|im_start|>assistant\n");
+        Ok(out)
+    } else {
+        match messages {
+            [m] if m.role == "user" => Ok(m.content.clone()),
+            _ => Err(ApiError::bad(
+                "this model has no chat template: send one user message",
+            )),
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! The S2LC server: an OpenAI-style HTTP API over one base model, with LoRA adapters pulled from
+//! the Adapter Store and unpacked just in time into a byte-budgeted cache.
+//!
+//! - [`cache`]: the JIT cache (LRU, pinning, single-flight loads, budget).
+//! - [`source`]: where adapters come from: the store (`name@semver-req`), pulled, checked against
+//!   the base model's digest, and unpacked (a PEFT directory or one S2LC pack member).
+//! - [`api`]: the routes (`/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
+//!   `/metrics`), JSON errors, request limits, and the generation worker.
+//!
+//! Requests run one at a time on the model (each forward pass uses every core); requests for
+//! different adapters interleave at request granularity. The routing and batching parts of the
+//! serving design are not built yet.
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod cache;
+pub mod source;
+
+pub use api::{serve, Engine, ServeConfig};
+pub use cache::{CacheError, CacheStats, JitCache};
+pub use source::{AdapterSource, StoreSource};

@@ -1,0 +1,130 @@
+//! Where the server's adapters come from: resolve `name@semver-req` to one version, then load it
+//! (pull, verify, unpack) when the cache misses.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use s2lc_model::lora::LoraAdapter;
+use s2lc_store::{parse_selector, parse_versioned, Selector, Store, StoreError};
+
+/// Why an adapter could not be resolved or loaded; each maps to one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    /// The request names something malformed (a bad name or version requirement) → 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such adapter or version → 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// The adapter exists but does not fit this server (another base model, a broken pack) → 422.
+    #[error("{0}")]
+    Unusable(String),
+    /// The store cannot be reached or read → 503.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<StoreError> for SourceError {
+    fn from(e: StoreError) -> Self {
+        let msg = e.to_string();
+        match e {
+            StoreError::BadName(_) => SourceError::BadRequest(msg),
+            StoreError::NotFound(_) => SourceError::NotFound(msg),
+            StoreError::Invalid(_) | StoreError::Corrupt { .. } => SourceError::Unusable(msg),
+            StoreError::Backend(_) | StoreError::Io { .. } => SourceError::Unavailable(msg),
+            StoreError::VersionExists { .. } | StoreError::Aborted(_) => {
+                SourceError::Unavailable(msg)
+            }
+        }
+    }
+}
+
+/// A provider of adapters by name and version.
+pub trait AdapterSource: Send + Sync {
+    /// Resolves `name@requirement` (`legal@^1.2`, `legal@1.0.0`, `legal@prod`, `legal`) to the
+    /// cache key `name@version`.
+    fn resolve(&self, spec: &str) -> Result<String, SourceError>;
+    /// Loads the adapter of a key returned by [`AdapterSource::resolve`].
+    fn load(&self, key: &str) -> Result<LoraAdapter, SourceError>;
+    /// Every available `name@version`.
+    fn list(&self) -> Result<Vec<String>, SourceError>;
+}
+
+/// Adapters from an S2LC Adapter Store, checked against the base model's digest.
+#[derive(Debug)]
+pub struct StoreSource {
+    store: Store,
+    base_digest: Option<String>,
+    scratch: PathBuf,
+    pulls: AtomicU64,
+}
+
+impl StoreSource {
+    /// Serves from `store`; pulls of adapters recorded for another base than `base_digest` are
+    /// refused. Pulled files are staged under the system temp directory and removed after
+    /// unpacking.
+    pub fn new(store: Store, base_digest: Option<String>) -> Self {
+        StoreSource {
+            store,
+            base_digest,
+            scratch: std::env::temp_dir().join(format!("s2lc-serve-{}", std::process::id())),
+            pulls: AtomicU64::new(0),
+        }
+    }
+}
+
+impl AdapterSource for StoreSource {
+    fn resolve(&self, spec: &str) -> Result<String, SourceError> {
+        let (name, sel) = parse_selector(spec)?;
+        let version = self.store.resolve(&name, &sel)?;
+        Ok(format!("{name}@{version}"))
+    }
+
+    fn load(&self, key: &str) -> Result<LoraAdapter, SourceError> {
+        let (name, version) = parse_versioned(key)?;
+        let dir = self
+            .scratch
+            .join(format!("{}", self.pulls.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_dir_all(&dir);
+        let result = (|| {
+            self.store.pull(
+                &name,
+                &Selector::Exact(version),
+                &dir,
+                self.base_digest.as_deref(),
+            )?;
+            read_adapter(&dir, key)
+        })();
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    fn list(&self) -> Result<Vec<String>, SourceError> {
+        Ok(self
+            .store
+            .list()?
+            .into_iter()
+            .map(|l| format!("{}@{}", l.name, l.version))
+            .collect())
+    }
+}
+
+/// A pulled version: a PEFT adapter directory, or an S2LC pack holding one member (what
+/// `s2lc store push --member` stores), unpacked.
+fn read_adapter(dir: &std::path::Path, key: &str) -> Result<LoraAdapter, SourceError> {
+    let unusable = |e: &dyn std::fmt::Display| SourceError::Unusable(format!("{key}: {e}"));
+    let mut adapter = if dir.join("pack.json").is_file() {
+        let set = s2lc_adapters::format::load(dir).map_err(|e| unusable(&e))?;
+        let [member] = set.members.as_slice() else {
+            return Err(unusable(&format!(
+                "a pack of {} members; push one with `s2lc store push --member`",
+                set.members.len()
+            )));
+        };
+        set.unpack_lora(&member.name).map_err(|e| unusable(&e))?
+    } else {
+        LoraAdapter::load(dir).map_err(|e| unusable(&e))?
+    };
+    adapter.path = PathBuf::from(key);
+    Ok(adapter)
+}
