@@ -419,7 +419,7 @@ fn complete(
     }
     let temperature = req.temperature.unwrap_or(0.0);
     let top_p = req.top_p.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) || !(top_p > 0.0 && top_p <= 1.0) {
+    if !((0.0..=2.0).contains(&temperature) && top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::bad(format!(
             "temperature must be in [0, 2] and top_p in (0, 1] (got {temperature}, {top_p})"
         )));
@@ -477,7 +477,7 @@ fn complete(
         }
         let mut kv = model.dense_cache(prompt.len() + max_tokens);
         let out = generate(
-            &*model,
+            &model,
             &mut kv,
             &prompt,
             max_tokens,

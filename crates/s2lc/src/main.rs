@@ -17,6 +17,7 @@ mod heldout;
 mod kvbench;
 mod packbench;
 mod progress;
+mod serve;
 mod store;
 
 use s2lc_model::eval::{perplexity, perplexity_streamed};
@@ -62,6 +63,9 @@ enum Command {
     Experts(experts::ExpertsCommand),
     /// The Adapter Store: content-addressed blobs, semantic versions, local or S3.
     Store(store::StoreArgs),
+    /// Serve the base model and the store's adapters over an OpenAI-style HTTP API
+    /// (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).
+    Serve(serve::ServeArgs),
     /// Write the last-position logits of a prompt (raw little-endian f32, vocabulary order) and
     /// print the top tokens: for cross-checks against other runtimes.
     Logits(LogitsArgs),
@@ -225,6 +229,7 @@ fn try_main() -> Result<()> {
         Command::Adapters(cmd) => adapters::run(&cmd),
         Command::Experts(cmd) => experts::run(&cmd),
         Command::Store(args) => store::run(&args),
+        Command::Serve(args) => serve::run(&args),
         Command::Logits(args) => cmd_logits(&args),
         Command::Bench(BenchCommand::Decode(args)) => bench::decode(&args),
         Command::Bench(BenchCommand::CompressSweep(args)) => bench::compress_sweep(&args),

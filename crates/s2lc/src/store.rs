@@ -76,7 +76,7 @@ pub enum StoreCommand {
 }
 
 /// BLAKE3 of a base model: of the file, or of a directory's `config.json` and `*.safetensors`.
-fn model_digest(path: &Path) -> Result<String> {
+pub fn model_digest(path: &Path) -> Result<String> {
     let mut h = blake3::Hasher::new();
     if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
@@ -100,14 +100,18 @@ fn model_digest(path: &Path) -> Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
-/// Runs a store subcommand.
-pub fn run(args: &StoreArgs) -> Result<()> {
-    let location = args
-        .store
-        .clone()
+/// Opens the store at `location`, else `$S2LC_STORE`, else `$S2LC_HOME/store`.
+pub fn open_store(location: Option<&str>) -> Result<Store> {
+    let location = location
+        .map(str::to_string)
         .or_else(|| std::env::var("S2LC_STORE").ok())
         .unwrap_or_else(|| crate::s2lc_home().join("store").display().to_string());
-    let store = Store::open(&location).with_context(|| format!("opening the store {location}"))?;
+    Store::open(&location).with_context(|| format!("opening the store {location}"))
+}
+
+/// Runs a store subcommand.
+pub fn run(args: &StoreArgs) -> Result<()> {
+    let store = open_store(args.store.as_deref())?;
     match &args.command {
         StoreCommand::Push {
             dir,
@@ -210,7 +214,11 @@ pub fn run(args: &StoreArgs) -> Result<()> {
                 r.problems.len()
             );
             if !r.problems.is_empty() {
-                anyhow::bail!("the store at {location} has {} problems", r.problems.len());
+                anyhow::bail!(
+                    "the store at {} has {} problems",
+                    store.location(),
+                    r.problems.len()
+                );
             }
         }
         StoreCommand::Gc { grace_secs } => {

@@ -1,0 +1,314 @@
+//! `s2lc serve` end to end on the real model: adapters pushed to a store (a PEFT adapter and an
+//! S2LC pack member) are served by name and semver requirement, the server's text equals `s2lc
+//! generate` with the same adapter, the cache loads a cold adapter once under concurrent
+//! requests, and every bad request gets a JSON error while the server keeps serving.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+mod common;
+use common::{s2lc, scratch, smollm2, stderr};
+use serde_json::{json, Value};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/adapters")
+        .join(name)
+}
+
+/// The server process, killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(args: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_s2lc"))
+        .arg("serve")
+        .args(["--port", "0"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting s2lc serve");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let addr = loop {
+        let Some(Ok(line)) = lines.next() else {
+            panic!("s2lc serve exited before listening: {seen:?}");
+        };
+        if let Some(a) = line.strip_prefix("listening on http://") {
+            break a.to_string();
+        }
+        seen.push(line);
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, addr }
+}
+
+/// One HTTP/1.1 request; returns the status and the body.
+fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    // A server may answer (413) before reading a large body and close: ignore write errors.
+    let _ = s.write_all(body);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
+    let (status, text) = http(addr, "POST", path, body.to_string().as_bytes());
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")),
+    )
+}
+
+/// A JSON error with `status` whose message contains `needle`.
+fn assert_error(got: (u16, Value), status: u16, needle: &str) {
+    let (s, v) = got;
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert_eq!(s, status, "{v}");
+    assert_eq!(v["error"]["code"], status, "{v}");
+    assert!(msg.contains(needle), "expected '{needle}' in {msg}");
+}
+
+fn push(store: &Path, model: &Path, dir: &Path, target: &str, member: Option<&str>) {
+    let (st, m, d) = (
+        store.to_str().unwrap(),
+        model.to_str().unwrap(),
+        dir.to_str().unwrap(),
+    );
+    let mut args = vec!["store", "--store", st, "push", d, target, "--model", m];
+    if let Some(member) = member {
+        args.extend(["--member", member]);
+    }
+    let o = s2lc(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+fn metric(addr: &str, name: &str) -> f64 {
+    let (status, text) = http(addr, "GET", "/metrics", b"");
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from {text}"))
+}
+
+#[test]
+fn serve_completions_with_store_adapters() {
+    let Some(model) = smollm2() else { return };
+    let dir = scratch("serve");
+    let store = dir.join("store");
+    push(&store, &model, &fixture("alice-r4"), "alice@1.0.0", None);
+    let pack = dir.join("pack");
+    let o = s2lc(&[
+        "adapters",
+        "pack",
+        fixture("alice-r4").to_str().unwrap(),
+        fixture("alice-r4-e90").to_str().unwrap(),
+        "-o",
+        pack.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    push(
+        &store,
+        &model,
+        &pack,
+        "alice-packed@1.1.0",
+        Some("alice-r4"),
+    );
+
+    let server = start(&[
+        "--store",
+        store.to_str().unwrap(),
+        "--model-id",
+        "smollm2",
+        "--max-tokens",
+        "64",
+        "--adapter-memory",
+        "64MiB",
+    ]);
+    let addr = server.addr.as_str();
+    assert_eq!(http(addr, "GET", "/health", b"").0, 200);
+    let (status, models) = http(addr, "GET", "/v1/models", b"");
+    assert_eq!(status, 200);
+    assert!(
+        models.contains("\"smollm2\"") && models.contains("smollm2:alice@1.0.0"),
+        "{models}"
+    );
+
+    // The server's greedy text with the adapter equals `s2lc generate` with the same adapter.
+    let prompt = "Alice was beginning to get very tired of";
+    let req =
+        |model: &str| json!({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0});
+    let (status, with) = post(addr, "/v1/completions", &req("smollm2:alice@^1"));
+    assert_eq!(status, 200, "{with}");
+    assert_eq!(with["s2lc"]["adapter"], "alice@1.0.0");
+    assert_eq!(with["s2lc"]["adapter_cache"], "miss");
+    assert_eq!(with["model"], "smollm2:alice@1.0.0");
+    let text = with["choices"][0]["text"].as_str().unwrap();
+    let cli = s2lc(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--raw",
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "12",
+        "--adapter",
+        fixture("alice-r4").to_str().unwrap(),
+    ]);
+    assert!(cli.status.success(), "{}", stderr(&cli));
+    assert_eq!(
+        String::from_utf8_lossy(&cli.stdout).trim_end(),
+        text.trim_end()
+    );
+    let (_, again) = post(addr, "/v1/completions", &req("smollm2:alice@1.0.0"));
+    assert_eq!(again["s2lc"]["adapter_cache"], "hit");
+    assert_eq!(again["choices"][0]["text"], text);
+    let (_, base) = post(addr, "/v1/completions", &req("smollm2"));
+    assert_eq!(base["s2lc"]["adapter"], Value::Null);
+    assert!(base["usage"]["completion_tokens"].as_u64().unwrap() <= 12);
+
+    // Four concurrent requests for a cold pack member: one load.
+    let misses = metric(addr, "s2lc_adapter_cache_misses_total");
+    let bodies: Vec<Value> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let r =
+                        json!({"prompt": prompt, "max_tokens": 4, "adapter": "alice-packed@~1.1"});
+                    post(addr, "/v1/completions", &r)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap().1).collect()
+    });
+    for b in &bodies {
+        assert_eq!(b["s2lc"]["adapter"], "alice-packed@1.1.0", "{b}");
+    }
+    assert_eq!(
+        metric(addr, "s2lc_adapter_cache_misses_total"),
+        misses + 1.0
+    );
+
+    // Chat.
+    let (status, chat) = post(
+        addr,
+        "/v1/chat/completions",
+        &json!({"model": "smollm2", "max_tokens": 8,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}]}),
+    );
+    assert_eq!(status, 200, "{chat}");
+    assert_eq!(chat["object"], "chat.completion");
+    assert!(chat["choices"][0]["message"]["content"].is_string());
+
+    // Bad requests: a JSON error each, naming the problem.
+    let p = |extra: Value| {
+        let mut r = json!({"prompt": "hi", "max_tokens": 4});
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        post(addr, "/v1/completions", &r)
+    };
+    assert_error(
+        p(json!({"adapter": "nobody@1.0.0"})),
+        404,
+        "no adapter 'nobody'",
+    );
+    assert_error(
+        p(json!({"adapter": "alice@^2"})),
+        404,
+        "no version of 'alice' satisfies ^2",
+    );
+    assert_error(
+        p(json!({"adapter": "alice@>>1"})),
+        400,
+        "bad version requirement",
+    );
+    assert_error(
+        p(json!({"model": "gpt-4"})),
+        404,
+        "model 'gpt-4' is not served",
+    );
+    assert_error(
+        p(json!({"max_tokens": 100000})),
+        400,
+        "over this server's limit of 64",
+    );
+    assert_error(p(json!({"stream": true})), 400, "stream");
+    assert_error(p(json!({"temperature": -1})), 400, "temperature");
+    assert_error(
+        p(json!({"model": "smollm2:alice@1.0.0", "adapter": "x@1.0.0"})),
+        400,
+        "adapter field names 'x@1.0.0'",
+    );
+    let long = "hello ".repeat(9000);
+    assert_error(p(json!({"prompt": long})), 400, "over the context");
+    let (status, body) = http(addr, "POST", "/v1/completions", b"{\"prompt\": ");
+    assert_eq!(status, 400);
+    assert!(body.contains("malformed JSON"), "{body}");
+    let (status, body) = http(addr, "POST", "/v1/completions", &vec![b' '; 2 << 20]);
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(http(addr, "GET", "/nope", b"").0, 404);
+    assert_eq!(
+        post(
+            addr,
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "robot", "content": "x"}]})
+        )
+        .0,
+        400
+    );
+
+    // Still serving, and the counters saw it all.
+    assert_eq!(post(addr, "/v1/completions", &req("smollm2")).0, 200);
+    assert!(metric(addr, "s2lc_request_errors_total") >= 12.0);
+    assert!(metric(addr, "s2lc_adapter_cache_resident_bytes") > 0.0);
+    drop(server);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn serve_refuses_bad_flags_with_one_line() {
+    let o = s2lc(&["serve", "--adapter-memory", "12 parsecs"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unknown unit 'parsecs'"),
+        "{}",
+        stderr(&o)
+    );
+    let Some(_) = smollm2() else { return };
+    let o = s2lc(&["serve", "--model-id", "a:b", "--port", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("free of ':'"), "{}", stderr(&o));
+}
