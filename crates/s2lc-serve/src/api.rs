@@ -174,16 +174,6 @@ struct CompletionRequest {
     adapter: Option<String>,
 }
 
-/// What a generation produced.
-struct Completion {
-    text: String,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-    finish_reason: &'static str,
-    adapter: Option<String>,
-    cache: &'static str,
-}
-
 /// The router over a state; see the module docs for the routes.
 fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.max_body_bytes;
@@ -336,58 +326,134 @@ async fn respond(s: Arc<AppState>, body: Result<Bytes, BytesRejection>, chat: bo
         let req: CompletionRequest = serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad(format!("malformed JSON body: {e}")))?;
         let st = s.clone();
-        tokio::task::spawn_blocking(move || complete(&st, req, chat))
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        let job = blocking(move || prepare(&st, req, chat)).await?;
+        if job.stream {
+            return Ok(stream(s.clone(), job));
+        }
+        let st = s.clone();
+        let (job, c) = blocking(move || run(&st, &job, |_| true).map(|c| (job, c))).await?;
+        let choice = if chat {
+            json!({"index": 0, "finish_reason": c.finish_reason,
+                   "message": {"role": "assistant", "content": c.text}})
+        } else {
+            json!({"index": 0, "finish_reason": c.finish_reason, "text": c.text})
+        };
+        let mut body = envelope(&s, &job, if chat { "chat.completion" } else { "text_completion" });
+        body["choices"] = json!([choice]);
+        body["usage"] = json!({"prompt_tokens": job.prompt.len(), "completion_tokens": c.completion_tokens,
+                               "total_tokens": job.prompt.len() + c.completion_tokens});
+        Ok(Json(body).into_response())
     }
     .await;
-    match result {
-        Ok((c, model)) => {
-            let m = &s.metrics;
-            m.prompt_tokens
-                .fetch_add(c.prompt_tokens as u64, Ordering::Relaxed);
-            m.completion_tokens
-                .fetch_add(c.completion_tokens as u64, Ordering::Relaxed);
-            let created = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let id = format!("cmpl-{}", m.requests.load(Ordering::Relaxed));
-            let choice = if chat {
-                json!({"index": 0, "finish_reason": c.finish_reason,
-                       "message": {"role": "assistant", "content": c.text}})
-            } else {
-                json!({"index": 0, "finish_reason": c.finish_reason, "text": c.text})
-            };
-            Json(json!({
-                "id": id,
-                "object": if chat { "chat.completion" } else { "text_completion" },
-                "created": created,
-                "model": model,
-                "choices": [choice],
-                "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                          "total_tokens": c.prompt_tokens + c.completion_tokens},
-                "s2lc": {"adapter": c.adapter, "adapter_cache": c.cache},
-            }))
-            .into_response()
-        }
-        Err(e) => {
-            s.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            e.into_response()
-        }
-    }
+    result.unwrap_or_else(|e: ApiError| {
+        s.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        e.into_response()
+    })
 }
 
-/// Validates a request, finds its adapter (through the cache), and generates. Blocking.
-fn complete(
-    s: &AppState,
-    req: CompletionRequest,
+/// Runs blocking work (tokenizing, loading adapters, generating) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+/// The fields every response (and every stream chunk) carries.
+fn envelope(s: &AppState, job: &Job, object: &str) -> Value {
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    json!({
+        "id": format!("cmpl-{}", job.id),
+        "object": object,
+        "created": created,
+        "model": match &job.key {
+            Some(k) => format!("{}:{k}", s.config.model_id),
+            None => s.config.model_id.clone(),
+        },
+        "s2lc": {"adapter": job.key, "adapter_cache": job.cache},
+    })
+}
+
+/// A streamed response: server-sent events, one chunk per decoded piece of text, then one with
+/// the finish reason, then `data: [DONE]`. Generation stops when the client goes away.
+fn stream(s: Arc<AppState>, job: Job) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
+    let object = if job.chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    tokio::task::spawn_blocking(move || {
+        let chunk = |text: Option<&str>, finish: Option<&str>| {
+            let mut c = envelope(&s, &job, object);
+            let delta = match (job.chat, text) {
+                (true, Some(t)) => {
+                    json!({"index": 0, "delta": {"content": t}, "finish_reason": finish})
+                }
+                (true, None) => json!({"index": 0, "delta": {}, "finish_reason": finish}),
+                (false, t) => json!({"index": 0, "text": t.unwrap_or(""), "finish_reason": finish}),
+            };
+            c["choices"] = json!([delta]);
+            format!("data: {c}\n\n")
+        };
+        let result = run(&s, &job, |piece| {
+            tx.blocking_send(chunk(Some(piece), None)).is_ok()
+        });
+        let last = match result {
+            Ok(c) => chunk(None, Some(c.finish_reason)),
+            Err(e) => {
+                s.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                format!(
+                    "data: {}\n\n",
+                    json!({"error": {"message": e.message, "code": e.status.as_u16()}})
+                )
+            }
+        };
+        let _ = tx.blocking_send(last);
+        let _ = tx.blocking_send("data: [DONE]\n\n".to_string());
+    });
+    let events = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|e| (Ok::<_, std::convert::Infallible>(e), rx))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(events),
+    )
+        .into_response()
+}
+
+/// A validated request, its prompt tokens and its adapter.
+struct Job {
+    id: u64,
     chat: bool,
-) -> Result<(Completion, String), ApiError> {
-    if req.stream == Some(true) {
-        return Err(ApiError::bad(
-            "stream: true is not supported yet; send stream: false",
-        ));
-    }
+    stream: bool,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    adapter: Option<Arc<LoraAdapter>>,
+    /// `name@version` of the adapter.
+    key: Option<String>,
+    /// `none`, `hit` or `miss`.
+    cache: &'static str,
+}
+
+/// What a generation produced.
+struct Completion {
+    text: String,
+    completion_tokens: usize,
+    finish_reason: &'static str,
+}
+
+/// Validates a request and finds its adapter (through the cache). Blocking.
+fn prepare(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Job, ApiError> {
     let base = &s.config.model_id;
     let (model_base, model_adapter) = match req.model.as_deref() {
         None => (base.as_str(), None),
@@ -463,53 +529,93 @@ fn complete(
             (Some(a), Some(key), if loaded { "miss" } else { "hit" })
         }
     };
-    let mut sampler = Sampler::new(SamplingParams {
-        temperature,
-        top_p,
-        seed: req.seed.unwrap_or(0),
-    });
+    Ok(Job {
+        id: s.metrics.requests.load(Ordering::Relaxed),
+        chat,
+        stream: req.stream.unwrap_or(false),
+        prompt,
+        max_tokens,
+        sampling: SamplingParams {
+            temperature,
+            top_p,
+            seed: req.seed.unwrap_or(0),
+        },
+        adapter,
+        key,
+        cache,
+    })
+}
+
+/// Generates for a job on the model (requests take turns), passing each decoded piece of text
+/// to `on_piece` (which returns `false` to stop). Blocking.
+fn run(
+    s: &AppState,
+    job: &Job,
+    mut on_piece: impl FnMut(&str) -> bool,
+) -> Result<Completion, ApiError> {
+    let e = &s.engine;
+    let internal = |err: &dyn std::fmt::Display| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())
+    };
+    let mut sampler = Sampler::new(job.sampling);
+    let mut text = String::new();
+    let mut decoder = e.tokenizer.stream_decoder();
+    let mut failed = None;
     let generated = {
         let mut model = e.model.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(a) = &adapter {
+        if let Some(a) = &job.adapter {
             model
                 .attach_adapter(a)
                 .map_err(|err| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, err.to_string()))?;
         }
-        let mut kv = model.dense_cache(prompt.len() + max_tokens);
+        let mut kv = model.dense_cache(job.prompt.len() + job.max_tokens);
         let out = generate(
             &model,
             &mut kv,
-            &prompt,
-            max_tokens,
+            &job.prompt,
+            job.max_tokens,
             &mut sampler,
             &e.stop,
-            |_| true,
+            |id| {
+                if e.stop.contains(&id) {
+                    return false;
+                }
+                match decoder.push(id) {
+                    Ok(Some(piece)) => {
+                        text.push_str(&piece);
+                        on_piece(&piece)
+                    }
+                    Ok(None) => true,
+                    Err(err) => {
+                        failed = Some(err);
+                        false
+                    }
+                }
+            },
         );
         model.detach_adapters();
-        out.map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?
+        out.map_err(|err| internal(&err))?
     };
+    if let Some(err) = failed {
+        return Err(internal(&err));
+    }
+    if let Some(rest) = decoder.flush().map_err(|err| internal(&err))? {
+        text.push_str(&rest);
+        on_piece(&rest);
+    }
     let ids = &generated.generated;
     let stopped = ids.last().is_some_and(|t| e.stop.contains(t));
-    let kept = if stopped { &ids[..ids.len() - 1] } else { ids };
-    let text = e
-        .tokenizer
-        .decode(kept, true)
-        .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
-    let model_name = match &key {
-        Some(k) => format!("{base}:{k}"),
-        None => base.clone(),
-    };
-    Ok((
-        Completion {
-            text,
-            prompt_tokens: prompt.len(),
-            completion_tokens: ids.len(),
-            finish_reason: if stopped { "stop" } else { "length" },
-            adapter: key,
-            cache,
-        },
-        model_name,
-    ))
+    s.metrics
+        .prompt_tokens
+        .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+    s.metrics
+        .completion_tokens
+        .fetch_add(ids.len() as u64, Ordering::Relaxed);
+    Ok(Completion {
+        text,
+        completion_tokens: ids.len(),
+        finish_reason: if stopped { "stop" } else { "length" },
+    })
 }
 
 /// The prompt of a chat request: every message in ChatML when the model's template uses it
