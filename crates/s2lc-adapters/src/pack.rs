@@ -923,6 +923,92 @@ impl PackedSet {
         Ok(to_lora(name, self.unpack_with(bases, name)?))
     }
 
+    /// Expert Morphing: the weighted blend `Σ wᵢ·ΔWᵢ` of members, synthesized in the shared
+    /// basis. Per matrix the members' cores are summed (`C = Σ wᵢ·Cᵢ`, `p × q`), re-decomposed and
+    /// truncated to the pack's energy, and mapped through the bases once: one adapter whose rank
+    /// is bounded by the basis width however many members it blends. Orthogonal residuals (from
+    /// [`PackedSet::add`]) are appended, weighted. Weights must be finite with a positive sum.
+    pub fn morph(&self, weights: &[(&str, f32)]) -> Result<Unpacked, PackError> {
+        let sum: f32 = weights.iter().map(|(_, w)| w).sum();
+        if weights.is_empty() || weights.iter().any(|(_, w)| !w.is_finite()) || sum <= 0.0 {
+            return Err(PackError::Invalid(format!(
+                "morph weights must be finite and sum to a positive number (got {weights:?})"
+            )));
+        }
+        let mut members = Vec::new();
+        for (i, (name, w)) in weights.iter().enumerate() {
+            if weights[..i].iter().any(|(n, _)| n == name) {
+                return Err(PackError::Invalid(format!("'{name}' is weighted twice")));
+            }
+            members.push((*w, self.member(name)?));
+        }
+        let keys: BTreeSet<ModuleKey> = members
+            .iter()
+            .flat_map(|(_, m)| m.cores.keys().copied())
+            .collect();
+        keys.par_iter()
+            .map(|&key| -> Result<(ModuleKey, Factors), PackError> {
+                let module = self.modules.get(&key).ok_or_else(|| {
+                    PackError::Invalid(format!("{}: no basis in the pack", key.name()))
+                })?;
+                let (u, v) = (module.u.to_mat(), module.v.to_mat());
+                let cores: Vec<(f32, &PackedCore)> = members
+                    .iter()
+                    .filter_map(|(w, m)| m.cores.get(&key).map(|c| (*w, c)))
+                    .collect();
+                // C = [w₁·B₁ | w₂·B₂ | …]·[A₁; A₂; …], decomposed through its factors.
+                let scaled: Vec<Mat<f32>> = cores
+                    .iter()
+                    .map(|(w, c)| c.core_b.to_mat() * faer::Scale(*w))
+                    .collect();
+                let cb = scaled
+                    .iter()
+                    .skip(1)
+                    .fold(scaled[0].clone(), |acc, m| hcat(acc.as_ref(), m.as_ref()));
+                let ca = cores
+                    .iter()
+                    .skip(1)
+                    .fold(cores[0].1.core_a.to_mat(), |acc, (_, c)| {
+                        hcat(acc.transpose(), c.core_a.to_mat().transpose())
+                            .transpose()
+                            .to_owned()
+                    });
+                let svd = factored_svd(cb.as_ref(), ca.as_ref())?;
+                let k = rank_for_energy(&svd.s, self.params.energy).min(svd.s.len());
+                let mut b = &u * scale_cols(svd.u.subcols(0, k), &svd.s[..k]);
+                let mut a = svd.v.subcols(0, k).transpose() * v.transpose();
+                for (w, c) in &cores {
+                    if let Some((eb, ea)) = &c.extra {
+                        b = hcat(b.as_ref(), (eb.to_mat() * faer::Scale(*w)).as_ref());
+                        a = hcat(a.transpose(), ea.to_mat().transpose())
+                            .transpose()
+                            .to_owned();
+                    }
+                }
+                let (rows, rank, cols) = (b.nrows(), b.ncols(), a.ncols());
+                Ok((
+                    key,
+                    Factors {
+                        rows,
+                        rank,
+                        cols,
+                        b: row_major(b.as_ref()),
+                        a: row_major(a.as_ref()),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// [`PackedSet::morph`] as a LoRA adapter named `name` (scale 1).
+    pub fn morph_lora(
+        &self,
+        name: &str,
+        weights: &[(&str, f32)],
+    ) -> Result<LoraAdapter, PackError> {
+        Ok(to_lora(name, self.morph(weights)?))
+    }
+
     /// Measures each of `members` (as given to [`pack`] or [`PackedSet::add`]) against its
     /// unpacked form.
     pub fn report(&self, members: &[Member]) -> Result<Vec<MemberReport>, PackError> {
@@ -1079,6 +1165,54 @@ mod tests {
         // The command-line names.
         assert_eq!(EnergyScope::parse("member"), Some(EnergyScope::Member));
         assert_eq!(EnergyScope::parse("layer"), None);
+    }
+
+    /// A morph is the weighted sum of the members' deltas (within the pack's error), one member
+    /// at weight 1 is that member, and bad weights are named.
+    #[test]
+    fn morph_blends_members_in_the_shared_basis() {
+        let ms = members(3, 40, 36, 4, 2, 5);
+        let params = PackParams {
+            energy: 0.999,
+            ..PackParams::default()
+        };
+        let mut set = pack(&ms[..2], params).unwrap();
+        set.add(&ms[2]).unwrap();
+        let (wa, wb, wc) = (0.7f32, 0.2f32, 0.1f32);
+        let morph = set.morph(&[("m0", wa), ("m1", wb), ("m2", wc)]).unwrap();
+        let (mut err, mut total) = (0.0, 0.0);
+        for (key, f) in &morph {
+            let want = ms[0].deltas[key].dense() * faer::Scale(wa)
+                + ms[1].deltas[key].dense() * faer::Scale(wb)
+                + ms[2].deltas[key].dense() * faer::Scale(wc);
+            total += sq_norm(want.as_ref());
+            err += sq_norm((want - f.dense()).as_ref());
+        }
+        assert!((err / total).sqrt() < 0.05, "{}", (err / total).sqrt());
+        // Rank is bounded by the basis width (plus m2's residual), not the sum of the members'.
+        for (key, f) in &morph {
+            let extra = set.members[2].cores[key]
+                .extra
+                .as_ref()
+                .map_or(0, |(b, _)| b.cols);
+            assert!(f.rank <= set.modules[key].u.cols + extra, "{}", key.name());
+        }
+        // One member at weight 1 is that member.
+        let one = set.morph(&[("m1", 1.0)]).unwrap();
+        let plain = set.unpack("m1").unwrap();
+        for (key, f) in &one {
+            let d = (f.dense() - plain[key].dense()).norm_l2() / plain[key].dense().norm_l2();
+            assert!(d < 1e-4, "{}: {d}", key.name());
+        }
+        for (w, needle) in [
+            (vec![("m0", 0.5), ("m1", -0.5)], "sum to a positive number"),
+            (vec![("m0", f32::NAN)], "finite"),
+            (vec![("m0", 0.5), ("m0", 0.5)], "weighted twice"),
+            (vec![("zz", 1.0)], "no member 'zz'"),
+        ] {
+            let e = set.morph(&w).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub enum AdaptersCommand {
     Add(AddArgs),
     /// Rebuild one adapter of a pack as a PEFT adapter directory.
     Unpack(UnpackArgs),
+    /// Expert Morphing: blend members of a pack in its shared basis (`NAME=WEIGHT ...`) into one
+    /// PEFT adapter.
+    Morph(MorphArgs),
 }
 
 /// How adapters are packed.
@@ -116,6 +119,29 @@ pub struct UnpackArgs {
     out: PathBuf,
 }
 
+/// `s2lc adapters morph`.
+#[derive(Args)]
+pub struct MorphArgs {
+    /// A pack written by `s2lc adapters pack`.
+    pack: PathBuf,
+    /// Members and weights, `NAME=WEIGHT` (e.g. python-r8=0.7 linux-r8=0.3).
+    #[arg(required = true, value_parser = parse_weight)]
+    weights: Vec<(String, f32)>,
+    /// Output directory (PEFT layout).
+    #[arg(short, long)]
+    out: PathBuf,
+}
+
+fn parse_weight(s: &str) -> Result<(String, f32), String> {
+    let (name, w) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not NAME=WEIGHT"))?;
+    let w: f32 = w
+        .parse()
+        .map_err(|_| format!("weight '{w}' of '{name}' is not a number"))?;
+    Ok((name.to_string(), w))
+}
+
 /// `s2lc adapters truncate`.
 #[derive(Args)]
 pub struct TruncateArgs {
@@ -140,6 +166,7 @@ pub fn run(cmd: &AdaptersCommand) -> Result<()> {
         AdaptersCommand::Pack(args) => pack_cmd(args),
         AdaptersCommand::Add(args) => add_cmd(args),
         AdaptersCommand::Unpack(args) => unpack_cmd(args),
+        AdaptersCommand::Morph(args) => morph_cmd(args),
     }
 }
 
@@ -248,6 +275,38 @@ fn unpack_cmd(args: &UnpackArgs) -> Result<()> {
         adapter.n_deltas(),
         adapter.rank,
         adapter.n_params(),
+        took.as_secs_f64() * 1e3,
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn morph_cmd(args: &MorphArgs) -> Result<()> {
+    let set =
+        format::load(&args.pack).with_context(|| format!("reading {}", args.pack.display()))?;
+    let weights: Vec<(&str, f32)> = args.weights.iter().map(|(n, w)| (n.as_str(), *w)).collect();
+    let name = args
+        .out
+        .file_name()
+        .map_or("morph".into(), |n| n.to_string_lossy().into_owned());
+    let t = std::time::Instant::now();
+    let adapter = set.morph_lora(&name, &weights).context("morphing")?;
+    let took = t.elapsed();
+    adapter
+        .save(&args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    let members: usize = weights
+        .iter()
+        .map(|(n, _)| set.unpack_lora(n).map(|a| a.n_params()))
+        .sum::<Result<usize, _>>()?;
+    println!(
+        "morph of {}: {} deltas, rank up to {}, {} parameters ({:.2}x fewer than the {} members unpacked), built in {:.1} ms; written: {}",
+        weights.iter().map(|(n, w)| format!("{n}={w}")).collect::<Vec<_>>().join(" "),
+        adapter.n_deltas(),
+        adapter.rank,
+        adapter.n_params(),
+        members as f64 / adapter.n_params().max(1) as f64,
+        weights.len(),
         took.as_secs_f64() * 1e3,
         args.out.display()
     );

@@ -321,7 +321,11 @@ fn serve_completions_with_store_adapters() {
 
     // Still serving, and the counters saw it all.
     assert_eq!(post(addr, "/v1/completions", &req("smollm2")).0, 200);
-    assert_eq!(metric(addr, "s2lc_request_errors_total"), 11.0, "one per bad request");
+    assert_eq!(
+        metric(addr, "s2lc_request_errors_total"),
+        11.0,
+        "one per bad request"
+    );
     assert!(metric(addr, "s2lc_adapter_cache_resident_bytes") > 0.0);
     drop(server);
     std::fs::remove_dir_all(&dir).ok();
