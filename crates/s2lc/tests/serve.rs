@@ -345,3 +345,46 @@ fn serve_refuses_bad_flags_with_one_line() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("free of ':'"), "{}", stderr(&o));
 }
+
+/// The real `openai` Python client talks to the server (`scripts/reference/openai_client_check.py`).
+/// Runs with `$S2LC_PYTHON` (required to import `openai`; `.ci/run` sets it up), else with
+/// `python3` when that can import `openai`, else skips saying why.
+#[test]
+fn the_openai_python_client_talks_to_the_server() {
+    let Some(model) = smollm2() else { return };
+    let explicit = std::env::var("S2LC_PYTHON").ok();
+    let python = explicit.clone().unwrap_or_else(|| "python3".into());
+    let importable = Command::new(&python)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !importable {
+        assert!(
+            explicit.is_none(),
+            "S2LC_PYTHON={python} cannot import openai"
+        );
+        eprintln!("skipped: {python} cannot import openai (set S2LC_PYTHON)");
+        return;
+    }
+    let dir = scratch("serve-openai");
+    let store = dir.join("store");
+    push(&store, &model, &fixture("alice-r4"), "alice@1.0.0", None);
+    let server = start(&["--store", store.to_str().unwrap(), "--model-id", "smollm2"]);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts/reference/openai_client_check.py");
+    let o = Command::new(&python)
+        .arg(&script)
+        .args(["--base-url", &format!("http://{}/v1", server.addr)])
+        .args(["--model", "smollm2", "--adapter", "alice@^1"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", stderr(&o));
+    let summary: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(
+        summary["not_found"].as_str().unwrap().contains("404"),
+        "{summary}"
+    );
+    drop(server);
+    std::fs::remove_dir_all(&dir).ok();
+}
