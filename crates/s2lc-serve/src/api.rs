@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub max_tokens: usize,
     /// Largest request body.
     pub max_body_bytes: usize,
+    /// Adapters (`name@requirement`) loaded at start and pinned: never evicted.
+    pub pinned: Vec<String>,
 }
 
 /// The base model and what generation needs; requests take turns on it.
@@ -188,13 +190,37 @@ fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// An adapter and the bytes it holds resident (f32 factors).
+fn load_sized(source: &dyn AdapterSource, key: &str) -> Result<(LoraAdapter, usize), SourceError> {
+    let a = source.load(key)?;
+    let bytes = 4 * a.n_params();
+    Ok((a, bytes))
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A pinned adapter could not be loaded or does not fit the budget.
+    #[error("pinning {spec}: {message}")]
+    Pin {
+        /// The adapter as given.
+        spec: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Listening or the runtime failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 /// Serves the API on `listener` until the process ends (blocking; runs its own tokio runtime).
+/// The pinned adapters are loaded first; the server refuses to start if one fails.
 pub fn serve(
     listener: TcpListener,
     engine: Engine,
     source: Box<dyn AdapterSource>,
     config: ServeConfig,
-) -> std::io::Result<()> {
+) -> Result<(), ServeError> {
     let state = Arc::new(AppState {
         engine,
         source,
@@ -202,6 +228,18 @@ pub fn serve(
         config,
         metrics: Metrics::default(),
     });
+    for spec in &state.config.pinned {
+        let pin = |message: String| ServeError::Pin {
+            spec: spec.clone(),
+            message,
+        };
+        let key = state.source.resolve(spec).map_err(|e| pin(e.to_string()))?;
+        state
+            .cache
+            .get_or_load(&key, || load_sized(state.source.as_ref(), &key))
+            .map_err(|e| pin(e.to_string()))?;
+        state.cache.set_pinned(&key, true);
+    }
     listener.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -210,7 +248,8 @@ pub fn serve(
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         axum::serve(listener, router(state)).await
-    })
+    })?;
+    Ok(())
 }
 
 async fn models(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
@@ -229,67 +268,69 @@ async fn models(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError>
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let c = s.cache.stats();
     let m = &s.metrics;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let series = [
+        (
+            "s2lc_requests_total",
+            "Completion requests received.",
+            "counter",
+            get(&m.requests),
+        ),
+        (
+            "s2lc_request_errors_total",
+            "Completion requests answered with an error.",
+            "counter",
+            get(&m.errors),
+        ),
+        (
+            "s2lc_prompt_tokens_total",
+            "Prompt tokens processed.",
+            "counter",
+            get(&m.prompt_tokens),
+        ),
+        (
+            "s2lc_completion_tokens_total",
+            "Tokens generated.",
+            "counter",
+            get(&m.completion_tokens),
+        ),
+        (
+            "s2lc_adapter_cache_hits_total",
+            "Adapter requests served from the cache.",
+            "counter",
+            (c.hits + c.coalesced) as f64,
+        ),
+        (
+            "s2lc_adapter_cache_misses_total",
+            "Adapter requests that loaded the adapter.",
+            "counter",
+            c.misses as f64,
+        ),
+        (
+            "s2lc_adapter_cache_evictions_total",
+            "Adapters evicted to stay within the budget.",
+            "counter",
+            c.evictions as f64,
+        ),
+        (
+            "s2lc_adapter_cache_resident_bytes",
+            "Bytes of unpacked adapters resident.",
+            "gauge",
+            c.resident_bytes as f64,
+        ),
+        (
+            "s2lc_adapter_cache_budget_bytes",
+            "The adapter cache's byte budget.",
+            "gauge",
+            s.cache.budget() as f64,
+        ),
+    ];
     let mut out = String::new();
-    let mut counter = |name: &str, help: &str, kind: &str, v: f64| {
+    for (name, help, kind, v) in series {
         out.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
         ));
-    };
-    let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
-    counter(
-        "s2lc_requests_total",
-        "Completion requests received.",
-        "counter",
-        get(&m.requests),
-    );
-    counter(
-        "s2lc_request_errors_total",
-        "Completion requests answered with an error.",
-        "counter",
-        get(&m.errors),
-    );
-    counter(
-        "s2lc_prompt_tokens_total",
-        "Prompt tokens processed.",
-        "counter",
-        get(&m.prompt_tokens),
-    );
-    counter(
-        "s2lc_completion_tokens_total",
-        "Tokens generated.",
-        "counter",
-        get(&m.completion_tokens),
-    );
-    counter(
-        "s2lc_adapter_cache_hits_total",
-        "Adapter requests served from the cache.",
-        "counter",
-        (c.hits + c.coalesced) as f64,
-    );
-    counter(
-        "s2lc_adapter_cache_misses_total",
-        "Adapter requests that loaded the adapter.",
-        "counter",
-        c.misses as f64,
-    );
-    counter(
-        "s2lc_adapter_cache_evictions_total",
-        "Adapters evicted to stay within the budget.",
-        "counter",
-        c.evictions as f64,
-    );
-    counter(
-        "s2lc_adapter_cache_resident_bytes",
-        "Bytes of unpacked adapters resident.",
-        "gauge",
-        c.resident_bytes as f64,
-    );
-    counter(
-        "s2lc_adapter_cache_budget_bytes",
-        "The adapter cache's byte budget.",
-        "gauge",
-        s.cache.budget() as f64,
-    );
+    }
     let bounds = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
     let (counts, n, sum) = s.cache.load_histogram(&bounds);
     out.push_str("# HELP s2lc_adapter_load_seconds Time to pull and unpack an adapter.\n");
@@ -522,9 +563,7 @@ fn prepare(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Job, ApiE
             let mut loaded = false;
             let a = s.cache.get_or_load(&key, || {
                 loaded = true;
-                let a = s.source.load(&key)?;
-                let bytes = 4 * a.n_params();
-                Ok((a, bytes))
+                load_sized(s.source.as_ref(), &key)
             })?;
             (Some(a), Some(key), if loaded { "miss" } else { "hit" })
         }

@@ -16,6 +16,6 @@ pub mod api;
 pub mod cache;
 pub mod source;
 
-pub use api::{serve, Engine, ServeConfig};
+pub use api::{serve, Engine, ServeConfig, ServeError};
 pub use cache::{CacheError, CacheStats, JitCache};
 pub use source::{AdapterSource, StoreSource};

@@ -40,6 +40,9 @@ pub struct ServeArgs {
     /// The id clients name the base model by [default: the model file's name without extension].
     #[arg(long)]
     model_id: Option<String>,
+    /// Load this adapter (`name@requirement`) at start and never evict it; repeatable.
+    #[arg(long = "pin")]
+    pinned: Vec<String>,
 }
 
 /// Parses `256MiB`, `1GiB`, `64KiB`, `1MB` or a plain byte count.
@@ -106,6 +109,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             adapter_budget: args.adapter_memory,
             max_tokens: args.max_tokens,
             max_body_bytes: args.max_body,
+            pinned: args.pinned.clone(),
         },
     )
     .context("serving")

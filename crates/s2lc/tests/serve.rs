@@ -155,8 +155,12 @@ fn serve_completions_with_store_adapters() {
         "64",
         "--adapter-memory",
         "64MiB",
+        "--pin",
+        "alice@1",
     ]);
     let addr = server.addr.as_str();
+    // The pinned adapter was loaded at start.
+    assert_eq!(metric(addr, "s2lc_adapter_cache_misses_total"), 1.0);
     assert_eq!(http(addr, "GET", "/health", b"").0, 200);
     let (status, models) = http(addr, "GET", "/v1/models", b"");
     assert_eq!(status, 200);
@@ -172,7 +176,7 @@ fn serve_completions_with_store_adapters() {
     let (status, with) = post(addr, "/v1/completions", &req("smollm2:alice@^1"));
     assert_eq!(status, 200, "{with}");
     assert_eq!(with["s2lc"]["adapter"], "alice@1.0.0");
-    assert_eq!(with["s2lc"]["adapter_cache"], "miss");
+    assert_eq!(with["s2lc"]["adapter_cache"], "hit", "pinned at start");
     assert_eq!(with["model"], "smollm2:alice@1.0.0");
     let text = with["choices"][0]["text"].as_str().unwrap();
     let cli = s2lc(&[
@@ -344,6 +348,24 @@ fn serve_refuses_bad_flags_with_one_line() {
     let o = s2lc(&["serve", "--model-id", "a:b", "--port", "0"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("free of ':'"), "{}", stderr(&o));
+    let dir = scratch("serve-pin");
+    let store = dir.join("store");
+    let o = s2lc(&[
+        "serve",
+        "--port",
+        "0",
+        "--store",
+        store.to_str().unwrap(),
+        "--pin",
+        "nobody@^1",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("pinning nobody@^1: no adapter 'nobody'"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// The real `openai` Python client talks to the server (`scripts/reference/openai_client_check.py`).
