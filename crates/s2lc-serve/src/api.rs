@@ -4,6 +4,7 @@
 //! S2LC field `adapter` does the same. Every error is a JSON body
 //! `{"error": {"message", "type", "code"}}` with a 4xx/5xx status, and the server keeps serving.
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -149,6 +150,9 @@ struct AppState {
     engine: Engine,
     source: Box<dyn AdapterSource>,
     cache: JitCache<LoraAdapter, SourceError>,
+    /// The last version each adapter spec resolved to, so resident adapters keep serving while
+    /// the store is unreachable.
+    resolved: Mutex<HashMap<String, String>>,
     config: ServeConfig,
     metrics: Metrics,
 }
@@ -190,6 +194,32 @@ fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// The cache key (`name@version`) of an adapter spec. When the store is unreachable, a spec that
+/// resolved before and whose adapter is still resident is served from the cache; a cold one gets
+/// 503.
+fn resolve(s: &AppState, spec: &str) -> Result<String, ApiError> {
+    // The store is asked without the lock held: a slow store delays only this request.
+    let result = s.source.resolve(spec);
+    let mut resolved = s.resolved.lock().unwrap_or_else(|p| p.into_inner());
+    match result {
+        Ok(key) => {
+            resolved.insert(spec.to_string(), key.clone());
+            Ok(key)
+        }
+        Err(SourceError::Unavailable(msg)) => resolved
+            .get(spec)
+            .filter(|key| s.cache.contains(key))
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the adapter store is unreachable and {spec} is not resident: {msg}"),
+                )
+            }),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// An adapter and the bytes it holds resident (f32 factors).
 fn load_sized(source: &dyn AdapterSource, key: &str) -> Result<(LoraAdapter, usize), SourceError> {
     let a = source.load(key)?;
@@ -225,6 +255,7 @@ pub fn serve(
         engine,
         source,
         cache: JitCache::new(config.adapter_budget),
+        resolved: Mutex::new(HashMap::new()),
         config,
         metrics: Metrics::default(),
     });
@@ -559,7 +590,7 @@ fn prepare(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Job, ApiE
     let (adapter, key, cache) = match spec {
         None => (None, None, "none"),
         Some(spec) => {
-            let key = s.source.resolve(spec)?;
+            let key = resolve(s, spec)?;
             let mut loaded = false;
             let a = s.cache.get_or_load(&key, || {
                 loaded = true;

@@ -756,7 +756,16 @@ fn open_s3(rest: &str, options: &[(&str, &str)]) -> Result<(Arc<dyn ObjectStore>
     if bucket.is_empty() {
         return Err(StoreError::BadName("s3:// needs a bucket".into()));
     }
-    let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    // Few, quick retries: a server must answer "store unreachable" in about a second, not after
+    // object_store's default of 10 retries over up to 3 minutes.
+    let retry = object_store::RetryConfig {
+        max_retries: 3,
+        retry_timeout: std::time::Duration::from_secs(15),
+        ..Default::default()
+    };
+    let mut b = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_retry(retry);
     for (key, value) in options {
         let key: AmazonS3ConfigKey = key
             .parse()

@@ -32,10 +32,16 @@ impl Drop for Server {
 }
 
 fn start(args: &[&str]) -> Server {
+    start_env(args, &[])
+}
+
+/// `s2lc serve` with extra environment variables.
+fn start_env(args: &[&str], env: &[(&str, String)]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_s2lc"))
         .arg("serve")
         .args(["--port", "0"])
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -407,6 +413,62 @@ fn the_openai_python_client_talks_to_the_server() {
         summary["not_found"].as_str().unwrap().contains("404"),
         "{summary}"
     );
+    drop(server);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// With the store on a real S3-compatible server (`s3s-fs` on loopback): once the store goes
+/// away, a resident adapter keeps serving and a cold one gets 503 naming the problem.
+#[cfg(feature = "s3")]
+#[test]
+fn warm_adapters_keep_serving_when_the_store_goes_away() {
+    let Some(model) = smollm2() else { return };
+    let dir = scratch("serve-s3");
+    let s3 = s2lc_store::loopback::S3sFs::start(&dir.join("s3")).unwrap();
+    std::fs::create_dir_all(s3.root().join("fleet")).unwrap();
+    let env = s3.env();
+    for (src, target) in [("alice-r4", "alice@1.0.0"), ("alice-r4-e90", "cold@1.0.0")] {
+        let o = common::s2lc_env(
+            &[
+                "store",
+                "--store",
+                "s3://fleet/adapters",
+                "push",
+                fixture(src).to_str().unwrap(),
+                target,
+                "--model",
+                model.to_str().unwrap(),
+            ],
+            &env,
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let server = start_env(
+        &["--store", "s3://fleet/adapters", "--model-id", "smollm2"],
+        &env,
+    );
+    let addr = server.addr.as_str();
+    let req = |adapter: &str| json!({"prompt": "Alice", "max_tokens": 3, "adapter": adapter});
+    let (status, warm) = post(addr, "/v1/completions", &req("alice@^1"));
+    assert_eq!(
+        (status, &warm["s2lc"]["adapter_cache"]),
+        (200, &json!("miss")),
+        "{warm}"
+    );
+    drop(s3);
+    let (status, again) = post(addr, "/v1/completions", &req("alice@^1"));
+    assert_eq!(
+        (status, &again["s2lc"]["adapter_cache"]),
+        (200, &json!("hit")),
+        "{again}"
+    );
+    assert_error(
+        post(addr, "/v1/completions", &req("cold@^1")),
+        503,
+        "the adapter store is unreachable and cold@^1 is not resident",
+    );
+    assert_eq!(http(addr, "GET", "/v1/models", b"").0, 503);
+    assert_eq!(http(addr, "GET", "/health", b"").0, 200);
     drop(server);
     std::fs::remove_dir_all(&dir).ok();
 }
