@@ -4,6 +4,7 @@
 //! - [`cache`]: the JIT cache (LRU, pinning, single-flight loads, budget).
 //! - [`source`]: where adapters come from: the store (`name@semver-req`), pulled, checked against
 //!   the base model's digest, and unpacked (a PEFT directory or one S2LC pack member).
+//! - [`client`]: a minimal blocking HTTP client for tests and `s2lc bench serve`.
 //! - [`api`]: the routes (`/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
 //!   `/metrics`), JSON errors, request limits, and the generation worker.
 //!
@@ -14,6 +15,7 @@
 
 pub mod api;
 pub mod cache;
+pub mod client;
 pub mod source;
 
 pub use api::{serve, Engine, ServeConfig, ServeError};

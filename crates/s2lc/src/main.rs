@@ -18,6 +18,7 @@ mod kvbench;
 mod packbench;
 mod progress;
 mod serve;
+mod servebench;
 mod store;
 
 use s2lc_model::eval::{perplexity, perplexity_streamed};
@@ -90,6 +91,9 @@ enum BenchCommand {
     /// S2LC packing of the adapter set and the expert set: bytes vs f16, error, own-domain
     /// perplexity after unpacking, unpack time — per energy × bits, with and without sharing.
     Pack(packbench::PackBenchArgs),
+    /// Load test of the server on loopback: many clients, many adapters, a byte budget;
+    /// throughput, latency percentiles, cache hit rate, peak RSS.
+    Serve(servebench::ServeBenchArgs),
 }
 
 /// Which model to run.
@@ -236,6 +240,7 @@ fn try_main() -> Result<()> {
         Command::Bench(BenchCommand::Kv(args)) => kvbench::run(&args),
         Command::Bench(BenchCommand::Adapters(args)) => adapterbench::run(&args),
         Command::Bench(BenchCommand::Pack(args)) => packbench::run(&args),
+        Command::Bench(BenchCommand::Serve(args)) => servebench::run(&args),
     }
 }
 

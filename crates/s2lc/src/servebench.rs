@@ -1,0 +1,294 @@
+//! `s2lc bench serve`: a bounded load test of the server on loopback. Copies of the real adapters
+//! are pushed into a fresh store under many names, the server runs in this process with a byte
+//! budget, and many clients send completions for adapters drawn with Zipf popularity. Reports
+//! throughput, latency percentiles, the cache hit rate, the largest resident adapter bytes seen
+//! (against the budget) and the process's peak RSS.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use semver::Version;
+use serde_json::json;
+
+use s2lc_model::source::WeightStorage;
+use s2lc_serve::client::request;
+use s2lc_serve::{Engine, ServeConfig, StoreSource};
+use s2lc_store::Store;
+
+use crate::serve::parse_bytes;
+use crate::{load_model, parse_weights, progress, s2lc_home, ModelArg};
+
+/// Options of `s2lc bench serve`.
+#[derive(Args)]
+pub struct ServeBenchArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Weight storage of the base model.
+    #[arg(long, default_value = "native", value_parser = parse_weights)]
+    weights: WeightStorage,
+    /// PEFT adapters to copy into the store (repeat) [default: the rank-8 domain adapters in
+    /// $S2LC_HOME/adapters].
+    #[arg(long = "adapter")]
+    adapters: Vec<PathBuf>,
+    /// Adapter names in the store (copies of the sources, cycled).
+    #[arg(long, default_value_t = 1000)]
+    n_adapters: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    /// Requests in all (the run also stops at --seconds).
+    #[arg(long, default_value_t = 1000)]
+    requests: usize,
+    /// Time limit of the request phase.
+    #[arg(long, default_value_t = 300)]
+    seconds: u64,
+    /// The server's adapter budget.
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    adapter_memory: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 4)]
+    max_tokens: usize,
+    /// Zipf exponent of adapter popularity (0: uniform).
+    #[arg(long, default_value_t = 1.0)]
+    zipf: f64,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// `VmHWM` of this process in bytes (peak resident set).
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// A value of a Prometheus text exposition.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Runs `s2lc bench serve`.
+pub fn run(args: &ServeBenchArgs) -> Result<()> {
+    let sources: Vec<PathBuf> = if args.adapters.is_empty() {
+        s2lc_model::assets::DOMAINS
+            .iter()
+            .map(|(d, _)| s2lc_home().join(format!("adapters/{d}-r8")))
+            .filter(|p| p.join("adapter_config.json").is_file())
+            .collect()
+    } else {
+        args.adapters.clone()
+    };
+    if sources.is_empty() {
+        bail!("no adapters to serve: pass --adapter DIR or train the set (scripts/reference/train_adapter_set.sh)");
+    }
+    if args.clients == 0 || args.n_adapters == 0 {
+        bail!("--clients and --n-adapters must be positive");
+    }
+    let model_path = args.model.path();
+    let digest = crate::store::model_digest(&model_path)?;
+    let dir = std::env::temp_dir().join(format!("s2lc-bench-serve-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Store::open(dir.to_str().context("temp dir is not UTF-8")?)?;
+    let t = Instant::now();
+    let bar = progress::bar(args.n_adapters as u64, "pushing adapters");
+    let v1 = Version::new(1, 0, 0);
+    for i in 0..args.n_adapters {
+        let src = &sources[i % sources.len()];
+        store
+            .push(
+                &format!("bench-{i:04}"),
+                &v1,
+                src,
+                Some(digest.clone()),
+                json!({"copy_of": src}),
+                &mut |_| Ok(()),
+            )
+            .with_context(|| format!("pushing copy {i} of {}", src.display()))?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let (logical, physical) = store.usage()?;
+    eprintln!(
+        "store: {} adapters ({} sources) pushed in {:.1} s; {:.1} MB logical, {:.1} MB stored",
+        args.n_adapters,
+        sources.len(),
+        t.elapsed().as_secs_f64(),
+        logical as f64 / 1e6,
+        physical as f64 / 1e6
+    );
+
+    let (source, model, tokenizer) = load_model(&model_path, args.weights)?;
+    let engine = Engine::new(model, tokenizer, source.chat_template());
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+    let addr = listener.local_addr()?.to_string();
+    let config = ServeConfig {
+        model_id: "base".into(),
+        adapter_budget: args.adapter_memory,
+        max_tokens: args.max_tokens.max(1),
+        max_body_bytes: 1 << 20,
+        pinned: Vec::new(),
+    };
+    let server_store = Store::open(dir.to_str().context("temp dir is not UTF-8")?)?;
+    std::thread::spawn(move || {
+        let src = Box::new(StoreSource::new(server_store, Some(digest)));
+        if let Err(e) = s2lc_serve::serve(listener, engine, src, config) {
+            eprintln!("error: the server stopped: {e}");
+            std::process::exit(1);
+        }
+    });
+    let up = Instant::now();
+    while request(&addr, "GET", "/health", b"").map_or(true, |r| r.status != 200) {
+        if up.elapsed() > Duration::from_secs(30) {
+            bail!("the server did not come up on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Zipf popularity: adapter i drawn with weight 1/(i+1)^s.
+    let weights: Vec<f64> = (0..args.n_adapters)
+        .map(|i| 1.0 / ((i + 1) as f64).powf(args.zipf))
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let cdf: Vec<f64> = weights
+        .iter()
+        .scan(0.0, |acc, w| {
+            *acc += w / total;
+            Some(*acc)
+        })
+        .collect();
+    let issued = AtomicUsize::new(0);
+    let results = Mutex::new(Vec::<(f64, u16)>::with_capacity(args.requests));
+    let max_resident = Mutex::new(0f64);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        // Watch the resident bytes while the clients run.
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                if let Ok(r) = request(&addr, "GET", "/metrics", b"") {
+                    let v = metric(&r.body, "s2lc_adapter_cache_resident_bytes");
+                    let mut m = max_resident.lock().unwrap_or_else(|p| p.into_inner());
+                    *m = m.max(v);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let clients: Vec<_> = (0..args.clients)
+            .map(|c| {
+                let (cdf, issued, results, addr) = (&cdf, &issued, &results, &addr);
+                s.spawn(move || {
+                    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (c as u64 + 1);
+                    while issued.fetch_add(1, Ordering::Relaxed) < args.requests
+                        && Instant::now() < deadline
+                    {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        let u = (state >> 11) as f64 / (1u64 << 53) as f64;
+                        let i = cdf.partition_point(|&p| p < u).min(cdf.len() - 1);
+                        let body = json!({"model": format!("base:bench-{i:04}@^1"),
+                            "prompt": "The quick brown fox", "max_tokens": args.max_tokens});
+                        let t = Instant::now();
+                        let status =
+                            request(addr, "POST", "/v1/completions", body.to_string().as_bytes())
+                                .map_or(0, |r| r.status);
+                        let ms = t.elapsed().as_secs_f64() * 1e3;
+                        results
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((ms, status));
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            let _ = c.join();
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    let wall = start.elapsed().as_secs_f64();
+    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    let metrics = request(&addr, "GET", "/metrics", b"")?.body;
+    let ok = results.iter().filter(|r| r.1 == 200).count();
+    let mut lat: Vec<f64> = results.iter().map(|r| r.0).collect();
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let hits = metric(&metrics, "s2lc_adapter_cache_hits_total");
+    let misses = metric(&metrics, "s2lc_adapter_cache_misses_total");
+    let evictions = metric(&metrics, "s2lc_adapter_cache_evictions_total");
+    let max_resident = max_resident.into_inner().unwrap_or_else(|p| p.into_inner());
+    let rss = peak_rss().unwrap_or(0);
+    let tokens = metric(&metrics, "s2lc_completion_tokens_total");
+    println!(
+        "{} clients, {} adapters (Zipf {}), budget {:.0} MiB, {} tokens per request",
+        args.clients,
+        args.n_adapters,
+        args.zipf,
+        args.adapter_memory as f64 / (1 << 20) as f64,
+        args.max_tokens
+    );
+    println!(
+        "requests: {} sent, {ok} answered 200, {} failed, in {wall:.1} s: {:.2} req/s, {:.1} generated tok/s",
+        results.len(),
+        results.len() - ok,
+        ok as f64 / wall,
+        tokens / wall
+    );
+    println!(
+        "latency ms: p50 {:.0}, p90 {:.0}, p99 {:.0}, max {:.0}",
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        lat.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "adapter cache: hit rate {:.1} % ({hits} hits, {misses} loads, {evictions} evictions); resident at most {:.1} MiB of {:.1} MiB; peak RSS {:.0} MiB",
+        100.0 * hits / (hits + misses).max(1.0),
+        max_resident / (1 << 20) as f64,
+        args.adapter_memory as f64 / (1 << 20) as f64,
+        rss as f64 / (1 << 20) as f64
+    );
+    if let Some(path) = &args.json {
+        let out = json!({
+            "clients": args.clients, "adapters": args.n_adapters, "zipf": args.zipf,
+            "budget_bytes": args.adapter_memory, "max_tokens": args.max_tokens,
+            "sources": sources, "requests": results.len(), "ok": ok, "seconds": wall,
+            "req_per_s": ok as f64 / wall, "generated_tok_per_s": tokens / wall,
+            "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)},
+            "cache": {"hits": hits, "loads": misses, "evictions": evictions,
+                      "max_resident_bytes": max_resident},
+            "peak_rss_bytes": rss,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if ok < results.len() {
+        bail!("{} requests failed", results.len() - ok);
+    }
+    if max_resident > args.adapter_memory as f64 {
+        bail!("resident adapter bytes {max_resident} exceeded the budget");
+    }
+    Ok(())
+}
