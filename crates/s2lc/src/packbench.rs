@@ -34,6 +34,9 @@ pub struct PackBenchArgs {
     /// `$S2LC_HOME/adapters/DOMAIN-r8` that exist].
     #[arg(long = "adapter")]
     adapters: Vec<PathBuf>,
+    /// Skip the LoRA adapters (pack only the expert set).
+    #[arg(long, conflicts_with = "adapters")]
+    no_adapters: bool,
     /// Expert set to pack the residuals of [default: $S2LC_HOME/experts/ffn-every3 if present].
     #[arg(long)]
     experts: Option<PathBuf>,
@@ -144,7 +147,9 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
         params_at(e, QuantBits::Int8).validate()?;
     }
     let home = s2lc_home();
-    let dirs: Vec<PathBuf> = if args.adapters.is_empty() {
+    let dirs: Vec<PathBuf> = if args.no_adapters {
+        Vec::new()
+    } else if args.adapters.is_empty() {
         s2lc_model::assets::DOMAINS
             .iter()
             .map(|(d, _)| home.join(format!("adapters/{d}-r8")))
