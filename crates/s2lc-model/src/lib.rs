@@ -10,6 +10,7 @@
 pub mod assets;
 pub mod compress;
 pub mod config;
+pub mod encoder;
 pub mod error;
 pub mod eval;
 pub mod experts;

@@ -512,6 +512,15 @@ impl TensorSource for SafetensorsSource {
 
 /// Reads every tensor of one safetensors file as f32 (F32, F16 and BF16 are converted), by name.
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>, ModelError> {
+    read_safetensors_where(path, |_| true)
+}
+
+/// [`read_safetensors`] of the tensors whose names `keep` accepts (others, such as integer
+/// buffers, are not converted).
+pub fn read_safetensors_where(
+    path: &Path,
+    keep: impl Fn(&str) -> bool,
+) -> Result<BTreeMap<String, Tensor>, ModelError> {
     let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
         path: path.to_path_buf(),
@@ -519,6 +528,7 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>, ModelEr
     })?;
     st.tensors()
         .into_iter()
+        .filter(|(name, _)| keep(name))
         .map(|(name, view)| {
             let data = bytes_to_f32(&name, view.dtype(), view.data())?;
             let shape = view.shape().to_vec();
