@@ -26,6 +26,7 @@ use s2lc_model::lora::LoraAdapter;
 use s2lc_model::tokenizer::Tokenizer;
 
 use crate::cache::{CacheError, JitCache};
+use crate::router::SemanticRouter;
 use crate::source::{AdapterSource, SourceError};
 
 /// Limits and names of a server.
@@ -150,6 +151,7 @@ struct AppState {
     engine: Engine,
     source: Box<dyn AdapterSource>,
     cache: JitCache<LoraAdapter, SourceError>,
+    router: Option<SemanticRouter>,
     /// The last version each adapter spec resolved to, so resident adapters keep serving while
     /// the store is unreachable.
     resolved: Mutex<HashMap<String, String>>,
@@ -176,12 +178,12 @@ struct CompletionRequest {
     top_p: Option<f32>,
     seed: Option<u64>,
     stream: Option<bool>,
-    /// S2LC: the adapter, `name@requirement`.
+    /// S2LC: the adapter, `name@requirement`, or `auto` to route by the prompt.
     adapter: Option<String>,
 }
 
 /// The router over a state; see the module docs for the routes.
-fn router(state: Arc<AppState>) -> Router {
+fn routes(state: Arc<AppState>) -> Router {
     let limit = state.config.max_body_bytes;
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
@@ -244,17 +246,20 @@ pub enum ServeError {
 }
 
 /// Serves the API on `listener` until the process ends (blocking; runs its own tokio runtime).
-/// The pinned adapters are loaded first; the server refuses to start if one fails.
+/// The pinned adapters are loaded first; the server refuses to start if one fails. With a
+/// router, requests for the adapter `auto` are routed by their prompt's embedding.
 pub fn serve(
     listener: TcpListener,
     engine: Engine,
     source: Box<dyn AdapterSource>,
+    router: Option<SemanticRouter>,
     config: ServeConfig,
 ) -> Result<(), ServeError> {
     let state = Arc::new(AppState {
         engine,
         source,
         cache: JitCache::new(config.adapter_budget),
+        router,
         resolved: Mutex::new(HashMap::new()),
         config,
         metrics: Metrics::default(),
@@ -278,7 +283,7 @@ pub fn serve(
         .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        axum::serve(listener, router(state)).await
+        axum::serve(listener, routes(state)).await
     })?;
     Ok(())
 }
@@ -445,7 +450,7 @@ fn envelope(s: &AppState, job: &Job, object: &str) -> Value {
             Some(k) => format!("{}:{k}", s.config.model_id),
             None => s.config.model_id.clone(),
         },
-        "s2lc": {"adapter": job.key, "adapter_cache": job.cache},
+        "s2lc": {"adapter": job.key, "adapter_cache": job.cache, "route": job.route},
     })
 }
 
@@ -515,6 +520,8 @@ struct Job {
     key: Option<String>,
     /// `none`, `hit` or `miss`.
     cache: &'static str,
+    /// How the router chose the adapter, if it did.
+    route: Option<Value>,
 }
 
 /// What a generation produced.
@@ -586,6 +593,31 @@ fn prepare(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Job, ApiE
             e.max_seq_len
         )));
     }
+    // `auto`: the router picks the adapter from the prompt (for chat, the last user message).
+    let mut route = None;
+    let routed;
+    let spec = match spec {
+        Some("auto") => {
+            let router = s.router.as_ref().ok_or_else(|| {
+                ApiError::bad("adapter 'auto' needs a server started with --router")
+            })?;
+            let query = match (chat, req.messages.as_deref()) {
+                (true, Some(m)) => m
+                    .iter()
+                    .rev()
+                    .find(|m| m.role == "user")
+                    .map_or(text.as_str(), |m| m.content.as_str()),
+                _ => text.as_str(),
+            };
+            let (adapter, d) = router
+                .route(query)
+                .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
+            routed = adapter.to_string();
+            route = Some(json!({"by": "embedding", "score": d.score, "margin": d.margin}));
+            Some(routed.as_str())
+        }
+        other => other,
+    };
     // The adapter: resolved to one version, then from the cache or loaded into it.
     let (adapter, key, cache) = match spec {
         None => (None, None, "none"),
@@ -613,6 +645,7 @@ fn prepare(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Job, ApiE
         adapter,
         key,
         cache,
+        route,
     })
 }
 

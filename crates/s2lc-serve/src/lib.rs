@@ -5,19 +5,22 @@
 //! - [`source`]: where adapters come from: the store (`name@semver-req`), pulled, checked against
 //!   the base model's digest, and unpacked (a PEFT directory or one S2LC pack member).
 //! - [`client`]: a minimal blocking HTTP client for tests and `s2lc bench serve`.
+//! - [`router`]: semantic routing (prompt embedding vs each adapter's centroid).
 //! - [`api`]: the routes (`/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
 //!   `/metrics`), JSON errors, request limits, and the generation worker.
 //!
 //! Requests run one at a time on the model (each forward pass uses every core); requests for
-//! different adapters interleave at request granularity. The routing and batching parts of the
-//! serving design are not built yet.
+//! different adapters interleave at request granularity. Batching and tag rules are not built
+//! yet.
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod cache;
 pub mod client;
+pub mod router;
 pub mod source;
 
 pub use api::{serve, Engine, ServeConfig, ServeError};
 pub use cache::{CacheError, CacheStats, JitCache};
+pub use router::{RouteTable, SemanticRouter};
 pub use source::{AdapterSource, StoreSource};

@@ -17,6 +17,7 @@ mod heldout;
 mod kvbench;
 mod packbench;
 mod progress;
+mod router;
 mod serve;
 mod servebench;
 mod store;
@@ -67,6 +68,9 @@ enum Command {
     /// Serve the base model and the store's adapters over an OpenAI-style HTTP API
     /// (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).
     Serve(serve::ServeArgs),
+    /// The Context Router's centroids (`build`) and routing accuracy on held-out text (`eval`).
+    #[command(subcommand)]
+    Router(router::RouterCommand),
     /// Write the last-position logits of a prompt (raw little-endian f32, vocabulary order) and
     /// print the top tokens: for cross-checks against other runtimes.
     Logits(LogitsArgs),
@@ -234,6 +238,7 @@ fn try_main() -> Result<()> {
         Command::Experts(cmd) => experts::run(&cmd),
         Command::Store(args) => store::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Router(cmd) => router::run(&cmd),
         Command::Logits(args) => cmd_logits(&args),
         Command::Bench(BenchCommand::Decode(args)) => bench::decode(&args),
         Command::Bench(BenchCommand::CompressSweep(args)) => bench::compress_sweep(&args),

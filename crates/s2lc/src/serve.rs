@@ -5,7 +5,8 @@ use std::net::TcpListener;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use s2lc_serve::{Engine, ServeConfig, StoreSource};
+use s2lc_model::encoder::SentenceEncoder;
+use s2lc_serve::{Engine, RouteTable, SemanticRouter, ServeConfig, StoreSource};
 
 use crate::{load_model, parse_weights, ModelArg};
 use s2lc_model::source::WeightStorage;
@@ -43,6 +44,13 @@ pub struct ServeArgs {
     /// Load this adapter (`name@requirement`) at start and never evict it; repeatable.
     #[arg(long = "pin")]
     pinned: Vec<String>,
+    /// Route requests for the adapter `auto` by their prompt with this table (`s2lc router
+    /// build`).
+    #[arg(long)]
+    router: Option<std::path::PathBuf>,
+    /// The router's sentence encoder [default: $S2LC_HOME/models/all-MiniLM-L6-v2].
+    #[arg(long, requires = "router")]
+    encoder: Option<std::path::PathBuf>,
 }
 
 /// Parses `256MiB`, `1GiB`, `64KiB`, `1MB` or a plain byte count.
@@ -88,6 +96,20 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let store = crate::store::open_store(args.store.as_deref())?;
     let location = store.location().to_string();
     let digest = crate::store::model_digest(&path)?;
+    let router = match &args.router {
+        None => None,
+        Some(table) => {
+            let dir = args
+                .encoder
+                .clone()
+                .unwrap_or_else(|| crate::s2lc_home().join("models/all-MiniLM-L6-v2"));
+            let encoder = SentenceEncoder::load(&dir)
+                .with_context(|| format!("loading the sentence encoder {}", dir.display()))?;
+            let table =
+                RouteTable::load(table, encoder.dim()).context("reading the route table")?;
+            Some(SemanticRouter { encoder, table })
+        }
+    };
     let (source, model, tokenizer) = load_model(&path, args.weights)?;
     let engine = Engine::new(model, tokenizer, source.chat_template());
     let listener = TcpListener::bind((args.host.as_str(), args.port))
@@ -104,6 +126,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         listener,
         engine,
         Box::new(StoreSource::new(store, Some(digest))),
+        router,
         ServeConfig {
             model_id,
             adapter_budget: args.adapter_memory,

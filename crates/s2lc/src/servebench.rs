@@ -147,7 +147,7 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
     let server_store = Store::open(dir.to_str().context("temp dir is not UTF-8")?)?;
     std::thread::spawn(move || {
         let src = Box::new(StoreSource::new(server_store, Some(digest)));
-        if let Err(e) = s2lc_serve::serve(listener, engine, src, config) {
+        if let Err(e) = s2lc_serve::serve(listener, engine, src, None, config) {
             eprintln!("error: the server stopped: {e}");
             std::process::exit(1);
         }

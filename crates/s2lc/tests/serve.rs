@@ -451,3 +451,90 @@ fn warm_adapters_keep_serving_when_the_store_goes_away() {
     drop(server);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The Context Router on the real encoder and texts: centroids built from two domains' training
+/// text, accuracy measured on their held-out paragraphs, and a server with `--router` sends a
+/// request for the adapter `auto` to the adapter its prompt is nearest to.
+#[test]
+fn the_router_sends_auto_requests_to_the_nearest_domain() {
+    let Some(model) = smollm2() else { return };
+    let home = s2lc_model::assets::home();
+    let (py, lx) = (
+        home.join("text/domains/python.txt"),
+        home.join("text/domains/linux.txt"),
+    );
+    if !home
+        .join("models/all-MiniLM-L6-v2/model.safetensors")
+        .exists()
+        || !py.exists()
+    {
+        eprintln!("skipped: MiniLM or the domain texts absent (run scripts/fetch-assets)");
+        return;
+    }
+    let dir = scratch("router");
+    let table = dir.join("router.json");
+    let pairs = [
+        format!("python-docs={}", py.display()),
+        format!("linux-docs={}", lx.display()),
+    ];
+    let t = table.to_str().unwrap();
+    let o = s2lc(&[
+        "router", "build", &pairs[0], &pairs[1], "--pieces", "6", "--chars", "600", "-o", t,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = dir.join("eval.json");
+    let o = s2lc(&[
+        "router",
+        "eval",
+        t,
+        &pairs[0],
+        &pairs[1],
+        "--pieces",
+        "5",
+        "--json",
+        report.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["domains"][0]["paragraphs"], 5);
+    let acc = r["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc), "{r}");
+    eprintln!("router accuracy on 2 × 5 held-out paragraphs: {acc}");
+
+    let store = dir.join("store");
+    for name in ["python-docs@1.0.0", "linux-docs@1.0.0"] {
+        push(&store, &model, &fixture("alice-r4"), name, None);
+    }
+    let server = start(&[
+        "--store",
+        store.to_str().unwrap(),
+        "--model-id",
+        "smollm2",
+        "--router",
+        t,
+    ]);
+    let prompt =
+        "import os\nfor name in os.listdir('.'):\n    print(name)  # a Python for loop over a list";
+    let (status, v) = post(
+        &server.addr,
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 2, "adapter": "auto"}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["s2lc"]["route"]["by"], "embedding", "{v}");
+    assert_eq!(v["s2lc"]["adapter"], "python-docs@1.0.0", "{v}");
+    drop(server);
+    // Without a router, `auto` is refused with the reason.
+    let server = start(&["--store", store.to_str().unwrap(), "--model-id", "smollm2"]);
+    assert_error(
+        post(
+            &server.addr,
+            "/v1/completions",
+            &json!({"prompt": "x", "adapter": "auto"}),
+        ),
+        400,
+        "needs a server started with --router",
+    );
+    drop(server);
+    std::fs::remove_dir_all(&dir).ok();
+}

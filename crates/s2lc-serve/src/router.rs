@@ -1,0 +1,235 @@
+//! The Context Router's semantic rule: each adapter has a centroid, the normalized mean embedding
+//! of pieces of its training text; a prompt goes to the adapter whose centroid is most similar
+//! (cosine) to the prompt's embedding. Explicit names are handled by the API; this module is the
+//! embedding part.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use s2lc_model::encoder::SentenceEncoder;
+use s2lc_model::ModelError;
+
+/// One routable adapter.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Route {
+    /// The adapter, `name@requirement`.
+    pub adapter: String,
+    /// Unit-norm centroid of its training text's embeddings.
+    pub centroid: Vec<f32>,
+    /// Pieces of text the centroid was built from.
+    pub pieces: usize,
+}
+
+/// Centroids by adapter (the file `s2lc router build` writes).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RouteTable {
+    /// The encoder the centroids were built with (a directory name, for the record).
+    pub encoder: String,
+    /// The routes.
+    pub routes: Vec<Route>,
+}
+
+/// A routing decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Index into the table's routes.
+    pub index: usize,
+    /// Cosine similarity to the chosen centroid.
+    pub score: f32,
+    /// Its lead over the second best (0 with one route).
+    pub margin: f32,
+}
+
+/// The encoder with its table: routes prompts.
+#[derive(Debug)]
+pub struct SemanticRouter {
+    /// The sentence encoder.
+    pub encoder: SentenceEncoder,
+    /// The centroids.
+    pub table: RouteTable,
+}
+
+impl SemanticRouter {
+    /// The adapter for `text` and the decision behind it.
+    pub fn route(&self, text: &str) -> Result<(&str, Decision), RouterError> {
+        let d = self.table.decide(&self.encoder.embed(text)?);
+        Ok((self.table.routes[d.index].adapter.as_str(), d))
+    }
+}
+
+/// Why routing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// Encoding failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The table is unusable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Pieces of about `chars` characters (cut at whitespace), `count` of them spread evenly over
+/// `text` (all of them if there are fewer).
+pub fn pieces(text: &str, chars: usize, count: usize) -> Vec<&str> {
+    let mut all = Vec::new();
+    let mut start = 0;
+    while start < text.len() {
+        let mut end = (start + chars).min(text.len());
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        // Cut at the last whitespace inside the window, so words stay whole.
+        if end < text.len() {
+            if let Some(ws) = text[start..end].rfind(char::is_whitespace) {
+                if ws > chars / 2 {
+                    end = start + ws;
+                }
+            }
+        }
+        let piece = text[start..end].trim();
+        if piece.len() > chars / 4 {
+            all.push(piece);
+        }
+        start = end;
+    }
+    if all.len() <= count || count == 0 {
+        return all;
+    }
+    (0..count).map(|i| all[i * all.len() / count]).collect()
+}
+
+impl RouteTable {
+    /// Builds the centroids: for each `(adapter, text)`, `count` pieces of `chars` characters
+    /// embedded and averaged.
+    pub fn build(
+        encoder: &SentenceEncoder,
+        encoder_name: &str,
+        adapters: &[(String, &str)],
+        chars: usize,
+        count: usize,
+    ) -> Result<Self, RouterError> {
+        let mut routes = Vec::new();
+        for (adapter, text) in adapters {
+            let ps = pieces(text, chars, count);
+            if ps.is_empty() {
+                return Err(RouterError::Invalid(format!(
+                    "the text for {adapter} is empty"
+                )));
+            }
+            let embs = encoder.embed_all(&ps)?;
+            let mut c = vec![0.0f32; encoder.dim()];
+            for e in &embs {
+                for (a, b) in c.iter_mut().zip(e) {
+                    *a += b;
+                }
+            }
+            let norm = c.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            c.iter_mut().for_each(|v| *v /= norm);
+            routes.push(Route {
+                adapter: adapter.clone(),
+                centroid: c,
+                pieces: ps.len(),
+            });
+        }
+        Ok(RouteTable {
+            encoder: encoder_name.to_string(),
+            routes,
+        })
+    }
+
+    /// Reads a table written by [`RouteTable::save`], checking it is usable with `dim`-wide
+    /// embeddings.
+    pub fn load(path: &Path, dim: usize) -> Result<Self, RouterError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RouterError::Invalid(format!("{}: {e}", path.display())))?;
+        let t: RouteTable = serde_json::from_str(&text)
+            .map_err(|e| RouterError::Invalid(format!("{}: {e}", path.display())))?;
+        if t.routes.is_empty() {
+            return Err(RouterError::Invalid(format!(
+                "{}: no routes",
+                path.display()
+            )));
+        }
+        if let Some(r) = t.routes.iter().find(|r| r.centroid.len() != dim) {
+            return Err(RouterError::Invalid(format!(
+                "{}: the centroid of {} has {} values but the encoder gives {dim}",
+                path.display(),
+                r.adapter,
+                r.centroid.len()
+            )));
+        }
+        Ok(t)
+    }
+
+    /// Writes the table as JSON.
+    pub fn save(&self, path: &Path) -> Result<(), RouterError> {
+        let json = serde_json::to_string(self).map_err(|e| RouterError::Invalid(e.to_string()))?;
+        s2lc_model::source::write_file_atomic(path, json.as_bytes())?;
+        Ok(())
+    }
+
+    /// The route of an embedding.
+    pub fn decide(&self, embedding: &[f32]) -> Decision {
+        let mut scores: Vec<(f32, usize)> = self
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (
+                    r.centroid.iter().zip(embedding).map(|(a, b)| a * b).sum(),
+                    i,
+                )
+            })
+            .collect();
+        scores.sort_by(|a, b| b.0.total_cmp(&a.0));
+        Decision {
+            index: scores[0].1,
+            score: scores[0].0,
+            margin: scores.get(1).map_or(0.0, |s| scores[0].0 - s.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_are_whole_words_and_spread() {
+        let text = "alpha beta gamma delta ".repeat(100);
+        let ps = pieces(&text, 50, 5);
+        assert_eq!(ps.len(), 5);
+        for p in &ps {
+            assert!(p.len() <= 50 && !p.ends_with(' '));
+            assert!(p
+                .split(' ')
+                .all(|w| ["alpha", "beta", "gamma", "delta"].contains(&w)));
+        }
+        assert!(pieces("", 50, 5).is_empty());
+        // Multi-byte text cuts on character boundaries.
+        assert!(!pieces(&"é ".repeat(500), 33, 3).is_empty());
+    }
+
+    #[test]
+    fn decide_picks_the_nearest_centroid() {
+        let t = RouteTable {
+            encoder: "test".into(),
+            routes: vec![
+                Route {
+                    adapter: "a@1".into(),
+                    centroid: vec![1.0, 0.0],
+                    pieces: 1,
+                },
+                Route {
+                    adapter: "b@1".into(),
+                    centroid: vec![0.0, 1.0],
+                    pieces: 1,
+                },
+            ],
+        };
+        let d = t.decide(&[0.6, 0.8]);
+        assert_eq!(d.index, 1);
+        assert!((d.score - 0.8).abs() < 1e-6 && (d.margin - 0.2).abs() < 1e-6);
+    }
+}
