@@ -451,11 +451,20 @@ impl Store {
             serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let md = digest(&text);
         self.put_raw(&format!("manifests/{md}"), text, true)?;
-        if !self.put_raw(&ref_key(name, version), md.into_bytes(), true)? {
-            return Err(StoreError::VersionExists {
-                name: name.to_string(),
-                version: version.clone(),
-            });
+        let exists = || StoreError::VersionExists {
+            name: name.to_string(),
+            version: version.clone(),
+        };
+        if !self.put_raw(&ref_key(name, version), md.clone().into_bytes(), true)? {
+            return Err(exists());
+        }
+        // Read the ref back: on a server whose create-if-absent is check-then-write rather than
+        // atomic (s3s-fs 0.14.1), a racing push can overwrite ours after our put succeeded. The
+        // one whose digest stayed wins; this narrows that window but cannot close it, which
+        // only an atomic conditional put (local files, AWS S3) does.
+        let stored = self.get_raw(&ref_key(name, version))?.unwrap_or_default();
+        if String::from_utf8_lossy(&stored).trim() != md {
+            return Err(exists());
         }
         Ok(manifest)
     }

@@ -13,6 +13,7 @@ fn local(name: &str) -> Backend {
         open: Box::new(move || Store::open(&location).unwrap()),
         objects,
         scratch,
+        atomic_create: true,
     }
 }
 

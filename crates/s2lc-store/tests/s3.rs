@@ -17,6 +17,7 @@ fn s3(name: &str) -> Backend {
         open: Box::new(move || server.store(bucket, "fleet/a").unwrap()),
         objects,
         scratch,
+        atomic_create: false,
     }
 }
 
