@@ -137,6 +137,39 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Requests that may hold an unpacked adapter at once: the one generating and the next one,
+/// loading. Requests queued behind the model wait here before they touch the cache, so they do
+/// not keep adapters the cache has evicted alive (each is ~10 MB for rank 8).
+const ADAPTER_HOLDERS: usize = 2;
+
+/// A counting semaphore for [`ADAPTER_HOLDERS`].
+#[derive(Debug)]
+struct Permits {
+    free: Mutex<usize>,
+    returned: std::sync::Condvar,
+}
+
+/// One held permit, returned on drop.
+struct Permit(Arc<Permits>);
+
+impl Permits {
+    fn acquire(self: &Arc<Self>) -> Permit {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = self.returned.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        Permit(self.clone())
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.0.returned.notify_one();
+    }
+}
+
 /// Counters behind `/metrics`.
 #[derive(Debug, Default)]
 struct Metrics {
@@ -152,6 +185,7 @@ struct AppState {
     source: Box<dyn AdapterSource>,
     cache: JitCache<LoraAdapter, SourceError>,
     router: Option<SemanticRouter>,
+    permits: Arc<Permits>,
     /// The last version each adapter spec resolved to, so resident adapters keep serving while
     /// the store is unreachable.
     resolved: Mutex<HashMap<String, String>>,
@@ -260,6 +294,10 @@ pub fn serve(
         source,
         cache: JitCache::new(config.adapter_budget),
         router,
+        permits: Arc::new(Permits {
+            free: Mutex::new(ADAPTER_HOLDERS),
+            returned: std::sync::Condvar::new(),
+        }),
         resolved: Mutex::new(HashMap::new()),
         config,
         metrics: Metrics::default(),
@@ -522,6 +560,8 @@ struct Job {
     cache: &'static str,
     /// How the router chose the adapter, if it did.
     route: Option<Value>,
+    /// Held while the job holds its adapter.
+    _permit: Option<Permit>,
 }
 
 /// What a generation produced.
@@ -619,6 +659,7 @@ fn prepare(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Job, ApiE
         other => other,
     };
     // The adapter: resolved to one version, then from the cache or loaded into it.
+    let permit = spec.map(|_| s.permits.acquire());
     let (adapter, key, cache) = match spec {
         None => (None, None, "none"),
         Some(spec) => {
@@ -646,6 +687,7 @@ fn prepare(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Job, ApiE
         key,
         cache,
         route,
+        _permit: permit,
     })
 }
 
