@@ -313,6 +313,16 @@ fn morph_cmd(args: &MorphArgs) -> Result<()> {
     Ok(())
 }
 
+/// The rank-8 domain adapters `$S2LC_HOME/adapters/DOMAIN-r8` that exist (what
+/// `scripts/reference/train_adapter_set.sh` trains), in the order of the asset domains.
+pub fn domain_adapters() -> Vec<PathBuf> {
+    s2lc_model::assets::DOMAINS
+        .iter()
+        .map(|(d, _)| crate::s2lc_home().join(format!("adapters/{d}-r8")))
+        .filter(|p| p.join("adapter_config.json").is_file())
+        .collect()
+}
+
 /// Reads a PEFT adapter directory, the error naming it.
 pub fn load_adapter(dir: &Path) -> Result<LoraAdapter> {
     LoraAdapter::load(dir).with_context(|| format!("reading the adapter {}", dir.display()))

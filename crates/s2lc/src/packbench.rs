@@ -20,7 +20,7 @@ use s2lc_spectral::QuantBits;
 
 use crate::adapters::{parse_bits, parse_scope, read_members};
 use crate::heldout::{adapter_domain, default_texts, domain_of_text, Domain, HeldoutArgs};
-use crate::{load_model, parse_weights, progress, s2lc_home, ModelArg};
+use crate::{load_model, parse_weights, progress, ModelArg};
 
 /// Options of `s2lc bench pack`.
 #[derive(Args)]
@@ -146,15 +146,10 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
     for &e in &args.energies {
         params_at(e, QuantBits::Int8).validate()?;
     }
-    let home = s2lc_home();
     let dirs: Vec<PathBuf> = if args.no_adapters {
         Vec::new()
     } else if args.adapters.is_empty() {
-        s2lc_model::assets::DOMAINS
-            .iter()
-            .map(|(d, _)| home.join(format!("adapters/{d}-r8")))
-            .filter(|p| p.join("adapter_config.json").is_file())
-            .collect()
+        crate::adapters::domain_adapters()
     } else {
         args.adapters.clone()
     };

@@ -21,7 +21,7 @@ use s2lc_serve::{Engine, ServeConfig, StoreSource};
 use s2lc_store::Store;
 
 use crate::serve::parse_bytes;
-use crate::{load_model, parse_weights, progress, s2lc_home, ModelArg};
+use crate::{load_model, parse_weights, progress, ModelArg};
 
 /// Options of `s2lc bench serve`.
 #[derive(Args)]
@@ -86,11 +86,7 @@ fn metric(text: &str, name: &str) -> f64 {
 /// Runs `s2lc bench serve`.
 pub fn run(args: &ServeBenchArgs) -> Result<()> {
     let sources: Vec<PathBuf> = if args.adapters.is_empty() {
-        s2lc_model::assets::DOMAINS
-            .iter()
-            .map(|(d, _)| s2lc_home().join(format!("adapters/{d}-r8")))
-            .filter(|p| p.join("adapter_config.json").is_file())
-            .collect()
+        crate::adapters::domain_adapters()
     } else {
         args.adapters.clone()
     };
