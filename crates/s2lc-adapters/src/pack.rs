@@ -468,15 +468,22 @@ fn truncated(delta: &Delta, cut: Cut) -> Result<Svd, SvdError> {
     })
 }
 
-/// `[x | y]`.
-fn hcat(x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> Mat<f32> {
-    Mat::from_fn(x.nrows(), x.ncols() + y.ncols(), |i, j| {
-        if j < x.ncols() {
-            x[(i, j)]
-        } else {
-            y[(i, j - x.ncols())]
-        }
-    })
+/// `[x₁ | x₂ | …]`: blocks side by side (equal row counts).
+fn hcat(blocks: &[MatRef<'_, f32>]) -> Mat<f32> {
+    let rows = blocks.first().map_or(0, |b| b.nrows());
+    let mut out = Mat::zeros(rows, blocks.iter().map(|b| b.ncols()).sum());
+    let mut at = 0;
+    for b in blocks {
+        out.as_mut().subcols_mut(at, b.ncols()).copy_from(b);
+        at += b.ncols();
+    }
+    out
+}
+
+/// `[x₁; x₂; …]`: blocks stacked (equal column counts).
+fn vcat(blocks: &[MatRef<'_, f32>]) -> Mat<f32> {
+    let t: Vec<MatRef<'_, f32>> = blocks.iter().map(|b| b.transpose()).collect();
+    hcat(&t).transpose().to_owned()
 }
 
 /// `u·diag(s)`.
@@ -515,10 +522,8 @@ fn project(
     }
     // Residual of the stored core Ĉ = b̂·â: [P | −u·b̂] · [V_i | v·âᵀ]ᵀ, through its factors.
     let (cb, ca) = (core_b.to_mat(), core_a.to_mat());
-    let b = hcat(p_fac.as_ref(), (-(u * &cb)).as_ref());
-    let a = hcat(svd.v.as_ref(), (v * ca.transpose()).as_ref())
-        .transpose()
-        .to_owned();
+    let b = hcat(&[p_fac.as_ref(), (-(u * &cb)).as_ref()]);
+    let a = vcat(&[svd.v.transpose(), (ca * v.transpose()).as_ref()]);
     let residual = factored_svd(b.as_ref(), a.as_ref())?;
     let total: f64 = svd.s.iter().map(|&s| (s as f64).powi(2)).sum();
     let lost: f64 = residual.s.iter().map(|&s| (s as f64).powi(2)).sum();
@@ -957,34 +962,27 @@ impl PackedSet {
                     .filter_map(|(w, m)| m.cores.get(&key).map(|c| (*w, c)))
                     .collect();
                 // C = [w₁·B₁ | w₂·B₂ | …]·[A₁; A₂; …], decomposed through its factors.
-                let scaled: Vec<Mat<f32>> = cores
+                let cbs: Vec<Mat<f32>> = cores
                     .iter()
                     .map(|(w, c)| c.core_b.to_mat() * faer::Scale(*w))
                     .collect();
-                let cb = scaled
-                    .iter()
-                    .skip(1)
-                    .fold(scaled[0].clone(), |acc, m| hcat(acc.as_ref(), m.as_ref()));
-                let ca = cores
-                    .iter()
-                    .skip(1)
-                    .fold(cores[0].1.core_a.to_mat(), |acc, (_, c)| {
-                        hcat(acc.transpose(), c.core_a.to_mat().transpose())
-                            .transpose()
-                            .to_owned()
-                    });
-                let svd = factored_svd(cb.as_ref(), ca.as_ref())?;
+                let cas: Vec<Mat<f32>> = cores.iter().map(|(_, c)| c.core_a.to_mat()).collect();
+                let svd = factored_svd(
+                    hcat(&cbs.iter().map(Mat::as_ref).collect::<Vec<_>>()).as_ref(),
+                    vcat(&cas.iter().map(Mat::as_ref).collect::<Vec<_>>()).as_ref(),
+                )?;
                 let k = rank_for_energy(&svd.s, self.params.energy).min(svd.s.len());
-                let mut b = &u * scale_cols(svd.u.subcols(0, k), &svd.s[..k]);
-                let mut a = svd.v.subcols(0, k).transpose() * v.transpose();
+                // Then the weighted orthogonal residuals, appended as further factors.
+                let mut b_blocks = vec![&u * scale_cols(svd.u.subcols(0, k), &svd.s[..k])];
+                let mut a_blocks = vec![svd.v.subcols(0, k).transpose() * v.transpose()];
                 for (w, c) in &cores {
                     if let Some((eb, ea)) = &c.extra {
-                        b = hcat(b.as_ref(), (eb.to_mat() * faer::Scale(*w)).as_ref());
-                        a = hcat(a.transpose(), ea.to_mat().transpose())
-                            .transpose()
-                            .to_owned();
+                        b_blocks.push(eb.to_mat() * faer::Scale(*w));
+                        a_blocks.push(ea.to_mat());
                     }
                 }
+                let b = hcat(&b_blocks.iter().map(Mat::as_ref).collect::<Vec<_>>());
+                let a = vcat(&a_blocks.iter().map(Mat::as_ref).collect::<Vec<_>>());
                 let (rows, rank, cols) = (b.nrows(), b.ncols(), a.ncols());
                 Ok((
                     key,
@@ -1076,7 +1074,7 @@ mod tests {
                     .map(|(layer, target)| {
                         let s = seed ^ ((i * 16 + layer * 4 + target) as u64 + 1);
                         let own = matrix(rows, r - common, s);
-                        let b = hcat(shared_b.as_ref(), own.as_ref());
+                        let b = hcat(&[shared_b.as_ref(), own.as_ref()]);
                         let a = matrix(r, cols, s ^ 0xabc);
                         (ModuleKey { layer, target }, Delta::Factors { b, a })
                     })
