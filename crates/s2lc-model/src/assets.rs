@@ -16,6 +16,11 @@ pub fn smollm2() -> PathBuf {
     home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// all-MiniLM-L6-v2 (the Context Router's sentence encoder, Hugging Face layout) under [`home`].
+pub fn minilm() -> PathBuf {
+    home().join("models/all-MiniLM-L6-v2")
+}
+
 /// The real text domains of the adapter set: name and path under [`home`] (Canterbury texts and
 /// the documentation corpora that `scripts/fetch-assets` builds).
 pub const DOMAINS: [(&str, &str); 6] = [

@@ -382,6 +382,14 @@ impl Tokenizer {
         self.eos_id
     }
 
+    /// The ids that end a generated reply: EOS and, for ChatML models, `<|im_end|>`.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        [self.eos_id, self.token_to_id("<|im_end|>")]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// An incremental decoder for streaming generation; special tokens (`<|im_end|>`) are left
     /// out of its text, as with `decode(ids, true)`.
     pub fn stream_decoder(&self) -> StreamDecoder<'_> {

@@ -5,7 +5,7 @@ use s2lc_model::encoder::SentenceEncoder;
 
 #[test]
 fn minilm_embeddings_match_pytorch() {
-    let dir = s2lc_model::assets::home().join("models/all-MiniLM-L6-v2");
+    let dir = s2lc_model::assets::minilm();
     if !dir.join("model.safetensors").exists() {
         eprintln!(
             "skipped: {} absent (run scripts/fetch-assets)",

@@ -62,10 +62,7 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// An engine over a loaded model, its tokenizer and its chat template (if any).
     pub fn new(model: LlamaModel, tokenizer: Tokenizer, chat_template: Option<String>) -> Self {
-        let stop = [tokenizer.eos_id(), tokenizer.token_to_id("<|im_end|>")]
-            .into_iter()
-            .flatten()
-            .collect();
+        let stop = tokenizer.stop_ids();
         let max_seq_len = model.config().max_seq_len;
         Engine {
             model: Mutex::new(model),
@@ -328,9 +325,7 @@ pub fn serve(
 
 async fn models(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     let st = s.clone();
-    let adapters = tokio::task::spawn_blocking(move || st.source.list())
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let adapters = blocking(move || Ok(st.source.list()?)).await?;
     let base = &s.config.model_id;
     let mut data = vec![json!({"id": base, "object": "model", "owned_by": "s2lc"})];
     data.extend(adapters.iter().map(|a| {

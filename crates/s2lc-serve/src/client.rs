@@ -15,6 +15,14 @@ pub struct HttpResponse {
     pub body: String,
 }
 
+/// The value of the sample `name` (no labels) in a Prometheus text exposition such as
+/// `/metrics` returns.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Sends one request to `addr` (`host:port`) and reads the whole response.
 pub fn request(addr: &str, method: &str, path: &str, body: &[u8]) -> std::io::Result<HttpResponse> {
     let mut s = TcpStream::connect(addr)?;

@@ -335,10 +335,7 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         seed: args.seed,
     });
-    let stop: Vec<u32> = [tokenizer.eos_id(), tokenizer.token_to_id("<|im_end|>")]
-        .into_iter()
-        .flatten()
-        .collect();
+    let stop = tokenizer.stop_ids();
     let mut stream = tokenizer.stream_decoder();
     let mut out = std::io::stdout().lock();
     let mut failed = None;

@@ -70,18 +70,21 @@ pub struct EvalArgs {
     json: Option<PathBuf>,
 }
 
+/// Loads the sentence encoder at `dir` (default: the MiniLM asset); returns it with its
+/// directory's name.
+pub fn load_encoder(dir: Option<&Path>) -> Result<(SentenceEncoder, String)> {
+    let dir = dir.map_or_else(s2lc_model::assets::minilm, Path::to_path_buf);
+    let enc = SentenceEncoder::load(&dir)
+        .with_context(|| format!("loading the sentence encoder {}", dir.display()))?;
+    let name = dir
+        .file_name()
+        .map_or("encoder".into(), |n| n.to_string_lossy().into_owned());
+    Ok((enc, name))
+}
+
 impl RouterText {
     fn encoder(&self) -> Result<(SentenceEncoder, String)> {
-        let dir = self
-            .encoder
-            .clone()
-            .unwrap_or_else(|| s2lc_home().join("models/all-MiniLM-L6-v2"));
-        let enc = SentenceEncoder::load(&dir)
-            .with_context(|| format!("loading the sentence encoder {}", dir.display()))?;
-        let name = dir
-            .file_name()
-            .map_or("encoder".into(), |n| n.to_string_lossy().into_owned());
-        Ok((enc, name))
+        load_encoder(self.encoder.as_deref())
     }
 
     /// `(adapter, text)` pairs, split into (training part, held-out part).

@@ -5,7 +5,6 @@ use std::net::TcpListener;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use s2lc_model::encoder::SentenceEncoder;
 use s2lc_serve::{Engine, RouteTable, SemanticRouter, ServeConfig, StoreSource};
 
 use crate::{load_model, parse_weights, ModelArg};
@@ -99,12 +98,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let router = match &args.router {
         None => None,
         Some(table) => {
-            let dir = args
-                .encoder
-                .clone()
-                .unwrap_or_else(|| crate::s2lc_home().join("models/all-MiniLM-L6-v2"));
-            let encoder = SentenceEncoder::load(&dir)
-                .with_context(|| format!("loading the sentence encoder {}", dir.display()))?;
+            let (encoder, _) = crate::router::load_encoder(args.encoder.as_deref())?;
             let table =
                 RouteTable::load(table, encoder.dim()).context("reading the route table")?;
             Some(SemanticRouter { encoder, table })

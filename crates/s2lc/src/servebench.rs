@@ -16,7 +16,7 @@ use semver::Version;
 use serde_json::json;
 
 use s2lc_model::source::WeightStorage;
-use s2lc_serve::client::request;
+use s2lc_serve::client::{metric_value, request};
 use s2lc_serve::{Engine, ServeConfig, StoreSource};
 use s2lc_store::Store;
 
@@ -75,12 +75,9 @@ fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// A value of a Prometheus text exposition.
+/// A value of the server's `/metrics` text (NaN if absent).
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
+    metric_value(text, name).unwrap_or(f64::NAN)
 }
 
 /// Runs `s2lc bench serve`.

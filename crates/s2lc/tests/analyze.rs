@@ -134,7 +134,7 @@ fn missing_model_is_one_line_and_writes_nothing() {
 
 #[test]
 fn unsupported_architecture_is_one_line() {
-    let bert = s2lc_model::assets::home().join("models/all-MiniLM-L6-v2");
+    let bert = s2lc_model::assets::minilm();
     if !bert.exists() {
         eprintln!(
             "skipped: {} absent (run scripts/fetch-assets)",

@@ -101,9 +101,7 @@ fn push(store: &Path, model: &Path, dir: &Path, target: &str, member: Option<&st
 fn metric(addr: &str, name: &str) -> f64 {
     let (status, text) = http(addr, "GET", "/metrics", b"");
     assert_eq!(status, 200);
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.parse().ok())
+    s2lc_serve::client::metric_value(&text, name)
         .unwrap_or_else(|| panic!("{name} missing from {text}"))
 }
 
@@ -463,8 +461,8 @@ fn the_router_sends_auto_requests_to_the_nearest_domain() {
         home.join("text/domains/python.txt"),
         home.join("text/domains/linux.txt"),
     );
-    if !home
-        .join("models/all-MiniLM-L6-v2/model.safetensors")
+    if !s2lc_model::assets::minilm()
+        .join("model.safetensors")
         .exists()
         || !py.exists()
     {
