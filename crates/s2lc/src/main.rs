@@ -208,12 +208,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Output piped into a reader that stopped early (`s2lc info ... | head`) is not an error.
+/// Output piped into a reader that stopped early (`s2lc info ... | head`) is not an error: a
+/// write to stdout failed with a broken pipe and came back through `?` as the error itself. A
+/// broken pipe among an error's causes (a store server closing a connection mid-request) is a
+/// real failure and is reported.
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 fn try_main() -> Result<()> {
@@ -548,4 +549,25 @@ fn cmd_info(path: &Path) -> Result<()> {
         8.0 * bytes as f64 / params.max(1) as f64
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_broken_pipe;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn only_a_closed_stdout_counts_as_a_broken_pipe() {
+        let pipe = || Error::new(ErrorKind::BrokenPipe, "broken pipe");
+        // `writeln!(out, ...)?` into a closed pipe.
+        assert!(is_broken_pipe(&anyhow::Error::from(pipe())));
+        // A store request whose connection broke: a failure, whatever the context says.
+        let store = s2lc_store::StoreError::Io {
+            path: "s3://fleet/blobs/x".into(),
+            source: pipe(),
+        };
+        assert!(!is_broken_pipe(
+            &anyhow::Error::from(store).context("pushing alice@1.0.0")
+        ));
+    }
 }
