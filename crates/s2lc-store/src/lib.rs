@@ -375,10 +375,29 @@ impl Store {
         })
     }
 
+    /// Stores a content-addressed object once. A present one is seen with a HEAD and its bytes
+    /// are not sent: that saves the upload, and some S3 servers (s3s-fs 0.14.1) answer a
+    /// create-if-absent put of an existing object by closing the connection before reading the
+    /// body, which the client sees as a broken pipe rather than "already exists".
+    fn put_once(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
+        let key = self.key(rel);
+        let present = self.rt.block_on(async {
+            match self.backend.head(&key).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })?;
+        if !present {
+            self.put_raw(rel, bytes, true)?;
+        }
+        Ok(())
+    }
+
     /// Stores `bytes` as a blob (once: an existing blob is kept); returns its digest.
     pub fn put_blob(&self, bytes: &[u8]) -> Result<String> {
         let d = digest(bytes);
-        self.put_raw(&format!("blobs/{d}"), bytes.to_vec(), true)?;
+        self.put_once(&format!("blobs/{d}"), bytes.to_vec())?;
         Ok(d)
     }
 
@@ -450,7 +469,7 @@ impl Store {
         let text =
             serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let md = digest(&text);
-        self.put_raw(&format!("manifests/{md}"), text, true)?;
+        self.put_once(&format!("manifests/{md}"), text)?;
         let exists = || StoreError::VersionExists {
             name: name.to_string(),
             version: version.clone(),
