@@ -304,7 +304,9 @@ pub fn serve(
             spec: spec.clone(),
             message,
         };
-        let key = state.source.resolve(spec).map_err(|e| pin(e.to_string()))?;
+        // Through `resolve`, so the mapping is remembered: a pinned adapter keeps serving even if
+        // the store is unreachable before any request has named it.
+        let key = resolve(&state, spec).map_err(|e| pin(e.message))?;
         state
             .cache
             .get_or_load(&key, || load_sized(state.source.as_ref(), &key))

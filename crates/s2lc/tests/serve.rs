@@ -56,8 +56,13 @@ fn start_env(args: &[&str], env: &[(&str, String)]) -> Server {
         }
         seen.push(line);
     };
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    // Keep draining stderr so the server never blocks on a full pipe; its lines show in the
+    // output of a failing test.
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            eprintln!("server: {l}")
+        }
+    });
     Server { child, addr }
 }
 
@@ -404,7 +409,11 @@ fn warm_adapters_keep_serving_when_the_store_goes_away() {
     let s3 = s2lc_store::loopback::S3sFs::start(&dir.join("s3")).unwrap();
     std::fs::create_dir_all(s3.root().join("fleet")).unwrap();
     let env = s3.env();
-    for (src, target) in [("alice-r4", "alice@1.0.0"), ("alice-r4-e90", "cold@1.0.0")] {
+    for (src, target) in [
+        ("alice-r4", "alice@1.0.0"),
+        ("alice-r4-e90", "cold@1.0.0"),
+        ("alice-r4", "pinned@1.0.0"),
+    ] {
         let o = common::s2lc_env(
             &[
                 "store",
@@ -421,7 +430,14 @@ fn warm_adapters_keep_serving_when_the_store_goes_away() {
         assert!(o.status.success(), "{}", stderr(&o));
     }
     let server = start_env(
-        &["--store", "s3://fleet/adapters", "--model-id", "smollm2"],
+        &[
+            "--store",
+            "s3://fleet/adapters",
+            "--model-id",
+            "smollm2",
+            "--pin",
+            "pinned@^1",
+        ],
         &env,
     );
     let addr = server.addr.as_str();
@@ -438,6 +454,13 @@ fn warm_adapters_keep_serving_when_the_store_goes_away() {
         (status, &again["s2lc"]["adapter_cache"]),
         (200, &json!("hit")),
         "{again}"
+    );
+    // Pinned at start, never requested before the store went away: still served.
+    let (status, pinned) = post(addr, "/v1/completions", &req("pinned@^1"));
+    assert_eq!(
+        (status, &pinned["s2lc"]["adapter_cache"]),
+        (200, &json!("hit")),
+        "{pinned}"
     );
     assert_error(
         post(addr, "/v1/completions", &req("cold@^1")),
