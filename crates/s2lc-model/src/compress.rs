@@ -228,19 +228,135 @@ fn to_f64(m: &Mat<f32>) -> Mat<f64> {
 }
 
 /// One matrix's spectrum and how to turn it into factors.
-struct Decomposition {
-    svd: Svd,
+pub(crate) struct Decomposition {
+    pub(crate) svd: Svd,
     /// Shared by the linears reading the same input.
     whitening: Option<Arc<Whitening>>,
 }
 
 impl Decomposition {
+    /// The SVD of `w` (`out × in`), of `w·L` when whitened; `name` labels a failure.
+    pub(crate) fn new(
+        name: &str,
+        w: MatRef<'_, f32>,
+        whitening: Option<Arc<Whitening>>,
+    ) -> Result<Self, CompressError> {
+        let svd = match &whitening {
+            Some(wh) => wh.svd(w),
+            None => thin_svd(w).map_err(WhitenError::from),
+        }
+        .map_err(|source| CompressError::Factor {
+            name: name.to_string(),
+            source,
+        })?;
+        Ok(Decomposition { svd, whitening })
+    }
+
     fn factors(&self, rank: usize) -> LowRankFactors {
         match &self.whitening {
             Some(w) => w.factors(&self.svd, rank),
             None => LowRankFactors::from_svd(&self.svd, rank),
         }
     }
+
+    /// The report of matrix `name` (`rows × cols`) cut to `rank`, and its factors, or `None`
+    /// when the matrix stays dense (the rank reaches break-even or the full rank).
+    pub(crate) fn truncate(
+        &self,
+        name: String,
+        rows: usize,
+        cols: usize,
+        rank: usize,
+    ) -> (MatrixReport, Option<LowRankFactors>) {
+        let keep = rank <= break_even_rank(rows, cols) && rank < self.svd.s.len();
+        let energy_kept = if keep && rank > 0 {
+            s2lc_spectral::cumulative_energy(&self.svd.s)[rank - 1]
+        } else {
+            1.0
+        };
+        let report = MatrixReport {
+            name,
+            rows,
+            cols,
+            rank: keep.then_some(rank),
+            energy_kept,
+            damping: self.whitening.as_ref().map_or(0.0, |w| w.damping),
+        };
+        (report, keep.then(|| self.factors(rank)))
+    }
+}
+
+/// Whitening of one input from its (f32) Gram matrix; `name` labels a failure.
+pub(crate) fn whitening_of(name: &str, gram: &Mat<f32>) -> Result<Arc<Whitening>, CompressError> {
+    Whitening::from_gram(to_f64(gram).as_ref())
+        .map(Arc::new)
+        .map_err(|source| CompressError::Factor {
+            name: name.to_string(),
+            source,
+        })
+}
+
+/// Fails early when the rank policy cannot be met by matrices of these shapes.
+pub(crate) fn check_policy(
+    policy: RankPolicy,
+    shapes: &[(usize, usize)],
+) -> Result<(), CompressError> {
+    match policy {
+        RankPolicy::Energy(e) if !(e > 0.0 && e <= 1.0) => Err(CompressError::BadThreshold(e)),
+        RankPolicy::Energy(_) => Ok(()),
+        RankPolicy::KeepParams(keep) => {
+            // Even rank 1 everywhere must fit.
+            let ones = [1.0f32];
+            let probe: Vec<Spectrum> = shapes
+                .iter()
+                .map(|&(rows, cols)| Spectrum {
+                    rows,
+                    cols,
+                    values: &ones,
+                })
+                .collect();
+            allocate_ranks(&probe, keep)?;
+            Ok(())
+        }
+    }
+}
+
+/// The rank of every decomposition under `policy`: per matrix by energy, or by the global
+/// budget over all of them (`shapes` in the same order).
+pub(crate) fn policy_ranks(
+    policy: RankPolicy,
+    decs: &[Decomposition],
+    shapes: &[(usize, usize)],
+) -> Result<Vec<usize>, CompressError> {
+    match policy {
+        RankPolicy::Energy(e) => Ok(decs.iter().map(|d| rank_for_energy(&d.svd.s, e)).collect()),
+        RankPolicy::KeepParams(keep) => {
+            let spectra: Vec<Spectrum> = decs
+                .iter()
+                .zip(shapes)
+                .map(|(d, &(rows, cols))| Spectrum {
+                    rows,
+                    cols,
+                    values: &d.svd.s,
+                })
+                .collect();
+            Ok(allocate_ranks(&spectra, keep)?)
+        }
+    }
+}
+
+/// One note per matrix whose Gram matrix needed damping.
+pub(crate) fn damping_notes(matrices: &[MatrixReport]) -> Vec<String> {
+    matrices
+        .iter()
+        .filter(|m| m.damping > 0.0)
+        .map(|m| {
+            format!(
+                "{}: Gram matrix not positive definite, damped by {:e}·mean(diag)",
+                m.name, m.damping
+            )
+        })
+        .collect()
 }
 
 /// Names of the seven block linears, in `Block::linears` order.
@@ -285,13 +401,10 @@ fn decompose_layer(
             let g = grams
                 .get(&(layer, input))
                 .ok_or(CompressError::NoCalibration)?;
-            let w = Whitening::from_gram(to_f64(g).as_ref()).map_err(|source| {
-                CompressError::Factor {
-                    name: format!("model.layers.{layer}.{name}"),
-                    source,
-                }
-            })?;
-            whitenings.insert(input, Arc::new(w));
+            whitenings.insert(
+                input,
+                whitening_of(&format!("model.layers.{layer}.{name}"), g)?,
+            );
         }
     }
     linears
@@ -300,16 +413,10 @@ fn decompose_layer(
             let Some(w) = dense_weight(lin) else {
                 return Ok(None);
             };
-            let full = format!("model.layers.{layer}.{name}");
             let whitening = LinearInput::of(name)
                 .and_then(|i| whitenings.get(&i))
                 .cloned();
-            let svd = match &whitening {
-                Some(wh) => wh.svd(w),
-                None => thin_svd(w).map_err(WhitenError::from),
-            }
-            .map_err(|source| CompressError::Factor { name: full, source })?;
-            Ok(Some(Decomposition { svd, whitening }))
+            Decomposition::new(&format!("model.layers.{layer}.{name}"), w, whitening).map(Some)
         })
         .collect()
 }
@@ -335,22 +442,9 @@ fn apply(
         _ => &mut block.down_proj,
     };
     let (rows, cols) = (slot.out_dim(), slot.in_dim());
-    let energy = s2lc_spectral::cumulative_energy(&dec.svd.s);
-    let keep = rank < break_even_rank(rows, cols) + 1 && rank < dec.svd.s.len();
-    let report = MatrixReport {
-        name: format!("model.layers.{layer}.{}", LINEARS[index]),
-        rows,
-        cols,
-        rank: keep.then_some(rank),
-        energy_kept: if keep && rank > 0 {
-            energy[rank - 1]
-        } else {
-            1.0
-        },
-        damping: dec.whitening.as_ref().map_or(0.0, |w| w.damping),
-    };
-    if keep {
-        let mut f = dec.factors(rank);
+    let name = format!("model.layers.{layer}.{}", LINEARS[index]);
+    let (report, factors) = dec.truncate(name, rows, cols, rank);
+    if let Some(mut f) = factors {
         if let (Some((g_cc, g_cd)), Some(w)) = (refit, dense_weight(slot)) {
             f.u = refit_left(w, f.vs.as_ref(), g_cc.as_ref(), g_cd.as_ref()).map_err(|source| {
                 CompressError::Factor {
@@ -410,27 +504,9 @@ pub fn compress(
     opts: &CompressOptions,
     mut on_layer: impl FnMut(usize, usize),
 ) -> Result<CompressionReport, CompressError> {
-    if let RankPolicy::Energy(e) = opts.policy {
-        if !(e > 0.0 && e <= 1.0) {
-            return Err(CompressError::BadThreshold(e));
-        }
-    }
+    check_policy(opts.policy, &model.linear_shapes())?;
     let n_layers = model.config().n_layers;
     let params_before: usize = model.linear_params();
-    if let RankPolicy::KeepParams(keep) = opts.policy {
-        // Fail before any SVD when even rank 1 everywhere does not fit.
-        let shapes = model.linear_shapes();
-        let ones = vec![1.0f32; 1];
-        let probe: Vec<Spectrum> = shapes
-            .iter()
-            .map(|&(rows, cols)| Spectrum {
-                rows,
-                cols,
-                values: &ones,
-            })
-            .collect();
-        allocate_ranks(&probe, keep)?;
-    }
     let whitened = opts.method == Method::Whitened;
     if whitened && opts.calibration.is_empty() {
         return Err(CompressError::NoCalibration);
@@ -449,7 +525,7 @@ pub fn compress(
     // A global budget needs every spectrum before any rank is fixed: allocate on a first pass
     // (dense activations for whitening), then factor (sequentially, if asked) with those ranks.
     let fixed_ranks: Option<Vec<usize>> = match opts.policy {
-        RankPolicy::KeepParams(keep) => {
+        RankPolicy::KeepParams(_) => {
             let mut all: Vec<Decomposition> = Vec::new();
             let mut dense_streams = streams.clone();
             for layer in 0..n_layers {
@@ -461,17 +537,7 @@ pub fn compress(
                 all.extend(decs.into_iter().flatten());
                 on_layer(layer + 1, 2 * n_layers);
             }
-            let shapes = model.linear_shapes();
-            let spectra: Vec<Spectrum> = all
-                .iter()
-                .zip(&shapes)
-                .map(|(d, &(rows, cols))| Spectrum {
-                    rows,
-                    cols,
-                    values: &d.svd.s,
-                })
-                .collect();
-            let ranks = allocate_ranks(&spectra, keep)?;
+            let ranks = policy_ranks(opts.policy, &all, &model.linear_shapes())?;
             if !(whitened && opts.sequential) {
                 // Non-sequential factors are already computed: apply them.
                 let mut matrices = Vec::new();
@@ -557,16 +623,7 @@ fn finish(
     params_before: usize,
     opts: &CompressOptions,
 ) -> CompressionReport {
-    let notes = matrices
-        .iter()
-        .filter(|m| m.damping > 0.0)
-        .map(|m| {
-            format!(
-                "{}: Gram matrix not positive definite, damped by {:e}·mean(diag)",
-                m.name, m.damping
-            )
-        })
-        .collect();
+    let notes = damping_notes(&matrices);
     let calibration_tokens = if opts.method == Method::Whitened {
         opts.calibration.iter().map(Vec::len).sum()
     } else {

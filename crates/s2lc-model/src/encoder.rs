@@ -7,9 +7,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use faer::linalg::matmul::matmul;
-use faer::{Accum, MatMut, MatRef, Par};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
+use s2lc_spectral::row_major;
 
+use crate::compress::{
+    check_policy, damping_notes, policy_ranks, whitening_of, CompressError, CompressionReport,
+    Decomposition, MatrixReport, Method, RankPolicy,
+};
 use crate::error::ModelError;
 use crate::source::{read_safetensors_where, Tensor};
 use crate::tokenizer::Tokenizer;
@@ -18,32 +23,61 @@ use crate::tokenizer::Tokenizer;
 /// texts keep their first tokens.
 pub const MAX_TOKENS: usize = 256;
 
-/// `y = x·Wᵀ + b` with `W` stored `out × in` row-major.
+/// `y = x·Wᵀ + b` with `W` stored `out × in` row-major, or, once compressed, as thin factors
+/// `y = (x·vsᵀ)·uᵀ + b`.
 #[derive(Debug)]
 struct Dense {
     w: Vec<f32>,
     b: Vec<f32>,
     out: usize,
     inp: usize,
+    low_rank: Option<Factors>,
+}
+
+/// Row-major `u` (`out × rank`) and `vs` (`rank × in`).
+#[derive(Debug)]
+struct Factors {
+    u: Vec<f32>,
+    vs: Vec<f32>,
+    rank: usize,
+}
+
+/// `y = x·bᵀ` for row-major `x` (`n × k`) and `b` (`m × k`), `y` resized to `n × m`.
+fn matmul_nt(x: &[f32], b: &[f32], n: usize, k: usize, m: usize, y: &mut Vec<f32>) {
+    y.clear();
+    y.resize(n * m, 0.0);
+    matmul(
+        MatMut::from_row_major_slice_mut(y, n, m),
+        Accum::Replace,
+        MatRef::from_row_major_slice(x, n, k),
+        MatRef::from_row_major_slice(b, m, k).transpose(),
+        1.0,
+        Par::Seq,
+    );
 }
 
 impl Dense {
     fn forward(&self, x: &[f32], n: usize, y: &mut Vec<f32>) {
-        y.clear();
-        y.resize(n * self.out, 0.0);
-        matmul(
-            MatMut::from_row_major_slice_mut(y, n, self.out),
-            Accum::Replace,
-            MatRef::from_row_major_slice(x, n, self.inp),
-            MatRef::from_row_major_slice(&self.w, self.out, self.inp).transpose(),
-            1.0,
-            Par::Seq,
-        );
+        match &self.low_rank {
+            None => matmul_nt(x, &self.w, n, self.inp, self.out, y),
+            Some(f) => {
+                let mut t = Vec::new();
+                matmul_nt(x, &f.vs, n, self.inp, f.rank, &mut t);
+                matmul_nt(&t, &f.u, n, f.rank, self.out, y);
+            }
+        }
         for row in y.chunks_exact_mut(self.out) {
             for (v, b) in row.iter_mut().zip(&self.b) {
                 *v += b;
             }
         }
+    }
+
+    /// Weight parameters (biases excluded), as stored.
+    fn params(&self) -> usize {
+        self.low_rank
+            .as_ref()
+            .map_or(self.out * self.inp, |f| f.rank * (self.out + self.inp))
     }
 }
 
@@ -125,6 +159,7 @@ fn dense(
         b: take(tensors, &format!("{name}.bias"), &[out])?,
         out,
         inp,
+        low_rank: None,
     })
 }
 
@@ -243,8 +278,8 @@ impl SentenceEncoder {
         self.hidden
     }
 
-    /// The unit-norm embedding of `text` (its first [`MAX_TOKENS`] tokens).
-    pub fn embed(&self, text: &str) -> Result<Vec<f32>, ModelError> {
+    /// The token ids `embed` reads for `text`: its first [`MAX_TOKENS`], ending with `[SEP]`.
+    fn ids(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let mut ids = self.tokenizer.encode(text, true)?;
         let limit = MAX_TOKENS.min(self.max_positions);
         if ids.len() > limit {
@@ -259,7 +294,18 @@ impl SentenceEncoder {
                 "token id {bad} is outside the vocabulary of {vocab}"
             )));
         }
-        Ok(self.forward(&ids))
+        Ok(ids)
+    }
+
+    /// The unit-norm embedding of `text` (its first [`MAX_TOKENS`] tokens).
+    pub fn embed(&self, text: &str) -> Result<Vec<f32>, ModelError> {
+        let ids = self.ids(text)?;
+        let mut x = self.embed_tokens(&ids);
+        let mut scratch = Scratch::default();
+        for layer in &self.layers {
+            self.run_layer(layer, &mut x, ids.len(), &mut scratch, None);
+        }
+        Ok(self.pool(&x))
     }
 
     /// [`SentenceEncoder::embed`] of many texts, in parallel.
@@ -267,9 +313,10 @@ impl SentenceEncoder {
         texts.par_iter().map(|t| self.embed(t)).collect()
     }
 
-    fn forward(&self, ids: &[u32]) -> Vec<f32> {
-        let (n, d) = (ids.len(), self.hidden);
-        let mut x = vec![0.0f32; n * d];
+    /// The normalized input embeddings (`n × hidden`) of `ids`.
+    fn embed_tokens(&self, ids: &[u32]) -> Vec<f32> {
+        let d = self.hidden;
+        let mut x = vec![0.0f32; ids.len() * d];
         for (t, (&id, row)) in ids.iter().zip(x.chunks_exact_mut(d)).enumerate() {
             let w = &self.words[id as usize * d..][..d];
             let p = &self.positions[t * d..][..d];
@@ -278,70 +325,87 @@ impl SentenceEncoder {
             }
         }
         self.embed_norm.apply(&mut x);
-        let (mut q, mut k, mut v, mut ctx, mut tmp, mut up) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            vec![0.0; n * d],
-            Vec::new(),
-            Vec::new(),
-        );
+        x
+    }
+
+    /// One encoder layer on the `n × hidden` states `x`, in place. `observe(input, x, n)` sees
+    /// each linear input (see [`INPUT_OF`]) before it is used.
+    fn run_layer(
+        &self,
+        layer: &Layer,
+        x: &mut Vec<f32>,
+        n: usize,
+        s: &mut Scratch,
+        mut observe: Option<&mut dyn FnMut(usize, &[f32], usize)>,
+    ) {
+        let d = self.hidden;
+        let mut seen = |input: usize, v: &[f32]| {
+            if let Some(o) = observe.as_deref_mut() {
+                o(input, v, n);
+            }
+        };
+        seen(0, x);
+        layer.q.forward(x, n, &mut s.q);
+        layer.k.forward(x, n, &mut s.k);
+        layer.v.forward(x, n, &mut s.v);
         let hd = d / self.heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut scores = vec![0.0f32; n * n];
-        for layer in &self.layers {
-            layer.q.forward(&x, n, &mut q);
-            layer.k.forward(&x, n, &mut k);
-            layer.v.forward(&x, n, &mut v);
-            for h in 0..self.heads {
-                let cols = h * hd;
-                let qh = MatRef::from_row_major_slice(&q, n, d).subcols(cols, hd);
-                let kh = MatRef::from_row_major_slice(&k, n, d).subcols(cols, hd);
-                let vh = MatRef::from_row_major_slice(&v, n, d).subcols(cols, hd);
-                matmul(
-                    MatMut::from_row_major_slice_mut(&mut scores, n, n),
-                    Accum::Replace,
-                    qh,
-                    kh.transpose(),
-                    scale,
-                    Par::Seq,
-                );
-                for row in scores.chunks_exact_mut(n) {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0;
-                    for s in row.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    for s in row.iter_mut() {
-                        *s /= sum;
-                    }
+        s.scores.resize(n * n, 0.0);
+        s.ctx.resize(n * d, 0.0);
+        for h in 0..self.heads {
+            let cols = h * hd;
+            let qh = MatRef::from_row_major_slice(&s.q, n, d).subcols(cols, hd);
+            let kh = MatRef::from_row_major_slice(&s.k, n, d).subcols(cols, hd);
+            let vh = MatRef::from_row_major_slice(&s.v, n, d).subcols(cols, hd);
+            matmul(
+                MatMut::from_row_major_slice_mut(&mut s.scores, n, n),
+                Accum::Replace,
+                qh,
+                kh.transpose(),
+                scale,
+                Par::Seq,
+            );
+            for row in s.scores.chunks_exact_mut(n) {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for v in row.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
                 }
-                matmul(
-                    MatMut::from_row_major_slice_mut(&mut ctx, n, d).subcols_mut(cols, hd),
-                    Accum::Replace,
-                    MatRef::from_row_major_slice(&scores, n, n),
-                    vh,
-                    1.0,
-                    Par::Seq,
-                );
+                for v in row.iter_mut() {
+                    *v /= sum;
+                }
             }
-            layer.attn_out.forward(&ctx, n, &mut tmp);
-            for (t, xv) in tmp.iter_mut().zip(&x) {
-                *t += xv;
-            }
-            layer.attn_norm.apply(&mut tmp);
-            layer.up.forward(&tmp, n, &mut up);
-            up.iter_mut().for_each(|u| *u = gelu(*u));
-            layer.down.forward(&up, n, &mut x);
-            for (xv, t) in x.iter_mut().zip(&tmp) {
-                *xv += t;
-            }
-            layer.out_norm.apply(&mut x);
+            matmul(
+                MatMut::from_row_major_slice_mut(&mut s.ctx, n, d).subcols_mut(cols, hd),
+                Accum::Replace,
+                MatRef::from_row_major_slice(&s.scores, n, n),
+                vh,
+                1.0,
+                Par::Seq,
+            );
         }
-        // Mean over the tokens, then unit norm.
-        let mut e = vec![0.0f32; d];
-        for row in x.chunks_exact(d) {
+        seen(1, &s.ctx);
+        layer.attn_out.forward(&s.ctx, n, &mut s.tmp);
+        for (t, xv) in s.tmp.iter_mut().zip(x.iter()) {
+            *t += xv;
+        }
+        layer.attn_norm.apply(&mut s.tmp);
+        seen(2, &s.tmp);
+        layer.up.forward(&s.tmp, n, &mut s.up);
+        s.up.iter_mut().for_each(|u| *u = gelu(*u));
+        seen(3, &s.up);
+        layer.down.forward(&s.up, n, x);
+        for (xv, t) in x.iter_mut().zip(&s.tmp) {
+            *xv += t;
+        }
+        layer.out_norm.apply(x);
+    }
+
+    /// Mean over the tokens, then unit norm.
+    fn pool(&self, x: &[f32]) -> Vec<f32> {
+        let mut e = vec![0.0f32; self.hidden];
+        for row in x.chunks_exact(self.hidden) {
             for (a, b) in e.iter_mut().zip(row) {
                 *a += b;
             }
@@ -349,6 +413,264 @@ impl SentenceEncoder {
         let norm = e.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
         e.iter_mut().for_each(|v| *v /= norm);
         e
+    }
+}
+
+/// Buffers reused across the layers of one forward pass.
+#[derive(Default)]
+struct Scratch {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    ctx: Vec<f32>,
+    tmp: Vec<f32>,
+    up: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+/// The six linears of a layer in [`Layer::linears`] order: their names under
+/// `encoder.layer.N.` and the input each reads (0: hidden states, 1: attention context,
+/// 2: attention output after its norm, 3: GELU of the intermediate).
+const LINEARS: [(&str, usize); 6] = [
+    ("attention.self.query", 0),
+    ("attention.self.key", 0),
+    ("attention.self.value", 0),
+    ("attention.output.dense", 1),
+    ("intermediate.dense", 2),
+    ("output.dense", 3),
+];
+
+/// The number of distinct linear inputs in a layer (see [`LINEARS`]).
+const INPUTS: usize = 4;
+
+impl Layer {
+    fn linears(&self) -> [&Dense; 6] {
+        [
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.attn_out,
+            &self.up,
+            &self.down,
+        ]
+    }
+
+    fn linears_mut(&mut self) -> [&mut Dense; 6] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.attn_out,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+}
+
+impl Dense {
+    /// The `out × in` weight (the product `u·vs` once compressed).
+    fn weight(&self) -> Mat<f32> {
+        match &self.low_rank {
+            None => MatRef::from_row_major_slice(&self.w, self.out, self.inp).to_owned(),
+            Some(f) => {
+                MatRef::from_row_major_slice(&f.u, self.out, f.rank)
+                    * MatRef::from_row_major_slice(&f.vs, f.rank, self.inp)
+            }
+        }
+    }
+}
+
+/// Calibration states: each text's `n × hidden` hidden states and its token count.
+type Streams = Vec<(Vec<f32>, usize)>;
+
+impl SentenceEncoder {
+    /// Parameters of the linear layers' weights (biases excluded), as stored.
+    pub fn linear_params(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| l.linears().map(Dense::params))
+            .sum()
+    }
+
+    /// Replaces the encoder's linear layers by thin factors, as [`crate::compress::compress`]
+    /// does for a decoder: plain or whitened SVD, ranks by energy or a global parameter budget.
+    /// `calibration` texts (required for `Whitened`) give the Gram matrices of each layer's
+    /// inputs; with `sequential` each layer sees the states of the already-compressed layers
+    /// before it. A matrix whose rank reaches break-even stays dense.
+    pub fn compress(
+        &mut self,
+        policy: RankPolicy,
+        method: Method,
+        sequential: bool,
+        calibration: &[&str],
+    ) -> Result<CompressionReport, CompressError> {
+        let shapes: Vec<(usize, usize)> = self
+            .layers
+            .iter()
+            .flat_map(|l| l.linears().map(|d| (d.out, d.inp)))
+            .collect();
+        check_policy(policy, &shapes)?;
+        let whitened = method == Method::Whitened;
+        if whitened && calibration.is_empty() {
+            return Err(CompressError::NoCalibration);
+        }
+        let params_before = self.linear_params();
+        let mut streams: Streams = Vec::new();
+        if whitened {
+            for text in calibration {
+                let ids = self.ids(text)?;
+                streams.push((self.embed_tokens(&ids), ids.len()));
+            }
+        }
+        let calibration_tokens = streams.iter().map(|s| s.1).sum();
+        let mut matrices = Vec::with_capacity(shapes.len());
+        if whitened && sequential {
+            // A budget needs every spectrum first: ranks from a pass over the dense encoder.
+            let fixed = match policy {
+                RankPolicy::KeepParams(_) => {
+                    let decs = self.decompose_all(streams.clone(), true)?;
+                    Some(policy_ranks(policy, &decs, &shapes)?)
+                }
+                RankPolicy::Energy(_) => None,
+            };
+            for li in 0..self.layers.len() {
+                let grams = self.advance(li, &mut streams.clone(), true);
+                let decs = self.decompose_layer(li, grams.as_ref())?;
+                let ranks = match &fixed {
+                    Some(r) => r[li * 6..][..6].to_vec(),
+                    None => policy_ranks(policy, &decs, &shapes[li * 6..][..6])?,
+                };
+                for (i, dec) in decs.iter().enumerate() {
+                    matrices.push(self.apply(li, i, dec, ranks[i]));
+                }
+                self.advance(li, &mut streams, false);
+            }
+        } else {
+            let decs = self.decompose_all(streams, whitened)?;
+            let ranks = policy_ranks(policy, &decs, &shapes)?;
+            for (i, dec) in decs.iter().enumerate() {
+                matrices.push(self.apply(i / 6, i % 6, dec, ranks[i]));
+            }
+        }
+        Ok(CompressionReport {
+            notes: damping_notes(&matrices),
+            matrices,
+            params_before,
+            params_after: self.linear_params(),
+            calibration_tokens,
+        })
+    }
+
+    /// Decomposes every linear, layer by layer, whitened (when `whiten`) by the states of
+    /// `streams` advanced through the encoder as it is.
+    fn decompose_all(
+        &self,
+        mut streams: Streams,
+        whiten: bool,
+    ) -> Result<Vec<Decomposition>, CompressError> {
+        let mut all = Vec::new();
+        for li in 0..self.layers.len() {
+            let grams = if whiten {
+                self.advance(li, &mut streams, true)
+            } else {
+                None
+            };
+            all.extend(self.decompose_layer(li, grams.as_ref())?);
+        }
+        Ok(all)
+    }
+
+    /// Runs layer `li` on every stream in place (in parallel); with `collect`, returns the Gram
+    /// matrices `XᵀX` of the layer's [`INPUTS`] linear inputs over all streams.
+    fn advance(&self, li: usize, streams: &mut Streams, collect: bool) -> Option<Vec<Mat<f32>>> {
+        let layer = &self.layers[li];
+        let widths: [usize; INPUTS] = [
+            layer.q.inp,
+            layer.attn_out.inp,
+            layer.up.inp,
+            layer.down.inp,
+        ];
+        let zeros = || -> Vec<Mat<f32>> { widths.iter().map(|&w| Mat::zeros(w, w)).collect() };
+        let grams = streams
+            .par_iter_mut()
+            .fold(
+                || (collect.then(zeros), Scratch::default()),
+                |(mut grams, mut scratch), (x, n)| {
+                    let mut add = |input: usize, v: &[f32], n: usize| {
+                        if let Some(g) = grams.as_mut() {
+                            let xv = MatRef::from_row_major_slice(v, n, widths[input]);
+                            matmul(
+                                g[input].as_mut(),
+                                Accum::Add,
+                                xv.transpose(),
+                                xv,
+                                1.0,
+                                Par::Seq,
+                            );
+                        }
+                    };
+                    self.run_layer(layer, x, *n, &mut scratch, Some(&mut add));
+                    (grams, scratch)
+                },
+            )
+            .map(|(g, _)| g)
+            .reduce(
+                || collect.then(zeros),
+                |a, b| match (a, b) {
+                    (Some(mut a), Some(b)) => {
+                        for (x, y) in a.iter_mut().zip(&b) {
+                            *x += y;
+                        }
+                        Some(a)
+                    }
+                    (a, b) => a.or(b),
+                },
+            );
+        grams
+    }
+
+    /// The decompositions of layer `li`'s linears, whitened by `grams` when given.
+    fn decompose_layer(
+        &self,
+        li: usize,
+        grams: Option<&Vec<Mat<f32>>>,
+    ) -> Result<Vec<Decomposition>, CompressError> {
+        let name = |i: usize| format!("encoder.layer.{li}.{}", LINEARS[i].0);
+        let whitenings = match grams {
+            Some(g) => (0..INPUTS)
+                .map(|input| {
+                    let first = LINEARS.iter().position(|l| l.1 == input).unwrap_or(0);
+                    whitening_of(&name(first), &g[input]).map(Some)
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            None => vec![None; INPUTS],
+        };
+        let linears = self.layers[li].linears();
+        (0..6)
+            .into_par_iter()
+            .map(|i| {
+                let w = linears[i].weight();
+                Decomposition::new(&name(i), w.as_ref(), whitenings[LINEARS[i].1].clone())
+            })
+            .collect()
+    }
+
+    /// Cuts linear `i` of layer `li` to `rank` (or leaves it as it is when that does not shrink
+    /// it) and reports it.
+    fn apply(&mut self, li: usize, i: usize, dec: &Decomposition, rank: usize) -> MatrixReport {
+        let name = format!("encoder.layer.{li}.{}", LINEARS[i].0);
+        let dense = self.layers[li].linears_mut().into_iter().nth(i);
+        let dense = dense.expect("a layer has six linears");
+        let (report, factors) = dec.truncate(name, dense.out, dense.inp, rank);
+        if let Some(f) = factors {
+            dense.low_rank = Some(Factors {
+                rank: f.rank(),
+                u: row_major(f.u.as_ref()),
+                vs: row_major(f.vs.as_ref()),
+            });
+            dense.w = Vec::new();
+        }
+        report
     }
 }
 
@@ -368,5 +690,42 @@ mod tests {
             assert!((erf(x) - want).abs() < 2e-7, "erf({x}) = {}", erf(x));
         }
         assert!((gelu(1.0) - 0.841_344_7).abs() < 1e-6);
+    }
+
+    #[test]
+    fn low_rank_dense_runs_its_factors() {
+        // A 5×7 layer of rank 2 and its factors give the same outputs and bias.
+        let (out, inp, rank, n) = (5, 7, 2, 3);
+        let val = |i: usize| ((i * 37 % 11) as f32 - 5.0) / 7.0;
+        let u: Vec<f32> = (0..out * rank).map(val).collect();
+        let vs: Vec<f32> = (0..rank * inp).map(|i| val(i + 3)).collect();
+        let b: Vec<f32> = (0..out).map(|i| i as f32).collect();
+        let mut low = Dense {
+            w: Vec::new(),
+            b: b.clone(),
+            out,
+            inp,
+            low_rank: Some(Factors { u, vs, rank }),
+        };
+        let dense = Dense {
+            w: row_major(low.weight().as_ref()),
+            b,
+            out,
+            inp,
+            low_rank: None,
+        };
+        assert_eq!((low.params(), dense.params()), (24, 35));
+        let x: Vec<f32> = (0..n * inp).map(|i| val(i + 5)).collect();
+        let (mut y1, mut y2) = (Vec::new(), Vec::new());
+        low.forward(&x, n, &mut y1);
+        dense.forward(&x, n, &mut y2);
+        assert_eq!(y1.len(), n * out);
+        for (a, b) in y1.iter().zip(&y2) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        low.low_rank = None;
+        low.w = dense.w.clone();
+        low.forward(&x, n, &mut y1);
+        assert_eq!(y1, y2);
     }
 }
