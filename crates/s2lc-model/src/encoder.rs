@@ -16,6 +16,7 @@ use crate::compress::{
     Decomposition, MatrixReport, Method, RankPolicy,
 };
 use crate::error::ModelError;
+use crate::kernels::ops::{gelu, softmax_prefix};
 use crate::source::{read_safetensors_where, Tensor};
 use crate::tokenizer::Tokenizer;
 
@@ -161,21 +162,6 @@ fn dense(
         inp,
         low_rank: None,
     })
-}
-
-/// `erf` (Abramowitz & Stegun 7.1.26, absolute error ≤ 1.5e-7): std has none.
-fn erf(x: f32) -> f32 {
-    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
-    let y = 1.0 - poly * (-x * x).exp();
-    y.copysign(x)
-}
-
-/// BERT's exact GELU, `x·Φ(x)`.
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 impl SentenceEncoder {
@@ -336,7 +322,7 @@ impl SentenceEncoder {
         x: &mut Vec<f32>,
         n: usize,
         s: &mut Scratch,
-        mut observe: Option<&mut dyn FnMut(usize, &[f32], usize)>,
+        mut observe: Option<&mut InputObserver<'_>>,
     ) {
         let d = self.hidden;
         let mut seen = |input: usize, v: &[f32]| {
@@ -366,15 +352,7 @@ impl SentenceEncoder {
                 Par::Seq,
             );
             for row in s.scores.chunks_exact_mut(n) {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for v in row.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                for v in row.iter_mut() {
-                    *v /= sum;
-                }
+                softmax_prefix(row, n);
             }
             matmul(
                 MatMut::from_row_major_slice_mut(&mut s.ctx, n, d).subcols_mut(cols, hd),
@@ -393,7 +371,7 @@ impl SentenceEncoder {
         layer.attn_norm.apply(&mut s.tmp);
         seen(2, &s.tmp);
         layer.up.forward(&s.tmp, n, &mut s.up);
-        s.up.iter_mut().for_each(|u| *u = gelu(*u));
+        gelu(&mut s.up);
         seen(3, &s.up);
         layer.down.forward(&s.up, n, x);
         for (xv, t) in x.iter_mut().zip(&s.tmp) {
@@ -479,6 +457,9 @@ impl Dense {
         }
     }
 }
+
+/// Sees a linear input: `(input kind, n × width values, n)`.
+type InputObserver<'a> = dyn FnMut(usize, &[f32], usize) + 'a;
 
 /// Calibration states: each text's `n × hidden` hidden states and its token count.
 type Streams = Vec<(Vec<f32>, usize)>;
@@ -677,20 +658,6 @@ impl SentenceEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn erf_matches_known_values() {
-        for (x, want) in [
-            (0.0f32, 0.0f32),
-            (0.5, 0.520_499_9),
-            (1.0, 0.842_700_8),
-            (-1.0, -0.842_700_8),
-            (2.5, 0.999_593),
-        ] {
-            assert!((erf(x) - want).abs() < 2e-7, "erf({x}) = {}", erf(x));
-        }
-        assert!((gelu(1.0) - 0.841_344_7).abs() < 1e-6);
-    }
 
     #[test]
     fn low_rank_dense_runs_its_factors() {

@@ -72,16 +72,31 @@ impl Sampler {
         let total: f32 = self.candidates.iter().map(|c| c.0).sum();
         let mut keep = self.candidates.len();
         if self.params.top_p < 1.0 {
-            self.candidates
-                .sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
             let target = self.params.top_p.max(0.0) * total;
-            let mut acc = 0.0;
-            for (i, c) in self.candidates.iter().enumerate() {
-                acc += c.0;
-                if acc >= target {
+            // The nucleus is usually a few hundred of the 49k tokens: bring the `k` most likely
+            // to the front (linear time), sort only those, and widen `k` until they reach the
+            // target. The order is total, so the prefix is the one a full sort would give.
+            let n = self.candidates.len();
+            let mut k = 256.min(n);
+            loop {
+                if k < n {
+                    self.candidates.select_nth_unstable_by(k - 1, order);
+                }
+                self.candidates[..k].sort_unstable_by(order);
+                let mut acc = 0.0;
+                let reached = self.candidates[..k].iter().position(|c| {
+                    acc += c.0;
+                    acc >= target
+                });
+                if let Some(i) = reached {
                     keep = i + 1;
                     break;
                 }
+                if k == n {
+                    break;
+                }
+                k = (4 * k).min(n);
             }
         }
         let u = self.next_uniform() as f32;
@@ -222,5 +237,49 @@ mod tests {
         });
         let draws: Vec<u32> = (0..2000).map(|_| s.sample(&logits)).collect();
         assert!(draws.contains(&1) && !draws.contains(&2));
+    }
+
+    #[test]
+    fn top_p_on_a_large_vocabulary_keeps_exactly_the_nucleus() {
+        // 5000 logits with ties, peaked and flat: the partial selection must keep the same
+        // tokens a full sort keeps, i.e. never draw outside the nucleus and reach every member.
+        for spread in [0.5f32, 40.0] {
+            let logits: Vec<f32> = (0..5000)
+                .map(|i| ((i * 7919 % 997) as f32 / 997.0 * spread).floor() * 1.5)
+                .collect();
+            let top_p = 0.6;
+            let mut probs: Vec<(f32, u32)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (l.exp(), i as u32))
+                .collect();
+            probs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let total: f32 = probs.iter().map(|p| p.0).sum();
+            let mut acc = 0.0;
+            let keep = probs
+                .iter()
+                .position(|p| {
+                    acc += p.0;
+                    acc >= top_p * total
+                })
+                .unwrap()
+                + 1;
+            let nucleus: std::collections::HashSet<u32> =
+                probs[..keep].iter().map(|p| p.1).collect();
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.0,
+                top_p,
+                seed: 3,
+            });
+            let draws: std::collections::HashSet<u32> = (0..(20 * keep).min(3000))
+                .map(|_| s.sample(&logits))
+                .collect();
+            assert!(draws.is_subset(&nucleus), "spread {spread}: drew outside");
+            if spread > 1.0 {
+                // Peaked: a nucleus of about a hundred tokens, every one drawn.
+                assert!(keep < 150, "{keep}");
+                assert_eq!(draws, nucleus, "spread {spread}: {keep} kept");
+            }
+        }
     }
 }

@@ -98,6 +98,9 @@ enum BenchCommand {
     /// Load test of the server on loopback: many clients, many adapters, a byte budget;
     /// throughput, latency percentiles, cache hit rate, peak RSS.
     Serve(servebench::ServeBenchArgs),
+    /// The sentence encoder compressed (plain and whitened SVD, energies and budgets): cosine of
+    /// held-out embeddings to the dense encoder's, routing accuracy, embedding time.
+    Encoder(router::EncoderBenchArgs),
 }
 
 /// Which model to run.
@@ -247,6 +250,7 @@ fn try_main() -> Result<()> {
         Command::Bench(BenchCommand::Adapters(args)) => adapterbench::run(&args),
         Command::Bench(BenchCommand::Pack(args)) => packbench::run(&args),
         Command::Bench(BenchCommand::Serve(args)) => servebench::run(&args),
+        Command::Bench(BenchCommand::Encoder(args)) => router::bench_encoder(&args),
     }
 }
 

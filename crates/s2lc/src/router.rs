@@ -1,5 +1,6 @@
 //! `s2lc router build | eval`: the Context Router's centroids (mean MiniLM embedding of each
-//! adapter's training text) and its accuracy on held-out paragraphs of each domain.
+//! adapter's training text) and its accuracy on held-out paragraphs of each domain; and
+//! `s2lc bench encoder`: what low-rank compression of the encoder does to both.
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
+use s2lc_model::compress::{Method, RankPolicy};
 use s2lc_model::encoder::SentenceEncoder;
 use s2lc_model::tokenizer::read_text_file;
 use s2lc_serve::router::{pieces, RouteTable};
@@ -159,53 +161,217 @@ fn eval(args: &EvalArgs) -> Result<()> {
     let (enc, _) = args.text.encoder()?;
     let table = RouteTable::load(&args.table, enc.dim()).context("reading the route table")?;
     let texts = args.text.texts()?;
+    let held = held_out(&texts, args.chars, args.pieces);
+    let t = std::time::Instant::now();
+    let embs = held
+        .iter()
+        .map(|ps| enc.embed_all(ps))
+        .collect::<Result<Vec<_>, _>>()?;
+    let per_paragraph =
+        t.elapsed().as_secs_f64() * 1e3 / held.iter().map(Vec::len).sum::<usize>().max(1) as f64;
+    let routed = route_all(&table, &texts, &embs)
+        .with_context(|| format!("routing with {}", args.table.display()))?;
     let names: Vec<&str> = table.routes.iter().map(|r| r.adapter.as_str()).collect();
-    let mut confusion = vec![vec![0usize; names.len()]; texts.len()];
     let (mut right, mut total) = (0, 0);
     let mut rows = Vec::new();
-    let t = std::time::Instant::now();
-    for (i, (adapter, _, held)) in texts.iter().enumerate() {
-        let Some(want) = names.iter().position(|n| n == adapter) else {
-            bail!("{adapter} has no route in {}", args.table.display());
-        };
-        let ps = pieces(held, args.chars, args.pieces);
-        let embs = enc.embed_all(&ps)?;
-        let mut ok = 0;
-        for e in &embs {
-            let d = table.decide(e);
-            confusion[i][d.index] += 1;
-            ok += usize::from(d.index == want);
-        }
+    for (i, (adapter, _, _)) in texts.iter().enumerate() {
+        let n = held[i].len();
+        let ok = routed[i].right;
         right += ok;
-        total += ps.len();
+        total += n;
         println!(
-            "{adapter:>20}: {ok:>3} / {:>3} routed right ({:.1} %)",
-            ps.len(),
-            100.0 * ok as f64 / ps.len().max(1) as f64
+            "{adapter:>20}: {ok:>3} / {n:>3} routed right ({:.1} %)",
+            100.0 * ok as f64 / n.max(1) as f64
         );
-        rows.push(
-            json!({"adapter": adapter, "paragraphs": ps.len(), "right": ok,
-                         "routed_to": confusion[i]}),
-        );
+        rows.push(json!({"adapter": adapter, "paragraphs": n, "right": ok,
+                         "routed_to": routed[i].to}));
     }
     println!(
-        "{:>20}: {right:>3} / {total:>3} ({:.1} %), {:.1} ms per paragraph",
+        "{:>20}: {right:>3} / {total:>3} ({:.1} %), {per_paragraph:.1} ms per paragraph",
         "all",
         100.0 * right as f64 / total.max(1) as f64,
-        t.elapsed().as_secs_f64() * 1e3 / total.max(1) as f64
     );
     println!(
         "confusion (rows: true domain, columns: routed to {})",
         names.join(", ")
     );
-    for (row, (a, _, _)) in confusion.iter().zip(&texts) {
-        println!("{a:>20}: {row:?}");
+    for (r, (a, _, _)) in routed.iter().zip(&texts) {
+        println!("{a:>20}: {:?}", r.to);
     }
     if let Some(path) = &args.json {
         write_json(
             path,
             &json!({"routes": names, "chars": args.chars, "heldout": args.text.heldout,
             "accuracy": right as f64 / total.max(1) as f64, "domains": rows}),
+        )?;
+    }
+    Ok(())
+}
+
+/// Held-out paragraphs of each text: `count` pieces of `chars` characters.
+fn held_out(texts: &[(String, String, String)], chars: usize, count: usize) -> Vec<Vec<&str>> {
+    texts
+        .iter()
+        .map(|(_, _, held)| pieces(held, chars, count))
+        .collect()
+}
+
+/// How one text's paragraphs were routed.
+struct Routed {
+    /// Paragraphs sent to each route of the table.
+    to: Vec<usize>,
+    /// Paragraphs sent to the text's own route.
+    right: usize,
+}
+
+/// Routes each text's embedded paragraphs (`embs[i]` for text `i`); every text's adapter must
+/// have a route in the table.
+fn route_all(
+    table: &RouteTable,
+    texts: &[(String, String, String)],
+    embs: &[Vec<Vec<f32>>],
+) -> Result<Vec<Routed>> {
+    texts
+        .iter()
+        .zip(embs)
+        .map(|((adapter, _, _), embs)| {
+            let Some(want) = table.routes.iter().position(|r| &r.adapter == adapter) else {
+                bail!("{adapter} has no route in the table");
+            };
+            let mut to = vec![0usize; table.routes.len()];
+            for e in embs {
+                to[table.decide(e).index] += 1;
+            }
+            Ok(Routed {
+                right: to[want],
+                to,
+            })
+        })
+        .collect()
+}
+
+/// Options of `s2lc bench encoder`.
+#[derive(Args)]
+pub struct EncoderBenchArgs {
+    #[command(flatten)]
+    text: RouterText,
+    /// Calibration paragraphs per domain (from the training part) for whitening.
+    #[arg(long, default_value_t = 8)]
+    calibration: usize,
+    /// Pieces of 1000 characters per domain for each variant's route centroids.
+    #[arg(long, default_value_t = 16)]
+    route_pieces: usize,
+    /// Held-out paragraphs per domain (500 characters each).
+    #[arg(long, default_value_t = 50)]
+    pieces: usize,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// `s2lc bench encoder`: the encoder dense and compressed (plain and whitened SVD, energy
+/// thresholds and parameter budgets), each scored by the cosine of its held-out embeddings to the
+/// dense ones and by routing accuracy with centroids it built itself.
+pub fn bench_encoder(args: &EncoderBenchArgs) -> Result<()> {
+    let dir = args
+        .text
+        .encoder
+        .clone()
+        .unwrap_or_else(s2lc_model::assets::minilm);
+    let texts = args.text.texts()?;
+    let held = held_out(&texts, 500, args.pieces);
+    let calibration: Vec<&str> = texts
+        .iter()
+        .flat_map(|(_, train, _)| pieces(train, 500, args.calibration))
+        .collect();
+    let routes: Vec<(String, &str)> = texts
+        .iter()
+        .map(|(a, train, _)| (a.clone(), train.as_str()))
+        .collect();
+    let load = || {
+        SentenceEncoder::load(&dir)
+            .with_context(|| format!("loading the sentence encoder {}", dir.display()))
+    };
+    let dense = load()?;
+    let paragraphs: usize = held.iter().map(Vec::len).sum();
+    let want = held
+        .iter()
+        .map(|ps| dense.embed_all(ps))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut variants = vec![("dense".to_string(), None)];
+    for e in [0.9, 0.95, 0.99] {
+        variants.push((
+            format!("svd {:.0}% energy", e * 100.0),
+            Some((Method::Svd, RankPolicy::Energy(e))),
+        ));
+    }
+    for method in [Method::Svd, Method::Whitened] {
+        for keep in [0.9, 0.8, 0.7, 0.5] {
+            variants.push((
+                format!("{} −{:.0}% params", method.name(), (1.0 - keep) * 100.0),
+                Some((method, RankPolicy::KeepParams(keep))),
+            ));
+        }
+    }
+    println!(
+        "{} held-out paragraphs of 500 characters from {} domains; whitening: {} calibration \
+         paragraphs (sequential); routes from {} pieces per domain\n",
+        paragraphs,
+        texts.len(),
+        calibration.len(),
+        args.route_pieces
+    );
+    println!("| variant | linear params | cosine to dense: mean | worst | routing accuracy | ms per paragraph | compress s |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for (name, how) in &variants {
+        let mut enc = load()?;
+        let t = std::time::Instant::now();
+        if let Some((method, policy)) = how {
+            enc.compress(*policy, *method, true, &calibration)
+                .with_context(|| format!("compressing the encoder ({name})"))?;
+        }
+        let compress_s = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        let embs = held
+            .iter()
+            .map(|ps| enc.embed_all(ps))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ms = t.elapsed().as_secs_f64() * 1e3 / paragraphs.max(1) as f64;
+        let cos: Vec<f32> = embs
+            .iter()
+            .flatten()
+            .zip(want.iter().flatten())
+            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum())
+            .collect();
+        let mean = cos.iter().sum::<f32>() / cos.len().max(1) as f32;
+        let worst = cos.iter().copied().fold(f32::INFINITY, f32::min);
+        let table = RouteTable::build(&enc, name, &routes, 1000, args.route_pieces)
+            .context("building the centroids")?;
+        let right: usize = route_all(&table, &texts, &embs)?
+            .iter()
+            .map(|r| r.right)
+            .sum();
+        let accuracy = right as f64 / paragraphs.max(1) as f64;
+        let params = (enc.linear_params(), dense.linear_params());
+        println!(
+            "| {name} | {:.2} M ({:.2}x) | {mean:.4} | {worst:.4} | {:.1} % | {ms:.1} | {compress_s:.1} |",
+            params.0 as f64 / 1e6,
+            params.0 as f64 / params.1 as f64,
+            100.0 * accuracy
+        );
+        rows.push(
+            json!({"variant": name, "linear_params": params.0, "dense_params": params.1,
+            "cosine_mean": mean, "cosine_worst": worst, "routing_accuracy": accuracy,
+            "ms_per_paragraph": ms, "compress_seconds": compress_s}),
+        );
+    }
+    if let Some(path) = &args.json {
+        write_json(
+            path,
+            &json!({"encoder": dir.display().to_string(), "paragraphs": paragraphs,
+                "calibration_paragraphs": calibration.len(), "route_pieces": args.route_pieces,
+                "variants": rows}),
         )?;
     }
     Ok(())

@@ -123,6 +123,41 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `erf` (Abramowitz & Stegun 7.1.26, absolute error ≤ 1.5e-7): std has none.
+pub fn erf(x: f32) -> f32 {
+    // Past 4, erf is 1 in f32 (1 − 1.5e-8).
+    if x.abs() > 4.0 {
+        return 1.0f32.copysign(x);
+    }
+    let t = 1.0 / (1.0 + ERF_P * x.abs());
+    let poly = t * (ERF_A[0] + t * (ERF_A[1] + t * (ERF_A[2] + t * (ERF_A[3] + t * ERF_A[4]))));
+    let y = 1.0 - poly * (-x * x).exp();
+    y.copysign(x)
+}
+
+/// The constants of Abramowitz & Stegun 7.1.26.
+const ERF_P: f32 = 0.327_591_1;
+const ERF_A: [f32; 5] = [
+    0.254_829_6,
+    -0.284_496_74,
+    1.421_413_7,
+    -1.453_152,
+    1.061_405_4,
+];
+
+/// BERT's exact GELU `x·Φ(x) = x/2·(1 + erf(x/√2))`, in place.
+pub fn gelu(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: features checked; the slice is accessed within its length.
+        unsafe { avx2::gelu(x) };
+        return;
+    }
+    for v in x.iter_mut() {
+        *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
 /// `out = x / √(mean(x²) + eps) · weight`, for each row of width `weight.len()`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
@@ -353,6 +388,36 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gelu(x: &mut [f32]) {
+        let n = x.len();
+        let p = x.as_mut_ptr();
+        let sign = _mm256_set1_ps(-0.0);
+        let (one, half) = (_mm256_set1_ps(1.0), _mm256_set1_ps(0.5));
+        let mut k = 0;
+        while k + 8 <= n {
+            let v = _mm256_loadu_ps(p.add(k));
+            let z = _mm256_mul_ps(v, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+            let a = _mm256_andnot_ps(sign, z);
+            let t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(super::ERF_P), a, one));
+            let mut poly = _mm256_set1_ps(super::ERF_A[4]);
+            for c in super::ERF_A[..4].iter().rev() {
+                poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(*c));
+            }
+            poly = _mm256_mul_ps(poly, t);
+            // exp8 clamps its argument, so large |z| give 1 − (tiny) instead of denormals.
+            let e = exp8(_mm256_mul_ps(_mm256_xor_ps(a, sign), a));
+            let y = _mm256_fnmadd_ps(poly, e, one);
+            let erf = _mm256_or_ps(y, _mm256_and_ps(sign, z));
+            let g = _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, erf));
+            _mm256_storeu_ps(p.add(k), g);
+            k += 8;
+        }
+        for v in &mut x[k..] {
+            *v = 0.5 * *v * (1.0 + super::erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
         let n = gate.len().min(up.len());
         let (pg, pu) = (gate.as_mut_ptr(), up.as_ptr());
@@ -376,6 +441,23 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn erf_matches_known_values() {
+        for (x, want) in [
+            (0.0f32, 0.0f32),
+            (0.5, 0.520_499_9),
+            (1.0, 0.842_700_8),
+            (-1.0, -0.842_700_8),
+            (2.5, 0.999_593),
+            (-5.0, -1.0),
+        ] {
+            assert!((erf(x) - want).abs() < 2e-7, "erf({x}) = {}", erf(x));
+        }
+        let mut g = [1.0f32];
+        gelu(&mut g);
+        assert!((g[0] - 0.841_344_7).abs() < 1e-6);
+    }
 
     #[test]
     fn vector_exp_matches_libm() {
@@ -419,6 +501,18 @@ mod tests {
             axpy_i8(&mut y, 0.25, &c);
             for i in 0..n {
                 assert!((y[i] - (b[i] + 0.25 * c[i] as f32)).abs() < 1e-5);
+            }
+            let mut g = a.clone();
+            gelu(&mut g);
+            for i in 0..n {
+                let x = a[i] as f64;
+                // Φ(x) from the scalar erf, checked against known values in its own test.
+                let want = 0.5 * x * (1.0 + erf((x / std::f64::consts::SQRT_2) as f32) as f64);
+                assert!(
+                    (g[i] as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
+                    "gelu {}",
+                    g[i]
+                );
             }
             let mut g = a.clone();
             silu_mul(&mut g, &b);
