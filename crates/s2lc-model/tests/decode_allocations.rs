@@ -1,9 +1,10 @@
 //! A decode step allocates nothing once its buffers exist: every heap allocation made by this
-//! test binary is counted, on the real SmolLM2 in each weight storage.
+//! test binary is counted, on the real SmolLM2 in each weight storage and with low-rank layers.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use s2lc_model::linear::{Linear, LowRankLinear};
 use s2lc_model::llama::ForwardScratch;
 use s2lc_model::source::WeightStorage;
 use s2lc_model::ModelSource;
@@ -46,8 +47,29 @@ fn decode_steps_allocate_nothing() {
         return;
     }
     let source = ModelSource::open(&path).unwrap();
-    for storage in [WeightStorage::Native, WeightStorage::F32] {
-        let model = source.load_llama(storage, |_| {}).unwrap();
+    for (storage, low_rank) in [
+        (WeightStorage::Native, false),
+        (WeightStorage::F32, false),
+        (WeightStorage::F32, true),
+    ] {
+        let mut model = source.load_llama(storage, |_| {}).unwrap();
+        if low_rank {
+            // Rank-32 layers in place of every block's q/k/gate/down projections (the values
+            // do not matter here, only that decode runs the two thin products).
+            for block in model.blocks_mut() {
+                for lin in [
+                    &mut block.q_proj,
+                    &mut block.k_proj,
+                    &mut block.gate_proj,
+                    &mut block.down_proj,
+                ] {
+                    let (o, i, r) = (lin.out_dim(), lin.in_dim(), 32);
+                    let u = (0..o * r).map(|k| ((k % 7) as f32 - 3.0) * 1e-2).collect();
+                    let vs = (0..r * i).map(|k| ((k % 5) as f32 - 2.0) * 1e-2).collect();
+                    *lin = Linear::LowRank(LowRankLinear::new(u, vs, o, i, None));
+                }
+            }
+        }
         let mut cache = model.dense_cache(256);
         let mut scratch = ForwardScratch::default();
         let mut logits = Vec::new();
@@ -71,7 +93,7 @@ fn decode_steps_allocate_nothing() {
         let made = ALLOCATIONS.load(Ordering::Relaxed) - before;
         assert_eq!(
             made, 0,
-            "{storage:?}: {made} allocations in 32 decode steps"
+            "{storage:?} (low-rank layers: {low_rank}): {made} allocations in 32 decode steps"
         );
     }
 }
