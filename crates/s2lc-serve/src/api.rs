@@ -1,7 +1,10 @@
 //! The HTTP API: OpenAI-style completions over one base model and the store's adapters.
 //!
 //! `model` is the base's id (`smollm2`) or `base:adapter@requirement` (`smollm2:legal@^1.2`); the
-//! S2LC field `adapter` does the same. Every error is a JSON body
+//! S2LC field `adapter` does the same (`auto`: routed by the prompt's embedding). S2LC's `route`
+//! field carries tags (`"domain=python"` or `{"domain": "python"}`) that pick the adapter by the
+//! server's tag rules, and `morph` (`{"python": 0.7, "linux": 0.3}`) blends members of the pack
+//! the adapter names into one hybrid in their shared basis. Every error is a JSON body
 //! `{"error": {"message", "type", "code"}}` with a 4xx/5xx status, and the server keeps serving.
 
 use std::collections::HashMap;
@@ -26,7 +29,7 @@ use s2lc_model::lora::LoraAdapter;
 use s2lc_model::tokenizer::Tokenizer;
 
 use crate::cache::{CacheError, JitCache};
-use crate::router::SemanticRouter;
+use crate::router::{first_match, parse_tags, SemanticRouter, TagRule};
 use crate::source::{AdapterSource, SourceError};
 
 /// Limits and names of a server.
@@ -42,6 +45,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Adapters (`name@requirement`) loaded at start and pinned: never evicted.
     pub pinned: Vec<String>,
+    /// Tag rules, tried in order for requests that carry `route` tags.
+    pub rules: Vec<TagRule>,
 }
 
 /// The base model and what generation needs; requests take turns on it.
@@ -211,6 +216,10 @@ struct CompletionRequest {
     stream: Option<bool>,
     /// S2LC: the adapter, `name@requirement`, or `auto` to route by the prompt.
     adapter: Option<String>,
+    /// S2LC: tags for the tag rules, `"key=value,…"` or `{"key": "value"}`.
+    route: Option<Value>,
+    /// S2LC: member weights of the pack named by the adapter, `{"member": weight}`.
+    morph: Option<Value>,
 }
 
 /// The router over a state; see the module docs for the routes.
@@ -253,9 +262,14 @@ fn resolve(s: &AppState, spec: &str) -> Result<String, ApiError> {
     }
 }
 
-/// An adapter and the bytes it holds resident (f32 factors).
-fn load_sized(source: &dyn AdapterSource, key: &str) -> Result<(LoraAdapter, usize), SourceError> {
-    let a = source.load(key)?;
+/// An adapter (a morph of a pack's members when `morph` is not empty) and the bytes it holds
+/// resident (f32 factors).
+fn load_sized(
+    source: &dyn AdapterSource,
+    key: &str,
+    morph: &[(String, f32)],
+) -> Result<(LoraAdapter, usize), SourceError> {
+    let a = source.load(key, morph)?;
     let bytes = 4 * a.n_params();
     Ok((a, bytes))
 }
@@ -309,7 +323,7 @@ pub fn serve(
         let key = resolve(&state, spec).map_err(|e| pin(e.message))?;
         state
             .cache
-            .get_or_load(&key, || load_sized(state.source.as_ref(), &key))
+            .get_or_load(&key, || load_sized(state.source.as_ref(), &key, &[]))
             .map_err(|e| pin(e.to_string()))?;
         state.cache.set_pinned(&key, true);
     }
@@ -485,7 +499,8 @@ fn envelope(s: &AppState, job: &Job, object: &str) -> Value {
             Some(k) => format!("{}:{k}", s.config.model_id),
             None => s.config.model_id.clone(),
         },
-        "s2lc": {"adapter": job.key, "adapter_cache": job.cache, "route": job.route},
+        "s2lc": {"adapter": job.key, "adapter_cache": job.cache, "route": job.route,
+                 "morph": job.morph},
     })
 }
 
@@ -557,6 +572,8 @@ struct Job {
     cache: &'static str,
     /// How the router chose the adapter, if it did.
     route: Option<Value>,
+    /// The member weights of a morphed adapter.
+    morph: Option<Value>,
     /// Held while the job holds its adapter.
     _permit: Option<Permit>,
 }
@@ -630,41 +647,39 @@ fn prepare(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Job, ApiE
             e.max_seq_len
         )));
     }
-    // `auto`: the router picks the adapter from the prompt (for chat, the last user message).
-    let mut route = None;
-    let routed;
-    let spec = match spec {
-        Some("auto") => {
-            let router = s.router.as_ref().ok_or_else(|| {
-                ApiError::bad("adapter 'auto' needs a server started with --router")
-            })?;
-            let query = match (chat, req.messages.as_deref()) {
-                (true, Some(m)) => m
-                    .iter()
-                    .rev()
-                    .find(|m| m.role == "user")
-                    .map_or(text.as_str(), |m| m.content.as_str()),
-                _ => text.as_str(),
-            };
-            let (adapter, d) = router
-                .route(query)
-                .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
-            routed = adapter.to_string();
-            route = Some(json!({"by": "embedding", "score": d.score, "margin": d.margin}));
-            Some(routed.as_str())
-        }
-        other => other,
+    // For chat, the router reads the last user message.
+    let query = match (chat, req.messages.as_deref()) {
+        (true, Some(m)) => m
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map_or(text.as_str(), |m| m.content.as_str()),
+        _ => text.as_str(),
     };
-    // The adapter: resolved to one version, then from the cache or loaded into it.
-    let permit = spec.map(|_| s.permits.acquire());
+    let (spec, route) = choose_adapter(s, spec, req.route.as_ref(), query)?;
+    let morph = morph_weights(req.morph.as_ref())?;
+    if !morph.is_empty() && spec.is_none() {
+        return Err(ApiError::bad(
+            "morph needs an adapter that names a pack (adapter or model base:pack@version)",
+        ));
+    }
+    // The adapter: resolved to one version, then from the cache or loaded into it. A morph is
+    // cached under its pack's key and its weights.
+    let permit = spec.as_ref().map(|_| s.permits.acquire());
     let (adapter, key, cache) = match spec {
         None => (None, None, "none"),
         Some(spec) => {
-            let key = resolve(s, spec)?;
+            let key = resolve(s, &spec)?;
+            let cache_key = if morph.is_empty() {
+                key.clone()
+            } else {
+                let w: Vec<String> = morph.iter().map(|(m, w)| format!("{m}={w}")).collect();
+                format!("{key}#morph({})", w.join(","))
+            };
             let mut loaded = false;
-            let a = s.cache.get_or_load(&key, || {
+            let a = s.cache.get_or_load(&cache_key, || {
                 loaded = true;
-                load_sized(s.source.as_ref(), &key)
+                load_sized(s.source.as_ref(), &key, &morph)
             })?;
             (Some(a), Some(key), if loaded { "miss" } else { "hit" })
         }
@@ -684,8 +699,110 @@ fn prepare(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Job, ApiE
         key,
         cache,
         route,
+        morph: req.morph.filter(|_| !morph.is_empty()),
         _permit: permit,
     })
+}
+
+/// The adapter spec of a request and how it was chosen: named explicitly; by the first tag rule
+/// its `route` tags meet (or, if none does and the server has a router, by embedding); or, for
+/// `auto`, by the embedding of `query`.
+fn choose_adapter(
+    s: &AppState,
+    named: Option<&str>,
+    route: Option<&Value>,
+    query: &str,
+) -> Result<(Option<String>, Option<Value>), ApiError> {
+    let tags = match route {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => {
+            Some(parse_tags(t).map_err(|e| ApiError::bad(format!("route: {e}")))?)
+        }
+        Some(Value::Object(o)) => Some(
+            o.iter()
+                .map(|(k, v)| match v {
+                    Value::String(v) => Ok((k.clone(), v.clone())),
+                    other => Err(ApiError::bad(format!(
+                        "route: the value of '{k}' must be a string, not {other}"
+                    ))),
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(other) => {
+            return Err(ApiError::bad(format!(
+                "route must be \"key=value,...\" or an object of strings, not {other}"
+            )))
+        }
+    };
+    let by_embedding = |why: Value| -> Result<(Option<String>, Option<Value>), ApiError> {
+        let router = s.router.as_ref().ok_or_else(|| {
+            ApiError::bad(format!(
+                "{} needs a server started with --router",
+                why.as_str().unwrap_or("routing by embedding")
+            ))
+        })?;
+        let (adapter, d) = router
+            .route(query)
+            .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
+        let mut info = json!({"by": "embedding", "score": d.score, "margin": d.margin});
+        if !why.is_string() {
+            info["tags"] = why;
+        }
+        Ok((Some(adapter.to_string()), Some(info)))
+    };
+    match (named, tags) {
+        (Some(a), Some(_)) if a != "auto" => Err(ApiError::bad(format!(
+            "the request names adapter '{a}' and route tags: give one of them"
+        ))),
+        (_, Some(tags)) => match first_match(&s.config.rules, &tags) {
+            Some((i, rule)) => Ok((
+                Some(rule.adapter.clone()),
+                Some(json!({"by": "rule", "rule": i, "when": rule.when})),
+            )),
+            None if s.router.is_some() => by_embedding(json!(tags)),
+            None => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no tag rule matches {} and the server has no router to fall back on ({} rules)",
+                    serde_json::to_string(&tags).unwrap_or_default(),
+                    s.config.rules.len()
+                ),
+            )),
+        },
+        (Some("auto"), None) => by_embedding(json!("adapter 'auto'")),
+        (named, None) => Ok((named.map(str::to_string), None)),
+    }
+}
+
+/// Morph weights from the request: an object of finite numbers summing to a positive number,
+/// sorted by member (so equal blends share one cache entry). Absent or `null`: none.
+fn morph_weights(morph: Option<&Value>) -> Result<Vec<(String, f32)>, ApiError> {
+    let o = match morph {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(o)) if !o.is_empty() => o,
+        Some(other) => {
+            return Err(ApiError::bad(format!(
+                "morph must be a non-empty object of member weights, not {other}"
+            )))
+        }
+    };
+    let mut weights = Vec::with_capacity(o.len());
+    for (m, w) in o {
+        let w = w.as_f64().filter(|w| w.is_finite()).ok_or_else(|| {
+            ApiError::bad(format!(
+                "morph: the weight of '{m}' must be a finite number, not {w}"
+            ))
+        })?;
+        weights.push((m.clone(), w as f32));
+    }
+    let sum: f32 = weights.iter().map(|(_, w)| w).sum();
+    if sum <= 0.0 || !sum.is_finite() {
+        return Err(ApiError::bad(format!(
+            "morph weights must sum to a positive number (they sum to {sum})"
+        )));
+    }
+    weights.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(weights)
 }
 
 /// Generates for a job on the model (requests take turns), passing each decoded piece of text

@@ -1,8 +1,10 @@
-//! The Context Router's semantic rule: each adapter has a centroid, the normalized mean embedding
-//! of pieces of its training text; a prompt goes to the adapter whose centroid is most similar
-//! (cosine) to the prompt's embedding. Explicit names are handled by the API; this module is the
-//! embedding part.
+//! The Context Router's rules. Tag rules: a request's tags (`domain=python`) pick the adapter of
+//! the first rule whose conditions they all meet. Semantic rule: each adapter has a centroid, the
+//! normalized mean embedding of pieces of its training text; a prompt goes to the adapter whose
+//! centroid is most similar (cosine) to the prompt's embedding. Explicit names are handled by
+//! the API.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -67,6 +69,69 @@ pub enum RouterError {
     /// The table is unusable.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// A tag rule: requests whose tags include every `key = value` of `when` go to `adapter`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TagRule {
+    /// The conditions, all of which must hold.
+    pub when: BTreeMap<String, String>,
+    /// The adapter, `name@requirement`.
+    pub adapter: String,
+}
+
+impl TagRule {
+    /// Parses `key=value[,key=value…]:adapter` (the `--rule` flag), e.g.
+    /// `domain=python:python-r8@^1`.
+    pub fn parse(s: &str) -> Result<Self, RouterError> {
+        let bad = |why: &str| {
+            RouterError::Invalid(format!(
+                "rule '{s}': {why} (expected key=value[,key=value...]:adapter)"
+            ))
+        };
+        let (when, adapter) = s.split_once(':').ok_or_else(|| bad("no ':'"))?;
+        let adapter = adapter.trim();
+        if adapter.is_empty() {
+            return Err(bad("no adapter"));
+        }
+        let rule = TagRule {
+            when: parse_tags(when).map_err(|e| bad(&e))?,
+            adapter: adapter.to_string(),
+        };
+        Ok(rule)
+    }
+
+    /// Whether `tags` meet every condition.
+    pub fn matches(&self, tags: &BTreeMap<String, String>) -> bool {
+        self.when.iter().all(|(k, v)| tags.get(k) == Some(v))
+    }
+}
+
+/// Parses `key=value[,key=value…]` into tags; keys and values are trimmed and must be
+/// non-empty, and a key may appear once.
+pub fn parse_tags(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut tags = BTreeMap::new();
+    for pair in s.split(',') {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("'{}' is not key=value", pair.trim()))?;
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty() || v.is_empty() {
+            return Err(format!("'{}' has an empty key or value", pair.trim()));
+        }
+        if tags.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(format!("'{k}' is given twice"));
+        }
+    }
+    Ok(tags)
+}
+
+/// The first rule (and its index) that `tags` meet.
+pub fn first_match<'a>(
+    rules: &'a [TagRule],
+    tags: &BTreeMap<String, String>,
+) -> Option<(usize, &'a TagRule)> {
+    rules.iter().enumerate().find(|(_, r)| r.matches(tags))
 }
 
 /// Pieces of about `chars` characters (cut at whitespace), `count` of them spread evenly over
@@ -209,6 +274,36 @@ mod tests {
         assert!(pieces("", 50, 5).is_empty());
         // Multi-byte text cuts on character boundaries.
         assert!(!pieces(&"é ".repeat(500), 33, 3).is_empty());
+    }
+
+    #[test]
+    fn tag_rules_parse_and_match_in_order() {
+        let rules = [
+            TagRule::parse("domain=python, tier=gold : python-gold@^2").unwrap(),
+            TagRule::parse("domain=python:python-r8@^1").unwrap(),
+        ];
+        assert_eq!(rules[0].adapter, "python-gold@^2");
+        assert_eq!(rules[0].when.len(), 2);
+        let tags = |s: &str| parse_tags(s).unwrap();
+        assert_eq!(first_match(&rules, &tags("domain=python")).unwrap().0, 1);
+        assert_eq!(
+            first_match(&rules, &tags("tier=gold,domain=python"))
+                .unwrap()
+                .0,
+            0
+        );
+        assert!(first_match(&rules, &tags("domain=linux")).is_none());
+        for bad in [
+            "domain=python",
+            "domain=python:",
+            "domain:python-r8",
+            "=python:a",
+            "a=1,a=2:x",
+        ] {
+            let e = TagRule::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(bad), "{e}");
+        }
+        assert!(parse_tags("domain").is_err());
     }
 
     #[test]

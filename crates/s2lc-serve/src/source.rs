@@ -44,8 +44,10 @@ pub trait AdapterSource: Send + Sync {
     /// Resolves `name@requirement` (`legal@^1.2`, `legal@1.0.0`, `legal@prod`, `legal`) to the
     /// cache key `name@version`.
     fn resolve(&self, spec: &str) -> Result<String, SourceError>;
-    /// Loads the adapter of a key returned by [`AdapterSource::resolve`].
-    fn load(&self, key: &str) -> Result<LoraAdapter, SourceError>;
+    /// Loads the adapter of a key returned by [`AdapterSource::resolve`]; with `morph` weights,
+    /// the key must name a multi-member pack and the result is the weighted blend of the named
+    /// members, synthesized in the pack's shared basis (Expert Morphing).
+    fn load(&self, key: &str, morph: &[(String, f32)]) -> Result<LoraAdapter, SourceError>;
     /// Every available `name@version`.
     fn list(&self) -> Result<Vec<String>, SourceError>;
 }
@@ -80,7 +82,7 @@ impl AdapterSource for StoreSource {
         Ok(format!("{name}@{version}"))
     }
 
-    fn load(&self, key: &str) -> Result<LoraAdapter, SourceError> {
+    fn load(&self, key: &str, morph: &[(String, f32)]) -> Result<LoraAdapter, SourceError> {
         let (name, version) = parse_versioned(key)?;
         let dir = self
             .scratch
@@ -93,7 +95,7 @@ impl AdapterSource for StoreSource {
                 &dir,
                 self.base_digest.as_deref(),
             )?;
-            read_adapter(&dir, key)
+            read_adapter(&dir, key, morph)
         })();
         let _ = std::fs::remove_dir_all(&dir);
         result
@@ -110,14 +112,38 @@ impl AdapterSource for StoreSource {
 }
 
 /// A pulled version: a PEFT adapter directory, or an S2LC pack holding one member (what
-/// `s2lc store push --member` stores), unpacked.
-fn read_adapter(dir: &std::path::Path, key: &str) -> Result<LoraAdapter, SourceError> {
+/// `s2lc store push --member` stores), unpacked; or, with `morph` weights, the blend of members
+/// of a pack.
+fn read_adapter(
+    dir: &std::path::Path,
+    key: &str,
+    morph: &[(String, f32)],
+) -> Result<LoraAdapter, SourceError> {
     let unusable = |e: &dyn std::fmt::Display| SourceError::Unusable(format!("{key}: {e}"));
-    let mut adapter = if dir.join("pack.json").is_file() {
+    let is_pack = dir.join("pack.json").is_file();
+    let mut adapter = if !morph.is_empty() {
+        if !is_pack {
+            return Err(SourceError::BadRequest(format!(
+                "{key} is a PEFT adapter, not an S2LC pack: it has no members to morph"
+            )));
+        }
+        let set = s2lc_adapters::format::load(dir).map_err(|e| unusable(&e))?;
+        let names: Vec<&str> = set.members.iter().map(|m| m.name.as_str()).collect();
+        if let Some((missing, _)) = morph.iter().find(|(m, _)| !names.contains(&m.as_str())) {
+            return Err(SourceError::NotFound(format!(
+                "{key} has no member '{missing}' (members: {})",
+                names.join(", ")
+            )));
+        }
+        let weights: Vec<(&str, f32)> = morph.iter().map(|(m, w)| (m.as_str(), *w)).collect();
+        set.morph_lora(key, &weights)
+            .map_err(|e| SourceError::BadRequest(format!("{key}: {e}")))?
+    } else if is_pack {
         let set = s2lc_adapters::format::load(dir).map_err(|e| unusable(&e))?;
         let [member] = set.members.as_slice() else {
-            return Err(unusable(&format!(
-                "a pack of {} members; push one with `s2lc store push --member`",
+            return Err(SourceError::BadRequest(format!(
+                "{key} is a pack of {} members: blend them with 'morph', or push one with \
+                 `s2lc store push --member`",
                 set.members.len()
             )));
         };

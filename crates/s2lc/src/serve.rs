@@ -1,55 +1,187 @@
 //! `s2lc serve`: the OpenAI-style HTTP server over the base model and the Adapter Store.
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use serde::Deserialize;
 
+use s2lc_serve::router::TagRule;
 use s2lc_serve::{Engine, RouteTable, SemanticRouter, ServeConfig, StoreSource};
 
-use crate::{load_model, parse_weights, ModelArg};
+use crate::{load_model, parse_weights};
 use s2lc_model::source::WeightStorage;
 
-/// Options of `s2lc serve`.
+/// Options of `s2lc serve`. Every setting can also come from a TOML file (`--config`), under
+/// the flag's name (`adapter-memory = "256MiB"`, `pin = ["legal@^1"]`, and `[[rule]]` tables with
+/// `when = { domain = "python" }` and `adapter = "python-r8@^1"`); a flag overrides the file.
 #[derive(Args)]
 pub struct ServeArgs {
-    #[command(flatten)]
-    model: ModelArg,
-    /// Weight storage of the base model.
-    #[arg(long, default_value = "native", value_parser = parse_weights)]
-    weights: WeightStorage,
+    /// A TOML file of settings (see above).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A .gguf file or a Hugging Face directory [default: SmolLM2-135M-Instruct in $S2LC_HOME].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Weight storage of the base model [default: native].
+    #[arg(long, value_parser = parse_weights)]
+    weights: Option<WeightStorage>,
     /// The Adapter Store: a directory or s3://bucket/prefix [default: $S2LC_STORE, else
     /// $S2LC_HOME/store].
     #[arg(long)]
     store: Option<String>,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
-    /// Port (0 picks a free one; the address is printed).
-    #[arg(long, default_value_t = 8080)]
-    port: u16,
-    /// Bytes of unpacked adapters kept resident (e.g. 256MiB, 1GiB, 1000000).
-    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
-    adapter_memory: usize,
-    /// Largest max_tokens a request may ask for.
-    #[arg(long, default_value_t = 512)]
-    max_tokens: usize,
-    /// Largest request body.
-    #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
-    max_body: usize,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long)]
+    host: Option<String>,
+    /// Port (0 picks a free one; the address is printed) [default: 8080].
+    #[arg(long)]
+    port: Option<u16>,
+    /// Bytes of unpacked adapters kept resident (e.g. 256MiB, 1GiB, 1000000) [default: 256MiB].
+    #[arg(long, value_parser = parse_bytes)]
+    adapter_memory: Option<usize>,
+    /// Largest max_tokens a request may ask for [default: 512].
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Largest request body [default: 1MiB].
+    #[arg(long, value_parser = parse_bytes)]
+    max_body: Option<usize>,
     /// The id clients name the base model by [default: the model file's name without extension].
     #[arg(long)]
     model_id: Option<String>,
-    /// Load this adapter (`name@requirement`) at start and never evict it; repeatable.
+    /// Load this adapter (`name@requirement`) at start and never evict it; repeatable (added to
+    /// the file's).
     #[arg(long = "pin")]
     pinned: Vec<String>,
-    /// Route requests for the adapter `auto` by their prompt with this table (`s2lc router
-    /// build`).
+    /// Route requests for the adapter `auto` (and tagged requests no rule matches) by their
+    /// prompt with this table (`s2lc router build`).
     #[arg(long)]
-    router: Option<std::path::PathBuf>,
+    router: Option<PathBuf>,
     /// The router's sentence encoder [default: $S2LC_HOME/models/all-MiniLM-L6-v2].
-    #[arg(long, requires = "router")]
-    encoder: Option<std::path::PathBuf>,
+    #[arg(long)]
+    encoder: Option<PathBuf>,
+    /// A tag rule `key=value[,key=value...]:adapter` (e.g. `domain=python:python-r8@^1`):
+    /// requests whose `route` tags meet it get that adapter; repeatable, tried after the file's
+    /// rules, first match wins.
+    #[arg(long = "rule")]
+    rules: Vec<String>,
+}
+
+/// The settings file of `s2lc serve --config`: the flags' names and values.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ServeFile {
+    model: Option<PathBuf>,
+    weights: Option<String>,
+    store: Option<String>,
+    host: Option<String>,
+    port: Option<u16>,
+    adapter_memory: Option<Size>,
+    max_tokens: Option<usize>,
+    max_body: Option<Size>,
+    model_id: Option<String>,
+    #[serde(default)]
+    pin: Vec<String>,
+    router: Option<PathBuf>,
+    encoder: Option<PathBuf>,
+    #[serde(default)]
+    rule: Vec<TagRule>,
+}
+
+/// A size in a settings file: a byte count or a string such as "256MiB".
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(usize),
+    Text(String),
+}
+
+impl Size {
+    fn bytes(&self, key: &str) -> Result<usize> {
+        match self {
+            Size::Bytes(n) => Ok(*n),
+            Size::Text(t) => parse_bytes(t).map_err(|e| anyhow::anyhow!("{key}: {e}")),
+        }
+    }
+}
+
+/// The settings of a server, flags over the file over the defaults.
+struct Settings {
+    model: PathBuf,
+    weights: WeightStorage,
+    store: Option<String>,
+    host: String,
+    port: u16,
+    adapter_memory: usize,
+    max_tokens: usize,
+    max_body: usize,
+    model_id: Option<String>,
+    pinned: Vec<String>,
+    router: Option<PathBuf>,
+    encoder: Option<PathBuf>,
+    rules: Vec<TagRule>,
+}
+
+impl ServeArgs {
+    fn settings(&self) -> Result<Settings> {
+        let file = match &self.config {
+            None => ServeFile::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("reading {}", path.display()))?
+            }
+        };
+        let size = |flag: Option<usize>, key: &str, from_file: &Option<Size>, default: &str| match (
+            flag, from_file,
+        ) {
+            (Some(n), _) => Ok(n),
+            (None, Some(s)) => s.bytes(key),
+            (None, None) => parse_bytes(default).map_err(anyhow::Error::msg),
+        };
+        let weights = match (self.weights, &file.weights) {
+            (Some(w), _) => w,
+            (None, Some(w)) => parse_weights(w).map_err(|e| anyhow::anyhow!("weights: {e}"))?,
+            (None, None) => WeightStorage::Native,
+        };
+        let mut rules = file.rule;
+        for r in &self.rules {
+            rules.push(TagRule::parse(r)?);
+        }
+        let router = self.router.clone().or(file.router);
+        let encoder = self.encoder.clone().or(file.encoder);
+        if encoder.is_some() && router.is_none() {
+            bail!("an encoder is set but no router table: the encoder is only used by the router");
+        }
+        Ok(Settings {
+            model: self
+                .model
+                .clone()
+                .or(file.model)
+                .unwrap_or_else(s2lc_model::assets::smollm2),
+            weights,
+            store: self.store.clone().or(file.store),
+            host: self
+                .host
+                .clone()
+                .or(file.host)
+                .unwrap_or_else(|| "127.0.0.1".into()),
+            port: self.port.or(file.port).unwrap_or(8080),
+            adapter_memory: size(
+                self.adapter_memory,
+                "adapter-memory",
+                &file.adapter_memory,
+                "256MiB",
+            )?,
+            max_tokens: self.max_tokens.or(file.max_tokens).unwrap_or(512),
+            max_body: size(self.max_body, "max-body", &file.max_body, "1MiB")?,
+            model_id: self.model_id.clone().or(file.model_id),
+            pinned: file.pin.into_iter().chain(self.pinned.clone()).collect(),
+            router,
+            encoder,
+            rules,
+        })
+    }
 }
 
 /// Parses `256MiB`, `1GiB`, `64KiB`, `1MB` or a plain byte count.
@@ -81,8 +213,9 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
 
 /// Runs `s2lc serve` until the process is stopped.
 pub fn run(args: &ServeArgs) -> Result<()> {
-    let path = args.model.path();
-    let model_id = match &args.model_id {
+    let cfg = args.settings()?;
+    let path = cfg.model.clone();
+    let model_id = match &cfg.model_id {
         Some(id) => id.clone(),
         None => path
             .file_stem()
@@ -92,27 +225,34 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     if model_id.contains(':') || model_id.is_empty() {
         bail!("model id '{model_id}' must be non-empty and free of ':' (it separates the adapter)");
     }
-    let store = crate::store::open_store(args.store.as_deref())?;
+    let store = crate::store::open_store(cfg.store.as_deref())?;
     let location = store.location().to_string();
     let digest = crate::store::model_digest(&path)?;
-    let router = match &args.router {
+    let router = match &cfg.router {
         None => None,
         Some(table) => {
-            let (encoder, _) = crate::router::load_encoder(args.encoder.as_deref())?;
+            let (encoder, _) = crate::router::load_encoder(cfg.encoder.as_deref())?;
             let table =
                 RouteTable::load(table, encoder.dim()).context("reading the route table")?;
             Some(SemanticRouter { encoder, table })
         }
     };
-    let (source, model, tokenizer) = load_model(&path, args.weights)?;
+    let (source, model, tokenizer) = load_model(&path, cfg.weights)?;
     let engine = Engine::new(model, tokenizer, source.chat_template());
-    let listener = TcpListener::bind((args.host.as_str(), args.port))
-        .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
+    let listener = TcpListener::bind((cfg.host.as_str(), cfg.port))
+        .with_context(|| format!("listening on {}:{}", cfg.host, cfg.port))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     eprintln!(
-        "s2lc serve: {model_id} ({}), adapters from {location}, {} MiB adapter budget",
-        args.weights.name(),
-        args.adapter_memory >> 20
+        "s2lc serve: {model_id} ({}), adapters from {location}, {} MiB adapter budget, {} tag \
+         rules{}",
+        cfg.weights.name(),
+        cfg.adapter_memory >> 20,
+        cfg.rules.len(),
+        if router.is_some() {
+            ", semantic router"
+        } else {
+            ""
+        }
     );
     // Tests and scripts wait for this line.
     eprintln!("listening on http://{addr}");
@@ -123,10 +263,11 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         router,
         ServeConfig {
             model_id,
-            adapter_budget: args.adapter_memory,
-            max_tokens: args.max_tokens,
-            max_body_bytes: args.max_body,
-            pinned: args.pinned.clone(),
+            adapter_budget: cfg.adapter_memory,
+            max_tokens: cfg.max_tokens,
+            max_body_bytes: cfg.max_body,
+            pinned: cfg.pinned,
+            rules: cfg.rules,
         },
     )
     .context("serving")

@@ -136,6 +136,7 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         max_tokens: args.max_tokens.max(1),
         max_body_bytes: 1 << 20,
         pinned: Vec::new(),
+        rules: Vec::new(),
     };
     let server_store = Store::open(dir.to_str().context("temp dir is not UTF-8")?)?;
     std::thread::spawn(move || {

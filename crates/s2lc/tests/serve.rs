@@ -356,6 +356,154 @@ fn serve_refuses_bad_flags_with_one_line() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Settings from a TOML file and flags; tag rules pick adapters by a request's `route` tags;
+/// `morph` blends the members of a pack pushed whole; each misuse is one JSON error.
+#[test]
+fn tag_rules_and_morphs_from_a_config_file() {
+    let Some(model) = smollm2() else { return };
+    let dir = scratch("serve-rules");
+    let store = dir.join("store");
+    std::fs::create_dir_all(&dir).unwrap();
+    push(&store, &model, &fixture("alice-r4"), "alice@1.0.0", None);
+    let pack = dir.join("pack");
+    let o = s2lc(&[
+        "adapters",
+        "pack",
+        fixture("alice-r4").to_str().unwrap(),
+        fixture("alice-r4-e90").to_str().unwrap(),
+        "-o",
+        pack.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    push(&store, &model, &pack, "alice-set@1.0.0", None);
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "store = {:?}\nmodel-id = \"smollm2\"\nmax-tokens = 32\nadapter-memory = \"64MiB\"\n\
+             pin = [\"alice@1\"]\n\n[[rule]]\nwhen = {{ book = \"alice\" }}\nadapter = \"alice@^1\"\n",
+            store.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let server = start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--rule",
+        "book=other, lang=en : alice-set@1.0.0",
+    ]);
+    let addr = server.addr.as_str();
+    assert_eq!(
+        metric(addr, "s2lc_adapter_cache_misses_total"),
+        1.0,
+        "pinned from the file"
+    );
+    let p = |extra: Value| {
+        let mut r = json!({"prompt": "Alice was beginning to", "max_tokens": 4, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        post(addr, "/v1/completions", &r)
+    };
+    let (status, v) = p(json!({"route": "book=alice"}));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["s2lc"]["adapter"], "alice@1.0.0");
+    assert_eq!(v["s2lc"]["route"]["by"], "rule");
+    assert_eq!(v["s2lc"]["route"]["rule"], 0);
+    // The flag's rule comes after the file's; an object of tags works like the string form.
+    let blend = json!({"alice-r4": 0.5, "alice-r4-e90": 0.5});
+    let (status, v) = p(json!({"route": {"lang": "en", "book": "other"}, "morph": blend}));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["s2lc"]["adapter"], "alice-set@1.0.0");
+    assert_eq!(v["s2lc"]["route"]["rule"], 1);
+    assert_eq!(v["s2lc"]["morph"], blend);
+    assert_eq!(v["s2lc"]["adapter_cache"], "miss");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    // The same blend, keys in another order: one cache entry.
+    let (status, v) = p(json!({"adapter": "alice-set@^1",
+                                "morph": {"alice-r4-e90": 0.5, "alice-r4": 0.5}}));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["s2lc"]["adapter_cache"], "hit");
+
+    assert_error(p(json!({"route": "book=none"})), 404, "no tag rule matches");
+    assert_error(
+        p(json!({"route": "book=alice", "adapter": "alice@1"})),
+        400,
+        "names adapter 'alice@1' and route tags",
+    );
+    assert_error(p(json!({"route": 5})), 400, "route must be");
+    assert_error(p(json!({"route": "book"})), 400, "not key=value");
+    assert_error(p(json!({"route": {"book": 1}})), 400, "must be a string");
+    assert_error(
+        p(json!({"adapter": "alice-set@1.0.0", "morph": {"alice-r4": -1.0}})),
+        400,
+        "sum to a positive number",
+    );
+    assert_error(
+        p(json!({"adapter": "alice-set@1.0.0", "morph": {"nobody": 1.0}})),
+        404,
+        "no member 'nobody'",
+    );
+    assert_error(
+        p(json!({"adapter": "alice-set@1.0.0", "morph": {}})),
+        400,
+        "non-empty object",
+    );
+    assert_error(
+        p(json!({"adapter": "alice-set@1.0.0", "morph": {"alice-r4": "a lot"}})),
+        400,
+        "finite number",
+    );
+    assert_error(
+        p(json!({"morph": {"alice-r4": 1.0}})),
+        400,
+        "morph needs an adapter",
+    );
+    assert_error(
+        p(json!({"adapter": "alice@1.0.0", "morph": {"alice-r4": 1.0}})),
+        400,
+        "not an S2LC pack",
+    );
+    assert_error(
+        p(json!({"adapter": "alice-set@1.0.0"})),
+        400,
+        "a pack of 2 members",
+    );
+    assert_error(
+        p(json!({"adapter": "auto"})),
+        400,
+        "needs a server started with --router",
+    );
+    assert_eq!(p(json!({})).0, 200, "still serving");
+    drop(server);
+
+    // A bad settings file is one clear error.
+    std::fs::write(&config, "adapter-memory = \"12 parsecs\"\n").unwrap();
+    let o = s2lc(&["serve", "--config", config.to_str().unwrap(), "--port", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("unknown unit 'parsecs'"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(&config, "portt = 80\n").unwrap();
+    let o = s2lc(&["serve", "--config", config.to_str().unwrap(), "--port", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("unknown field `portt`"),
+        "{}",
+        stderr(&o)
+    );
+    let o = s2lc(&["serve", "--rule", "domain=python", "--port", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("rule 'domain=python'"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// The real `openai` Python client talks to the server (`scripts/reference/openai_client_check.py`).
 /// Runs with `$S2LC_PYTHON` (required to import `openai`; `.ci/run` sets it up), else with
 /// `python3` when that can import `openai`, else skips saying why.
