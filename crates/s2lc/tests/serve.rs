@@ -110,12 +110,11 @@ fn metric(addr: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} missing from {text}"))
 }
 
-#[test]
-fn serve_completions_with_store_adapters() {
-    let Some(model) = smollm2() else { return };
-    let dir = scratch("serve");
+/// A store under `dir` holding the fixture `alice-r4` as `alice@1.0.0`, and a pack of the two
+/// alice fixtures at `dir/pack`; returns (store, pack).
+fn store_with_alice(dir: &Path, model: &Path) -> (PathBuf, PathBuf) {
     let store = dir.join("store");
-    push(&store, &model, &fixture("alice-r4"), "alice@1.0.0", None);
+    push(&store, model, &fixture("alice-r4"), "alice@1.0.0", None);
     let pack = dir.join("pack");
     let o = s2lc(&[
         "adapters",
@@ -126,6 +125,14 @@ fn serve_completions_with_store_adapters() {
         pack.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    (store, pack)
+}
+
+#[test]
+fn serve_completions_with_store_adapters() {
+    let Some(model) = smollm2() else { return };
+    let dir = scratch("serve");
+    let (store, pack) = store_with_alice(&dir, &model);
     push(
         &store,
         &model,
@@ -362,19 +369,7 @@ fn serve_refuses_bad_flags_with_one_line() {
 fn tag_rules_and_morphs_from_a_config_file() {
     let Some(model) = smollm2() else { return };
     let dir = scratch("serve-rules");
-    let store = dir.join("store");
-    std::fs::create_dir_all(&dir).unwrap();
-    push(&store, &model, &fixture("alice-r4"), "alice@1.0.0", None);
-    let pack = dir.join("pack");
-    let o = s2lc(&[
-        "adapters",
-        "pack",
-        fixture("alice-r4").to_str().unwrap(),
-        fixture("alice-r4-e90").to_str().unwrap(),
-        "-o",
-        pack.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (store, pack) = store_with_alice(&dir, &model);
     push(&store, &model, &pack, "alice-set@1.0.0", None);
     let config = dir.join("serve.toml");
     std::fs::write(
