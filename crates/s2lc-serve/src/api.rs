@@ -656,8 +656,9 @@ fn prepare(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Job, ApiE
             .map_or(text.as_str(), |m| m.content.as_str()),
         _ => text.as_str(),
     };
-    let (spec, route) = choose_adapter(s, spec, req.route.as_ref(), query)?;
+    // Cheap checks first: routing may embed the prompt.
     let morph = morph_weights(req.morph.as_ref())?;
+    let (spec, route) = choose_adapter(s, spec, req.route.as_ref(), query)?;
     if !morph.is_empty() && spec.is_none() {
         return Err(ApiError::bad(
             "morph needs an adapter that names a pack (adapter or model base:pack@version)",
