@@ -735,19 +735,18 @@ fn choose_adapter(
             )))
         }
     };
-    let by_embedding = |why: Value| -> Result<(Option<String>, Option<Value>), ApiError> {
-        let router = s.router.as_ref().ok_or_else(|| {
-            ApiError::bad(format!(
-                "{} needs a server started with --router",
-                why.as_str().unwrap_or("routing by embedding")
-            ))
-        })?;
+    // By embedding: for `auto`, or for tags no rule matched (then recorded in the answer).
+    let by_embedding = |tags: Option<Value>| -> Result<(Option<String>, Option<Value>), ApiError> {
+        let router = s
+            .router
+            .as_ref()
+            .ok_or_else(|| ApiError::bad("adapter 'auto' needs a server started with --router"))?;
         let (adapter, d) = router
             .route(query)
             .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
         let mut info = json!({"by": "embedding", "score": d.score, "margin": d.margin});
-        if !why.is_string() {
-            info["tags"] = why;
+        if let Some(tags) = tags {
+            info["tags"] = tags;
         }
         Ok((Some(adapter.to_string()), Some(info)))
     };
@@ -760,7 +759,7 @@ fn choose_adapter(
                 Some(rule.adapter.clone()),
                 Some(json!({"by": "rule", "rule": i, "when": rule.when})),
             )),
-            None if s.router.is_some() => by_embedding(json!(tags)),
+            None if s.router.is_some() => by_embedding(Some(json!(tags))),
             None => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!(
@@ -770,7 +769,7 @@ fn choose_adapter(
                 ),
             )),
         },
-        (Some("auto"), None) => by_embedding(json!("adapter 'auto'")),
+        (Some("auto"), None) => by_embedding(None),
         (named, None) => Ok((named.map(str::to_string), None)),
     }
 }
