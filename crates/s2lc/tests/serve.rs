@@ -80,6 +80,14 @@ fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
     )
 }
 
+/// `POST /v1/completions` of `request` with the fields of `extra` set over it.
+fn complete_with(addr: &str, mut request: Value, extra: Value) -> (u16, Value) {
+    for (k, v) in extra.as_object().unwrap() {
+        request[k] = v.clone();
+    }
+    post(addr, "/v1/completions", &request)
+}
+
 /// A JSON error with `status` whose message contains `needle`.
 fn assert_error(got: (u16, Value), status: u16, needle: &str) {
     let (s, v) = got;
@@ -262,13 +270,7 @@ fn serve_completions_with_store_adapters() {
     assert!(chat["choices"][0]["message"]["content"].is_string());
 
     // Bad requests: a JSON error each, naming the problem.
-    let p = |extra: Value| {
-        let mut r = json!({"prompt": "hi", "max_tokens": 4});
-        for (k, v) in extra.as_object().unwrap() {
-            r[k] = v.clone();
-        }
-        post(addr, "/v1/completions", &r)
-    };
+    let p = |extra: Value| complete_with(addr, json!({"prompt": "hi", "max_tokens": 4}), extra);
     assert_error(
         p(json!({"adapter": "nobody@1.0.0"})),
         404,
@@ -393,13 +395,8 @@ fn tag_rules_and_morphs_from_a_config_file() {
         1.0,
         "pinned from the file"
     );
-    let p = |extra: Value| {
-        let mut r = json!({"prompt": "Alice was beginning to", "max_tokens": 4, "temperature": 0});
-        for (k, v) in extra.as_object().unwrap() {
-            r[k] = v.clone();
-        }
-        post(addr, "/v1/completions", &r)
-    };
+    let base = json!({"prompt": "Alice was beginning to", "max_tokens": 4, "temperature": 0});
+    let p = |extra: Value| complete_with(addr, base.clone(), extra);
     let (status, v) = p(json!({"route": "book=alice"}));
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["s2lc"]["adapter"], "alice@1.0.0");
