@@ -167,6 +167,7 @@ pub fn dot_rows_scalar(rows: Rows<'_>, x: &[f32], a: &QuantizedActs, out: &mut [
                         .map(|(b, x)| bf16::from_le_bytes([b[0], b[1]]).to_f32() * x)
                         .sum(),
                     WeightFormat::Q4_K => dot_q4_k_scalar(row, a),
+                    WeightFormat::Q6_K => dot_q6_k_scalar(row, a),
                     _ => dot_blocks_scalar(format, row, a),
                 };
                 store(o, v, add);
@@ -198,9 +199,11 @@ fn dot_blocks_scalar(format: WeightFormat, row: &[u8], a: &QuantizedActs) -> f32
                 nibble_dot(&blk[8..], u32_le(&blk[4..]), xq),
                 f16_le(&blk[2..]),
             ),
-            WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16 | WeightFormat::Q4_K => {
-                unreachable!("not a block format of 32")
-            }
+            WeightFormat::F32
+            | WeightFormat::F16
+            | WeightFormat::BF16
+            | WeightFormat::Q4_K
+            | WeightFormat::Q6_K => unreachable!("not a block format of 32"),
         };
         total += d * a.d[b] * isum as f32 + offset * a.s[b];
     }
@@ -232,6 +235,38 @@ fn dot_q4_k_scalar(row: &[u8], a: &QuantizedActs) -> f32 {
                 let (sc, m) = scale_min_k4(j, scales);
                 total += d * sc as f32 * a.d[b] * isum as f32 - dmin * m as f32 * a.s[b];
             }
+        }
+    }
+    total
+}
+
+/// Bytes of a Q6_K super-block (256 elements): `ql: [u8; 128] | qh: [u8; 64] | scales: [i8; 16]
+/// | d: f16` (the layout is spelled out at `quant::block_q6_k`).
+const Q6_K_BYTES: usize = 210;
+
+/// The 6-bit quant (0..64) of element `e` (0..256) of a Q6_K super-block: element `128h + 32k + l`
+/// takes a nibble of `ql[64h + 32(k % 2) + l]` (low for `k < 2`) and bits `2k..2k+2` of
+/// `qh[32h + l]`.
+fn q6_k_quant(blk: &[u8], e: usize) -> i32 {
+    let (h, k, l) = (e / 128, e % 128 / 32, e % 32);
+    let ql = blk[64 * h + 32 * (k % 2) + l];
+    let nibble = if k < 2 { ql & 0x0F } else { ql >> 4 };
+    let high = (blk[128 + 32 * h + l] >> (2 * k)) & 3;
+    (nibble | (high << 4)) as i32
+}
+
+/// One Q6_K row: per sub-block of 16 with int8 scale `sc`, `Σ w·x = d·sc·d_x·Σ (q − 32)·q_x`
+/// (activation block `b` holds two sub-blocks).
+fn dot_q6_k_scalar(row: &[u8], a: &QuantizedActs) -> f32 {
+    let mut total = 0.0f32;
+    for (sb, blk) in row.chunks_exact(Q6_K_BYTES).enumerate() {
+        let d = f16_le(&blk[208..]);
+        for j in 0..16 {
+            let b = 8 * sb + j / 2;
+            let isum: i32 = (16 * j..16 * j + 16)
+                .map(|e| (q6_k_quant(blk, e) - 32) * a.qs[256 * sb + e] as i32)
+                .sum();
+            total += d * blk[192 + j] as i8 as f32 * a.d[b] * isum as f32;
         }
     }
     total
@@ -337,6 +372,35 @@ pub(crate) mod avx2 {
         Quants(expand(bits & 0xFFFF), expand(bits >> 16))
     }
 
+    /// The fifth bits of a Q5 block (`qh`, 4 bytes at `p`: bit `j` for element `j`) in the lane
+    /// order of [`nibbles_split`]: 0x10 in the lower half, 0x100 in the upper half (whose lanes
+    /// carry 16 × the quant). A byte shuffle gives lane `k` the `qh` byte holding its bit; an
+    /// AND and a compare with that bit's mask turn it into a full lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn high_bits_split(p: *const u8) -> Quants {
+        let qh = _mm256_set1_epi32(p.cast::<i32>().read_unaligned());
+        // Even lane k < 8 is element 2k: bit 2k, in byte k/4; lane 8 + k is element 16 + 2k.
+        let bytes = _mm256_shuffle_epi8(
+            qh,
+            _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
+                3, 3, 3, 3,
+            ),
+        );
+        let even = _mm256_setr_epi16(1, 4, 16, 64, 1, 4, 16, 64, 1, 4, 16, 64, 1, 4, 16, 64);
+        let odd = _mm256_slli_epi16(even, 1);
+        let value = _mm256_setr_epi16(
+            0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x100, 0x100, 0x100, 0x100, 0x100,
+            0x100, 0x100, 0x100,
+        );
+        let pick = |bit: __m256i| {
+            let set = _mm256_cmpeq_epi16(_mm256_and_si256(bytes, bit), bit);
+            _mm256_and_si256(set, value)
+        };
+        Quants(pick(even), pick(odd))
+    }
+
     /// `Σ q·x` over 32 quant × activation pairs, as eight i32 lanes converted to f32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -393,6 +457,7 @@ pub(crate) mod avx2 {
                         WeightFormat::Q5_0 => dot_q5_0,
                         WeightFormat::Q5_1 => dot_q5_1,
                         WeightFormat::Q4_K => dot_q4_k,
+                        WeightFormat::Q6_K => dot_q6_k,
                     };
                 for (r, o) in out.iter_mut().enumerate() {
                     put(o, kernel(data.as_ptr().add(r * rb), nb, x, a), add);
@@ -582,19 +647,123 @@ pub(crate) mod avx2 {
         hsum(_mm256_add_ps(acc0, acc1)) - off
     }
 
+    /// Q6_K (see `dot_q6_k_scalar`): per half of 128 elements, `ql` (2 × 32 bytes) and `qh` (32
+    /// bytes) are loaded once; masks and shifts on 16-bit lanes give each block of 32 in the split
+    /// order of the activations. The two sub-blocks of a block are the two 128-bit halves of the
+    /// lanes, so the scales are applied in f32 as `[s_2t ×4, s_2t+1 ×4]`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q6_k(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
+        use super::Q6_K_BYTES;
+        let (xq, xd) = (a.split.as_ptr(), a.d.as_ptr());
+        debug_assert!(a.d.len() >= nb && a.split.len() >= nb * BLOCK);
+        let m4 = _mm256_set1_epi16(0x0F);
+        let m2 = _mm256_set1_epi16(0x30);
+        let bias = _mm256_set1_epi16(32);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        // Block t of a half takes scale pair (2t, 2t + 1) of the half's eight.
+        let pairs = [
+            _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+            _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+            _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5),
+            _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7),
+        ];
+        let block = |even: __m256i, odd: __m256i, b: usize, scales: __m256, t: usize| {
+            let x = xq.add(b * BLOCK);
+            let e = _mm256_madd_epi16(_mm256_sub_epi16(even, bias), _mm256_loadu_si256(x.cast()));
+            let o = _mm256_madd_epi16(
+                _mm256_sub_epi16(odd, bias),
+                _mm256_loadu_si256(x.add(16).cast()),
+            );
+            let s = _mm256_mul_ps(
+                _mm256_permutevar8x32_ps(scales, pairs[t]),
+                _mm256_set1_ps(*xd.add(b)),
+            );
+            (_mm256_cvtepi32_ps(_mm256_add_epi32(e, o)), s)
+        };
+        for sb in 0..nb / 8 {
+            let blk = p.add(sb * Q6_K_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(blk.add(Q6_K_BYTES * 4).cast());
+            let d = _mm256_set1_ps(f16_one(blk.add(208)));
+            for h in 0..2 {
+                let sc = _mm_loadl_epi64(blk.add(192 + 8 * h).cast());
+                let scales = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+                let l0 = _mm256_loadu_si256(blk.add(64 * h).cast());
+                let l1 = _mm256_loadu_si256(blk.add(64 * h + 32).cast());
+                let hb = _mm256_loadu_si256(blk.add(128 + 32 * h).cast());
+                let b = 8 * sb + 4 * h;
+                // Lane k holds bytes 2k (even element) and 2k + 1 (odd element); the element's
+                // two high bits go to bits 4–5.
+                let quarters = [
+                    (
+                        _mm256_or_si256(
+                            _mm256_and_si256(l0, m4),
+                            _mm256_and_si256(_mm256_slli_epi16(hb, 4), m2),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(l0, 8), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(hb, 4), m2),
+                        ),
+                    ),
+                    (
+                        _mm256_or_si256(
+                            _mm256_and_si256(l1, m4),
+                            _mm256_and_si256(_mm256_slli_epi16(hb, 2), m2),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(l1, 8), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(hb, 6), m2),
+                        ),
+                    ),
+                    (
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                            _mm256_and_si256(hb, m2),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_srli_epi16(l0, 12),
+                            _mm256_and_si256(_mm256_srli_epi16(hb, 8), m2),
+                        ),
+                    ),
+                    (
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(hb, 2), m2),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_srli_epi16(l1, 12),
+                            _mm256_and_si256(_mm256_srli_epi16(hb, 10), m2),
+                        ),
+                    ),
+                ];
+                for (t, &(even, odd)) in quarters.iter().enumerate() {
+                    let (v, s) = block(even, odd, b + t, scales, t);
+                    if t % 2 == 0 {
+                        acc0 = _mm256_fmadd_ps(s, v, acc0);
+                    } else {
+                        acc1 = _mm256_fmadd_ps(s, v, acc1);
+                    }
+                }
+            }
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q5_0(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
         block_dot!(
             p,
             nb,
             a,
-            a.qs.as_ptr(),
-            _mm256_set1_ps(1.0),
+            a.split.as_ptr(),
+            split_lanes(),
             22,
             |blk: *const u8| {
                 let d = f16_one(blk);
-                let qh = blk.add(2).cast::<u32>().read_unaligned();
-                (or(nibbles(blk.add(6)), high_bits(qh)), d, -16.0 * d)
+                (
+                    or(nibbles_split(blk.add(6)), high_bits_split(blk.add(2))),
+                    d,
+                    -16.0 * d,
+                )
             }
         )
     }
@@ -605,13 +774,16 @@ pub(crate) mod avx2 {
             p,
             nb,
             a,
-            a.qs.as_ptr(),
-            _mm256_set1_ps(1.0),
+            a.split.as_ptr(),
+            split_lanes(),
             24,
             |blk: *const u8| {
                 let (d, m) = f16_pair(blk);
-                let qh = blk.add(4).cast::<u32>().read_unaligned();
-                (or(nibbles(blk.add(8)), high_bits(qh)), d, m)
+                (
+                    or(nibbles_split(blk.add(8)), high_bits_split(blk.add(4))),
+                    d,
+                    m,
+                )
             }
         )
     }
@@ -714,6 +886,50 @@ pub(crate) mod avx2 {
                                 v = _mm256_add_ps(v, _mm256_set1_ps(m));
                             }
                             _mm256_storeu_ps(o.add(16 * c + 8 * e), v);
+                        }
+                    }
+                }
+                true
+            }
+            WeightFormat::Q6_K => {
+                use super::Q6_K_BYTES;
+                let (m4, m2, bias) = (
+                    _mm256_set1_epi32(0x0F),
+                    _mm256_set1_epi32(3),
+                    _mm256_set1_epi32(32),
+                );
+                for sb in 0..n / 256 {
+                    let blk = src.add(sb * Q6_K_BYTES);
+                    let d = f16_one(blk.add(208));
+                    let sc = blk.add(192).cast::<i8>();
+                    for h in 0..2 {
+                        let (ql, qh) = (blk.add(64 * h), blk.add(128 + 32 * h));
+                        let y = dst.add(256 * sb + 128 * h);
+                        for l in (0..32).step_by(8) {
+                            let load =
+                                |p: *const u8| _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()));
+                            let (a, b, hb) =
+                                (load(ql.add(l)), load(ql.add(32 + l)), load(qh.add(l)));
+                            let nibbles = [
+                                _mm256_and_si256(a, m4),
+                                _mm256_and_si256(b, m4),
+                                _mm256_srli_epi32(a, 4),
+                                _mm256_srli_epi32(b, 4),
+                            ];
+                            for (k, nib) in nibbles.into_iter().enumerate() {
+                                let high = _mm256_and_si256(
+                                    _mm256_srl_epi32(hb, _mm_cvtsi32_si128(2 * k as i32)),
+                                    m2,
+                                );
+                                let q = _mm256_sub_epi32(
+                                    _mm256_or_si256(nib, _mm256_slli_epi32(high, 4)),
+                                    bias,
+                                );
+                                // `(d·sc)·q`, the reference decoder's order.
+                                let s = d * *sc.add(8 * h + l / 16 + 2 * k) as f32;
+                                let v = _mm256_mul_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(q));
+                                _mm256_storeu_ps(y.add(32 * k + l), v);
+                            }
                         }
                     }
                 }

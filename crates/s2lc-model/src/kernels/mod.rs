@@ -2,7 +2,7 @@
 //!
 //! A [`WeightMatrix`] is `rows × cols` (output × input, the Hugging Face layout), stored as f32 or
 //! in one of ggml's formats exactly as a GGUF file holds it (f16, bf16, Q8_0, Q4_0, Q4_1, Q5_0,
-//! Q5_1: rows of 32-element blocks, no dequantization pass). Two products:
+//! Q5_1 in rows of 32-element blocks, Q4_K and Q6_K in blocks of 256; no dequantization pass). Two products:
 //! - [`gemv`]: batch-1 `y = W·x`, memory-bound; rows are split across the persistent [`pool`] and
 //!   each row is one SIMD dot product ([`dot`]). Several matrices sharing an input (q/k/v,
 //!   gate/up) run as one job over their concatenated rows.
@@ -47,6 +47,9 @@ pub enum WeightFormat {
     /// ggml Q4_K: 256 × 4-bit in 8 sub-blocks of 32 with 6-bit scales and minimums under f16
     /// super-scales (4.5 bits per weight).
     Q4_K,
+    /// ggml Q6_K: 256 × 6-bit in 16 sub-blocks of 16 with int8 scales under an f16 super-scale
+    /// (6.5625 bits per weight).
+    Q6_K,
 }
 
 impl WeightFormat {
@@ -62,6 +65,7 @@ impl WeightFormat {
             WeightFormat::Q5_0 => GgmlType::Q5_0,
             WeightFormat::Q5_1 => GgmlType::Q5_1,
             WeightFormat::Q4_K => GgmlType::Q4_K,
+            WeightFormat::Q6_K => GgmlType::Q6_K,
         }
     }
 
@@ -77,6 +81,7 @@ impl WeightFormat {
             GgmlType::Q5_0 => WeightFormat::Q5_0,
             GgmlType::Q5_1 => WeightFormat::Q5_1,
             GgmlType::Q4_K => WeightFormat::Q4_K,
+            GgmlType::Q6_K => WeightFormat::Q6_K,
             _ => return None,
         })
     }
@@ -114,6 +119,7 @@ impl WeightFormat {
             WeightFormat::Q5_0 => "q5_0",
             WeightFormat::Q5_1 => "q5_1",
             WeightFormat::Q4_K => "q4_k",
+            WeightFormat::Q6_K => "q6_k",
         }
     }
 }

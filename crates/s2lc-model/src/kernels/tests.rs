@@ -29,7 +29,7 @@ impl Lcg {
     }
 }
 
-const ALL: [WeightFormat; 9] = [
+const ALL: [WeightFormat; 10] = [
     WeightFormat::F32,
     WeightFormat::F16,
     WeightFormat::BF16,
@@ -39,6 +39,7 @@ const ALL: [WeightFormat; 9] = [
     WeightFormat::Q5_0,
     WeightFormat::Q5_1,
     WeightFormat::Q4_K,
+    WeightFormat::Q6_K,
 ];
 
 /// A `rows × cols` matrix in `format`: converted from random values where S2LC can produce the
@@ -51,6 +52,12 @@ fn matrix(format: WeightFormat, rows: usize, cols: usize, rng: &mut Lcg) -> Weig
     let nb = rows * cols / format.block_size();
     let mut bytes = Vec::with_capacity(format.block_bytes() * nb);
     for _ in 0..nb {
+        if format == WeightFormat::Q6_K {
+            // Random quants and int8 scales, then the f16 super-scale last.
+            bytes.extend((0..208).map(|_| rng.byte()));
+            bytes.extend(half::f16::from_f32(0.001 * (1.0 + rng.next())).to_le_bytes());
+            continue;
+        }
         bytes.extend(half::f16::from_f32(0.01 * (1.0 + rng.next())).to_le_bytes());
         if matches!(format, WeightFormat::Q4_1 | WeightFormat::Q5_1) {
             bytes.extend(half::f16::from_f32(-0.1 * (1.0 + rng.next())).to_le_bytes());
@@ -203,16 +210,9 @@ fn batched_matmul_matches_the_reference_and_accumulates() {
         WeightFormat::Q4_1,
         WeightFormat::Q5_0,
         WeightFormat::Q4_K,
+        WeightFormat::Q6_K,
     ] {
-        let (n, rows, cols) = (
-            5,
-            301,
-            if format == WeightFormat::Q4_K {
-                256
-            } else {
-                96
-            },
-        );
+        let (n, rows, cols) = (5, 301, if format.block_size() == 256 { 256 } else { 96 });
         let w = matrix(format, rows, cols, &mut rng);
         let x = rng.vec(n * cols);
         let dense = w.to_f32();
