@@ -670,7 +670,7 @@ pub fn save_model_dir(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llama::tests::random_model;
+    use crate::llama::random_model;
     use crate::source::{MemorySource, WeightStorage, Weights};
 
     fn logits(model: &LlamaModel, tokens: &[u32]) -> Vec<f32> {

@@ -242,7 +242,7 @@ impl FfnWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llama::tests::random_model;
+    use crate::llama::random_model;
     use crate::source::write_safetensors;
 
     /// A set for `model` with one expert whose FFN is the base scaled by `factor`.

@@ -8,6 +8,7 @@ use faer::Accum;
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
+use crate::kernels::dot::QuantizedActs;
 use crate::kernels::{WeightFormat, WeightMatrix};
 use crate::kv::{AttnShape, DenseKvCache, KvCache};
 use crate::linear::{DenseLinear, Linear, LinearScratch, LowRankLinear};
@@ -36,11 +37,23 @@ impl Rope {
 
     /// Fills `cos`/`sin` (`n × hd/2`) for positions `p0..p0+n`.
     pub fn tables(&self, p0: usize, n: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        self.tables_at(p0..p0 + n, cos, sin);
+    }
+
+    /// Fills `cos`/`sin` (one row of `hd/2` per position) for arbitrary positions (one per
+    /// sequence of a batch).
+    pub fn tables_at(
+        &self,
+        positions: impl ExactSizeIterator<Item = usize>,
+        cos: &mut Vec<f32>,
+        sin: &mut Vec<f32>,
+    ) {
         let half = self.head_dim / 2;
+        let n = positions.len();
         cos.resize(n * half, 0.0);
         sin.resize(n * half, 0.0);
-        for t in 0..n {
-            let pos = (p0 + t) as f64;
+        for (t, pos) in positions.enumerate() {
+            let pos = pos as f64;
             for (i, f) in self.inv_freq.iter().enumerate() {
                 let (s, c) = (pos * f).sin_cos();
                 cos[t * half + i] = c as f32;
@@ -207,6 +220,25 @@ pub trait ActivationObserver {
     fn observe(&mut self, layer: usize, input: LinearInput, x: &[f32], n: usize);
 }
 
+/// One sequence of a batched decode step ([`LlamaModel::decode_batch`]): its next token, its KV
+/// cache, and the adapter whose deltas apply to it alone (on top of any attached to the model).
+pub struct BatchRow<'a> {
+    /// The token to run, at position `cache.len()`.
+    pub token: u32,
+    /// The sequence's own cache; the token is committed to it.
+    pub cache: &'a mut dyn KvCache,
+    /// This sequence's LoRA adapter, if any.
+    pub adapter: Option<&'a LoraAdapter>,
+}
+
+/// What a forward pass runs over: `n` consecutive tokens of one sequence (prefill, or one decode
+/// step), or one token of each of `n` sequences (a batched decode step).
+enum Seqs<'c, 'r> {
+    /// One sequence, with its own adapter (if any) on top of the attached ones.
+    One(&'c mut dyn KvCache, Option<&'r LoraAdapter>),
+    Batch(&'c mut [BatchRow<'r>]),
+}
+
 /// Buffers reused across forward passes (sized on first use, then only re-used).
 #[derive(Debug, Default)]
 pub struct ForwardScratch {
@@ -220,6 +252,7 @@ pub struct ForwardScratch {
     up: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    tokens: Vec<u32>,
     linear: LinearScratch,
     lora_mid: Vec<f32>,
     /// When set, wall time per part of the forward pass accumulates here.
@@ -299,6 +332,49 @@ impl<'a> Lap<'a> {
             p.secs[part as usize] += (now - self.at).as_secs_f64();
             self.at = now;
         }
+    }
+}
+
+/// Adds each sequence's own adapter delta for linear `j` of `layer`: `out_i += s·B·A·x_i`, one
+/// product per run of consecutive batch rows sharing an adapter.
+fn row_deltas(
+    seqs: &Seqs<'_, '_>,
+    layer: usize,
+    j: usize,
+    x: &[f32],
+    out: &mut [f32],
+    mid: &mut Vec<f32>,
+    acts: &mut QuantizedActs,
+) {
+    fn delta_of(a: Option<&LoraAdapter>, layer: usize, j: usize) -> Option<&LoraDelta> {
+        a?.layers.get(layer)?[j].as_ref()
+    }
+    let rows = match seqs {
+        Seqs::One(_, adapter) => {
+            if let Some(delta) = delta_of(*adapter, layer, j) {
+                delta.apply(x, x.len() / delta.in_dim(), out, mid, acts);
+            }
+            return;
+        }
+        Seqs::Batch(rows) => rows,
+    };
+    let n = rows.len();
+    let (xw, ow) = (x.len() / n, out.len() / n);
+    let mut start = 0;
+    while start < n {
+        let adapter = rows[start].adapter;
+        let same = |r: &BatchRow<'_>| match (r.adapter, adapter) {
+            (Some(a), Some(b)) => std::ptr::eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        let end = start + rows[start..].iter().take_while(|r| same(r)).count();
+        if let Some(delta) = delta_of(adapter, layer, j) {
+            let m = end - start;
+            let out = &mut out[start * ow..end * ow];
+            delta.apply(&x[start * xw..end * xw], m, out, mid, acts);
+        }
+        start = end;
     }
 }
 
@@ -506,6 +582,21 @@ impl LlamaModel {
         cache: &mut dyn KvCache,
         scratch: &'s mut ForwardScratch,
     ) -> Result<&'s [f32], ModelError> {
+        self.forward_hidden_adapted(tokens, cache, None, scratch)
+    }
+
+    /// [`LlamaModel::forward_hidden`] with `adapter`'s deltas for this call only (the model is not
+    /// changed, so sequences with different adapters can share it).
+    pub fn forward_hidden_adapted<'s>(
+        &self,
+        tokens: &[u32],
+        cache: &mut dyn KvCache,
+        adapter: Option<&LoraAdapter>,
+        scratch: &'s mut ForwardScratch,
+    ) -> Result<&'s [f32], ModelError> {
+        if let Some(a) = adapter {
+            self.check_adapter(a)?;
+        }
         let n = tokens.len();
         if n == 0 {
             return Err(ModelError::EmptyInput("no tokens to run".into()));
@@ -516,7 +607,8 @@ impl LlamaModel {
         self.embed(tokens, &mut x)?;
         self.rope.tables(p0, n, &mut scratch.cos, &mut scratch.sin);
         for layer in 0..self.blocks.len() {
-            self.block_step(layer, &mut x, n, cache, scratch, None);
+            let seqs = &mut Seqs::One(&mut *cache, adapter);
+            self.block_step(layer, &mut x, n, seqs, scratch, None);
         }
         cache.commit(n);
         let s = scratch;
@@ -551,7 +643,7 @@ impl LlamaModel {
         self.check_context(cache.len(), n)?;
         self.rope
             .tables(cache.len(), n, &mut scratch.cos, &mut scratch.sin);
-        self.block_step(layer, x, n, cache, scratch, observer);
+        self.block_step(layer, x, n, &mut Seqs::One(cache, None), scratch, observer);
         Ok(())
     }
 
@@ -561,7 +653,7 @@ impl LlamaModel {
         layer: usize,
         x: &mut [f32],
         n: usize,
-        cache: &mut dyn KvCache,
+        seqs: &mut Seqs<'_, '_>,
         s: &mut ForwardScratch,
         mut observer: Option<&mut dyn ActivationObserver>,
     ) {
@@ -598,22 +690,33 @@ impl LlamaModel {
             &mut [&mut s.q, &mut s.k, &mut s.v],
             ls,
         );
-        for (deltas, out) in b.lora[..3].iter().zip([&mut s.q, &mut s.k, &mut s.v]) {
-            for delta in deltas {
+        for (j, out) in [&mut s.q, &mut s.k, &mut s.v].into_iter().enumerate() {
+            for delta in &b.lora[j] {
                 delta.apply(&s.h, n, out, &mut s.lora_mid, ls.acts_mut());
             }
+            row_deltas(seqs, layer, j, &s.h, out, &mut s.lora_mid, ls.acts_mut());
         }
         lap.mark(Part::Qkv);
         self.rope.apply(&mut s.q, qd, &s.cos, &s.sin);
         self.rope.apply(&mut s.k, kd, &s.cos, &s.sin);
         lap.mark(Part::Other);
-        cache.attend(layer, &s.q, &s.k, &s.v, n, &mut s.attn);
+        match seqs {
+            Seqs::One(cache, _) => cache.attend(layer, &s.q, &s.k, &s.v, n, &mut s.attn),
+            Seqs::Batch(rows) => {
+                for (i, row) in rows.iter_mut().enumerate() {
+                    let (q, k, v) = (&s.q[i * qd..][..qd], &s.k[i * kd..][..kd], &s.v[i * kd..]);
+                    let out = &mut s.attn[i * qd..][..qd];
+                    row.cache.attend(layer, q, k, &v[..kd], 1, out);
+                }
+            }
+        }
         observe(LinearInput::AttentionOutput, &s.attn);
         lap.mark(Part::Attention);
         b.o_proj.forward(&s.attn, n, x, Accum::Add, ls);
         for delta in &b.lora[3] {
             delta.apply(&s.attn, n, x, &mut s.lora_mid, ls.acts_mut());
         }
+        row_deltas(seqs, layer, 3, &s.attn, x, &mut s.lora_mid, ls.acts_mut());
         lap.mark(Part::Output);
 
         rms_norm(x, &b.ffn_norm, cfg.rms_eps, &mut s.h);
@@ -626,10 +729,11 @@ impl LlamaModel {
             &mut [&mut s.gate, &mut s.up],
             ls,
         );
-        for (deltas, out) in b.lora[4..6].iter().zip([&mut s.gate, &mut s.up]) {
-            for delta in deltas {
+        for (j, out) in [(4, &mut s.gate), (5, &mut s.up)] {
+            for delta in &b.lora[j] {
                 delta.apply(&s.h, n, out, &mut s.lora_mid, ls.acts_mut());
             }
+            row_deltas(seqs, layer, j, &s.h, out, &mut s.lora_mid, ls.acts_mut());
         }
         lap.mark(Part::GateUp);
         crate::kernels::ops::silu_mul(&mut s.gate, &s.up);
@@ -639,12 +743,72 @@ impl LlamaModel {
         for delta in &b.lora[6] {
             delta.apply(&s.gate, n, x, &mut s.lora_mid, ls.acts_mut());
         }
+        row_deltas(seqs, layer, 6, &s.gate, x, &mut s.lora_mid, ls.acts_mut());
         lap.mark(Part::Down);
+    }
+
+    /// One decode step of several sequences at once: row `i` runs `rows[i].token` at the next
+    /// position of its own cache, with its own adapter, and gets `vocab` logits in row `i` of
+    /// `out`. The weights are read once for all rows (batched products); attention and adapter
+    /// deltas run per row (consecutive rows with the same adapter share one product). Every
+    /// row's context and adapter are checked first; on error nothing is committed.
+    pub fn decode_batch(
+        &self,
+        rows: &mut [BatchRow<'_>],
+        scratch: &mut ForwardScratch,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let n = rows.len();
+        if n == 0 {
+            return Err(ModelError::EmptyInput("no sequences to run".into()));
+        }
+        for row in rows.iter() {
+            self.check_context(row.cache.len(), 1)?;
+            if let Some(a) = row.adapter {
+                self.check_adapter(a)?;
+            }
+        }
+        let mut x = std::mem::take(&mut scratch.x);
+        let tokens = &mut scratch.tokens;
+        tokens.clear();
+        tokens.extend(rows.iter().map(|r| r.token));
+        self.embed(tokens, &mut x)?;
+        self.rope.tables_at(
+            rows.iter().map(|r| r.cache.len()),
+            &mut scratch.cos,
+            &mut scratch.sin,
+        );
+        for layer in 0..self.blocks.len() {
+            self.block_step(layer, &mut x, n, &mut Seqs::Batch(rows), scratch, None);
+        }
+        for row in rows.iter_mut() {
+            row.cache.commit(1);
+        }
+        let s = scratch;
+        s.h.resize(x.len(), 0.0);
+        rms_norm(&x, &self.norm, self.cfg.rms_eps, &mut s.h);
+        s.x = x;
+        let mut lap = Lap::start(&mut s.profile);
+        self.head(&s.h, out, &mut s.linear);
+        lap.mark(Part::Head);
+        Ok(())
     }
 
     /// Attaches a LoRA adapter, unmerged: its deltas run beside the shared base weights (several
     /// adapters add up). Every delta's shape is checked first; on error nothing is attached.
     pub fn attach_adapter(&mut self, adapter: &LoraAdapter) -> Result<(), ModelError> {
+        self.check_adapter(adapter)?;
+        for (deltas, block) in adapter.layers.iter().zip(&mut self.blocks) {
+            for (slot, delta) in block.lora.iter_mut().zip(deltas) {
+                slot.extend(delta.iter().cloned());
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every delta of `adapter` fits this model's layers (an adapter trained for
+    /// another base is refused with the layer and shapes named).
+    pub fn check_adapter(&self, adapter: &LoraAdapter) -> Result<(), ModelError> {
         let bad = |msg: String| {
             ModelError::InvalidConfig(format!("adapter {}: {msg}", adapter.path.display()))
         };
@@ -667,11 +831,6 @@ impl LlamaModel {
                         linear.in_dim()
                     )));
                 }
-            }
-        }
-        for (deltas, block) in adapter.layers.iter().zip(&mut self.blocks) {
-            for (slot, delta) in block.lora.iter_mut().zip(deltas) {
-                slot.extend(delta.iter().cloned());
             }
         }
         Ok(())
@@ -746,8 +905,20 @@ impl LlamaModel {
         scratch: &mut ForwardScratch,
         out: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
+        self.forward_last_adapted(tokens, cache, None, scratch, out)
+    }
+
+    /// [`LlamaModel::forward_last`] with `adapter`'s deltas for this call only.
+    pub fn forward_last_adapted(
+        &self,
+        tokens: &[u32],
+        cache: &mut dyn KvCache,
+        adapter: Option<&LoraAdapter>,
+        scratch: &mut ForwardScratch,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
         let d = self.cfg.hidden_size;
-        self.forward_hidden(tokens, cache, scratch)?;
+        self.forward_hidden_adapted(tokens, cache, adapter, scratch)?;
         let mut lap = Lap::start(&mut scratch.profile);
         let last = &scratch.h[scratch.h.len() - d..];
         self.head(last, out, &mut scratch.linear);
@@ -756,10 +927,65 @@ impl LlamaModel {
     }
 }
 
+/// A random Llama model built in memory (f32 weights from `seed`): `d` wide, `ffn` hidden,
+/// `layers` blocks, `heads` = (query, key/value) heads, `vocab` tokens. For tests of this crate
+/// and of the crates built on it, where the real model is not needed.
+///
+/// # Panics
+/// If the shapes are inconsistent (`d` not a multiple of the query heads).
+pub fn random_model(
+    d: usize,
+    ffn: usize,
+    layers: usize,
+    heads: (usize, usize),
+    vocab: usize,
+    seed: usize,
+) -> LlamaModel {
+    let cfg = ModelConfig {
+        arch: crate::config::Arch::Llama,
+        hidden_size: d,
+        intermediate_size: ffn,
+        n_layers: layers,
+        n_heads: heads.0,
+        n_kv_heads: heads.1,
+        head_dim: d / heads.0,
+        vocab_size: vocab,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-6,
+        max_seq_len: 256,
+        tie_embeddings: true,
+    };
+    let mut src = crate::source::MemorySource::new();
+    let mut k = seed;
+    let mut fill = |name: String, shape: Vec<usize>| {
+        k += 1;
+        let len = shape.iter().product();
+        let data = (0..len)
+            .map(|i| ((((i * 13 + k * 7) * 2654435761) % 1009) as f32 / 1009.0 - 0.5) * 0.8)
+            .collect();
+        src.insert(name, shape, data);
+    };
+    let (qd, kd) = (cfg.q_dim(), cfg.kv_dim());
+    fill("model.embed_tokens.weight".into(), vec![vocab, d]);
+    fill("model.norm.weight".into(), vec![d]);
+    for n in 0..layers {
+        let l = format!("model.layers.{n}");
+        fill(format!("{l}.input_layernorm.weight"), vec![d]);
+        fill(format!("{l}.post_attention_layernorm.weight"), vec![d]);
+        fill(format!("{l}.self_attn.q_proj.weight"), vec![qd, d]);
+        fill(format!("{l}.self_attn.k_proj.weight"), vec![kd, d]);
+        fill(format!("{l}.self_attn.v_proj.weight"), vec![kd, d]);
+        fill(format!("{l}.self_attn.o_proj.weight"), vec![d, qd]);
+        fill(format!("{l}.mlp.gate_proj.weight"), vec![ffn, d]);
+        fill(format!("{l}.mlp.up_proj.weight"), vec![ffn, d]);
+        fill(format!("{l}.mlp.down_proj.weight"), vec![d, ffn]);
+    }
+    LlamaModel::load(&cfg, &Weights::new(&src), WeightStorage::F32, |_| {}).unwrap()
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::Arch;
     use crate::kv::DenseKvCache;
     use crate::source::MemorySource;
 
@@ -812,58 +1038,6 @@ pub(crate) mod tests {
     /// A one-layer model with hidden size 4 built in memory.
     fn tiny() -> LlamaModel {
         random_model(4, 6, 1, (2, 1), 5, 0)
-    }
-
-    /// A random Llama model built in memory: `d` wide, `ffn` hidden, `layers` blocks,
-    /// `heads` = (query, key/value) heads, `vocab` tokens.
-    pub(crate) fn random_model(
-        d: usize,
-        ffn: usize,
-        layers: usize,
-        heads: (usize, usize),
-        vocab: usize,
-        seed: usize,
-    ) -> LlamaModel {
-        let cfg = ModelConfig {
-            arch: Arch::Llama,
-            hidden_size: d,
-            intermediate_size: ffn,
-            n_layers: layers,
-            n_heads: heads.0,
-            n_kv_heads: heads.1,
-            head_dim: d / heads.0,
-            vocab_size: vocab,
-            rope_theta: 10_000.0,
-            rms_eps: 1e-6,
-            max_seq_len: 256,
-            tie_embeddings: true,
-        };
-        let mut src = MemorySource::new();
-        let mut k = seed;
-        let mut fill = |name: String, shape: Vec<usize>| {
-            k += 1;
-            let len = shape.iter().product();
-            let data = (0..len)
-                .map(|i| ((((i * 13 + k * 7) * 2654435761) % 1009) as f32 / 1009.0 - 0.5) * 0.8)
-                .collect();
-            src.insert(name, shape, data);
-        };
-        let (qd, kd) = (cfg.q_dim(), cfg.kv_dim());
-        fill("model.embed_tokens.weight".into(), vec![vocab, d]);
-        fill("model.norm.weight".into(), vec![d]);
-        for n in 0..layers {
-            let l = format!("model.layers.{n}");
-            fill(format!("{l}.input_layernorm.weight"), vec![d]);
-            fill(format!("{l}.post_attention_layernorm.weight"), vec![d]);
-            fill(format!("{l}.self_attn.q_proj.weight"), vec![qd, d]);
-            fill(format!("{l}.self_attn.k_proj.weight"), vec![kd, d]);
-            fill(format!("{l}.self_attn.v_proj.weight"), vec![kd, d]);
-            fill(format!("{l}.self_attn.o_proj.weight"), vec![d, qd]);
-            fill(format!("{l}.mlp.gate_proj.weight"), vec![ffn, d]);
-            fill(format!("{l}.mlp.up_proj.weight"), vec![ffn, d]);
-            fill(format!("{l}.mlp.down_proj.weight"), vec![d, ffn]);
-        }
-        LlamaModel::load(&cfg, &Weights::new(&src), WeightStorage::F32, |_| {}).unwrap()
     }
 
     /// An adapter with a delta on every linear of every layer of `model`.
@@ -1045,5 +1219,72 @@ pub(crate) mod tests {
             model.forward_last(&[9], &mut step_cache, &mut scratch, &mut out),
             Err(ModelError::TokenOutOfRange { id: 9, vocab: 5 })
         ));
+    }
+    #[test]
+    fn a_batched_step_equals_each_sequence_run_alone() {
+        // Two layers, 2 query heads over 1 KV head; three sequences at different positions:
+        // no adapter, adapter A, adapter A again (one shared delta product), then adapter B.
+        let model = random_model(8, 12, 2, (2, 1), 7, 3);
+        let (a, b) = (full_adapter(&model, 2, 0.7), full_adapter(&model, 3, -0.4));
+        let prompts: [&[u32]; 4] = [&[1, 2, 3], &[4], &[0, 5, 6, 2, 1], &[3, 3]];
+        let adapters = [None, Some(&a), Some(&a), Some(&b)];
+        let next = [5u32, 0, 6, 1];
+        let mut scratch = ForwardScratch::default();
+        let mut want = Vec::new();
+        let mut caches = Vec::new();
+        for ((prompt, adapter), t) in prompts.iter().zip(adapters).zip(next) {
+            // The reference attaches the adapter; the batch's prefill passes it per call.
+            let mut m = model.clone();
+            if let Some(ad) = adapter {
+                m.attach_adapter(ad).unwrap();
+            }
+            let mut out = Vec::new();
+            let mut cache = DenseKvCache::new(2, m.attn_shape(), 16);
+            model
+                .forward_last_adapted(prompt, &mut cache, adapter, &mut scratch, &mut out)
+                .unwrap();
+            caches.push(cache);
+            let mut cache = DenseKvCache::new(2, m.attn_shape(), 16);
+            m.forward_last(prompt, &mut cache, &mut scratch, &mut out)
+                .unwrap();
+            m.forward_last(&[t], &mut cache, &mut scratch, &mut out)
+                .unwrap();
+            want.push(out);
+        }
+        let mut rows: Vec<BatchRow<'_>> = caches
+            .iter_mut()
+            .zip(adapters)
+            .zip(next)
+            .map(|((cache, adapter), token)| BatchRow {
+                token,
+                cache,
+                adapter,
+            })
+            .collect();
+        let mut out = Vec::new();
+        model
+            .decode_batch(&mut rows, &mut scratch, &mut out)
+            .unwrap();
+        for (i, w) in want.iter().enumerate() {
+            for (x, y) in out[i * 7..][..7].iter().zip(w) {
+                assert!((x - y).abs() < 1e-5, "sequence {i}: {x} vs {y}");
+            }
+        }
+        for (cache, prompt) in caches.iter().zip(prompts) {
+            assert_eq!(cache.len(), prompt.len() + 1);
+        }
+        // An adapter for another base is refused before anything is committed.
+        let other = random_model(8, 12, 3, (2, 1), 7, 4);
+        let stranger = full_adapter(&other, 2, 1.0);
+        let mut rows = vec![BatchRow {
+            token: 1,
+            cache: &mut caches[0],
+            adapter: Some(&stranger),
+        }];
+        let err = model
+            .decode_batch(&mut rows, &mut scratch, &mut out)
+            .unwrap_err();
+        assert!(err.to_string().contains("another base"), "{err}");
+        assert_eq!(caches[0].len(), 4);
     }
 }

@@ -23,11 +23,12 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use s2lc_model::generate::{generate, Sampler, SamplingParams};
+use s2lc_model::generate::SamplingParams;
 use s2lc_model::llama::LlamaModel;
 use s2lc_model::lora::LoraAdapter;
 use s2lc_model::tokenizer::Tokenizer;
 
+use crate::batch::{Batcher, Event, Submission};
 use crate::cache::{CacheError, JitCache};
 use crate::router::{first_match, parse_tags, SemanticRouter, TagRule};
 use crate::source::{AdapterSource, SourceError};
@@ -49,32 +50,46 @@ pub struct ServeConfig {
     pub rules: Vec<TagRule>,
 }
 
-/// The base model and what generation needs; requests take turns on it.
+/// The base model and what generation needs: concurrent requests decode together in batches of
+/// up to `max_batch` sequences ([`crate::batch`]).
 pub struct Engine {
-    model: Mutex<LlamaModel>,
+    batcher: Batcher,
     tokenizer: Tokenizer,
     chat_template: Option<String>,
     stop: Vec<u32>,
     max_seq_len: usize,
+    max_batch: usize,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Engine(max_seq_len {})", self.max_seq_len)
+        write!(
+            f,
+            "Engine(max_seq_len {}, max_batch {})",
+            self.max_seq_len, self.max_batch
+        )
     }
 }
 
 impl Engine {
-    /// An engine over a loaded model, its tokenizer and its chat template (if any).
-    pub fn new(model: LlamaModel, tokenizer: Tokenizer, chat_template: Option<String>) -> Self {
+    /// An engine over a loaded model, its tokenizer and its chat template (if any), decoding up
+    /// to `max_batch` requests at once (1: one at a time; 0 is taken as 1).
+    pub fn new(
+        model: LlamaModel,
+        tokenizer: Tokenizer,
+        chat_template: Option<String>,
+        max_batch: usize,
+    ) -> Self {
         let stop = tokenizer.stop_ids();
         let max_seq_len = model.config().max_seq_len;
+        let max_batch = max_batch.max(1);
         Engine {
-            model: Mutex::new(model),
+            batcher: Batcher::start(model, stop.clone(), max_batch),
             tokenizer,
             chat_template,
             stop,
             max_seq_len,
+            max_batch,
         }
     }
 }
@@ -139,12 +154,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Requests that may hold an unpacked adapter at once: the one generating and the next one,
-/// loading. Requests queued behind the model wait here before they touch the cache, so they do
-/// not keep adapters the cache has evicted alive (each is ~10 MB for rank 8).
-const ADAPTER_HOLDERS: usize = 2;
-
-/// A counting semaphore for [`ADAPTER_HOLDERS`].
+/// A counting semaphore on the requests that may hold an unpacked adapter at once: one per
+/// batch row and one more, loading. Requests queued behind the batch wait here before they
+/// touch the cache, so they do not keep adapters the cache has evicted alive (each is ~10 MB
+/// for rank 8).
 #[derive(Debug)]
 struct Permits {
     free: Mutex<usize>,
@@ -300,13 +313,14 @@ pub fn serve(
     router: Option<SemanticRouter>,
     config: ServeConfig,
 ) -> Result<(), ServeError> {
+    let holders = engine.max_batch + 1;
     let state = Arc::new(AppState {
         engine,
         source,
         cache: JitCache::new(config.adapter_budget),
         router,
         permits: Arc::new(Permits {
-            free: Mutex::new(ADAPTER_HOLDERS),
+            free: Mutex::new(holders),
             returned: std::sync::Condvar::new(),
         }),
         resolved: Mutex::new(HashMap::new()),
@@ -805,8 +819,8 @@ fn morph_weights(morph: Option<&Value>) -> Result<Vec<(String, f32)>, ApiError> 
     Ok(weights)
 }
 
-/// Generates for a job on the model (requests take turns), passing each decoded piece of text
-/// to `on_piece` (which returns `false` to stop). Blocking.
+/// Generates for a job (decoded in a batch with the other requests), passing each decoded piece
+/// of text to `on_piece` (which returns `false` to stop: the job leaves the batch). Blocking.
 fn run(
     s: &AppState,
     job: &Job,
@@ -816,54 +830,49 @@ fn run(
     let internal = |err: &dyn std::fmt::Display| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())
     };
-    let mut sampler = Sampler::new(job.sampling);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let submitted = e.batcher.submit(Submission {
+        prompt: job.prompt.clone(),
+        max_tokens: job.max_tokens,
+        sampling: job.sampling,
+        adapter: job.adapter.clone(),
+        events: tx,
+    });
+    if !submitted {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the decode loop has stopped",
+        ));
+    }
     let mut text = String::new();
     let mut decoder = e.tokenizer.stream_decoder();
-    let mut failed = None;
-    let generated = {
-        let mut model = e.model.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(a) = &job.adapter {
-            model
-                .attach_adapter(a)
-                .map_err(|err| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, err.to_string()))?;
+    let mut ids = Vec::new();
+    let mut stopped = false;
+    // Ends when the sequence does (`Done`), or early when the client goes away: dropping `rx`
+    // takes the sequence out of the batch at the next step.
+    for event in rx {
+        let id = match event {
+            Event::Token(id) => id,
+            Event::Done(Ok(())) => break,
+            Event::Done(Err(message)) => return Err(internal(&message)),
+        };
+        ids.push(id);
+        if e.stop.contains(&id) {
+            stopped = true;
+            continue;
         }
-        let mut kv = model.dense_cache(job.prompt.len() + job.max_tokens);
-        let out = generate(
-            &model,
-            &mut kv,
-            &job.prompt,
-            job.max_tokens,
-            &mut sampler,
-            &e.stop,
-            |id| {
-                if e.stop.contains(&id) {
-                    return false;
-                }
-                match decoder.push(id) {
-                    Ok(Some(piece)) => {
-                        text.push_str(&piece);
-                        on_piece(&piece)
-                    }
-                    Ok(None) => true,
-                    Err(err) => {
-                        failed = Some(err);
-                        false
-                    }
-                }
-            },
-        );
-        model.detach_adapters();
-        out.map_err(|err| internal(&err))?
-    };
-    if let Some(err) = failed {
-        return Err(internal(&err));
+        let piece = decoder.push(id).map_err(|err| internal(&err))?;
+        if let Some(piece) = piece {
+            text.push_str(&piece);
+            if !on_piece(&piece) {
+                break;
+            }
+        }
     }
     if let Some(rest) = decoder.flush().map_err(|err| internal(&err))? {
         text.push_str(&rest);
         on_piece(&rest);
     }
-    let ids = &generated.generated;
-    let stopped = ids.last().is_some_and(|t| e.stop.contains(t));
     s.metrics
         .prompt_tokens
         .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);

@@ -6,15 +6,16 @@
 //!   the base model's digest, and unpacked (a PEFT directory or one S2LC pack member).
 //! - [`client`]: a minimal blocking HTTP client for tests and `s2lc bench serve`.
 //! - [`router`]: semantic routing (prompt embedding vs each adapter's centroid).
+//! - [`router`]'s tag rules pick an adapter from a request's tags.
+//! - [`batch`]: continuous batching: concurrent requests decode together, one batched forward
+//!   pass per step (base weights read once for all rows, each row with its own KV cache and
+//!   adapter).
 //! - [`api`]: the routes (`/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
-//!   `/metrics`), JSON errors, request limits, and the generation worker.
-//!
-//! Requests run one at a time on the model (each forward pass uses every core); requests for
-//! different adapters interleave at request granularity. Batching and tag rules are not built
-//! yet.
+//!   `/metrics`), JSON errors and request limits.
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod batch;
 pub mod cache;
 pub mod client;
 pub mod router;

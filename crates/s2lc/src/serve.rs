@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// Largest max_tokens a request may ask for [default: 512].
     #[arg(long)]
     max_tokens: Option<usize>,
+    /// Requests decoded together, one batched forward pass per token (1: one at a time)
+    /// [default: 8].
+    #[arg(long)]
+    max_batch: Option<usize>,
     /// Largest request body [default: 1MiB].
     #[arg(long, value_parser = parse_bytes)]
     max_body: Option<usize>,
@@ -78,6 +82,7 @@ struct ServeFile {
     port: Option<u16>,
     adapter_memory: Option<Size>,
     max_tokens: Option<usize>,
+    max_batch: Option<usize>,
     max_body: Option<Size>,
     model_id: Option<String>,
     #[serde(default)]
@@ -114,6 +119,7 @@ struct Settings {
     port: u16,
     adapter_memory: usize,
     max_tokens: usize,
+    max_batch: usize,
     max_body: usize,
     model_id: Option<String>,
     pinned: Vec<String>,
@@ -174,6 +180,7 @@ impl ServeArgs {
                 "256MiB",
             )?,
             max_tokens: self.max_tokens.or(file.max_tokens).unwrap_or(512),
+            max_batch: self.max_batch.or(file.max_batch).unwrap_or(8),
             max_body: size(self.max_body, "max-body", &file.max_body, "1MiB")?,
             model_id: self.model_id.clone().or(file.model_id),
             pinned: file.pin.into_iter().chain(self.pinned.clone()).collect(),
@@ -238,15 +245,19 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         }
     };
     let (source, model, tokenizer) = load_model(&path, cfg.weights)?;
-    let engine = Engine::new(model, tokenizer, source.chat_template());
+    if cfg.max_batch == 0 {
+        bail!("--max-batch must be at least 1");
+    }
+    let engine = Engine::new(model, tokenizer, source.chat_template(), cfg.max_batch);
     let listener = TcpListener::bind((cfg.host.as_str(), cfg.port))
         .with_context(|| format!("listening on {}:{}", cfg.host, cfg.port))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     eprintln!(
-        "s2lc serve: {model_id} ({}), adapters from {location}, {} MiB adapter budget, {} tag \
-         rules{}",
+        "s2lc serve: {model_id} ({}), adapters from {location}, {} MiB adapter budget, batches \
+         of up to {}, {} tag rules{}",
         cfg.weights.name(),
         cfg.adapter_memory >> 20,
+        cfg.max_batch,
         cfg.rules.len(),
         if router.is_some() {
             ", semantic router"

@@ -56,6 +56,10 @@ pub struct ServeBenchArgs {
     /// Zipf exponent of adapter popularity (0: uniform).
     #[arg(long, default_value_t = 1.0)]
     zipf: f64,
+    /// The server's batch sizes to measure, one server and one load test each (the ratios to
+    /// the first are printed).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    max_batch: Vec<usize>,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -126,8 +130,140 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         physical as f64 / 1e6
     );
 
-    let (source, model, tokenizer) = load_model(&model_path, args.weights)?;
-    let engine = Engine::new(model, tokenizer, source.chat_template());
+    // Zipf popularity: adapter i drawn with weight 1/(i+1)^s.
+    let weights: Vec<f64> = (0..args.n_adapters)
+        .map(|i| 1.0 / ((i + 1) as f64).powf(args.zipf))
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let cdf: Vec<f64> = weights
+        .iter()
+        .scan(0.0, |acc, w| {
+            *acc += w / total;
+            Some(*acc)
+        })
+        .collect();
+    println!(
+        "{} clients, {} adapters (Zipf {}), budget {:.0} MiB, {} tokens per request",
+        args.clients,
+        args.n_adapters,
+        args.zipf,
+        args.adapter_memory as f64 / (1 << 20) as f64,
+        args.max_tokens
+    );
+    let mut runs = Vec::new();
+    for &max_batch in &args.max_batch {
+        if max_batch == 0 {
+            bail!("--max-batch values must be at least 1");
+        }
+        let run = load_test(args, &model_path, &dir, &digest, max_batch, &cdf)?;
+        run.print(runs.first());
+        runs.push(run);
+    }
+    if let Some(path) = &args.json {
+        let out = json!({
+            "clients": args.clients, "adapters": args.n_adapters, "zipf": args.zipf,
+            "budget_bytes": args.adapter_memory, "max_tokens": args.max_tokens,
+            "sources": sources, "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    for run in &runs {
+        if run.ok < run.sent {
+            bail!(
+                "batch {}: {} requests failed",
+                run.max_batch,
+                run.sent - run.ok
+            );
+        }
+        if run.max_resident > args.adapter_memory as f64 {
+            bail!(
+                "batch {}: resident adapter bytes {} exceeded the budget",
+                run.max_batch,
+                run.max_resident
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What one load test measured.
+struct Run {
+    max_batch: usize,
+    sent: usize,
+    ok: usize,
+    wall: f64,
+    tokens: f64,
+    /// Latency percentiles p50, p90, p99 and the maximum, ms.
+    latency: [f64; 4],
+    hits: f64,
+    misses: f64,
+    evictions: f64,
+    max_resident: f64,
+    rss: u64,
+}
+
+impl Run {
+    fn print(&self, first: Option<&Run>) {
+        let rate = self.ok as f64 / self.wall;
+        let ratio = first
+            .map(|f| {
+                format!(
+                    " ({:.2}x batch {})",
+                    rate / (f.ok as f64 / f.wall),
+                    f.max_batch
+                )
+            })
+            .unwrap_or_default();
+        let [p50, p90, p99, max] = self.latency;
+        println!(
+            "\nbatch {}: {} sent, {} answered 200, {} failed, in {:.1} s: {rate:.2} req/s{ratio}, {:.1} generated tok/s",
+            self.max_batch,
+            self.sent,
+            self.ok,
+            self.sent - self.ok,
+            self.wall,
+            self.tokens / self.wall
+        );
+        println!("latency ms: p50 {p50:.0}, p90 {p90:.0}, p99 {p99:.0}, max {max:.0}");
+        println!(
+            "adapter cache: hit rate {:.1} % ({} hits, {} loads, {} evictions); resident at most {:.1} MiB; peak RSS so far {:.0} MiB",
+            100.0 * self.hits / (self.hits + self.misses).max(1.0),
+            self.hits,
+            self.misses,
+            self.evictions,
+            self.max_resident / (1 << 20) as f64,
+            self.rss as f64 / (1 << 20) as f64
+        );
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let [p50, p90, p99, max] = self.latency;
+        json!({
+            "max_batch": self.max_batch, "requests": self.sent, "ok": self.ok,
+            "seconds": self.wall, "req_per_s": self.ok as f64 / self.wall,
+            "generated_tok_per_s": self.tokens / self.wall,
+            "latency_ms": {"p50": p50, "p90": p90, "p99": p99, "max": max},
+            "cache": {"hits": self.hits, "loads": self.misses, "evictions": self.evictions,
+                      "max_resident_bytes": self.max_resident},
+            "peak_rss_bytes_so_far": self.rss,
+        })
+    }
+}
+
+/// Starts a server over the store in `dir` decoding up to `max_batch` requests at once, and runs
+/// the clients against it until `--requests` or `--seconds`.
+fn load_test(
+    args: &ServeBenchArgs,
+    model_path: &std::path::Path,
+    dir: &std::path::Path,
+    digest: &str,
+    max_batch: usize,
+    cdf: &[f64],
+) -> Result<Run> {
+    let (source, model, tokenizer) = load_model(model_path, args.weights)?;
+    let engine = Engine::new(model, tokenizer, source.chat_template(), max_batch);
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
     let addr = listener.local_addr()?.to_string();
     let config = ServeConfig {
@@ -139,6 +275,7 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         rules: Vec::new(),
     };
     let server_store = Store::open(dir.to_str().context("temp dir is not UTF-8")?)?;
+    let digest = digest.to_string();
     std::thread::spawn(move || {
         let src = Box::new(StoreSource::new(server_store, Some(digest)));
         if let Err(e) = s2lc_serve::serve(listener, engine, src, None, config) {
@@ -154,18 +291,6 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    // Zipf popularity: adapter i drawn with weight 1/(i+1)^s.
-    let weights: Vec<f64> = (0..args.n_adapters)
-        .map(|i| 1.0 / ((i + 1) as f64).powf(args.zipf))
-        .collect();
-    let total: f64 = weights.iter().sum();
-    let cdf: Vec<f64> = weights
-        .iter()
-        .scan(0.0, |acc, w| {
-            *acc += w / total;
-            Some(*acc)
-        })
-        .collect();
     let issued = AtomicUsize::new(0);
     let results = Mutex::new(Vec::<(f64, u16)>::with_capacity(args.requests));
     let max_resident = Mutex::new(0f64);
@@ -234,55 +359,22 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
     let max_resident = max_resident.into_inner().unwrap_or_else(|p| p.into_inner());
     let rss = peak_rss().unwrap_or(0);
     let tokens = metric(&metrics, "s2lc_completion_tokens_total");
-    println!(
-        "{} clients, {} adapters (Zipf {}), budget {:.0} MiB, {} tokens per request",
-        args.clients,
-        args.n_adapters,
-        args.zipf,
-        args.adapter_memory as f64 / (1 << 20) as f64,
-        args.max_tokens
-    );
-    println!(
-        "requests: {} sent, {ok} answered 200, {} failed, in {wall:.1} s: {:.2} req/s, {:.1} generated tok/s",
-        results.len(),
-        results.len() - ok,
-        ok as f64 / wall,
-        tokens / wall
-    );
-    println!(
-        "latency ms: p50 {:.0}, p90 {:.0}, p99 {:.0}, max {:.0}",
-        pct(0.5),
-        pct(0.9),
-        pct(0.99),
-        lat.last().copied().unwrap_or(f64::NAN)
-    );
-    println!(
-        "adapter cache: hit rate {:.1} % ({hits} hits, {misses} loads, {evictions} evictions); resident at most {:.1} MiB of {:.1} MiB; peak RSS {:.0} MiB",
-        100.0 * hits / (hits + misses).max(1.0),
-        max_resident / (1 << 20) as f64,
-        args.adapter_memory as f64 / (1 << 20) as f64,
-        rss as f64 / (1 << 20) as f64
-    );
-    if let Some(path) = &args.json {
-        let out = json!({
-            "clients": args.clients, "adapters": args.n_adapters, "zipf": args.zipf,
-            "budget_bytes": args.adapter_memory, "max_tokens": args.max_tokens,
-            "sources": sources, "requests": results.len(), "ok": ok, "seconds": wall,
-            "req_per_s": ok as f64 / wall, "generated_tok_per_s": tokens / wall,
-            "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)},
-            "cache": {"hits": hits, "loads": misses, "evictions": evictions,
-                      "max_resident_bytes": max_resident},
-            "peak_rss_bytes": rss,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&out)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    if ok < results.len() {
-        bail!("{} requests failed", results.len() - ok);
-    }
-    if max_resident > args.adapter_memory as f64 {
-        bail!("resident adapter bytes {max_resident} exceeded the budget");
-    }
-    Ok(())
+    Ok(Run {
+        max_batch,
+        sent: results.len(),
+        ok,
+        wall,
+        tokens,
+        latency: [
+            pct(0.5),
+            pct(0.9),
+            pct(0.99),
+            lat.last().copied().unwrap_or(f64::NAN),
+        ],
+        hits,
+        misses,
+        evictions,
+        max_resident,
+        rss,
+    })
 }
