@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use faer::Accum;
 
 use crate::kernels::dot::QuantizedActs;
-use crate::kernels::{gemv, GemvTask, WeightFormat, WeightMatrix};
+use crate::kernels::{gemv, GemvTask, WeightFormat, WeightMatrix, SMALL_BATCH};
 
 /// A dense linear layer: one [`WeightMatrix`] (f32 or a quantized format) and an optional bias.
 #[derive(Debug, Clone)]
@@ -247,9 +247,9 @@ impl Linear {
         }
     }
 
-    /// `outs[i] = x · W_iᵀ + b_i` for layers sharing the input `x` (q/k/v, gate/up). A batch-1
-    /// step over dense layers runs as one fused pass over all their rows; anything else runs the
-    /// layers one by one.
+    /// `outs[i] = x · W_iᵀ + b_i` for layers sharing the input `x` (q/k/v, gate/up). A decode
+    /// step (`n ≤` [`SMALL_BATCH`] rows) over dense layers runs as one fused pass over all their
+    /// rows; anything else runs the layers one by one.
     pub fn forward_shared(
         layers: &[&Linear],
         x: &[f32],
@@ -259,7 +259,7 @@ impl Linear {
     ) {
         debug_assert_eq!(layers.len(), outs.len());
         let all_dense = layers.iter().all(|l| matches!(l, Linear::Dense(_)));
-        if n != 1 || !all_dense || layers.len() > 3 {
+        if n > SMALL_BATCH || !all_dense || layers.len() > 3 {
             for (l, out) in layers.iter().zip(outs.iter_mut()) {
                 l.forward(x, n, out, Accum::Replace, scratch);
             }

@@ -2,14 +2,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use std::time::Instant;
 
-use s2lc_model::generate::{generate, Sampler, SamplingParams};
+use s2lc_model::generate::{argmax, generate, Sampler, SamplingParams};
 use s2lc_model::kv::KvCache;
-use s2lc_model::llama::{ForwardScratch, LlamaModel, Part, Profile};
+use s2lc_model::llama::{BatchRow, ForwardScratch, LlamaModel, Part, Profile};
 use s2lc_model::source::WeightStorage;
 use s2lc_model::tokenizer::read_text_file;
 
@@ -42,6 +42,53 @@ pub struct DecodeArgs {
     /// Also print where a decode step spends its time, per part of the forward pass.
     #[arg(long)]
     profile: bool,
+    /// Also measure batched decode: for each count, that many sequences decode together (one
+    /// forward pass per step, as the server batches requests), e.g. `--batch 1,2,4,8`.
+    #[arg(long, value_delimiter = ',')]
+    batch: Vec<usize>,
+}
+
+/// Aggregate tok/s of `n` sequences decoding `new_tokens` greedy tokens together after
+/// `context` prompt tokens each (best of `runs`).
+fn batched_decode(
+    model: &LlamaModel,
+    prompt: &[u32],
+    n: usize,
+    new_tokens: usize,
+    runs: usize,
+    scratch: &mut ForwardScratch,
+) -> Result<f64> {
+    let mut best = 0.0f64;
+    let mut logits = Vec::new();
+    for _ in 0..runs.max(1) {
+        let mut caches = Vec::with_capacity(n);
+        let mut next = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut cache = model.dense_cache(prompt.len() + new_tokens + 1);
+            model.forward_last(prompt, &mut cache, scratch, &mut logits)?;
+            next.push(argmax(&logits));
+            caches.push(cache);
+        }
+        let vocab = model.config().vocab_size;
+        let t = Instant::now();
+        for _ in 0..new_tokens {
+            let mut rows: Vec<BatchRow<'_>> = caches
+                .iter_mut()
+                .zip(&next)
+                .map(|(cache, &token)| BatchRow {
+                    token,
+                    cache,
+                    adapter: None,
+                })
+                .collect();
+            model.decode_batch(&mut rows, scratch, &mut logits)?;
+            for (i, t) in next.iter_mut().enumerate() {
+                *t = argmax(&logits[i * vocab..(i + 1) * vocab]);
+            }
+        }
+        best = best.max((n * new_tokens) as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(best)
 }
 
 /// One timed prefill of `prompt`, then (on a fresh cache, as llama-bench's `tg` test does) a
@@ -73,17 +120,6 @@ pub(crate) fn prefill_and_decode(
     Ok((prefill, decode, scratch.profile.take()))
 }
 
-/// Index of the largest logit (greedy decoding).
-pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// Runs `s2lc bench decode`: per weight storage, prefill and decode speed, bytes per token and
 /// the fraction of the memory-bandwidth bound, measured in one process.
 pub fn decode(args: &DecodeArgs) -> Result<()> {
@@ -107,6 +143,7 @@ pub fn decode(args: &DecodeArgs) -> Result<()> {
     println!("memory read bandwidth: {:.1} GB/s", bw / 1e9);
     let mut rows = Vec::new();
     let mut profiles = Vec::new();
+    let mut batched = Vec::new();
     for &storage in &args.weights {
         let (_source, model, tokenizer) = load_model(&path, storage)?;
         let mut prompt = tokenizer
@@ -148,6 +185,15 @@ pub fn decode(args: &DecodeArgs) -> Result<()> {
             ));
         }
         let bytes = model.weight_bytes_per_token() as f64;
+        let context = &prompt[..args.decode_context.clamp(1, prompt.len())];
+        for &n in &args.batch {
+            if n == 0 {
+                bail!("--batch counts must be at least 1");
+            }
+            let rate = batched_decode(&model, context, n, args.new_tokens, args.runs, &mut scratch)
+                .context("batched decode")?;
+            batched.push((storage_name(storage, &model), n, rate));
+        }
         rows.push((storage_name(storage, &model), bytes, prefill, decode));
     }
     println!(
@@ -163,6 +209,27 @@ pub fn decode(args: &DecodeArgs) -> Result<()> {
             bytes / 1e6,
             100.0 * decode / bound
         );
+    }
+    if !batched.is_empty() {
+        println!(
+            "\nbatched decode: n sequences, {} tokens each after {} of context, one forward pass per step\n",
+            args.new_tokens, args.decode_context
+        );
+        println!("| weights | sequences | aggregate tok/s | per sequence tok/s | aggregate vs 1 sequence |");
+        println!("|---|---|---|---|---|");
+        let single = |name: &str| {
+            batched
+                .iter()
+                .find(|b| b.0 == name && b.1 == 1)
+                .map(|b| b.2)
+        };
+        for (name, n, rate) in &batched {
+            let vs = single(name).map_or("".into(), |one| format!("{:.2}x", rate / one));
+            println!(
+                "| {name} | {n} | {rate:.1} | {:.1} | {vs} |",
+                rate / *n as f64
+            );
+        }
     }
     for (name, p, tokens) in &profiles {
         let total: f64 = p.secs.iter().sum();

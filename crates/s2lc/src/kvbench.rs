@@ -74,7 +74,7 @@ pub fn decode_after(
     model.forward_last(&[last], cache, &mut scratch, &mut logits)?;
     let t = Instant::now();
     for _ in 0..n {
-        let next = crate::bench::argmax(&logits);
+        let next = s2lc_model::generate::argmax(&logits);
         model.forward_last(&[next], cache, &mut scratch, &mut logits)?;
     }
     Ok(n as f64 / t.elapsed().as_secs_f64())

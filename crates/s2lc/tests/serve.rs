@@ -1,7 +1,8 @@
 //! `s2lc serve` end to end on the real model: adapters pushed to a store (a PEFT adapter and an
 //! S2LC pack member) are served by name and semver requirement, the server's text equals `s2lc
-//! generate` with the same adapter, the cache loads a cold adapter once under concurrent
-//! requests, and every bad request gets a JSON error while the server keeps serving.
+//! generate` with the same adapter, concurrent requests with different adapters batched together
+//! get the text they get alone, the cache loads a cold adapter once under concurrent requests,
+//! and every bad request gets a JSON error while the server keeps serving.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -205,6 +206,21 @@ fn serve_completions_with_store_adapters() {
     let (_, base) = post(addr, "/v1/completions", &req("smollm2"));
     assert_eq!(base["s2lc"]["adapter"], Value::Null);
     assert!(base["usage"]["completion_tokens"].as_u64().unwrap() <= 12);
+
+    // Concurrent requests decode in one batch (each row with its own adapter, or none) and get
+    // the text they get alone.
+    let models = ["smollm2:alice@1", "smollm2", "smollm2:alice@1", "smollm2"];
+    let batched: Vec<Value> = std::thread::scope(|s| {
+        let hs: Vec<_> = models
+            .iter()
+            .map(|m| s.spawn(|| post(addr, "/v1/completions", &req(m)).1))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (m, b) in models.iter().zip(&batched) {
+        let alone = if m.contains("alice") { &with } else { &base };
+        assert_eq!(b["choices"][0]["text"], alone["choices"][0]["text"], "{m}");
+    }
 
     // Four concurrent requests for a cold pack member: one load.
     let misses = metric(addr, "s2lc_adapter_cache_misses_total");

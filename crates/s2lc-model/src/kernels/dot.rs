@@ -51,6 +51,42 @@ impl QuantizedActs {
         }
         quantize_scalar(x, self);
     }
+
+    /// All quantized rows as one view (a single activation row, or the caller indexes blocks).
+    pub fn view(&self) -> Acts<'_> {
+        Acts {
+            qs: &self.qs,
+            split: &self.split,
+            d: &self.d,
+            s: &self.s,
+        }
+    }
+
+    /// Row `i` of activations quantized as `n × cols` (`cols` a multiple of 32).
+    pub fn row(&self, i: usize, cols: usize) -> Acts<'_> {
+        let (e, b) = (i * cols, i * cols / BLOCK);
+        let nb = cols / BLOCK;
+        Acts {
+            qs: &self.qs[e..e + cols],
+            split: &self.split[e..e + cols],
+            d: &self.d[b..b + nb],
+            s: &self.s[b..b + nb],
+        }
+    }
+}
+
+/// One activation row of a [`QuantizedActs`], as the kernels read it (empty for the float
+/// formats, which read the f32 activations).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Acts<'a> {
+    /// Quants in element order.
+    pub qs: &'a [i16],
+    /// Quants in the split order of [`QuantizedActs::split`].
+    pub split: &'a [i16],
+    /// Per-block scales.
+    pub d: &'a [f32],
+    /// Per-block `d·Σq`.
+    pub s: &'a [f32],
 }
 
 /// The portable activation quantizer (the AVX2 one gives the same quants).
@@ -106,7 +142,7 @@ pub enum Rows<'a> {
 
 /// `out[r] = W[r]·x` (or `+=` with `add`) for the `out.len()` rows in `rows`, each `x.len()` wide.
 /// `acts` must hold `x` quantized when the format is a block format.
-pub fn dot_rows(rows: Rows<'_>, x: &[f32], acts: &QuantizedActs, out: &mut [f32], add: bool) {
+pub fn dot_rows(rows: Rows<'_>, x: &[f32], acts: Acts<'_>, out: &mut [f32], add: bool) {
     #[cfg(target_arch = "x86_64")]
     if simd() {
         // SAFETY: features checked; every kernel reads `out.len()` rows of the checked layout.
@@ -145,7 +181,7 @@ fn f16_le(b: &[u8]) -> f32 {
 }
 
 /// The portable kernels: the same per-block integer sums as the AVX2 ones.
-pub fn dot_rows_scalar(rows: Rows<'_>, x: &[f32], a: &QuantizedActs, out: &mut [f32], add: bool) {
+pub fn dot_rows_scalar(rows: Rows<'_>, x: &[f32], a: Acts<'_>, out: &mut [f32], add: bool) {
     let cols = x.len();
     match rows {
         Rows::F32(w) => {
@@ -177,7 +213,7 @@ pub fn dot_rows_scalar(rows: Rows<'_>, x: &[f32], a: &QuantizedActs, out: &mut [
 }
 
 /// One block row against quantized activations: `Σ_b (d_w·d_x·Σ q_w·q_x + offset_b·s_b)`.
-fn dot_blocks_scalar(format: WeightFormat, row: &[u8], a: &QuantizedActs) -> f32 {
+fn dot_blocks_scalar(format: WeightFormat, row: &[u8], a: Acts<'_>) -> f32 {
     let bytes = format.block_bytes();
     let mut total = 0.0f32;
     for (b, blk) in row.chunks_exact(bytes).enumerate() {
@@ -216,7 +252,7 @@ const Q4_K_BYTES: usize = 144;
 /// One Q4_K row: per sub-block `j` of 32 (activation block `b`), `Σ w·x = d·sc_j·d_x·Σ q·q_x −
 /// dmin·m_j·d_x·Σ q_x`. Group `g` of 64 uses `qs[32g..32g+32]`: low nibbles are sub-block `2g`,
 /// high nibbles sub-block `2g + 1`.
-fn dot_q4_k_scalar(row: &[u8], a: &QuantizedActs) -> f32 {
+fn dot_q4_k_scalar(row: &[u8], a: Acts<'_>) -> f32 {
     let mut total = 0.0f32;
     for (sb, blk) in row.chunks_exact(Q4_K_BYTES).enumerate() {
         let (d, dmin) = (f16_le(blk), f16_le(&blk[2..]));
@@ -257,7 +293,7 @@ fn q6_k_quant(blk: &[u8], e: usize) -> i32 {
 
 /// One Q6_K row: per sub-block of 16 with int8 scale `sc`, `Σ w·x = d·sc·d_x·Σ (q − 32)·q_x`
 /// (activation block `b` holds two sub-blocks).
-fn dot_q6_k_scalar(row: &[u8], a: &QuantizedActs) -> f32 {
+fn dot_q6_k_scalar(row: &[u8], a: Acts<'_>) -> f32 {
     let mut total = 0.0f32;
     for (sb, blk) in row.chunks_exact(Q6_K_BYTES).enumerate() {
         let d = f16_le(&blk[208..]);
@@ -292,7 +328,7 @@ fn nibble_dot(qs: &[u8], qh: u32, xq: &[i16]) -> i32 {
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{QuantizedActs, Rows, BLOCK};
+    use super::{Acts, QuantizedActs, Rows, BLOCK};
     use crate::kernels::WeightFormat;
 
     /// The sum of the eight lanes.
@@ -427,13 +463,7 @@ pub(crate) mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_rows(
-        rows: Rows<'_>,
-        x: &[f32],
-        a: &QuantizedActs,
-        out: &mut [f32],
-        add: bool,
-    ) {
+    pub unsafe fn dot_rows(rows: Rows<'_>, x: &[f32], a: Acts<'_>, out: &mut [f32], add: bool) {
         let cols = x.len();
         match rows {
             Rows::F32(w) => {
@@ -446,19 +476,18 @@ pub(crate) mod avx2 {
                 let rb = format.row_bytes(cols);
                 debug_assert!(data.len() >= out.len() * rb);
                 let nb = cols / BLOCK;
-                let kernel: unsafe fn(*const u8, usize, &[f32], &QuantizedActs) -> f32 =
-                    match format {
-                        WeightFormat::F32 => unreachable!("f32 rows are passed as Rows::F32"),
-                        WeightFormat::F16 => dot_f16,
-                        WeightFormat::BF16 => dot_bf16,
-                        WeightFormat::Q8_0 => dot_q8_0,
-                        WeightFormat::Q4_0 => dot_q4_0,
-                        WeightFormat::Q4_1 => dot_q4_1,
-                        WeightFormat::Q5_0 => dot_q5_0,
-                        WeightFormat::Q5_1 => dot_q5_1,
-                        WeightFormat::Q4_K => dot_q4_k,
-                        WeightFormat::Q6_K => dot_q6_k,
-                    };
+                let kernel: unsafe fn(*const u8, usize, &[f32], Acts<'_>) -> f32 = match format {
+                    WeightFormat::F32 => unreachable!("f32 rows are passed as Rows::F32"),
+                    WeightFormat::F16 => dot_f16,
+                    WeightFormat::BF16 => dot_bf16,
+                    WeightFormat::Q8_0 => dot_q8_0,
+                    WeightFormat::Q4_0 => dot_q4_0,
+                    WeightFormat::Q4_1 => dot_q4_1,
+                    WeightFormat::Q5_0 => dot_q5_0,
+                    WeightFormat::Q5_1 => dot_q5_1,
+                    WeightFormat::Q4_K => dot_q4_k,
+                    WeightFormat::Q6_K => dot_q6_k,
+                };
                 for (r, o) in out.iter_mut().enumerate() {
                     put(o, kernel(data.as_ptr().add(r * rb), nb, x, a), add);
                 }
@@ -506,7 +535,7 @@ pub(crate) mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_f16(p: *const u8, _nb: usize, x: &[f32], _a: &QuantizedActs) -> f32 {
+    unsafe fn dot_f16(p: *const u8, _nb: usize, x: &[f32], _a: Acts<'_>) -> f32 {
         let w = p.cast::<u16>();
         float_dot!(
             x,
@@ -516,7 +545,7 @@ pub(crate) mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_bf16(p: *const u8, _nb: usize, x: &[f32], _a: &QuantizedActs) -> f32 {
+    unsafe fn dot_bf16(p: *const u8, _nb: usize, x: &[f32], _a: Acts<'_>) -> f32 {
         let w = p.cast::<u16>();
         let widen = |k: usize| {
             let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(w.add(k).cast()));
@@ -532,7 +561,7 @@ pub(crate) mod avx2 {
     /// eight lanes of the sum at the end (the split order's upper half carries a factor 16).
     macro_rules! block_dot {
         ($p:expr, $nb:expr, $a:expr, $xq:expr, $lanes:expr, $bytes:expr, $decode:expr) => {{
-            let (a, p): (&QuantizedActs, *const u8) = ($a, $p);
+            let (a, p): (Acts<'_>, *const u8) = ($a, $p);
             let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let (mut off0, mut off1) = (0.0f32, 0.0f32);
             let (xq, xd, xs): (*const i16, _, _) = ($xq, a.d.as_ptr(), a.s.as_ptr());
@@ -569,7 +598,7 @@ pub(crate) mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q4_0(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
+    unsafe fn dot_q4_0(p: *const u8, nb: usize, _x: &[f32], a: Acts<'_>) -> f32 {
         block_dot!(
             p,
             nb,
@@ -585,7 +614,7 @@ pub(crate) mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q4_1(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
+    unsafe fn dot_q4_1(p: *const u8, nb: usize, _x: &[f32], a: Acts<'_>) -> f32 {
         block_dot!(
             p,
             nb,
@@ -604,7 +633,7 @@ pub(crate) mod avx2 {
     /// 16-bit lanes, masks and shifts give the even and odd elements of both sub-blocks in the
     /// split order of the activations, with no shuffle.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q4_k(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
+    unsafe fn dot_q4_k(p: *const u8, nb: usize, _x: &[f32], a: Acts<'_>) -> f32 {
         use super::Q4_K_BYTES;
         use crate::quant::scale_min_k4;
         let (xq, xd, xs) = (a.split.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
@@ -647,42 +676,53 @@ pub(crate) mod avx2 {
         hsum(_mm256_add_ps(acc0, acc1)) - off
     }
 
+    /// `Σ (q − 32)·x` of one Q6_K block of 32 (quants as even/odd 16-bit lanes, activations in
+    /// split order at `x`), as eight f32 lanes: lanes 0–3 sum the first sub-block of 16, lanes
+    /// 4–7 the second.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6_block(even: __m256i, odd: __m256i, x: *const i16) -> __m256 {
+        let bias = _mm256_set1_epi16(32);
+        let e = _mm256_madd_epi16(_mm256_sub_epi16(even, bias), _mm256_loadu_si256(x.cast()));
+        let o = _mm256_madd_epi16(
+            _mm256_sub_epi16(odd, bias),
+            _mm256_loadu_si256(x.add(16).cast()),
+        );
+        _mm256_cvtepi32_ps(_mm256_add_epi32(e, o))
+    }
+
     /// Q6_K (see `dot_q6_k_scalar`): per half of 128 elements, `ql` (2 × 32 bytes) and `qh` (32
     /// bytes) are loaded once; masks and shifts on 16-bit lanes give each block of 32 in the split
     /// order of the activations. The two sub-blocks of a block are the two 128-bit halves of the
-    /// lanes, so the scales are applied in f32 as `[s_2t ×4, s_2t+1 ×4]`.
+    /// lanes, so the scales are applied in f32 as `[s_2t ×4, s_2t+1 ×4]` (a lane permute of the
+    /// half's eight scales).
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q6_k(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
+    unsafe fn dot_q6_k(p: *const u8, nb: usize, _x: &[f32], a: Acts<'_>) -> f32 {
         use super::Q6_K_BYTES;
+        /// Lane indices of scale pair (2t, 2t + 1) for block t of a half.
+        static PAIRS: [[i32; 8]; 4] = [
+            [0, 0, 0, 0, 1, 1, 1, 1],
+            [2, 2, 2, 2, 3, 3, 3, 3],
+            [4, 4, 4, 4, 5, 5, 5, 5],
+            [6, 6, 6, 6, 7, 7, 7, 7],
+        ];
         let (xq, xd) = (a.split.as_ptr(), a.d.as_ptr());
         debug_assert!(a.d.len() >= nb && a.split.len() >= nb * BLOCK);
         let m4 = _mm256_set1_epi16(0x0F);
         let m2 = _mm256_set1_epi16(0x30);
-        let bias = _mm256_set1_epi16(32);
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        // Block t of a half takes scale pair (2t, 2t + 1) of the half's eight.
-        let pairs = [
-            _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
-            _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
-            _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5),
-            _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7),
-        ];
-        let block = |even: __m256i, odd: __m256i, b: usize, scales: __m256, t: usize| {
-            let x = xq.add(b * BLOCK);
-            let e = _mm256_madd_epi16(_mm256_sub_epi16(even, bias), _mm256_loadu_si256(x.cast()));
-            let o = _mm256_madd_epi16(
-                _mm256_sub_epi16(odd, bias),
-                _mm256_loadu_si256(x.add(16).cast()),
-            );
-            let s = _mm256_mul_ps(
-                _mm256_permutevar8x32_ps(scales, pairs[t]),
+        let scale = |scales: __m256, t: usize, b: usize| {
+            let idx = _mm256_loadu_si256(PAIRS[t].as_ptr().cast());
+            _mm256_mul_ps(
+                _mm256_permutevar8x32_ps(scales, idx),
                 _mm256_set1_ps(*xd.add(b)),
-            );
-            (_mm256_cvtepi32_ps(_mm256_add_epi32(e, o)), s)
+            )
         };
         for sb in 0..nb / 8 {
             let blk = p.add(sb * Q6_K_BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(blk.add(Q6_K_BYTES * 4).cast());
+            _mm_prefetch::<_MM_HINT_T0>(blk.add(Q6_K_BYTES * 2).cast());
+            _mm_prefetch::<_MM_HINT_T0>(blk.add(Q6_K_BYTES * 2 + 64).cast());
+            _mm_prefetch::<_MM_HINT_T0>(blk.add(Q6_K_BYTES * 2 + 128).cast());
             let d = _mm256_set1_ps(f16_one(blk.add(208)));
             for h in 0..2 {
                 let sc = _mm_loadl_epi64(blk.add(192 + 8 * h).cast());
@@ -691,65 +731,64 @@ pub(crate) mod avx2 {
                 let l1 = _mm256_loadu_si256(blk.add(64 * h + 32).cast());
                 let hb = _mm256_loadu_si256(blk.add(128 + 32 * h).cast());
                 let b = 8 * sb + 4 * h;
-                // Lane k holds bytes 2k (even element) and 2k + 1 (odd element); the element's
-                // two high bits go to bits 4–5.
-                let quarters = [
-                    (
-                        _mm256_or_si256(
-                            _mm256_and_si256(l0, m4),
-                            _mm256_and_si256(_mm256_slli_epi16(hb, 4), m2),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(l0, 8), m4),
-                            _mm256_and_si256(_mm256_srli_epi16(hb, 4), m2),
-                        ),
+                let x = xq.add(b * BLOCK);
+                // Lane k holds bytes 2k (even element) and 2k + 1 (odd element); each block
+                // takes a nibble of l0 or l1 and its two bits of hb, moved to bits 4–5.
+                let v0 = q6_block(
+                    _mm256_or_si256(
+                        _mm256_and_si256(l0, m4),
+                        _mm256_and_si256(_mm256_slli_epi16(hb, 4), m2),
                     ),
-                    (
-                        _mm256_or_si256(
-                            _mm256_and_si256(l1, m4),
-                            _mm256_and_si256(_mm256_slli_epi16(hb, 2), m2),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(l1, 8), m4),
-                            _mm256_and_si256(_mm256_srli_epi16(hb, 6), m2),
-                        ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(l0, 8), m4),
+                        _mm256_and_si256(_mm256_srli_epi16(hb, 4), m2),
                     ),
-                    (
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                            _mm256_and_si256(hb, m2),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_srli_epi16(l0, 12),
-                            _mm256_and_si256(_mm256_srli_epi16(hb, 8), m2),
-                        ),
+                    x,
+                );
+                acc0 = _mm256_fmadd_ps(scale(scales, 0, b), v0, acc0);
+                let v1 = q6_block(
+                    _mm256_or_si256(
+                        _mm256_and_si256(l1, m4),
+                        _mm256_and_si256(_mm256_slli_epi16(hb, 2), m2),
                     ),
-                    (
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                            _mm256_and_si256(_mm256_srli_epi16(hb, 2), m2),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_srli_epi16(l1, 12),
-                            _mm256_and_si256(_mm256_srli_epi16(hb, 10), m2),
-                        ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(l1, 8), m4),
+                        _mm256_and_si256(_mm256_srli_epi16(hb, 6), m2),
                     ),
-                ];
-                for (t, &(even, odd)) in quarters.iter().enumerate() {
-                    let (v, s) = block(even, odd, b + t, scales, t);
-                    if t % 2 == 0 {
-                        acc0 = _mm256_fmadd_ps(s, v, acc0);
-                    } else {
-                        acc1 = _mm256_fmadd_ps(s, v, acc1);
-                    }
-                }
+                    x.add(BLOCK),
+                );
+                acc1 = _mm256_fmadd_ps(scale(scales, 1, b + 1), v1, acc1);
+                let v2 = q6_block(
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                        _mm256_and_si256(hb, m2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_srli_epi16(l0, 12),
+                        _mm256_and_si256(_mm256_srli_epi16(hb, 8), m2),
+                    ),
+                    x.add(2 * BLOCK),
+                );
+                acc0 = _mm256_fmadd_ps(scale(scales, 2, b + 2), v2, acc0);
+                let v3 = q6_block(
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                        _mm256_and_si256(_mm256_srli_epi16(hb, 2), m2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_srli_epi16(l1, 12),
+                        _mm256_and_si256(_mm256_srli_epi16(hb, 10), m2),
+                    ),
+                    x.add(3 * BLOCK),
+                );
+                acc1 = _mm256_fmadd_ps(scale(scales, 3, b + 3), v3, acc1);
             }
         }
         hsum(_mm256_add_ps(acc0, acc1))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q5_0(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
+    unsafe fn dot_q5_0(p: *const u8, nb: usize, _x: &[f32], a: Acts<'_>) -> f32 {
         block_dot!(
             p,
             nb,
@@ -769,7 +808,7 @@ pub(crate) mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q5_1(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
+    unsafe fn dot_q5_1(p: *const u8, nb: usize, _x: &[f32], a: Acts<'_>) -> f32 {
         block_dot!(
             p,
             nb,
@@ -789,7 +828,7 @@ pub(crate) mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q8_0(p: *const u8, nb: usize, _x: &[f32], a: &QuantizedActs) -> f32 {
+    unsafe fn dot_q8_0(p: *const u8, nb: usize, _x: &[f32], a: Acts<'_>) -> f32 {
         block_dot!(
             p,
             nb,

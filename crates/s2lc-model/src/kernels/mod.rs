@@ -22,7 +22,7 @@ use half::{bf16, f16};
 
 use crate::error::ModelError;
 use crate::quant::{dequantize, GgmlType};
-use dot::{dot_rows, QuantizedActs, Rows, BLOCK};
+use dot::{dot_rows, Acts, QuantizedActs, Rows, BLOCK};
 
 /// How a [`WeightMatrix`] stores its values.
 #[allow(non_camel_case_types)]
@@ -306,7 +306,8 @@ impl WeightMatrix {
         }
     }
 
-    /// `y (n × rows) = [y +] x (n × cols) · Wᵀ`, both row-major: [`gemv`] for `n = 1`, otherwise
+    /// `y (n × rows) = [y +] x (n × cols) · Wᵀ`, both row-major: [`gemv`] for `n ≤`
+    /// [`SMALL_BATCH`] (decode steps), otherwise
     /// tiles of `W` dequantized to f32 and multiplied with faer, weight rows split across threads.
     pub fn matmul(
         &self,
@@ -318,7 +319,7 @@ impl WeightMatrix {
     ) {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(y.len(), n * self.rows);
-        if n == 1 {
+        if n <= SMALL_BATCH {
             gemv(&mut [GemvTask::new(self, y, accum == Accum::Add)], x, acts);
             return;
         }
@@ -396,7 +397,13 @@ fn check_len(format: WeightFormat, rows: usize, cols: usize, len: usize) -> Resu
     Ok(())
 }
 
-/// One matrix of a fused [`gemv`]: `out (+)= W·x`.
+/// Most activation rows a product runs through the GEMV kernels (several sequences decoding
+/// together). Each chunk of weight rows is read from memory once and dotted with every
+/// activation row while it sits in L1; the results are bit for bit those of one row alone.
+/// Beyond this, dequantized tiles and faer's GEMM are faster.
+pub const SMALL_BATCH: usize = 8;
+
+/// One matrix of a fused [`gemv`]: `out (+)= W·x` for each of the `n` input rows.
 pub struct GemvTask<'a> {
     weight: &'a WeightMatrix,
     out: SyncPtr,
@@ -406,9 +413,13 @@ pub struct GemvTask<'a> {
 }
 
 impl<'a> GemvTask<'a> {
-    /// `out` (`weight.rows()` values) is overwritten, or added to when `add`.
+    /// `out` (`n × weight.rows()` values, row-major, for `n` input rows) is overwritten, or added
+    /// to when `add`.
     pub fn new(weight: &'a WeightMatrix, out: &'a mut [f32], add: bool) -> Self {
-        assert_eq!(out.len(), weight.rows(), "gemv output is not rows long");
+        assert!(
+            weight.rows() > 0 && out.len() % weight.rows() == 0,
+            "gemv output is not a whole number of rows"
+        );
         GemvTask {
             weight,
             len: out.len(),
@@ -419,14 +430,25 @@ impl<'a> GemvTask<'a> {
     }
 }
 
-/// Batch-1 `out_i (+)= W_i·x` for every task, all sharing the input `x` (`cols` values), as one
-/// pool job over the concatenated rows (so q/k/v or gate/up cost one hand-off, not three).
-/// `acts` is scratch for `x` quantized to 8 bits, filled only when some format needs it.
+/// `out_i (+)= W_i·x` for every task, all sharing the input `x` (`n` rows of `cols` values,
+/// `n ≤` [`SMALL_BATCH`] in practice), as one pool job over the concatenated weight rows (so
+/// q/k/v or gate/up cost one hand-off, not three). `acts` is scratch for `x` quantized per block,
+/// filled only when some format needs it.
 pub fn gemv(tasks: &mut [GemvTask<'_>], x: &[f32], acts: &mut QuantizedActs) {
+    let Some(cols) = tasks.first().map(|t| t.weight.cols()) else {
+        return;
+    };
+    assert!(
+        cols > 0 && x.len() % cols == 0,
+        "gemv input is not a whole number of rows"
+    );
+    let n = x.len() / cols;
     for t in tasks.iter() {
-        assert_eq!(t.weight.cols(), x.len(), "gemv input is not cols long");
+        assert_eq!(t.weight.cols(), cols, "gemv tasks differ in input width");
+        assert_eq!(t.len, n * t.weight.rows(), "gemv output is not n × rows");
     }
-    if tasks.iter().any(|t| t.weight.format().quantizes_acts()) {
+    let quantized = tasks.iter().any(|t| t.weight.format().quantizes_acts());
+    if quantized {
         acts.quantize(x);
     }
     let acts = &*acts;
@@ -437,20 +459,38 @@ pub fn gemv(tasks: &mut [GemvTask<'_>], x: &[f32], acts: &mut QuantizedActs) {
         let mine = pool::split_range(total, part, parts, 4);
         let mut base = 0;
         for t in tasks {
-            let (lo, hi) = (mine.start.max(base), mine.end.min(base + t.len));
-            if lo < hi {
-                let (r0, r1) = (lo - base, hi - base);
-                // SAFETY: rows r0..r1 of this task belong to this part alone; the slice lives
-                // as long as the task's borrow, which outlives the job.
-                let out = unsafe { std::slice::from_raw_parts_mut(t.out.get().add(r0), r1 - r0) };
-                dot_rows(t.weight.rows_ref(r0, r1), x, acts, out, t.add);
+            let rows = t.weight.rows();
+            let (lo, hi) = (mine.start.max(base), mine.end.min(base + rows));
+            // Chunks of ~8 KB of weights stay in L1 while every input row passes over them.
+            let chunk = if n == 1 {
+                hi.saturating_sub(lo).max(1)
+            } else {
+                (8192 / t.weight.format().row_bytes(cols).max(1)).max(4)
+            };
+            for c0 in (lo..hi).step_by(chunk) {
+                let (r0, r1) = (c0 - base, (c0 + chunk).min(hi) - base);
+                for i in 0..n {
+                    // SAFETY: rows r0..r1 of every output row of this task belong to this part
+                    // alone; the slice lives as long as the task's borrow, which outlives the
+                    // job.
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(t.out.get().add(i * rows + r0), r1 - r0)
+                    };
+                    let a = if quantized {
+                        acts.row(i, cols)
+                    } else {
+                        Acts::default()
+                    };
+                    let xi = &x[i * cols..(i + 1) * cols];
+                    dot_rows(t.weight.rows_ref(r0, r1), xi, a, out, t.add);
+                }
             }
-            base += t.len;
+            base += rows;
         }
     };
     // Tiny products (a few KB of weights) are not worth waking the other threads.
     let bytes: usize = tasks.iter().map(|t| t.weight.bytes()).sum();
-    if bytes < 64 * 1024 {
+    if bytes * n < 64 * 1024 {
         job(0, 1);
     } else {
         pool::global().run(&job);

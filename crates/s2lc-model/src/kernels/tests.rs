@@ -163,8 +163,8 @@ fn simd_and_portable_kernels_agree() {
         assert_eq!(acts.split, scalar_acts.split, "split-order quants differ");
         assert_eq!(acts.d, scalar_acts.d);
         let (mut a, mut b) = (vec![0.5; 19], vec![0.5; 19]);
-        dot_rows(w.rows_ref(0, 19), &x, &acts, &mut a, true);
-        dot_rows_scalar(w.rows_ref(0, 19), &x, &scalar_acts, &mut b, true);
+        dot_rows(w.rows_ref(0, 19), &x, acts.view(), &mut a, true);
+        dot_rows_scalar(w.rows_ref(0, 19), &x, scalar_acts.view(), &mut b, true);
         for (p, q) in a.iter().zip(&b) {
             assert!(
                 (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
@@ -212,7 +212,12 @@ fn batched_matmul_matches_the_reference_and_accumulates() {
         WeightFormat::Q4_K,
         WeightFormat::Q6_K,
     ] {
-        let (n, rows, cols) = (5, 301, if format.block_size() == 256 { 256 } else { 96 });
+        // More rows than a small batch: the dequantized-tile path.
+        let (n, rows, cols) = (
+            SMALL_BATCH + 1,
+            301,
+            if format.block_size() == 256 { 256 } else { 96 },
+        );
         let w = matrix(format, rows, cols, &mut rng);
         let x = rng.vec(n * cols);
         let dense = w.to_f32();
@@ -282,4 +287,32 @@ fn bad_layouts_are_named_errors() {
     assert!(err.to_string().contains("needs 20 bytes, got 19"), "{err}");
     let err = WeightMatrix::quantize(&[0.0; 32], 1, 32, WeightFormat::Q4_0).unwrap_err();
     assert!(err.to_string().contains("not supported"), "{err}");
+}
+
+#[test]
+fn small_batches_equal_their_rows_run_alone_bit_for_bit() {
+    let mut rng = Lcg(17);
+    for format in ALL {
+        let cols = if format.block_size() == 256 { 512 } else { 160 };
+        // 301 rows: chunks of the row split and the parts' ranges do not line up.
+        let w = matrix(format, 301, cols, &mut rng);
+        for n in [2, 3, SMALL_BATCH] {
+            let x = rng.vec(n * cols);
+            let mut acts = QuantizedActs::default();
+            let mut batched = vec![0.25; n * 301];
+            w.matmul(&x, n, &mut batched, Accum::Add, &mut acts);
+            for i in 0..n {
+                let mut alone = vec![0.25; 301];
+                let xi = &x[i * cols..(i + 1) * cols];
+                w.matmul(xi, 1, &mut alone, Accum::Add, &mut acts);
+                let got = &batched[i * 301..(i + 1) * 301];
+                assert!(
+                    got.iter()
+                        .zip(&alone)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{format} n = {n} row {i}"
+                );
+            }
+        }
+    }
 }
