@@ -152,6 +152,31 @@ pub fn dot_rows(rows: Rows<'_>, x: &[f32], acts: Acts<'_>, out: &mut [f32], add:
     dot_rows_scalar(rows, x, acts, out, add);
 }
 
+/// `out[i·stride + r] (+)= W[r]·x_i` for every weight row `r` in `rows` and the 2 or 4
+/// activation rows in `acts`, each block decoded once for all of them; `false` (nothing written)
+/// when this CPU, format or count has no multi-row kernel (the caller then runs [`dot_rows`]
+/// per activation row, which gives the same values bit for bit).
+///
+/// # Safety
+/// `out` must be valid for writes at `i·stride + r` for every activation row `i` and weight row
+/// `r`, with no other reference to those elements.
+pub unsafe fn dot_rows_multi(
+    rows: Rows<'_>,
+    cols: usize,
+    acts: &[Acts<'_>],
+    out: *mut f32,
+    stride: usize,
+    add: bool,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: features checked; the caller vouches for `out`.
+        return unsafe { avx2::dot_rows_multi(rows, cols, acts, out, stride, add) };
+    }
+    let _ = (rows, cols, acts, out, stride, add);
+    false
+}
+
 /// Decodes whole rows of `format` into f32 with AVX2 (every format with a kernel: prefill tiles
 /// and embedding rows); false means the caller must use the generic decoder. Results equal `quant::dequantize` bit for bit (same operation order).
 pub fn dequantize_fast(format: WeightFormat, bytes: &[u8], out: &mut [f32]) -> bool {
@@ -588,6 +613,136 @@ pub(crate) mod avx2 {
             }
             hsum(_mm256_mul_ps(_mm256_add_ps(acc0, acc1), $lanes)) + (off0 + off1)
         }};
+    }
+
+    /// [`block_dot`] for `$n` activation rows at once: each weight block is decoded once and
+    /// dotted with every row. Per row, the operations and their order are those of
+    /// `block_dot`, so each result is bit for bit the single-row one.
+    macro_rules! block_dot_n {
+        ($n:literal, $p:expr, $nb:expr, $acts:expr, $split:expr, $lanes:expr, $bytes:expr, $decode:expr) => {{
+            let (acts, p): (&[Acts<'_>], *const u8) = ($acts, $p);
+            let x: [*const i16; $n] = std::array::from_fn(|i| {
+                debug_assert!(acts[i].d.len() >= $nb && acts[i].qs.len() >= $nb * BLOCK);
+                if $split {
+                    acts[i].split.as_ptr()
+                } else {
+                    acts[i].qs.as_ptr()
+                }
+            });
+            let xd: [*const f32; $n] = std::array::from_fn(|i| acts[i].d.as_ptr());
+            let xs: [*const f32; $n] = std::array::from_fn(|i| acts[i].s.as_ptr());
+            let mut acc0 = [_mm256_setzero_ps(); $n];
+            let mut acc1 = [_mm256_setzero_ps(); $n];
+            let (mut off0, mut off1) = ([0.0f32; $n], [0.0f32; $n]);
+            let mut b = 0;
+            while b + 2 <= $nb {
+                _mm_prefetch::<_MM_HINT_T0>(p.add(b * $bytes + 1024).cast());
+                let (q0, d0, o0) = $decode(p.add(b * $bytes));
+                let (q1, d1, o1) = $decode(p.add((b + 1) * $bytes));
+                for i in 0..$n {
+                    let p0 = qdot(q0, x[i].add(b * BLOCK));
+                    let p1 = qdot(q1, x[i].add((b + 1) * BLOCK));
+                    acc0[i] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * *xd[i].add(b)), p0, acc0[i]);
+                    acc1[i] = _mm256_fmadd_ps(_mm256_set1_ps(d1 * *xd[i].add(b + 1)), p1, acc1[i]);
+                    off0[i] += o0 * *xs[i].add(b);
+                    off1[i] += o1 * *xs[i].add(b + 1);
+                }
+                b += 2;
+            }
+            if b < $nb {
+                let (q0, d0, o0) = $decode(p.add(b * $bytes));
+                for i in 0..$n {
+                    let p0 = qdot(q0, x[i].add(b * BLOCK));
+                    acc0[i] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * *xd[i].add(b)), p0, acc0[i]);
+                    off0[i] += o0 * *xs[i].add(b);
+                }
+            }
+            let lanes = $lanes;
+            let out: [f32; $n] = std::array::from_fn(|i| {
+                hsum(_mm256_mul_ps(_mm256_add_ps(acc0[i], acc1[i]), lanes)) + (off0[i] + off1[i])
+            });
+            out
+        }};
+    }
+
+    /// One weight row in block format `f` against 2 or 4 activation rows (`acts.len()`); `None`
+    /// for formats or counts without a multi-row kernel.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_multi(
+        f: WeightFormat,
+        p: *const u8,
+        nb: usize,
+        acts: &[Acts<'_>],
+    ) -> Option<[f32; 4]> {
+        macro_rules! run {
+            ($split:expr, $lanes:expr, $bytes:expr, $decode:expr) => {
+                match acts.len() {
+                    4 => block_dot_n!(4, p, nb, acts, $split, $lanes, $bytes, $decode),
+                    2 => {
+                        let [a, b] = block_dot_n!(2, p, nb, acts, $split, $lanes, $bytes, $decode);
+                        [a, b, 0.0, 0.0]
+                    }
+                    _ => return None,
+                }
+            };
+        }
+        Some(match f {
+            WeightFormat::Q4_0 => run!(true, split_lanes(), 18, |blk: *const u8| {
+                let d = f16_one(blk);
+                (nibbles_split(blk.add(2)), d, -8.0 * d)
+            }),
+            WeightFormat::Q4_1 => run!(true, split_lanes(), 20, |blk: *const u8| {
+                let (d, m) = f16_pair(blk);
+                (nibbles_split(blk.add(4)), d, m)
+            }),
+            WeightFormat::Q5_0 => run!(true, split_lanes(), 22, |blk: *const u8| {
+                let d = f16_one(blk);
+                (
+                    or(nibbles_split(blk.add(6)), high_bits_split(blk.add(2))),
+                    d,
+                    -16.0 * d,
+                )
+            }),
+            WeightFormat::Q8_0 => run!(false, _mm256_set1_ps(1.0), 34, |blk: *const u8| {
+                let w = Quants(
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(2).cast())),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(18).cast())),
+                );
+                (w, f16_one(blk), 0.0f32)
+            }),
+            _ => return None,
+        })
+    }
+
+    /// `out[i·stride + r] (+)= W[r]·x_i` for the rows in `rows` and the 2 or 4 activation rows
+    /// in `acts`; false (nothing written) when the format or count has no multi-row kernel.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows_multi(
+        rows: Rows<'_>,
+        cols: usize,
+        acts: &[Acts<'_>],
+        out: *mut f32,
+        stride: usize,
+        add: bool,
+    ) -> bool {
+        let Rows::Blocks(format, data) = rows else {
+            return false;
+        };
+        if !matches!(acts.len(), 2 | 4) || format.block_size() != BLOCK {
+            return false;
+        }
+        let rb = format.row_bytes(cols);
+        let nb = cols / BLOCK;
+        for r in 0..data.len() / rb {
+            let Some(v) = dot_multi(format, data.as_ptr().add(r * rb), nb, acts) else {
+                return false;
+            };
+            for (i, v) in v.iter().take(acts.len()).enumerate() {
+                put(&mut *out.add(i * stride + r), *v, add);
+            }
+        }
+        true
     }
 
     /// Lane weights undoing [`nibbles_split`]'s factor 16 on the upper half.

@@ -467,22 +467,40 @@ pub fn gemv(tasks: &mut [GemvTask<'_>], x: &[f32], acts: &mut QuantizedActs) {
             } else {
                 (8192 / t.weight.format().row_bytes(cols).max(1)).max(4)
             };
+            let row_acts = |i: usize| {
+                if quantized {
+                    acts.row(i, cols)
+                } else {
+                    Acts::default()
+                }
+            };
             for c0 in (lo..hi).step_by(chunk) {
                 let (r0, r1) = (c0 - base, (c0 + chunk).min(hi) - base);
-                for i in 0..n {
+                let w = t.weight.rows_ref(r0, r1);
+                let mut i = 0;
+                while i < n {
+                    // Four or two activation rows per pass where a multi-row kernel exists.
+                    let m = if n - i >= 4 { 4 } else { 2 };
+                    if n - i >= 2 && quantized {
+                        let group: [Acts<'_>; 4] =
+                            std::array::from_fn(|k| row_acts(i + k.min(m - 1)));
+                        // SAFETY: as below, for the output rows i..i + m.
+                        let base_out = unsafe { t.out.get().add(i * rows + r0) };
+                        if unsafe {
+                            dot::dot_rows_multi(w, cols, &group[..m], base_out, rows, t.add)
+                        } {
+                            i += m;
+                            continue;
+                        }
+                    }
                     // SAFETY: rows r0..r1 of every output row of this task belong to this part
                     // alone; the slice lives as long as the task's borrow, which outlives the
                     // job.
                     let out = unsafe {
                         std::slice::from_raw_parts_mut(t.out.get().add(i * rows + r0), r1 - r0)
                     };
-                    let a = if quantized {
-                        acts.row(i, cols)
-                    } else {
-                        Acts::default()
-                    };
-                    let xi = &x[i * cols..(i + 1) * cols];
-                    dot_rows(t.weight.rows_ref(r0, r1), xi, a, out, t.add);
+                    dot_rows(w, &x[i * cols..(i + 1) * cols], row_acts(i), out, t.add);
+                    i += 1;
                 }
             }
             base += rows;
