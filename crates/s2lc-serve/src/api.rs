@@ -671,8 +671,31 @@ fn prepare(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Job, ApiE
         _ => text.as_str(),
     };
     // Cheap checks first: routing may embed the prompt.
-    let morph = morph_weights(req.morph.as_ref())?;
-    let (spec, route) = choose_adapter(s, spec, req.route.as_ref(), query)?;
+    let auto_morph = req.morph.as_ref().and_then(Value::as_str) == Some("auto");
+    let mut morph = if auto_morph {
+        Vec::new()
+    } else {
+        morph_weights(req.morph.as_ref())?
+    };
+    let (spec, mut route) = choose_adapter(s, spec, req.route.as_ref(), query)?;
+    if auto_morph {
+        if spec.is_none() {
+            return Err(ApiError::bad(
+                "morph 'auto' needs an adapter that names a pack (adapter or model base:pack@version)",
+            ));
+        }
+        let router = s
+            .router
+            .as_ref()
+            .ok_or_else(|| ApiError::bad("morph 'auto' needs a server started with --router"))?;
+        let (weights, scores) = router
+            .morph(query, MORPH_TEMPERATURE)
+            .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
+        let scores: serde_json::Map<String, Value> =
+            scores.into_iter().map(|(m, v)| (m, json!(v))).collect();
+        route = Some(json!({"by": "embedding", "morph": "auto", "scores": scores}));
+        morph = weights;
+    }
     if !morph.is_empty() && spec.is_none() {
         return Err(ApiError::bad(
             "morph needs an adapter that names a pack (adapter or model base:pack@version)",
@@ -714,7 +737,15 @@ fn prepare(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Job, ApiE
         key,
         cache,
         route,
-        morph: req.morph.filter(|_| !morph.is_empty()),
+        // Router-chosen weights are tenths; shown as such, not as their f32 approximations.
+        morph: if auto_morph {
+            let tenths = |w: f32| json!((f64::from(w) * 10.0).round() / 10.0);
+            Some(Value::Object(
+                morph.iter().map(|(m, w)| (m.clone(), tenths(*w))).collect(),
+            ))
+        } else {
+            req.morph.filter(|_| !morph.is_empty())
+        },
         _permit: permit,
     })
 }
@@ -788,6 +819,10 @@ fn choose_adapter(
     }
 }
 
+/// Temperature of router-chosen morph weights (`"morph": "auto"`), in cosine-score units: a
+/// route 0.05 behind the best gets e⁻¹ of its weight.
+const MORPH_TEMPERATURE: f32 = 0.05;
+
 /// Morph weights from the request: an object of finite numbers summing to a positive number,
 /// sorted by member (so equal blends share one cache entry). Absent or `null`: none.
 fn morph_weights(morph: Option<&Value>) -> Result<Vec<(String, f32)>, ApiError> {
@@ -796,7 +831,7 @@ fn morph_weights(morph: Option<&Value>) -> Result<Vec<(String, f32)>, ApiError> 
         Some(Value::Object(o)) if !o.is_empty() => o,
         Some(other) => {
             return Err(ApiError::bad(format!(
-                "morph must be a non-empty object of member weights, not {other}"
+                "morph must be a non-empty object of member weights or \"auto\", not {other}"
             )))
         }
     };

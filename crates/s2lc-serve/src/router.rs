@@ -58,6 +58,48 @@ impl SemanticRouter {
         let d = self.table.decide(&self.encoder.embed(text)?);
         Ok((self.table.routes[d.index].adapter.as_str(), d))
     }
+
+    /// Morph weights for `text` over the routes' adapters (each named without its version
+    /// requirement, as a pack member): `exp((s_i − s_max)/τ)` of the cosine scores `s_i`,
+    /// normalized, rounded to tenths (so similar prompts share one cached blend) and without the
+    /// zeros. Returns the weights and every route's score.
+    pub fn morph(
+        &self,
+        text: &str,
+        temperature: f32,
+    ) -> Result<(MemberWeights, MemberWeights), RouterError> {
+        let embedding = self.encoder.embed(text)?;
+        let scores: Vec<(String, f32)> = self
+            .table
+            .routes
+            .iter()
+            .map(|r| {
+                let name = r.adapter.split('@').next().unwrap_or(&r.adapter);
+                let score = r.centroid.iter().zip(&embedding).map(|(a, b)| a * b).sum();
+                (name.to_string(), score)
+            })
+            .collect();
+        Ok((morph_from_scores(&scores, temperature), scores))
+    }
+}
+
+/// A value per pack member (or route), by name.
+pub type MemberWeights = Vec<(String, f32)>;
+
+/// The blend [`SemanticRouter::morph`] makes of route scores (sorted by name).
+pub fn morph_from_scores(scores: &[(String, f32)], temperature: f32) -> MemberWeights {
+    let max = scores.iter().map(|s| s.1).fold(f32::NEG_INFINITY, f32::max);
+    let t = temperature.max(1e-6);
+    let raw: Vec<f32> = scores.iter().map(|s| ((s.1 - max) / t).exp()).collect();
+    let total: f32 = raw.iter().sum();
+    let mut weights: Vec<(String, f32)> = scores
+        .iter()
+        .zip(&raw)
+        .map(|(s, w)| (s.0.clone(), (10.0 * w / total).round() / 10.0))
+        .filter(|(_, w)| *w > 0.0)
+        .collect();
+    weights.sort_by(|a, b| a.0.cmp(&b.0));
+    weights
 }
 
 /// Why routing failed.
@@ -259,6 +301,26 @@ impl RouteTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn router_morphs_weigh_the_nearer_routes_in_tenths() {
+        let scores = |v: &[(&str, f32)]| -> Vec<(String, f32)> {
+            v.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+        };
+        // A clear winner takes everything; a near tie splits; far routes vanish.
+        let w = morph_from_scores(&scores(&[("python", 0.6), ("linux", 0.3)]), 0.05);
+        assert_eq!(w, vec![("python".to_string(), 1.0)]);
+        let w = morph_from_scores(
+            &scores(&[("python", 0.50), ("linux", 0.48), ("milton", 0.1)]),
+            0.05,
+        );
+        assert_eq!(
+            w,
+            vec![("linux".to_string(), 0.4), ("python".to_string(), 0.6)]
+        );
+        let sum: f32 = w.iter().map(|x| x.1).sum();
+        assert!((sum - 1.0).abs() < 1e-6);
+    }
 
     #[test]
     fn pieces_are_whole_words_and_spread() {

@@ -631,7 +631,8 @@ fn warm_adapters_keep_serving_when_the_store_goes_away() {
 
 /// The Context Router on the real encoder and texts: centroids built from two domains' training
 /// text, accuracy measured on their held-out paragraphs, and a server with `--router` sends a
-/// request for the adapter `auto` to the adapter its prompt is nearest to.
+/// request for the adapter `auto` to the adapter its prompt is nearest to, and blends a pack's
+/// members by the prompt's similarity for `"morph": "auto"`.
 #[test]
 fn the_router_sends_auto_requests_to_the_nearest_domain() {
     let Some(model) = smollm2() else { return };
@@ -682,6 +683,28 @@ fn the_router_sends_auto_requests_to_the_nearest_domain() {
     for name in ["python-docs@1.0.0", "linux-docs@1.0.0"] {
         push(&store, &model, &fixture("alice-r4"), name, None);
     }
+    // A pack whose members are named like the routes: copies of the alice fixtures.
+    let mut members = Vec::new();
+    for (name, src) in [("python-docs", "alice-r4"), ("linux-docs", "alice-r4-e90")] {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in std::fs::read_dir(fixture(src)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+        }
+        members.push(d.to_str().unwrap().to_string());
+    }
+    let pack = dir.join("docs-pack");
+    let o = s2lc(&[
+        "adapters",
+        "pack",
+        &members[0],
+        &members[1],
+        "-o",
+        pack.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    push(&store, &model, &pack, "docs@1.0.0", None);
     let server = start(&[
         "--store",
         store.to_str().unwrap(),
@@ -700,6 +723,29 @@ fn the_router_sends_auto_requests_to_the_nearest_domain() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["s2lc"]["route"]["by"], "embedding", "{v}");
     assert_eq!(v["s2lc"]["adapter"], "python-docs@1.0.0", "{v}");
+
+    // `"morph": "auto"`: the router weighs the pack's members (named like the routes) by the
+    // prompt's similarity to each; the nearer domain gets the larger share.
+    let (status, v) = post(
+        &server.addr,
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 2, "adapter": "docs@1.0.0", "morph": "auto"}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["s2lc"]["route"]["morph"], "auto", "{v}");
+    let scores = &v["s2lc"]["route"]["scores"];
+    assert!(
+        scores["python-docs"].as_f64() > scores["linux-docs"].as_f64(),
+        "{v}"
+    );
+    let w = &v["s2lc"]["morph"];
+    eprintln!("router morph of a Python prompt: {w}, scores {scores}");
+    let share = |m: &str| w[m].as_f64().unwrap_or(0.0);
+    assert!(share("python-docs") > share("linux-docs"), "{v}");
+    assert!(
+        (share("python-docs") + share("linux-docs") - 1.0).abs() < 1e-9,
+        "{v}"
+    );
     drop(server);
     // Without a router, `auto` is refused with the reason.
     let server = start(&["--store", store.to_str().unwrap(), "--model-id", "smollm2"]);
@@ -711,6 +757,24 @@ fn the_router_sends_auto_requests_to_the_nearest_domain() {
         ),
         400,
         "needs a server started with --router",
+    );
+    assert_error(
+        post(
+            &server.addr,
+            "/v1/completions",
+            &json!({"prompt": "x", "adapter": "docs@1.0.0", "morph": "auto"}),
+        ),
+        400,
+        "morph 'auto' needs a server started with --router",
+    );
+    assert_error(
+        post(
+            &server.addr,
+            "/v1/completions",
+            &json!({"prompt": "x", "morph": "auto"}),
+        ),
+        400,
+        "morph 'auto' needs an adapter that names a pack",
     );
     drop(server);
     std::fs::remove_dir_all(&dir).ok();
