@@ -688,29 +688,11 @@ pub(crate) mod avx2 {
             };
         }
         Some(match f {
-            WeightFormat::Q4_0 => run!(true, split_lanes(), 18, |blk: *const u8| {
-                let d = f16_one(blk);
-                (nibbles_split(blk.add(2)), d, -8.0 * d)
-            }),
-            WeightFormat::Q4_1 => run!(true, split_lanes(), 20, |blk: *const u8| {
-                let (d, m) = f16_pair(blk);
-                (nibbles_split(blk.add(4)), d, m)
-            }),
-            WeightFormat::Q5_0 => run!(true, split_lanes(), 22, |blk: *const u8| {
-                let d = f16_one(blk);
-                (
-                    or(nibbles_split(blk.add(6)), high_bits_split(blk.add(2))),
-                    d,
-                    -16.0 * d,
-                )
-            }),
-            WeightFormat::Q8_0 => run!(false, _mm256_set1_ps(1.0), 34, |blk: *const u8| {
-                let w = Quants(
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(2).cast())),
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(18).cast())),
-                );
-                (w, f16_one(blk), 0.0f32)
-            }),
+            WeightFormat::Q4_0 => run!(true, split_lanes(), 18, q4_0_block),
+            WeightFormat::Q4_1 => run!(true, split_lanes(), 20, q4_1_block),
+            WeightFormat::Q5_0 => run!(true, split_lanes(), 22, q5_0_block),
+            WeightFormat::Q5_1 => run!(true, split_lanes(), 24, q5_1_block),
+            WeightFormat::Q8_0 => run!(false, _mm256_set1_ps(1.0), 34, q8_0_block),
             _ => return None,
         })
     }
@@ -745,6 +727,54 @@ pub(crate) mod avx2 {
         true
     }
 
+    /// Q4_0 block at `blk`: quants in split order, `d`, and the offset `−8·d`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_0_block(blk: *const u8) -> (Quants, f32, f32) {
+        let d = f16_one(blk);
+        (nibbles_split(blk.add(2)), d, -8.0 * d)
+    }
+
+    /// Q4_1 block: quants in split order, `d`, and the minimum `m`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1_block(blk: *const u8) -> (Quants, f32, f32) {
+        let (d, m) = f16_pair(blk);
+        (nibbles_split(blk.add(4)), d, m)
+    }
+
+    /// Q5_0 block: 5-bit quants in split order, `d`, and the offset `−16·d`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_0_block(blk: *const u8) -> (Quants, f32, f32) {
+        let d = f16_one(blk);
+        let q = or(nibbles_split(blk.add(6)), high_bits_split(blk.add(2)));
+        (q, d, -16.0 * d)
+    }
+
+    /// Q5_1 block: 5-bit quants in split order, `d`, and the minimum `m`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_1_block(blk: *const u8) -> (Quants, f32, f32) {
+        let (d, m) = f16_pair(blk);
+        (
+            or(nibbles_split(blk.add(8)), high_bits_split(blk.add(4))),
+            d,
+            m,
+        )
+    }
+
+    /// Q8_0 block: quants in element order, `d`, no offset.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_block(blk: *const u8) -> (Quants, f32, f32) {
+        let w = Quants(
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(2).cast())),
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(18).cast())),
+        );
+        (w, f16_one(blk), 0.0)
+    }
+
     /// Lane weights undoing [`nibbles_split`]'s factor 16 on the upper half.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -754,34 +784,12 @@ pub(crate) mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q4_0(p: *const u8, nb: usize, _x: &[f32], a: Acts<'_>) -> f32 {
-        block_dot!(
-            p,
-            nb,
-            a,
-            a.split.as_ptr(),
-            split_lanes(),
-            18,
-            |blk: *const u8| {
-                let d = f16_one(blk);
-                (nibbles_split(blk.add(2)), d, -8.0 * d)
-            }
-        )
+        block_dot!(p, nb, a, a.split.as_ptr(), split_lanes(), 18, q4_0_block)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q4_1(p: *const u8, nb: usize, _x: &[f32], a: Acts<'_>) -> f32 {
-        block_dot!(
-            p,
-            nb,
-            a,
-            a.split.as_ptr(),
-            split_lanes(),
-            20,
-            |blk: *const u8| {
-                let (d, m) = f16_pair(blk);
-                (nibbles_split(blk.add(4)), d, m)
-            }
-        )
+        block_dot!(p, nb, a, a.split.as_ptr(), split_lanes(), 20, q4_1_block)
     }
 
     /// Q4_K (see `dot_q4_k_scalar`): the 32 bytes of a 64-element group are loaded once; as
@@ -944,61 +952,17 @@ pub(crate) mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q5_0(p: *const u8, nb: usize, _x: &[f32], a: Acts<'_>) -> f32 {
-        block_dot!(
-            p,
-            nb,
-            a,
-            a.split.as_ptr(),
-            split_lanes(),
-            22,
-            |blk: *const u8| {
-                let d = f16_one(blk);
-                (
-                    or(nibbles_split(blk.add(6)), high_bits_split(blk.add(2))),
-                    d,
-                    -16.0 * d,
-                )
-            }
-        )
+        block_dot!(p, nb, a, a.split.as_ptr(), split_lanes(), 22, q5_0_block)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q5_1(p: *const u8, nb: usize, _x: &[f32], a: Acts<'_>) -> f32 {
-        block_dot!(
-            p,
-            nb,
-            a,
-            a.split.as_ptr(),
-            split_lanes(),
-            24,
-            |blk: *const u8| {
-                let (d, m) = f16_pair(blk);
-                (
-                    or(nibbles_split(blk.add(8)), high_bits_split(blk.add(4))),
-                    d,
-                    m,
-                )
-            }
-        )
+        block_dot!(p, nb, a, a.split.as_ptr(), split_lanes(), 24, q5_1_block)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q8_0(p: *const u8, nb: usize, _x: &[f32], a: Acts<'_>) -> f32 {
-        block_dot!(
-            p,
-            nb,
-            a,
-            a.qs.as_ptr(),
-            _mm256_set1_ps(1.0),
-            34,
-            |blk: *const u8| {
-                let w = Quants(
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(2).cast())),
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(18).cast())),
-                );
-                (w, f16_one(blk), 0.0f32)
-            }
-        )
+        block_dot!(p, nb, a, a.qs.as_ptr(), _mm256_set1_ps(1.0), 34, q8_0_block)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
