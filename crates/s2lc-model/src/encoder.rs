@@ -58,13 +58,13 @@ fn matmul_nt(x: &[f32], b: &[f32], n: usize, k: usize, m: usize, y: &mut Vec<f32
 }
 
 impl Dense {
-    fn forward(&self, x: &[f32], n: usize, y: &mut Vec<f32>) {
+    /// `y = x·Wᵀ + b`; a low-rank layer goes through `mid` (`n × rank`, reused scratch).
+    fn forward(&self, x: &[f32], n: usize, y: &mut Vec<f32>, mid: &mut Vec<f32>) {
         match &self.low_rank {
             None => matmul_nt(x, &self.w, n, self.inp, self.out, y),
             Some(f) => {
-                let mut t = Vec::new();
-                matmul_nt(x, &f.vs, n, self.inp, f.rank, &mut t);
-                matmul_nt(&t, &f.u, n, f.rank, self.out, y);
+                matmul_nt(x, &f.vs, n, self.inp, f.rank, mid);
+                matmul_nt(mid, &f.u, n, f.rank, self.out, y);
             }
         }
         for row in y.chunks_exact_mut(self.out) {
@@ -331,9 +331,9 @@ impl SentenceEncoder {
             }
         };
         seen(0, x);
-        layer.q.forward(x, n, &mut s.q);
-        layer.k.forward(x, n, &mut s.k);
-        layer.v.forward(x, n, &mut s.v);
+        layer.q.forward(x, n, &mut s.q, &mut s.mid);
+        layer.k.forward(x, n, &mut s.k, &mut s.mid);
+        layer.v.forward(x, n, &mut s.v, &mut s.mid);
         let hd = d / self.heads;
         let scale = 1.0 / (hd as f32).sqrt();
         s.scores.resize(n * n, 0.0);
@@ -364,16 +364,16 @@ impl SentenceEncoder {
             );
         }
         seen(1, &s.ctx);
-        layer.attn_out.forward(&s.ctx, n, &mut s.tmp);
+        layer.attn_out.forward(&s.ctx, n, &mut s.tmp, &mut s.mid);
         for (t, xv) in s.tmp.iter_mut().zip(x.iter()) {
             *t += xv;
         }
         layer.attn_norm.apply(&mut s.tmp);
         seen(2, &s.tmp);
-        layer.up.forward(&s.tmp, n, &mut s.up);
+        layer.up.forward(&s.tmp, n, &mut s.up, &mut s.mid);
         gelu(&mut s.up);
         seen(3, &s.up);
-        layer.down.forward(&s.up, n, x);
+        layer.down.forward(&s.up, n, x, &mut s.mid);
         for (xv, t) in x.iter_mut().zip(&s.tmp) {
             *xv += t;
         }
@@ -404,6 +404,8 @@ struct Scratch {
     tmp: Vec<f32>,
     up: Vec<f32>,
     scores: Vec<f32>,
+    /// The `n × rank` intermediate of a low-rank layer.
+    mid: Vec<f32>,
 }
 
 /// The six linears of a layer in [`Layer::linears`] order: their names under
@@ -684,15 +686,15 @@ mod tests {
         assert_eq!((low.params(), dense.params()), (24, 35));
         let x: Vec<f32> = (0..n * inp).map(|i| val(i + 5)).collect();
         let (mut y1, mut y2) = (Vec::new(), Vec::new());
-        low.forward(&x, n, &mut y1);
-        dense.forward(&x, n, &mut y2);
+        low.forward(&x, n, &mut y1, &mut Vec::new());
+        dense.forward(&x, n, &mut y2, &mut Vec::new());
         assert_eq!(y1.len(), n * out);
         for (a, b) in y1.iter().zip(&y2) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
         low.low_rank = None;
         low.w = dense.w.clone();
-        low.forward(&x, n, &mut y1);
+        low.forward(&x, n, &mut y1, &mut Vec::new());
         assert_eq!(y1, y2);
     }
 }
