@@ -23,6 +23,38 @@ pub enum RouterCommand {
     Build(BuildArgs),
     /// Routing accuracy on held-out paragraphs (the last `heldout` of each text).
     Eval(EvalArgs),
+    /// Perplexity of held-out paragraphs of every domain under the router's per-paragraph blend
+    /// of a pack's members (`"morph": "auto"` in the server), against the base, each member
+    /// alone and an equal blend. Routes must be named like the pack's members.
+    Morph(MorphEvalArgs),
+}
+
+/// `s2lc router morph`.
+#[derive(Args)]
+pub struct MorphEvalArgs {
+    /// A table from `s2lc router build`.
+    table: PathBuf,
+    /// An S2LC pack (`s2lc adapters pack`) whose members are named like the routes.
+    pack: PathBuf,
+    #[command(flatten)]
+    text: RouterText,
+    #[command(flatten)]
+    model: crate::ModelArg,
+    /// Weight storage of the base model.
+    #[arg(long, default_value = "native", value_parser = crate::parse_weights)]
+    weights: s2lc_model::source::WeightStorage,
+    /// Characters per held-out paragraph.
+    #[arg(long, default_value_t = 1000)]
+    chars: usize,
+    /// Paragraphs per domain.
+    #[arg(long, default_value_t = 12)]
+    pieces: usize,
+    /// Temperature of the router's weights, in cosine-score units (the server uses 0.05).
+    #[arg(long, default_value_t = 0.05)]
+    temperature: f32,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 /// Options shared by build and eval.
@@ -130,6 +162,7 @@ pub fn run(cmd: &RouterCommand) -> Result<()> {
     match cmd {
         RouterCommand::Build(args) => build(args),
         RouterCommand::Eval(args) => eval(args),
+        RouterCommand::Morph(args) => morph_eval(args),
     }
 }
 
@@ -203,6 +236,131 @@ fn eval(args: &EvalArgs) -> Result<()> {
             path,
             &json!({"routes": names, "chars": args.chars, "heldout": args.text.heldout,
             "accuracy": right as f64 / total.max(1) as f64, "domains": rows}),
+        )?;
+    }
+    Ok(())
+}
+
+/// Summed NLL and predictions of each paragraph under one adapter (or the base), attached for
+/// the call and detached after.
+fn score_paragraphs(
+    model: &mut s2lc_model::llama::LlamaModel,
+    paragraphs: &[Vec<u32>],
+    adapter: impl Fn(usize) -> Result<Option<s2lc_model::lora::LoraAdapter>>,
+) -> Result<(f64, usize)> {
+    let (mut nll, mut n) = (0.0, 0);
+    for (i, tokens) in paragraphs.iter().enumerate() {
+        if let Some(a) = adapter(i)? {
+            model.attach_adapter(&a)?;
+        }
+        let r = s2lc_model::eval::perplexity(model, tokens, tokens.len(), tokens.len(), |_, _| {});
+        model.detach_adapters();
+        let r = r?;
+        nll += r.window_nll.iter().sum::<f64>();
+        n += r.predictions;
+    }
+    Ok((nll, n))
+}
+
+fn morph_eval(args: &MorphEvalArgs) -> Result<()> {
+    let (enc, _) = args.text.encoder()?;
+    let router = s2lc_serve::SemanticRouter {
+        table: RouteTable::load(&args.table, enc.dim()).context("reading the route table")?,
+        encoder: enc,
+    };
+    let set = s2lc_adapters::format::load(&args.pack)
+        .with_context(|| format!("reading the pack {}", args.pack.display()))?;
+    let members: Vec<String> = set.members.iter().map(|m| m.name.clone()).collect();
+    let texts = args.text.texts()?;
+    let held = held_out(&texts, args.chars, args.pieces);
+    let (_source, mut model, tokenizer) = crate::load_model(&args.model.path(), args.weights)?;
+    // Every paragraph of every domain, with its domain's index.
+    let mut paragraphs = Vec::new();
+    let mut blends = Vec::new();
+    for (d, ps) in held.iter().enumerate() {
+        for p in ps {
+            let tokens = tokenizer
+                .encode(p, false)
+                .context("tokenizing a paragraph")?;
+            let (weights, _) = router
+                .morph(p, args.temperature)
+                .context("routing a paragraph")?;
+            if let Some((m, _)) = weights.iter().find(|(m, _)| !members.contains(m)) {
+                bail!(
+                    "the route '{m}' is not a member of the pack (members: {})",
+                    members.join(", ")
+                );
+            }
+            paragraphs.push((d, tokens));
+            blends.push(weights);
+        }
+    }
+    let tokens: Vec<Vec<u32>> = paragraphs.iter().map(|(_, t)| t.clone()).collect();
+    let morph = |w: &[(String, f32)]| -> Result<Option<s2lc_model::lora::LoraAdapter>> {
+        let w: Vec<(&str, f32)> = w.iter().map(|(m, x)| (m.as_str(), *x)).collect();
+        Ok(Some(set.morph_lora("blend", &w).context("morphing")?))
+    };
+    let mut rows: Vec<(String, f64, usize)> = Vec::new();
+    let t = std::time::Instant::now();
+    let (nll, n) = score_paragraphs(&mut model, &tokens, |_| Ok(None))?;
+    rows.push(("base".into(), nll, n));
+    for m in &members {
+        let a = set.unpack_lora(m).context("unpacking")?;
+        let (nll, n) = score_paragraphs(&mut model, &tokens, |_| Ok(Some(a.clone())))?;
+        rows.push((format!("{m} alone"), nll, n));
+    }
+    // Morph weights are not normalized (1 + 1 sums two adapters): an equal blend is 1/k each.
+    let share = 1.0 / members.len().max(1) as f32;
+    let equal: Vec<(String, f32)> = members.iter().map(|m| (m.clone(), share)).collect();
+    let equal_blend = morph(&equal)?;
+    let (nll, n) = score_paragraphs(&mut model, &tokens, |_| Ok(equal_blend.clone()))?;
+    rows.push(("equal blend".into(), nll, n));
+    // The domain's own member for every paragraph: what a perfect router would pick.
+    let own: Vec<Option<s2lc_model::lora::LoraAdapter>> = texts
+        .iter()
+        .map(|(a, _, _)| {
+            let name = a.split('@').next().unwrap_or(a);
+            set.unpack_lora(name).ok()
+        })
+        .collect();
+    let (nll, n) = score_paragraphs(&mut model, &tokens, |i| Ok(own[paragraphs[i].0].clone()))?;
+    rows.push(("own domain's member".into(), nll, n));
+    let (nll, n) = score_paragraphs(&mut model, &tokens, |i| morph(&blends[i]))?;
+    rows.push(("router blend per paragraph".into(), nll, n));
+    let mixed = blends.iter().filter(|b| b.len() > 1).count();
+    println!(
+        "{} paragraphs of {} characters from {} domains ({} tokens scored), {} blended (the rest one-hot), in {:.1} s\n",
+        paragraphs.len(),
+        args.chars,
+        texts.len(),
+        rows[0].2,
+        mixed,
+        t.elapsed().as_secs_f64()
+    );
+    println!("| adapter | perplexity | vs base |");
+    println!("|---|---|---|");
+    let base = (rows[0].1 / rows[0].2.max(1) as f64).exp();
+    for (name, nll, n) in &rows {
+        let ppl = (nll / (*n).max(1) as f64).exp();
+        println!(
+            "| {name} | {ppl:.3} | {:+.1} % |",
+            100.0 * (ppl / base - 1.0)
+        );
+    }
+    if let Some(path) = &args.json {
+        let out: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(name, nll, n)| json!({"adapter": name, "perplexity": (nll / (*n).max(1) as f64).exp(), "tokens": n}))
+            .collect();
+        let blends: Vec<serde_json::Value> = blends
+            .iter()
+            .zip(&paragraphs)
+            .map(|(b, (d, _))| json!({"domain": texts[*d].0, "weights": b}))
+            .collect();
+        write_json(
+            path,
+            &json!({"chars": args.chars, "temperature": args.temperature, "rows": out,
+                    "blends": blends}),
         )?;
     }
     Ok(())
