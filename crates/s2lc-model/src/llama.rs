@@ -601,21 +601,41 @@ impl LlamaModel {
         if n == 0 {
             return Err(ModelError::EmptyInput("no tokens to run".into()));
         }
-        let p0 = cache.len();
-        self.check_context(p0, n)?;
+        self.check_context(cache.len(), n)?;
+        self.run_seqs(tokens, &mut Seqs::One(cache, adapter), scratch)?;
+        Ok(&scratch.h)
+    }
+
+    /// Runs `tokens` through every block over `seqs` (the next `n` tokens of one sequence, or one
+    /// token per batch row), commits them to the caches, and leaves the final-normed hidden
+    /// states (`n × d`) in `scratch.h`. The caller has checked the context and the adapters.
+    fn run_seqs(
+        &self,
+        tokens: &[u32],
+        seqs: &mut Seqs<'_, '_>,
+        scratch: &mut ForwardScratch,
+    ) -> Result<(), ModelError> {
+        let n = tokens.len();
         let mut x = std::mem::take(&mut scratch.x);
         self.embed(tokens, &mut x)?;
-        self.rope.tables(p0, n, &mut scratch.cos, &mut scratch.sin);
+        let (cos, sin) = (&mut scratch.cos, &mut scratch.sin);
+        match seqs {
+            Seqs::One(cache, _) => self.rope.tables(cache.len(), n, cos, sin),
+            Seqs::Batch(rows) => self
+                .rope
+                .tables_at(rows.iter().map(|r| r.cache.len()), cos, sin),
+        }
         for layer in 0..self.blocks.len() {
-            let seqs = &mut Seqs::One(&mut *cache, adapter);
             self.block_step(layer, &mut x, n, seqs, scratch, None);
         }
-        cache.commit(n);
-        let s = scratch;
-        s.h.resize(x.len(), 0.0);
-        rms_norm(&x, &self.norm, self.cfg.rms_eps, &mut s.h);
-        s.x = x;
-        Ok(&s.h)
+        match seqs {
+            Seqs::One(cache, _) => cache.commit(n),
+            Seqs::Batch(rows) => rows.iter_mut().for_each(|r| r.cache.commit(1)),
+        }
+        scratch.h.resize(x.len(), 0.0);
+        rms_norm(&x, &self.norm, self.cfg.rms_eps, &mut scratch.h);
+        scratch.x = x;
+        Ok(())
     }
 
     fn check_context(&self, p0: usize, n: usize) -> Result<(), ModelError> {
@@ -758,8 +778,7 @@ impl LlamaModel {
         scratch: &mut ForwardScratch,
         out: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        let n = rows.len();
-        if n == 0 {
+        if rows.is_empty() {
             return Err(ModelError::EmptyInput("no sequences to run".into()));
         }
         for row in rows.iter() {
@@ -768,26 +787,14 @@ impl LlamaModel {
                 self.check_adapter(a)?;
             }
         }
-        let mut x = std::mem::take(&mut scratch.x);
-        let tokens = &mut scratch.tokens;
+        // The token buffer is reused across steps; it is out of `scratch` while the step runs.
+        let mut tokens = std::mem::take(&mut scratch.tokens);
         tokens.clear();
         tokens.extend(rows.iter().map(|r| r.token));
-        self.embed(tokens, &mut x)?;
-        self.rope.tables_at(
-            rows.iter().map(|r| r.cache.len()),
-            &mut scratch.cos,
-            &mut scratch.sin,
-        );
-        for layer in 0..self.blocks.len() {
-            self.block_step(layer, &mut x, n, &mut Seqs::Batch(rows), scratch, None);
-        }
-        for row in rows.iter_mut() {
-            row.cache.commit(1);
-        }
+        let run = self.run_seqs(&tokens, &mut Seqs::Batch(rows), scratch);
+        scratch.tokens = tokens;
+        run?;
         let s = scratch;
-        s.h.resize(x.len(), 0.0);
-        rms_norm(&x, &self.norm, self.cfg.rms_eps, &mut s.h);
-        s.x = x;
         let mut lap = Lap::start(&mut s.profile);
         self.head(&s.h, out, &mut s.linear);
         lap.mark(Part::Head);
