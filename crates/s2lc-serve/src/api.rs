@@ -684,10 +684,7 @@ fn prepare(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Job, ApiE
                 "morph 'auto' needs an adapter that names a pack (adapter or model base:pack@version)",
             ));
         }
-        let router = s
-            .router
-            .as_ref()
-            .ok_or_else(|| ApiError::bad("morph 'auto' needs a server started with --router"))?;
+        let router = router_for(s, "morph 'auto'")?;
         let (weights, scores) = router
             .morph(query, MORPH_TEMPERATURE)
             .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
@@ -750,6 +747,13 @@ fn prepare(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Job, ApiE
     })
 }
 
+/// The server's semantic router, or a 400 saying that `what` needs one.
+fn router_for<'a>(s: &'a AppState, what: &str) -> Result<&'a SemanticRouter, ApiError> {
+    s.router
+        .as_ref()
+        .ok_or_else(|| ApiError::bad(format!("{what} needs a server started with --router")))
+}
+
 /// The adapter spec of a request and how it was chosen: named explicitly; by the first tag rule
 /// its `route` tags meet (or, if none does and the server has a router, by embedding); or, for
 /// `auto`, by the embedding of `query`.
@@ -782,10 +786,7 @@ fn choose_adapter(
     };
     // By embedding: for `auto`, or for tags no rule matched (then recorded in the answer).
     let by_embedding = |tags: Option<Value>| -> Result<(Option<String>, Option<Value>), ApiError> {
-        let router = s
-            .router
-            .as_ref()
-            .ok_or_else(|| ApiError::bad("adapter 'auto' needs a server started with --router"))?;
+        let router = router_for(s, "adapter 'auto'")?;
         let (adapter, d) = router
             .route(query)
             .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;

@@ -2,6 +2,7 @@
 //! adapter's training text) and its accuracy on held-out paragraphs of each domain; and
 //! `s2lc bench encoder`: what low-rank compression of the encoder does to both.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -10,6 +11,7 @@ use serde_json::json;
 
 use s2lc_model::compress::{Method, RankPolicy};
 use s2lc_model::encoder::SentenceEncoder;
+use s2lc_model::lora::LoraAdapter;
 use s2lc_model::tokenizer::read_text_file;
 use s2lc_serve::router::{pieces, RouteTable};
 
@@ -243,10 +245,10 @@ fn eval(args: &EvalArgs) -> Result<()> {
 
 /// Summed NLL and predictions of each paragraph under one adapter (or the base), attached for
 /// the call and detached after.
-fn score_paragraphs(
+fn score_paragraphs<'a>(
     model: &mut s2lc_model::llama::LlamaModel,
     paragraphs: &[Vec<u32>],
-    adapter: impl Fn(usize) -> Result<Option<s2lc_model::lora::LoraAdapter>>,
+    adapter: impl Fn(usize) -> Result<Option<Cow<'a, LoraAdapter>>>,
 ) -> Result<(f64, usize)> {
     let (mut nll, mut n) = (0.0, 0);
     for (i, tokens) in paragraphs.iter().enumerate() {
@@ -296,36 +298,50 @@ fn morph_eval(args: &MorphEvalArgs) -> Result<()> {
         }
     }
     let tokens: Vec<Vec<u32>> = paragraphs.iter().map(|(_, t)| t.clone()).collect();
-    let morph = |w: &[(String, f32)]| -> Result<Option<s2lc_model::lora::LoraAdapter>> {
+    let morph = |w: &[(String, f32)]| -> Result<LoraAdapter> {
         let w: Vec<(&str, f32)> = w.iter().map(|(m, x)| (m.as_str(), *x)).collect();
-        Ok(Some(set.morph_lora("blend", &w).context("morphing")?))
+        set.morph_lora("blend", &w).context("morphing")
     };
+    // Each member unpacked once: scored alone, and as its own domain's choice.
+    let unpacked = members
+        .iter()
+        .map(|m| set.unpack_lora(m).with_context(|| format!("unpacking {m}")))
+        .collect::<Result<Vec<_>>>()?;
     let mut rows: Vec<(String, f64, usize)> = Vec::new();
     let t = std::time::Instant::now();
     let (nll, n) = score_paragraphs(&mut model, &tokens, |_| Ok(None))?;
     rows.push(("base".into(), nll, n));
-    for m in &members {
-        let a = set.unpack_lora(m).context("unpacking")?;
-        let (nll, n) = score_paragraphs(&mut model, &tokens, |_| Ok(Some(a.clone())))?;
+    for (m, a) in members.iter().zip(&unpacked) {
+        let (nll, n) = score_paragraphs(&mut model, &tokens, |_| Ok(Some(Cow::Borrowed(a))))?;
         rows.push((format!("{m} alone"), nll, n));
     }
     // Morph weights are not normalized (1 + 1 sums two adapters): an equal blend is 1/k each.
     let share = 1.0 / members.len().max(1) as f32;
     let equal: Vec<(String, f32)> = members.iter().map(|m| (m.clone(), share)).collect();
     let equal_blend = morph(&equal)?;
-    let (nll, n) = score_paragraphs(&mut model, &tokens, |_| Ok(equal_blend.clone()))?;
+    let (nll, n) = score_paragraphs(&mut model, &tokens, |_| {
+        Ok(Some(Cow::Borrowed(&equal_blend)))
+    })?;
     rows.push(("equal blend".into(), nll, n));
     // The domain's own member for every paragraph: what a perfect router would pick.
-    let own: Vec<Option<s2lc_model::lora::LoraAdapter>> = texts
+    let own = texts
         .iter()
         .map(|(a, _, _)| {
             let name = a.split('@').next().unwrap_or(a);
-            set.unpack_lora(name).ok()
+            members
+                .iter()
+                .position(|m| m == name)
+                .map(|i| &unpacked[i])
+                .with_context(|| format!("the domain '{name}' is not a member of the pack"))
         })
-        .collect();
-    let (nll, n) = score_paragraphs(&mut model, &tokens, |i| Ok(own[paragraphs[i].0].clone()))?;
+        .collect::<Result<Vec<_>>>()?;
+    let (nll, n) = score_paragraphs(&mut model, &tokens, |i| {
+        Ok(Some(Cow::Borrowed(own[paragraphs[i].0])))
+    })?;
     rows.push(("own domain's member".into(), nll, n));
-    let (nll, n) = score_paragraphs(&mut model, &tokens, |i| morph(&blends[i]))?;
+    let (nll, n) = score_paragraphs(&mut model, &tokens, |i| {
+        Ok(Some(Cow::Owned(morph(&blends[i])?)))
+    })?;
     rows.push(("router blend per paragraph".into(), nll, n));
     let mixed = blends.iter().filter(|b| b.len() > 1).count();
     println!(
