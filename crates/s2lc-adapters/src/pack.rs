@@ -1,7 +1,8 @@
 //! Packing, adding and unpacking members (see the crate docs for the method).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
@@ -9,10 +10,11 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use s2lc_model::experts::FfnWeights;
+use s2lc_model::llama::LinearInput;
 use s2lc_model::lora::{module_name, LoraAdapter, LoraDelta, TARGETS};
 use s2lc_spectral::{
     factored_svd, fit_shared_basis, rank_for_energy, row_major, sq_frobenius as sq_norm, thin_svd,
-    BlockQuant, QuantBits, Svd, SvdError,
+    BlockQuant, QuantBits, Svd, SvdError, WhitenError, Whitening,
 };
 
 /// Why packing, unpacking or reading a pack failed.
@@ -24,6 +26,16 @@ pub enum PackError {
     /// Reading an adapter or expert failed.
     #[error(transparent)]
     Model(#[from] s2lc_model::ModelError),
+    /// A calibration Gram matrix could not be factored.
+    #[error("whitening layer {layer} {input:?}: {source}")]
+    Whiten {
+        /// The layer.
+        layer: usize,
+        /// Which input of the layer.
+        input: LinearInput,
+        /// What failed.
+        source: WhitenError,
+    },
     /// The members or parameters are inconsistent.
     #[error("{0}")]
     Invalid(String),
@@ -247,6 +259,11 @@ pub struct PackParams {
     pub block: usize,
     /// Share of each core's energy its dropped blocks may hold.
     pub drop_energy: f64,
+    /// Activation-aware: energies, bases and cores were measured on `ΔW·L` (`L·Lᵀ` the Gram
+    /// matrix of the matrix's calibration inputs), so what is kept is what moves the outputs
+    /// most; the stored bases are mapped back and unpack is unchanged ([`pack_whitened`]).
+    #[serde(default)]
+    pub whitened: bool,
 }
 
 impl Default for PackParams {
@@ -258,7 +275,84 @@ impl Default for PackParams {
             basis_bits: QuantBits::Int8,
             block: 32,
             drop_energy: 0.0,
+            whitened: false,
         }
+    }
+}
+
+/// Per (layer, input kind), the whitening of a base model's calibration inputs: what
+/// [`pack_whitened`] measures deltas by (`‖ΔW·L‖` is the output change `‖X·ΔWᵀ‖` on those
+/// inputs).
+#[derive(Debug, Clone, Default)]
+pub struct InputWhitening(HashMap<(usize, LinearInput), Arc<Whitening>>);
+
+impl InputWhitening {
+    /// Factors every Gram matrix `XᵀX` (as `s2lc_model::compress::input_grams` collects them).
+    pub fn from_grams(grams: &HashMap<(usize, LinearInput), Mat<f32>>) -> Result<Self, PackError> {
+        grams
+            .par_iter()
+            .map(|(&(layer, input), g)| {
+                let g64 = Mat::from_fn(g.nrows(), g.ncols(), |i, j| g[(i, j)] as f64);
+                Whitening::from_gram(g64.as_ref())
+                    .map(|w| ((layer, input), Arc::new(w)))
+                    .map_err(|source| PackError::Whiten {
+                        layer,
+                        input,
+                        source,
+                    })
+            })
+            .collect::<Result<_, _>>()
+            .map(InputWhitening)
+    }
+
+    /// The whitening of the input of `key`'s matrix.
+    fn of(&self, key: ModuleKey) -> Result<&Whitening, PackError> {
+        LinearInput::of(TARGETS[key.target])
+            .and_then(|input| self.0.get(&(key.layer, input)))
+            .map(Arc::as_ref)
+            .ok_or_else(|| {
+                PackError::Invalid(format!(
+                    "{}: no calibration inputs for this matrix",
+                    key.name()
+                ))
+            })
+    }
+
+    /// `member` with every delta replaced by the thin SVD of `ΔW·L`, checked against `L`'s width.
+    fn whiten(&self, member: &Member) -> Result<Member, PackError> {
+        let deltas = member
+            .deltas
+            .par_iter()
+            .map(|(&key, d)| {
+                let w = self.of(key)?;
+                let (rows, cols) = d.shape();
+                if cols != w.dim() {
+                    return Err(PackError::Invalid(format!(
+                        "{}: member '{}' has {cols} inputs but the calibration has {}",
+                        key.name(),
+                        member.name,
+                        w.dim()
+                    )));
+                }
+                let svd = match d {
+                    Delta::Factors { b, a } => {
+                        factored_svd(b.as_ref(), w.whiten(a.as_ref()).as_ref())?
+                    }
+                    Delta::Dense(m) => thin_svd(w.whiten(m.as_ref()).as_ref())?,
+                    Delta::Svd { svd, .. } => factored_svd(
+                        scale_cols(svd.u.as_ref(), &svd.s).as_ref(),
+                        w.whiten(svd.v.transpose()).as_ref(),
+                    )?,
+                };
+                debug_assert_eq!(svd.u.nrows(), rows);
+                let stored = d.stored_values();
+                Ok((key, Delta::Svd { svd, stored }))
+            })
+            .collect::<Result<_, PackError>>()?;
+        Ok(Member {
+            name: member.name.clone(),
+            deltas,
+        })
     }
 }
 
@@ -494,12 +588,16 @@ fn scale_cols(u: MatRef<'_, f32>, s: &[f32]) -> Mat<f32> {
 /// Projects a member's truncated delta onto dequantized bases `(u, v)`: its core, plus (with
 /// `allow_extra`, for members added after the bases were fitted) an orthogonal residual when the
 /// projection keeps less than `energy` of the truncated delta.
+///
+/// With `whitening`, `svd` and `v` are in whitened input coordinates (`ΔW·L`, `Lᵀ·V`), and the
+/// residual's input factor is mapped back (`·L⁻¹`) before it is stored.
 fn project(
     u: MatRef<'_, f32>,
     v: MatRef<'_, f32>,
     svd: &Svd,
     params: &PackParams,
     allow_extra: bool,
+    whitening: Option<&Whitening>,
 ) -> Result<PackedCore, SvdError> {
     let p_fac = scale_cols(svd.u.as_ref(), &svd.s); // rows × k
     let core = (u.transpose() * &p_fac) * (svd.v.transpose() * v); // p × q
@@ -537,7 +635,11 @@ fn project(
             r += 1;
         }
         let eb = scale_cols(residual.u.subcols(0, r), &residual.s[..r]);
-        let ea = residual.v.subcols(0, r).transpose().to_owned();
+        let ev = residual.v.subcols(0, r);
+        let ea = match whitening {
+            Some(w) => w.unwhiten_basis(ev).transpose().to_owned(),
+            None => ev.transpose().to_owned(),
+        };
         let q = |m: MatRef<'_, f32>| QMat::new(m, params.block, params.bits, 0.0);
         Some((q(eb.as_ref()), q(ea.as_ref())))
     } else {
@@ -685,7 +787,28 @@ fn common_shape(members: &[&Member], key: ModuleKey) -> Result<(usize, usize), P
 /// Packs `members` over bases fitted on all of them ([`pack_separately`] gives each its own).
 /// Names must be unique.
 pub fn pack(members: &[Member], params: PackParams) -> Result<PackedSet, PackError> {
+    pack_with(members, params, None)
+}
+
+/// [`pack`], activation-aware: every step (truncation, member-wide cut, shared bases, cores)
+/// measures a delta by `‖ΔW·L‖`, the change it makes to its matrix's outputs on the calibration
+/// inputs, instead of `‖ΔW‖`. Directions the inputs barely excite are dropped first. The stored
+/// input bases are `L⁻ᵀ·V`, so unpacking (and the runtime) needs no calibration.
+pub fn pack_whitened(
+    members: &[Member],
+    params: PackParams,
+    whitening: &InputWhitening,
+) -> Result<PackedSet, PackError> {
+    pack_with(members, params, Some(whitening))
+}
+
+fn pack_with(
+    members: &[Member],
+    mut params: PackParams,
+    whitening: Option<&InputWhitening>,
+) -> Result<PackedSet, PackError> {
     params.validate()?;
+    params.whitened = whitening.is_some();
     let mut names = BTreeSet::new();
     for m in members {
         if !names.insert(m.name.as_str()) {
@@ -706,6 +829,17 @@ pub fn pack(members: &[Member], params: PackParams) -> Result<PackedSet, PackErr
     for &key in &keys {
         common_shape(&refs, key)?;
     }
+    let whitened: Vec<Member>;
+    let members = match whitening {
+        Some(w) => {
+            whitened = members
+                .iter()
+                .map(|m| w.whiten(m))
+                .collect::<Result<_, _>>()?;
+            &whitened[..]
+        }
+        None => members,
+    };
     let cuts: Vec<Cut> = match params.scope {
         EnergyScope::Matrix => vec![Cut::Energy(params.energy); members.len()],
         EnergyScope::Member => members
@@ -734,17 +868,28 @@ pub fn pack(members: &[Member], params: PackParams) -> Result<PackedSet, PackErr
                 return Ok(None);
             }
             let basis = fit_shared_basis(&present, params.energy, None)?;
+            let wh = whitening.map(|w| w.of(key)).transpose()?;
             let q = |m: MatRef<'_, f32>| QMat::new(m, params.block, params.basis_bits, 0.0);
             let module = PackedModule {
                 u: q(basis.u.as_ref()),
-                v: q(basis.v.as_ref()),
+                v: q(match wh {
+                    Some(w) => w.unwhiten_basis(basis.v.as_ref()),
+                    None => basis.v,
+                }
+                .as_ref()),
             };
             let (u, v) = (module.u.to_mat(), module.v.to_mat());
+            // Cores are fitted to the stored (dequantized) bases, in the coordinates the deltas
+            // were measured in.
+            let v = match wh {
+                Some(w) => w.whiten_basis(v.as_ref()),
+                None => v,
+            };
             let cores = svds
                 .iter()
                 .map(|s| {
                     s.as_ref()
-                        .map(|s| project(u.as_ref(), v.as_ref(), s, &params, false))
+                        .map(|s| project(u.as_ref(), v.as_ref(), s, &params, false, wh))
                         .transpose()
                 })
                 .collect::<Result<_, _>>()?;
@@ -812,13 +957,67 @@ impl PackedSet {
     /// Adds a member onto the existing bases (a core per matrix, plus an orthogonal residual where
     /// the projection loses more than the energy budget). A matrix the pack has no basis for, a
     /// shape mismatch or a taken name is an error, and the pack is then unchanged.
+    /// A pack made by [`pack_whitened`] needs the calibration: see [`PackedSet::add_whitened`].
     pub fn add(&mut self, member: &Member) -> Result<(), PackError> {
+        if self.params.whitened {
+            return Err(PackError::Invalid(format!(
+                "the pack is activation-aware (whitened): adding '{}' needs its calibration inputs",
+                member.name
+            )));
+        }
+        self.add_with(member, None)
+    }
+
+    /// [`PackedSet::add`] for a pack made by [`pack_whitened`], with the same calibration's
+    /// whitening (another calibration would project onto the bases in other coordinates).
+    pub fn add_whitened(
+        &mut self,
+        member: &Member,
+        whitening: &InputWhitening,
+    ) -> Result<(), PackError> {
+        if !self.params.whitened {
+            return Err(PackError::Invalid(format!(
+                "the pack is not activation-aware: add '{}' without calibration",
+                member.name
+            )));
+        }
+        self.add_with(member, Some(whitening))
+    }
+
+    fn add_with(
+        &mut self,
+        member: &Member,
+        whitening: Option<&InputWhitening>,
+    ) -> Result<(), PackError> {
         if self.members.iter().any(|m| m.name == member.name) {
             return Err(PackError::Invalid(format!(
                 "the pack already has a member '{}'",
                 member.name
             )));
         }
+        // Shapes are checked on the member as given, before whitening needs them to fit.
+        for (&key, delta) in &member.deltas {
+            if let Some(module) = self.modules.get(&key) {
+                let shape = (module.u.rows, module.v.rows);
+                if delta.shape() != shape {
+                    return Err(PackError::Invalid(format!(
+                        "{}: member '{}' is {:?} but the pack's basis is {:?}",
+                        key.name(),
+                        member.name,
+                        delta.shape(),
+                        shape
+                    )));
+                }
+            }
+        }
+        let whitened;
+        let member = match whitening {
+            Some(w) => {
+                whitened = w.whiten(member)?;
+                &whitened
+            }
+            None => member,
+        };
         let cut = match self.params.scope {
             EnergyScope::Matrix => Cut::Energy(self.params.energy),
             EnergyScope::Member => Cut::Floor(member_floor(member, self.params.energy)?),
@@ -838,20 +1037,15 @@ impl PackedSet {
                             key.name()
                         ))
                     })?;
-                    let shape = (module.u.rows, module.v.rows);
-                    if delta.shape() != shape {
-                        return Err(PackError::Invalid(format!(
-                            "{}: member '{}' is {:?} but the pack's basis is {:?}",
-                            key.name(),
-                            member.name,
-                            delta.shape(),
-                            shape
-                        )));
-                    }
+                    let wh = whitening.map(|w| w.of(key)).transpose()?;
                     let (u, v) = (module.u.to_mat(), module.v.to_mat());
+                    let v = match wh {
+                        Some(w) => w.whiten_basis(v.as_ref()),
+                        None => v,
+                    };
                     Ok(Some((
                         key,
-                        project(u.as_ref(), v.as_ref(), &svd, &self.params, true)?,
+                        project(u.as_ref(), v.as_ref(), &svd, &self.params, true, wh)?,
                     )))
                 },
             )
@@ -1211,6 +1405,136 @@ mod tests {
             let e = set.morph(&w).unwrap_err().to_string();
             assert!(e.contains(needle), "{e}");
         }
+    }
+
+    /// Inputs whose features `0..cols/2` are 100x larger than the rest, and their whitening
+    /// for the q/v matrices of layers 0 and 1 (what the test members adapt).
+    fn skewed_inputs(cols: usize) -> (Mat<f32>, InputWhitening) {
+        let x = Mat::from_fn(4 * cols, cols, |i, j| {
+            let scale = if j < cols / 2 { 1.0 } else { 0.01 };
+            matrix(4 * cols, cols, 77)[(i, j)] * scale
+        });
+        let g = x.transpose() * &x;
+        let grams = (0..2)
+            .map(|layer| ((layer, LinearInput::Attention), g.clone()))
+            .collect();
+        (x, InputWhitening::from_grams(&grams).unwrap())
+    }
+
+    /// `‖X·(ΔW − unpacked)ᵀ‖ / ‖X·ΔWᵀ‖` over a member's matrices.
+    fn output_error(x: MatRef<'_, f32>, member: &Member, set: &PackedSet) -> f64 {
+        let unpacked = set.unpack(&member.name).unwrap();
+        let (mut err, mut total) = (0.0, 0.0);
+        for (key, delta) in &member.deltas {
+            let dense = delta.dense();
+            total += sq_norm((x * dense.transpose()).as_ref());
+            let rest = match unpacked.get(key) {
+                Some(f) => dense - f.dense(),
+                None => dense,
+            };
+            err += sq_norm((x * rest.transpose()).as_ref());
+        }
+        (err / total).sqrt()
+    }
+
+    /// Activation-aware packing keeps what the inputs excite: a delta whose energy is split
+    /// evenly between strong and (100x) weak input features loses its weak half, so it packs
+    /// smaller, while its output error stays within the dropped share of output energy.
+    #[test]
+    fn whitened_packing_keeps_what_the_inputs_excite() {
+        let (rows, cols) = (24, 32);
+        let (x, whitening) = skewed_inputs(cols);
+        // Rank 4 per matrix: two directions on the strong features, two on the weak ones, of
+        // equal norm.
+        let ms: Vec<Member> = (0..2)
+            .map(|i| {
+                let deltas = [(0, 0), (0, 2), (1, 0), (1, 2)]
+                    .into_iter()
+                    .map(|(layer, target)| {
+                        let seed = (i * 16 + layer * 4 + target) as u64 + 1;
+                        let b = matrix(rows, 4, seed);
+                        let a = Mat::from_fn(4, cols, |k, j| {
+                            let strong = j < cols / 2;
+                            if (k < 2) == strong {
+                                matrix(4, cols, seed ^ 0x55)[(k, j)]
+                            } else {
+                                0.0
+                            }
+                        });
+                        (ModuleKey { layer, target }, Delta::Factors { b, a })
+                    })
+                    .collect();
+                Member {
+                    name: format!("w{i}"),
+                    deltas,
+                }
+            })
+            .collect();
+        let params = PackParams {
+            energy: 0.95,
+            ..PackParams::default()
+        };
+        let plain = pack(&ms[..1], params).unwrap();
+        let whitened = pack_whitened(&ms[..1], params, &whitening).unwrap();
+        assert!(whitened.params.whitened && !plain.params.whitened);
+        let ranks = |set: &PackedSet| -> Vec<usize> {
+            set.members[0]
+                .cores
+                .values()
+                .map(|c| c.core_b.cols)
+                .collect()
+        };
+        assert!(
+            ranks(&whitened).iter().all(|&r| r <= 2),
+            "{:?}",
+            ranks(&whitened)
+        );
+        assert!(ranks(&plain).iter().all(|&r| r >= 3), "{:?}", ranks(&plain));
+        assert!(whitened.bytes() < plain.bytes());
+        // Truncation, basis and quantization each drop a little of the output energy.
+        let (ew, ep) = (
+            output_error(x.as_ref(), &ms[0], &whitened),
+            output_error(x.as_ref(), &ms[0], &plain),
+        );
+        assert!(
+            ew <= (2.0f64 * 0.05).sqrt() + 0.03,
+            "whitened output error {ew}"
+        );
+        assert!(ew <= ep + 0.03, "whitened {ew} vs plain {ep}");
+        // Its Frobenius error is large: it dropped the weak half on purpose.
+        let rep = whitened.report(&ms[..1]).unwrap();
+        assert!(rep[0].rel_error > 0.5, "{}", rep[0].rel_error);
+
+        // Adding needs the calibration, and only a whitened pack takes it.
+        let mut set = whitened.clone();
+        let err = set.add(&ms[1]).unwrap_err().to_string();
+        assert!(err.contains("needs its calibration"), "{err}");
+        set.add_whitened(&ms[1], &whitening).unwrap();
+        let added = output_error(x.as_ref(), &ms[1], &set);
+        assert!(
+            added <= (2.0f64 * 0.05).sqrt() + 0.05,
+            "added member: {added}"
+        );
+        let err = plain
+            .clone()
+            .add_whitened(&ms[1], &whitening)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not activation-aware"), "{err}");
+        // A calibration of another width is named.
+        let (_, narrow) = skewed_inputs(cols / 2);
+        let err = pack_whitened(&ms[..1], params, &narrow)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("has 32 inputs but the calibration has 16"),
+            "{err}"
+        );
+        // The flag survives a save and load.
+        let dir = std::env::temp_dir().join(format!("s2lc-wpack-{}", std::process::id()));
+        crate::format::save(&set, &dir).unwrap();
+        assert_eq!(crate::format::load(&dir).unwrap(), set);
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

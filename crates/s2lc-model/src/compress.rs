@@ -498,6 +498,26 @@ fn advance_block(
     Ok(())
 }
 
+/// The Gram matrix `XᵀX` of every block linear's input over `windows` (one pass of `model` as
+/// it is, block by block), keyed by (layer, input kind): what activation-aware packing of adapter
+/// deltas whitens with.
+pub fn input_grams(
+    model: &LlamaModel,
+    windows: &[Vec<u32>],
+) -> Result<HashMap<(usize, LinearInput), Mat<f32>>, ModelError> {
+    let mut streams = Vec::with_capacity(windows.len());
+    for w in windows {
+        let mut x = Vec::new();
+        model.embed(w, &mut x)?;
+        streams.push(x);
+    }
+    let mut grams = GramCollector::default();
+    for layer in 0..model.config().n_layers {
+        advance_block(model, layer, &mut streams, Some(&mut grams))?;
+    }
+    Ok(grams.grams)
+}
+
 /// Compresses the block linears of `model` in place. `on_layer(done, total)` reports progress.
 pub fn compress(
     model: &mut LlamaModel,

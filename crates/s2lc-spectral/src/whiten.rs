@@ -85,6 +85,30 @@ impl Whitening {
         Ok(thin_svd(a.as_ref())?)
     }
 
+    /// Width of the input (`L` is `in × in`).
+    pub fn dim(&self) -> usize {
+        self.l.nrows()
+    }
+
+    /// `m·L` for `m` (`k × in`): a right factor moved into whitened coordinates.
+    pub fn whiten(&self, m: MatRef<'_, f32>) -> Mat<f32> {
+        m * &self.l32
+    }
+
+    /// `Lᵀ·v` for `v` (`in × k`): input-side basis vectors in whitened coordinates (the inverse
+    /// of [`Whitening::unwhiten_basis`]).
+    pub fn whiten_basis(&self, v: MatRef<'_, f32>) -> Mat<f32> {
+        self.l32.transpose() * v
+    }
+
+    /// `L⁻ᵀ·v` for `v` (`in × k`), so that `(·)ᵀ` applied to an input equals `vᵀ` applied to the
+    /// whitened input: how a basis fitted on `W·L` is stored for the unwhitened `W`.
+    pub fn unwhiten_basis(&self, v: MatRef<'_, f32>) -> Mat<f32> {
+        let mut y = Mat::from_fn(v.nrows(), v.ncols(), |i, j| v[(i, j)] as f64);
+        solve_upper_triangular_in_place(self.l.transpose(), y.as_mut(), Par::Seq);
+        Mat::from_fn(y.nrows(), y.ncols(), |i, j| y[(i, j)] as f32)
+    }
+
     /// Rank-`rank` factors of `W` from the SVD of `W·L`: `u = U_r`, `vs = Σ_r V_rᵀ L⁻¹`.
     pub fn factors(&self, svd: &Svd, rank: usize) -> LowRankFactors {
         let r = rank.min(svd.s.len());

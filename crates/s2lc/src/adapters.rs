@@ -6,9 +6,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use s2lc_adapters::pack::{MemberReport, PackedSet};
-use s2lc_adapters::{format, pack, EnergyScope, Member, PackParams};
+use s2lc_adapters::{format, pack, pack_whitened, EnergyScope, InputWhitening, Member, PackParams};
+use s2lc_model::compress::{calibration_windows, input_grams};
+use s2lc_model::experts::ExpertSet;
+use s2lc_model::llama::LlamaModel;
 use s2lc_model::lora::{DeltaTruncation, LoraAdapter, TARGETS};
+use s2lc_model::source::WeightStorage;
+use s2lc_model::tokenizer::{read_text_file, Tokenizer};
 use s2lc_spectral::QuantBits;
+
+use crate::{load_model, ModelArg};
 
 /// What to do with an adapter.
 #[derive(Subcommand)]
@@ -66,6 +73,7 @@ impl PackOptions {
             basis_bits: self.basis_bits,
             block: self.block,
             drop_energy: self.drop_energy,
+            whitened: false,
         };
         p.validate()?;
         Ok(p)
@@ -82,17 +90,86 @@ pub fn parse_scope(s: &str) -> Result<EnergyScope, String> {
     EnergyScope::parse(s).ok_or_else(|| format!("unknown energy scope '{s}' (matrix, member)"))
 }
 
+/// Activation-aware packing: calibration text run through the base model.
+#[derive(Args, Clone)]
+pub struct CalibrationArgs {
+    /// Pack activation-aware: measure each delta by how much it changes its matrix's outputs on
+    /// windows of this text run through the base model (repeat the flag for several texts).
+    /// Adding to such a pack needs the same calibration.
+    #[arg(long = "calibrate")]
+    pub texts: Vec<PathBuf>,
+    /// Calibration windows drawn from each text.
+    #[arg(long, default_value_t = 16)]
+    pub calib_windows: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 256)]
+    pub calib_window: usize,
+    #[command(flatten)]
+    pub model: ModelArg,
+}
+
+impl CalibrationArgs {
+    /// The whitening of the base model's block inputs over the texts, `None` without texts.
+    pub fn whitening(&self) -> Result<Option<InputWhitening>> {
+        if self.texts.is_empty() {
+            return Ok(None);
+        }
+        let (_source, model, tokenizer) = load_model(&self.model.path(), WeightStorage::Native)?;
+        let texts: Vec<(PathBuf, f64)> = self.texts.iter().map(|p| (p.clone(), 1.0)).collect();
+        let windows = calibration(&tokenizer, &texts, self.calib_windows, self.calib_window)?;
+        input_whitening(&model, &windows).map(Some)
+    }
+}
+
+/// `n` seeded windows of `window` tokens from the first `share` of each text's tokens.
+pub fn calibration(
+    tokenizer: &Tokenizer,
+    texts: &[(PathBuf, f64)],
+    n: usize,
+    window: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let mut windows = Vec::new();
+    for (path, share) in texts {
+        let text = read_text_file(path)
+            .with_context(|| format!("reading the calibration text {}", path.display()))?;
+        let tokens = tokenizer
+            .encode(&text, false)
+            .with_context(|| format!("tokenizing {}", path.display()))?;
+        let end = (tokens.len() as f64 * share).floor() as usize;
+        windows.extend(
+            calibration_windows(&tokens[..end], n, window, 0)
+                .with_context(|| format!("calibration windows of {}", path.display()))?,
+        );
+    }
+    Ok(windows)
+}
+
+/// The whitening of `model`'s block inputs over calibration `windows`.
+pub fn input_whitening(model: &LlamaModel, windows: &[Vec<u32>]) -> Result<InputWhitening> {
+    let grams = input_grams(model, windows).context("running the calibration windows")?;
+    InputWhitening::from_grams(&grams).context("whitening the calibration inputs")
+}
+
 /// `s2lc adapters pack`.
 #[derive(Args)]
 pub struct PackArgs {
     /// PEFT adapter directories (each member is named after its directory).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "experts")]
     dirs: Vec<PathBuf>,
+    /// Pack the MoE residuals (`expert − base` FFN) of this expert set instead of adapters; each
+    /// member is named after its expert.
+    #[arg(long, conflicts_with = "dirs")]
+    experts: Option<PathBuf>,
+    /// With `--experts`: only this expert (repeat the flag) [default: every expert of the set].
+    #[arg(long = "expert", requires = "experts")]
+    expert_names: Vec<String>,
     /// Output directory of the pack (must not hold a pack yet).
     #[arg(short, long)]
     out: PathBuf,
     #[command(flatten)]
     options: PackOptions,
+    #[command(flatten)]
+    calibration: CalibrationArgs,
 }
 
 /// `s2lc adapters add`.
@@ -105,6 +182,8 @@ pub struct AddArgs {
     /// Member name [default: the directory's name].
     #[arg(long)]
     name: Option<String>,
+    #[command(flatten)]
+    calibration: CalibrationArgs,
 }
 
 /// `s2lc adapters unpack`.
@@ -190,6 +269,30 @@ pub fn read_members(dirs: &[PathBuf]) -> Result<(Vec<LoraAdapter>, Vec<Member>)>
     Ok((adapters, members))
 }
 
+/// The residuals `expert − base` of an expert set's experts (`names`, or all) as pack members.
+pub fn expert_members(dir: &Path, names: &[String]) -> Result<Vec<Member>> {
+    let set = ExpertSet::open(dir)
+        .with_context(|| format!("opening the expert set {}", dir.display()))?;
+    let base = set.base().context("reading the base FFN")?;
+    let names: Vec<&str> = if names.is_empty() {
+        set.experts.iter().map(|e| e.name.as_str()).collect()
+    } else {
+        names.iter().map(String::as_str).collect()
+    };
+    names
+        .iter()
+        .map(|name| {
+            let expert = set
+                .expert(name)
+                .with_context(|| format!("reading expert '{name}'"))?;
+            let residual = expert
+                .minus(&base)
+                .with_context(|| format!("residual of expert '{name}'"))?;
+            Ok(Member::from_residual(name, &residual))
+        })
+        .collect()
+}
+
 /// Prints what packing did: per member, f16 PEFT bytes vs its packed bytes (cores plus an even
 /// share of the bases), the ratio, and the relative error of the unpacked deltas.
 fn print_pack_report(set: &PackedSet, reports: &[MemberReport]) {
@@ -202,7 +305,7 @@ fn print_pack_report(set: &PackedSet, reports: &[MemberReport]) {
     );
     println!(
         "{:<20} {:>11} {:>11} {:>11} {:>8} {:>10} {:>9}",
-        "member", "f16 PEFT MB", "core MB", "+bases MB", "ratio", "rel.error", "residuals"
+        "member", "f16 MB", "core MB", "+bases MB", "ratio", "rel.error", "residuals"
     );
     for r in reports {
         let f16 = 2.0 * r.input_values as f64;
@@ -220,7 +323,7 @@ fn print_pack_report(set: &PackedSet, reports: &[MemberReport]) {
     }
     let f16: f64 = reports.iter().map(|r| 2.0 * r.input_values as f64).sum();
     println!(
-        "total: {:.3} MB f16 PEFT -> {:.3} MB packed ({:.2}x)",
+        "total: {:.3} MB as f16 (PEFT factors or dense residuals) -> {:.3} MB packed ({:.2}x)",
         f16 / 1e6,
         set.bytes() as f64 / 1e6,
         f16 / set.bytes() as f64
@@ -235,8 +338,15 @@ fn pack_cmd(args: &PackArgs) -> Result<()> {
         );
     }
     let params = args.options.params()?;
-    let (_, members) = read_members(&args.dirs)?;
-    let set = pack(&members, params).context("packing")?;
+    let members = match &args.experts {
+        Some(dir) => expert_members(dir, &args.expert_names)?,
+        None => read_members(&args.dirs)?.1,
+    };
+    let set = match args.calibration.whitening()? {
+        Some(w) => pack_whitened(&members, params, &w),
+        None => pack(&members, params),
+    }
+    .context("packing")?;
     let reports = set.report(&members).context("measuring the pack")?;
     format::save(&set, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
     print_pack_report(&set, &reports);
@@ -250,8 +360,11 @@ fn add_cmd(args: &AddArgs) -> Result<()> {
     let adapter = load_adapter(&args.dir)?;
     let name = args.name.clone().unwrap_or_else(|| dir_name(&args.dir));
     let member = Member::from_lora(&name, &adapter);
-    set.add(&member)
-        .with_context(|| format!("adding {} to {}", args.dir.display(), args.pack.display()))?;
+    match args.calibration.whitening()? {
+        Some(w) => set.add_whitened(&member, &w),
+        None => set.add(&member),
+    }
+    .with_context(|| format!("adding {} to {}", args.dir.display(), args.pack.display()))?;
     let reports = set.report(std::slice::from_ref(&member))?;
     format::save(&set, &args.pack).with_context(|| format!("writing {}", args.pack.display()))?;
     print_pack_report(&set, &reports);

@@ -104,7 +104,7 @@ enum BenchCommand {
 }
 
 /// Which model to run.
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct ModelArg {
     /// A .gguf file or a Hugging Face directory [default: SmolLM2-135M-Instruct in $S2LC_HOME].
     #[arg(long)]

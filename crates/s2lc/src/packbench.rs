@@ -10,15 +10,15 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use s2lc_adapters::pack::{pack_separately, PackedSet};
-use s2lc_adapters::{pack, EnergyScope, Member, PackParams};
+use s2lc_adapters::pack::PackedSet;
+use s2lc_adapters::{pack, pack_whitened, EnergyScope, InputWhitening, Member, PackParams};
 use s2lc_model::experts::{ExpertSet, FfnWeights};
 use s2lc_model::llama::LlamaModel;
 use s2lc_model::lora::LoraAdapter;
 use s2lc_model::source::WeightStorage;
 use s2lc_spectral::QuantBits;
 
-use crate::adapters::{parse_bits, parse_scope, read_members};
+use crate::adapters::{calibration, input_whitening, parse_bits, parse_scope, read_members};
 use crate::heldout::{adapter_domain, default_texts, domain_of_text, Domain, HeldoutArgs};
 use crate::{load_model, parse_weights, progress, ModelArg};
 
@@ -58,6 +58,13 @@ pub struct PackBenchArgs {
     /// Share of each core's energy that dropped blocks may hold.
     #[arg(long, default_value_t = 0.0)]
     drop_energy: f64,
+    /// Pack activation-aware (see `s2lc adapters pack --calibrate`), calibrated on windows of
+    /// the training part of every domain text (never the held-out part that is scored).
+    #[arg(long)]
+    whiten: bool,
+    /// Calibration windows per domain text with `--whiten` (of `--seq` tokens).
+    #[arg(long, default_value_t = 16)]
+    calib_windows: usize,
     #[command(flatten)]
     heldout: HeldoutArgs,
     /// Unpack timings per configuration (the median is reported).
@@ -78,6 +85,8 @@ struct Suite {
     reference: Vec<Option<f64>>,
     /// For expert residuals: the base FFN they are added to (`None`: LoRA adapters).
     expert_base: Option<FfnWeights>,
+    /// Activation-aware packing's calibration (`--whiten`).
+    whitening: Option<InputWhitening>,
 }
 
 /// One packing configuration's results.
@@ -160,6 +169,22 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
     let (_source, mut model, tokenizer) = load_model(&args.model.path(), args.weights)?;
     let h = &args.heldout;
     let domains = h.load(&tokenizer, &default_texts())?;
+    let whitening = if args.whiten {
+        let texts: Vec<(PathBuf, f64)> = default_texts()
+            .into_iter()
+            .map(|(_, p)| (p, 1.0 - h.heldout))
+            .collect();
+        let windows = calibration(&tokenizer, &texts, args.calib_windows, h.seq)?;
+        println!(
+            "activation-aware: {} calibration windows of {} tokens from the training part of {} texts",
+            windows.len(),
+            h.seq,
+            texts.len()
+        );
+        Some(input_whitening(&model, &windows)?)
+    } else {
+        None
+    };
 
     let mut suites = Vec::new();
     if !dirs.is_empty() {
@@ -182,6 +207,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             own,
             reference,
             expert_base: None,
+            whitening: whitening.clone(),
         });
     }
     if let Some(dir) = &experts_dir {
@@ -215,6 +241,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             own,
             reference,
             expert_base: Some(base),
+            whitening: whitening.clone(),
         });
     }
 
@@ -301,6 +328,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             "heldout": h.heldout, "seq": h.seq, "max_windows": h.max_windows,
             "scope": args.scope.name(), "basis_bits": args.basis_bits.name(),
             "drop_energy": args.drop_energy,
+            "whitened": args.whiten, "calib_windows_per_text": args.whiten.then_some(args.calib_windows),
             "suites": report,
         });
         std::fs::write(path, serde_json::to_string_pretty(&out)?)
@@ -320,10 +348,18 @@ fn measure_config(
     h: &HeldoutArgs,
     unpack_runs: usize,
 ) -> Result<Outcome> {
+    let pack_of = |members: &[Member]| match &suite.whitening {
+        Some(w) => pack_whitened(members, params, w),
+        None => pack(members, params),
+    };
     let sets: Vec<PackedSet> = if shared {
-        vec![pack(&suite.members, params)?]
+        vec![pack_of(&suite.members)?]
     } else {
-        pack_separately(&suite.members, params)?
+        suite
+            .members
+            .iter()
+            .map(|m| pack_of(std::slice::from_ref(m)))
+            .collect::<Result<_, _>>()?
     };
     let set_of = |name: &str| {
         sets.iter()

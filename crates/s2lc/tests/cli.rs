@@ -628,6 +628,95 @@ fn experts_eval_swaps_each_expert_in() {
         &s2lc(&["experts", "eval", dir.join("absent").to_str().unwrap()]),
         "manifest.json",
     );
+
+    // The residuals pack like adapters, and a morph of them is a PEFT adapter on the FFN.
+    let (pack, morph) = (dir.join("pack"), dir.join("morph"));
+    let o = s2lc(&[
+        "adapters",
+        "pack",
+        "--experts",
+        dir.to_str().unwrap(),
+        "--energy",
+        "0.9",
+        "-o",
+        pack.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("scaled "));
+    let o = s2lc(&[
+        "adapters",
+        "morph",
+        pack.to_str().unwrap(),
+        "scaled=0.5",
+        "-o",
+        morph.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = s2lc(&["adapters", "info", morph.to_str().unwrap()]);
+    let info = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        info.contains("3 deltas") && info.contains("down_proj"),
+        "{info}"
+    );
+    assert_clean_error(
+        &s2lc(&[
+            "adapters",
+            "pack",
+            "--experts",
+            dir.to_str().unwrap(),
+            "--expert",
+            "nope",
+            "-o",
+            dir.join("p2").to_str().unwrap(),
+        ]),
+        "no expert 'nope'",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Activation-aware packing on the real model: calibrated on real text, it packs and adds with
+/// the calibration, and refuses an add without it.
+#[test]
+fn whitened_pack_calibrates_on_real_text() {
+    let Some(model) = smollm2() else { return };
+    let text = common::s2lc_home().join("text/canterbury/alice29.txt");
+    if !text.exists() {
+        eprintln!("skipped: alice29.txt absent");
+        return;
+    }
+    let r4 = alice_r4();
+    let dir = scratch("wpack");
+    let pack = dir.join("pack");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let calibrate = [
+        "--calibrate".to_string(),
+        s(&text),
+        "--calib-windows".into(),
+        "2".into(),
+        "--model".into(),
+        s(&model),
+    ];
+    let run = |args: &[String]| s2lc(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut args: Vec<String> = ["adapters", "pack", &s(&r4), "-o", &s(&pack)]
+        .map(String::from)
+        .to_vec();
+    args.extend(calibrate.iter().cloned());
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pack.join("pack.json")).unwrap()).unwrap();
+    assert_eq!(manifest["params"]["whitened"], true);
+    assert_clean_error(
+        &s2lc(&["adapters", "add", &s(&pack), &s(&r4), "--name", "again"]),
+        "needs its calibration",
+    );
+    let mut args: Vec<String> = ["adapters", "add", &s(&pack), &s(&r4), "--name", "again"]
+        .map(String::from)
+        .to_vec();
+    args.extend(calibrate.iter().cloned());
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("again"));
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -772,6 +861,35 @@ fn bench_pack_measures_a_real_adapter() {
         );
     }
     assert_eq!(report["suites"][0]["own_domain"][0], "carroll");
+    // Activation-aware, calibrated on the training part of every domain text.
+    let whitened = s2lc_json(
+        &[
+            "bench",
+            "pack",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            alice_r4().to_str().unwrap(),
+            "--no-experts",
+            "--energies",
+            "0.99",
+            "--bits",
+            "int8",
+            "--max-windows",
+            "1",
+            "--unpack-runs",
+            "1",
+            "--whiten",
+            "--calib-windows",
+            "1",
+        ],
+        &dir,
+    );
+    assert_eq!(whitened["whitened"], true);
+    for c in whitened["suites"][0]["configs"].as_array().unwrap() {
+        let delta = c["ppl_delta"][0].as_f64().unwrap();
+        assert!(delta.abs() < 0.05, "whitened packing: {delta}");
+    }
     assert_clean_error(
         &s2lc(&["bench", "pack", "--bits", "int3", "--no-experts"]),
         "unknown bits 'int3'",
