@@ -6,8 +6,8 @@
 //! members/NAME.safetensors      per matrix: the member's core factors (and orthogonal residual)
 //! ```
 //!
-//! A block-quantized matrix `X` is three tensors: `X.data` (U8, the kept blocks' int8 values or
-//! int4 pairs), `X.scales` (F16, one per kept block) and `X.kept` (U8, the bitmap as little-endian
+//! A block-quantized matrix `X` is three tensors: `X.data` (U8, the kept blocks' codes: int8 bytes,
+//! or int4 / int3 / int2 bit fields packed little-endian), `X.scales` (F16, one per kept block) and `X.kept` (U8, the bitmap as little-endian
 //! 64-bit words); its rows, columns, bits and block size are in the file's `__metadata__` under
 //! `s2lc` as JSON. Tensor prefixes are `L{layer}.{target}.u|v|core_b|core_a|extra_b|extra_a`. The bases
 //! file is shared by every member, so a content-addressed store keeps it once.

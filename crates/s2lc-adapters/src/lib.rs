@@ -8,7 +8,7 @@
 //! 2. the shared bases `U` (`out × p`) and `V` (`in × q`) keep `energy` of the members' pooled,
 //!    norm-balanced column and row spaces ([`s2lc_spectral::shared`]), and each member keeps its
 //!    core `Cᵢ = Uᵀ·ΔWᵢ·V` (`p × q`);
-//! 3. cores and bases are block-quantized ([`s2lc_spectral::blockquant`]): int8 or int4 blocks with
+//! 3. cores and bases are block-quantized ([`s2lc_spectral::blockquant`]): int8, int4, int3 or int2 blocks with
 //!    an f16 scale, the weakest blocks dropped under a budget.
 //!
 //! The error of each member is measured and reported, not bounded: a shared basis that does not

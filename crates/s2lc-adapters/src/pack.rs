@@ -534,16 +534,20 @@ enum Cut {
     Floor(f32),
 }
 
-/// The member-wide cut of [`EnergyScope::Member`]: the smallest singular value that, with all
-/// the larger ones across the member's matrices, keeps `energy` of its total energy.
-fn member_floor(member: &Member, energy: f64) -> Result<f32, SvdError> {
+/// The cut of one member under `params`. For [`EnergyScope::Member`]: the smallest singular
+/// value that, with all the larger ones across the member's matrices, keeps `energy` of its
+/// total energy.
+fn cut_of(member: &Member, params: &PackParams) -> Result<Cut, SvdError> {
+    if params.scope == EnergyScope::Matrix {
+        return Ok(Cut::Energy(params.energy));
+    }
     let mut s: Vec<f32> = Vec::new();
     for d in member.deltas.values() {
         s.extend(d.svd()?.s);
     }
     s.sort_by(|a, b| b.total_cmp(a));
-    let k = rank_for_energy(&s, energy).max(1);
-    Ok(s.get(k - 1).copied().unwrap_or(0.0))
+    let k = rank_for_energy(&s, params.energy).max(1);
+    Ok(Cut::Floor(s.get(k - 1).copied().unwrap_or(0.0)))
 }
 
 /// The truncated SVD of a delta (rank ≥ 1 under [`Cut::Energy`] unless the delta is zero; under
@@ -840,13 +844,10 @@ fn pack_with(
         }
         None => members,
     };
-    let cuts: Vec<Cut> = match params.scope {
-        EnergyScope::Matrix => vec![Cut::Energy(params.energy); members.len()],
-        EnergyScope::Member => members
-            .par_iter()
-            .map(|m| member_floor(m, params.energy).map(Cut::Floor))
-            .collect::<Result<_, _>>()?,
-    };
+    let cuts: Vec<Cut> = members
+        .par_iter()
+        .map(|m| cut_of(m, &params))
+        .collect::<Result<_, _>>()?;
     type ModuleOut = Option<(ModuleKey, PackedModule, Vec<Option<PackedCore>>)>;
     let per_module: Vec<ModuleOut> = keys
         .par_iter()
@@ -1018,10 +1019,7 @@ impl PackedSet {
             }
             None => member,
         };
-        let cut = match self.params.scope {
-            EnergyScope::Matrix => Cut::Energy(self.params.energy),
-            EnergyScope::Member => Cut::Floor(member_floor(member, self.params.energy)?),
-        };
+        let cut = cut_of(member, &self.params)?;
         let cores = member
             .deltas
             .par_iter()

@@ -49,10 +49,10 @@ pub struct PackOptions {
     /// (`member`: its singular values ranked together, so small deltas lose more).
     #[arg(long, default_value = "matrix", value_parser = parse_scope)]
     pub scope: EnergyScope,
-    /// Bits of the cores: int8 or int4.
+    /// Bits of the cores: int8, int4, int3 or int2.
     #[arg(long, default_value = "int8", value_parser = parse_bits)]
     pub bits: QuantBits,
-    /// Bits of the shared bases: int8 or int4.
+    /// Bits of the shared bases: int8, int4, int3 or int2.
     #[arg(long, default_value = "int8", value_parser = parse_bits)]
     pub basis_bits: QuantBits,
     /// Values per quantization block (even).
@@ -82,7 +82,7 @@ impl PackOptions {
 
 /// Parses `int8` / `int4`.
 pub fn parse_bits(s: &str) -> Result<QuantBits, String> {
-    QuantBits::parse(s).ok_or_else(|| format!("unknown bits '{s}' (int8, int4)"))
+    QuantBits::parse(s).ok_or_else(|| format!("unknown bits '{s}' (int8, int4, int3, int2)"))
 }
 
 /// Parses `matrix` / `member`.

@@ -265,12 +265,33 @@ pub struct WeightsArg {
     /// unmerged; repeat the flag to stack several.
     #[arg(long = "adapter")]
     pub adapters: Vec<PathBuf>,
+    /// Swap this FFN of an expert set (`--expert-set`) into its layers, dense f32, before any
+    /// adapter is attached: an expert's name, or `base` for the set's base FFN.
+    #[arg(long, requires = "expert_set")]
+    pub expert: Option<String>,
+    /// The expert set directory of `--expert`.
+    #[arg(long, requires = "expert")]
+    pub expert_set: Option<PathBuf>,
 }
 
 impl WeightsArg {
-    /// Loads the model in the chosen storage with the adapters attached.
+    /// Loads the model in the chosen storage, with the expert FFN swapped in and the adapters
+    /// attached.
     fn load(&self, path: &Path) -> Result<(ModelSource, LlamaModel, Tokenizer)> {
         let (source, mut model, tokenizer) = load_model(path, self.storage)?;
+        if let (Some(name), Some(dir)) = (&self.expert, &self.expert_set) {
+            let set = s2lc_model::experts::ExpertSet::open(dir)
+                .with_context(|| format!("opening the expert set {}", dir.display()))?;
+            let ffn = if name == "base" {
+                set.base().context("reading the base FFN")?
+            } else {
+                set.expert(name)
+                    .with_context(|| format!("reading expert '{name}'"))?
+            };
+            ffn.swap_into(&mut model)
+                .with_context(|| format!("swapping the FFN of '{name}' in"))?;
+            eprintln!("expert {name}: FFN of layers {:?} swapped in", set.layers);
+        }
         for dir in &self.adapters {
             let adapter = adapters::load_adapter(dir)?;
             model

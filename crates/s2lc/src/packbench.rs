@@ -46,7 +46,7 @@ pub struct PackBenchArgs {
     /// Energies to try (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "0.9,0.95,0.99")]
     energies: Vec<f64>,
-    /// Core bits to try (comma-separated: int8, int4).
+    /// Core bits to try (comma-separated: int8, int4, int3, int2).
     #[arg(long, value_delimiter = ',', default_value = "int8,int4")]
     bits: Vec<String>,
     /// What each energy is a share of: `matrix` or `member` (see `s2lc adapters pack --scope`).
@@ -142,7 +142,10 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
     let bits: Vec<QuantBits> = args
         .bits
         .iter()
-        .map(|b| QuantBits::parse(b).with_context(|| format!("unknown bits '{b}' (int8, int4)")))
+        .map(|b| {
+            QuantBits::parse(b)
+                .with_context(|| format!("unknown bits '{b}' (int8, int4, int3, int2)"))
+        })
         .collect::<Result<_>>()?;
     let params_at = |energy: f64, bits: QuantBits| PackParams {
         energy,

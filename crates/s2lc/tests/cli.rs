@@ -658,6 +658,36 @@ fn experts_eval_swaps_each_expert_in() {
         info.contains("3 deltas") && info.contains("down_proj"),
         "{info}"
     );
+    // `eval` scores the model with an expert's FFN swapped in.
+    let eval = |expert: &str| {
+        s2lc(&[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--max-tokens",
+            "300",
+            "--window",
+            "128",
+            "--stride",
+            "128",
+            "--decode-tokens",
+            "0",
+            "--expert-set",
+            dir.to_str().unwrap(),
+            "--expert",
+            expert,
+        ])
+    };
+    let o = eval("scaled");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("expert scaled: FFN of layers [0]"),
+        "{}",
+        stderr(&o)
+    );
+    assert_clean_error(&eval("nope"), "no expert 'nope'");
     assert_clean_error(
         &s2lc(&[
             "adapters",
@@ -891,8 +921,8 @@ fn bench_pack_measures_a_real_adapter() {
         assert!(delta.abs() < 0.05, "whitened packing: {delta}");
     }
     assert_clean_error(
-        &s2lc(&["bench", "pack", "--bits", "int3", "--no-experts"]),
-        "unknown bits 'int3'",
+        &s2lc(&["bench", "pack", "--bits", "int5", "--no-experts"]),
+        "unknown bits 'int5'",
     );
     std::fs::remove_dir_all(&dir).ok();
 }
