@@ -386,7 +386,7 @@ mod tests {
             assert_eq!(q.data.len(), 4 * bytes, "{bits:?}");
             let qmax = bits.qmax() as i32;
             let grid: Vec<f32> = (0..32)
-                .map(|j| (j as i32 % (2 * qmax + 1) - qmax) as f32)
+                .map(|j| (j % (2 * qmax + 1) - qmax) as f32)
                 .collect();
             let g = BlockQuant::quantize(&grid, 32, bits, 0.0);
             assert_eq!(g.dequantize(), grid, "{bits:?}");
