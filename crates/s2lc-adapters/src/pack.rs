@@ -1121,9 +1121,10 @@ impl PackedSet {
     }
 
     /// Expert Morphing: the weighted blend `Σ wᵢ·ΔWᵢ` of members, synthesized in the shared
-    /// basis. Per matrix the members' cores are summed (`C = Σ wᵢ·Cᵢ`, `p × q`), re-decomposed and
-    /// truncated to the pack's energy, and mapped through the bases once: one adapter whose rank
-    /// is bounded by the basis width however many members it blends. Orthogonal residuals (from
+    /// basis. Per matrix the members' cores are summed (`C = Σ wᵢ·Cᵢ`, `p × q`), re-decomposed,
+    /// truncated so that the dropped energy is at most `1 − energy` of the weighted members'
+    /// (`Σ wᵢ²‖Cᵢ‖²`), and mapped through the bases once: one adapter whose rank is bounded by the
+    /// basis width however many members it blends, and near zero where they cancel. Orthogonal residuals (from
     /// [`PackedSet::add`]) are appended, weighted. Weights must be finite with a positive sum.
     pub fn morph(&self, weights: &[(&str, f32)]) -> Result<Unpacked, PackError> {
         let sum: f32 = weights.iter().map(|(_, w)| w).sum();
@@ -1163,7 +1164,18 @@ impl PackedSet {
                     hcat(&cbs.iter().map(Mat::as_ref).collect::<Vec<_>>()).as_ref(),
                     vcat(&cas.iter().map(Mat::as_ref).collect::<Vec<_>>()).as_ref(),
                 )?;
-                let k = rank_for_energy(&svd.s, self.params.energy).min(svd.s.len());
+                // Drop at most what packing may drop from the blended members themselves,
+                // `(1 − energy)·Σ wᵢ²‖Cᵢ‖²` (core_a has orthonormal rows, so ‖Cᵢ‖ = ‖core_bᵢ‖).
+                // Relative to the members, not to the blend: members that cancel leave little
+                // energy, and what is left is dropped instead of kept at full rank.
+                let budget = (1.0 - self.params.energy)
+                    * cbs.iter().map(|b| sq_norm(b.as_ref())).sum::<f64>();
+                let mut tail: f64 = svd.s.iter().map(|&s| (s as f64).powi(2)).sum();
+                let mut k = 0;
+                while k < svd.s.len() && tail > budget {
+                    tail -= (svd.s[k] as f64).powi(2);
+                    k += 1;
+                }
                 // Then the weighted orthogonal residuals, appended as further factors.
                 let mut b_blocks = vec![&u * scale_cols(svd.u.subcols(0, k), &svd.s[..k])];
                 let mut a_blocks = vec![svd.v.subcols(0, k).transpose() * v.transpose()];
@@ -1393,6 +1405,26 @@ mod tests {
         for (key, f) in &one {
             let d = (f.dense() - plain[key].dense()).norm_l2() / plain[key].dense().norm_l2();
             assert!(d < 1e-4, "{}: {d}", key.name());
+        }
+        // Members that cancel blend to (almost) nothing, not to full-rank noise.
+        let mut anti = ms[0].clone();
+        anti.name = "anti".into();
+        for d in anti.deltas.values_mut() {
+            if let Delta::Factors { b, .. } = d {
+                *b = &*b * faer::Scale(-1.0);
+            }
+        }
+        let pair = pack(&[ms[0].clone(), anti], params).unwrap();
+        let none = pair.morph(&[("m0", 0.5), ("anti", 0.5)]).unwrap();
+        for (key, f) in &none {
+            let alone = &pair.unpack("m0").unwrap()[key];
+            assert!(
+                f.rank == 0 || f.dense().norm_l2() < 1e-2 * alone.dense().norm_l2(),
+                "{}: rank {} of {}",
+                key.name(),
+                f.rank,
+                alone.rank
+            );
         }
         for (w, needle) in [
             (vec![("m0", 0.5), ("m1", -0.5)], "sum to a positive number"),

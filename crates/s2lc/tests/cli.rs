@@ -572,32 +572,8 @@ fn experts_eval_swaps_each_expert_in() {
         eprintln!("skipped: alice29.txt absent");
         return;
     }
-    use s2lc_model::source::{write_safetensors, Tensor};
-    let source = s2lc_model::ModelSource::open(&model).unwrap();
     let dir = scratch("experts");
-    for (file, factor) in [("base.safetensors", 1.0f32), ("scaled.safetensors", 1.01)] {
-        let tensors: Vec<(String, Tensor)> = ["gate_proj", "up_proj", "down_proj"]
-            .iter()
-            .map(|m| {
-                let name = format!("model.layers.0.mlp.{m}.weight");
-                let mut t = source.tensors().load(&name).unwrap();
-                t.data.iter_mut().for_each(|v| *v *= factor);
-                (name, t)
-            })
-            .collect();
-        write_safetensors(
-            &dir.join(file),
-            tensors.iter().map(|(n, t)| (n.as_str(), t)),
-            None,
-        )
-        .unwrap();
-    }
-    let manifest = serde_json::json!({
-        "layers": [0], "modules": ["gate_proj", "up_proj", "down_proj"],
-        "base_file": "base.safetensors",
-        "experts": {"scaled": {"file": "scaled.safetensors", "text": "alice29.txt"}},
-    });
-    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    common::write_expert_set(&model, &dir, &[("scaled", 1.01)]);
     let report = s2lc_json(
         &[
             "experts",

@@ -382,6 +382,64 @@ fn serve_refuses_bad_flags_with_one_line() {
 }
 
 /// Settings from a TOML file and flags; tag rules pick adapters by a request's `route` tags;
+/// Expert Morphing of an MoE expert set: a pack of expert residuals is pushed whole and served
+/// like an adapter pack. Two experts whose residuals are opposite (the base FFN scaled by 1.02
+/// and by 0.98) blend at ½ + ½ to nothing: the server's text is the base model's, while one
+/// expert alone is resident as a delta of real size.
+#[test]
+fn an_expert_set_is_morphed_in_the_server() {
+    let Some(model) = smollm2() else { return };
+    let dir = scratch("serve-experts");
+    let set = dir.join("experts");
+    common::write_expert_set(&model, &set, &[("up", 1.02), ("down", 0.98)]);
+    let pack = dir.join("pack");
+    let o = s2lc(&[
+        "adapters",
+        "pack",
+        "--experts",
+        set.to_str().unwrap(),
+        "--energy",
+        "0.9",
+        "-o",
+        pack.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let store = dir.join("store");
+    push(&store, &model, &pack, "ffn-experts@1.0.0", None);
+    let server = start(&[
+        "--store",
+        store.to_str().unwrap(),
+        "--max-tokens",
+        "16",
+        "--adapter-memory",
+        "64MiB",
+    ]);
+    let addr = server.addr.as_str();
+    let base = json!({"prompt": "The Queen said to Alice", "max_tokens": 8, "temperature": 0});
+    let p = |extra: Value| complete_with(addr, base.clone(), extra);
+    let (status, plain) = p(json!({}));
+    assert_eq!(status, 200, "{plain}");
+    let (status, blend) = p(json!({"adapter": "ffn-experts@1", "morph": {"up": 0.5, "down": 0.5}}));
+    assert_eq!(status, 200, "{blend}");
+    assert_eq!(blend["choices"][0]["text"], plain["choices"][0]["text"]);
+    let cancelled = metric(addr, "s2lc_adapter_cache_resident_bytes");
+    let (status, up) = p(json!({"adapter": "ffn-experts@1", "morph": {"up": 1.0}}));
+    assert_eq!(status, 200, "{up}");
+    let one = metric(addr, "s2lc_adapter_cache_resident_bytes") - cancelled;
+    // One expert's residual over layer 0's three FFN matrices, as factors: far more than the
+    // near-empty blend, and less than the dense residual (3 × 576 × 1536 f32 = 10.6 MB).
+    assert!(
+        one > 4.0 * cancelled && one < 10.6e6,
+        "{one} B vs blend {cancelled} B"
+    );
+    assert_error(
+        p(json!({"adapter": "ffn-experts@1", "morph": {"sideways": 1.0}})),
+        404,
+        "no member 'sideways'",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `morph` blends the members of a pack pushed whole; each misuse is one JSON error.
 #[test]
 fn tag_rules_and_morphs_from_a_config_file() {

@@ -46,3 +46,46 @@ pub fn smollm2() -> Option<PathBuf> {
         None
     }
 }
+
+/// Writes an expert set under `dir` built from the real model: layer 0's FFN as the base, and
+/// per `(name, factor)` an expert that is that FFN scaled by `factor` (so its residual is
+/// `factor − 1` times the base, spread over the whole spectrum), trained on `alice29.txt`.
+pub fn write_expert_set(model: &std::path::Path, dir: &std::path::Path, experts: &[(&str, f32)]) {
+    use s2lc_model::source::{write_safetensors, Tensor};
+    let source = s2lc_model::ModelSource::open(model).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let files: Vec<(String, f32)> = std::iter::once(("base".to_string(), 1.0))
+        .chain(experts.iter().map(|(n, f)| (n.to_string(), *f)))
+        .collect();
+    for (name, factor) in &files {
+        let tensors: Vec<(String, Tensor)> = ["gate_proj", "up_proj", "down_proj"]
+            .iter()
+            .map(|m| {
+                let name = format!("model.layers.0.mlp.{m}.weight");
+                let mut t = source.tensors().load(&name).unwrap();
+                t.data.iter_mut().for_each(|v| *v *= factor);
+                (name, t)
+            })
+            .collect();
+        write_safetensors(
+            &dir.join(format!("{name}.safetensors")),
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            None,
+        )
+        .unwrap();
+    }
+    let listed: serde_json::Map<String, serde_json::Value> = experts
+        .iter()
+        .map(|(n, _)| {
+            (
+                n.to_string(),
+                serde_json::json!({"file": format!("{n}.safetensors"), "text": "alice29.txt"}),
+            )
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "layers": [0], "modules": ["gate_proj", "up_proj", "down_proj"],
+        "base_file": "base.safetensors", "experts": listed,
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+}
