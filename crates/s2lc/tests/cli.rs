@@ -830,26 +830,25 @@ fn bench_pack_measures_a_real_adapter() {
         return;
     }
     let dir = scratch("bench-pack");
-    let report = s2lc_json(
-        &[
-            "bench",
-            "pack",
-            "--model",
-            model.to_str().unwrap(),
-            "--adapter",
-            alice_r4().to_str().unwrap(),
-            "--no-experts",
-            "--energies",
-            "0.99",
-            "--bits",
-            "int8",
-            "--max-windows",
-            "1",
-            "--unpack-runs",
-            "1",
-        ],
-        &dir,
-    );
+    let (model_s, adapter_s) = (model.to_str().unwrap(), alice_r4());
+    let args = [
+        "bench",
+        "pack",
+        "--model",
+        model_s,
+        "--adapter",
+        adapter_s.to_str().unwrap(),
+        "--no-experts",
+        "--energies",
+        "0.99",
+        "--bits",
+        "int8",
+        "--max-windows",
+        "1",
+        "--unpack-runs",
+        "1",
+    ];
+    let report = s2lc_json(&args, &dir);
     let configs = report["suites"][0]["configs"].as_array().unwrap();
     assert_eq!(configs.len(), 2, "shared and separate");
     for c in configs {
@@ -869,26 +868,7 @@ fn bench_pack_measures_a_real_adapter() {
     assert_eq!(report["suites"][0]["own_domain"][0], "carroll");
     // Activation-aware, calibrated on the training part of every domain text.
     let whitened = s2lc_json(
-        &[
-            "bench",
-            "pack",
-            "--model",
-            model.to_str().unwrap(),
-            "--adapter",
-            alice_r4().to_str().unwrap(),
-            "--no-experts",
-            "--energies",
-            "0.99",
-            "--bits",
-            "int8",
-            "--max-windows",
-            "1",
-            "--unpack-runs",
-            "1",
-            "--whiten",
-            "--calib-windows",
-            "1",
-        ],
+        &[&args[..], &["--whiten", "--calib-windows", "1"]].concat(),
         &dir,
     );
     assert_eq!(whitened["whitened"], true);
