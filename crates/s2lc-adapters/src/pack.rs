@@ -958,6 +958,7 @@ impl PackedSet {
     /// Adds a member onto the existing bases (a core per matrix, plus an orthogonal residual where
     /// the projection loses more than the energy budget). A matrix the pack has no basis for, a
     /// shape mismatch or a taken name is an error, and the pack is then unchanged.
+    ///
     /// A pack made by [`pack_whitened`] needs the calibration: see [`PackedSet::add_whitened`].
     pub fn add(&mut self, member: &Member) -> Result<(), PackError> {
         if self.params.whitened {
@@ -1124,8 +1125,9 @@ impl PackedSet {
     /// basis. Per matrix the members' cores are summed (`C = Σ wᵢ·Cᵢ`, `p × q`), re-decomposed,
     /// truncated so that the dropped energy is at most `1 − energy` of the weighted members'
     /// (`Σ wᵢ²‖Cᵢ‖²`), and mapped through the bases once: one adapter whose rank is bounded by the
-    /// basis width however many members it blends, and near zero where they cancel. Orthogonal residuals (from
-    /// [`PackedSet::add`]) are appended, weighted. Weights must be finite with a positive sum.
+    /// basis width however many members it blends, and near zero where they cancel. Orthogonal
+    /// residuals (from [`PackedSet::add`]) are appended, weighted. Weights must be finite with a
+    /// positive sum.
     pub fn morph(&self, weights: &[(&str, f32)]) -> Result<Unpacked, PackError> {
         let sum: f32 = weights.iter().map(|(_, w)| w).sum();
         if weights.is_empty() || weights.iter().any(|(_, w)| !w.is_finite()) || sum <= 0.0 {

@@ -73,7 +73,7 @@ impl QuantBits {
     }
 }
 
-/// Candidate clipping factors of the scale search, widest first.
+/// How many clipping factors the scale search tries: 1, 0.95, …, 0.5.
 const CLIP_STEPS: usize = 11;
 
 /// The scale of one block: `max|x|/qmax · f` minimising the block's squared error.
