@@ -97,7 +97,7 @@ fn main() {
                     pack(&members, params)
                 } else {
                     // Each member alone: the first member's own pack.
-                    pack_separately(&members[..1], params).map(|mut v| v.remove(0))
+                    pack_separately(&members[..1], params, None).map(|mut v| v.remove(0))
                 }
                 .expect("packing");
                 let out = set.unpack_lora(first).expect("unpacking");

@@ -22,6 +22,6 @@ pub mod format;
 pub mod pack;
 
 pub use pack::{
-    pack, pack_separately, pack_whitened, DecodedBases, Delta, EnergyScope, Factors,
-    InputWhitening, Member, MemberReport, ModuleKey, PackError, PackParams, PackedSet,
+    pack, pack_separately, pack_with, DecodedBases, Delta, EnergyScope, Factors, InputWhitening,
+    Member, MemberReport, ModuleKey, PackError, PackParams, PackedSet,
 };

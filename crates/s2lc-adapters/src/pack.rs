@@ -261,7 +261,7 @@ pub struct PackParams {
     pub drop_energy: f64,
     /// Activation-aware: energies, bases and cores were measured on `ΔW·L` (`L·Lᵀ` the Gram
     /// matrix of the matrix's calibration inputs), so what is kept is what moves the outputs
-    /// most; the stored bases are mapped back and unpack is unchanged ([`pack_whitened`]).
+    /// most; the stored bases are mapped back and unpack is unchanged ([`pack_with`]).
     #[serde(default)]
     pub whitened: bool,
 }
@@ -281,7 +281,7 @@ impl Default for PackParams {
 }
 
 /// Per (layer, input kind), the whitening of a base model's calibration inputs: what
-/// [`pack_whitened`] measures deltas by (`‖ΔW·L‖` is the output change `‖X·ΔWᵀ‖` on those
+/// [`pack_with`] measures deltas by (`‖ΔW·L‖` is the output change `‖X·ΔWᵀ‖` on those
 /// inputs).
 #[derive(Debug, Clone, Default)]
 pub struct InputWhitening(HashMap<(usize, LinearInput), Arc<Whitening>>);
@@ -794,19 +794,12 @@ pub fn pack(members: &[Member], params: PackParams) -> Result<PackedSet, PackErr
     pack_with(members, params, None)
 }
 
-/// [`pack`], activation-aware: every step (truncation, member-wide cut, shared bases, cores)
-/// measures a delta by `‖ΔW·L‖`, the change it makes to its matrix's outputs on the calibration
-/// inputs, instead of `‖ΔW‖`. Directions the inputs barely excite are dropped first. The stored
-/// input bases are `L⁻ᵀ·V`, so unpacking (and the runtime) needs no calibration.
-pub fn pack_whitened(
-    members: &[Member],
-    params: PackParams,
-    whitening: &InputWhitening,
-) -> Result<PackedSet, PackError> {
-    pack_with(members, params, Some(whitening))
-}
-
-fn pack_with(
+/// [`pack`], activation-aware with `whitening`: every step (truncation, member-wide cut, shared
+/// bases, cores) measures a delta by `‖ΔW·L‖`, the change it makes to its matrix's outputs on the
+/// calibration inputs, instead of `‖ΔW‖`. Directions the inputs barely excite are dropped first.
+/// The stored input bases are `L⁻ᵀ·V`, so unpacking (and the runtime) needs no calibration.
+/// Without `whitening` this is [`pack`].
+pub fn pack_with(
     members: &[Member],
     mut params: PackParams,
     whitening: Option<&InputWhitening>,
@@ -919,14 +912,16 @@ fn pack_with(
     Ok(set)
 }
 
-/// The no-sharing baseline: every member packed alone (its own bases), same parameters.
+/// The no-sharing baseline: every member packed alone (its own bases), same parameters and
+/// calibration ([`pack_with`]).
 pub fn pack_separately(
     members: &[Member],
     params: PackParams,
+    whitening: Option<&InputWhitening>,
 ) -> Result<Vec<PackedSet>, PackError> {
     members
         .iter()
-        .map(|m| pack(std::slice::from_ref(m), params))
+        .map(|m| pack_with(std::slice::from_ref(m), params, whitening))
         .collect()
 }
 
@@ -958,39 +953,33 @@ impl PackedSet {
     /// Adds a member onto the existing bases (a core per matrix, plus an orthogonal residual where
     /// the projection loses more than the energy budget). A matrix the pack has no basis for, a
     /// shape mismatch or a taken name is an error, and the pack is then unchanged.
-    ///
-    /// A pack made by [`pack_whitened`] needs the calibration: see [`PackedSet::add_whitened`].
     pub fn add(&mut self, member: &Member) -> Result<(), PackError> {
-        if self.params.whitened {
-            return Err(PackError::Invalid(format!(
-                "the pack is activation-aware (whitened): adding '{}' needs its calibration inputs",
-                member.name
-            )));
-        }
         self.add_with(member, None)
     }
 
-    /// [`PackedSet::add`] for a pack made by [`pack_whitened`], with the same calibration's
-    /// whitening (another calibration would project onto the bases in other coordinates).
-    pub fn add_whitened(
-        &mut self,
-        member: &Member,
-        whitening: &InputWhitening,
-    ) -> Result<(), PackError> {
-        if !self.params.whitened {
-            return Err(PackError::Invalid(format!(
-                "the pack is not activation-aware: add '{}' without calibration",
-                member.name
-            )));
-        }
-        self.add_with(member, Some(whitening))
-    }
-
-    fn add_with(
+    /// [`PackedSet::add`] with the calibration's `whitening`: a pack made activation-aware
+    /// ([`pack_with`]) needs the same calibration (another one would project onto the bases in
+    /// other coordinates), and a plain pack takes none.
+    pub fn add_with(
         &mut self,
         member: &Member,
         whitening: Option<&InputWhitening>,
     ) -> Result<(), PackError> {
+        match (self.params.whitened, whitening.is_some()) {
+            (true, false) => {
+                return Err(PackError::Invalid(format!(
+                "the pack is activation-aware (whitened): adding '{}' needs its calibration inputs",
+                member.name
+            )))
+            }
+            (false, true) => {
+                return Err(PackError::Invalid(format!(
+                    "the pack is not activation-aware: add '{}' without calibration",
+                    member.name
+                )))
+            }
+            _ => {}
+        }
         if self.members.iter().any(|m| m.name == member.name) {
             return Err(PackError::Invalid(format!(
                 "the pack already has a member '{}'",
@@ -1507,7 +1496,7 @@ mod tests {
             ..PackParams::default()
         };
         let plain = pack(&ms[..1], params).unwrap();
-        let whitened = pack_whitened(&ms[..1], params, &whitening).unwrap();
+        let whitened = pack_with(&ms[..1], params, Some(&whitening)).unwrap();
         assert!(whitened.params.whitened && !plain.params.whitened);
         let ranks = |set: &PackedSet| -> Vec<usize> {
             set.members[0]
@@ -1541,7 +1530,7 @@ mod tests {
         let mut set = whitened.clone();
         let err = set.add(&ms[1]).unwrap_err().to_string();
         assert!(err.contains("needs its calibration"), "{err}");
-        set.add_whitened(&ms[1], &whitening).unwrap();
+        set.add_with(&ms[1], Some(&whitening)).unwrap();
         let added = output_error(x.as_ref(), &ms[1], &set);
         assert!(
             added <= (2.0f64 * 0.05).sqrt() + 0.05,
@@ -1549,13 +1538,13 @@ mod tests {
         );
         let err = plain
             .clone()
-            .add_whitened(&ms[1], &whitening)
+            .add_with(&ms[1], Some(&whitening))
             .unwrap_err()
             .to_string();
         assert!(err.contains("not activation-aware"), "{err}");
         // A calibration of another width is named.
         let (_, narrow) = skewed_inputs(cols / 2);
-        let err = pack_whitened(&ms[..1], params, &narrow)
+        let err = pack_with(&ms[..1], params, Some(&narrow))
             .unwrap_err()
             .to_string();
         assert!(
@@ -1577,7 +1566,7 @@ mod tests {
             ..PackParams::default()
         };
         let shared = pack(&ms, params).unwrap();
-        let alone: usize = pack_separately(&ms, params)
+        let alone: usize = pack_separately(&ms, params, None)
             .unwrap()
             .iter()
             .map(PackedSet::bytes)

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use s2lc_adapters::pack::{MemberReport, PackedSet};
-use s2lc_adapters::{format, pack, pack_whitened, EnergyScope, InputWhitening, Member, PackParams};
+use s2lc_adapters::{format, pack_with, EnergyScope, InputWhitening, Member, PackParams};
 use s2lc_model::compress::{calibration_windows, input_grams};
 use s2lc_model::experts::ExpertSet;
 use s2lc_model::llama::LlamaModel;
@@ -342,11 +342,8 @@ fn pack_cmd(args: &PackArgs) -> Result<()> {
         Some(dir) => expert_members(dir, &args.expert_names)?,
         None => read_members(&args.dirs)?.1,
     };
-    let set = match args.calibration.whitening()? {
-        Some(w) => pack_whitened(&members, params, &w),
-        None => pack(&members, params),
-    }
-    .context("packing")?;
+    let whitening = args.calibration.whitening()?;
+    let set = pack_with(&members, params, whitening.as_ref()).context("packing")?;
     let reports = set.report(&members).context("measuring the pack")?;
     format::save(&set, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
     print_pack_report(&set, &reports);
@@ -360,11 +357,8 @@ fn add_cmd(args: &AddArgs) -> Result<()> {
     let adapter = load_adapter(&args.dir)?;
     let name = args.name.clone().unwrap_or_else(|| dir_name(&args.dir));
     let member = Member::from_lora(&name, &adapter);
-    match args.calibration.whitening()? {
-        Some(w) => set.add_whitened(&member, &w),
-        None => set.add(&member),
-    }
-    .with_context(|| format!("adding {} to {}", args.dir.display(), args.pack.display()))?;
+    set.add_with(&member, args.calibration.whitening()?.as_ref())
+        .with_context(|| format!("adding {} to {}", args.dir.display(), args.pack.display()))?;
     let reports = set.report(std::slice::from_ref(&member))?;
     format::save(&set, &args.pack).with_context(|| format!("writing {}", args.pack.display()))?;
     print_pack_report(&set, &reports);

@@ -10,8 +10,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use s2lc_adapters::pack::PackedSet;
-use s2lc_adapters::{pack, pack_whitened, EnergyScope, InputWhitening, Member, PackParams};
+use s2lc_adapters::pack::{pack_separately, PackedSet};
+use s2lc_adapters::{pack_with, EnergyScope, InputWhitening, Member, PackParams};
 use s2lc_model::experts::{ExpertSet, FfnWeights};
 use s2lc_model::llama::LlamaModel;
 use s2lc_model::lora::LoraAdapter;
@@ -351,18 +351,11 @@ fn measure_config(
     h: &HeldoutArgs,
     unpack_runs: usize,
 ) -> Result<Outcome> {
-    let pack_of = |members: &[Member]| match &suite.whitening {
-        Some(w) => pack_whitened(members, params, w),
-        None => pack(members, params),
-    };
+    let whitening = suite.whitening.as_ref();
     let sets: Vec<PackedSet> = if shared {
-        vec![pack_of(&suite.members)?]
+        vec![pack_with(&suite.members, params, whitening)?]
     } else {
-        suite
-            .members
-            .iter()
-            .map(|m| pack_of(std::slice::from_ref(m)))
-            .collect::<Result<_, _>>()?
+        pack_separately(&suite.members, params, whitening)?
     };
     let set_of = |name: &str| {
         sets.iter()

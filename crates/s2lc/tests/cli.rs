@@ -566,12 +566,9 @@ fn bench_adapters_scores_every_domain() {
 /// base scaled by 1.01 (residual exactly 1 % of the base, rank 1536 spread over the spectrum).
 #[test]
 fn experts_eval_swaps_each_expert_in() {
-    let Some(model) = smollm2() else { return };
-    let text = common::s2lc_home().join("text/canterbury/alice29.txt");
-    if !text.exists() {
-        eprintln!("skipped: alice29.txt absent");
+    let (Some(model), Some(text)) = (smollm2(), common::alice29()) else {
         return;
-    }
+    };
     let dir = scratch("experts");
     common::write_expert_set(&model, &dir, &[("scaled", 1.01)]);
     let report = s2lc_json(
@@ -684,12 +681,9 @@ fn experts_eval_swaps_each_expert_in() {
 /// the calibration, and refuses an add without it.
 #[test]
 fn whitened_pack_calibrates_on_real_text() {
-    let Some(model) = smollm2() else { return };
-    let text = common::s2lc_home().join("text/canterbury/alice29.txt");
-    if !text.exists() {
-        eprintln!("skipped: alice29.txt absent");
+    let (Some(model), Some(text)) = (smollm2(), common::alice29()) else {
         return;
-    }
+    };
     let r4 = alice_r4();
     let dir = scratch("wpack");
     let pack = dir.join("pack");

@@ -47,6 +47,17 @@ pub fn smollm2() -> Option<PathBuf> {
     }
 }
 
+/// `alice29.txt` fetched by `scripts/fetch-assets`, or `None` (with the reason printed).
+pub fn alice29() -> Option<PathBuf> {
+    let p = s2lc_home().join("text/canterbury/alice29.txt");
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("skipped: {} absent (run scripts/fetch-assets)", p.display());
+        None
+    }
+}
+
 /// Writes an expert set under `dir` built from the real model: layer 0's FFN as the base, and
 /// per `(name, factor)` an expert that is that FFN scaled by `factor` (so its residual is
 /// `factor − 1` times the base, spread over the whole spectrum), trained on `alice29.txt`.
