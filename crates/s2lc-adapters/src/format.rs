@@ -11,6 +11,10 @@
 //! 64-bit words); its rows, columns, bits and block size are in the file's `__metadata__` under
 //! `s2lc` as JSON. Tensor prefixes are `L{layer}.{target}.u|v|core_b|core_a|extra_b|extra_a`. The bases
 //! file is shared by every member, so a content-addressed store keeps it once.
+//!
+//! A basis of mixed widths is several column groups side by side: the first at `…u`, the next at
+//! `…u.1`, `…u.2`, …; such packs are [`FORMAT_MIXED`], since a reader of [`FORMAT`] would see only
+//! the first group.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -28,9 +32,13 @@ use s2lc_spectral::{BlockQuant, QuantBits};
 use crate::pack::{
     ModuleKey, PackError, PackParams, PackedCore, PackedMember, PackedModule, PackedSet, QMat,
 };
+use crate::qbasis::QBasis;
 
 /// Format tag written to `pack.json`.
 pub const FORMAT: &str = "s2lc-pack/1";
+
+/// Format tag of a pack whose bases have column groups of several widths.
+pub const FORMAT_MIXED: &str = "s2lc-pack/2";
 
 /// Shape and coding of one quantized matrix, as kept in a file's metadata.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -76,6 +84,16 @@ impl Writer {
                 block: q.block,
             },
         );
+    }
+
+    /// A basis: its first column group at `prefix`, the others at `prefix.1`, `prefix.2`, ….
+    fn put_basis(&mut self, prefix: &str, b: &QBasis) {
+        for (g, group) in b.groups.iter().enumerate() {
+            match g {
+                0 => self.put(prefix, group),
+                _ => self.put(&format!("{prefix}.{g}"), group),
+            }
+        }
     }
 
     /// Serializes to `path` through a `.part` file renamed into place.
@@ -192,6 +210,17 @@ impl<'a> Reader<'a> {
     }
 }
 
+impl Reader<'_> {
+    /// A basis written by [`Writer::put_basis`].
+    fn get_basis(&self, prefix: &str) -> Result<QBasis, PackError> {
+        let mut groups = vec![self.get(prefix)?];
+        while self.has(&format!("{prefix}.{}", groups.len())) {
+            groups.push(self.get(&format!("{prefix}.{}", groups.len()))?);
+        }
+        QBasis::from_groups(groups).map_err(|e| self.fail(format!("{prefix}: {e}")))
+    }
+}
+
 fn prefix(key: &ModuleKey, part: &str) -> String {
     format!("L{}.{}.{part}", key.layer, TARGETS[key.target])
 }
@@ -225,8 +254,8 @@ pub fn save(set: &PackedSet, dir: &Path) -> Result<(), PackError> {
     std::fs::create_dir_all(dir.join("members")).map_err(io(dir))?;
     let mut basis = Writer::default();
     for (key, module) in &set.modules {
-        basis.put(&prefix(key, "u"), &module.u);
-        basis.put(&prefix(key, "v"), &module.v);
+        basis.put_basis(&prefix(key, "u"), &module.u);
+        basis.put_basis(&prefix(key, "v"), &module.v);
     }
     basis.write(&dir.join("basis.safetensors"))?;
     let mut members = Vec::new();
@@ -244,8 +273,12 @@ pub fn save(set: &PackedSet, dir: &Path) -> Result<(), PackError> {
         w.write(&dir.join(&file))?;
         members.push(json!({"name": m.name, "file": file, "bytes": m.bytes()}));
     }
+    let mixed = set
+        .modules
+        .values()
+        .any(|m| m.u.groups.len() > 1 || m.v.groups.len() > 1);
     let manifest = json!({
-        "format": FORMAT,
+        "format": if mixed { FORMAT_MIXED } else { FORMAT },
         "params": set.params,
         "modules": set.modules.keys().collect::<Vec<_>>(),
         "basis_file": "basis.safetensors",
@@ -283,9 +316,9 @@ pub fn load(dir: &Path) -> Result<PackedSet, PackError> {
         message,
     };
     let manifest: Value = serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
-    if manifest["format"] != FORMAT {
+    if manifest["format"] != FORMAT && manifest["format"] != FORMAT_MIXED {
         return Err(fail(format!(
-            "format {} is not {FORMAT}",
+            "format {} is not {FORMAT} or {FORMAT_MIXED}",
             manifest["format"]
         )));
     }
@@ -308,8 +341,8 @@ pub fn load(dir: &Path) -> Result<PackedSet, PackError> {
             return Err(fail(format!("target index {} out of range", key.target)));
         }
         let module = PackedModule {
-            u: basis.get(&prefix(key, "u"))?,
-            v: basis.get(&prefix(key, "v"))?,
+            u: basis.get_basis(&prefix(key, "u"))?,
+            v: basis.get_basis(&prefix(key, "v"))?,
         };
         modules.insert(*key, module);
     }

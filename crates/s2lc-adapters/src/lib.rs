@@ -20,6 +20,7 @@
 
 pub mod format;
 pub mod pack;
+pub mod qbasis;
 
 pub use pack::{
     pack, pack_separately, pack_with, DecodedBases, Delta, EnergyScope, Factors, InputWhitening,

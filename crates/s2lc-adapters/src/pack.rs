@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use faer::linalg::matmul::matmul;
+use faer::linalg::solvers::Solve;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -14,8 +15,10 @@ use s2lc_model::llama::LinearInput;
 use s2lc_model::lora::{module_name, LoraAdapter, LoraDelta, TARGETS};
 use s2lc_spectral::{
     factored_svd, fit_shared_basis, rank_for_energy, row_major, sq_frobenius as sq_norm, thin_svd,
-    BlockQuant, QuantBits, Svd, SvdError, WhitenError, Whitening,
+    BlockQuant, QuantBits, SharedBasis, Svd, SvdError, WhitenError, Whitening,
 };
+
+use crate::qbasis::{allocate_widths, Column, QBasis};
 
 /// Why packing, unpacking or reading a pack failed.
 #[derive(Debug, thiserror::Error)]
@@ -253,8 +256,13 @@ pub struct PackParams {
     pub scope: EnergyScope,
     /// Bits of the cores and residual factors.
     pub bits: QuantBits,
-    /// Bits of the shared bases.
+    /// Bits of the shared bases: of every value, or with `mixed_bases` their average.
     pub basis_bits: QuantBits,
+    /// Mixed-width bases: each basis column gets int2 … int8 by the members' energy along it
+    /// (greedy rate allocation over the whole pack, [`crate::qbasis::allocate_widths`]), the
+    /// columns averaging at most `basis_bits`.
+    #[serde(default)]
+    pub mixed_bases: bool,
     /// Values per quantization block.
     pub block: usize,
     /// Share of each core's energy its dropped blocks may hold.
@@ -273,6 +281,7 @@ impl Default for PackParams {
             scope: EnergyScope::Matrix,
             bits: QuantBits::Int8,
             basis_bits: QuantBits::Int8,
+            mixed_bases: false,
             block: 32,
             drop_energy: 0.0,
             whitened: false,
@@ -417,9 +426,9 @@ impl QMat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedModule {
     /// `rows × p`.
-    pub u: QMat,
+    pub u: QBasis,
     /// `cols × q`.
-    pub v: QMat,
+    pub v: QBasis,
 }
 
 /// One member's part of one target matrix.
@@ -589,6 +598,21 @@ fn scale_cols(u: MatRef<'_, f32>, s: &[f32]) -> Mat<f32> {
     Mat::from_fn(u.nrows(), s.len(), |i, j| u[(i, j)] * s[j])
 }
 
+/// `(bᵀb)⁻¹·bᵀ·x`: the least-squares coefficients of `x`'s columns on the columns of `b`.
+///
+/// Quantized bases are no longer orthonormal. With plain `bᵀ·x`, the reconstruction `b·bᵀ·x`
+/// carries a second error term, `u·δuⱼᵀ·x`: the error of every column, however weak, picks up
+/// the strong directions of `x`. The least-squares fit makes `b·coefficients` the projection
+/// onto the span of `b`, leaving only the span's own error. Falls back to `bᵀ·x` when `bᵀb` is
+/// singular.
+fn coefficients(b: MatRef<'_, f32>, x: MatRef<'_, f32>) -> Mat<f32> {
+    let proj = b.transpose() * x;
+    match (b.transpose() * b).llt(faer::Side::Lower) {
+        Ok(llt) => llt.solve(&proj),
+        Err(_) => proj,
+    }
+}
+
 /// Projects a member's truncated delta onto dequantized bases `(u, v)`: its core, plus (with
 /// `allow_extra`, for members added after the bases were fitted) an orthogonal residual when the
 /// projection keeps less than `energy` of the truncated delta.
@@ -604,7 +628,7 @@ fn project(
     whitening: Option<&Whitening>,
 ) -> Result<PackedCore, SvdError> {
     let p_fac = scale_cols(svd.u.as_ref(), &svd.s); // rows × k
-    let core = (u.transpose() * &p_fac) * (svd.v.transpose() * v); // p × q
+    let core = coefficients(u, p_fac.as_ref()) * coefficients(v, svd.v.as_ref()).transpose(); // p × q
     let (core_b, core_a) = if core.nrows() == 0 || core.ncols() == 0 {
         (Mat::zeros(core.nrows(), 0), Mat::zeros(0, core.ncols()))
     } else {
@@ -670,6 +694,14 @@ impl RowMajor {
             rows: m.rows,
             cols: m.cols,
             data: m.q.dequantize(),
+        }
+    }
+
+    fn decode_basis(b: &QBasis) -> Self {
+        RowMajor {
+            rows: b.rows,
+            cols: b.cols,
+            data: b.dequantize(),
         }
     }
 
@@ -841,10 +873,10 @@ pub fn pack_with(
         .par_iter()
         .map(|m| cut_of(m, &params))
         .collect::<Result<_, _>>()?;
-    type ModuleOut = Option<(ModuleKey, PackedModule, Vec<Option<PackedCore>>)>;
-    let per_module: Vec<ModuleOut> = keys
+    // Pass 1: per matrix, the members' truncated deltas and the shared bases they span.
+    let fitted: Vec<Fitted> = keys
         .par_iter()
-        .map(|&key| -> Result<ModuleOut, PackError> {
+        .map(|&key| -> Result<Option<Fitted>, PackError> {
             // A delta truncated to rank 0 (member scope) is left out of this matrix.
             let svds: Vec<Option<Svd>> = members
                 .iter()
@@ -861,34 +893,48 @@ pub fn pack_with(
             if present.is_empty() {
                 return Ok(None);
             }
-            let basis = fit_shared_basis(&present, params.energy, None)?;
-            let wh = whitening.map(|w| w.of(key)).transpose()?;
-            let q = |m: MatRef<'_, f32>| QMat::new(m, params.block, params.basis_bits, 0.0);
-            let module = PackedModule {
-                u: q(basis.u.as_ref()),
-                v: q(match wh {
-                    Some(w) => w.unwhiten_basis(basis.v.as_ref()),
-                    None => basis.v,
-                }
-                .as_ref()),
-            };
-            let (u, v) = (module.u.to_mat(), module.v.to_mat());
-            // Cores are fitted to the stored (dequantized) bases, in the coordinates the deltas
-            // were measured in.
-            let v = match wh {
-                Some(w) => w.whiten_basis(v.as_ref()),
-                None => v,
-            };
-            let cores = svds
-                .iter()
-                .map(|s| {
-                    s.as_ref()
-                        .map(|s| project(u.as_ref(), v.as_ref(), s, &params, false, wh))
-                        .transpose()
-                })
-                .collect::<Result<_, _>>()?;
-            Ok(Some((key, module, cores)))
+            let mut basis = fit_shared_basis(&present, params.energy, None)?;
+            if let Some(w) = whitening {
+                // Stored in the input's own coordinates (measured in whitened ones).
+                let stored = w.of(key)?.unwhiten_basis(basis.v.as_ref());
+                basis.v = stored;
+            }
+            Ok(Some((key, svds, basis)))
         })
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    let widths = basis_widths(&fitted, &params, whitening)?;
+    // Pass 2: quantize the bases, then fit each member's core to the stored (dequantized) bases,
+    // in the coordinates its delta was measured in.
+    type ModuleOut = (ModuleKey, PackedModule, Vec<Option<PackedCore>>);
+    let per_module: Vec<ModuleOut> = fitted
+        .into_par_iter()
+        .zip(widths)
+        .map(
+            |((key, svds, basis), (wu, wv))| -> Result<ModuleOut, PackError> {
+                let module = PackedModule {
+                    u: quantize_basis(basis.u.as_ref(), params.block, &wu),
+                    v: quantize_basis(basis.v.as_ref(), params.block, &wv),
+                };
+                let wh = whitening.map(|w| w.of(key)).transpose()?;
+                let (u, v) = (module.u.to_mat(), module.v.to_mat());
+                let v = match wh {
+                    Some(w) => w.whiten_basis(v.as_ref()),
+                    None => v,
+                };
+                let cores = svds
+                    .iter()
+                    .map(|s| {
+                        s.as_ref()
+                            .map(|s| project(u.as_ref(), v.as_ref(), s, &params, false, wh))
+                            .transpose()
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok((key, module, cores))
+            },
+        )
         .collect::<Result<_, _>>()?;
     let mut set = PackedSet {
         params,
@@ -901,7 +947,7 @@ pub fn pack_with(
             })
             .collect(),
     };
-    for (key, module, cores) in per_module.into_iter().flatten() {
+    for (key, module, cores) in per_module {
         set.modules.insert(key, module);
         for (member, core) in set.members.iter_mut().zip(cores) {
             if let Some(core) = core {
@@ -910,6 +956,85 @@ pub fn pack_with(
         }
     }
     Ok(set)
+}
+
+/// One matrix between the passes of [`pack_with`]: its key, each member's truncated delta (in
+/// measured coordinates) and the fitted bases (`V` as stored).
+type Fitted = (ModuleKey, Vec<Option<Svd>>, SharedBasis);
+
+/// The widths of a matrix's basis columns: of `U`'s, and of `V`'s.
+type Widths = (Vec<QuantBits>, Vec<QuantBits>);
+
+/// Per fitted matrix, the widths of the columns of `U` and of `V`: `basis_bits` throughout, or
+/// with `mixed_bases` allocated over the whole pack by the members' energy along each column
+/// (`Σᵢ ‖uⱼᵀ·Uᵢ·Σᵢ‖²`, and for `V` in the coordinates the deltas were measured in).
+fn basis_widths(
+    fitted: &[Fitted],
+    params: &PackParams,
+    whitening: Option<&InputWhitening>,
+) -> Result<Vec<Widths>, PackError> {
+    if !params.mixed_bases {
+        let all = |n: usize| vec![params.basis_bits; n];
+        return Ok(fitted
+            .iter()
+            .map(|(_, _, b)| (all(b.u.ncols()), all(b.v.ncols())))
+            .collect());
+    }
+    let columns: Vec<(Vec<Column>, Vec<Column>)> = fitted
+        .par_iter()
+        .map(|(key, svds, basis)| -> Result<_, PackError> {
+            let v_measured = match whitening {
+                Some(w) => w.of(*key)?.whiten_basis(basis.v.as_ref()),
+                None => basis.v.clone(),
+            };
+            let side = |stored: MatRef<'_, f32>, measured: MatRef<'_, f32>, left: bool| {
+                let mut weight = vec![0.0f64; stored.ncols()];
+                for svd in svds.iter().flatten() {
+                    let f = if left { svd.u.as_ref() } else { svd.v.as_ref() };
+                    let m = measured.transpose() * scale_cols(f, &svd.s);
+                    for (j, w) in weight.iter_mut().enumerate() {
+                        *w += (0..m.ncols())
+                            .map(|c| (m[(j, c)] as f64).powi(2))
+                            .sum::<f64>();
+                    }
+                }
+                weight
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, weight)| Column {
+                        weight,
+                        values: stored.col(j).iter().copied().collect(),
+                    })
+                    .collect::<Vec<_>>()
+            };
+            Ok((
+                side(basis.u.as_ref(), basis.u.as_ref(), true),
+                side(basis.v.as_ref(), v_measured.as_ref(), false),
+            ))
+        })
+        .collect::<Result<_, _>>()?;
+    let flat: Vec<&Column> = columns
+        .iter()
+        .flat_map(|(u, v)| u.iter().chain(v))
+        .collect();
+    let mut widths = allocate_widths(&flat, params.block, params.basis_bits).into_iter();
+    Ok(columns
+        .iter()
+        .map(|(u, v)| {
+            let u: Vec<QuantBits> = widths.by_ref().take(u.len()).collect();
+            (u, widths.by_ref().take(v.len()).collect())
+        })
+        .collect())
+}
+
+/// Quantizes a basis at per-column `widths`, its columns reordered widest first so that each
+/// width is one group (the cores are fitted to the stored order afterwards).
+fn quantize_basis(m: MatRef<'_, f32>, block: usize, widths: &[QuantBits]) -> QBasis {
+    let mut order: Vec<usize> = (0..widths.len()).collect();
+    order.sort_by_key(|&j| std::cmp::Reverse(widths[j].bits()));
+    let sorted = Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, order[j])]);
+    let widths: Vec<QuantBits> = order.iter().map(|&j| widths[j]).collect();
+    QBasis::with_widths(sorted.as_ref(), block, &widths)
 }
 
 /// The no-sharing baseline: every member packed alone (its own bases), same parameters and
@@ -1066,7 +1191,12 @@ impl PackedSet {
         DecodedBases(
             self.modules
                 .par_iter()
-                .map(|(&key, m)| (key, (RowMajor::decode(&m.u), RowMajor::decode(&m.v))))
+                .map(|(&key, m)| {
+                    (
+                        key,
+                        (RowMajor::decode_basis(&m.u), RowMajor::decode_basis(&m.v)),
+                    )
+                })
                 .collect(),
         )
     }
@@ -1087,7 +1217,7 @@ impl PackedSet {
                     }
                     None => {
                         let m = self.modules.get(&key).ok_or_else(missing)?;
-                        decoded = (RowMajor::decode(&m.u), RowMajor::decode(&m.v));
+                        decoded = (RowMajor::decode_basis(&m.u), RowMajor::decode_basis(&m.v));
                         (decoded.0.view(), decoded.1.view())
                     }
                 };
@@ -1632,6 +1762,86 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no member 'nope'"));
+    }
+
+    #[test]
+    fn mixed_width_bases_spend_bits_where_the_energy_is() {
+        // Members with steep spectra (each direction half the one before), as trained adapters
+        // have: a few basis vectors carry most of the energy.
+        let decay: Vec<f32> = (0..6).map(|k| 0.5f32.powi(k)).collect();
+        let steep: Vec<Member> = (0..2)
+            .map(|i| Member {
+                name: format!("s{i}"),
+                deltas: [(0usize, 0usize), (0, 2), (1, 4)]
+                    .into_iter()
+                    .map(|(layer, target)| {
+                        let s = 7 + (i * 8 + layer * 3 + target) as u64;
+                        let b = scale_cols(matrix(64, 6, s).as_ref(), &decay);
+                        let a = matrix(6, 64, s ^ 0x55);
+                        (ModuleKey { layer, target }, Delta::Factors { b, a })
+                    })
+                    .collect(),
+            })
+            .collect();
+        let params = |mixed_bases| PackParams {
+            energy: 0.999,
+            basis_bits: QuantBits::Int3,
+            mixed_bases,
+            ..PackParams::default()
+        };
+        let uniform = pack(&steep, params(false)).unwrap();
+        let mixed = pack(&steep, params(true)).unwrap();
+        let worst = |set: &PackedSet| {
+            set.report(&steep)
+                .unwrap()
+                .iter()
+                .map(|r| r.rel_error)
+                .fold(0.0, f64::max)
+        };
+        let (bu, bm) = (uniform.basis_bytes(), mixed.basis_bytes());
+        // No more bits per value (64 rows: groups split no block); each extra group costs one
+        // more bitmap word.
+        let groups = |set: &PackedSet| -> usize {
+            set.modules
+                .values()
+                .map(|m| m.u.groups.len() + m.v.groups.len())
+                .sum()
+        };
+        let extra = 8 * (groups(&mixed) - groups(&uniform));
+        assert!(
+            bm <= bu + extra,
+            "mixed {bm} B vs uniform {bu} B + {extra} B"
+        );
+        assert!(
+            worst(&mixed) < 0.7 * worst(&uniform),
+            "mixed {} vs uniform {}",
+            worst(&mixed),
+            worst(&uniform)
+        );
+        let widths: BTreeSet<usize> = mixed
+            .modules
+            .values()
+            .flat_map(|m| m.u.widths().into_iter().chain(m.v.widths()))
+            .map(QuantBits::bits)
+            .collect();
+        assert!(
+            widths.len() > 1 && widths.iter().any(|&b| b > 3),
+            "{widths:?}"
+        );
+        // The groups survive the files, under the format that names them.
+        let dir = std::env::temp_dir().join(format!("s2lc-mixed-{}", std::process::id()));
+        crate::format::save(&mixed, &dir).unwrap();
+        let manifest = std::fs::read_to_string(dir.join("pack.json")).unwrap();
+        assert!(manifest.contains(crate::format::FORMAT_MIXED), "{manifest}");
+        assert_eq!(crate::format::load(&dir).unwrap(), mixed);
+        std::fs::remove_dir_all(&dir).ok();
+        // A member added later is projected onto the mixed bases like any other.
+        let mut grown = mixed.clone();
+        let mut late = steep[0].clone();
+        late.name = "late".into();
+        grown.add(&late).unwrap();
+        let late_err = grown.report(std::slice::from_ref(&late)).unwrap()[0].rel_error;
+        assert!(late_err < 1.5 * worst(&mixed), "{late_err}");
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! Block-sparse quantization: a vector cut into fixed blocks, the blocks holding the least energy
-//! dropped (a bitmap records which are kept), each kept block stored as int8, int4, int3 or int2
-//! with one f16 scale — a layout a SIMD decoder reads in one pass (bitmap word, then the kept
+//! dropped (a bitmap records which are kept), each kept block stored as int8, int6, int5, int4, int3
+//! or int2 with one f16 scale — a layout a SIMD decoder reads in one pass (bitmap word, then the kept
 //! blocks in order).
 //!
 //! Quantization is symmetric round-to-nearest, `q = clamp(round(x / d), −qmax, qmax)` (`qmax` =
-//! 127, 7, 3, 1), with the scale `d` of each block chosen to minimise the block's squared error
+//! 127, 31, 15, 7, 3, 1), with the scale `d` of each block chosen to minimise the block's squared error
 //! among `max|x|/qmax · f` for `f` in `{1, 0.95, …, 0.5}`: clipping the few largest values of a
 //! block buys a finer step for the rest, which pays most at few bits. `f = 1` (no clipping) is
 //! among the candidates, so a block is never worse than plain absmax scaling. Dropping blocks in
@@ -20,6 +20,10 @@ use half::f16;
 pub enum QuantBits {
     /// int8 in [-127, 127].
     Int8,
+    /// int6 in [-31, 31], four per three bytes.
+    Int6,
+    /// int5 in [-15, 15], eight per five bytes.
+    Int5,
     /// int4 in [-7, 7], two per byte (low nibble first).
     Int4,
     /// int3 in [-3, 3], eight per three bytes.
@@ -30,8 +34,10 @@ pub enum QuantBits {
 
 impl QuantBits {
     /// Every width, widest first.
-    pub const ALL: [QuantBits; 4] = [
+    pub const ALL: [QuantBits; 6] = [
         QuantBits::Int8,
+        QuantBits::Int6,
+        QuantBits::Int5,
         QuantBits::Int4,
         QuantBits::Int3,
         QuantBits::Int2,
@@ -41,6 +47,8 @@ impl QuantBits {
     pub fn bits(self) -> usize {
         match self {
             QuantBits::Int8 => 8,
+            QuantBits::Int6 => 6,
+            QuantBits::Int5 => 5,
             QuantBits::Int4 => 4,
             QuantBits::Int3 => 3,
             QuantBits::Int2 => 2,
@@ -57,10 +65,12 @@ impl QuantBits {
         (block * self.bits()).div_ceil(8)
     }
 
-    /// The name used in files and reports (`int8`, `int4`, `int3`, `int2`).
+    /// The name used in files and reports (`int8`, `int6`, `int5`, `int4`, `int3`, `int2`).
     pub fn name(self) -> &'static str {
         match self {
             QuantBits::Int8 => "int8",
+            QuantBits::Int6 => "int6",
+            QuantBits::Int5 => "int5",
             QuantBits::Int4 => "int4",
             QuantBits::Int3 => "int3",
             QuantBits::Int2 => "int2",
@@ -174,7 +184,7 @@ impl BlockQuant {
                 _ => {
                     let (b, mask) = (bits.bits(), (1u16 << bits.bits()) - 1);
                     for (j, &v) in chunk.iter().enumerate() {
-                        // A code may straddle two bytes (int3): write it as a 16-bit window.
+                        // A code may straddle two bytes (int3, int5, int6): write it as a 16-bit window.
                         let code = (q(v) as u16 & mask) << (j * b % 8);
                         let at = j * b / 8;
                         out[at] |= code as u8;
@@ -268,7 +278,7 @@ impl BlockQuant {
                         *o = d * ((nib as i8) >> 4) as f32;
                     }
                 }
-                QuantBits::Int3 | QuantBits::Int2 => {
+                _ => {
                     let b = self.bits.bits();
                     for (j, o) in chunk.iter_mut().enumerate() {
                         let (at, shift) = (j * b / 8, j * b % 8);
@@ -316,7 +326,7 @@ mod tests {
         /// the dropped energy stays within the budget.
         #[test]
         fn round_trip_error_is_bounded(n in 1usize..300, block in 1usize..70, seed in any::<u64>(),
-                                       width in 0usize..4, drop in 0.0f64..0.5) {
+                                       width in 0usize..6, drop in 0.0f64..0.5) {
             let bits = QuantBits::ALL[width];
             let x = values(n, seed);
             let q = BlockQuant::quantize(&x, block, bits, drop);
@@ -379,9 +389,16 @@ mod tests {
         corrupt.scales.pop();
         assert!(corrupt.validate().is_err());
         assert_eq!(QuantBits::parse("int4"), Some(QuantBits::Int4));
-        assert_eq!(QuantBits::parse("int5"), None);
-        // int3: 32 values in 12 bytes; int2: in 8. Every code round-trips through the packing.
-        for (bits, bytes) in [(QuantBits::Int3, 12), (QuantBits::Int2, 8)] {
+        assert_eq!(QuantBits::parse("int5"), Some(QuantBits::Int5));
+        assert_eq!(QuantBits::parse("int7"), None);
+        // 32 values take 24 bytes at int6, 20 at int5, 12 at int3 and 8 at int2. Every code
+        // round-trips through the packing.
+        for (bits, bytes) in [
+            (QuantBits::Int6, 24),
+            (QuantBits::Int5, 20),
+            (QuantBits::Int3, 12),
+            (QuantBits::Int2, 8),
+        ] {
             let q = BlockQuant::quantize(&x, 32, bits, 0.0);
             assert_eq!(q.data.len(), 4 * bytes, "{bits:?}");
             let qmax = bits.qmax() as i32;

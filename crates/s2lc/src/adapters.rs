@@ -49,12 +49,17 @@ pub struct PackOptions {
     /// (`member`: its singular values ranked together, so small deltas lose more).
     #[arg(long, default_value = "matrix", value_parser = parse_scope)]
     pub scope: EnergyScope,
-    /// Bits of the cores: int8, int4, int3 or int2.
+    /// Bits of the cores: int8, int6, int5, int4, int3 or int2.
     #[arg(long, default_value = "int8", value_parser = parse_bits)]
     pub bits: QuantBits,
-    /// Bits of the shared bases: int8, int4, int3 or int2.
+    /// Bits of the shared bases: int8, int6, int5, int4, int3 or int2 (with `--mixed-bases`,
+    /// their average).
     #[arg(long, default_value = "int8", value_parser = parse_bits)]
     pub basis_bits: QuantBits,
+    /// Give each basis vector its own width (int2 … int8) by the adapters' energy along it,
+    /// averaging at most `--basis-bits`: the strong directions get more bits, the weak fewer.
+    #[arg(long)]
+    pub mixed_bases: bool,
     /// Values per quantization block (even).
     #[arg(long, default_value_t = 32)]
     pub block: usize,
@@ -71,6 +76,7 @@ impl PackOptions {
             scope: self.scope,
             bits: self.bits,
             basis_bits: self.basis_bits,
+            mixed_bases: self.mixed_bases,
             block: self.block,
             drop_energy: self.drop_energy,
             whitened: false,
@@ -80,9 +86,10 @@ impl PackOptions {
     }
 }
 
-/// Parses `int8` / `int4`.
+/// Parses a width name (`int8`, `int4`, …).
 pub fn parse_bits(s: &str) -> Result<QuantBits, String> {
-    QuantBits::parse(s).ok_or_else(|| format!("unknown bits '{s}' (int8, int4, int3, int2)"))
+    QuantBits::parse(s)
+        .ok_or_else(|| format!("unknown bits '{s}' (int8, int6, int5, int4, int3, int2)"))
 }
 
 /// Parses `matrix` / `member`.

@@ -46,18 +46,25 @@ pub struct PackBenchArgs {
     /// Energies to try (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "0.9,0.95,0.99")]
     energies: Vec<f64>,
-    /// Core bits to try (comma-separated: int8, int4, int3, int2).
+    /// Core bits to try (comma-separated: int8, int6, int5, int4, int3, int2).
     #[arg(long, value_delimiter = ',', default_value = "int8,int4")]
     bits: Vec<String>,
     /// What each energy is a share of: `matrix` or `member` (see `s2lc adapters pack --scope`).
     #[arg(long, default_value = "matrix", value_parser = parse_scope)]
     scope: EnergyScope,
-    /// Bits of the shared bases.
+    /// Bits of the shared bases (with `--mixed-bases`, their average).
     #[arg(long, default_value = "int8", value_parser = parse_bits)]
     basis_bits: QuantBits,
+    /// Mixed-width bases (see `s2lc adapters pack --mixed-bases`).
+    #[arg(long)]
+    mixed_bases: bool,
     /// Share of each core's energy that dropped blocks may hold.
     #[arg(long, default_value_t = 0.0)]
     drop_energy: f64,
+    /// Which packings to measure: over shared bases (`true`), each member alone (`false`), or
+    /// both.
+    #[arg(long, value_delimiter = ',', default_value = "true,false")]
+    shared: Vec<bool>,
     /// Pack activation-aware (see `s2lc adapters pack --calibrate`), calibrated on windows of
     /// the training part of every domain text (never the held-out part that is scored).
     #[arg(long)]
@@ -142,16 +149,14 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
     let bits: Vec<QuantBits> = args
         .bits
         .iter()
-        .map(|b| {
-            QuantBits::parse(b)
-                .with_context(|| format!("unknown bits '{b}' (int8, int4, int3, int2)"))
-        })
+        .map(|b| parse_bits(b).map_err(anyhow::Error::msg))
         .collect::<Result<_>>()?;
     let params_at = |energy: f64, bits: QuantBits| PackParams {
         energy,
         scope: args.scope,
         bits,
         basis_bits: args.basis_bits,
+        mixed_bases: args.mixed_bases,
         drop_energy: args.drop_energy,
         ..PackParams::default()
     };
@@ -278,7 +283,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
         let mut rows = Vec::new();
         for &energy in &args.energies {
             for &b in &bits {
-                for shared in [true, false] {
+                for &shared in &args.shared {
                     let params = params_at(energy, b);
                     let o = measure_config(
                         suite,
@@ -330,6 +335,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             "weights": args.weights.name(),
             "heldout": h.heldout, "seq": h.seq, "max_windows": h.max_windows,
             "scope": args.scope.name(), "basis_bits": args.basis_bits.name(),
+            "mixed_bases": args.mixed_bases,
             "drop_energy": args.drop_energy,
             "whitened": args.whiten, "calib_windows_per_text": args.whiten.then_some(args.calib_windows),
             "suites": report,

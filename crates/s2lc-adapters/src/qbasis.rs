@@ -1,0 +1,302 @@
+//! Quantized shared bases with a bit width per column, and the allocation that picks the widths.
+//!
+//! A basis column `uⱼ` quantized with relative squared error `Dⱼ(b)` at `b` bits moves every delta
+//! built on it by `‖δuⱼ‖²·‖(C·Vᵀ)ⱼ‖² = Dⱼ(b)·eⱼ`, where `eⱼ` is the members' energy along `uⱼ`.
+//! With one width for all columns the weak columns get as many bits as the strong ones; rate
+//! allocation (as in transform coding) instead spends each extra bit where it removes the most
+//! weighted error, `eⱼ·(Dⱼ(b) − Dⱼ(b′))` per added bit, under the same total of bits.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+use faer::{Mat, MatRef};
+use rayon::prelude::*;
+
+use s2lc_spectral::{BlockQuant, QuantBits};
+
+use crate::pack::QMat;
+
+/// A basis (`rows × cols`) stored as column groups side by side, each block-quantized row-major at
+/// its own width. A uniform basis is one group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QBasis {
+    /// Rows.
+    pub rows: usize,
+    /// Columns: the sum of the groups'.
+    pub cols: usize,
+    /// The column groups, left to right.
+    pub groups: Vec<QMat>,
+}
+
+impl QBasis {
+    /// Quantizes `m` at `bits` throughout.
+    pub fn uniform(m: MatRef<'_, f32>, block: usize, bits: QuantBits) -> Self {
+        QBasis::with_widths(m, block, &vec![bits; m.ncols()])
+    }
+
+    /// Quantizes column `j` of `m` at `widths[j]`; each run of equal widths is one group.
+    pub fn with_widths(m: MatRef<'_, f32>, block: usize, widths: &[QuantBits]) -> Self {
+        assert_eq!(widths.len(), m.ncols(), "one width per column");
+        let mut groups = Vec::new();
+        let mut start = 0;
+        while start < widths.len() {
+            let end = start
+                + widths[start..]
+                    .iter()
+                    .take_while(|&&w| w == widths[start])
+                    .count();
+            groups.push(QMat::new(
+                m.subcols(start, end - start),
+                block,
+                widths[start],
+                0.0,
+            ));
+            start = end;
+        }
+        if groups.is_empty() {
+            // No columns: one empty group keeps the row count in the file.
+            groups.push(QMat::new(m, block, QuantBits::Int8, 0.0));
+        }
+        QBasis {
+            rows: m.nrows(),
+            cols: m.ncols(),
+            groups,
+        }
+    }
+
+    /// Builds a basis from groups read back from a file, checking that their row counts agree.
+    pub fn from_groups(groups: Vec<QMat>) -> Result<Self, String> {
+        let rows = groups.first().ok_or("a basis without groups")?.rows;
+        if let Some(g) = groups.iter().find(|g| g.rows != rows) {
+            return Err(format!(
+                "basis groups of {rows} and {} rows side by side",
+                g.rows
+            ));
+        }
+        let cols = groups.iter().map(|g| g.cols).sum();
+        Ok(QBasis { rows, cols, groups })
+    }
+
+    /// The width of every column, left to right.
+    pub fn widths(&self) -> Vec<QuantBits> {
+        self.groups
+            .iter()
+            .flat_map(|g| std::iter::repeat_n(g.q.bits, g.cols))
+            .collect()
+    }
+
+    /// Bytes stored.
+    pub fn bytes(&self) -> usize {
+        self.groups.iter().map(QMat::bytes).sum()
+    }
+
+    /// The dequantized basis, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        if let [g] = &self.groups[..] {
+            return g.q.dequantize();
+        }
+        let mut out = vec![0.0f32; self.rows * self.cols];
+        let mut at = 0;
+        for g in &self.groups {
+            for (dst, src) in out
+                .chunks_exact_mut(self.cols.max(1))
+                .zip(g.q.dequantize().chunks_exact(g.cols.max(1)))
+            {
+                dst[at..at + g.cols].copy_from_slice(src);
+            }
+            at += g.cols;
+        }
+        out
+    }
+
+    /// The dequantized basis.
+    pub fn to_mat(&self) -> Mat<f32> {
+        let data = self.dequantize();
+        MatRef::from_row_major_slice(&data, self.rows, self.cols).to_owned()
+    }
+}
+
+/// Widths a column may get, narrowest first.
+const LADDER: [QuantBits; 6] = [
+    QuantBits::Int2,
+    QuantBits::Int3,
+    QuantBits::Int4,
+    QuantBits::Int5,
+    QuantBits::Int6,
+    QuantBits::Int8,
+];
+
+/// One basis column to allocate bits to.
+pub struct Column {
+    /// The members' energy along the column (the weight of its error).
+    pub weight: f64,
+    /// Its values.
+    pub values: Vec<f32>,
+}
+
+/// A candidate step: widening column `col` by one rung, removing `gain` weighted error per bit.
+struct Step {
+    gain: f64,
+    col: usize,
+}
+
+impl PartialEq for Step {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Step {}
+impl PartialOrd for Step {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Step {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.gain
+            .total_cmp(&other.gain)
+            .then(other.col.cmp(&self.col))
+    }
+}
+
+/// Chooses a width per column so that the columns average at most `average` bits per value and
+/// the weighted error `Σ weightⱼ·Dⱼ(widthⱼ)` is small: every column starts at int2, and each step
+/// widens the column where one more rung removes the most weighted error per added bit, while the
+/// bits allow (greedy rate allocation). `Dⱼ` is measured by quantizing column `j` alone in blocks
+/// of `block`, relative to its squared norm.
+pub fn allocate_widths(columns: &[&Column], block: usize, average: QuantBits) -> Vec<QuantBits> {
+    // errors[j][r]: relative squared error of column j at rung r.
+    let errors: Vec<[f64; LADDER.len()]> = columns
+        .par_iter()
+        .map(|c| {
+            let norm: f64 = c.values.iter().map(|&v| (v as f64).powi(2)).sum();
+            LADDER.map(|bits| {
+                if norm == 0.0 {
+                    return 0.0;
+                }
+                let q = BlockQuant::quantize(&c.values, block, bits, 0.0).dequantize();
+                let err: f64 = c
+                    .values
+                    .iter()
+                    .zip(&q)
+                    .map(|(&a, &b)| ((a - b) as f64).powi(2))
+                    .sum();
+                err / norm
+            })
+        })
+        .collect();
+    let mut rung = vec![0usize; columns.len()];
+    let step_cost =
+        |j: usize, r: usize| columns[j].values.len() * (LADDER[r + 1].bits() - LADDER[r].bits());
+    let step = |j: usize, r: usize| Step {
+        gain: columns[j].weight * (errors[j][r] - errors[j][r + 1]) / step_cost(j, r) as f64,
+        col: j,
+    };
+    let total: usize = columns.iter().map(|c| c.values.len()).sum();
+    let mut left = total * average.bits();
+    left = left.saturating_sub(total * LADDER[0].bits());
+    let mut heap: BinaryHeap<Step> = (0..columns.len()).map(|j| step(j, 0)).collect();
+    while let Some(Step { gain, col }) = heap.pop() {
+        if gain <= 0.0 {
+            break;
+        }
+        let cost = step_cost(col, rung[col]);
+        if cost > left {
+            continue;
+        }
+        left -= cost;
+        rung[col] += 1;
+        if rung[col] + 1 < LADDER.len() {
+            heap.push(step(col, rung[col]));
+        }
+    }
+    rung.into_iter().map(|r| LADDER[r]).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn column(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed | 1;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bits_go_to_the_heavy_columns_within_the_budget() {
+        let weights = [100.0, 10.0, 1.0, 0.1, 0.0];
+        let columns: Vec<Column> = weights
+            .iter()
+            .enumerate()
+            .map(|(j, &w)| Column {
+                weight: w,
+                values: column(256, j as u64 + 1),
+            })
+            .collect();
+        let refs: Vec<&Column> = columns.iter().collect();
+        let widths = allocate_widths(&refs, 32, QuantBits::Int4);
+        let bits: Vec<usize> = widths.iter().map(|w| w.bits()).collect();
+        assert!(bits.iter().sum::<usize>() <= 4 * columns.len(), "{bits:?}");
+        assert!(bits.windows(2).all(|w| w[0] >= w[1]), "{bits:?}");
+        assert!(bits[0] > 4 && bits[4] == 2, "{bits:?}");
+        // Less weighted error than int4 throughout, at no more bits.
+        let weighted = |widths: &[QuantBits]| -> f64 {
+            columns
+                .iter()
+                .zip(widths)
+                .map(|(c, &b)| {
+                    let q = BlockQuant::quantize(&c.values, 32, b, 0.0).dequantize();
+                    c.weight
+                        * c.values
+                            .iter()
+                            .zip(&q)
+                            .map(|(&a, &b)| ((a - b) as f64).powi(2))
+                            .sum::<f64>()
+                })
+                .sum()
+        };
+        let uniform = weighted(&[QuantBits::Int4; 5]);
+        assert!(weighted(&widths) < 0.5 * uniform, "{widths:?}");
+        // At the narrowest average there is nothing to give.
+        assert!(allocate_widths(&refs, 32, QuantBits::Int2)
+            .iter()
+            .all(|&w| w == QuantBits::Int2));
+    }
+
+    #[test]
+    fn groups_rebuild_the_basis() {
+        let data = column(64 * 5, 9);
+        let m = MatRef::from_row_major_slice(&data, 64, 5);
+        let widths = [
+            QuantBits::Int8,
+            QuantBits::Int8,
+            QuantBits::Int4,
+            QuantBits::Int2,
+            QuantBits::Int2,
+        ];
+        let b = QBasis::with_widths(m, 32, &widths);
+        assert_eq!(b.groups.len(), 3);
+        assert_eq!(b.widths(), widths);
+        let back = b.to_mat();
+        for j in 0..5 {
+            let err = (0..64)
+                .map(|i| (back[(i, j)] - m[(i, j)]).abs())
+                .fold(0.0f32, f32::max);
+            // Half a step of the column's width (values in [-0.5, 0.5]).
+            let step = 0.5 / ((1 << (widths[j].bits() - 1)) - 1) as f32;
+            assert!(err <= 0.5 * step + 1e-3, "column {j}: {err}");
+        }
+        let regrouped = QBasis::from_groups(b.groups.clone()).expect("same rows");
+        assert_eq!(regrouped, b);
+        let mut bad = b.groups.clone();
+        bad[1] = QMat::new(m.subrows(0, 32), 32, QuantBits::Int4, 0.0);
+        assert!(QBasis::from_groups(bad).is_err());
+    }
+}
