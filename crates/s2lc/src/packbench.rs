@@ -58,6 +58,9 @@ pub struct PackBenchArgs {
     /// Mixed-width bases (see `s2lc adapters pack --mixed-bases`).
     #[arg(long)]
     mixed_bases: bool,
+    /// Values per quantization block (even).
+    #[arg(long, default_value_t = 32)]
+    block: usize,
     /// Share of each core's energy that dropped blocks may hold.
     #[arg(long, default_value_t = 0.0)]
     drop_energy: f64,
@@ -157,6 +160,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
         bits,
         basis_bits: args.basis_bits,
         mixed_bases: args.mixed_bases,
+        block: args.block,
         drop_energy: args.drop_energy,
         ..PackParams::default()
     };
@@ -335,7 +339,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             "weights": args.weights.name(),
             "heldout": h.heldout, "seq": h.seq, "max_windows": h.max_windows,
             "scope": args.scope.name(), "basis_bits": args.basis_bits.name(),
-            "mixed_bases": args.mixed_bases,
+            "mixed_bases": args.mixed_bases, "block": args.block,
             "drop_energy": args.drop_energy,
             "whitened": args.whiten, "calib_windows_per_text": args.whiten.then_some(args.calib_windows),
             "suites": report,

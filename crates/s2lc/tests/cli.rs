@@ -767,6 +767,33 @@ fn adapters_pack_add_unpack_round_trip() {
     let o = s2lc(&["adapters", "info", &s(&un)]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("60 deltas"));
 
+    // Mixed-width bases: written as column groups under the format that names them, and
+    // unpacked like any other pack.
+    let mixed = dir.join("mixed");
+    let o = s2lc(&[
+        "adapters",
+        "pack",
+        &s(&r4),
+        &s(&e90),
+        "-o",
+        &s(&mixed),
+        "--basis-bits",
+        "int3",
+        "--mixed-bases",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let manifest = std::fs::read_to_string(mixed.join("pack.json")).unwrap();
+    assert!(manifest.contains("s2lc-pack/2"), "{manifest}");
+    let o = s2lc(&[
+        "adapters",
+        "unpack",
+        &s(&mixed),
+        "alice-r4",
+        "-o",
+        &s(&dir.join("mixed-unpacked")),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
     assert_clean_error(
         &s2lc(&["adapters", "pack", &s(&r4), "-o", &s(&pack)]),
         "already holds a pack",
@@ -871,8 +898,8 @@ fn bench_pack_measures_a_real_adapter() {
         assert!(delta.abs() < 0.05, "whitened packing: {delta}");
     }
     assert_clean_error(
-        &s2lc(&["bench", "pack", "--bits", "int5", "--no-experts"]),
-        "unknown bits 'int5'",
+        &s2lc(&["bench", "pack", "--bits", "int7", "--no-experts"]),
+        "unknown bits 'int7'",
     );
     std::fs::remove_dir_all(&dir).ok();
 }
