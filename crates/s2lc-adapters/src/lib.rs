@@ -6,10 +6,13 @@
 //! 1. each delta `ΔWᵢ` is truncated to the rank that keeps `energy` of `‖ΔWᵢ‖²` (thin SVD, through
 //!    the LoRA factors when it has them);
 //! 2. the shared bases `U` (`out × p`) and `V` (`in × q`) keep `energy` of the members' pooled,
-//!    norm-balanced column and row spaces ([`s2lc_spectral::shared`]), and each member keeps its
-//!    core `Cᵢ = Uᵀ·ΔWᵢ·V` (`p × q`);
-//! 3. cores and bases are block-quantized ([`s2lc_spectral::blockquant`]): int8, int4, int3 or int2 blocks with
-//!    an f16 scale, the weakest blocks dropped under a budget.
+//!    norm-balanced column and row spaces ([`s2lc_spectral::shared`]);
+//! 3. the bases are block-quantized ([`s2lc_spectral::blockquant`]: int8 … int2 blocks with an
+//!    f16 scale), at one width or, with mixed widths, per basis vector by the members' energy
+//!    along it ([`qbasis`]);
+//! 4. each member keeps its core `Cᵢ = Û⁺·ΔWᵢ·V̂⁺ᵀ` (`p × q`), the least-squares fit on the
+//!    quantized bases `Û`, `V̂`, block-quantized the same way, the weakest blocks dropped under a
+//!    budget.
 //!
 //! The error of each member is measured and reported, not bounded: a shared basis that does not
 //! hold a member's directions shows up as that member's error. Unpacking rebuilds a member as LoRA
@@ -26,3 +29,15 @@ pub use pack::{
     pack, pack_separately, pack_with, DecodedBases, Delta, EnergyScope, Factors, InputWhitening,
     Member, MemberReport, ModuleKey, PackError, PackParams, PackedSet,
 };
+
+/// A reproducible `rows × cols` test matrix of xorshift values in [-0.5, 0.5).
+#[cfg(test)]
+pub(crate) fn test_matrix(rows: usize, cols: usize, seed: u64) -> faer::Mat<f32> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    faer::Mat::from_fn(rows, cols, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    })
+}

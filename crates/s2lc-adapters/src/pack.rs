@@ -1370,16 +1370,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// xorshift values in [-0.5, 0.5).
-    fn matrix(rows: usize, cols: usize, seed: u64) -> Mat<f32> {
-        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        Mat::from_fn(rows, cols, |_, _| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-    }
+    use crate::test_matrix as matrix;
 
     /// `n` LoRA-like members on two layers × two targets whose column spaces share `common`
     /// directions (plus `r − common` of their own).

@@ -218,14 +218,10 @@ mod tests {
     use super::*;
 
     fn column(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed | 1;
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
+        crate::test_matrix(n, 1, seed)
+            .col(0)
+            .iter()
+            .copied()
             .collect()
     }
 
