@@ -208,9 +208,7 @@ impl<'a> Reader<'a> {
             q,
         })
     }
-}
 
-impl Reader<'_> {
     /// A basis written by [`Writer::put_basis`].
     fn get_basis(&self, prefix: &str) -> Result<QBasis, PackError> {
         let mut groups = vec![self.get(prefix)?];

@@ -193,8 +193,8 @@ pub fn allocate_widths(columns: &[&Column], block: usize, average: QuantBits) ->
         col: j,
     };
     let total: usize = columns.iter().map(|c| c.values.len()).sum();
-    let mut left = total * average.bits();
-    left = left.saturating_sub(total * LADDER[0].bits());
+    // Bits left to spend once every column holds the narrowest rung.
+    let mut left = total * average.bits().saturating_sub(LADDER[0].bits());
     let mut heap: BinaryHeap<Step> = (0..columns.len()).map(|j| step(j, 0)).collect();
     while let Some(Step { gain, col }) = heap.pop() {
         if gain <= 0.0 {

@@ -455,6 +455,19 @@ fn s2lc_json(args: &[&str], dir: &std::path::Path) -> serde_json::Value {
 }
 
 /// The committed real adapter (trained with PEFT on alice29.txt, rank 4 on q/v).
+/// `s2lc adapters unpack PACK NAME -o OUT`, which must succeed.
+fn unpack_ok(pack: &std::path::Path, name: &str, out: &std::path::Path) {
+    let o = s2lc(&[
+        "adapters",
+        "unpack",
+        pack.to_str().unwrap(),
+        name,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 fn alice_r4() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/adapters/alice-r4")
@@ -754,15 +767,7 @@ fn adapters_pack_add_unpack_round_trip() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let un = dir.join("unpacked");
-    let o = s2lc(&[
-        "adapters",
-        "unpack",
-        &s(&pack),
-        "alice-again",
-        "-o",
-        &s(&un),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    unpack_ok(&pack, "alice-again", &un);
     // The unpacked adapter is a PEFT directory S2LC reads back, with the original's 60 deltas.
     let o = s2lc(&["adapters", "info", &s(&un)]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("60 deltas"));
@@ -784,15 +789,7 @@ fn adapters_pack_add_unpack_round_trip() {
     assert!(o.status.success(), "{}", stderr(&o));
     let manifest = std::fs::read_to_string(mixed.join("pack.json")).unwrap();
     assert!(manifest.contains("s2lc-pack/2"), "{manifest}");
-    let o = s2lc(&[
-        "adapters",
-        "unpack",
-        &s(&mixed),
-        "alice-r4",
-        "-o",
-        &s(&dir.join("mixed-unpacked")),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    unpack_ok(&mixed, "alice-r4", &dir.join("mixed-unpacked"));
 
     assert_clean_error(
         &s2lc(&["adapters", "pack", &s(&r4), "-o", &s(&pack)]),
@@ -997,15 +994,7 @@ fn store_commands(dir: &std::path::Path, store: &str, env: &[(&str, String)]) {
         &s(&base),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = s2lc(&[
-        "adapters",
-        "unpack",
-        &s(&pulled),
-        "alice-r4",
-        "-o",
-        &s(&dir.join("un")),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    unpack_ok(&pulled, "alice-r4", &dir.join("un"));
     assert_clean_error(
         &run(&[
             "pull",
