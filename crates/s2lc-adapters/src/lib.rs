@@ -22,6 +22,7 @@
 #![deny(missing_docs)]
 
 pub mod format;
+pub mod loss;
 pub mod pack;
 pub mod qbasis;
 

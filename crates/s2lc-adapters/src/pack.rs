@@ -143,6 +143,10 @@ pub struct Member {
     pub name: String,
     /// Deltas by target matrix.
     pub deltas: BTreeMap<ModuleKey, Delta>,
+    /// Loss weight of a unit of each matrix's delta energy ([`crate::loss::loss_weights`]): with
+    /// member scope, directions are ranked by `w·σ²`, their estimated effect on the loss, and
+    /// mixed-width bases weigh each column's error by it. Empty: every matrix weighs 1.
+    pub weights: BTreeMap<ModuleKey, f64>,
 }
 
 /// A row-major `rows × cols` slice as a matrix.
@@ -167,6 +171,7 @@ impl Member {
         Member {
             name: name.to_string(),
             deltas,
+            weights: BTreeMap::new(),
         }
     }
 
@@ -186,7 +191,38 @@ impl Member {
         Member {
             name: name.to_string(),
             deltas,
+            weights: BTreeMap::new(),
         }
+    }
+
+    /// Checks the loss weights: none, or a positive finite weight for every delta.
+    fn check_weights(&self) -> Result<(), PackError> {
+        if self.weights.is_empty() {
+            return Ok(());
+        }
+        for key in self.deltas.keys() {
+            match self.weights.get(key) {
+                Some(w) if w.is_finite() && *w > 0.0 => {}
+                Some(w) => {
+                    return Err(PackError::Invalid(format!(
+                        "member '{}': loss weight {w} of {} is not a positive number",
+                        self.name,
+                        key.name()
+                    )))
+                }
+                None => return Err(PackError::Invalid(format!(
+                    "member '{}' has loss weights but none for {} (measured on another adapter?)",
+                    self.name,
+                    key.name()
+                ))),
+            }
+        }
+        Ok(())
+    }
+
+    /// The loss weight of `key`'s delta (1 without weights).
+    pub fn weight(&self, key: ModuleKey) -> f64 {
+        self.weights.get(&key).copied().unwrap_or(1.0)
     }
 
     /// The same member with every delta replaced by its thin SVD (computed in parallel), so
@@ -209,6 +245,7 @@ impl Member {
         Ok(Member {
             name: self.name.clone(),
             deltas,
+            weights: self.weights.clone(),
         })
     }
 }
@@ -251,6 +288,11 @@ pub struct PackParams {
     /// Share of energy kept at each spectral step: each delta's truncation, the shared bases, and
     /// (with an orthogonal residual when needed) each member's projection.
     pub energy: f64,
+    /// Share of the members' (truncated) pooled energy the shared bases of each matrix keep;
+    /// `None`: `energy`. A member packed alone keeps every direction its truncation kept with
+    /// `Some(1.0)` (otherwise the bases truncate it a second time, per matrix).
+    #[serde(default)]
+    pub basis_energy: Option<f64>,
     /// Whether the truncation's `energy` is per matrix or over the whole member.
     #[serde(default)]
     pub scope: EnergyScope,
@@ -278,6 +320,7 @@ impl Default for PackParams {
     fn default() -> Self {
         PackParams {
             energy: 0.95,
+            basis_energy: None,
             scope: EnergyScope::Matrix,
             bits: QuantBits::Int8,
             basis_bits: QuantBits::Int8,
@@ -361,17 +404,28 @@ impl InputWhitening {
         Ok(Member {
             name: member.name.clone(),
             deltas,
+            weights: member.weights.clone(),
         })
     }
 }
 
 impl PackParams {
+    /// The share of pooled energy the shared bases keep ([`PackParams::basis_energy`]).
+    pub fn basis_energy(&self) -> f64 {
+        self.basis_energy.unwrap_or(self.energy)
+    }
+
     /// Checks the ranges.
     pub fn validate(&self) -> Result<(), PackError> {
         if !(self.energy > 0.0 && self.energy <= 1.0) {
             return Err(PackError::Invalid(format!(
                 "energy {} is outside (0, 1]",
                 self.energy
+            )));
+        }
+        if let Some(e) = self.basis_energy.filter(|e| !(*e > 0.0 && *e <= 1.0)) {
+            return Err(PackError::Invalid(format!(
+                "basis energy {e} is outside (0, 1]"
             )));
         }
         if !(0.0..1.0).contains(&self.drop_energy) {
@@ -551,8 +605,9 @@ fn cut_of(member: &Member, params: &PackParams) -> Result<Cut, SvdError> {
         return Ok(Cut::Energy(params.energy));
     }
     let mut s: Vec<f32> = Vec::new();
-    for d in member.deltas.values() {
-        s.extend(d.svd()?.s);
+    for (&key, d) in &member.deltas {
+        let w = member.weight(key).sqrt() as f32;
+        s.extend(d.svd()?.s.iter().map(|&v| v * w));
     }
     s.sort_by(|a, b| b.total_cmp(a));
     let k = rank_for_energy(&s, params.energy).max(1);
@@ -560,19 +615,34 @@ fn cut_of(member: &Member, params: &PackParams) -> Result<Cut, SvdError> {
 }
 
 /// The truncated SVD of a delta (rank ≥ 1 under [`Cut::Energy`] unless the delta is zero; under
-/// [`Cut::Floor`] the rank may be 0).
-fn truncated(delta: &Delta, cut: Cut) -> Result<Svd, SvdError> {
+/// [`Cut::Floor`] the rank may be 0), whose loss weight is `weight` (the floor is on `√w·σ`).
+fn truncated(delta: &Delta, cut: Cut, weight: f64) -> Result<Svd, SvdError> {
     let svd = delta.svd()?;
+    let w = weight.sqrt() as f32;
     let k = match cut {
         _ if !svd.s.first().is_some_and(|&s| s > 0.0) => 0,
         Cut::Energy(energy) => rank_for_energy(&svd.s, energy).max(1),
-        Cut::Floor(floor) => svd.s.iter().take_while(|&&s| s >= floor && s > 0.0).count(),
+        Cut::Floor(floor) => svd
+            .s
+            .iter()
+            .take_while(|&&s| s * w >= floor && s > 0.0)
+            .count(),
     };
     Ok(Svd {
         u: svd.u.subcols(0, k).to_owned(),
         s: svd.s[..k].to_vec(),
         v: svd.v.subcols(0, k).to_owned(),
     })
+}
+
+/// `svd` of `√w·ΔW`: the delta as a loss weight `w` weighs it.
+fn weighted(svd: &Svd, w: f64) -> Svd {
+    let w = w.sqrt() as f32;
+    Svd {
+        u: svd.u.clone(),
+        s: svd.s.iter().map(|&v| v * w).collect(),
+        v: svd.v.clone(),
+    }
 }
 
 /// `[x₁ | x₂ | …]`: blocks side by side (equal row counts).
@@ -840,6 +910,7 @@ pub fn pack_with(
     params.whitened = whitening.is_some();
     let mut names = BTreeSet::new();
     for m in members {
+        m.check_weights()?;
         if !names.insert(m.name.as_str()) {
             return Err(PackError::Invalid(format!(
                 "member '{}' appears twice",
@@ -884,16 +955,21 @@ pub fn pack_with(
                 .map(|(m, &cut)| {
                     m.deltas
                         .get(&key)
-                        .map(|d| truncated(d, cut))
+                        .map(|d| truncated(d, cut, m.weight(key)))
                         .transpose()
                         .map(|s| s.filter(|s| !s.s.is_empty()))
                 })
                 .collect::<Result<_, _>>()?;
-            let present: Vec<Svd> = svds.iter().flatten().cloned().collect();
+            // The bases are fitted to the deltas as the loss weighs them (`√w·ΔW`).
+            let present: Vec<Svd> = members
+                .iter()
+                .zip(&svds)
+                .filter_map(|(m, s)| s.as_ref().map(|s| weighted(s, m.weight(key))))
+                .collect();
             if present.is_empty() {
                 return Ok(None);
             }
-            let mut basis = fit_shared_basis(&present, params.energy, None)?;
+            let mut basis = fit_shared_basis(&present, params.basis_energy(), None)?;
             if let Some(w) = whitening {
                 // Stored in the input's own coordinates (measured in whitened ones).
                 let stored = w.of(key)?.unwhiten_basis(basis.v.as_ref());
@@ -905,7 +981,7 @@ pub fn pack_with(
         .into_iter()
         .flatten()
         .collect();
-    let widths = basis_widths(&fitted, &params, whitening)?;
+    let widths = basis_widths(&fitted, members, &params, whitening)?;
     // Pass 2: quantize the bases, then fit each member's core to the stored (dequantized) bases,
     // in the coordinates its delta was measured in.
     type ModuleOut = (ModuleKey, PackedModule, Vec<Option<PackedCore>>);
@@ -970,6 +1046,7 @@ type Widths = (Vec<QuantBits>, Vec<QuantBits>);
 /// (`Σᵢ ‖uⱼᵀ·Uᵢ·Σᵢ‖²`, and for `V` in the coordinates the deltas were measured in).
 fn basis_widths(
     fitted: &[Fitted],
+    members: &[Member],
     params: &PackParams,
     whitening: Option<&InputWhitening>,
 ) -> Result<Vec<Widths>, PackError> {
@@ -989,13 +1066,16 @@ fn basis_widths(
             };
             let side = |stored: MatRef<'_, f32>, measured: MatRef<'_, f32>, left: bool| {
                 let mut weight = vec![0.0f64; stored.ncols()];
-                for svd in svds.iter().flatten() {
+                for (member, svd) in members.iter().zip(svds) {
+                    let Some(svd) = svd else { continue };
                     let f = if left { svd.u.as_ref() } else { svd.v.as_ref() };
                     let m = measured.transpose() * scale_cols(f, &svd.s);
+                    let loss = member.weight(*key);
                     for (j, w) in weight.iter_mut().enumerate() {
-                        *w += (0..m.ncols())
-                            .map(|c| (m[(j, c)] as f64).powi(2))
-                            .sum::<f64>();
+                        *w += loss
+                            * (0..m.ncols())
+                                .map(|c| (m[(j, c)] as f64).powi(2))
+                                .sum::<f64>();
                     }
                 }
                 weight
@@ -1105,6 +1185,7 @@ impl PackedSet {
             }
             _ => {}
         }
+        member.check_weights()?;
         if self.members.iter().any(|m| m.name == member.name) {
             return Err(PackError::Invalid(format!(
                 "the pack already has a member '{}'",
@@ -1140,7 +1221,7 @@ impl PackedSet {
             .par_iter()
             .map(
                 |(&key, delta)| -> Result<Option<(ModuleKey, PackedCore)>, PackError> {
-                    let svd = truncated(delta, cut)?;
+                    let svd = truncated(delta, cut, member.weight(key))?;
                     if svd.s.is_empty() {
                         return Ok(None);
                     }
@@ -1398,6 +1479,7 @@ mod tests {
                 Member {
                     name: format!("m{i}"),
                     deltas,
+                    weights: BTreeMap::new(),
                 }
             })
             .collect()
@@ -1609,6 +1691,7 @@ mod tests {
                 Member {
                     name: format!("w{i}"),
                     deltas,
+                    weights: BTreeMap::new(),
                 }
             })
             .collect();
@@ -1772,6 +1855,7 @@ mod tests {
                         (ModuleKey { layer, target }, Delta::Factors { b, a })
                     })
                     .collect(),
+                weights: BTreeMap::new(),
             })
             .collect();
         let params = |mixed_bases| PackParams {

@@ -9,8 +9,11 @@
 use std::time::{Duration, Instant};
 
 use crate::error::ModelError;
+use rayon::prelude::*;
+
 use crate::kv::KvCache;
 use crate::llama::{ForwardScratch, LlamaModel};
+use crate::lora::LoraAdapter;
 
 /// Rows of logits materialised at once (bounds memory at `rows × vocab` floats: 50 MB for a
 /// 49152-token vocabulary; fewer rows would decode a quantized tied head more often).
@@ -201,9 +204,140 @@ fn log_sum_exp(x: &mut [f32]) -> f64 {
     max as f64 + (sum as f64).ln()
 }
 
+/// A model's next-token distributions on calibration windows (with an adapter, or none), kept to
+/// measure how far a change moves them: the mean `KL(reference ‖ changed)` per position. With it,
+/// the loss effect of a change is measured by forward passes alone (no gradients).
+#[derive(Debug, Clone)]
+pub struct OutputReference {
+    windows: Vec<Vec<u32>>,
+    /// Per window, `rows × vocab` probabilities, every position of the window.
+    probs: Vec<Vec<f32>>,
+    /// Per window and row, `(Σ p·ln p, Σ p)` (the latter ≈ 1, kept so the KL is exact for the
+    /// stored `p`).
+    rows: Vec<Vec<(f64, f64)>>,
+}
+
+impl OutputReference {
+    /// Runs every window (from an empty cache) through `model` with `adapter` and keeps its
+    /// distributions. Memory: `positions × vocab` floats (100 MB for 512 positions of a
+    /// 49152-token vocabulary).
+    pub fn new(
+        model: &LlamaModel,
+        windows: Vec<Vec<u32>>,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Self, ModelError> {
+        let vocab = model.config().vocab_size;
+        let mut run = WindowRun::new(model, &windows)?;
+        let mut probs = Vec::with_capacity(windows.len());
+        let mut rows = Vec::with_capacity(windows.len());
+        for w in &windows {
+            let mut logits = std::mem::take(run.logits(model, w, adapter)?);
+            let stats = logits
+                .par_chunks_exact_mut(vocab)
+                .map_init(Vec::new, |buf: &mut Vec<f32>, row| {
+                    buf.clear();
+                    buf.extend_from_slice(row);
+                    let lse = log_sum_exp(buf);
+                    // `buf` now holds exp(x − max); p is that over its sum.
+                    let inv = (1.0 / buf.iter().map(|&v| v as f64).sum::<f64>()) as f32;
+                    let (mut plogp, mut total) = (0.0f64, 0.0f64);
+                    for (x, &e) in row.iter_mut().zip(buf.iter()) {
+                        let p = e * inv;
+                        plogp += p as f64 * *x as f64;
+                        total += p as f64;
+                        *x = p;
+                    }
+                    // Σ p·ln p with ln p = x − lse exactly (not the log of the rounded p), so an
+                    // unchanged model compares at zero.
+                    (plogp - lse * total, total)
+                })
+                .collect();
+            probs.push(logits);
+            rows.push(stats);
+        }
+        Ok(OutputReference {
+            windows,
+            probs,
+            rows,
+        })
+    }
+
+    /// Positions compared.
+    pub fn positions(&self) -> usize {
+        self.rows.iter().map(Vec::len).sum()
+    }
+
+    /// Mean `KL(reference ‖ model with adapter)` per position, in nats: `Σ p·(ln p − ln q)`, with
+    /// `ln q = x − lse(x)` from the changed logits `x`, so no `q` is stored.
+    pub fn mean_kl(
+        &self,
+        model: &LlamaModel,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<f64, ModelError> {
+        let vocab = model.config().vocab_size;
+        let mut run = WindowRun::new(model, &self.windows)?;
+        let mut kl = 0.0f64;
+        for ((w, probs), stats) in self.windows.iter().zip(&self.probs).zip(&self.rows) {
+            let logits = run.logits(model, w, adapter)?;
+            kl += logits
+                .par_chunks_exact_mut(vocab)
+                .zip(probs.par_chunks_exact(vocab))
+                .zip(stats.par_iter())
+                .map(|((x, p), &(plogp, total))| {
+                    let dot: f64 = p
+                        .iter()
+                        .zip(x.iter())
+                        .map(|(&p, &x)| p as f64 * x as f64)
+                        .sum();
+                    plogp - dot + log_sum_exp(x) * total
+                })
+                .sum::<f64>();
+        }
+        Ok(kl / self.positions().max(1) as f64)
+    }
+}
+
+/// A cache and buffers to run calibration windows one at a time, each from an empty cache.
+struct WindowRun {
+    cache: crate::kv::DenseKvCache,
+    scratch: ForwardScratch,
+    logits: Vec<f32>,
+}
+
+impl WindowRun {
+    fn new(model: &LlamaModel, windows: &[Vec<u32>]) -> Result<Self, ModelError> {
+        let longest = windows.iter().map(Vec::len).max().unwrap_or(0);
+        if longest == 0 {
+            return Err(ModelError::EmptyInput(
+                "no calibration windows to compare outputs on".into(),
+            ));
+        }
+        Ok(WindowRun {
+            cache: model.dense_cache(longest),
+            scratch: ForwardScratch::default(),
+            logits: Vec::new(),
+        })
+    }
+
+    /// The logits (`len × vocab`) of every position of `window`.
+    fn logits(
+        &mut self,
+        model: &LlamaModel,
+        window: &[u32],
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<&mut Vec<f32>, ModelError> {
+        self.cache.clear();
+        let hidden =
+            model.forward_hidden_adapted(window, &mut self.cache, adapter, &mut self.scratch)?;
+        model.logits(hidden, &mut self.logits);
+        Ok(&mut self.logits)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lora::LoraDelta;
 
     #[test]
     fn independent_windows_score_all_but_their_first_token() {
@@ -218,6 +352,86 @@ mod tests {
         assert_eq!(w, vec![(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]);
         let scored: usize = w.iter().map(|(_, e, f)| e - f).sum();
         assert_eq!(scored, 9);
+    }
+
+    /// An adapter changing every layer's `q_proj` (target 0) by `scale` times a fixed rank-1
+    /// delta.
+    fn q_adapter(model: &LlamaModel, scale: f32) -> LoraAdapter {
+        let d = model.config().hidden_size;
+        let v = |n: usize, s: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 7 + s * 3) % 13) as f32 - 6.0) / 6.0)
+                .collect()
+        };
+        let layers = (0..model.config().n_layers)
+            .map(|l| {
+                std::array::from_fn(|t| {
+                    (t == 0).then(|| LoraDelta::new(v(d, l), v(d, l + 1), 1, d, d, scale))
+                })
+            })
+            .collect();
+        LoraAdapter {
+            path: "q-adapter".into(),
+            rank: 1,
+            alpha: scale,
+            scale,
+            base_model: None,
+            layers,
+        }
+    }
+
+    /// `KL(p ‖ q)` per position from two sets of logits, directly in f64.
+    fn direct_kl(p: &[f32], q: &[f32], vocab: usize) -> f64 {
+        let log_softmax = |x: &[f32]| -> Vec<f64> {
+            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            x.iter().map(|&v| v as f64 - lse).collect()
+        };
+        let rows = p.len() / vocab;
+        let total: f64 = p
+            .chunks(vocab)
+            .zip(q.chunks(vocab))
+            .map(|(p, q)| {
+                let (lp, lq) = (log_softmax(p), log_softmax(q));
+                lp.iter()
+                    .zip(&lq)
+                    .map(|(a, b)| a.exp() * (a - b))
+                    .sum::<f64>()
+            })
+            .sum();
+        total / rows as f64
+    }
+
+    #[test]
+    fn output_kl_matches_the_direct_computation_and_is_quadratic_in_a_small_change() {
+        let model = crate::llama::random_model(8, 12, 2, (2, 1), 11, 3);
+        let windows = vec![vec![1u32, 4, 2, 9, 3, 3, 7], vec![5u32, 0, 8, 2]];
+        let reference = OutputReference::new(&model, windows.clone(), None).unwrap();
+        assert_eq!(reference.positions(), 11);
+        // Unchanged outputs: zero.
+        assert!(reference.mean_kl(&model, None).unwrap().abs() < 1e-9);
+
+        let adapter = q_adapter(&model, 20.0);
+        let kl = reference.mean_kl(&model, Some(&adapter)).unwrap();
+        let mut run = WindowRun::new(&model, &windows).unwrap();
+        let (mut p, mut q) = (Vec::new(), Vec::new());
+        for w in &windows {
+            p.extend_from_slice(run.logits(&model, w, None).unwrap());
+            q.extend_from_slice(run.logits(&model, w, Some(&adapter)).unwrap());
+        }
+        let want = direct_kl(&p, &q, 11);
+        assert!(want > 1e-4, "the change moves the outputs: {want}");
+        assert!((kl - want).abs() < 1e-6 * want.max(1.0), "{kl} vs {want}");
+
+        // Second order: halving a small change quarters the divergence.
+        let small = reference
+            .mean_kl(&model, Some(&q_adapter(&model, 1.0)))
+            .unwrap();
+        let smaller = reference
+            .mean_kl(&model, Some(&q_adapter(&model, 0.5)))
+            .unwrap();
+        let ratio = small / smaller;
+        assert!((ratio - 4.0).abs() < 0.2, "{small} / {smaller} = {ratio}");
     }
 
     #[test]

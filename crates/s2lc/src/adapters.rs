@@ -45,6 +45,11 @@ pub struct PackOptions {
     /// Share of energy kept by each spectral step (delta truncation, shared bases, projection).
     #[arg(long, default_value_t = 0.95)]
     pub energy: f64,
+    /// Share of the truncated adapters' pooled energy the shared bases of each matrix keep
+    /// [default: `--energy`]. 1 keeps every direction the truncation kept (the bases of a single
+    /// adapter then truncate nothing a second time).
+    #[arg(long)]
+    pub basis_energy: Option<f64>,
     /// What the truncation's energy is a share of: each matrix (`matrix`), or the whole adapter
     /// (`member`: its singular values ranked together, so small deltas lose more).
     #[arg(long, default_value = "matrix", value_parser = parse_scope)]
@@ -73,6 +78,7 @@ impl PackOptions {
     pub fn params(&self) -> Result<PackParams> {
         let p = PackParams {
             energy: self.energy,
+            basis_energy: self.basis_energy,
             scope: self.scope,
             bits: self.bits,
             basis_bits: self.basis_bits,

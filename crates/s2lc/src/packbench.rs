@@ -10,11 +10,14 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
+use std::collections::BTreeMap;
+
+use s2lc_adapters::loss::{loss_weights, sensitivities, Sensitivity, SensitivityFile};
 use s2lc_adapters::pack::{pack_separately, PackedSet};
-use s2lc_adapters::{pack_with, EnergyScope, InputWhitening, Member, PackParams};
+use s2lc_adapters::{pack_with, EnergyScope, InputWhitening, Member, ModuleKey, PackParams};
 use s2lc_model::experts::{ExpertSet, FfnWeights};
 use s2lc_model::llama::LlamaModel;
-use s2lc_model::lora::LoraAdapter;
+use s2lc_model::lora::{LoraAdapter, TARGETS};
 use s2lc_model::source::WeightStorage;
 use s2lc_spectral::QuantBits;
 
@@ -58,6 +61,10 @@ pub struct PackBenchArgs {
     /// Mixed-width bases (see `s2lc adapters pack --mixed-bases`).
     #[arg(long)]
     mixed_bases: bool,
+    /// Share of pooled energy the bases keep (see `s2lc adapters pack --basis-energy`)
+    /// [default: each energy].
+    #[arg(long)]
+    basis_energy: Option<f64>,
     /// Values per quantization block (even).
     #[arg(long, default_value_t = 32)]
     block: usize,
@@ -75,6 +82,21 @@ pub struct PackBenchArgs {
     /// Calibration windows per domain text with `--whiten` (of `--seq` tokens).
     #[arg(long, default_value_t = 16)]
     calib_windows: usize,
+    /// Loss-aware packing of the LoRA adapters (see `s2lc adapters pack --loss-aware`): each
+    /// adapter's matrices weighed by the KL their removal causes on windows of the training part
+    /// of its own domain's text.
+    #[arg(long)]
+    loss_aware: bool,
+    /// Windows per adapter with `--loss-aware`.
+    #[arg(long, default_value_t = 4)]
+    loss_windows: usize,
+    /// Tokens per window with `--loss-aware`.
+    #[arg(long, default_value_t = 128)]
+    loss_window: usize,
+    /// With `--loss-aware`: keep each adapter's measured sensitivities in `DIR/NAME.json` and
+    /// reuse them when the windows match (measuring takes minutes per adapter).
+    #[arg(long, value_name = "DIR")]
+    loss_cache: Option<PathBuf>,
     #[command(flatten)]
     heldout: HeldoutArgs,
     /// Unpack timings per configuration (the median is reported).
@@ -156,6 +178,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     let params_at = |energy: f64, bits: QuantBits| PackParams {
         energy,
+        basis_energy: args.basis_energy,
         scope: args.scope,
         bits,
         basis_bits: args.basis_bits,
@@ -199,6 +222,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
     };
 
     let mut suites = Vec::new();
+    let mut sensitivity_json = Vec::new();
     if !dirs.is_empty() {
         let (adapters, members) = read_members(&dirs)?;
         let own: Vec<Option<usize>> = dirs.iter().map(|d| adapter_domain(d, &domains)).collect();
@@ -209,10 +233,67 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
                 None => None,
             });
         }
-        let members = members
+        let mut members: Vec<Member> = members
             .iter()
             .map(Member::with_svds)
             .collect::<Result<_, _>>()?;
+        if args.loss_aware {
+            for ((member, adapter), own) in members.iter_mut().zip(&adapters).zip(&own) {
+                let Some(i) = own else {
+                    bail!(
+                        "--loss-aware needs each adapter's own domain; {} has none",
+                        member.name
+                    );
+                };
+                let path = &domains[*i].path;
+                let t = Instant::now();
+                let cached = args
+                    .loss_cache
+                    .as_ref()
+                    .map(|dir| dir.join(format!("{}.json", member.name)));
+                let measured = match &cached {
+                    Some(f) if f.exists() => Some(SensitivityFile::load(f)?).filter(|s| {
+                        s.windows == args.loss_windows
+                            && s.window == args.loss_window
+                            && s.text == path.display().to_string()
+                    }),
+                    _ => None,
+                };
+                let sens = match measured {
+                    Some(file) => file.sensitivities()?,
+                    None => {
+                        let text = [(path.clone(), 1.0 - h.heldout)];
+                        let windows =
+                            calibration(&tokenizer, &text, args.loss_windows, args.loss_window)?;
+                        let sens = loss_sensitivities(&model, adapter, windows, &member.name)?;
+                        if let Some(f) = &cached {
+                            if let Some(dir) = f.parent() {
+                                std::fs::create_dir_all(dir)
+                                    .with_context(|| format!("creating {}", dir.display()))?;
+                            }
+                            SensitivityFile::new(
+                                &member.name,
+                                &path.display().to_string(),
+                                args.loss_windows,
+                                args.loss_window,
+                                &sens,
+                            )
+                            .save(f)?;
+                        }
+                        sens
+                    }
+                };
+                member.weights = loss_weights(&sens);
+                print_sensitivity(&member.name, &sens, &member.weights, t.elapsed());
+                sensitivity_json.push(json!({
+                    "member": member.name,
+                    "matrices": sens.iter().map(|(k, v)| json!({
+                        "module": k.name(), "kl": v.kl, "energy": v.energy,
+                        "weight": member.weights[k],
+                    })).collect::<Vec<_>>(),
+                }));
+            }
+        }
         suites.push(Suite {
             label: "LoRA adapters",
             members,
@@ -340,14 +421,77 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             "heldout": h.heldout, "seq": h.seq, "max_windows": h.max_windows,
             "scope": args.scope.name(), "basis_bits": args.basis_bits.name(),
             "mixed_bases": args.mixed_bases, "block": args.block,
+            "basis_energy": args.basis_energy,
             "drop_energy": args.drop_energy,
             "whitened": args.whiten, "calib_windows_per_text": args.whiten.then_some(args.calib_windows),
+            "loss_aware": args.loss_aware.then_some(json!({
+                "windows": args.loss_windows, "window": args.loss_window,
+                "members": sensitivity_json,
+            })),
             "suites": report,
         });
         std::fs::write(path, serde_json::to_string_pretty(&out)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// [`sensitivities`] of `adapter` with a progress bar.
+pub fn loss_sensitivities(
+    model: &LlamaModel,
+    adapter: &LoraAdapter,
+    windows: Vec<Vec<u32>>,
+    name: &str,
+) -> Result<BTreeMap<ModuleKey, Sensitivity>> {
+    let bar = progress::bar(
+        adapter.n_deltas() as u64,
+        &format!("loss weights of {name}"),
+    );
+    let s = sensitivities(model, adapter, windows, |done, _| {
+        bar.set_position(done as u64)
+    })
+    .with_context(|| format!("measuring the loss weights of {name}"))?;
+    bar.finish_and_clear();
+    Ok(s)
+}
+
+/// One line per target kind: the median loss weight and the KL of its matrices, then the matrices
+/// that matter most.
+pub fn print_sensitivity(
+    name: &str,
+    sens: &BTreeMap<ModuleKey, Sensitivity>,
+    weights: &BTreeMap<ModuleKey, f64>,
+    took: std::time::Duration,
+) {
+    let total_kl: f64 = sens.values().map(|v| v.kl).sum();
+    println!(
+        "loss weights of {name} ({} matrices, {:.0} s): sum of single-matrix KLs {total_kl:.4} nats",
+        sens.len(),
+        took.as_secs_f64()
+    );
+    for (t, target) in TARGETS.iter().enumerate() {
+        let mut w: Vec<f64> = weights
+            .iter()
+            .filter(|(k, _)| k.target == t)
+            .map(|(_, &w)| w)
+            .collect();
+        if w.is_empty() {
+            continue;
+        }
+        w.sort_by(f64::total_cmp);
+        let kl: f64 = sens
+            .iter()
+            .filter(|(k, _)| k.target == t)
+            .map(|(_, v)| v.kl)
+            .sum();
+        println!(
+            "  {target:>10}: weight median {:.3} (min {:.3}, max {:.3}), KL {:.1} % of the sum",
+            w[w.len() / 2],
+            w[0],
+            w[w.len() - 1],
+            100.0 * kl / total_kl.max(f64::MIN_POSITIVE)
+        );
+    }
 }
 
 /// Packs a suite with `params` (over shared bases, or each member alone), unpacks every member,
