@@ -126,6 +126,21 @@ impl Delta {
         }
     }
 
+    /// `‖ΔW‖²_F` (for factors through the small Gram matrices: `Σ (BᵀB)∘(AAᵀ)`).
+    pub fn energy(&self) -> f64 {
+        match self {
+            Delta::Factors { b, a } => {
+                let (bb, aa) = (b.transpose() * b, a * a.transpose());
+                (0..bb.nrows())
+                    .flat_map(|i| (0..bb.ncols()).map(move |j| (i, j)))
+                    .map(|(i, j)| bb[(i, j)] as f64 * aa[(i, j)] as f64)
+                    .sum()
+            }
+            Delta::Dense(m) => sq_norm(m.as_ref()),
+            Delta::Svd { svd, .. } => svd.s.iter().map(|&v| (v as f64).powi(2)).sum(),
+        }
+    }
+
     /// Values an f16 file of this delta holds (`r·(rows + cols)` for factors).
     pub fn stored_values(&self) -> usize {
         match self {
@@ -210,11 +225,13 @@ impl Member {
                         key.name()
                     )))
                 }
-                None => return Err(PackError::Invalid(format!(
+                None => {
+                    return Err(PackError::Invalid(format!(
                     "member '{}' has loss weights but none for {} (measured on another adapter?)",
                     self.name,
                     key.name()
-                ))),
+                )))
+                }
             }
         }
         Ok(())
@@ -400,11 +417,27 @@ impl InputWhitening {
                 let stored = d.stored_values();
                 Ok((key, Delta::Svd { svd, stored }))
             })
-            .collect::<Result<_, PackError>>()?;
+            .collect::<Result<BTreeMap<_, _>, PackError>>()?;
+        // A loss weight is per unit of energy, and the energy is now measured on the outputs:
+        // `w·‖ΔW‖² = w'·‖ΔW·L‖²` keeps each matrix's estimated loss.
+        let weights = member
+            .weights
+            .iter()
+            .map(|(&key, &w)| {
+                let plain = member.deltas.get(&key).map_or(0.0, Delta::energy);
+                let measured = deltas.get(&key).map_or(0.0, Delta::energy);
+                let w = if measured > 0.0 {
+                    w * plain / measured
+                } else {
+                    w
+                };
+                (key, w)
+            })
+            .collect();
         Ok(Member {
             name: member.name.clone(),
             deltas,
-            weights: member.weights.clone(),
+            weights,
         })
     }
 }
@@ -1561,6 +1594,55 @@ mod tests {
         // The command-line names.
         assert_eq!(EnergyScope::parse("member"), Some(EnergyScope::Member));
         assert_eq!(EnergyScope::parse("layer"), None);
+    }
+
+    #[test]
+    fn loss_weights_decide_what_member_scope_keeps() {
+        let mut ms = members(2, 40, 36, 4, 1, 13);
+        let tiny = ModuleKey {
+            layer: 1,
+            target: 2,
+        };
+        for m in &mut ms {
+            if let Some(Delta::Factors { b, .. }) = m.deltas.get_mut(&tiny) {
+                *b = &*b * faer::Scale(1e-3);
+            }
+            // Energy through the factors is the dense matrix's.
+            for d in m.deltas.values() {
+                let dense = sq_norm(d.dense().as_ref());
+                assert!((d.energy() - dense).abs() <= 1e-5 * dense, "{dense}");
+            }
+        }
+        let params = PackParams {
+            energy: 0.9,
+            scope: EnergyScope::Member,
+            ..PackParams::default()
+        };
+        // Unweighted, the tiny matrix is cut; weighted by the inverse of its shrinkage (so its
+        // estimated loss equals the others'), it is kept, and packing alone or added agrees.
+        let set = pack(&ms[..1], params).unwrap();
+        assert!(!set.members[0].cores.contains_key(&tiny));
+        for m in &mut ms {
+            m.weights = m.deltas.keys().map(|&k| (k, 1.0)).collect();
+            m.weights.insert(tiny, 1e6);
+        }
+        let mut set = pack(&ms[..1], params).unwrap();
+        set.add(&ms[1]).unwrap();
+        for m in &set.members {
+            assert!(m.cores.contains_key(&tiny), "{}", m.name);
+        }
+        // Weights are for every delta or none, and positive.
+        let mut partial = ms[0].clone();
+        partial.weights.remove(&tiny);
+        let e = pack(&[partial], params).unwrap_err().to_string();
+        assert!(
+            e.contains("none for model.layers.1.self_attn.v_proj"),
+            "{e}"
+        );
+        let mut negative = ms[0].clone();
+        negative.weights.insert(tiny, -1.0);
+        let e = set.add(&negative).unwrap_err().to_string();
+        assert!(e.contains("not a positive number"), "{e}");
     }
 
     /// A morph is the weighted sum of the members' deltas (within the pack's error), one member

@@ -1,12 +1,16 @@
 //! `s2lc adapters info | truncate | pack | add | unpack`: inspect PEFT LoRA adapters, re-rank them
 //! by their spectra, and pack many of them over shared spectral bases (S2LC packing).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use s2lc_adapters::loss::{loss_weights, sensitivities, Sensitivity, SensitivityFile};
 use s2lc_adapters::pack::{MemberReport, PackedSet};
-use s2lc_adapters::{format, pack_with, EnergyScope, InputWhitening, Member, PackParams};
+use s2lc_adapters::{
+    format, pack_with, EnergyScope, InputWhitening, Member, ModuleKey, PackParams,
+};
 use s2lc_model::compress::{calibration_windows, input_grams};
 use s2lc_model::experts::ExpertSet;
 use s2lc_model::llama::LlamaModel;
@@ -15,7 +19,7 @@ use s2lc_model::source::WeightStorage;
 use s2lc_model::tokenizer::{read_text_file, Tokenizer};
 use s2lc_spectral::QuantBits;
 
-use crate::{load_model, ModelArg};
+use crate::{load_model, progress, ModelArg};
 
 /// What to do with an adapter.
 #[derive(Subcommand)]
@@ -32,6 +36,10 @@ pub enum AdaptersCommand {
     Pack(PackArgs),
     /// Add a PEFT adapter to an existing pack, projected onto its bases (which stay unchanged).
     Add(AddArgs),
+    /// Loss weights of an adapter's matrices for `pack --loss-weights`: the KL divergence its
+    /// outputs move by when each matrix's delta is removed, on windows of a text (one forward
+    /// pass per window and matrix).
+    Sensitivity(SensitivityArgs),
     /// Rebuild one adapter of a pack as a PEFT adapter directory.
     Unpack(UnpackArgs),
     /// Expert Morphing: blend members of a pack in its shared basis (`NAME=WEIGHT ...`) into one
@@ -163,6 +171,64 @@ pub fn input_whitening(model: &LlamaModel, windows: &[Vec<u32>]) -> Result<Input
     InputWhitening::from_grams(&grams).context("whitening the calibration inputs")
 }
 
+/// [`sensitivities`] of `adapter` with a progress bar.
+pub fn loss_sensitivities(
+    model: &LlamaModel,
+    adapter: &LoraAdapter,
+    windows: Vec<Vec<u32>>,
+    name: &str,
+) -> Result<BTreeMap<ModuleKey, Sensitivity>> {
+    let bar = progress::bar(
+        adapter.n_deltas() as u64,
+        &format!("loss weights of {name}"),
+    );
+    let s = sensitivities(model, adapter, windows, |done, _| {
+        bar.set_position(done as u64)
+    })
+    .with_context(|| format!("measuring the loss weights of {name}"))?;
+    bar.finish_and_clear();
+    Ok(s)
+}
+
+/// One line per target kind: the median loss weight and the KL of its matrices, then the matrices
+/// that matter most.
+pub fn print_sensitivity(
+    name: &str,
+    sens: &BTreeMap<ModuleKey, Sensitivity>,
+    weights: &BTreeMap<ModuleKey, f64>,
+    took: std::time::Duration,
+) {
+    let total_kl: f64 = sens.values().map(|v| v.kl).sum();
+    println!(
+        "loss weights of {name} ({} matrices, {:.0} s): sum of single-matrix KLs {total_kl:.4} nats",
+        sens.len(),
+        took.as_secs_f64()
+    );
+    for (t, target) in TARGETS.iter().enumerate() {
+        let mut w: Vec<f64> = weights
+            .iter()
+            .filter(|(k, _)| k.target == t)
+            .map(|(_, &w)| w)
+            .collect();
+        if w.is_empty() {
+            continue;
+        }
+        w.sort_by(f64::total_cmp);
+        let kl: f64 = sens
+            .iter()
+            .filter(|(k, _)| k.target == t)
+            .map(|(_, v)| v.kl)
+            .sum();
+        println!(
+            "  {target:>10}: weight median {:.3} (min {:.3}, max {:.3}), KL {:.1} % of the sum",
+            w[w.len() / 2],
+            w[0],
+            w[w.len() - 1],
+            100.0 * kl / total_kl.max(f64::MIN_POSITIVE)
+        );
+    }
+}
+
 /// `s2lc adapters pack`.
 #[derive(Args)]
 pub struct PackArgs {
@@ -183,6 +249,11 @@ pub struct PackArgs {
     options: PackOptions,
     #[command(flatten)]
     calibration: CalibrationArgs,
+    /// Loss-aware packing: an adapter's sensitivities from `s2lc adapters sensitivity` (repeat
+    /// the flag, one file per adapter, matched by name). With `--scope member`, directions are
+    /// then kept by their estimated effect on the loss instead of their energy.
+    #[arg(long = "loss-weights", value_name = "FILE")]
+    loss_weights: Vec<PathBuf>,
 }
 
 /// `s2lc adapters add`.
@@ -197,6 +268,30 @@ pub struct AddArgs {
     name: Option<String>,
     #[command(flatten)]
     calibration: CalibrationArgs,
+    /// The adapter's sensitivities from `s2lc adapters sensitivity` (see `pack --loss-weights`).
+    #[arg(long = "loss-weights", value_name = "FILE")]
+    loss_weights: Option<PathBuf>,
+}
+
+/// `s2lc adapters sensitivity`.
+#[derive(Args)]
+pub struct SensitivityArgs {
+    /// The PEFT adapter directory.
+    dir: PathBuf,
+    /// Text to measure on: the adapter's own domain (its training text, not held-out text).
+    #[arg(long)]
+    text: PathBuf,
+    /// Windows drawn from the text (seeded).
+    #[arg(long, default_value_t = 4)]
+    windows: usize,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 128)]
+    window: usize,
+    /// Where to write the sensitivities (JSON).
+    #[arg(short, long)]
+    out: PathBuf,
+    #[command(flatten)]
+    model: ModelArg,
 }
 
 /// `s2lc adapters unpack`.
@@ -257,6 +352,7 @@ pub fn run(cmd: &AdaptersCommand) -> Result<()> {
         AdaptersCommand::Truncate(args) => truncate(args),
         AdaptersCommand::Pack(args) => pack_cmd(args),
         AdaptersCommand::Add(args) => add_cmd(args),
+        AdaptersCommand::Sensitivity(args) => sensitivity_cmd(args),
         AdaptersCommand::Unpack(args) => unpack_cmd(args),
         AdaptersCommand::Morph(args) => morph_cmd(args),
     }
@@ -355,6 +451,8 @@ fn pack_cmd(args: &PackArgs) -> Result<()> {
         Some(dir) => expert_members(dir, &args.expert_names)?,
         None => read_members(&args.dirs)?.1,
     };
+    let mut members = members;
+    apply_loss_weights(&mut members, &args.loss_weights)?;
     let whitening = args.calibration.whitening()?;
     let set = pack_with(&members, params, whitening.as_ref()).context("packing")?;
     let reports = set.report(&members).context("measuring the pack")?;
@@ -369,12 +467,62 @@ fn add_cmd(args: &AddArgs) -> Result<()> {
         format::load(&args.pack).with_context(|| format!("reading {}", args.pack.display()))?;
     let adapter = load_adapter(&args.dir)?;
     let name = args.name.clone().unwrap_or_else(|| dir_name(&args.dir));
-    let member = Member::from_lora(&name, &adapter);
+    let mut member = Member::from_lora(&name, &adapter);
+    apply_loss_weights(
+        std::slice::from_mut(&mut member),
+        args.loss_weights.as_slice(),
+    )?;
     set.add_with(&member, args.calibration.whitening()?.as_ref())
         .with_context(|| format!("adding {} to {}", args.dir.display(), args.pack.display()))?;
     let reports = set.report(std::slice::from_ref(&member))?;
     format::save(&set, &args.pack).with_context(|| format!("writing {}", args.pack.display()))?;
     print_pack_report(&set, &reports);
+    Ok(())
+}
+
+/// Sets each member's loss weights from the sensitivity file that names it; a file naming no
+/// member is an error (a typo would otherwise pack silently without weights).
+fn apply_loss_weights(members: &mut [Member], files: &[PathBuf]) -> Result<()> {
+    for path in files {
+        let file = SensitivityFile::load(path)?;
+        let member = members
+            .iter_mut()
+            .find(|m| m.name == file.adapter)
+            .with_context(|| {
+                format!(
+                    "{}: sensitivities of '{}', which is not being packed",
+                    path.display(),
+                    file.adapter
+                )
+            })?;
+        member.weights = loss_weights(&file.sensitivities()?);
+    }
+    Ok(())
+}
+
+fn sensitivity_cmd(args: &SensitivityArgs) -> Result<()> {
+    let adapter = load_adapter(&args.dir)?;
+    let name = dir_name(&args.dir);
+    let (_source, model, tokenizer) = load_model(&args.model.path(), WeightStorage::Native)?;
+    let windows = calibration(
+        &tokenizer,
+        &[(args.text.clone(), 1.0)],
+        args.windows,
+        args.window,
+    )?;
+    let t = std::time::Instant::now();
+    let sens = loss_sensitivities(&model, &adapter, windows, &name)?;
+    print_sensitivity(&name, &sens, &loss_weights(&sens), t.elapsed());
+    SensitivityFile::new(
+        &name,
+        &args.text.display().to_string(),
+        args.windows,
+        args.window,
+        &sens,
+    )
+    .save(&args.out)
+    .with_context(|| format!("writing {}", args.out.display()))?;
+    println!("written: {}", args.out.display());
     Ok(())
 }
 

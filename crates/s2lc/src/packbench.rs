@@ -10,18 +10,19 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use std::collections::BTreeMap;
-
-use s2lc_adapters::loss::{loss_weights, sensitivities, Sensitivity, SensitivityFile};
+use s2lc_adapters::loss::{loss_weights, SensitivityFile};
 use s2lc_adapters::pack::{pack_separately, PackedSet};
-use s2lc_adapters::{pack_with, EnergyScope, InputWhitening, Member, ModuleKey, PackParams};
+use s2lc_adapters::{pack_with, EnergyScope, InputWhitening, Member, PackParams};
 use s2lc_model::experts::{ExpertSet, FfnWeights};
 use s2lc_model::llama::LlamaModel;
-use s2lc_model::lora::{LoraAdapter, TARGETS};
+use s2lc_model::lora::LoraAdapter;
 use s2lc_model::source::WeightStorage;
 use s2lc_spectral::QuantBits;
 
-use crate::adapters::{calibration, input_whitening, parse_bits, parse_scope, read_members};
+use crate::adapters::{
+    calibration, input_whitening, loss_sensitivities, parse_bits, parse_scope, print_sensitivity,
+    read_members,
+};
 use crate::heldout::{adapter_domain, default_texts, domain_of_text, Domain, HeldoutArgs};
 use crate::{load_model, parse_weights, progress, ModelArg};
 
@@ -434,64 +435,6 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
-}
-
-/// [`sensitivities`] of `adapter` with a progress bar.
-pub fn loss_sensitivities(
-    model: &LlamaModel,
-    adapter: &LoraAdapter,
-    windows: Vec<Vec<u32>>,
-    name: &str,
-) -> Result<BTreeMap<ModuleKey, Sensitivity>> {
-    let bar = progress::bar(
-        adapter.n_deltas() as u64,
-        &format!("loss weights of {name}"),
-    );
-    let s = sensitivities(model, adapter, windows, |done, _| {
-        bar.set_position(done as u64)
-    })
-    .with_context(|| format!("measuring the loss weights of {name}"))?;
-    bar.finish_and_clear();
-    Ok(s)
-}
-
-/// One line per target kind: the median loss weight and the KL of its matrices, then the matrices
-/// that matter most.
-pub fn print_sensitivity(
-    name: &str,
-    sens: &BTreeMap<ModuleKey, Sensitivity>,
-    weights: &BTreeMap<ModuleKey, f64>,
-    took: std::time::Duration,
-) {
-    let total_kl: f64 = sens.values().map(|v| v.kl).sum();
-    println!(
-        "loss weights of {name} ({} matrices, {:.0} s): sum of single-matrix KLs {total_kl:.4} nats",
-        sens.len(),
-        took.as_secs_f64()
-    );
-    for (t, target) in TARGETS.iter().enumerate() {
-        let mut w: Vec<f64> = weights
-            .iter()
-            .filter(|(k, _)| k.target == t)
-            .map(|(_, &w)| w)
-            .collect();
-        if w.is_empty() {
-            continue;
-        }
-        w.sort_by(f64::total_cmp);
-        let kl: f64 = sens
-            .iter()
-            .filter(|(k, _)| k.target == t)
-            .map(|(_, v)| v.kl)
-            .sum();
-        println!(
-            "  {target:>10}: weight median {:.3} (min {:.3}, max {:.3}), KL {:.1} % of the sum",
-            w[w.len() / 2],
-            w[0],
-            w[w.len() - 1],
-            100.0 * kl / total_kl.max(f64::MIN_POSITIVE)
-        );
-    }
 }
 
 /// Packs a suite with `params` (over shared bases, or each member alone), unpacks every member,

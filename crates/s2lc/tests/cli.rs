@@ -733,6 +733,87 @@ fn whitened_pack_calibrates_on_real_text() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Loss-aware packing on the real model: sensitivities measured on real text for every delta
+/// (all positive), written, and used by `pack --loss-weights` and `add --loss-weights`; files
+/// that name another adapter or are not sensitivity files are refused.
+#[test]
+fn loss_aware_pack_measures_on_real_text() {
+    let (Some(model), Some(text)) = (smollm2(), common::alice29()) else {
+        return;
+    };
+    let r4 = alice_r4();
+    let dir = scratch("losspack");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let sens = dir.join("alice-r4.json");
+    let o = s2lc(&[
+        "adapters",
+        "sensitivity",
+        &s(&r4),
+        "--text",
+        &s(&text),
+        "--windows",
+        "1",
+        "--window",
+        "16",
+        "--model",
+        &s(&model),
+        "-o",
+        &s(&sens),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("v_proj: weight median"));
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sens).unwrap()).unwrap();
+    assert_eq!(file["adapter"], "alice-r4");
+    let matrices = file["matrices"].as_array().unwrap();
+    assert_eq!(matrices.len(), 60);
+    assert!(matrices
+        .iter()
+        .all(|m| m["kl"].as_f64().unwrap() > 0.0 && m["energy"].as_f64().unwrap() > 0.0));
+
+    let pack = dir.join("pack");
+    let o = s2lc(&[
+        "adapters",
+        "pack",
+        &s(&r4),
+        "-o",
+        &s(&pack),
+        "--scope",
+        "member",
+        "--energy",
+        "0.9",
+        "--loss-weights",
+        &s(&sens),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = s2lc(&[
+        "adapters",
+        "add",
+        &s(&pack),
+        &s(&r4),
+        "--name",
+        "again",
+        "--loss-weights",
+        &s(&sens),
+    ]);
+    // The file names alice-r4, the member is 'again'.
+    assert_clean_error(&o, "sensitivities of 'alice-r4', which is not being packed");
+    unpack_ok(&pack, "alice-r4", &dir.join("unpacked"));
+    assert_clean_error(
+        &s2lc(&[
+            "adapters",
+            "pack",
+            &s(&r4),
+            "-o",
+            &s(&dir.join("p2")),
+            "--loss-weights",
+            &s(&text),
+        ]),
+        "not a sensitivity file",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn adapters_pack_add_unpack_round_trip() {
     let fixtures = alice_r4().parent().unwrap().to_path_buf();
