@@ -4,7 +4,9 @@
 //!
 //! Per target matrix (a layer's `q_proj`, `down_proj`, …) and for the `N` members that adapt it:
 //! 1. each delta `ΔWᵢ` is truncated to the rank that keeps `energy` of `‖ΔWᵢ‖²` (thin SVD, through
-//!    the LoRA factors when it has them);
+//!    the LoRA factors when it has them), or with member scope the whole member keeps `energy`
+//!    of its directions ranked across matrices, by `σ²` or, loss-aware, by `w·σ²` with `w` the
+//!    matrix's measured KL per unit of energy ([`loss`]);
 //! 2. the shared bases `U` (`out × p`) and `V` (`in × q`) keep `energy` of the members' pooled,
 //!    norm-balanced column and row spaces ([`s2lc_spectral::shared`]);
 //! 3. the bases are block-quantized ([`s2lc_spectral::blockquant`]: int8 … int2 blocks with an
