@@ -55,23 +55,22 @@ pub fn sensitivities(
     Ok(out)
 }
 
-/// Loss weights `KL/‖ΔW‖²` from [`sensitivities`], scaled so their energy-weighted mean is 1
-/// (only ratios matter). A delta whose removal measured no divergence (`KL ≤ 0` within rounding)
-/// gets a small positive weight, so its directions still rank among themselves, after all others.
+/// Loss weights `KL/‖ΔW‖²` (nats per unit of energy) from [`sensitivities`], absolute so that
+/// `Σ w·σ²` over dropped directions estimates their KL ([`crate::PackParams::loss_budget`]). A
+/// delta whose removal measured no divergence (`KL ≤ 0` within rounding) gets a millionth of the
+/// member's mean weight, so its directions still rank among themselves, after all others.
+/// Without any measured divergence every weight is 1.
 pub fn loss_weights(s: &BTreeMap<ModuleKey, Sensitivity>) -> BTreeMap<ModuleKey, f64> {
     let total_kl: f64 = s.values().map(|v| v.kl.max(0.0)).sum();
     let total_energy: f64 = s.values().map(|v| v.energy).sum();
     if !(total_kl > 0.0 && total_energy > 0.0) {
         return s.keys().map(|&k| (k, 1.0)).collect();
     }
-    // Weights are KL per energy relative to the member's average; the floor is far below any
-    // measured one.
-    let mean = total_kl / total_energy;
-    let floor = 1e-6;
+    let floor = 1e-6 * total_kl / total_energy;
     s.iter()
         .map(|(&k, v)| {
             let w = if v.energy > 0.0 {
-                (v.kl / v.energy / mean).max(floor)
+                (v.kl / v.energy).max(floor)
             } else {
                 floor
             };
@@ -200,7 +199,7 @@ mod tests {
     }
 
     #[test]
-    fn weights_are_kl_per_energy_relative_to_the_mean() {
+    fn weights_are_kl_per_energy() {
         let s: BTreeMap<ModuleKey, Sensitivity> = [
             (
                 key(0, 0),
@@ -227,13 +226,13 @@ mod tests {
         .into_iter()
         .collect();
         let w = loss_weights(&s);
-        // Mean KL per energy: 0.03 / 4.
-        assert!((w[&key(0, 0)] - 0.02 / 0.0075).abs() < 1e-9);
-        assert!((w[&key(0, 1)] - 0.005 / 0.0075).abs() < 1e-9);
-        assert_eq!(w[&key(1, 0)], 1e-6);
-        // Energy-weighted mean 1 over the measured matrices.
-        let mean: f64 = s.iter().map(|(k, v)| w[k] * v.energy).sum::<f64>() / 4.0;
-        assert!((mean - 1.0).abs() < 1e-5, "{mean}");
+        assert!((w[&key(0, 0)] - 0.02).abs() < 1e-12);
+        assert!((w[&key(0, 1)] - 0.005).abs() < 1e-12);
+        // The floor: a millionth of the mean, 0.03 / 4.
+        assert!((w[&key(1, 0)] - 0.0075e-6).abs() < 1e-15);
+        // Weighted energy is the summed KL.
+        let kl: f64 = s.iter().map(|(k, v)| w[k] * v.energy).sum();
+        assert!((kl - 0.03).abs() < 1e-8, "{kl}");
     }
 
     #[test]

@@ -310,6 +310,13 @@ pub struct PackParams {
     /// `Some(1.0)` (otherwise the bases truncate it a second time, per matrix).
     #[serde(default)]
     pub basis_energy: Option<f64>,
+    /// Loss-aware member scope with an absolute budget: each member drops its least important
+    /// directions while their estimated KL (`Σ w·σ²`, nats per token, from the members' loss
+    /// weights) stays within this. Replaces `energy` for the truncation (the bases still keep
+    /// [`PackParams::basis_energy`]), so every member is cut to the same estimated loss rather
+    /// than the same share.
+    #[serde(default)]
+    pub loss_budget: Option<f64>,
     /// Whether the truncation's `energy` is per matrix or over the whole member.
     #[serde(default)]
     pub scope: EnergyScope,
@@ -338,6 +345,7 @@ impl Default for PackParams {
         PackParams {
             energy: 0.95,
             basis_energy: None,
+            loss_budget: None,
             scope: EnergyScope::Matrix,
             bits: QuantBits::Int8,
             basis_bits: QuantBits::Int8,
@@ -460,6 +468,19 @@ impl PackParams {
             return Err(PackError::Invalid(format!(
                 "basis energy {e} is outside (0, 1]"
             )));
+        }
+        if let Some(b) = self.loss_budget {
+            if !(b.is_finite() && b > 0.0) {
+                return Err(PackError::Invalid(format!(
+                    "loss budget {b} is not a positive number of nats"
+                )));
+            }
+            if self.scope != EnergyScope::Member {
+                return Err(PackError::Invalid(
+                    "a loss budget needs --scope member (it ranks a member's directions together)"
+                        .into(),
+                ));
+            }
         }
         if !(0.0..1.0).contains(&self.drop_energy) {
             return Err(PackError::Invalid(format!(
@@ -630,10 +651,10 @@ enum Cut {
     Floor(f32),
 }
 
-/// The cut of one member under `params`. For [`EnergyScope::Member`]: the smallest singular
-/// value that, with all the larger ones across the member's matrices, keeps `energy` of its
-/// total energy.
-fn cut_of(member: &Member, params: &PackParams) -> Result<Cut, SvdError> {
+/// The cut of one member under `params`. For [`EnergyScope::Member`]: the smallest (weighted)
+/// singular value that, with all the larger ones across the member's matrices, keeps `energy`
+/// of its total (weighted) energy, or with a loss budget drops at most that much estimated KL.
+fn cut_of(member: &Member, params: &PackParams) -> Result<Cut, PackError> {
     if params.scope == EnergyScope::Matrix {
         return Ok(Cut::Energy(params.energy));
     }
@@ -643,7 +664,26 @@ fn cut_of(member: &Member, params: &PackParams) -> Result<Cut, SvdError> {
         s.extend(d.svd()?.s.iter().map(|&v| v * w));
     }
     s.sort_by(|a, b| b.total_cmp(a));
-    let k = rank_for_energy(&s, params.energy).max(1);
+    let k = match params.loss_budget {
+        Some(budget) => {
+            if member.weights.is_empty() {
+                return Err(PackError::Invalid(format!(
+                    "a loss budget needs loss weights, and member '{}' has none",
+                    member.name
+                )));
+            }
+            // With absolute weights, `Σ w·σ²` over the dropped directions is their estimated KL.
+            let mut dropped: f64 = s.iter().map(|&v| (v as f64).powi(2)).sum();
+            let mut k = 0;
+            while k < s.len() && dropped > budget {
+                dropped -= (s[k] as f64).powi(2);
+                k += 1;
+            }
+            k
+        }
+        None => rank_for_energy(&s, params.energy),
+    }
+    .max(1);
     Ok(Cut::Floor(s.get(k - 1).copied().unwrap_or(0.0)))
 }
 
@@ -1631,6 +1671,46 @@ mod tests {
         for m in &set.members {
             assert!(m.cores.contains_key(&tiny), "{}", m.name);
         }
+        // A loss budget keeps directions until what is dropped estimates at most the budget:
+        // with these weights the tiny matrix's estimated loss is the others', so a budget of
+        // all but a sliver of the total keeps little, and a tiny one keeps everything.
+        let total: f64 = ms[0]
+            .deltas
+            .iter()
+            .map(|(&k, d)| ms[0].weight(k) * d.energy())
+            .sum();
+        let kept = |budget: f64| {
+            let p = PackParams {
+                loss_budget: Some(budget),
+                ..params
+            };
+            let set = pack(&ms[..1], p).unwrap();
+            set.members[0]
+                .cores
+                .values()
+                .map(|c| c.core_b.cols)
+                .sum::<usize>()
+        };
+        let (loose, tight) = (kept(0.9 * total), kept(1e-9 * total));
+        assert!(loose < tight && tight == 4 * 4, "{loose} {tight}");
+        let budget = PackParams {
+            loss_budget: Some(0.1),
+            ..params
+        };
+        let e = pack(&members(1, 40, 36, 4, 1, 13), budget)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs loss weights"), "{e}");
+        let matrix = PackParams {
+            scope: EnergyScope::Matrix,
+            ..budget
+        };
+        assert!(matrix
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--scope member"));
+
         // Weights are for every delta or none, and positive.
         let mut partial = ms[0].clone();
         partial.weights.remove(&tiny);

@@ -58,6 +58,11 @@ pub struct PackOptions {
     /// adapter then truncate nothing a second time).
     #[arg(long)]
     pub basis_energy: Option<f64>,
+    /// With `--loss-weights` and `--scope member`: cut each adapter where the estimated KL of
+    /// its dropped directions reaches this many nats per token, instead of at an energy share
+    /// (`--energy` then only sets what the bases keep).
+    #[arg(long)]
+    pub loss_budget: Option<f64>,
     /// What the truncation's energy is a share of: each matrix (`matrix`), or the whole adapter
     /// (`member`: its singular values ranked together, so small deltas lose more).
     #[arg(long, default_value = "matrix", value_parser = parse_scope)]
@@ -87,6 +92,7 @@ impl PackOptions {
         let p = PackParams {
             energy: self.energy,
             basis_energy: self.basis_energy,
+            loss_budget: self.loss_budget,
             scope: self.scope,
             bits: self.bits,
             basis_bits: self.basis_bits,
@@ -190,8 +196,8 @@ pub fn loss_sensitivities(
     Ok(s)
 }
 
-/// One line per target kind: the median loss weight and the KL of its matrices, then the matrices
-/// that matter most.
+/// One line per target kind: the median, least and largest loss weight and the share of the KL
+/// of its matrices. Weights are printed relative to the adapter's mean (`ΣKL/Σ‖ΔW‖²`).
 pub fn print_sensitivity(
     name: &str,
     sens: &BTreeMap<ModuleKey, Sensitivity>,
@@ -199,6 +205,8 @@ pub fn print_sensitivity(
     took: std::time::Duration,
 ) {
     let total_kl: f64 = sens.values().map(|v| v.kl).sum();
+    let total_energy: f64 = sens.values().map(|v| v.energy).sum();
+    let mean = (total_kl / total_energy).max(f64::MIN_POSITIVE);
     println!(
         "loss weights of {name} ({} matrices, {:.0} s): sum of single-matrix KLs {total_kl:.4} nats",
         sens.len(),
@@ -208,7 +216,7 @@ pub fn print_sensitivity(
         let mut w: Vec<f64> = weights
             .iter()
             .filter(|(k, _)| k.target == t)
-            .map(|(_, &w)| w)
+            .map(|(_, &w)| w / mean)
             .collect();
         if w.is_empty() {
             continue;
@@ -220,7 +228,7 @@ pub fn print_sensitivity(
             .map(|(_, v)| v.kl)
             .sum();
         println!(
-            "  {target:>10}: weight median {:.3} (min {:.3}, max {:.3}), KL {:.1} % of the sum",
+            "  {target:>10}: relative weight median {:.3} (min {:.3}, max {:.3}), KL {:.1} % of the sum",
             w[w.len() / 2],
             w[0],
             w[w.len() - 1],

@@ -94,6 +94,21 @@ pub struct PackBenchArgs {
     /// Tokens per window with `--loss-aware`.
     #[arg(long, default_value_t = 128)]
     loss_window: usize,
+    /// With `--loss-aware`: loss budgets to try (nats of estimated KL per token each adapter's
+    /// truncation may drop; comma-separated), each with every energy (which then only sets what
+    /// the bases keep) [default: cut by energy].
+    #[arg(long, value_delimiter = ',', requires = "loss_aware")]
+    loss_budgets: Vec<f64>,
+    /// Instead of the grid (for the LoRA adapters): pack each adapter alone at its own energy,
+    /// the lowest of `--energies` whose perplexity on validation text (up to `--select-windows`
+    /// windows of its own domain's held-out part after the scored windows: never scored, never
+    /// trained on) rises by at most this fraction (e.g. 0.01), at the first `--bits` (loss
+    /// budgets are not used); then score those packs on the held-out windows.
+    #[arg(long)]
+    select_delta: Option<f64>,
+    /// Most validation windows (of `--seq` tokens) for `--select-delta`.
+    #[arg(long, default_value_t = 8)]
+    select_windows: usize,
     /// With `--loss-aware`: keep each adapter's measured sensitivities in `DIR/NAME.json` and
     /// reuse them when the windows match (measuring takes minutes per adapter).
     #[arg(long, value_name = "DIR")]
@@ -177,8 +192,9 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
         .iter()
         .map(|b| parse_bits(b).map_err(anyhow::Error::msg))
         .collect::<Result<_>>()?;
-    let params_at = |energy: f64, bits: QuantBits| PackParams {
+    let params_at = |energy: f64, bits: QuantBits, loss_budget: Option<f64>| PackParams {
         energy,
+        loss_budget,
         basis_energy: args.basis_energy,
         scope: args.scope,
         bits,
@@ -189,7 +205,10 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
         ..PackParams::default()
     };
     for &e in &args.energies {
-        params_at(e, QuantBits::Int8).validate()?;
+        for &b in &args.loss_budgets {
+            params_at(e, QuantBits::Int8, Some(b)).validate()?;
+        }
+        params_at(e, QuantBits::Int8, None).validate()?;
     }
     let dirs: Vec<PathBuf> = if args.no_adapters {
         Vec::new()
@@ -224,8 +243,10 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
 
     let mut suites = Vec::new();
     let mut sensitivity_json = Vec::new();
+    let mut adapters_of_suite: Vec<LoraAdapter> = Vec::new();
     if !dirs.is_empty() {
         let (adapters, members) = read_members(&dirs)?;
+        adapters_of_suite = adapters.clone();
         let own: Vec<Option<usize>> = dirs.iter().map(|d| adapter_domain(d, &domains)).collect();
         let mut reference = Vec::new();
         for (a, o) in adapters.iter().zip(&own) {
@@ -367,10 +388,21 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             "unpack ms"
         );
         let mut rows = Vec::new();
-        for &energy in &args.energies {
+        let budgets: Vec<Option<f64>> = if args.loss_budgets.is_empty() {
+            vec![None]
+        } else {
+            args.loss_budgets.iter().copied().map(Some).collect()
+        };
+        let grid = args.select_delta.is_none() || suite.expert_base.is_some();
+        for (&energy, &budget) in args
+            .energies
+            .iter()
+            .flat_map(|e| budgets.iter().map(move |b| (e, b)))
+            .filter(|_| grid)
+        {
             for &b in &bits {
                 for &shared in &args.shared {
-                    let params = params_at(energy, b);
+                    let params = params_at(energy, b, budget);
                     let o = measure_config(
                         suite,
                         params,
@@ -383,6 +415,9 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
                     let deltas: Vec<f64> = o.ppl_delta.iter().flatten().copied().collect();
                     let max = deltas.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     let mean = deltas.iter().sum::<f64>() / deltas.len().max(1) as f64;
+                    if let Some(budget) = budget {
+                        print!("budget {budget} ");
+                    }
                     println!(
                         "{:>6} {:>5} {:>7} {:>10.3} {:>10.3} {:>7.2}x {:>9.4} {:>9.2}% {:>9.2}% {:>7.2} /{:>6.2}",
                         o.energy,
@@ -398,7 +433,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
                         o.unpack_ms.1
                     );
                     rows.push(json!({
-                        "energy": o.energy, "bits": o.bits.name(), "shared": o.shared,
+                        "energy": o.energy, "loss_budget": budget, "bits": o.bits.name(), "shared": o.shared,
                         "f16_bytes": o.f16_bytes, "packed_bytes": o.packed_bytes,
                         "max_rel_error": o.max_rel_error,
                         "ppl_delta": o.ppl_delta,
@@ -406,6 +441,20 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
                     }));
                 }
             }
+        }
+        if let (Some(target), None) = (args.select_delta, &suite.expert_base) {
+            let params = params_at(1.0, bits[0], None);
+            let sel = select_energies(
+                suite,
+                &adapters_of_suite,
+                params,
+                target,
+                args,
+                &tokenizer,
+                &mut model,
+                &domains,
+            )?;
+            rows.push(sel);
         }
         report.push(json!({
             "suite": suite.label,
@@ -435,6 +484,116 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// `--select-delta`: packs each adapter of `suite` alone at the lowest energy of `--energies`
+/// whose perplexity on windows of its own domain's training text rises by at most `target`,
+/// then scores the chosen packs on the held-out text; prints the row and returns it as JSON.
+#[allow(clippy::too_many_arguments)]
+fn select_energies(
+    suite: &Suite,
+    adapters: &[LoraAdapter],
+    params: PackParams,
+    target: f64,
+    args: &PackBenchArgs,
+    tokenizer: &s2lc_model::tokenizer::Tokenizer,
+    model: &mut LlamaModel,
+    domains: &[Domain],
+) -> Result<serde_json::Value> {
+    let h = &args.heldout;
+    let mut energies = args.energies.clone();
+    energies.sort_by(f64::total_cmp);
+    let (mut packed, mut f16, mut chosen, mut deltas, mut selection) =
+        (0usize, 0usize, Vec::new(), Vec::new(), Vec::new());
+    let mut validation_windows = Vec::new();
+    for ((member, adapter), (own, reference)) in suite
+        .members
+        .iter()
+        .zip(adapters)
+        .zip(suite.own.iter().zip(&suite.reference))
+    {
+        let (Some(i), Some(reference)) = (own, reference) else {
+            bail!(
+                "--select-delta needs each adapter's own domain; {} has none",
+                member.name
+            );
+        };
+        // Validation text: the held-out part's tokens after the scored windows (the adapter
+        // never saw them, and they are never scored). The training part would not do: there
+        // the adapter's fitted directions all matter, so every cut looks costlier than it is.
+        let d = &domains[*i];
+        let text = s2lc_model::tokenizer::read_text_file(&d.path)
+            .with_context(|| format!("reading {}", d.path.display()))?;
+        let tokens = tokenizer
+            .encode(&text, false)
+            .with_context(|| format!("tokenizing {}", d.path.display()))?;
+        let from = d.start + d.tokens.len();
+        let n = ((tokens.len() - from) / h.seq).min(args.select_windows);
+        if n == 0 {
+            bail!(
+                "{}: no held-out tokens left after the scored windows to select on (lower --max-windows)",
+                d.path.display()
+            );
+        }
+        let train = Domain {
+            name: format!("{} (validation)", d.name),
+            path: d.path.clone(),
+            start: from,
+            tokens: tokens[from..from + n * h.seq].to_vec(),
+        };
+        validation_windows.push(n);
+        let base = lora_ppl(model, adapter, &train, h)?;
+        let mut pick = None;
+        for &energy in &energies {
+            let set = pack_with(
+                std::slice::from_ref(member),
+                PackParams { energy, ..params },
+                suite.whitening.as_ref(),
+            )?;
+            let delta = lora_ppl(model, &set.unpack_lora(&member.name)?, &train, h)? / base - 1.0;
+            pick = Some((energy, set, delta));
+            if delta <= target {
+                break;
+            }
+        }
+        let (energy, set, train_delta) = pick.context("no energies to select from")?;
+        let held =
+            lora_ppl(model, &set.unpack_lora(&member.name)?, &domains[*i], h)? / reference - 1.0;
+        packed += set.bytes();
+        f16 += 2 * member
+            .deltas
+            .values()
+            .map(|d| d.stored_values())
+            .sum::<usize>();
+        chosen.push(energy);
+        deltas.push(Some(held));
+        selection.push(train_delta);
+    }
+    let max = deltas
+        .iter()
+        .flatten()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
+    println!(
+        "selected per adapter (validation Δppl ≤ {:.2} %): energies {:?}, {:.2}x, held-out Δppl {} (max {:+.2} %)",
+        target * 100.0,
+        chosen,
+        f16 as f64 / packed as f64,
+        deltas
+            .iter()
+            .flatten()
+            .map(|d| format!("{:+.2} %", d * 100.0))
+            .collect::<Vec<_>>()
+            .join(", "),
+        max * 100.0
+    );
+    Ok(json!({
+        "selected": true, "select_delta": target, "validation_windows": validation_windows,
+        "energies": chosen, "training_ppl_delta": selection,
+        "bits": params.bits.name(), "shared": false,
+        "f16_bytes": f16, "packed_bytes": packed,
+        "ppl_delta": deltas,
+    }))
 }
 
 /// Packs a suite with `params` (over shared bases, or each member alone), unpacks every member,

@@ -761,7 +761,7 @@ fn loss_aware_pack_measures_on_real_text() {
         &s(&sens),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("v_proj: weight median"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("v_proj: relative weight median"));
     let file: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&sens).unwrap()).unwrap();
     assert_eq!(file["adapter"], "alice-r4");
