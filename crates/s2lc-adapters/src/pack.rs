@@ -1115,8 +1115,8 @@ type Fitted = (ModuleKey, Vec<Option<Svd>>, SharedBasis);
 type Widths = (Vec<QuantBits>, Vec<QuantBits>);
 
 /// Per fitted matrix, the widths of the columns of `U` and of `V`: `basis_bits` throughout, or
-/// with `mixed_bases` allocated over the whole pack by the members' energy along each column
-/// (`Σᵢ ‖uⱼᵀ·Uᵢ·Σᵢ‖²`, and for `V` in the coordinates the deltas were measured in).
+/// with `mixed_bases` allocated over the whole pack by the members' loss-weighted energy along
+/// each column (`Σᵢ wᵢ·‖uⱼᵀ·Uᵢ·Σᵢ‖²`, and for `V` in the coordinates the deltas were measured in).
 fn basis_widths(
     fitted: &[Fitted],
     members: &[Member],

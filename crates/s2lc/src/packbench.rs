@@ -83,7 +83,7 @@ pub struct PackBenchArgs {
     /// Calibration windows per domain text with `--whiten` (of `--seq` tokens).
     #[arg(long, default_value_t = 16)]
     calib_windows: usize,
-    /// Loss-aware packing of the LoRA adapters (see `s2lc adapters pack --loss-aware`): each
+    /// Loss-aware packing of the LoRA adapters (see `s2lc adapters pack --loss-weights`): each
     /// adapter's matrices weighed by the KL their removal causes on windows of the training part
     /// of its own domain's text.
     #[arg(long)]
