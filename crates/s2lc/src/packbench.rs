@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use s2lc_adapters::loss::{loss_weights, SensitivityFile};
+use s2lc_adapters::loss::{loss_weights, Sensitivity, SensitivityFile};
 use s2lc_adapters::pack::{pack_separately, PackedSet};
 use s2lc_adapters::{pack_with, EnergyScope, InputWhitening, Member, PackParams};
 use s2lc_model::experts::{ExpertSet, FfnWeights};
@@ -269,42 +269,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
                 };
                 let path = &domains[*i].path;
                 let t = Instant::now();
-                let cached = args
-                    .loss_cache
-                    .as_ref()
-                    .map(|dir| dir.join(format!("{}.json", member.name)));
-                let measured = match &cached {
-                    Some(f) if f.exists() => Some(SensitivityFile::load(f)?).filter(|s| {
-                        s.windows == args.loss_windows
-                            && s.window == args.loss_window
-                            && s.text == path.display().to_string()
-                    }),
-                    _ => None,
-                };
-                let sens = match measured {
-                    Some(file) => file.sensitivities()?,
-                    None => {
-                        let text = [(path.clone(), 1.0 - h.heldout)];
-                        let windows =
-                            calibration(&tokenizer, &text, args.loss_windows, args.loss_window)?;
-                        let sens = loss_sensitivities(&model, adapter, windows, &member.name)?;
-                        if let Some(f) = &cached {
-                            if let Some(dir) = f.parent() {
-                                std::fs::create_dir_all(dir)
-                                    .with_context(|| format!("creating {}", dir.display()))?;
-                            }
-                            SensitivityFile::new(
-                                &member.name,
-                                &path.display().to_string(),
-                                args.loss_windows,
-                                args.loss_window,
-                                &sens,
-                            )
-                            .save(f)?;
-                        }
-                        sens
-                    }
-                };
+                let sens = cached_sensitivities(args, &model, &tokenizer, adapter, member, path)?;
                 member.weights = loss_weights(&sens);
                 print_sensitivity(&member.name, &sens, &member.weights, t.elapsed());
                 sensitivity_json.push(json!({
@@ -484,6 +449,49 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// An adapter's sensitivities on the training part of `text`: from `--loss-cache` when a file
+/// there was measured with the same windows on the same text, else measured (and cached).
+fn cached_sensitivities(
+    args: &PackBenchArgs,
+    model: &LlamaModel,
+    tokenizer: &s2lc_model::tokenizer::Tokenizer,
+    adapter: &LoraAdapter,
+    member: &Member,
+    text: &std::path::Path,
+) -> Result<std::collections::BTreeMap<s2lc_adapters::ModuleKey, Sensitivity>> {
+    let text_name = text.display().to_string();
+    let cached = args
+        .loss_cache
+        .as_ref()
+        .map(|dir| dir.join(format!("{}.json", member.name)));
+    if let Some(f) = cached.as_ref().filter(|f| f.exists()) {
+        let file = SensitivityFile::load(f)?;
+        if file.windows == args.loss_windows
+            && file.window == args.loss_window
+            && file.text == text_name
+        {
+            return Ok(file.sensitivities()?);
+        }
+    }
+    let part = [(text.to_path_buf(), 1.0 - args.heldout.heldout)];
+    let windows = calibration(tokenizer, &part, args.loss_windows, args.loss_window)?;
+    let sens = loss_sensitivities(model, adapter, windows, &member.name)?;
+    if let Some(f) = &cached {
+        if let Some(dir) = f.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        SensitivityFile::new(
+            &member.name,
+            &text_name,
+            args.loss_windows,
+            args.loss_window,
+            &sens,
+        )
+        .save(f)?;
+    }
+    Ok(sens)
 }
 
 /// `--select-delta`: packs each adapter of `suite` alone at the lowest energy of `--energies`
