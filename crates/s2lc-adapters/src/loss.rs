@@ -38,7 +38,7 @@ pub fn sensitivities(
     mut on_matrix: impl FnMut(usize, usize),
 ) -> Result<BTreeMap<ModuleKey, Sensitivity>, PackError> {
     model.check_adapter(adapter)?;
-    let reference = OutputReference::new(model, windows, Some(adapter))?;
+    let mut reference = OutputReference::new(model, windows, Some(adapter))?;
     let keys: Vec<(usize, usize)> = adapter.deltas().map(|(l, t, _)| (l, t)).collect();
     let mut without = adapter.clone();
     let mut out = BTreeMap::new();

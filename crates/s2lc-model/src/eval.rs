@@ -8,9 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::error::ModelError;
 use rayon::prelude::*;
 
+use crate::error::ModelError;
 use crate::kv::KvCache;
 use crate::llama::{ForwardScratch, LlamaModel};
 use crate::lora::LoraAdapter;
@@ -207,9 +207,10 @@ fn log_sum_exp(x: &mut [f32]) -> f64 {
 /// A model's next-token distributions on calibration windows (with an adapter, or none), kept to
 /// measure how far a change moves them: the mean `KL(reference ‖ changed)` per position. With it,
 /// the loss effect of a change is measured by forward passes alone (no gradients).
-#[derive(Debug, Clone)]
 pub struct OutputReference {
     windows: Vec<Vec<u32>>,
+    /// The cache and buffers every comparison runs the windows through (sized once).
+    run: WindowRun,
     /// Per window, `rows × vocab` probabilities, every position of the window.
     probs: Vec<Vec<f32>>,
     /// Per window and row, `(Σ p·ln p, Σ p)` (the latter ≈ 1, kept so the KL is exact for the
@@ -257,6 +258,7 @@ impl OutputReference {
         }
         Ok(OutputReference {
             windows,
+            run,
             probs,
             rows,
         })
@@ -270,15 +272,14 @@ impl OutputReference {
     /// Mean `KL(reference ‖ model with adapter)` per position, in nats: `Σ p·(ln p − ln q)`, with
     /// `ln q = x − lse(x)` from the changed logits `x`, so no `q` is stored.
     pub fn mean_kl(
-        &self,
+        &mut self,
         model: &LlamaModel,
         adapter: Option<&LoraAdapter>,
     ) -> Result<f64, ModelError> {
         let vocab = model.config().vocab_size;
-        let mut run = WindowRun::new(model, &self.windows)?;
         let mut kl = 0.0f64;
         for ((w, probs), stats) in self.windows.iter().zip(&self.probs).zip(&self.rows) {
-            let logits = run.logits(model, w, adapter)?;
+            let logits = self.run.logits(model, w, adapter)?;
             kl += logits
                 .par_chunks_exact_mut(vocab)
                 .zip(probs.par_chunks_exact(vocab))
@@ -406,7 +407,7 @@ mod tests {
     fn output_kl_matches_the_direct_computation_and_is_quadratic_in_a_small_change() {
         let model = crate::llama::random_model(8, 12, 2, (2, 1), 11, 3);
         let windows = vec![vec![1u32, 4, 2, 9, 3, 3, 7], vec![5u32, 0, 8, 2]];
-        let reference = OutputReference::new(&model, windows.clone(), None).unwrap();
+        let mut reference = OutputReference::new(&model, windows.clone(), None).unwrap();
         assert_eq!(reference.positions(), 11);
         // Unchanged outputs: zero.
         assert!(reference.mean_kl(&model, None).unwrap().abs() < 1e-9);
