@@ -201,9 +201,9 @@ pub fn loss_sensitivities(
 pub fn print_sensitivity(
     name: &str,
     sens: &BTreeMap<ModuleKey, Sensitivity>,
-    weights: &BTreeMap<ModuleKey, f64>,
     took: std::time::Duration,
 ) {
+    let weights = loss_weights(sens);
     let total_kl: f64 = sens.values().map(|v| v.kl).sum();
     let total_energy: f64 = sens.values().map(|v| v.energy).sum();
     let mean = (total_kl / total_energy).max(f64::MIN_POSITIVE);
@@ -455,11 +455,10 @@ fn pack_cmd(args: &PackArgs) -> Result<()> {
         );
     }
     let params = args.options.params()?;
-    let members = match &args.experts {
+    let mut members = match &args.experts {
         Some(dir) => expert_members(dir, &args.expert_names)?,
         None => read_members(&args.dirs)?.1,
     };
-    let mut members = members;
     apply_loss_weights(&mut members, &args.loss_weights)?;
     let whitening = args.calibration.whitening()?;
     let set = pack_with(&members, params, whitening.as_ref()).context("packing")?;
@@ -520,7 +519,7 @@ fn sensitivity_cmd(args: &SensitivityArgs) -> Result<()> {
     )?;
     let t = std::time::Instant::now();
     let sens = loss_sensitivities(&model, &adapter, windows, &name)?;
-    print_sensitivity(&name, &sens, &loss_weights(&sens), t.elapsed());
+    print_sensitivity(&name, &sens, t.elapsed());
     SensitivityFile::new(
         &name,
         &args.text.display().to_string(),

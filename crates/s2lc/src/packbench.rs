@@ -246,7 +246,6 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
     let mut adapters_of_suite: Vec<LoraAdapter> = Vec::new();
     if !dirs.is_empty() {
         let (adapters, members) = read_members(&dirs)?;
-        adapters_of_suite = adapters.clone();
         let own: Vec<Option<usize>> = dirs.iter().map(|d| adapter_domain(d, &domains)).collect();
         let mut reference = Vec::new();
         for (a, o) in adapters.iter().zip(&own) {
@@ -271,7 +270,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
                 let t = Instant::now();
                 let sens = cached_sensitivities(args, &model, &tokenizer, adapter, member, path)?;
                 member.weights = loss_weights(&sens);
-                print_sensitivity(&member.name, &sens, &member.weights, t.elapsed());
+                print_sensitivity(&member.name, &sens, t.elapsed());
                 sensitivity_json.push(json!({
                     "member": member.name,
                     "matrices": sens.iter().map(|(k, v)| json!({
@@ -281,6 +280,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
                 }));
             }
         }
+        adapters_of_suite = adapters;
         suites.push(Suite {
             label: "LoRA adapters",
             members,
@@ -495,8 +495,9 @@ fn cached_sensitivities(
 }
 
 /// `--select-delta`: packs each adapter of `suite` alone at the lowest energy of `--energies`
-/// whose perplexity on windows of its own domain's training text rises by at most `target`,
-/// then scores the chosen packs on the held-out text; prints the row and returns it as JSON.
+/// whose perplexity on validation text (its domain's held-out tokens after the scored windows)
+/// rises by at most `target`, then scores the chosen packs on the held-out windows; prints the
+/// row and returns it as JSON.
 #[allow(clippy::too_many_arguments)]
 fn select_energies(
     suite: &Suite,
@@ -511,7 +512,7 @@ fn select_energies(
     let h = &args.heldout;
     let mut energies = args.energies.clone();
     energies.sort_by(f64::total_cmp);
-    let (mut packed, mut f16, mut chosen, mut deltas, mut selection) =
+    let (mut packed, mut f16, mut chosen, mut deltas, mut validation_deltas) =
         (0usize, 0usize, Vec::new(), Vec::new(), Vec::new());
     let mut validation_windows = Vec::new();
     for ((member, adapter), (own, reference)) in suite
@@ -543,14 +544,14 @@ fn select_energies(
                 d.path.display()
             );
         }
-        let train = Domain {
+        let validation = Domain {
             name: format!("{} (validation)", d.name),
             path: d.path.clone(),
             start: from,
             tokens: tokens[from..from + n * h.seq].to_vec(),
         };
         validation_windows.push(n);
-        let base = lora_ppl(model, adapter, &train, h)?;
+        let base = lora_ppl(model, adapter, &validation, h)?;
         let mut pick = None;
         for &energy in &energies {
             let set = pack_with(
@@ -558,24 +559,21 @@ fn select_energies(
                 PackParams { energy, ..params },
                 suite.whitening.as_ref(),
             )?;
-            let delta = lora_ppl(model, &set.unpack_lora(&member.name)?, &train, h)? / base - 1.0;
+            let delta =
+                lora_ppl(model, &set.unpack_lora(&member.name)?, &validation, h)? / base - 1.0;
             pick = Some((energy, set, delta));
             if delta <= target {
                 break;
             }
         }
-        let (energy, set, train_delta) = pick.context("no energies to select from")?;
+        let (energy, set, validation_delta) = pick.context("no energies to select from")?;
         let held =
             lora_ppl(model, &set.unpack_lora(&member.name)?, &domains[*i], h)? / reference - 1.0;
         packed += set.bytes();
-        f16 += 2 * member
-            .deltas
-            .values()
-            .map(|d| d.stored_values())
-            .sum::<usize>();
+        f16 += f16_bytes(member);
         chosen.push(energy);
         deltas.push(Some(held));
-        selection.push(train_delta);
+        validation_deltas.push(validation_delta);
     }
     let max = deltas
         .iter()
@@ -597,11 +595,20 @@ fn select_energies(
     );
     Ok(json!({
         "selected": true, "select_delta": target, "validation_windows": validation_windows,
-        "energies": chosen, "training_ppl_delta": selection,
+        "energies": chosen, "validation_ppl_delta": validation_deltas,
         "bits": params.bits.name(), "shared": false,
         "f16_bytes": f16, "packed_bytes": packed,
         "ppl_delta": deltas,
     }))
+}
+
+/// Bytes of a member as f16 PEFT factors (or an f16 dense residual).
+fn f16_bytes(member: &Member) -> usize {
+    2 * member
+        .deltas
+        .values()
+        .map(|d| d.stored_values())
+        .sum::<usize>()
 }
 
 /// Packs a suite with `params` (over shared bases, or each member alone), unpacks every member,
@@ -668,11 +675,7 @@ fn measure_config(
         energy: params.energy,
         bits: params.bits,
         shared,
-        f16_bytes: 2 * suite
-            .members
-            .iter()
-            .map(|m| m.deltas.values().map(|d| d.stored_values()).sum::<usize>())
-            .sum::<usize>(),
+        f16_bytes: suite.members.iter().map(f16_bytes).sum(),
         packed_bytes: sets.iter().map(PackedSet::bytes).sum(),
         max_rel_error,
         ppl_delta,
