@@ -15,6 +15,19 @@
 //! A basis of mixed widths is several column groups side by side: the first at `…u`, the next at
 //! `…u.1`, `…u.2`, …; such packs are [`FORMAT_MIXED`], since a reader of [`FORMAT`] would see only
 //! the first group.
+//!
+//! Those plain files name three tensors per matrix, and with hundreds of small matrices their
+//! header outweighs the codes (a rank-8 SmolLM2 adapter packed alone: 0.42 MB of headers for 0.29 MB
+//! of codes). A coded pack ([`FORMAT_CODED`], [`PackParams::entropy`]) stores each file as a few
+//! tensors instead, its metadata under `s2lc_coded` as `{"matrices": N}`:
+//! - `index.freqs` (U16, 256) and `index.stream` (U8): N records of 18 bytes, rANS-coded
+//!   ([`s2lc_spectral::ans`]): layer (u16), target, part (`u v core_b core_a extra_b extra_a`),
+//!   column group, bits (u8 each), rows, columns, block size (u32 each), little-endian;
+//! - `kept` (U8): each matrix's block bitmap in turn, `⌈blocks/8⌉` bytes, block `i` at bit `i mod 8`
+//!   of byte `i/8`;
+//! - `scales` (F16): each matrix's kept-block scales in turn;
+//! - per width present, `ans.int3.freqs` (U16, `2^bits`) and `ans.int3.stream` (U8): the codes of
+//!   every matrix of that width in index order, each the two's-complement bit field of one value.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -27,7 +40,7 @@ use serde_json::{json, Value};
 
 use s2lc_model::lora::TARGETS;
 use s2lc_model::source::write_file_atomic;
-use s2lc_spectral::{BlockQuant, QuantBits};
+use s2lc_spectral::{AnsTable, BlockQuant, QuantBits};
 
 use crate::pack::{
     ModuleKey, PackError, PackParams, PackedCore, PackedMember, PackedModule, PackedSet, QMat,
@@ -40,7 +53,15 @@ pub const FORMAT: &str = "s2lc-pack/1";
 /// Format tag of a pack whose bases have column groups of several widths.
 pub const FORMAT_MIXED: &str = "s2lc-pack/2";
 
-/// Shape and coding of one quantized matrix, as kept in a file's metadata.
+/// Format tag of a pack whose codes are entropy-coded ([`PackParams::entropy`]).
+pub const FORMAT_CODED: &str = "s2lc-pack/3";
+
+/// Metadata key of a plain file: its matrices' shapes and codings as JSON.
+const PLAIN_KEY: &str = "s2lc";
+/// Metadata key of a coded file: `{"matrices": N}`.
+const CODED_KEY: &str = "s2lc_coded";
+
+/// Shape and coding of one quantized matrix, as kept in a plain file's metadata.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct QMatHeader {
     rows: usize,
@@ -49,102 +70,423 @@ struct QMatHeader {
     block: usize,
 }
 
-/// Tensors of one safetensors file being written: name → (dtype, shape, bytes).
-#[derive(Default)]
-struct Writer {
-    tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
-    headers: BTreeMap<String, QMatHeader>,
+/// The parts of a target matrix a file holds, numbered as in a coded file's index.
+const PARTS: [&str; 6] = ["u", "v", "core_b", "core_a", "extra_b", "extra_a"];
+
+/// Where a quantized matrix belongs: target matrix, part (index into [`PARTS`]) and column
+/// group (of a mixed-width basis).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    key: ModuleKey,
+    part: usize,
+    group: usize,
 }
 
-impl Writer {
-    fn put(&mut self, prefix: &str, m: &QMat) {
-        let q = &m.q;
-        let scales: Vec<u8> = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-        let kept: Vec<u8> = q.kept.iter().flat_map(|w| w.to_le_bytes()).collect();
-        self.tensors.push((
-            format!("{prefix}.data"),
-            Dtype::U8,
-            vec![q.data.len()],
-            q.data.clone(),
+impl Slot {
+    /// The matrix's tensor prefix: `L{layer}.{target}.{part}`, then `.{group}` after the first.
+    fn name(&self) -> String {
+        let base = prefix(&self.key, PARTS[self.part]);
+        match self.group {
+            0 => base,
+            g => format!("{base}.{g}"),
+        }
+    }
+}
+
+fn prefix(key: &ModuleKey, part: &str) -> String {
+    format!("L{}.{}.{part}", key.layer, TARGETS[key.target])
+}
+
+/// Bytes of one record of a coded file's index.
+const RECORD: usize = 18;
+
+/// Largest block size a file may declare (a guard against a corrupt header's allocation).
+const MAX_BLOCK: usize = 1 << 16;
+
+/// Largest number of values one matrix in a file may declare (the same guard).
+const MAX_VALUES: usize = 1 << 32;
+
+/// One safetensors file being written: its matrices in order.
+struct Writer<'a> {
+    entropy: bool,
+    mats: Vec<(Slot, &'a QMat)>,
+}
+
+/// A file's tensors (name, dtype, shape, bytes) and metadata, ready to serialize.
+struct Sealed {
+    tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    meta: HashMap<String, String>,
+}
+
+impl<'a> Writer<'a> {
+    /// A writer of a plain file (with `entropy`, of a coded one).
+    fn new(entropy: bool) -> Self {
+        Writer {
+            entropy,
+            mats: Vec::new(),
+        }
+    }
+
+    fn put(&mut self, key: ModuleKey, part: usize, m: &'a QMat) {
+        self.mats.push((
+            Slot {
+                key,
+                part,
+                group: 0,
+            },
+            m,
         ));
-        self.tensors.push((
-            format!("{prefix}.scales"),
-            Dtype::F16,
-            vec![q.scales.len()],
-            scales,
-        ));
-        self.tensors
-            .push((format!("{prefix}.kept"), Dtype::U8, vec![kept.len()], kept));
-        self.headers.insert(
-            prefix.to_string(),
-            QMatHeader {
+    }
+
+    /// A basis: one matrix per column group.
+    fn put_basis(&mut self, key: ModuleKey, part: usize, b: &'a QBasis) {
+        for (group, m) in b.groups.iter().enumerate() {
+            self.mats.push((Slot { key, part, group }, m));
+        }
+    }
+
+    fn seal(self) -> Sealed {
+        if self.entropy {
+            self.seal_coded()
+        } else {
+            self.seal_plain()
+        }
+    }
+
+    /// Three tensors per matrix (`X.data`, `X.scales`, `X.kept`) and the shapes as JSON.
+    fn seal_plain(self) -> Sealed {
+        let mut tensors = Vec::new();
+        let mut headers = BTreeMap::new();
+        for (slot, m) in &self.mats {
+            let (name, q) = (slot.name(), &m.q);
+            let scales: Vec<u8> = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let kept: Vec<u8> = q.kept.iter().flat_map(|w| w.to_le_bytes()).collect();
+            tensors.push((
+                format!("{name}.data"),
+                Dtype::U8,
+                vec![q.data.len()],
+                q.data.clone(),
+            ));
+            tensors.push((
+                format!("{name}.scales"),
+                Dtype::F16,
+                vec![q.scales.len()],
+                scales,
+            ));
+            tensors.push((format!("{name}.kept"), Dtype::U8, vec![kept.len()], kept));
+            let header = QMatHeader {
                 rows: m.rows,
                 cols: m.cols,
                 bits: q.bits,
                 block: q.block,
-            },
-        );
-    }
-
-    /// A basis: its first column group at `prefix`, the others at `prefix.1`, `prefix.2`, ….
-    fn put_basis(&mut self, prefix: &str, b: &QBasis) {
-        for (g, group) in b.groups.iter().enumerate() {
-            match g {
-                0 => self.put(prefix, group),
-                _ => self.put(&format!("{prefix}.{g}"), group),
-            }
+            };
+            headers.insert(name, header);
+        }
+        let headers = serde_json::to_string(&headers).expect("headers serialize");
+        Sealed {
+            tensors,
+            meta: HashMap::from([(PLAIN_KEY.to_string(), headers)]),
         }
     }
 
-    /// Serializes to `path` through a `.part` file renamed into place.
-    fn write(self, path: &Path) -> Result<(), PackError> {
-        let fail = |message: String| PackError::Format {
-            path: path.to_path_buf(),
-            message,
+    /// The coded layout (see the module docs): an rANS-coded index, every matrix's bitmap and
+    /// scales concatenated, and per width one rANS stream of codes.
+    fn seal_coded(self) -> Sealed {
+        let mut index = Vec::with_capacity(self.mats.len() * RECORD);
+        let (mut kept, mut scales) = (Vec::new(), Vec::new());
+        let mut codes: Vec<Vec<u8>> = vec![Vec::new(); QuantBits::ALL.len()];
+        for (slot, m) in &self.mats {
+            let q = &m.q;
+            let u32_of = |v: usize| u32::try_from(v).expect("matrix dimensions fit in u32");
+            index.extend_from_slice(&(slot.key.layer as u16).to_le_bytes());
+            index.extend([slot.key.target as u8, slot.part as u8, slot.group as u8]);
+            index.push(q.bits.bits() as u8);
+            for v in [m.rows, m.cols, q.block] {
+                index.extend_from_slice(&u32_of(v).to_le_bytes());
+            }
+            let n_blocks = q.len.div_ceil(q.block);
+            kept.extend((0..n_blocks.div_ceil(8)).map(|i| (q.kept[i / 8] >> (8 * (i % 8))) as u8));
+            scales.extend(q.scales.iter().flat_map(|s| s.to_le_bytes()));
+            let w = QuantBits::ALL
+                .iter()
+                .position(|&b| b == q.bits)
+                .expect("a width");
+            codes[w].extend(q.codes());
+        }
+        let mut tensors = Vec::new();
+        let mut push_coded = |name: &str, symbols: &[u8], alphabet: usize| {
+            let table = AnsTable::fit(symbols, alphabet);
+            let freqs: Vec<u8> = table.freqs().iter().flat_map(|f| f.to_le_bytes()).collect();
+            tensors.push((format!("{name}.freqs"), Dtype::U16, vec![alphabet], freqs));
+            let stream = table.encode(symbols);
+            tensors.push((
+                format!("{name}.stream"),
+                Dtype::U8,
+                vec![stream.len()],
+                stream,
+            ));
         };
-        let views = self
-            .tensors
-            .iter()
-            .map(|(n, d, s, b)| {
-                TensorView::new(*d, s.clone(), b)
-                    .map(|v| (n.as_str(), v))
-                    .map_err(|e| fail(format!("{n}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let meta = HashMap::from([(
-            "s2lc".to_string(),
-            serde_json::to_string(&self.headers).map_err(|e| fail(e.to_string()))?,
-        )]);
-        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| fail(e.to_string()))?;
-        Ok(write_file_atomic(path, &bytes)?)
+        push_coded("index", &index, 256);
+        for (bits, symbols) in QuantBits::ALL.iter().zip(&codes) {
+            if !symbols.is_empty() {
+                push_coded(&format!("ans.{}", bits.name()), symbols, 1 << bits.bits());
+            }
+        }
+        tensors.push(("kept".into(), Dtype::U8, vec![kept.len()], kept));
+        tensors.push(("scales".into(), Dtype::F16, vec![scales.len() / 2], scales));
+        let meta = json!({ "matrices": self.mats.len() }).to_string();
+        Sealed {
+            tensors,
+            meta: HashMap::from([(CODED_KEY.to_string(), meta)]),
+        }
     }
 }
 
-/// A parsed safetensors file with its quantized-matrix headers.
-struct Reader<'a> {
-    path: PathBuf,
-    st: SafeTensors<'a>,
-    headers: BTreeMap<String, QMatHeader>,
+impl Sealed {
+    /// The file's bytes.
+    fn serialize(&self) -> Vec<u8> {
+        let views = self.tensors.iter().map(|(n, d, s, b)| {
+            let view = TensorView::new(*d, s.clone(), b).expect("shapes match their bytes");
+            (n.as_str(), view)
+        });
+        safetensors::serialize(views, Some(self.meta.clone())).expect("a valid file")
+    }
 }
 
-impl<'a> Reader<'a> {
-    fn new(path: &Path, bytes: &'a [u8]) -> Result<Self, PackError> {
+/// The bases file of `set`.
+fn basis_file(set: &PackedSet) -> Sealed {
+    let mut w = Writer::new(set.params.entropy);
+    for (key, module) in &set.modules {
+        w.put_basis(*key, 0, &module.u);
+        w.put_basis(*key, 1, &module.v);
+    }
+    w.seal()
+}
+
+/// The file of member `m` of `set`.
+fn member_file(set: &PackedSet, m: &PackedMember) -> Sealed {
+    let mut w = Writer::new(set.params.entropy);
+    for (key, core) in &m.cores {
+        w.put(*key, 2, &core.core_b);
+        w.put(*key, 3, &core.core_a);
+        if let Some((b, a)) = &core.extra {
+            w.put(*key, 4, b);
+            w.put(*key, 5, a);
+        }
+    }
+    w.seal()
+}
+
+/// Bytes of the bases file of `set`: the whole file, header included, as a store keeps it.
+pub fn basis_bytes(set: &PackedSet) -> usize {
+    basis_file(set).serialize().len()
+}
+
+/// Bytes of the file of member `m` of `set`, header included.
+pub fn member_bytes(set: &PackedSet, m: &PackedMember) -> usize {
+    member_file(set, m).serialize().len()
+}
+
+/// The tensor `name` of `st` as bytes, checked to be of `dtype`.
+fn tensor<'a>(st: &SafeTensors<'a>, name: &str, dtype: Dtype) -> Result<&'a [u8], String> {
+    let view = st
+        .tensor(name)
+        .map_err(|_| format!("tensor {name} is missing"))?;
+    if view.dtype() != dtype {
+        return Err(format!(
+            "tensor {name} is {:?}, not {dtype:?}",
+            view.dtype()
+        ));
+    }
+    Ok(view.data())
+}
+
+fn f16s(bytes: &[u8]) -> Vec<f16> {
+    bytes
+        .chunks_exact(2)
+        .map(|b| f16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
+/// The frequency table `name.freqs` of `alphabet` symbols, and the stream `name.stream` decoded
+/// into `out`.
+fn decode_stream(
+    st: &SafeTensors<'_>,
+    name: &str,
+    alphabet: usize,
+    out: &mut [u8],
+) -> Result<(), String> {
+    let freqs: Vec<u16> = tensor(st, &format!("{name}.freqs"), Dtype::U16)?
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    if freqs.len() != alphabet {
+        return Err(format!(
+            "{name}.freqs has {} entries, not {alphabet}",
+            freqs.len()
+        ));
+    }
+    let table = AnsTable::from_freqs(freqs).map_err(|e| format!("{name}: {e}"))?;
+    table
+        .decode_into(tensor(st, &format!("{name}.stream"), Dtype::U8)?, out)
+        .map_err(|e| format!("{name}.stream: {e}"))
+}
+
+/// The matrices of a plain file: three tensors each, shapes in the `s2lc` metadata.
+fn read_plain(st: &SafeTensors<'_>, headers: &str) -> Result<HashMap<String, QMat>, String> {
+    let headers: BTreeMap<String, QMatHeader> =
+        serde_json::from_str(headers).map_err(|e| e.to_string())?;
+    let mut mats = HashMap::new();
+    for (name, h) in headers {
+        let kept_bytes = tensor(st, &format!("{name}.kept"), Dtype::U8)?;
+        if kept_bytes.len() % 8 != 0 {
+            return Err(format!("{name}.kept is not whole 64-bit words"));
+        }
+        let len = h
+            .rows
+            .checked_mul(h.cols)
+            .filter(|&n| n <= MAX_VALUES)
+            .ok_or_else(|| format!("matrix {name}: {}×{} values", h.rows, h.cols))?;
+        let q = BlockQuant {
+            bits: h.bits,
+            block: h.block,
+            len,
+            kept: kept_bytes
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect(),
+            scales: f16s(tensor(st, &format!("{name}.scales"), Dtype::F16)?),
+            data: tensor(st, &format!("{name}.data"), Dtype::U8)?.to_vec(),
+        };
+        q.validate().map_err(|e| format!("matrix {name}: {e}"))?;
+        let (rows, cols) = (h.rows, h.cols);
+        mats.insert(name, QMat { rows, cols, q });
+    }
+    Ok(mats)
+}
+
+/// The matrices of a coded file (see the module docs).
+fn read_coded(st: &SafeTensors<'_>, meta: &str) -> Result<HashMap<String, QMat>, String> {
+    #[derive(Deserialize)]
+    struct Meta {
+        matrices: usize,
+    }
+    let n = serde_json::from_str::<Meta>(meta)
+        .map_err(|e| e.to_string())?
+        .matrices;
+    if n > 1 << 24 {
+        return Err(format!("{n} matrices"));
+    }
+    let mut index = vec![0u8; n * RECORD];
+    decode_stream(st, "index", 256, &mut index)?;
+    let kept_bytes = tensor(st, "kept", Dtype::U8)?;
+    let scale_bytes = tensor(st, "scales", Dtype::F16)?;
+    let (mut at_kept, mut at_scale) = (0, 0);
+    let mut code_counts = vec![0usize; QuantBits::ALL.len()];
+    let mut mats = Vec::with_capacity(n);
+    for r in index.chunks_exact(RECORD) {
+        let u32_at =
+            |i: usize| u32::from_le_bytes(r[i..i + 4].try_into().expect("4 bytes")) as usize;
+        let key = ModuleKey {
+            layer: u16::from_le_bytes([r[0], r[1]]) as usize,
+            target: r[2] as usize,
+        };
+        let (part, group) = (r[3] as usize, r[4] as usize);
+        if key.target >= TARGETS.len() || part >= PARTS.len() {
+            return Err(format!("index record of target {} part {part}", key.target));
+        }
+        let name = Slot { key, part, group }.name();
+        let w = QuantBits::ALL
+            .iter()
+            .position(|b| b.bits() == r[5] as usize)
+            .ok_or_else(|| format!("matrix {name}: {} bits", r[5]))?;
+        let (rows, cols, block) = (u32_at(6), u32_at(10), u32_at(14));
+        let len = rows
+            .checked_mul(cols)
+            .filter(|&n| n <= MAX_VALUES)
+            .ok_or_else(|| format!("matrix {name}: {rows}×{cols} values"))?;
+        if block == 0 || block > MAX_BLOCK {
+            return Err(format!("matrix {name}: block size {block}"));
+        }
+        let n_blocks = len.div_ceil(block);
+        let bitmap = kept_bytes
+            .get(at_kept..at_kept + n_blocks.div_ceil(8))
+            .ok_or_else(|| format!("matrix {name}: the bitmaps end early"))?;
+        at_kept += bitmap.len();
+        let mut kept = vec![0u64; n_blocks.div_ceil(64)];
+        for (i, &b) in bitmap.iter().enumerate() {
+            kept[i / 8] |= (b as u64) << (8 * (i % 8));
+        }
+        let n_kept: usize = kept.iter().map(|w| w.count_ones() as usize).sum();
+        let scales = scale_bytes
+            .get(at_scale..at_scale + 2 * n_kept)
+            .ok_or_else(|| format!("matrix {name}: the scales end early"))?;
+        at_scale += scales.len();
+        code_counts[w] += n_kept * block;
+        let q = BlockQuant {
+            bits: QuantBits::ALL[w],
+            block,
+            len,
+            kept,
+            scales: f16s(scales),
+            data: Vec::new(),
+        };
+        mats.push((name, QMat { rows, cols, q }));
+    }
+    if at_kept != kept_bytes.len() || at_scale != scale_bytes.len() {
+        return Err("bitmaps or scales left over after the last matrix".into());
+    }
+    let mut codes = Vec::with_capacity(QuantBits::ALL.len());
+    for (bits, &count) in QuantBits::ALL.iter().zip(&code_counts) {
+        let mut symbols = vec![0u8; count];
+        if count > 0 {
+            let name = format!("ans.{}", bits.name());
+            decode_stream(st, &name, 1 << bits.bits(), &mut symbols)?;
+        }
+        codes.push((symbols, 0usize));
+    }
+    let mut out = HashMap::with_capacity(n);
+    for (name, mut m) in mats {
+        let w = QuantBits::ALL
+            .iter()
+            .position(|&b| b == m.q.bits)
+            .expect("a width");
+        let (symbols, at) = &mut codes[w];
+        let count = m.q.code_count();
+        m.q.set_codes(&symbols[*at..*at + count]);
+        *at += count;
+        m.q.validate().map_err(|e| format!("matrix {name}: {e}"))?;
+        if out.insert(name.clone(), m).is_some() {
+            return Err(format!("matrix {name} appears twice"));
+        }
+    }
+    Ok(out)
+}
+
+/// A parsed pack file: its matrices by tensor prefix, each taken once.
+struct Reader {
+    path: PathBuf,
+    mats: HashMap<String, QMat>,
+}
+
+impl Reader {
+    fn new(path: &Path, bytes: &[u8]) -> Result<Self, PackError> {
         let fail = |message: String| PackError::Format {
             path: path.to_path_buf(),
             message,
         };
         let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| fail(e.to_string()))?;
-        let headers = meta
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("s2lc"))
-            .ok_or_else(|| fail("no s2lc metadata (not an S2LC pack file)".into()))?;
-        let headers = serde_json::from_str(headers).map_err(|e| fail(e.to_string()))?;
+        let meta = meta.metadata().clone().unwrap_or_default();
         let st = SafeTensors::deserialize(bytes).map_err(|e| fail(e.to_string()))?;
+        let mats = match (meta.get(PLAIN_KEY), meta.get(CODED_KEY)) {
+            (Some(headers), None) => read_plain(&st, headers),
+            (None, Some(coded)) => read_coded(&st, coded),
+            _ => Err("no s2lc metadata (not an S2LC pack file)".into()),
+        }
+        .map_err(fail)?;
         Ok(Reader {
             path: path.to_path_buf(),
-            st,
-            headers,
+            mats,
         })
     }
 
@@ -155,72 +497,24 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn bytes(&self, name: &str, dtype: Dtype) -> Result<&'a [u8], PackError> {
-        let view = self
-            .st
-            .tensor(name)
-            .map_err(|_| self.fail(format!("tensor {name} is missing")))?;
-        if view.dtype() != dtype {
-            return Err(self.fail(format!(
-                "tensor {name} is {:?}, not {dtype:?}",
-                view.dtype()
-            )));
-        }
-        Ok(view.data())
-    }
-
     fn has(&self, prefix: &str) -> bool {
-        self.headers.contains_key(prefix)
+        self.mats.contains_key(prefix)
     }
 
-    fn get(&self, prefix: &str) -> Result<QMat, PackError> {
-        let h = self
-            .headers
-            .get(prefix)
-            .ok_or_else(|| self.fail(format!("matrix {prefix} is missing")))?;
-        let data = self.bytes(&format!("{prefix}.data"), Dtype::U8)?.to_vec();
-        let scales = self
-            .bytes(&format!("{prefix}.scales"), Dtype::F16)?
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]))
-            .collect();
-        let kept_bytes = self.bytes(&format!("{prefix}.kept"), Dtype::U8)?;
-        if kept_bytes.len() % 8 != 0 {
-            return Err(self.fail(format!("{prefix}.kept is not whole 64-bit words")));
-        }
-        let kept = kept_bytes
-            .chunks_exact(8)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-            .collect();
-        let q = BlockQuant {
-            bits: h.bits,
-            block: h.block,
-            len: h.rows * h.cols,
-            kept,
-            scales,
-            data,
-        };
-        q.validate()
-            .map_err(|e| self.fail(format!("matrix {prefix}: {e}")))?;
-        Ok(QMat {
-            rows: h.rows,
-            cols: h.cols,
-            q,
-        })
+    fn get(&mut self, prefix: &str) -> Result<QMat, PackError> {
+        self.mats
+            .remove(prefix)
+            .ok_or_else(|| self.fail(format!("matrix {prefix} is missing")))
     }
 
-    /// A basis written by [`Writer::put_basis`].
-    fn get_basis(&self, prefix: &str) -> Result<QBasis, PackError> {
+    /// A basis: its column groups at `prefix`, `prefix.1`, `prefix.2`, ….
+    fn get_basis(&mut self, prefix: &str) -> Result<QBasis, PackError> {
         let mut groups = vec![self.get(prefix)?];
         while self.has(&format!("{prefix}.{}", groups.len())) {
             groups.push(self.get(&format!("{prefix}.{}", groups.len()))?);
         }
         QBasis::from_groups(groups).map_err(|e| self.fail(format!("{prefix}: {e}")))
     }
-}
-
-fn prefix(key: &ModuleKey, part: &str) -> String {
-    format!("L{}.{}.{part}", key.layer, TARGETS[key.target])
 }
 
 /// A member name usable as a file name.
@@ -250,37 +544,32 @@ pub fn save(set: &PackedSet, dir: &Path) -> Result<(), PackError> {
         move |source| PackError::Io { path: p, source }
     };
     std::fs::create_dir_all(dir.join("members")).map_err(io(dir))?;
-    let mut basis = Writer::default();
-    for (key, module) in &set.modules {
-        basis.put_basis(&prefix(key, "u"), &module.u);
-        basis.put_basis(&prefix(key, "v"), &module.v);
-    }
-    basis.write(&dir.join("basis.safetensors"))?;
+    let basis = basis_file(set).serialize();
+    write_file_atomic(&dir.join("basis.safetensors"), &basis)?;
     let mut members = Vec::new();
     for m in &set.members {
-        let mut w = Writer::default();
-        for (key, core) in &m.cores {
-            w.put(&prefix(key, "core_b"), &core.core_b);
-            w.put(&prefix(key, "core_a"), &core.core_a);
-            if let Some((b, a)) = &core.extra {
-                w.put(&prefix(key, "extra_b"), b);
-                w.put(&prefix(key, "extra_a"), a);
-            }
-        }
         let file = format!("members/{}.safetensors", m.name);
-        w.write(&dir.join(&file))?;
-        members.push(json!({"name": m.name, "file": file, "bytes": m.bytes()}));
+        let bytes = member_file(set, m).serialize();
+        write_file_atomic(&dir.join(&file), &bytes)?;
+        members.push(json!({"name": m.name, "file": file, "bytes": bytes.len()}));
     }
     let mixed = set
         .modules
         .values()
         .any(|m| m.u.groups.len() > 1 || m.v.groups.len() > 1);
+    let format = if set.params.entropy {
+        FORMAT_CODED
+    } else if mixed {
+        FORMAT_MIXED
+    } else {
+        FORMAT
+    };
     let manifest = json!({
-        "format": if mixed { FORMAT_MIXED } else { FORMAT },
+        "format": format,
         "params": set.params,
         "modules": set.modules.keys().collect::<Vec<_>>(),
         "basis_file": "basis.safetensors",
-        "basis_bytes": set.basis_bytes(),
+        "basis_bytes": basis.len(),
         "members": members,
     });
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| PackError::Format {
@@ -314,9 +603,12 @@ pub fn load(dir: &Path) -> Result<PackedSet, PackError> {
         message,
     };
     let manifest: Value = serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
-    if manifest["format"] != FORMAT && manifest["format"] != FORMAT_MIXED {
+    if ![FORMAT, FORMAT_MIXED, FORMAT_CODED]
+        .iter()
+        .any(|f| manifest["format"] == *f)
+    {
         return Err(fail(format!(
-            "format {} is not {FORMAT} or {FORMAT_MIXED}",
+            "format {} is not {FORMAT}, {FORMAT_MIXED} or {FORMAT_CODED}",
             manifest["format"]
         )));
     }
@@ -332,7 +624,7 @@ pub fn load(dir: &Path) -> Result<PackedSet, PackError> {
         .as_str()
         .ok_or_else(|| fail("no basis_file".into()))?;
     let basis_bytes = read(basis_file)?;
-    let basis = Reader::new(&dir.join(basis_file), &basis_bytes)?;
+    let mut basis = Reader::new(&dir.join(basis_file), &basis_bytes)?;
     let mut modules = BTreeMap::new();
     for key in &keys {
         if key.target >= TARGETS.len() {
@@ -357,7 +649,7 @@ pub fn load(dir: &Path) -> Result<PackedSet, PackError> {
             .as_str()
             .ok_or_else(|| fail(format!("member {name} has no file")))?;
         let bytes = read(file)?;
-        let r = Reader::new(&dir.join(file), &bytes)?;
+        let mut r = Reader::new(&dir.join(file), &bytes)?;
         let mut cores = BTreeMap::new();
         for key in &keys {
             let core_prefix = prefix(key, "core_b");

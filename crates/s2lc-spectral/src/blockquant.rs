@@ -154,8 +154,9 @@ impl BlockQuant {
         }
         let mut kept = vec![0u64; n_blocks.div_ceil(64)];
         let mut scales = Vec::new();
-        let mut data = Vec::new();
+        let mut codes = Vec::new();
         let qmax = bits.qmax();
+        let mask = ((1u16 << bits.bits()) - 1) as u8;
         for (i, chunk) in values.chunks(block).enumerate() {
             if !keep[i] {
                 continue;
@@ -165,44 +166,27 @@ impl BlockQuant {
             scales.push(d);
             let df = d.to_f32();
             // Dividing (not multiplying by 1/d) rounds exactly as the scale search did.
-            let q = |v: f32| {
-                if df > 0.0 {
+            codes.extend(chunk.iter().map(|&v| {
+                let q = if df > 0.0 {
                     (v / df).round().clamp(-qmax, qmax) as i8
                 } else {
                     0
-                }
-            };
-            let start = data.len();
-            data.resize(start + bits.block_bytes(block), 0);
-            let out = &mut data[start..];
-            match bits {
-                QuantBits::Int8 => {
-                    for (o, &v) in out.iter_mut().zip(chunk) {
-                        *o = q(v) as u8;
-                    }
-                }
-                _ => {
-                    let (b, mask) = (bits.bits(), (1u16 << bits.bits()) - 1);
-                    for (j, &v) in chunk.iter().enumerate() {
-                        // A code may straddle two bytes (int3, int5, int6): write it as a 16-bit window.
-                        let code = (q(v) as u16 & mask) << (j * b % 8);
-                        let at = j * b / 8;
-                        out[at] |= code as u8;
-                        if code >> 8 != 0 {
-                            out[at + 1] |= (code >> 8) as u8;
-                        }
-                    }
-                }
-            }
+                };
+                q as u8 & mask
+            }));
+            // The last block is padded to a whole block with zero codes.
+            codes.resize(codes.len().next_multiple_of(block), 0);
         }
-        BlockQuant {
+        let mut q = BlockQuant {
             bits,
             block,
             len: values.len(),
             kept,
             scales,
-            data,
-        }
+            data: Vec::new(),
+        };
+        q.set_codes(&codes);
+        q
     }
 
     /// Whether block `i` is kept.
@@ -247,6 +231,63 @@ impl BlockQuant {
             ));
         }
         Ok(())
+    }
+
+    /// Values the kept blocks hold, padding included (`kept_blocks · block`): the number of
+    /// codes [`BlockQuant::codes`] returns.
+    pub fn code_count(&self) -> usize {
+        self.kept_blocks() * self.block
+    }
+
+    /// Every stored code as one symbol in `0 .. 2^bits` (the two's-complement bit field), block
+    /// by block: what an entropy coder codes instead of the packed bytes.
+    pub fn codes(&self) -> Vec<u8> {
+        let b = self.bits.bits();
+        if b == 8 {
+            return self.data.clone();
+        }
+        let mask = (1u16 << b) - 1;
+        let bytes = self.bits.block_bytes(self.block);
+        let mut out = Vec::with_capacity(self.code_count());
+        for src in self.data.chunks_exact(bytes) {
+            out.extend((0..self.block).map(|j| {
+                let (at, shift) = (j * b / 8, j * b % 8);
+                let window = src[at] as u16 | (*src.get(at + 1).unwrap_or(&0) as u16) << 8;
+                ((window >> shift) & mask) as u8
+            }));
+        }
+        out
+    }
+
+    /// Replaces the packed bytes by `codes` (as [`BlockQuant::codes`] returns them), packing
+    /// each block's codes little-endian again.
+    ///
+    /// # Panics
+    /// If `codes.len() != self.code_count()`.
+    pub fn set_codes(&mut self, codes: &[u8]) {
+        assert_eq!(codes.len(), self.code_count(), "one code per kept value");
+        let b = self.bits.bits();
+        if b == 8 {
+            self.data = codes.to_vec();
+            return;
+        }
+        let bytes = self.bits.block_bytes(self.block);
+        self.data = vec![0u8; self.kept_blocks() * bytes];
+        let mask = (1u16 << b) - 1;
+        for (dst, block) in self
+            .data
+            .chunks_exact_mut(bytes)
+            .zip(codes.chunks_exact(self.block))
+        {
+            for (j, &c) in block.iter().enumerate() {
+                let code = (c as u16 & mask) << (j * b % 8);
+                let at = j * b / 8;
+                dst[at] |= code as u8;
+                if code >> 8 != 0 {
+                    dst[at + 1] |= (code >> 8) as u8;
+                }
+            }
+        }
     }
 
     /// Writes the dequantized vector into `out` (`len` values; dropped blocks are zero).
@@ -331,6 +372,13 @@ mod tests {
             let x = values(n, seed);
             let q = BlockQuant::quantize(&x, block, bits, drop);
             prop_assert!(q.validate().is_ok());
+            // The codes as symbols round-trip through the packed bytes.
+            let codes = q.codes();
+            prop_assert_eq!(codes.len(), q.code_count());
+            prop_assert!(codes.iter().all(|&c| (c as usize) < 1 << bits.bits()));
+            let mut repacked = q.clone();
+            repacked.set_codes(&codes);
+            prop_assert_eq!(&repacked, &q);
             let y = q.dequantize();
             let total: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
             let mut dropped = 0.0;

@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod analysis;
+pub mod ans;
 pub mod blockquant;
 pub mod energy;
 pub mod lowrank;
@@ -17,6 +18,7 @@ pub use analysis::{
     singular_values, AnalysisError, KindSummary, MatrixSpectrum, RankAtEnergy, RankFraction,
     SpectralReport, ThresholdTotal, DEFAULT_THRESHOLDS,
 };
+pub use ans::{AnsError, AnsTable, ANS_TOTAL};
 pub use blockquant::{BlockQuant, QuantBits};
 pub use energy::{break_even_rank, cumulative_energy, rank_for_energy, sq_frobenius};
 pub use lowrank::{allocate_ranks, relative_error, BudgetError, LowRankFactors, Spectrum};

@@ -84,6 +84,10 @@ pub struct PackOptions {
     /// Share of each core's energy that dropped blocks may hold.
     #[arg(long, default_value_t = 0.0)]
     pub drop_energy: f64,
+    /// Store the codes entropy-coded (rANS, one frequency table per width per file; lossless,
+    /// format `s2lc-pack/3`) instead of as fixed-width bytes.
+    #[arg(long)]
+    pub entropy: bool,
 }
 
 impl PackOptions {
@@ -100,6 +104,7 @@ impl PackOptions {
             block: self.block,
             drop_energy: self.drop_energy,
             whitened: false,
+            entropy: self.entropy,
         };
         p.validate()?;
         Ok(p)

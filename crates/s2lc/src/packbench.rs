@@ -62,6 +62,9 @@ pub struct PackBenchArgs {
     /// Mixed-width bases (see `s2lc adapters pack --mixed-bases`).
     #[arg(long)]
     mixed_bases: bool,
+    /// Entropy-coded codes (see `s2lc adapters pack --entropy`).
+    #[arg(long)]
+    entropy: bool,
     /// Share of pooled energy the bases keep (see `s2lc adapters pack --basis-energy`)
     /// [default: each energy].
     #[arg(long)]
@@ -146,8 +149,8 @@ struct Outcome {
     packed_bytes: usize,
     max_rel_error: f64,
     ppl_delta: Vec<Option<f64>>,
-    /// Median unpack time of one member, (cold, bases resident).
-    unpack_ms: (f64, f64),
+    /// Median unpack time of one member: (cold, bases resident, from its own pack's files).
+    unpack_ms: (f64, f64, f64),
 }
 
 /// Perplexity on `domain` with a LoRA adapter attached.
@@ -202,6 +205,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
         mixed_bases: args.mixed_bases,
         block: args.block,
         drop_energy: args.drop_energy,
+        entropy: args.entropy,
         ..PackParams::default()
     };
     for &e in &args.energies {
@@ -350,7 +354,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             "max err",
             "max Δppl",
             "mean Δppl",
-            "unpack ms"
+            "unpack ms cold / warm / disk"
         );
         let mut rows = Vec::new();
         let budgets: Vec<Option<f64>> = if args.loss_budgets.is_empty() {
@@ -384,7 +388,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
                         print!("budget {budget} ");
                     }
                     println!(
-                        "{:>6} {:>5} {:>7} {:>10.3} {:>10.3} {:>7.2}x {:>9.4} {:>9.2}% {:>9.2}% {:>7.2} /{:>6.2}",
+                        "{:>6} {:>5} {:>7} {:>10.3} {:>10.3} {:>7.2}x {:>9.4} {:>9.2}% {:>9.2}% {:>7.2} /{:>6.2} /{:>6.2}",
                         o.energy,
                         o.bits.name(),
                         if o.shared { "yes" } else { "no" },
@@ -395,7 +399,8 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
                         max * 100.0,
                         mean * 100.0,
                         o.unpack_ms.0,
-                        o.unpack_ms.1
+                        o.unpack_ms.1,
+                        o.unpack_ms.2
                     );
                     rows.push(json!({
                         "energy": o.energy, "loss_budget": budget, "bits": o.bits.name(), "shared": o.shared,
@@ -403,6 +408,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
                         "max_rel_error": o.max_rel_error,
                         "ppl_delta": o.ppl_delta,
                         "unpack_ms_p50_cold": o.unpack_ms.0, "unpack_ms_p50_warm": o.unpack_ms.1,
+                        "unpack_ms_p50_from_disk": o.unpack_ms.2,
                     }));
                 }
             }
@@ -435,7 +441,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             "weights": args.weights.name(),
             "heldout": h.heldout, "seq": h.seq, "max_windows": h.max_windows,
             "scope": args.scope.name(), "basis_bits": args.basis_bits.name(),
-            "mixed_bases": args.mixed_bases, "block": args.block,
+            "mixed_bases": args.mixed_bases, "block": args.block, "entropy": args.entropy,
             "basis_energy": args.basis_energy,
             "drop_energy": args.drop_energy,
             "whitened": args.whiten, "calib_windows_per_text": args.whiten.then_some(args.calib_windows),
@@ -654,8 +660,9 @@ fn measure_config(
         };
         ppl_delta.push(Some(ppl / reference - 1.0));
     }
-    // Median time to unpack the first member: cold (bases dequantized inside) and warm (bases
-    // resident, as a server keeps them).
+    // Median time to unpack the first member: cold (bases dequantized inside), warm (bases
+    // resident, as a server keeps them), and from disk (its own pack's files read, decoded and
+    // unpacked, as a server pulling it from the store does).
     let first = &suite.members[0].name;
     let set = set_of(first);
     let median = |f: &dyn Fn() -> Result<(), s2lc_adapters::PackError>| -> Result<f64> {
@@ -671,6 +678,11 @@ fn measure_config(
     let cold = median(&|| set.unpack(first).map(drop))?;
     let bases = set.decode_bases();
     let warm = median(&|| set.unpack_with(&bases, first).map(drop))?;
+    let dir = std::env::temp_dir().join(format!("s2lc-bench-unpack-{}", std::process::id()));
+    s2lc_adapters::format::save_member(set, first, &dir)?;
+    let disk = median(&|| s2lc_adapters::format::load(&dir)?.unpack(first).map(drop));
+    std::fs::remove_dir_all(&dir).ok();
+    let disk = disk?;
     Ok(Outcome {
         energy: params.energy,
         bits: params.bits,
@@ -679,6 +691,6 @@ fn measure_config(
         packed_bytes: sets.iter().map(PackedSet::bytes).sum(),
         max_rel_error,
         ppl_delta,
-        unpack_ms: (cold, warm),
+        unpack_ms: (cold, warm, disk),
     })
 }
