@@ -19,15 +19,17 @@
 //! Those plain files name three tensors per matrix, and with hundreds of small matrices their
 //! header outweighs the codes (a rank-8 SmolLM2 adapter packed alone: 0.42 MB of headers for 0.29 MB
 //! of codes). A coded pack ([`FORMAT_CODED`], [`PackParams::entropy`]) stores each file as a few
-//! tensors instead, its metadata under `s2lc_coded` as `{"matrices": N}`:
-//! - `index.freqs` (U16, 256) and `index.stream` (U8): N records of 18 bytes, rANS-coded
-//!   ([`s2lc_spectral::ans`]): layer (u16), target, part (`u v core_b core_a extra_b extra_a`),
-//!   column group, bits (u8 each), rows, columns, block size (u32 each), little-endian;
-//! - `kept` (U8): each matrix's block bitmap in turn, `⌈blocks/8⌉` bytes, block `i` at bit `i mod 8`
-//!   of byte `i/8`;
-//! - `scales` (F16): each matrix's kept-block scales in turn;
-//! - per width present, `ans.int3.freqs` (U16, `2^bits`) and `ans.int3.stream` (U8): the codes of
-//!   every matrix of that width in index order, each the two's-complement bit field of one value.
+//! tensors instead, its metadata under `s2lc_coded` as `{"matrices": N}`. Each coded stream `X` is
+//! two tensors: `X.freqs` (U16, `k × 2`: symbol and frequency of every symbol that occurs, the
+//! frequencies summing to 2^14) and `X.stream` (U8, the rANS stream, [`s2lc_spectral::ans`]):
+//! - `index`: N records of 18 bytes: layer (u16), target, part (`u v core_b core_a extra_b
+//!   extra_a`), column group, bits (u8 each), rows, columns, block size (u32 each), little-endian;
+//! - `kept`: each matrix's block bitmap in turn, `⌈blocks/8⌉` bytes, block `i` at bit `i mod 8` of
+//!   byte `i/8`;
+//! - `scales.hi`, with `scales.lo` (U8, not coded): the high and low bytes of every kept block's
+//!   f16 scale, matrix by matrix;
+//! - per width present, `ans.int3` etc.: the codes of every matrix of that width in index order,
+//!   each value the two's-complement bit field of its code.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -216,8 +218,18 @@ impl<'a> Writer<'a> {
         let mut tensors = Vec::new();
         let mut push_coded = |name: &str, symbols: &[u8], alphabet: usize| {
             let table = AnsTable::fit(symbols, alphabet);
-            let freqs: Vec<u8> = table.freqs().iter().flat_map(|f| f.to_le_bytes()).collect();
-            tensors.push((format!("{name}.freqs"), Dtype::U16, vec![alphabet], freqs));
+            // The table sparse: (symbol, frequency) for every symbol that occurs.
+            let pairs: Vec<u8> = (0u16..)
+                .zip(table.freqs())
+                .filter(|(_, &f)| f > 0)
+                .flat_map(|(s, &f)| [s.to_le_bytes(), f.to_le_bytes()].concat())
+                .collect();
+            tensors.push((
+                format!("{name}.freqs"),
+                Dtype::U16,
+                vec![pairs.len() / 4, 2],
+                pairs,
+            ));
             let stream = table.encode(symbols);
             tensors.push((
                 format!("{name}.stream"),
@@ -227,13 +239,17 @@ impl<'a> Writer<'a> {
             ));
         };
         push_coded("index", &index, 256);
+        push_coded("kept", &kept, 256);
+        // An f16 scale's high byte (sign, exponent, top of the mantissa) repeats; its low byte
+        // does not and is stored as it is.
+        let (lo, hi): (Vec<u8>, Vec<u8>) = scales.chunks_exact(2).map(|b| (b[0], b[1])).unzip();
+        push_coded("scales.hi", &hi, 256);
         for (bits, symbols) in QuantBits::ALL.iter().zip(&codes) {
             if !symbols.is_empty() {
                 push_coded(&format!("ans.{}", bits.name()), symbols, 1 << bits.bits());
             }
         }
-        tensors.push(("kept".into(), Dtype::U8, vec![kept.len()], kept));
-        tensors.push(("scales".into(), Dtype::F16, vec![scales.len() / 2], scales));
+        tensors.push(("scales.lo".into(), Dtype::U8, vec![lo.len()], lo));
         let meta = json!({ "matrices": self.mats.len() }).to_string();
         Sealed {
             tensors,
@@ -301,6 +317,7 @@ fn tensor<'a>(st: &SafeTensors<'a>, name: &str, dtype: Dtype) -> Result<&'a [u8]
     Ok(view.data())
 }
 
+/// Little-endian f16 values.
 fn f16s(bytes: &[u8]) -> Vec<f16> {
     bytes
         .chunks_exact(2)
@@ -308,23 +325,22 @@ fn f16s(bytes: &[u8]) -> Vec<f16> {
         .collect()
 }
 
-/// The frequency table `name.freqs` of `alphabet` symbols, and the stream `name.stream` decoded
-/// into `out`.
+/// The frequency table `name.freqs` (pairs of symbol and frequency, symbols below `alphabet`),
+/// and the stream `name.stream` decoded into `out`.
 fn decode_stream(
     st: &SafeTensors<'_>,
     name: &str,
     alphabet: usize,
     out: &mut [u8],
 ) -> Result<(), String> {
-    let freqs: Vec<u16> = tensor(st, &format!("{name}.freqs"), Dtype::U16)?
-        .chunks_exact(2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        .collect();
-    if freqs.len() != alphabet {
-        return Err(format!(
-            "{name}.freqs has {} entries, not {alphabet}",
-            freqs.len()
-        ));
+    let mut freqs = vec![0u16; alphabet];
+    for pair in tensor(st, &format!("{name}.freqs"), Dtype::U16)?.chunks_exact(4) {
+        let symbol = u16::from_le_bytes([pair[0], pair[1]]) as usize;
+        let freq = u16::from_le_bytes([pair[2], pair[3]]);
+        match freqs.get_mut(symbol) {
+            Some(f) if *f == 0 && freq > 0 => *f = freq,
+            _ => return Err(format!("{name}.freqs: symbol {symbol} of {alphabet} (frequency {freq}, given twice or out of range)")),
+        }
     }
     let table = AnsTable::from_freqs(freqs).map_err(|e| format!("{name}: {e}"))?;
     table
@@ -379,11 +395,8 @@ fn read_coded(st: &SafeTensors<'_>, meta: &str) -> Result<HashMap<String, QMat>,
     }
     let mut index = vec![0u8; n * RECORD];
     decode_stream(st, "index", 256, &mut index)?;
-    let kept_bytes = tensor(st, "kept", Dtype::U8)?;
-    let scale_bytes = tensor(st, "scales", Dtype::F16)?;
-    let (mut at_kept, mut at_scale) = (0, 0);
-    let mut code_counts = vec![0usize; QuantBits::ALL.len()];
-    let mut mats = Vec::with_capacity(n);
+    // The records: name, width, rows, columns, block size, blocks.
+    let mut records = Vec::with_capacity(n);
     for r in index.chunks_exact(RECORD) {
         let u32_at =
             |i: usize| u32::from_le_bytes(r[i..i + 4].try_into().expect("4 bytes")) as usize;
@@ -408,33 +421,53 @@ fn read_coded(st: &SafeTensors<'_>, meta: &str) -> Result<HashMap<String, QMat>,
         if block == 0 || block > MAX_BLOCK {
             return Err(format!("matrix {name}: block size {block}"));
         }
-        let n_blocks = len.div_ceil(block);
-        let bitmap = kept_bytes
-            .get(at_kept..at_kept + n_blocks.div_ceil(8))
-            .ok_or_else(|| format!("matrix {name}: the bitmaps end early"))?;
-        at_kept += bitmap.len();
-        let mut kept = vec![0u64; n_blocks.div_ceil(64)];
-        for (i, &b) in bitmap.iter().enumerate() {
+        records.push((name, w, rows, cols, block, len));
+    }
+    let bitmap_len = |&(.., block, len): &(String, usize, usize, usize, usize, usize)| {
+        len.div_ceil(block).div_ceil(8)
+    };
+    let mut kept_bytes = vec![0u8; records.iter().map(bitmap_len).sum()];
+    decode_stream(st, "kept", 256, &mut kept_bytes)?;
+    let mut bitmaps = Vec::with_capacity(n);
+    let mut at = 0;
+    for rec in &records {
+        let bytes = &kept_bytes[at..at + bitmap_len(rec)];
+        at += bytes.len();
+        let mut kept = vec![0u64; bytes.len().div_ceil(8)];
+        for (i, &b) in bytes.iter().enumerate() {
             kept[i / 8] |= (b as u64) << (8 * (i % 8));
         }
+        bitmaps.push(kept);
+    }
+    let n_kept: usize = bitmaps
+        .iter()
+        .flatten()
+        .map(|w| w.count_ones() as usize)
+        .sum();
+    let mut hi = vec![0u8; n_kept];
+    decode_stream(st, "scales.hi", 256, &mut hi)?;
+    let lo = tensor(st, "scales.lo", Dtype::U8)?;
+    if lo.len() != n_kept {
+        return Err(format!("{} scales for {n_kept} kept blocks", lo.len()));
+    }
+    let mut scales = lo
+        .iter()
+        .zip(&hi)
+        .map(|(&l, &h)| f16::from_le_bytes([l, h]));
+    let mut code_counts = vec![0usize; QuantBits::ALL.len()];
+    let mut mats = Vec::with_capacity(n);
+    for ((name, w, rows, cols, block, len), kept) in records.into_iter().zip(bitmaps) {
         let n_kept: usize = kept.iter().map(|w| w.count_ones() as usize).sum();
-        let scales = scale_bytes
-            .get(at_scale..at_scale + 2 * n_kept)
-            .ok_or_else(|| format!("matrix {name}: the scales end early"))?;
-        at_scale += scales.len();
         code_counts[w] += n_kept * block;
         let q = BlockQuant {
             bits: QuantBits::ALL[w],
             block,
             len,
             kept,
-            scales: f16s(scales),
+            scales: scales.by_ref().take(n_kept).collect(),
             data: Vec::new(),
         };
         mats.push((name, QMat { rows, cols, q }));
-    }
-    if at_kept != kept_bytes.len() || at_scale != scale_bytes.len() {
-        return Err("bitmaps or scales left over after the last matrix".into());
     }
     let mut codes = Vec::with_capacity(QuantBits::ALL.len());
     for (bits, &count) in QuantBits::ALL.iter().zip(&code_counts) {

@@ -326,7 +326,7 @@ pub struct PackParams {
     pub basis_bits: QuantBits,
     /// Mixed-width bases: each basis column gets int2 … int8 by the members' energy along it
     /// (greedy rate allocation over the whole pack, [`crate::qbasis::allocate_widths`]), the
-    /// columns averaging at most `basis_bits`.
+    /// columns averaging at most `basis_bits` (with [`PackParams::entropy`], entropy-coded bits).
     #[serde(default)]
     pub mixed_bases: bool,
     /// Values per quantization block.
@@ -1176,7 +1176,8 @@ fn basis_widths(
         .iter()
         .flat_map(|(u, v)| u.iter().chain(v))
         .collect();
-    let mut widths = allocate_widths(&flat, params.block, params.basis_bits).into_iter();
+    let mut widths =
+        allocate_widths(&flat, params.block, params.basis_bits, params.entropy).into_iter();
     Ok(columns
         .iter()
         .map(|(u, v)| {
@@ -2137,7 +2138,6 @@ mod tests {
             energy: 0.99,
             bits: QuantBits::Int4,
             basis_bits: QuantBits::Int3,
-            mixed_bases: true,
             ..PackParams::default()
         };
         let raw = pack(&ms, params).unwrap();
@@ -2149,9 +2149,8 @@ mod tests {
             },
         )
         .unwrap();
-        // The same quantization, only stored differently.
-        assert_eq!(raw.modules, coded.modules);
-        assert_eq!(raw.members, coded.members);
+        // With one width, the same quantization, only stored differently.
+        assert!(raw.modules == coded.modules && raw.members == coded.members);
         // Plain files hold the codes, scales and bitmaps plus a header naming three tensors per
         // matrix; coded files are smaller than those codes alone.
         let qbytes = |set: &PackedSet| {
@@ -2184,10 +2183,26 @@ mod tests {
             assert_eq!(on_disk as usize, set.bytes());
             std::fs::remove_dir_all(&dir).unwrap();
         }
-        crate::format::save(&coded, &dir).unwrap();
+        // Mixed widths: several code streams, and every column group comes back.
+        let mixed = pack(
+            &ms,
+            PackParams {
+                entropy: true,
+                mixed_bases: true,
+                ..params
+            },
+        )
+        .unwrap();
+        crate::format::save(&mixed, &dir).unwrap();
         let manifest = std::fs::read_to_string(dir.join("pack.json")).unwrap();
         assert!(manifest.contains(crate::format::FORMAT_CODED), "{manifest}");
-        assert_eq!(crate::format::load(&dir).unwrap(), coded);
+        assert!(crate::format::load(&dir).unwrap() == mixed);
+        let groups: usize = mixed
+            .modules
+            .values()
+            .map(|m| m.u.groups.len() + m.v.groups.len())
+            .sum();
+        assert!(groups > 2 * mixed.modules.len(), "{groups} column groups");
         // A flipped byte inside a stream is caught by the decoder's end-state check.
         let file = dir.join("basis.safetensors");
         let mut bytes = std::fs::read(&file).unwrap();

@@ -12,7 +12,7 @@ use std::collections::BinaryHeap;
 use faer::{Mat, MatRef};
 use rayon::prelude::*;
 
-use s2lc_spectral::{BlockQuant, QuantBits};
+use s2lc_spectral::{AnsTable, BlockQuant, QuantBits};
 
 use crate::pack::QMat;
 
@@ -164,47 +164,92 @@ impl Ord for Step {
 /// widens the column where one more rung removes the most weighted error per added bit, while the
 /// bits allow (greedy rate allocation). `Dⱼ` is measured by quantizing column `j` alone in blocks
 /// of `block`, relative to its squared norm.
-pub fn allocate_widths(columns: &[&Column], block: usize, average: QuantBits) -> Vec<QuantBits> {
-    // errors[j][r]: relative squared error of column j at rung r.
-    let errors: Vec<[f64; LADDER.len()]> = columns
+///
+/// With `entropy` the codes will be entropy-coded, so a rung costs what its codes will take under
+/// a table fitted per width to every column's codes at that width (int2 codes take about 1.5 bits,
+/// not 2), and `average` is in those bits.
+pub fn allocate_widths(
+    columns: &[&Column],
+    block: usize,
+    average: QuantBits,
+    entropy: bool,
+) -> Vec<QuantBits> {
+    // Per column and rung: the relative squared error and the codes.
+    let quantized: Vec<Vec<(f64, Vec<u8>)>> = columns
         .par_iter()
         .map(|c| {
             let norm: f64 = c.values.iter().map(|&v| (v as f64).powi(2)).sum();
-            LADDER.map(|bits| {
-                if norm == 0.0 {
-                    return 0.0;
-                }
-                let q = BlockQuant::quantize(&c.values, block, bits, 0.0).dequantize();
-                let err: f64 = c
-                    .values
-                    .iter()
-                    .zip(&q)
-                    .map(|(&a, &b)| ((a - b) as f64).powi(2))
-                    .sum();
-                err / norm
-            })
+            LADDER
+                .iter()
+                .map(|&bits| {
+                    let q = BlockQuant::quantize(&c.values, block, bits, 0.0);
+                    if norm == 0.0 {
+                        return (0.0, Vec::new());
+                    }
+                    let err: f64 = c
+                        .values
+                        .iter()
+                        .zip(&q.dequantize())
+                        .map(|(&a, &b)| ((a - b) as f64).powi(2))
+                        .sum();
+                    (err / norm, if entropy { q.codes() } else { Vec::new() })
+                })
+                .collect()
         })
         .collect();
+    // cost[j][r]: bits of column j's values at rung r.
+    let cost: Vec<Vec<f64>> = if entropy {
+        let tables: Vec<AnsTable> = (0..LADDER.len())
+            .map(|r| {
+                let pooled: Vec<u8> = quantized
+                    .iter()
+                    .flat_map(|q| q[r].1.iter().copied())
+                    .collect();
+                AnsTable::fit(&pooled, 1 << LADDER[r].bits())
+            })
+            .collect();
+        quantized
+            .iter()
+            .zip(columns)
+            .map(|(q, c)| {
+                (0..LADDER.len())
+                    .map(|r| match q[r].1.is_empty() {
+                        // A zero column: its codes are all zero at every rung.
+                        true => c.values.len() as f64,
+                        false => tables[r].cost_bits(&q[r].1),
+                    })
+                    .collect()
+            })
+            .collect()
+    } else {
+        columns
+            .iter()
+            .map(|c| LADDER.map(|b| (c.values.len() * b.bits()) as f64).to_vec())
+            .collect()
+    };
     let mut rung = vec![0usize; columns.len()];
-    let step_cost =
-        |j: usize, r: usize| columns[j].values.len() * (LADDER[r + 1].bits() - LADDER[r].bits());
+    // A rung never costs less than the one below it, and a step at least a thousandth of a bit
+    // per value, so that gains per bit stay finite.
+    let step_cost = |j: usize, r: usize| {
+        (cost[j][r + 1] - cost[j][r]).max(1e-3 * columns[j].values.len() as f64)
+    };
     let step = |j: usize, r: usize| Step {
-        gain: columns[j].weight * (errors[j][r] - errors[j][r + 1]) / step_cost(j, r) as f64,
+        gain: columns[j].weight * (quantized[j][r].0 - quantized[j][r + 1].0) / step_cost(j, r),
         col: j,
     };
     let total: usize = columns.iter().map(|c| c.values.len()).sum();
     // Bits left to spend once every column holds the narrowest rung.
-    let mut left = total * average.bits().saturating_sub(LADDER[0].bits());
+    let mut left = total as f64 * average.bits() as f64 - cost.iter().map(|c| c[0]).sum::<f64>();
     let mut heap: BinaryHeap<Step> = (0..columns.len()).map(|j| step(j, 0)).collect();
     while let Some(Step { gain, col }) = heap.pop() {
         if gain <= 0.0 {
             break;
         }
-        let cost = step_cost(col, rung[col]);
-        if cost > left {
+        let c = step_cost(col, rung[col]);
+        if c > left {
             continue;
         }
-        left -= cost;
+        left -= c;
         rung[col] += 1;
         if rung[col] + 1 < LADDER.len() {
             heap.push(step(col, rung[col]));
@@ -237,7 +282,7 @@ mod tests {
             })
             .collect();
         let refs: Vec<&Column> = columns.iter().collect();
-        let widths = allocate_widths(&refs, 32, QuantBits::Int4);
+        let widths = allocate_widths(&refs, 32, QuantBits::Int4, false);
         let bits: Vec<usize> = widths.iter().map(|w| w.bits()).collect();
         assert!(bits.iter().sum::<usize>() <= 4 * columns.len(), "{bits:?}");
         assert!(bits.windows(2).all(|w| w[0] >= w[1]), "{bits:?}");
@@ -260,8 +305,34 @@ mod tests {
         };
         let uniform = weighted(&[QuantBits::Int4; 5]);
         assert!(weighted(&widths) < 0.5 * uniform, "{widths:?}");
+        // Entropy-coded, the same average buys more: the coded columns fit the budget and
+        // carry less weighted error than the fixed-width allocation.
+        let coded = allocate_widths(&refs, 32, QuantBits::Int4, true);
+        let mut streams = 0usize;
+        for bits in LADDER {
+            let symbols: Vec<u8> = columns
+                .iter()
+                .zip(&coded)
+                .filter(|(_, &w)| w == bits)
+                .flat_map(|(c, _)| BlockQuant::quantize(&c.values, 32, bits, 0.0).codes())
+                .collect();
+            if !symbols.is_empty() {
+                streams += AnsTable::fit(&symbols, 1 << bits.bits())
+                    .encode(&symbols)
+                    .len();
+            }
+        }
+        // Within 2 % (the final tables are fitted to fewer columns than the pooled estimate's).
+        assert!(
+            streams as f64 <= 1.02 * 4.0 * 256.0 * 5.0 / 8.0,
+            "{streams} B: {coded:?}"
+        );
+        assert!(
+            weighted(&coded) < weighted(&widths),
+            "{coded:?} vs {widths:?}"
+        );
         // At the narrowest average there is nothing to give.
-        assert!(allocate_widths(&refs, 32, QuantBits::Int2)
+        assert!(allocate_widths(&refs, 32, QuantBits::Int2, false)
             .iter()
             .all(|&w| w == QuantBits::Int2));
     }

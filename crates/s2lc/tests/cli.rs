@@ -872,6 +872,44 @@ fn adapters_pack_add_unpack_round_trip() {
     assert!(manifest.contains("s2lc-pack/2"), "{manifest}");
     unpack_ok(&mixed, "alice-r4", &dir.join("mixed-unpacked"));
 
+    // Entropy-coded: the same quantization in smaller files, unpacked to the same adapter.
+    let coded = dir.join("coded");
+    let o = s2lc(&[
+        "adapters",
+        "pack",
+        &s(&r4),
+        &s(&e90),
+        "-o",
+        &s(&coded),
+        "--energy",
+        "0.99",
+        "--entropy",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let manifest = std::fs::read_to_string(coded.join("pack.json")).unwrap();
+    assert!(manifest.contains("s2lc-pack/3"), "{manifest}");
+    let files_bytes = |p: &std::path::Path| -> u64 {
+        [
+            "basis.safetensors",
+            "members/alice-r4.safetensors",
+            "members/alice-r4-e90.safetensors",
+        ]
+        .iter()
+        .map(|f| std::fs::metadata(p.join(f)).unwrap().len())
+        .sum()
+    };
+    // `pack` is the same packing in plain files (`add` left these three files as they were).
+    let (plain_bytes, coded_bytes) = (files_bytes(&pack), files_bytes(&coded));
+    assert!(coded_bytes < plain_bytes, "{coded_bytes} vs {plain_bytes}");
+    unpack_ok(&coded, "alice-r4", &dir.join("coded-unpacked"));
+    unpack_ok(&pack, "alice-r4", &dir.join("plain-unpacked"));
+    let weights =
+        |p: std::path::PathBuf| std::fs::read(p.join("adapter_model.safetensors")).unwrap();
+    assert!(
+        weights(dir.join("coded-unpacked")) == weights(dir.join("plain-unpacked")),
+        "the coded pack unpacks to other weights than the plain one"
+    );
+
     assert_clean_error(
         &s2lc(&["adapters", "pack", &s(&r4), "-o", &s(&pack)]),
         "already holds a pack",
