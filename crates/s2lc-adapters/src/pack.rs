@@ -343,6 +343,11 @@ pub struct PackParams {
     /// fixed-width bytes.
     #[serde(default)]
     pub entropy: bool,
+    /// With [`PackParams::entropy`] and mixed-width bases: the average entropy-coded bits per
+    /// basis value to allocate (a fraction, between int2's ~1.5 and int8's), instead of
+    /// `basis_bits`.
+    #[serde(default)]
+    pub basis_rate: Option<f64>,
 }
 
 impl Default for PackParams {
@@ -359,6 +364,7 @@ impl Default for PackParams {
             drop_energy: 0.0,
             whitened: false,
             entropy: false,
+            basis_rate: None,
         }
     }
 }
@@ -486,6 +492,19 @@ impl PackParams {
                     "a loss budget needs --scope member (it ranks a member's directions together)"
                         .into(),
                 ));
+            }
+        }
+        if let Some(r) = self.basis_rate {
+            if !(self.entropy && self.mixed_bases) {
+                return Err(PackError::Invalid(
+                    "a basis rate needs --entropy and --mixed-bases (it is an average of coded bits over mixed widths)"
+                        .into(),
+                ));
+            }
+            if !(r.is_finite() && (1.0..=8.0).contains(&r)) {
+                return Err(PackError::Invalid(format!(
+                    "basis rate {r} is outside [1, 8] bits per value"
+                )));
             }
         }
         if !(0.0..1.0).contains(&self.drop_energy) {
@@ -1176,8 +1195,13 @@ fn basis_widths(
         .iter()
         .flat_map(|(u, v)| u.iter().chain(v))
         .collect();
-    let mut widths =
-        allocate_widths(&flat, params.block, params.basis_bits, params.entropy).into_iter();
+    let mut widths = allocate_widths(
+        &flat,
+        params.block,
+        params.basis_rate.unwrap_or(params.basis_bits.bits() as f64),
+        params.entropy,
+    )
+    .into_iter();
     Ok(columns
         .iter()
         .map(|(u, v)| {
@@ -2008,6 +2032,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("outside (0, 1]"));
+        // A basis rate is an average of coded bits over mixed widths, within the ladder.
+        let rate = |entropy, rate| PackParams {
+            entropy,
+            mixed_bases: true,
+            basis_rate: Some(rate),
+            ..PackParams::default()
+        };
+        for (params, message) in [
+            (rate(false, 2.5), "needs --entropy and --mixed-bases"),
+            (rate(true, 0.5), "outside [1, 8]"),
+            (rate(true, f64::NAN), "outside [1, 8]"),
+        ] {
+            let err = pack(&ms, params).unwrap_err().to_string();
+            assert!(err.contains(message), "{err}");
+        }
         assert!(set
             .unpack("nope")
             .unwrap_err()

@@ -171,7 +171,7 @@ impl Ord for Step {
 pub fn allocate_widths(
     columns: &[&Column],
     block: usize,
-    average: QuantBits,
+    average: f64,
     entropy: bool,
 ) -> Vec<QuantBits> {
     // Per column and rung: the relative squared error and the codes.
@@ -239,7 +239,7 @@ pub fn allocate_widths(
     };
     let total: usize = columns.iter().map(|c| c.values.len()).sum();
     // Bits left to spend once every column holds the narrowest rung.
-    let mut left = total as f64 * average.bits() as f64 - cost.iter().map(|c| c[0]).sum::<f64>();
+    let mut left = total as f64 * average - cost.iter().map(|c| c[0]).sum::<f64>();
     let mut heap: BinaryHeap<Step> = (0..columns.len()).map(|j| step(j, 0)).collect();
     while let Some(Step { gain, col }) = heap.pop() {
         if gain <= 0.0 {
@@ -282,7 +282,7 @@ mod tests {
             })
             .collect();
         let refs: Vec<&Column> = columns.iter().collect();
-        let widths = allocate_widths(&refs, 32, QuantBits::Int4, false);
+        let widths = allocate_widths(&refs, 32, 4.0, false);
         let bits: Vec<usize> = widths.iter().map(|w| w.bits()).collect();
         assert!(bits.iter().sum::<usize>() <= 4 * columns.len(), "{bits:?}");
         assert!(bits.windows(2).all(|w| w[0] >= w[1]), "{bits:?}");
@@ -307,7 +307,7 @@ mod tests {
         assert!(weighted(&widths) < 0.5 * uniform, "{widths:?}");
         // Entropy-coded, the same average buys more: the coded columns fit the budget and
         // carry less weighted error than the fixed-width allocation.
-        let coded = allocate_widths(&refs, 32, QuantBits::Int4, true);
+        let coded = allocate_widths(&refs, 32, 4.0, true);
         let mut streams = 0usize;
         for bits in LADDER {
             let symbols: Vec<u8> = columns
@@ -332,7 +332,7 @@ mod tests {
             "{coded:?} vs {widths:?}"
         );
         // At the narrowest average there is nothing to give.
-        assert!(allocate_widths(&refs, 32, QuantBits::Int2, false)
+        assert!(allocate_widths(&refs, 32, 2.0, false)
             .iter()
             .all(|&w| w == QuantBits::Int2));
     }

@@ -88,6 +88,10 @@ pub struct PackOptions {
     /// format `s2lc-pack/3`) instead of as fixed-width bytes.
     #[arg(long)]
     pub entropy: bool,
+    /// With `--entropy --mixed-bases`: the average coded bits per basis value (e.g. 2.4),
+    /// instead of `--basis-bits`.
+    #[arg(long)]
+    pub basis_rate: Option<f64>,
 }
 
 impl PackOptions {
@@ -105,6 +109,7 @@ impl PackOptions {
             drop_energy: self.drop_energy,
             whitened: false,
             entropy: self.entropy,
+            basis_rate: self.basis_rate,
         };
         p.validate()?;
         Ok(p)

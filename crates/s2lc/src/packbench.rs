@@ -65,6 +65,9 @@ pub struct PackBenchArgs {
     /// Entropy-coded codes (see `s2lc adapters pack --entropy`).
     #[arg(long)]
     entropy: bool,
+    /// Average coded bits per basis value (see `s2lc adapters pack --basis-rate`).
+    #[arg(long)]
+    basis_rate: Option<f64>,
     /// Share of pooled energy the bases keep (see `s2lc adapters pack --basis-energy`)
     /// [default: each energy].
     #[arg(long)]
@@ -206,6 +209,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
         block: args.block,
         drop_energy: args.drop_energy,
         entropy: args.entropy,
+        basis_rate: args.basis_rate,
         ..PackParams::default()
     };
     for &e in &args.energies {
@@ -441,7 +445,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             "weights": args.weights.name(),
             "heldout": h.heldout, "seq": h.seq, "max_windows": h.max_windows,
             "scope": args.scope.name(), "basis_bits": args.basis_bits.name(),
-            "mixed_bases": args.mixed_bases, "block": args.block, "entropy": args.entropy,
+            "mixed_bases": args.mixed_bases, "block": args.block, "entropy": args.entropy, "basis_rate": args.basis_rate,
             "basis_energy": args.basis_energy,
             "drop_energy": args.drop_energy,
             "whitened": args.whiten, "calib_windows_per_text": args.whiten.then_some(args.calib_windows),
