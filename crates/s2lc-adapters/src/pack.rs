@@ -600,7 +600,8 @@ pub struct PackedMember {
 }
 
 impl PackedMember {
-    /// Bytes of the cores and residuals.
+    /// Bytes of the cores' and residuals' codes, scales and bitmaps, as fixed-width values: the
+    /// payload without any file around it ([`PackedSet::member_bytes`] is the file).
     pub fn bytes(&self) -> usize {
         self.cores.values().map(PackedCore::bytes).sum()
     }
