@@ -182,10 +182,10 @@ pub fn allocate_widths(
             LADDER
                 .iter()
                 .map(|&bits| {
-                    let q = BlockQuant::quantize(&c.values, block, bits, 0.0);
                     if norm == 0.0 {
                         return (0.0, Vec::new());
                     }
+                    let q = BlockQuant::quantize(&c.values, block, bits, 0.0);
                     let err: f64 = c
                         .values
                         .iter()
