@@ -246,15 +246,19 @@ impl BlockQuant {
         if b == 8 {
             return self.data.clone();
         }
-        let mask = (1u16 << b) - 1;
+        let mask = (1u64 << b) - 1;
+        let mut out = vec![0u8; self.code_count()];
         let bytes = self.bits.block_bytes(self.block);
-        let mut out = Vec::with_capacity(self.code_count());
-        for src in self.data.chunks_exact(bytes) {
-            out.extend((0..self.block).map(|j| {
-                let (at, shift) = (j * b / 8, j * b % 8);
-                let window = src[at] as u16 | (*src.get(at + 1).unwrap_or(&0) as u16) << 8;
-                ((window >> shift) & mask) as u8
-            }));
+        for (src, dst) in self
+            .data
+            .chunks_exact(bytes)
+            .zip(out.chunks_exact_mut(self.block))
+        {
+            for_each_octet(src, dst.len(), b, |j, word, n| {
+                for (k, d) in dst[j..j + n].iter_mut().enumerate() {
+                    *d = (word >> (k * b) & mask) as u8;
+                }
+            });
         }
         out
     }
@@ -273,19 +277,19 @@ impl BlockQuant {
         }
         let bytes = self.bits.block_bytes(self.block);
         self.data = vec![0u8; self.kept_blocks() * bytes];
-        let mask = (1u16 << b) - 1;
+        let mask = (1u64 << b) - 1;
         for (dst, block) in self
             .data
             .chunks_exact_mut(bytes)
             .zip(codes.chunks_exact(self.block))
         {
-            for (j, &c) in block.iter().enumerate() {
-                let code = (c as u16 & mask) << (j * b % 8);
-                let at = j * b / 8;
-                dst[at] |= code as u8;
-                if code >> 8 != 0 {
-                    dst[at + 1] |= (code >> 8) as u8;
-                }
+            // Eight codes of b bits are exactly b bytes; the block's last octet may be partial.
+            for (j, octet) in block.chunks(8).enumerate() {
+                let word = (octet.iter().enumerate())
+                    .fold(0u64, |w, (k, &c)| w | (c as u64 & mask) << (k * b));
+                let at = j * b;
+                let n = (octet.len() * b).div_ceil(8);
+                dst[at..at + n].copy_from_slice(&word.to_le_bytes()[..n]);
             }
         }
     }
@@ -321,13 +325,13 @@ impl BlockQuant {
                 }
                 _ => {
                     let b = self.bits.bits();
-                    for (j, o) in chunk.iter_mut().enumerate() {
-                        let (at, shift) = (j * b / 8, j * b % 8);
-                        let window = src[at] as u16 | (*src.get(at + 1).unwrap_or(&0) as u16) << 8;
-                        // The code's top bit to bit 15, then an arithmetic shift back.
-                        let code = ((window << (16 - b - shift)) as i16) >> (16 - b);
-                        *o = d * code as f32;
-                    }
+                    for_each_octet(src, chunk.len(), b, |j, word, n| {
+                        for (k, o) in chunk[j..j + n].iter_mut().enumerate() {
+                            // The code's top bit to bit 63, then an arithmetic shift back.
+                            let code = ((word << (64 - b - k * b)) as i64) >> (64 - b);
+                            *o = d * code as f32;
+                        }
+                    });
                 }
             }
             k += 1;
@@ -339,6 +343,23 @@ impl BlockQuant {
         let mut out = vec![0.0; self.len];
         self.dequantize_into(&mut out);
         out
+    }
+}
+
+/// Calls `f(j, word, n)` for each run of up to eight codes of `b` bits (`b < 8`) in the packed
+/// block `src` holding `len` codes: `word` holds codes `j .. j + n` little-endian, `b` bits each.
+/// Eight codes are exactly `b` bytes, so one little-endian load replaces eight unaligned ones.
+#[inline(always)]
+fn for_each_octet(src: &[u8], len: usize, b: usize, mut f: impl FnMut(usize, u64, usize)) {
+    let mut j = 0;
+    while j < len {
+        let n = (len - j).min(8);
+        let at = j / 8 * b;
+        let bytes = &src[at..(at + b).min(src.len())];
+        let mut word = [0u8; 8];
+        word[..bytes.len()].copy_from_slice(bytes);
+        f(j, u64::from_le_bytes(word), n);
+        j += n;
     }
 }
 
@@ -380,6 +401,23 @@ mod tests {
             repacked.set_codes(&codes);
             prop_assert_eq!(&repacked, &q);
             let y = q.dequantize();
+            // Against a bit-by-bit reading of the layout: value j of kept block k is the
+            // two's-complement field at bits j·b … j·b + b − 1 of the block's bytes, times its scale.
+            let b = bits.bits();
+            let block_bytes = bits.block_bytes(block);
+            let kept_ids: Vec<usize> = (0..n.div_ceil(block)).filter(|&i| q.is_kept(i)).collect();
+            for (k, &i) in kept_ids.iter().enumerate() {
+                let src = &q.data[k * block_bytes..(k + 1) * block_bytes];
+                for j in 0..block.min(n - i * block) {
+                    let field = (0..b).fold(0i32, |f, t| {
+                        let bit = j * b + t;
+                        f | (((src[bit / 8] >> (bit % 8)) & 1) as i32) << t
+                    });
+                    let code = if field >> (b - 1) == 1 { field - (1 << b) } else { field };
+                    prop_assert_eq!(codes[k * block + j] as i32, field);
+                    prop_assert_eq!(y[i * block + j], q.scales[k].to_f32() * code as f32);
+                }
+            }
             let total: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
             let mut dropped = 0.0;
             let mut k = 0;
