@@ -35,6 +35,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use half::f16;
+use rayon::prelude::*;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
@@ -209,11 +210,7 @@ impl<'a> Writer<'a> {
             let n_blocks = q.len.div_ceil(q.block);
             kept.extend((0..n_blocks.div_ceil(8)).map(|i| (q.kept[i / 8] >> (8 * (i % 8))) as u8));
             scales.extend(q.scales.iter().flat_map(|s| s.to_le_bytes()));
-            let w = QuantBits::ALL
-                .iter()
-                .position(|&b| b == q.bits)
-                .expect("a width");
-            codes[w].extend(q.codes());
+            codes[width_index(q.bits)].extend(q.codes());
         }
         let mut tensors = Vec::new();
         let mut push_coded = |name: &str, symbols: &[u8], alphabet: usize| {
@@ -469,31 +466,50 @@ fn read_coded(st: &SafeTensors<'_>, meta: &str) -> Result<HashMap<String, QMat>,
         };
         mats.push((name, QMat { rows, cols, q }));
     }
-    let mut codes = Vec::with_capacity(QuantBits::ALL.len());
-    for (bits, &count) in QuantBits::ALL.iter().zip(&code_counts) {
-        let mut symbols = vec![0u8; count];
-        if count > 0 {
-            let name = format!("ans.{}", bits.name());
-            decode_stream(st, &name, 1 << bits.bits(), &mut symbols)?;
-        }
-        codes.push((symbols, 0usize));
-    }
+    // The streams of the different widths are independent: decode them side by side, then
+    // hand each matrix its run of codes.
+    let codes: Vec<Vec<u8>> = (QuantBits::ALL.par_iter().zip(&code_counts))
+        .map(|(bits, &count)| {
+            let mut symbols = vec![0u8; count];
+            if count > 0 {
+                let name = format!("ans.{}", bits.name());
+                decode_stream(st, &name, 1 << bits.bits(), &mut symbols)?;
+            }
+            Ok(symbols)
+        })
+        .collect::<Result<_, String>>()?;
+    let mut at = vec![0usize; codes.len()];
+    let runs: Vec<&[u8]> = mats
+        .iter()
+        .map(|(_, m)| {
+            let w = width_index(m.q.bits);
+            let run = &codes[w][at[w]..at[w] + m.q.code_count()];
+            at[w] += run.len();
+            run
+        })
+        .collect();
+    mats.par_iter_mut()
+        .zip(runs)
+        .try_for_each(|((name, m), run)| {
+            m.q.set_codes(run);
+            m.q.validate().map_err(|e| format!("matrix {name}: {e}"))
+        })?;
     let mut out = HashMap::with_capacity(n);
-    for (name, mut m) in mats {
-        let w = QuantBits::ALL
-            .iter()
-            .position(|&b| b == m.q.bits)
-            .expect("a width");
-        let (symbols, at) = &mut codes[w];
-        let count = m.q.code_count();
-        m.q.set_codes(&symbols[*at..*at + count]);
-        *at += count;
-        m.q.validate().map_err(|e| format!("matrix {name}: {e}"))?;
-        if out.insert(name.clone(), m).is_some() {
+    for (name, m) in mats {
+        if out.contains_key(&name) {
             return Err(format!("matrix {name} appears twice"));
         }
+        out.insert(name, m);
     }
     Ok(out)
+}
+
+/// Position of `bits` in [`QuantBits::ALL`]: the number of its code stream.
+fn width_index(bits: QuantBits) -> usize {
+    QuantBits::ALL
+        .iter()
+        .position(|&b| b == bits)
+        .expect("every width is in the list")
 }
 
 /// A parsed pack file: its matrices by tensor prefix, each taken once.
