@@ -10,9 +10,8 @@
 //! - frequencies `f[s]` sum to `M = 2^14`; `c[s] = Σ_{t<s} f[t]`; states `x ∈ [L, 2^32)`,
 //!   `L = 2^16`; the stream is a sequence of 16-bit words, each stored big-endian;
 //! - symbol `i` is coded with state `i mod 4`, so a decoder works on four independent dependency
-//!   chains (one chain is a lookup, a multiply and a compare per symbol: latency, not throughput,
-//!   bounds it); the stream starts with the encoder's final states 0, 1, 2, 3, two words each, the
-//!   high word first;
+//!   chains instead of one; the stream starts with the encoder's final states 0, 1, 2, 3, two
+//!   words each, the high word first;
 //! - decoding symbol `i` with its state `x`: `s` is the symbol with `c[s] ≤ x mod M < c[s] + f[s]`,
 //!   then `x ← f[s]·⌊x / M⌋ + (x mod M) − c[s]`, then if `x < L`: `x ← 2^16·x + next word` (one
 //!   word always suffices, since `x ≥ ⌊L / M⌋ = 4` before it);
@@ -145,8 +144,9 @@ impl AnsTable {
             let x = &mut states[i % STATES];
             let f = self.freqs[s as usize] as u32;
             assert!(f > 0, "symbol {s} has frequency 0");
-            // The largest state that still decodes back above L after this symbol (2^32 for
-            // f = M, hence u64). One word out always brings x below it, since x < 2^32.
+            // Coding this symbol from a state at or above `x_max = (L / M)·2^16·f` would leave
+            // [L, 2^32): shift a word out first. Once is enough, since x < 2^32 (u64 because
+            // x_max is 2^32 for f = M).
             let x_max = (((STATE_LOW >> PROB_BITS) as u64) << 16) * f as u64;
             if *x as u64 >= x_max {
                 words.push(*x as u16);
