@@ -205,6 +205,8 @@ impl AnsTable {
             *at += renormalize as usize;
             s
         };
+        // Whole groups first, then the remainder: a fixed group length lets the compiler unroll
+        // the four chains (one `chunks_mut` loop over both measured 30–45 % slower).
         let mut groups = out.chunks_exact_mut(STATES);
         for group in &mut groups {
             if at > n_words {
