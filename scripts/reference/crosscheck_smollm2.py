@@ -71,7 +71,7 @@ PPL_STRIDE = 512
 PPL_WINDOWS = 4
 VOCAB = 49152
 
-# Checksums of the assets as fetched by scripts/fetch-assets (see docs / DESIGN.md "Assets").
+# Checksums of the assets as fetched by scripts/fetch-assets (docs/architecture.md "Assets").
 EXPECTED_SHA256 = {
     GGUF_FILE: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     TEXT_FILE: "7467306ee0feed4971260f3c87421154a05be571d944e9cb021a5713700c38f0",

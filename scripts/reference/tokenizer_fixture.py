@@ -87,7 +87,7 @@ MINILM_STRINGS = [
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)",
 ]
 
-# Checksums of the assets as fetched by scripts/fetch-assets (DESIGN.md "Assets").
+# Checksums of the assets as fetched by scripts/fetch-assets (docs/architecture.md "Assets").
 EXPECTED_SHA256 = {
     GGUF_FILE: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     "alice29.txt": "7467306ee0feed4971260f3c87421154a05be571d944e9cb021a5713700c38f0",

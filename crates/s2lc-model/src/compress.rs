@@ -803,7 +803,7 @@ mod tests {
             err(&plain)
         );
         // Refit keeps the budget and the factor shapes; its effect on real text is measured in
-        // docs/RESULTS.md, not asserted on a random model.
+        // docs/results.md, not asserted on a random model.
         let mut refit = dense.clone();
         let mut o = opts(RankPolicy::KeepParams(0.5), Method::Whitened, true);
         o.refit = true;

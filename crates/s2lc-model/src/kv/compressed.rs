@@ -214,7 +214,7 @@ impl KvSpec {
             values: coding(values.unwrap_or(kind)),
             block: block.unwrap_or(default_block),
             window: window.unwrap_or(default_window),
-            // Spectral keys without the sinks lost 1.5 % perplexity on SmolLM2 (see RESULTS).
+            // Spectral keys without the sinks lost 1.5 % perplexity on SmolLM2 (docs/results.md).
             sink: sink.unwrap_or(if kind == "spectral" {
                 CompressedConfig::DEFAULT_SINK
             } else {
