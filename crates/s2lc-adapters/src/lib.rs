@@ -22,6 +22,7 @@
 //! `B = U·X·Σ`, `A = Yᵀ·Vᵀ`. Adding a member later projects it onto the existing bases and, when
 //! that loses more than the energy budget, stores a small orthogonal residual beside its core.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod format;
 pub mod loss;

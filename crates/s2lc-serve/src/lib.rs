@@ -13,6 +13,7 @@
 //! - [`api`]: the routes (`/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
 //!   `/metrics`), JSON errors and request limits.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod batch;

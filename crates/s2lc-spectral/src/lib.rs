@@ -3,6 +3,7 @@
 //! Pure math on matrices; no I/O and no knowledge of models. A matrix is `rows × cols` as the
 //! math writes it; for a linear layer `W` that is `out × in`.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod analysis;
 pub mod ans;

@@ -17,6 +17,7 @@
 //! never deletes the blobs of a push still in flight. The store knows nothing of tensors: a pushed
 //! version is a directory of files plus caller metadata (base model digest, packing parameters).
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 #[cfg(feature = "s3")]
 pub mod loopback;

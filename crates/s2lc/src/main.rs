@@ -1,4 +1,5 @@
 //! `s2lc`: the S2LC command line.
+#![forbid(unsafe_code)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
