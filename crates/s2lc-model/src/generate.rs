@@ -6,10 +6,15 @@ use crate::error::ModelError;
 use crate::kv::KvCache;
 use crate::llama::{ForwardScratch, LlamaModel};
 
+/// The smallest temperature that samples: below it a sampler is greedy. At `t → 0` the
+/// scaled logits `(l − max)/t` overflow (`1/t` is infinite below ~3e-39, and `0·∞` is NaN), while
+/// already at `t = 1e-3` every token more than 0.05 nats behind the best has odds below e⁻⁵⁰.
+pub const MIN_TEMPERATURE: f32 = 1e-3;
+
 /// How the next token is picked from the logits.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
-    /// Softmax temperature; 0 means greedy (argmax).
+    /// Softmax temperature; below [`MIN_TEMPERATURE`] (0 included) sampling is greedy (argmax).
     pub temperature: f32,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p` (1 = all).
     pub top_p: f32,
@@ -57,7 +62,7 @@ impl Sampler {
 
     /// Chooses the next token id from `logits` (one value per vocabulary entry).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature <= 0.0 {
+        if self.params.temperature.is_nan() || self.params.temperature < MIN_TEMPERATURE {
             return argmax(logits);
         }
         let inv_t = 1.0 / self.params.temperature;
@@ -218,6 +223,19 @@ mod tests {
         let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
         assert!((ones - 0.75).abs() < 0.03, "p(1) = {ones}");
         assert!(!a.contains(&2));
+    }
+
+    #[test]
+    fn temperatures_below_the_minimum_are_greedy_not_nan() {
+        let logits = [0.5f32, 2.0, 1.9, -3.0];
+        for t in [1e-45f32, f32::MIN_POSITIVE, 1e-4, MIN_TEMPERATURE / 2.0] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: t,
+                top_p: 0.9,
+                seed: 5,
+            });
+            assert!((0..50).all(|_| s.sample(&logits) == 1), "t = {t}");
+        }
     }
 
     #[test]

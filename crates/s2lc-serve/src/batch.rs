@@ -4,20 +4,43 @@
 //! Each step runs the next token of every active sequence as one batched forward pass
 //! ([`LlamaModel::decode_batch`]): the base weights are read once for all rows, while attention
 //! (each sequence has its own KV cache) and the LoRA deltas (each sequence its own adapter) run
-//! per row. A new request is prefilled alone between two steps, then decodes with the others.
-//! At most `max_batch` sequences decode at once; the rest wait in arrival order, holding no
-//! cache.
+//! per row. A new request's prompt is prefilled in chunks of at most `prefill_chunk` tokens, one
+//! chunk between two decode steps, so a long prompt delays the other streams by one chunk per
+//! step rather than by its whole prefill. At most `max_batch` sequences hold a KV cache at once
+//! (prefilling or decoding); the rest wait in arrival order, holding nothing.
+//!
+//! Faults stay with their request: a step that fails or panics is re-run row by row, and only the
+//! rows that fail alone are ended with the error. A request whose receiver is gone (its client
+//! left, or its deadline passed) is dropped before its prefill or at its next token.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+
+use tokio::sync::mpsc::UnboundedSender;
 
 use s2lc_model::generate::{Sampler, SamplingParams};
 use s2lc_model::kv::DenseKvCache;
 use s2lc_model::llama::{BatchRow, ForwardScratch, LlamaModel};
 use s2lc_model::lora::LoraAdapter;
+
+/// OpenAI's presence and frequency penalties: before sampling, the logit of every token already
+/// generated `c > 0` times is lowered by `presence + c·frequency`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Penalties {
+    /// Subtracted once from every token that has appeared.
+    pub presence: f32,
+    /// Subtracted per appearance.
+    pub frequency: f32,
+}
+
+impl Penalties {
+    fn is_zero(&self) -> bool {
+        self.presence == 0.0 && self.frequency == 0.0
+    }
+}
 
 /// One generation request for the batcher.
 pub struct Submission {
@@ -27,19 +50,51 @@ pub struct Submission {
     pub max_tokens: usize,
     /// How tokens are picked.
     pub sampling: SamplingParams,
+    /// Presence and frequency penalties.
+    pub penalties: Penalties,
+    /// `Some(k)`: report each token's log-probability and the `k` most likely alternatives.
+    pub logprobs: Option<usize>,
     /// The sequence's adapter, if any.
     pub adapter: Option<Arc<LoraAdapter>>,
     /// Where the sequence's tokens go; dropping the receiver cancels the sequence.
-    pub events: Sender<Event>,
+    pub events: UnboundedSender<Event>,
+}
+
+/// The log-probability of a generated token (natural log, of the distribution after penalties at
+/// temperature 1) and the most likely tokens at that position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// Log-probability of the token that was picked.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// What a sequence reports, in order: its tokens, then exactly one `Done`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// The next generated token id.
-    Token(u32),
+    /// The next generated token id, with its log-probabilities when they were asked for.
+    Token(u32, Option<TokenLogprobs>),
     /// Generation ended: a stop token or `max_tokens` (`Ok`), or a failure named in `Err`.
     Done(Result<(), String>),
+}
+
+/// How the decode loop schedules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Sequences holding a KV cache at once (prefilling or decoding); at least 1.
+    pub max_batch: usize,
+    /// Most prompt tokens run between two decode steps; at least 1.
+    pub prefill_chunk: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_batch: 8,
+            prefill_chunk: 128,
+        }
+    }
 }
 
 /// The handle requests submit through; the decode thread ends when the handle is dropped and the
@@ -54,13 +109,14 @@ impl Batcher {
     /// Starts the decode thread over `model`, ending sequences at any id in `stop`.
     ///
     /// # Panics
-    /// If `max_batch` is 0 or the thread cannot be spawned.
-    pub fn start(model: LlamaModel, stop: Vec<u32>, max_batch: usize) -> Self {
-        assert!(max_batch > 0, "a batch needs at least one row");
+    /// If `config.max_batch` or `config.prefill_chunk` is 0, or the thread cannot be spawned.
+    pub fn start(model: LlamaModel, stop: Vec<u32>, config: BatchConfig) -> Self {
+        assert!(config.max_batch > 0, "a batch needs at least one row");
+        assert!(config.prefill_chunk > 0, "a prefill chunk needs a token");
         let (tx, rx) = channel();
         let thread = std::thread::Builder::new()
             .name("s2lc-decode".into())
-            .spawn(move || decode_loop(model, stop, max_batch, rx))
+            .spawn(move || decode_loop(model, stop, config, rx))
             .expect("spawning the decode thread");
         Batcher {
             tx: Some(tx),
@@ -68,7 +124,8 @@ impl Batcher {
         }
     }
 
-    /// Queues a request; `false` if the decode thread is gone (then nothing will be sent).
+    /// Queues a request; `false` if the decode thread is gone (then nothing will be sent). The
+    /// queue itself is not bounded here: the server admits at most a bounded number of requests.
     pub fn submit(&self, submission: Submission) -> bool {
         self.tx
             .as_ref()
@@ -85,12 +142,19 @@ impl Drop for Batcher {
     }
 }
 
-/// A sequence being decoded.
+/// A sequence holding a KV cache: prefilling (`prompt[fed..]` still to run) or decoding.
 struct Seq {
     cache: DenseKvCache,
     sampler: Sampler,
+    penalties: Penalties,
+    /// How often each token has been generated (only kept when penalties apply).
+    counts: HashMap<u32, u32>,
+    logprobs: Option<usize>,
     adapter: Option<Arc<LoraAdapter>>,
-    events: Sender<Event>,
+    events: UnboundedSender<Event>,
+    prompt: Vec<u32>,
+    /// Prompt tokens already in the cache.
+    fed: usize,
     /// The last sampled token: sent, and the input of the next step.
     next: u32,
     produced: usize,
@@ -98,12 +162,25 @@ struct Seq {
 }
 
 impl Seq {
-    /// Sends the token just sampled; `true` while the sequence should go on (not stopped, not
-    /// at its limit, the client still listening). A finished sequence has sent `Done`.
-    fn deliver(&mut self, token: u32, stop: &[u32]) -> bool {
+    /// Picks the next token from this sequence's logits row (penalized in place) and sends it;
+    /// `true` while the sequence should go on (not stopped, not at its limit, the client still
+    /// listening). A finished sequence has sent `Done`.
+    fn take_next(&mut self, row: &mut [f32], stop: &[u32]) -> bool {
+        if !self.penalties.is_zero() {
+            for (&id, &c) in &self.counts {
+                if let Some(l) = row.get_mut(id as usize) {
+                    *l -= self.penalties.presence + c as f32 * self.penalties.frequency;
+                }
+            }
+        }
+        let token = self.sampler.sample(row);
+        let logprobs = self.logprobs.map(|k| token_logprobs(row, token, k));
+        if !self.penalties.is_zero() {
+            *self.counts.entry(token).or_insert(0) += 1;
+        }
         self.next = token;
         self.produced += 1;
-        if self.events.send(Event::Token(token)).is_err() {
+        if self.events.send(Event::Token(token, logprobs)).is_err() {
             return false;
         }
         if stop.contains(&token) || self.produced >= self.max_tokens {
@@ -119,17 +196,40 @@ impl Seq {
     }
 }
 
-/// The loop of the decode thread: admit, prefill, step, until the handle is dropped and nothing
-/// is left.
-fn decode_loop(model: LlamaModel, stop: Vec<u32>, max_batch: usize, rx: Receiver<Submission>) {
+/// The log-probability of `token` under `softmax(row)` and the `k` most likely tokens.
+fn token_logprobs(row: &[f32], token: u32, k: usize) -> TokenLogprobs {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + row.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let lp = |id: u32| row[id as usize] - lse;
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k);
+    if k > 0 {
+        // One pass keeping the k best in a small sorted list (k ≤ 20).
+        for (i, &l) in row.iter().enumerate() {
+            if top.len() < k || l > top[top.len() - 1].1 {
+                let at = top.partition_point(|&(_, v)| v >= l);
+                top.insert(at, (i as u32, l));
+                top.truncate(k);
+            }
+        }
+    }
+    TokenLogprobs {
+        logprob: lp(token),
+        top: top.into_iter().map(|(id, l)| (id, l - lse)).collect(),
+    }
+}
+
+/// The loop of the decode thread: admit, prefill a chunk, step, until the handle is dropped and
+/// nothing is left.
+fn decode_loop(model: LlamaModel, stop: Vec<u32>, config: BatchConfig, rx: Receiver<Submission>) {
     let vocab = model.config().vocab_size;
     let mut scratch = ForwardScratch::default();
     let mut logits = Vec::new();
     let mut waiting: VecDeque<Submission> = VecDeque::new();
+    let mut prefilling: VecDeque<Seq> = VecDeque::new();
     let mut active: Vec<Seq> = Vec::new();
     let mut open = true;
     loop {
-        if active.is_empty() && waiting.is_empty() {
+        if active.is_empty() && prefilling.is_empty() && waiting.is_empty() {
             if !open {
                 return;
             }
@@ -141,128 +241,212 @@ fn decode_loop(model: LlamaModel, stop: Vec<u32>, max_batch: usize, rx: Receiver
         loop {
             match rx.try_recv() {
                 Ok(s) => waiting.push_back(s),
-                Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
                     open = false;
                     break;
                 }
             }
         }
-        while active.len() < max_batch {
+        while active.len() + prefilling.len() < config.max_batch {
             let Some(sub) = waiting.pop_front() else {
                 break;
             };
-            if let Some(seq) = prefill(&model, sub, &stop, &mut scratch, &mut logits) {
-                active.push(seq);
+            if let Some(seq) = admit(&model, sub) {
+                prefilling.push_back(seq);
             }
         }
-        if active.is_empty() {
-            continue;
+        if let Some(mut seq) = prefilling.pop_front() {
+            match prefill_chunk(
+                &model,
+                &mut seq,
+                config.prefill_chunk,
+                &mut scratch,
+                &mut logits,
+            ) {
+                Err(message) => seq.fail(message),
+                Ok(false) => prefilling.push_front(seq),
+                Ok(true) => {
+                    if seq.take_next(&mut logits[..vocab], &stop) {
+                        active.push(seq);
+                    }
+                }
+            }
         }
-        // Rows with the same adapter next to each other share one delta product.
-        active.sort_by_key(|s| s.adapter.as_ref().map_or(0, |a| Arc::as_ptr(a) as usize));
-        let step = catch_unwind(AssertUnwindSafe(|| {
-            let mut rows: Vec<BatchRow<'_>> = active
-                .iter_mut()
-                .map(|s| BatchRow {
-                    token: s.next,
-                    cache: &mut s.cache,
-                    adapter: s.adapter.as_deref(),
-                })
-                .collect();
-            model.decode_batch(&mut rows, &mut scratch, &mut logits)
-        }));
-        match step {
-            Ok(Ok(())) => {
-                let mut i = 0;
-                active.retain_mut(|s| {
-                    let row = &logits[i * vocab..(i + 1) * vocab];
-                    i += 1;
-                    let token = s.sampler.sample(row);
-                    s.deliver(token, &stop)
-                });
-            }
-            Ok(Err(e)) => {
-                for s in active.drain(..) {
-                    s.fail(format!("decoding failed: {e}"));
-                }
-            }
-            Err(_) => {
-                for s in active.drain(..) {
-                    s.fail("decoding failed: internal error (a panic in the decode step)".into());
-                }
-                scratch = ForwardScratch::default();
-            }
+        if !active.is_empty() {
+            step(&model, &mut active, &stop, &mut scratch, &mut logits);
         }
     }
 }
 
-/// Runs a new sequence's prompt and sends its first token; the sequence if it goes on.
-fn prefill(
-    model: &LlamaModel,
-    sub: Submission,
-    stop: &[u32],
-    scratch: &mut ForwardScratch,
-    logits: &mut Vec<f32>,
-) -> Option<Seq> {
-    let mut seq = Seq {
+/// A waiting request becomes a sequence with its KV cache, unless its client has gone or it
+/// asks for nothing.
+fn admit(model: &LlamaModel, sub: Submission) -> Option<Seq> {
+    if sub.events.is_closed() {
+        return None;
+    }
+    if sub.max_tokens == 0 {
+        let _ = sub.events.send(Event::Done(Ok(())));
+        return None;
+    }
+    if let Some(a) = &sub.adapter {
+        if let Err(e) = model.check_adapter(a) {
+            let _ = sub
+                .events
+                .send(Event::Done(Err(format!("the adapter does not fit: {e}"))));
+            return None;
+        }
+    }
+    Some(Seq {
         cache: model.dense_cache(sub.prompt.len() + sub.max_tokens),
         sampler: Sampler::new(sub.sampling),
+        penalties: sub.penalties,
+        counts: HashMap::new(),
+        logprobs: sub.logprobs,
         adapter: sub.adapter,
         events: sub.events,
+        prompt: sub.prompt,
+        fed: 0,
         next: 0,
         produced: 0,
         max_tokens: sub.max_tokens,
-    };
-    if sub.max_tokens == 0 {
-        let _ = seq.events.send(Event::Done(Ok(())));
-        return None;
+    })
+}
+
+/// Runs the next chunk of a sequence's prompt into its cache: `Ok(true)` when the prompt is done
+/// (the last position's logits are in `logits`), `Ok(false)` when more is left.
+fn prefill_chunk(
+    model: &LlamaModel,
+    seq: &mut Seq,
+    chunk: usize,
+    scratch: &mut ForwardScratch,
+    logits: &mut Vec<f32>,
+) -> Result<bool, String> {
+    if seq.events.is_closed() {
+        return Err("the client has gone".into());
     }
+    let end = (seq.fed + chunk).min(seq.prompt.len());
+    let last = end == seq.prompt.len();
+    let tokens = &seq.prompt[seq.fed..end];
     let run = catch_unwind(AssertUnwindSafe(|| {
-        model.forward_last_adapted(
-            &sub.prompt,
-            &mut seq.cache,
-            seq.adapter.as_deref(),
-            scratch,
-            logits,
-        )
+        if last {
+            model.forward_last_adapted(
+                tokens,
+                &mut seq.cache,
+                seq.adapter.as_deref(),
+                scratch,
+                logits,
+            )
+        } else {
+            model
+                .forward_hidden_adapted(tokens, &mut seq.cache, seq.adapter.as_deref(), scratch)
+                .map(|_| ())
+        }
     }));
     match run {
         Ok(Ok(())) => {
-            let token = seq.sampler.sample(logits);
-            seq.deliver(token, stop).then_some(seq)
+            seq.fed = end;
+            Ok(last)
         }
-        Ok(Err(e)) => {
-            seq.fail(format!("prefill failed: {e}"));
-            None
-        }
+        Ok(Err(e)) => Err(format!("prefill failed: {e}")),
         Err(_) => {
-            seq.fail("prefill failed: internal error (a panic in the forward pass)".into());
             *scratch = ForwardScratch::default();
-            None
+            Err("prefill failed: internal error (a panic in the forward pass)".into())
         }
     }
+}
+
+/// Runs one decode step over `rows` (with their adapters' deltas); `Err` names the failure.
+fn run_rows(
+    model: &LlamaModel,
+    rows: &mut [Seq],
+    scratch: &mut ForwardScratch,
+    logits: &mut Vec<f32>,
+) -> Result<(), String> {
+    let step = catch_unwind(AssertUnwindSafe(|| {
+        let mut batch: Vec<BatchRow<'_>> = rows
+            .iter_mut()
+            .map(|s| BatchRow {
+                token: s.next,
+                cache: &mut s.cache,
+                adapter: s.adapter.as_deref(),
+            })
+            .collect();
+        model.decode_batch(&mut batch, scratch, logits)
+    }));
+    match step {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("decoding failed: {e}")),
+        Err(_) => {
+            *scratch = ForwardScratch::default();
+            Err("decoding failed: internal error (a panic in the decode step)".into())
+        }
+    }
+}
+
+/// One decode step of every active sequence, then a token for each. A failed step commits
+/// nothing to the caches ([`LlamaModel::decode_batch`] checks every row first and commits at the
+/// end), so it is re-run one row at a time and only the rows that fail alone end.
+fn step(
+    model: &LlamaModel,
+    active: &mut Vec<Seq>,
+    stop: &[u32],
+    scratch: &mut ForwardScratch,
+    logits: &mut Vec<f32>,
+) {
+    let vocab = model.config().vocab_size;
+    // Rows with the same adapter next to each other share one delta product.
+    active.sort_by_key(|s| s.adapter.as_ref().map_or(0, |a| Arc::as_ptr(a) as usize));
+    if run_rows(model, active, scratch, logits).is_ok() {
+        let mut rows = logits.chunks_mut(vocab);
+        active.retain_mut(|s| rows.next().is_some_and(|row| s.take_next(row, stop)));
+        return;
+    }
+    active.retain_mut(
+        |s| match run_rows(model, std::slice::from_mut(s), scratch, logits) {
+            Ok(()) => s.take_next(&mut logits[..vocab], stop),
+            Err(message) => {
+                s.fail(message);
+                false
+            }
+        },
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use s2lc_model::generate::generate;
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
     /// The SmolLM2 asset is not needed: a small random model shows the scheduling.
     fn model() -> LlamaModel {
         s2lc_model::llama::random_model(16, 24, 2, (2, 1), 11, 5)
     }
 
-    fn collect(rx: Receiver<Event>) -> (Vec<u32>, Result<(), String>) {
+    fn collect(mut rx: UnboundedReceiver<Event>) -> (Vec<u32>, Result<(), String>) {
         let mut tokens = Vec::new();
-        for e in rx {
+        while let Some(e) = rx.blocking_recv() {
             match e {
-                Event::Token(t) => tokens.push(t),
+                Event::Token(t, _) => tokens.push(t),
                 Event::Done(r) => return (tokens, r),
             }
         }
         panic!("no Done event");
+    }
+
+    fn submission(prompt: Vec<u32>, max_tokens: usize) -> (Submission, UnboundedReceiver<Event>) {
+        let (tx, rx) = unbounded_channel();
+        let sub = Submission {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::default(),
+            penalties: Penalties::default(),
+            logprobs: None,
+            adapter: None,
+            events: tx,
+        };
+        (sub, rx)
     }
 
     #[test]
@@ -286,20 +470,20 @@ mod tests {
                     .generated
             })
             .collect();
-        // Batches of 3: the fourth waits for a free row, then joins mid-flight.
-        let batcher = Batcher::start(m, stop, 3);
-        let receivers: Vec<Receiver<Event>> = prompts
+        // Batches of 3 with prompts fed two tokens at a time: the fourth waits for a free row,
+        // then joins mid-flight, and chunked prompts give the same tokens as whole ones.
+        let config = BatchConfig {
+            max_batch: 3,
+            prefill_chunk: 2,
+        };
+        let batcher = Batcher::start(m, stop, config);
+        let receivers: Vec<_> = prompts
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let (tx, rx) = channel();
-                assert!(batcher.submit(Submission {
-                    prompt: p.clone(),
-                    max_tokens: 12,
-                    sampling: sampling(i as u64),
-                    adapter: None,
-                    events: tx,
-                }));
+                let (mut sub, rx) = submission(p.clone(), 12);
+                sub.sampling = sampling(i as u64);
+                assert!(batcher.submit(sub));
                 rx
             })
             .collect();
@@ -314,16 +498,10 @@ mod tests {
     fn a_cancelled_or_failing_sequence_leaves_the_others_running() {
         let m = model();
         let limit = m.config().max_seq_len;
-        let batcher = Batcher::start(m, vec![], 4);
+        let batcher = Batcher::start(m, vec![], BatchConfig::default());
         let submit = |prompt: Vec<u32>, max_tokens: usize| {
-            let (tx, rx) = channel();
-            assert!(batcher.submit(Submission {
-                prompt,
-                max_tokens,
-                sampling: SamplingParams::default(),
-                adapter: None,
-                events: tx,
-            }));
+            let (sub, rx) = submission(prompt, max_tokens);
+            assert!(batcher.submit(sub));
             rx
         };
         let cancelled = submit(vec![1, 2], 50);
@@ -337,5 +515,65 @@ mod tests {
         assert_eq!((tokens.len(), done), (20, Ok(())));
         let zero = submit(vec![3], 0);
         assert_eq!(collect(zero), (vec![], Ok(())));
+    }
+
+    #[test]
+    fn a_row_that_fails_mid_batch_ends_alone() {
+        // Row A's cache is sized for 3 new tokens but it asks for 40, so its fourth decode step
+        // overflows its cache while B and C keep decoding in the same batch.
+        let m = model();
+        let mut want_b = m.dense_cache(64);
+        let mut sampler = Sampler::new(SamplingParams::default());
+        let want_b = generate(&m, &mut want_b, &[4, 5], 30, &mut sampler, &[], |_| true)
+            .unwrap()
+            .generated;
+        let limit = m.config().max_seq_len;
+        let batcher = Batcher::start(m, vec![], BatchConfig::default());
+        // A fills the context: its prompt leaves room for 2 tokens only, so a later step fails.
+        let (a, rx_a) = submission(vec![1; limit - 2], 2 + 10);
+        let (b, rx_b) = submission(vec![4, 5], 30);
+        assert!(batcher.submit(a));
+        assert!(batcher.submit(b));
+        let (got_a, done_a) = collect(rx_a);
+        assert!(done_a.unwrap_err().contains("context"), "{got_a:?}");
+        let (got_b, done_b) = collect(rx_b);
+        assert_eq!((got_b, done_b), (want_b, Ok(())));
+    }
+
+    #[test]
+    fn penalties_and_logprobs_follow_their_definitions() {
+        let row = [1.0f32, 3.0, 2.0, -1.0];
+        let t = token_logprobs(&row, 2, 2);
+        let z: f32 = row.iter().map(|l| l.exp()).sum();
+        assert!((t.logprob - (2.0f32.exp() / z).ln()).abs() < 1e-5);
+        assert_eq!(t.top.iter().map(|p| p.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((t.top[0].1 - (3.0f32.exp() / z).ln()).abs() < 1e-5);
+        // Greedy with a presence penalty larger than any logit gap never repeats a token.
+        let m = model();
+        let batcher = Batcher::start(m, vec![], BatchConfig::default());
+        let (mut sub, rx) = submission(vec![1, 2, 3], 11);
+        sub.penalties = Penalties {
+            presence: 1e4,
+            frequency: 0.0,
+        };
+        sub.logprobs = Some(3);
+        assert!(batcher.submit(sub));
+        let mut rx = rx;
+        let mut seen = std::collections::HashSet::new();
+        while let Some(e) = rx.blocking_recv() {
+            match e {
+                Event::Token(id, lp) => {
+                    assert!(seen.insert(id), "token {id} repeated");
+                    let lp = lp.expect("logprobs asked for");
+                    assert_eq!(lp.top.len(), 3);
+                    assert!(lp.logprob <= 0.0 && lp.top[0].1 >= lp.top[2].1);
+                }
+                Event::Done(r) => {
+                    assert_eq!(r, Ok(()));
+                    break;
+                }
+            }
+        }
+        assert_eq!(seen.len(), 11);
     }
 }

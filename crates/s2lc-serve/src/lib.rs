@@ -11,7 +11,8 @@
 //!   pass per step (base weights read once for all rows, each row with its own KV cache and
 //!   adapter).
 //! - [`api`]: the routes (`/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
-//!   `/metrics`), JSON errors and request limits.
+//!   `/metrics`), JSON errors, API keys, admission (429 past the queue), deadlines and
+//!   connection limits.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
@@ -22,7 +23,8 @@ pub mod client;
 pub mod router;
 pub mod source;
 
-pub use api::{serve, Engine, ServeConfig, ServeError};
+pub use api::{serve, Engine, ServeConfig, ServeError, Server};
+pub use batch::BatchConfig;
 pub use cache::{CacheError, CacheStats, JitCache};
 pub use router::{RouteTable, SemanticRouter};
 pub use source::{AdapterSource, StoreSource};

@@ -8,7 +8,8 @@ use clap::Args;
 use serde::Deserialize;
 
 use s2lc_serve::router::TagRule;
-use s2lc_serve::{Engine, RouteTable, SemanticRouter, ServeConfig, StoreSource};
+use s2lc_serve::{BatchConfig, Engine, RouteTable, SemanticRouter, ServeConfig, StoreSource};
+use std::time::Duration;
 
 use crate::{load_model, parse_weights};
 use s2lc_model::source::WeightStorage;
@@ -69,6 +70,43 @@ pub struct ServeArgs {
     /// rules, first match wins.
     #[arg(long = "rule")]
     rules: Vec<String>,
+    /// Require this API key (`Authorization: Bearer KEY`) on every route but /health;
+    /// repeatable. Also read from $S2LC_API_KEY.
+    #[arg(long = "api-key")]
+    api_keys: Vec<String>,
+    /// A file of API keys, one per line (blank lines and `#` comments skipped).
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// An origin browsers may call from (CORS; `*` for any); repeatable [default: none, no CORS
+    /// headers].
+    #[arg(long = "cors-origin")]
+    cors_origins: Vec<String>,
+    /// Completion requests admitted beyond those decoding; more are answered 429 with
+    /// Retry-After [default: 64].
+    #[arg(long)]
+    max_queue: Option<usize>,
+    /// Seconds a request may take from arrival to its last token; past it, 504 (or an error
+    /// event in a stream) and its generation stops [default: 300].
+    #[arg(long, value_parser = parse_seconds)]
+    request_timeout: Option<Duration>,
+    /// Seconds a client has to send its request headers; also how long an idle keep-alive
+    /// connection stays open [default: 10].
+    #[arg(long, value_parser = parse_seconds)]
+    header_timeout: Option<Duration>,
+    /// Seconds a client has to send its request body [default: 10].
+    #[arg(long, value_parser = parse_seconds)]
+    body_timeout: Option<Duration>,
+    /// Connections open at once; more get 503 and are closed [default: 4096].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most prompt tokens prefilled between two decode steps, so a long prompt delays the other
+    /// streams by one chunk at a time [default: 128].
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
+    /// Seconds an adapter spec's resolution to a version is reused before the store is listed
+    /// again [default: 5].
+    #[arg(long, value_parser = parse_seconds)]
+    resolve_ttl: Option<Duration>,
 }
 
 /// The settings file of `s2lc serve --config`: the flags' names and values.
@@ -91,6 +129,18 @@ struct ServeFile {
     encoder: Option<PathBuf>,
     #[serde(default)]
     rule: Vec<TagRule>,
+    #[serde(default)]
+    api_key: Vec<String>,
+    api_key_file: Option<PathBuf>,
+    #[serde(default)]
+    cors_origin: Vec<String>,
+    max_queue: Option<usize>,
+    request_timeout: Option<f64>,
+    header_timeout: Option<f64>,
+    body_timeout: Option<f64>,
+    max_connections: Option<usize>,
+    prefill_chunk: Option<usize>,
+    resolve_ttl: Option<f64>,
 }
 
 /// A size in a settings file: a byte count or a string such as "256MiB".
@@ -126,6 +176,49 @@ struct Settings {
     router: Option<PathBuf>,
     encoder: Option<PathBuf>,
     rules: Vec<TagRule>,
+    api_keys: Vec<String>,
+    cors_origins: Vec<String>,
+    max_queue: usize,
+    request_timeout: Duration,
+    header_timeout: Duration,
+    body_timeout: Duration,
+    max_connections: usize,
+    prefill_chunk: usize,
+    resolve_ttl: Duration,
+}
+
+/// A duration in seconds from a flag (`--request-timeout 30`, `0.5`).
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    seconds(v)
+}
+
+/// A positive, finite number of seconds as a duration.
+fn seconds(v: f64) -> Result<Duration, String> {
+    if v.is_finite() && v > 0.0 && v < 1e9 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(format!("{v} is not a positive number of seconds"))
+    }
+}
+
+/// API keys from a file: one per line, blank lines and `#` comments skipped.
+fn read_keys(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading API keys from {}", path.display()))?;
+    let keys: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    if keys.is_empty() {
+        bail!("{} holds no API key", path.display());
+    }
+    Ok(keys)
 }
 
 impl ServeArgs {
@@ -154,6 +247,29 @@ impl ServeArgs {
         for r in &self.rules {
             rules.push(TagRule::parse(r)?);
         }
+        let mut api_keys: Vec<String> = file
+            .api_key
+            .into_iter()
+            .chain(self.api_keys.clone())
+            .collect();
+        for path in [&file.api_key_file, &self.api_key_file]
+            .into_iter()
+            .flatten()
+        {
+            api_keys.extend(read_keys(path)?);
+        }
+        if let Ok(key) = std::env::var("S2LC_API_KEY") {
+            if !key.trim().is_empty() {
+                api_keys.push(key.trim().to_string());
+            }
+        }
+        let secs = |flag: Option<Duration>, key: &str, from_file: Option<f64>, default: f64| match (
+            flag, from_file,
+        ) {
+            (Some(d), _) => Ok(d),
+            (None, Some(v)) => seconds(v).map_err(|e| anyhow::anyhow!("{key}: {e}")),
+            (None, None) => Ok(Duration::from_secs_f64(default)),
+        };
         let router = self.router.clone().or(file.router);
         let encoder = self.encoder.clone().or(file.encoder);
         if encoder.is_some() && router.is_none() {
@@ -187,6 +303,32 @@ impl ServeArgs {
             router,
             encoder,
             rules,
+            api_keys,
+            cors_origins: file
+                .cors_origin
+                .into_iter()
+                .chain(self.cors_origins.clone())
+                .collect(),
+            max_queue: self.max_queue.or(file.max_queue).unwrap_or(64),
+            request_timeout: secs(
+                self.request_timeout,
+                "request-timeout",
+                file.request_timeout,
+                300.0,
+            )?,
+            header_timeout: secs(
+                self.header_timeout,
+                "header-timeout",
+                file.header_timeout,
+                10.0,
+            )?,
+            body_timeout: secs(self.body_timeout, "body-timeout", file.body_timeout, 10.0)?,
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(4096),
+            prefill_chunk: self.prefill_chunk.or(file.prefill_chunk).unwrap_or(128),
+            resolve_ttl: secs(self.resolve_ttl, "resolve-ttl", file.resolve_ttl, 5.0)?,
         })
     }
 }
@@ -248,21 +390,37 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     if cfg.max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }
-    let engine = Engine::new(model, tokenizer, source.chat_template(), cfg.max_batch);
+    if cfg.prefill_chunk == 0 {
+        bail!("--prefill-chunk must be at least 1");
+    }
+    if cfg.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    let batch = BatchConfig {
+        max_batch: cfg.max_batch,
+        prefill_chunk: cfg.prefill_chunk,
+    };
+    let engine = Engine::new(model, tokenizer, source.chat_template(), batch);
     let listener = TcpListener::bind((cfg.host.as_str(), cfg.port))
         .with_context(|| format!("listening on {}:{}", cfg.host, cfg.port))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     eprintln!(
         "s2lc serve: {model_id} ({}), adapters from {location}, {} MiB adapter budget, batches \
-         of up to {}, {} tag rules{}",
+         of up to {} (+{} queued), {} tag rules{}{}",
         cfg.weights.name(),
         cfg.adapter_memory >> 20,
         cfg.max_batch,
+        cfg.max_queue,
         cfg.rules.len(),
         if router.is_some() {
             ", semantic router"
         } else {
             ""
+        },
+        if cfg.api_keys.is_empty() {
+            ", no API key (open to anyone who can connect)"
+        } else {
+            ", API key required"
         }
     );
     // Tests and scripts wait for this line.
@@ -273,12 +431,20 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         Box::new(StoreSource::new(store, Some(digest))),
         router,
         ServeConfig {
-            model_id,
             adapter_budget: cfg.adapter_memory,
             max_tokens: cfg.max_tokens,
             max_body_bytes: cfg.max_body,
             pinned: cfg.pinned,
             rules: cfg.rules,
+            api_keys: cfg.api_keys,
+            cors_origins: cfg.cors_origins,
+            max_queue: cfg.max_queue,
+            request_timeout: cfg.request_timeout,
+            body_timeout: cfg.body_timeout,
+            header_timeout: cfg.header_timeout,
+            max_connections: cfg.max_connections,
+            resolve_ttl: cfg.resolve_ttl,
+            ..ServeConfig::new(model_id)
         },
     )
     .context("serving")

@@ -17,7 +17,7 @@ use serde_json::json;
 
 use s2lc_model::source::WeightStorage;
 use s2lc_serve::client::{metric_value, request};
-use s2lc_serve::{Engine, ServeConfig, StoreSource};
+use s2lc_serve::{BatchConfig, Engine, ServeConfig, StoreSource};
 use s2lc_store::Store;
 
 use crate::serve::parse_bytes;
@@ -263,16 +263,19 @@ fn load_test(
     cdf: &[f64],
 ) -> Result<Run> {
     let (source, model, tokenizer) = load_model(model_path, args.weights)?;
-    let engine = Engine::new(model, tokenizer, source.chat_template(), max_batch);
+    let batch = BatchConfig {
+        max_batch,
+        ..BatchConfig::default()
+    };
+    let engine = Engine::new(model, tokenizer, source.chat_template(), batch);
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
     let addr = listener.local_addr()?.to_string();
+    // Every client's request is admitted: the bench measures decoding, not 429s.
     let config = ServeConfig {
-        model_id: "base".into(),
         adapter_budget: args.adapter_memory,
         max_tokens: args.max_tokens.max(1),
-        max_body_bytes: 1 << 20,
-        pinned: Vec::new(),
-        rules: Vec::new(),
+        max_queue: args.clients,
+        ..ServeConfig::new("base")
     };
     let server_store = Store::open(dir.to_str().context("temp dir is not UTF-8")?)?;
     let digest = digest.to_string();
