@@ -15,6 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -103,6 +104,16 @@ impl Default for BatchConfig {
 pub struct Batcher {
     tx: Option<Sender<Submission>>,
     thread: Option<JoinHandle<()>>,
+    occupancy: Arc<Occupancy>,
+}
+
+/// How many sequences the decode loop holds, for `/metrics` (updated once per loop turn).
+#[derive(Debug, Default)]
+pub struct Occupancy {
+    /// Sequences with a KV cache (prefilling or decoding).
+    pub running: AtomicUsize,
+    /// Sequences waiting for a free row.
+    pub waiting: AtomicUsize,
 }
 
 impl Batcher {
@@ -114,14 +125,25 @@ impl Batcher {
         assert!(config.max_batch > 0, "a batch needs at least one row");
         assert!(config.prefill_chunk > 0, "a prefill chunk needs a token");
         let (tx, rx) = channel();
+        let occupancy = Arc::new(Occupancy::default());
+        let occ = occupancy.clone();
         let thread = std::thread::Builder::new()
             .name("s2lc-decode".into())
-            .spawn(move || decode_loop(model, stop, config, rx))
+            .spawn(move || decode_loop(model, stop, config, rx, &occ))
             .expect("spawning the decode thread");
         Batcher {
             tx: Some(tx),
             thread: Some(thread),
+            occupancy,
         }
+    }
+
+    /// Sequences running and waiting now.
+    pub fn occupancy(&self) -> (usize, usize) {
+        (
+            self.occupancy.running.load(Ordering::Relaxed),
+            self.occupancy.waiting.load(Ordering::Relaxed),
+        )
     }
 
     /// Queues a request; `false` if the decode thread is gone (then nothing will be sent). The
@@ -220,7 +242,13 @@ fn token_logprobs(row: &[f32], token: u32, k: usize) -> TokenLogprobs {
 
 /// The loop of the decode thread: admit, prefill a chunk, step, until the handle is dropped and
 /// nothing is left.
-fn decode_loop(model: LlamaModel, stop: Vec<u32>, config: BatchConfig, rx: Receiver<Submission>) {
+fn decode_loop(
+    model: LlamaModel,
+    stop: Vec<u32>,
+    config: BatchConfig,
+    rx: Receiver<Submission>,
+    occupancy: &Occupancy,
+) {
     let vocab = model.config().vocab_size;
     let mut scratch = ForwardScratch::default();
     let mut logits = Vec::new();
@@ -229,6 +257,9 @@ fn decode_loop(model: LlamaModel, stop: Vec<u32>, config: BatchConfig, rx: Recei
     let mut active: Vec<Seq> = Vec::new();
     let mut open = true;
     loop {
+        let running = active.len() + prefilling.len();
+        occupancy.running.store(running, Ordering::Relaxed);
+        occupancy.waiting.store(waiting.len(), Ordering::Relaxed);
         if active.is_empty() && prefilling.is_empty() && waiting.is_empty() {
             if !open {
                 return;
@@ -265,7 +296,8 @@ fn decode_loop(model: LlamaModel, stop: Vec<u32>, config: BatchConfig, rx: Recei
                 &mut logits,
             ) {
                 Err(message) => seq.fail(message),
-                Ok(false) => prefilling.push_front(seq),
+                // Round robin: a short prompt behind a long one waits one chunk, not all of it.
+                Ok(false) => prefilling.push_back(seq),
                 Ok(true) => {
                     if seq.take_next(&mut logits[..vocab], &stop) {
                         active.push(seq);
@@ -538,6 +570,31 @@ mod tests {
         assert!(done_a.unwrap_err().contains("context"), "{got_a:?}");
         let (got_b, done_b) = collect(rx_b);
         assert_eq!((got_b, done_b), (want_b, Ok(())));
+    }
+
+    #[test]
+    fn a_long_prompt_is_prefilled_between_decode_steps() {
+        // B's 40-token prompt is fed 2 tokens per turn, round robin with A's 2-token prompt, and
+        // A decodes a token every turn once its prompt is in: by B's first token A has had about
+        // 19 (B's 20 chunks less A's own turn). Prefilled whole, B's first token would come
+        // before any of A's.
+        let m = model();
+        let config = BatchConfig {
+            max_batch: 4,
+            prefill_chunk: 2,
+        };
+        let batcher = Batcher::start(m, vec![], config);
+        let (b, mut rx_b) = submission((0..40).map(|i| i % 9).collect(), 1);
+        let (a, mut rx_a) = submission(vec![1, 2], 100);
+        assert!(batcher.submit(b));
+        assert!(batcher.submit(a));
+        assert!(matches!(rx_b.blocking_recv(), Some(Event::Token(..))));
+        // Every token of A sent before B's first one is already in A's channel.
+        let mut a_tokens = 0;
+        while let Ok(Event::Token(..)) = rx_a.try_recv() {
+            a_tokens += 1;
+        }
+        assert!(a_tokens >= 15, "A got {a_tokens} tokens during B's prefill");
     }
 
     #[test]

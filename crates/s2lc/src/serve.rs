@@ -1,6 +1,5 @@
 //! `s2lc serve`: the OpenAI-style HTTP server over the base model and the Adapter Store.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -401,7 +400,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         prefill_chunk: cfg.prefill_chunk,
     };
     let engine = Engine::new(model, tokenizer, source.chat_template(), batch);
-    let listener = TcpListener::bind((cfg.host.as_str(), cfg.port))
+    let listener = s2lc_serve::api::listen::bind(&cfg.host, cfg.port)
         .with_context(|| format!("listening on {}:{}", cfg.host, cfg.port))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     eprintln!(

@@ -4,7 +4,6 @@
 //! throughput, latency percentiles, the cache hit rate, the largest resident adapter bytes seen
 //! (against the budget) and the process's peak RSS.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -268,7 +267,8 @@ fn load_test(
         ..BatchConfig::default()
     };
     let engine = Engine::new(model, tokenizer, source.chat_template(), batch);
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+    let listener =
+        s2lc_serve::api::listen::bind("127.0.0.1", 0).context("binding a loopback port")?;
     let addr = listener.local_addr()?.to_string();
     // Every client's request is admitted: the bench measures decoding, not 429s.
     let config = ServeConfig {

@@ -15,6 +15,30 @@ use tokio::sync::Semaphore;
 
 use super::metrics::Metrics;
 
+/// Pending connections the kernel queues before `accept` (std's listeners use 128, and a burst
+/// of clients past it sees resets instead of a 429).
+pub const ACCEPT_BACKLOG: i32 = 4096;
+
+/// Binds a listening TCP socket on `host:port` (port 0: a free one) with [`ACCEPT_BACKLOG`].
+pub fn bind(host: &str, port: u16) -> std::io::Result<std::net::TcpListener> {
+    use std::net::ToSocketAddrs;
+    let addr = (host, port).to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("'{host}' resolves to no address"),
+        )
+    })?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(ACCEPT_BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// Connection limits.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {

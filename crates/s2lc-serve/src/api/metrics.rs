@@ -63,7 +63,20 @@ pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let c = s.cache.stats();
     let m = &s.metrics;
     let admitted = s.admitted_limit - s.admission.available_permits();
-    let series: [(&str, &str, &str, f64); 16] = [
+    let (running, waiting) = s.engine.batcher.occupancy();
+    let series: [(&str, &str, &str, f64); 18] = [
+        (
+            "s2lc_sequences_running",
+            "Sequences holding a KV cache (prefilling or decoding).",
+            "gauge",
+            running as f64,
+        ),
+        (
+            "s2lc_sequences_waiting",
+            "Sequences waiting for a batch row.",
+            "gauge",
+            waiting as f64,
+        ),
         (
             "s2lc_requests_total",
             "Completion requests received.",

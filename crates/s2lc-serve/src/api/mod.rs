@@ -364,20 +364,6 @@ async fn handle(
     chat: bool,
 ) -> Result<Response, ApiError> {
     access::require_json(headers)?;
-    let admitted = s.admission.clone().try_acquire_owned().map_err(|_| {
-        s.metrics.rejected.inc();
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "the server is at capacity ({} requests decoding or queued); retry shortly",
-                s.admitted_limit
-            ),
-        )
-        .retry_after(1)
-    })?;
-    // Blocking work started for this request holds its admission too, so work abandoned at the
-    // deadline still counts until it ends.
-    let admitted = Arc::new(admitted);
     let deadline = Instant::now() + s.config.request_timeout;
     let limit = s.config.max_body_bytes;
     let bytes = match timeout(s.config.body_timeout, axum::body::to_bytes(body, limit)).await {
@@ -399,6 +385,22 @@ async fn handle(
         Ok(Err(e)) => return Err(ApiError::bad(format!("reading the request body: {e}"))),
         Ok(Ok(b)) => b,
     };
+    // Admission after the body is read: a refused request's unread body would make the close
+    // a reset that can reach the client before the 429 does.
+    let admitted = s.admission.clone().try_acquire_owned().map_err(|_| {
+        s.metrics.rejected.inc();
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "the server is at capacity ({} requests decoding or queued); retry shortly",
+                s.admitted_limit
+            ),
+        )
+        .retry_after(1)
+    })?;
+    // Blocking work started for this request holds its admission too, so work abandoned at the
+    // deadline still counts until it ends.
+    let admitted = Arc::new(admitted);
     let req = request::parse(&bytes)?;
     let prepared = async {
         let (st, held) = (s.clone(), admitted.clone());

@@ -1,6 +1,8 @@
 //! Helpers shared by the binary's integration tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod server;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
