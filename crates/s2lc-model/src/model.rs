@@ -174,13 +174,29 @@ impl ModelSource {
     }
 }
 
-/// Wraps `prompt` in a ChatML conversation (`<|im_start|>user ... <|im_start|>assistant`) when
-/// `template` uses ChatML markers (SmolLM2, Qwen2); otherwise returns the prompt unchanged.
+/// Whether a model's chat template is ChatML (SmolLM2, Qwen2): the one template the runtime
+/// renders itself.
+pub fn uses_chatml(template: Option<&str>) -> bool {
+    template.is_some_and(|t| t.contains("<|im_start|>"))
+}
+
+/// A conversation of `(role, content)` messages in ChatML, ending with the assistant's turn
+/// opened: `<|im_start|>role\ncontent<|im_end|>\n` per message, then `<|im_start|>assistant\n`.
+pub fn chatml<'a>(messages: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut out = String::new();
+    for (role, content) in messages {
+        out.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
+    }
+    out.push_str("<|im_start|>assistant\n");
+    out
+}
+
+/// Wraps `prompt` in a ChatML conversation of one user message when `template` uses ChatML
+/// markers ([`uses_chatml`]); otherwise returns the prompt unchanged.
 pub fn apply_chat_template(template: Option<&str>, prompt: &str) -> String {
-    match template {
-        Some(t) if t.contains("<|im_start|>") => {
-            format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
-        }
-        _ => prompt.to_string(),
+    if uses_chatml(template) {
+        chatml([("user", prompt)])
+    } else {
+        prompt.to_string()
     }
 }

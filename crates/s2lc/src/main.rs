@@ -51,8 +51,10 @@ enum Command {
     Eval(EvalArgs),
     /// Architecture, tensor table, dtypes and parameter counts of a model.
     Info {
-        /// A .gguf file or a Hugging Face model directory.
-        path: PathBuf,
+        /// A .gguf file or a Hugging Face model directory [default: SmolLM2-135M-Instruct in
+        /// $S2LC_HOME].
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
     /// Singular values of every linear weight: ranks per energy threshold, JSON report and plots.
     Analyze(analyze::AnalyzeArgs),
@@ -236,7 +238,7 @@ fn try_main() -> Result<()> {
     match cli.command {
         Command::Generate(args) => cmd_generate(&args),
         Command::Eval(args) => cmd_eval(&args),
-        Command::Info { path } => cmd_info(&path),
+        Command::Info { model } => cmd_info(&model.unwrap_or_else(s2lc_model::assets::smollm2)),
         Command::Compress(args) => compress::run(&args),
         Command::Analyze(args) => analyze::run(&args),
         Command::Adapters(cmd) => adapters::run(&cmd),

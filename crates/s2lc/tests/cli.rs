@@ -21,7 +21,7 @@ fn assert_clean_error(o: &Output, needle: &str) {
 
 #[test]
 fn missing_model_file() {
-    let o = s2lc(&["info", "/nonexistent/model.gguf"]);
+    let o = s2lc(&["info", "--model", "/nonexistent/model.gguf"]);
     assert_clean_error(&o, "/nonexistent/model.gguf");
 }
 
@@ -30,7 +30,7 @@ fn not_a_model() {
     let dir = scratch("notmodel");
     let p = dir.join("x.gguf");
     std::fs::write(&p, b"hello world").unwrap();
-    let o = s2lc(&["info", p.to_str().unwrap()]);
+    let o = s2lc(&["info", "--model", p.to_str().unwrap()]);
     assert_clean_error(&o, "not a model");
 }
 
@@ -41,7 +41,7 @@ fn truncated_gguf() {
     let p = dir.join("truncated.gguf");
     let bytes = std::fs::read(&model).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    let o = s2lc(&["info", p.to_str().unwrap()]);
+    let o = s2lc(&["info", "--model", p.to_str().unwrap()]);
     assert_clean_error(&o, "truncated.gguf");
     std::fs::write(&p, &bytes[..1000]).unwrap();
     let o = s2lc(&["generate", "--model", p.to_str().unwrap(), "--prompt", "hi"]);
@@ -72,7 +72,7 @@ fn unknown_architecture_is_named() {
     ]);
     assert_clean_error(&o, "gpt_neox");
     // `info` still describes what it can.
-    let o = s2lc(&["info", dir.to_str().unwrap()]);
+    let o = s2lc(&["info", "--model", dir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("not runnable"));
 }
@@ -96,7 +96,7 @@ fn empty_text_file() {
 #[test]
 fn info_describes_the_real_model() {
     let Some(model) = smollm2() else { return };
-    let o = s2lc(&["info", model.to_str().unwrap()]);
+    let o = s2lc(&["info", "--model", model.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("architecture: llama"), "{out}");
@@ -214,7 +214,7 @@ fn compress_then_eval_the_real_model() {
     assert_eq!(record["method"], "svd");
     assert_eq!(record["matrices"].as_array().unwrap().len(), 210);
     assert!(record["params_after"].as_u64().unwrap() < record["params_before"].as_u64().unwrap());
-    let info = s2lc(&["info", d]);
+    let info = s2lc(&["info", "--model", d]);
     let listing = String::from_utf8_lossy(&info.stdout);
     assert!(
         listing.contains("lowrank_u") && listing.contains("lowrank_vs"),
@@ -263,7 +263,7 @@ fn bad_weight_storage_and_thread_count_are_named() {
         err.contains("unknown weight storage 'q3' (f32, f16, q8_0, native)"),
         "{err}"
     );
-    let o = s2lc(&["--threads", "0", "info", "x.gguf"]);
+    let o = s2lc(&["--threads", "0", "info", "--model", "x.gguf"]);
     assert_clean_error(&o, "--threads must be at least 1");
 }
 

@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use serde_json::{json, Value};
 
 use s2lc_model::lora::LoraAdapter;
+use s2lc_model::model::{chatml, uses_chatml};
 
 use super::error::ApiError;
 use super::request::{CompletionRequest, Message, Params};
@@ -369,16 +370,12 @@ fn chat_prompt(template: Option<&str>, messages: Option<&[Message]>) -> Result<S
             )));
         }
     }
-    if template.is_some_and(|t| t.contains("<|im_start|>")) {
-        let mut out = String::new();
-        for m in messages {
-            out.push_str(&format!(
-                "<|im_start|>{}\n{}<|im_end|>\n",
-                m.role, m.content
-            ));
-        }
-        out.push_str("<|im_start|>assistant\n");
-        Ok(out)
+    if uses_chatml(template) {
+        Ok(chatml(
+            messages
+                .iter()
+                .map(|m| (m.role.as_str(), m.content.as_str())),
+        ))
     } else {
         match messages {
             [m] if m.role == "user" => Ok(m.content.clone()),
