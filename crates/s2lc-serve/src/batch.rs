@@ -23,7 +23,8 @@ use std::thread::JoinHandle;
 use tokio::sync::mpsc::UnboundedSender;
 
 use s2lc_model::generate::{Sampler, SamplingParams};
-use s2lc_model::kv::DenseKvCache;
+use s2lc_model::kv::compressed::{Coding, GROUP};
+use s2lc_model::kv::{AttnShape, KvCache, KvSpec};
 use s2lc_model::llama::{BatchRow, ForwardScratch, LlamaModel};
 use s2lc_model::lora::LoraAdapter;
 
@@ -81,12 +82,17 @@ pub enum Event {
 }
 
 /// How the decode loop schedules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BatchConfig {
     /// Sequences holding a KV cache at once (prefilling or decoding); at least 1.
     pub max_batch: usize,
     /// Most prompt tokens run between two decode steps; at least 1.
     pub prefill_chunk: usize,
+    /// The KV cache of every sequence (`s2lc bench kv`'s specs: dense, q8, q4, spectral…).
+    pub kv: KvSpec,
+    /// Bytes the sequences' KV caches may reserve together; a sequence is admitted when its
+    /// bound ([`kv_bytes_bound`] at prompt + `max_tokens`) fits beside those running.
+    pub kv_memory: usize,
 }
 
 impl Default for BatchConfig {
@@ -94,8 +100,34 @@ impl Default for BatchConfig {
         BatchConfig {
             max_batch: 8,
             prefill_chunk: 128,
+            kv: KvSpec::Dense,
+            kv_memory: usize::MAX,
         }
     }
+}
+
+/// An upper bound of the bytes a `spec` cache holds at `tokens` tokens, per the layouts of
+/// [`s2lc_model::kv`]: dense f32 keys and values; q8 and q4 groups of 32 values with an f16 scale
+/// (34 and 18 bytes), behind a window, the sink tokens and one partial block kept as f32. A
+/// spectral side is bounded by f32 (its rank, and so its size, is known only once coded).
+pub fn kv_bytes_bound(spec: &KvSpec, n_layers: usize, shape: AttnShape, tokens: usize) -> usize {
+    let kv_dim = shape.kv_dim();
+    let f32_side = tokens * kv_dim * 4;
+    let per_side = match spec {
+        KvSpec::Dense => return n_layers * 2 * f32_side,
+        KvSpec::Compressed(c) => [c.keys, c.values].map(|coding| {
+            let dense = (c.window + c.sink + c.block).min(tokens);
+            let coded = tokens - dense;
+            let groups = kv_dim.div_ceil(GROUP);
+            let per_token = match coding {
+                Coding::Q8 => groups * 34,
+                Coding::Q4 => groups * 18,
+                Coding::Spectral { .. } => kv_dim * 4,
+            };
+            dense * kv_dim * 4 + coded * per_token
+        }),
+    };
+    n_layers * (per_side[0] + per_side[1])
 }
 
 /// The handle requests submit through; the decode thread ends when the handle is dropped and the
@@ -114,16 +146,24 @@ pub struct Occupancy {
     pub running: AtomicUsize,
     /// Sequences waiting for a free row.
     pub waiting: AtomicUsize,
+    /// Bytes the running sequences' KV caches hold now.
+    pub kv_bytes: AtomicUsize,
+    /// Bytes reserved for them (their bounds at their full length).
+    pub kv_reserved: AtomicUsize,
 }
 
 impl Batcher {
     /// Starts the decode thread over `model`, ending sequences at any id in `stop`.
     ///
     /// # Panics
-    /// If `config.max_batch` or `config.prefill_chunk` is 0, or the thread cannot be spawned.
+    /// If `config.max_batch` or `config.prefill_chunk` is 0, the KV spec does not fit the model
+    /// (check it first with [`KvSpec::check`]), or the thread cannot be spawned.
     pub fn start(model: LlamaModel, stop: Vec<u32>, config: BatchConfig) -> Self {
         assert!(config.max_batch > 0, "a batch needs at least one row");
         assert!(config.prefill_chunk > 0, "a prefill chunk needs a token");
+        if let Err(e) = config.kv.check(model.attn_shape()) {
+            panic!("the KV cache spec does not fit the model: {e}");
+        }
         let (tx, rx) = channel();
         let occupancy = Arc::new(Occupancy::default());
         let occ = occupancy.clone();
@@ -138,12 +178,9 @@ impl Batcher {
         }
     }
 
-    /// Sequences running and waiting now.
-    pub fn occupancy(&self) -> (usize, usize) {
-        (
-            self.occupancy.running.load(Ordering::Relaxed),
-            self.occupancy.waiting.load(Ordering::Relaxed),
-        )
+    /// What the decode loop holds now.
+    pub fn occupancy(&self) -> &Occupancy {
+        &self.occupancy
     }
 
     /// Queues a request; `false` if the decode thread is gone (then nothing will be sent). The
@@ -166,7 +203,9 @@ impl Drop for Batcher {
 
 /// A sequence holding a KV cache: prefilling (`prompt[fed..]` still to run) or decoding.
 struct Seq {
-    cache: DenseKvCache,
+    cache: Box<dyn KvCache>,
+    /// Bytes reserved for the cache at the sequence's full length.
+    reserved: usize,
     sampler: Sampler,
     penalties: Penalties,
     /// How often each token has been generated (only kept when penalties apply).
@@ -256,10 +295,17 @@ fn decode_loop(
     let mut prefilling: VecDeque<Seq> = VecDeque::new();
     let mut active: Vec<Seq> = Vec::new();
     let mut open = true;
+    let (n_layers, shape) = (model.config().n_layers, model.attn_shape());
     loop {
         let running = active.len() + prefilling.len();
+        let held = || active.iter().chain(prefilling.iter());
+        let reserved: usize = held().map(|s| s.reserved).sum();
         occupancy.running.store(running, Ordering::Relaxed);
         occupancy.waiting.store(waiting.len(), Ordering::Relaxed);
+        occupancy.kv_reserved.store(reserved, Ordering::Relaxed);
+        occupancy
+            .kv_bytes
+            .store(held().map(|s| s.cache.bytes()).sum(), Ordering::Relaxed);
         if active.is_empty() && prefilling.is_empty() && waiting.is_empty() {
             if !open {
                 return;
@@ -279,11 +325,36 @@ fn decode_loop(
                 }
             }
         }
+        let mut reserved = reserved;
         while active.len() + prefilling.len() < config.max_batch {
+            let Some(sub) = waiting.front() else {
+                break;
+            };
+            let need = kv_bytes_bound(
+                &config.kv,
+                n_layers,
+                shape,
+                sub.prompt.len() + sub.max_tokens,
+            );
+            let idle = active.is_empty() && prefilling.is_empty();
+            if need > config.kv_memory {
+                if let Some(sub) = waiting.pop_front() {
+                    let _ = sub.events.send(Event::Done(Err(format!(
+                        "the request needs up to {need} bytes of KV cache, over the server's \
+                         --kv-memory of {} (ask for fewer tokens)",
+                        config.kv_memory
+                    ))));
+                }
+                continue;
+            }
+            if !idle && reserved + need > config.kv_memory {
+                break;
+            }
             let Some(sub) = waiting.pop_front() else {
                 break;
             };
-            if let Some(seq) = admit(&model, sub) {
+            if let Some(seq) = admit(&model, &config.kv, sub, need) {
+                reserved += need;
                 prefilling.push_back(seq);
             }
         }
@@ -313,7 +384,7 @@ fn decode_loop(
 
 /// A waiting request becomes a sequence with its KV cache, unless its client has gone or it
 /// asks for nothing.
-fn admit(model: &LlamaModel, sub: Submission) -> Option<Seq> {
+fn admit(model: &LlamaModel, kv: &KvSpec, sub: Submission, reserved: usize) -> Option<Seq> {
     if sub.events.is_closed() {
         return None;
     }
@@ -329,8 +400,23 @@ fn admit(model: &LlamaModel, sub: Submission) -> Option<Seq> {
             return None;
         }
     }
+    let cfg = model.config();
+    let cache = match kv.cache(
+        cfg.n_layers,
+        model.attn_shape(),
+        sub.prompt.len() + sub.max_tokens,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = sub
+                .events
+                .send(Event::Done(Err(format!("the KV cache: {e}"))));
+            return None;
+        }
+    };
     Some(Seq {
-        cache: model.dense_cache(sub.prompt.len() + sub.max_tokens),
+        cache,
+        reserved,
         sampler: Sampler::new(sub.sampling),
         penalties: sub.penalties,
         counts: HashMap::new(),
@@ -364,14 +450,14 @@ fn prefill_chunk(
         if last {
             model.forward_last_adapted(
                 tokens,
-                &mut seq.cache,
+                seq.cache.as_mut(),
                 seq.adapter.as_deref(),
                 scratch,
                 logits,
             )
         } else {
             model
-                .forward_hidden_adapted(tokens, &mut seq.cache, seq.adapter.as_deref(), scratch)
+                .forward_hidden_adapted(tokens, seq.cache.as_mut(), seq.adapter.as_deref(), scratch)
                 .map(|_| ())
         }
     }));
@@ -400,7 +486,7 @@ fn run_rows(
             .iter_mut()
             .map(|s| BatchRow {
                 token: s.next,
-                cache: &mut s.cache,
+                cache: s.cache.as_mut(),
                 adapter: s.adapter.as_deref(),
             })
             .collect();
@@ -507,6 +593,7 @@ mod tests {
         let config = BatchConfig {
             max_batch: 3,
             prefill_chunk: 2,
+            ..BatchConfig::default()
         };
         let batcher = Batcher::start(m, stop, config);
         let receivers: Vec<_> = prompts
@@ -582,6 +669,7 @@ mod tests {
         let config = BatchConfig {
             max_batch: 4,
             prefill_chunk: 2,
+            ..BatchConfig::default()
         };
         let batcher = Batcher::start(m, vec![], config);
         let (b, mut rx_b) = submission((0..40).map(|i| i % 9).collect(), 1);
@@ -595,6 +683,53 @@ mod tests {
             a_tokens += 1;
         }
         assert!(a_tokens >= 15, "A got {a_tokens} tokens during B's prefill");
+    }
+
+    #[test]
+    fn sequences_decode_through_the_configured_kv_cache_within_its_memory() {
+        // q4 keys and values need heads of a multiple of 32: a random model with 32-wide heads.
+        let m = s2lc_model::llama::random_model(64, 96, 2, (2, 1), 11, 7);
+        let kv = KvSpec::parse("q4").unwrap();
+        let shape = m.attn_shape();
+        kv.check(shape).unwrap();
+        let (n_layers, limit) = (m.config().n_layers, 3 + 100);
+        let want = {
+            let mut cache = kv.cache(n_layers, shape, limit).unwrap();
+            let mut sampler = Sampler::new(SamplingParams::default());
+            generate(&m, cache.as_mut(), &[1, 2, 3], 100, &mut sampler, &[], |_| true)
+                .unwrap()
+                .generated
+        };
+        let need = kv_bytes_bound(&kv, n_layers, shape, limit);
+        // One partial block of 32 tokens stays f32; the other 71 take 18 of 128 bytes per head.
+        assert!(need < kv_bytes_bound(&KvSpec::Dense, n_layers, shape, limit) / 2);
+        let config = BatchConfig {
+            kv: kv.clone(),
+            // Room for two sequences at a time.
+            kv_memory: 2 * need + need / 2,
+            ..BatchConfig::default()
+        };
+        let batcher = Batcher::start(m.clone(), vec![], config.clone());
+        let receivers: Vec<_> = (0..4)
+            .map(|_| {
+                let (sub, rx) = submission(vec![1, 2, 3], 100);
+                assert!(batcher.submit(sub));
+                rx
+            })
+            .collect();
+        for rx in receivers {
+            assert_eq!(collect(rx), (want.clone(), Ok(())));
+        }
+        // A request whose cache alone is over the memory is refused with the reason.
+        let small = BatchConfig {
+            kv_memory: need - 1,
+            ..config
+        };
+        let batcher = Batcher::start(m, vec![], small);
+        let (sub, rx) = submission(vec![1, 2, 3], 100);
+        assert!(batcher.submit(sub));
+        let (_, done) = collect(rx);
+        assert!(done.unwrap_err().contains("--kv-memory"));
     }
 
     #[test]

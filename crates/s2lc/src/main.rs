@@ -312,7 +312,7 @@ impl WeightsArg {
     }
 }
 
-fn parse_kv(s: &str) -> Result<KvSpec, String> {
+pub fn parse_kv(s: &str) -> Result<KvSpec, String> {
     KvSpec::parse(s).map_err(|e| e.to_string())
 }
 

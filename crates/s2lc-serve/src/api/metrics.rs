@@ -63,19 +63,33 @@ pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let c = s.cache.stats();
     let m = &s.metrics;
     let admitted = s.admitted_limit - s.admission.available_permits();
-    let (running, waiting) = s.engine.batcher.occupancy();
-    let series: [(&str, &str, &str, f64); 18] = [
+    let occ = s.engine.batcher.occupancy();
+    let get = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as f64;
+    let (running, waiting) = (get(&occ.running), get(&occ.waiting));
+    let series: [(&str, &str, &str, f64); 20] = [
+        (
+            "s2lc_kv_cache_resident_bytes",
+            "Bytes the running sequences' KV caches hold.",
+            "gauge",
+            get(&occ.kv_bytes),
+        ),
+        (
+            "s2lc_kv_cache_reserved_bytes",
+            "Bytes reserved for the running sequences' KV caches at their full length.",
+            "gauge",
+            get(&occ.kv_reserved),
+        ),
         (
             "s2lc_sequences_running",
             "Sequences holding a KV cache (prefilling or decoding).",
             "gauge",
-            running as f64,
+            running,
         ),
         (
             "s2lc_sequences_waiting",
             "Sequences waiting for a batch row.",
             "gauge",
-            waiting as f64,
+            waiting,
         ),
         (
             "s2lc_requests_total",

@@ -148,14 +148,16 @@ impl Engine {
         let batch = BatchConfig {
             max_batch: batch.max_batch.max(1),
             prefill_chunk: batch.prefill_chunk.max(1),
+            ..batch
         };
+        let max_batch = batch.max_batch;
         Engine {
             batcher: Batcher::start(model, stop.clone(), batch),
             tokenizer,
             chat_template,
             stop,
             max_seq_len,
-            max_batch: batch.max_batch,
+            max_batch,
         }
     }
 }
