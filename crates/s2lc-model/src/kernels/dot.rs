@@ -142,14 +142,50 @@ pub enum Rows<'a> {
 
 /// `out[r] = W[r]·x` (or `+=` with `add`) for the `out.len()` rows in `rows`, each `x.len()` wide.
 /// `acts` must hold `x` quantized when the format is a block format.
+///
+/// # Panics
+/// If `rows` holds fewer than `out.len()` rows of `x.len()` values, or `acts` fewer blocks than
+/// one row of a block format (checked once per call, SIMD or not).
 pub fn dot_rows(rows: Rows<'_>, x: &[f32], acts: Acts<'_>, out: &mut [f32], add: bool) {
+    assert!(
+        rows_cover(rows, x.len(), out.len()) && acts_cover(rows, acts, x.len() / BLOCK),
+        "dot_rows: weights or quantized activations shorter than {} rows of {} values",
+        out.len(),
+        x.len()
+    );
     #[cfg(target_arch = "x86_64")]
     if simd() {
-        // SAFETY: features checked; every kernel reads `out.len()` rows of the checked layout.
+        // SAFETY: `simd()` checked the CPU features; the assert above is the kernels' contract
+        // (`out.len()` rows of `x.len()` values in `rows`, `x.len() / 32` blocks in `acts`).
         unsafe { avx2::dot_rows(rows, x, acts, out, add) };
         return;
     }
     dot_rows_scalar(rows, x, acts, out, add);
+}
+
+/// Whether `rows` holds at least `n` rows of `cols` values.
+fn rows_cover(rows: Rows<'_>, cols: usize, n: usize) -> bool {
+    let (len, row) = match rows {
+        Rows::F32(w) => (w.len(), cols),
+        Rows::Blocks(format, data) => (data.len(), format.row_bytes(cols)),
+    };
+    n.checked_mul(row).is_some_and(|need| need <= len)
+}
+
+/// Whether `a` holds `nb` quantized blocks in every array, or `rows` is a float format (which
+/// does not read them).
+fn acts_cover(rows: Rows<'_>, a: Acts<'_>, nb: usize) -> bool {
+    let quantized = match rows {
+        Rows::F32(_) => false,
+        Rows::Blocks(format, _) => !matches!(format, WeightFormat::F16 | WeightFormat::BF16),
+    };
+    !quantized || acts_hold(a, nb)
+}
+
+/// Whether `a` holds `nb` blocks: scales, sums and quants in both orders.
+fn acts_hold(a: Acts<'_>, nb: usize) -> bool {
+    let elems = nb.saturating_mul(BLOCK);
+    a.d.len() >= nb && a.s.len() >= nb && a.qs.len() >= elems && a.split.len() >= elems
 }
 
 /// `out[i·stride + r] (+)= W[r]·x_i` for every weight row `r` in `rows` and the 2 or 4
@@ -160,6 +196,10 @@ pub fn dot_rows(rows: Rows<'_>, x: &[f32], acts: Acts<'_>, out: &mut [f32], add:
 /// # Safety
 /// `out` must be valid for writes at `i·stride + r` for every activation row `i` and weight row
 /// `r`, with no other reference to those elements.
+///
+/// # Panics
+/// If `rows` is in a format of blocks of 32 and an activation row holds fewer than `cols / 32`
+/// quantized blocks.
 pub unsafe fn dot_rows_multi(
     rows: Rows<'_>,
     cols: usize,
@@ -168,9 +208,17 @@ pub unsafe fn dot_rows_multi(
     stride: usize,
     add: bool,
 ) -> bool {
+    // Once per call (here, not in the kernel, whose code it would change): what a multi-row
+    // kernel reads of each activation row.
+    assert!(
+        !matches!(rows, Rows::Blocks(f, _) if f.block_size() == BLOCK)
+            || acts.iter().all(|&a| acts_hold(a, cols / BLOCK)),
+        "dot_rows_multi: quantized activations shorter than {cols} values"
+    );
     #[cfg(target_arch = "x86_64")]
     if simd() {
-        // SAFETY: features checked; the caller vouches for `out`.
+        // SAFETY: `simd()` checked the CPU features, the activations were checked above, and
+        // the caller vouches for `out`; the kernel reads only whole rows of `rows`.
         return unsafe { avx2::dot_rows_multi(rows, cols, acts, out, stride, add) };
     }
     let _ = (rows, cols, acts, out, stride, add);
@@ -366,18 +414,27 @@ pub(crate) mod avx2 {
     }
 
     /// Two f16 values (`d`, then `m`) at `p` as f32.
+    ///
+    /// # Safety
+    /// `p` must be valid for reads of 4 bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn f16_pair(p: *const u8) -> (f32, f32) {
-        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned()));
+        // SAFETY: the caller guarantees 4 readable bytes at `p`; the read is unaligned.
+        let bits = unsafe { p.cast::<i32>().read_unaligned() };
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
         (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
     }
 
     /// One f16 value at `p` as f32.
+    ///
+    /// # Safety
+    /// `p` must be valid for reads of 2 bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn f16_one(p: *const u8) -> f32 {
-        let bits = p.cast::<u16>().read_unaligned() as i32;
+        // SAFETY: the caller guarantees 2 readable bytes at `p`; the read is unaligned.
+        let bits = unsafe { p.cast::<u16>().read_unaligned() } as i32;
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
     }
 
@@ -387,10 +444,14 @@ pub(crate) mod avx2 {
 
     /// 16 bytes of packed nibbles (element `j < 16` low nibble of byte `j`, `j + 16` its high
     /// nibble), widened to 16 bits.
+    ///
+    /// # Safety
+    /// `p` must be valid for reads of 16 bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn nibbles(p: *const u8) -> Quants {
-        let b = _mm_loadu_si128(p.cast());
+        // SAFETY: the caller guarantees 16 readable bytes at `p`; the load is unaligned.
+        let b = unsafe { _mm_loadu_si128(p.cast()) };
         let m = _mm_set1_epi8(0x0F);
         Quants(
             _mm256_cvtepu8_epi16(_mm_and_si128(b, m)),
@@ -403,10 +464,14 @@ pub(crate) mod avx2 {
     /// `2k + 1`. The first vector is the even elements (`0, 2, …, 14 | 16, 18, …, 30`), the second
     /// the odd ones; lanes of the upper half (elements ≥ 16, high nibbles) are masked in place
     /// and so hold 16 × their quant — the caller divides that half's sum by 16 once per row.
+    ///
+    /// # Safety
+    /// `p` must be valid for reads of 16 bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn nibbles_split(p: *const u8) -> Quants {
-        let b = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast()));
+        // SAFETY: the caller guarantees 16 readable bytes at `p`; the load is unaligned.
+        let b = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p.cast()) });
         let m = _mm256_setr_epi16(
             0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0xF0, 0xF0, 0xF0, 0xF0, 0xF0, 0xF0,
             0xF0, 0xF0,
@@ -437,10 +502,14 @@ pub(crate) mod avx2 {
     /// order of [`nibbles_split`]: 0x10 in the lower half, 0x100 in the upper half (whose lanes
     /// carry 16 × the quant). A byte shuffle gives lane `k` the `qh` byte holding its bit; an
     /// AND and a compare with that bit's mask turn it into a full lane.
+    ///
+    /// # Safety
+    /// `p` must be valid for reads of 4 bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn high_bits_split(p: *const u8) -> Quants {
-        let qh = _mm256_set1_epi32(p.cast::<i32>().read_unaligned());
+        // SAFETY: the caller guarantees 4 readable bytes at `p`; the read is unaligned.
+        let qh = _mm256_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() });
         // Even lane k < 8 is element 2k: bit 2k, in byte k/4; lane 8 + k is element 16 + 2k.
         let bytes = _mm256_shuffle_epi8(
             qh,
@@ -463,11 +532,21 @@ pub(crate) mod avx2 {
     }
 
     /// `Σ q·x` over 32 quant × activation pairs, as eight i32 lanes converted to f32.
+    ///
+    /// # Safety
+    /// `x` must be valid for reads of 32 `i16`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn qdot(q: Quants, x: *const i16) -> __m256 {
-        let lo = _mm256_madd_epi16(q.0, _mm256_loadu_si256(x.cast()));
-        let hi = _mm256_madd_epi16(q.1, _mm256_loadu_si256(x.add(16).cast()));
+        // SAFETY: the caller guarantees 32 readable i16 at `x`; the loads are unaligned.
+        let (x0, x1) = unsafe {
+            (
+                _mm256_loadu_si256(x.cast()),
+                _mm256_loadu_si256(x.add(16).cast()),
+            )
+        };
+        let lo = _mm256_madd_epi16(q.0, x0);
+        let hi = _mm256_madd_epi16(q.1, x1);
         _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi))
     }
 
@@ -487,19 +566,26 @@ pub(crate) mod avx2 {
         }
     }
 
+    /// [`super::dot_rows`] with AVX2.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `rows` must hold `out.len()` rows of `x.len()`
+    /// values and, for a block format other than f16/bf16, `a` must hold `x.len() / 32` blocks
+    /// (what `super::dot_rows` asserts).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_rows(rows: Rows<'_>, x: &[f32], a: Acts<'_>, out: &mut [f32], add: bool) {
         let cols = x.len();
+        debug_assert!(super::rows_cover(rows, cols, out.len()));
+        debug_assert!(super::acts_cover(rows, a, cols / BLOCK));
         match rows {
             Rows::F32(w) => {
-                debug_assert!(w.len() >= out.len() * cols);
                 for (r, o) in out.iter_mut().enumerate() {
-                    put(o, dot_f32(w.as_ptr().add(r * cols), x), add);
+                    // SAFETY: row r < out.len() of `cols` values lies inside `w` (contract).
+                    put(o, unsafe { dot_f32(w.as_ptr().add(r * cols), x) }, add);
                 }
             }
             Rows::Blocks(format, data) => {
                 let rb = format.row_bytes(cols);
-                debug_assert!(data.len() >= out.len() * rb);
                 let nb = cols / BLOCK;
                 let kernel: unsafe fn(*const u8, usize, &[f32], Acts<'_>) -> f32 = match format {
                     WeightFormat::F32 => unreachable!("f32 rows are passed as Rows::F32"),
@@ -514,13 +600,18 @@ pub(crate) mod avx2 {
                     WeightFormat::Q6_K => dot_q6_k,
                 };
                 for (r, o) in out.iter_mut().enumerate() {
-                    put(o, kernel(data.as_ptr().add(r * rb), nb, x, a), add);
+                    // SAFETY: row r < out.len() (`rb` bytes: `nb` blocks of 32, `nb / 8` of 256,
+                    // or `cols` f16 values) lies inside `data`, and `a` holds `nb` blocks
+                    // (contract).
+                    let v = unsafe { kernel(data.as_ptr().add(r * rb), nb, x, a) };
+                    put(o, v, add);
                 }
             }
         }
     }
 
     /// Sums `f(k)·x[k..k+8]` products with four accumulators, then the scalar tail via `tail`.
+    /// Expands to unsafe loads of `x` (indices `< x.len()`): the caller wraps it in `unsafe`.
     macro_rules! float_dot {
         ($x:expr, $load:expr, $tail:expr) => {{
             let x: &[f32] = $x;
@@ -553,63 +644,91 @@ pub(crate) mod avx2 {
         }};
     }
 
+    /// `w·x` for one f32 row.
+    ///
+    /// # Safety
+    /// `w` must be valid for reads of `x.len()` f32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_f32(w: *const f32, x: &[f32]) -> f32 {
-        float_dot!(x, |k| _mm256_loadu_ps(w.add(k)), |k| *w.add(k))
+        // SAFETY: `float_dot` reads indices k < x.len() of `x` and of `w` (contract).
+        unsafe { float_dot!(x, |k| _mm256_loadu_ps(w.add(k)), |k| *w.add(k)) }
     }
 
+    /// `w·x` for one f16 row at `p` (the block kernels' signature; blocks and acts unused).
+    ///
+    /// # Safety
+    /// `p` must be valid for reads of `2·x.len()` bytes.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_f16(p: *const u8, _nb: usize, x: &[f32], _a: Acts<'_>) -> f32 {
         let w = p.cast::<u16>();
-        float_dot!(
-            x,
-            |k| _mm256_cvtph_ps(_mm_loadu_si128(w.add(k).cast())),
-            |k| f16_one(w.add(k).cast())
-        )
+        // SAFETY: `float_dot` reads indices k < x.len() of `x` and of the `x.len()` u16 at `w`
+        // (contract).
+        unsafe {
+            float_dot!(
+                x,
+                |k| _mm256_cvtph_ps(_mm_loadu_si128(w.add(k).cast())),
+                |k| f16_one(w.add(k).cast())
+            )
+        }
     }
 
+    /// `w·x` for one bf16 row at `p` (the block kernels' signature; blocks and acts unused).
+    ///
+    /// # Safety
+    /// `p` must be valid for reads of `2·x.len()` bytes.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_bf16(p: *const u8, _nb: usize, x: &[f32], _a: Acts<'_>) -> f32 {
         let w = p.cast::<u16>();
-        let widen = |k: usize| {
-            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(w.add(k).cast()));
-            _mm256_castsi256_ps(_mm256_slli_epi32(h, 16))
-        };
-        float_dot!(x, widen, |k| f32::from_bits(
-            (w.add(k).read_unaligned() as u32) << 16
-        ))
+        // SAFETY: `float_dot` reads indices k < x.len() of `x` and of the `x.len()` u16 at `w`
+        // (contract).
+        unsafe {
+            let widen = |k: usize| {
+                let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(w.add(k).cast()));
+                _mm256_castsi256_ps(_mm256_slli_epi32(h, 16))
+            };
+            float_dot!(x, widen, |k| f32::from_bits(
+                (w.add(k).read_unaligned() as u32) << 16
+            ))
+        }
     }
 
     /// The shared loop of the block kernels, two blocks per step: `decode(block) -> (quants, d_w,
     /// offset)` against the activation quants `$xq` (natural or split order); `$lanes` weighs the
     /// eight lanes of the sum at the end (the split order's upper half carries a factor 16).
+    /// The enclosing kernel's contract: `$p` points at `$nb` blocks of `$bytes` bytes and `$a`
+    /// holds `$nb` blocks.
     macro_rules! block_dot {
         ($p:expr, $nb:expr, $a:expr, $xq:expr, $lanes:expr, $bytes:expr, $decode:expr) => {{
             let (a, p): (Acts<'_>, *const u8) = ($a, $p);
             let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let (mut off0, mut off1) = (0.0f32, 0.0f32);
             let (xq, xd, xs): (*const i16, _, _) = ($xq, a.d.as_ptr(), a.s.as_ptr());
-            debug_assert!(a.d.len() >= $nb && a.s.len() >= $nb && a.qs.len() >= $nb * BLOCK);
+            debug_assert!(super::acts_hold(a, $nb));
             let mut b = 0;
-            while b + 2 <= $nb {
-                // Weights stream once per token: fetch ~1 KB ahead of use.
-                _mm_prefetch::<_MM_HINT_T0>(p.add(b * $bytes + 1024).cast());
-                let (q0, d0, o0) = $decode(p.add(b * $bytes));
-                let (q1, d1, o1) = $decode(p.add((b + 1) * $bytes));
-                let p0 = qdot(q0, xq.add(b * BLOCK));
-                let p1 = qdot(q1, xq.add((b + 1) * BLOCK));
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * *xd.add(b)), p0, acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * *xd.add(b + 1)), p1, acc1);
-                off0 += o0 * *xs.add(b);
-                off1 += o1 * *xs.add(b + 1);
-                b += 2;
-            }
-            if b < $nb {
-                let (q0, d0, o0) = $decode(p.add(b * $bytes));
-                let p0 = qdot(q0, xq.add(b * BLOCK));
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * *xd.add(b)), p0, acc0);
-                off0 += o0 * *xs.add(b);
+            // SAFETY: only blocks b < $nb of the weights and of the activations are read (the
+            // kernel's contract). The prefetch address runs up to 1 KB past the weights on the
+            // last blocks: it is formed with `wrapping_add`, and a prefetch never faults.
+            unsafe {
+                while b + 2 <= $nb {
+                    // Weights stream once per token: fetch ~1 KB ahead of use.
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(b * $bytes + 1024).cast());
+                    let (q0, d0, o0) = $decode(p.add(b * $bytes));
+                    let (q1, d1, o1) = $decode(p.add((b + 1) * $bytes));
+                    let p0 = qdot(q0, xq.add(b * BLOCK));
+                    let p1 = qdot(q1, xq.add((b + 1) * BLOCK));
+                    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * *xd.add(b)), p0, acc0);
+                    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * *xd.add(b + 1)), p1, acc1);
+                    off0 += o0 * *xs.add(b);
+                    off1 += o1 * *xs.add(b + 1);
+                    b += 2;
+                }
+                if b < $nb {
+                    let (q0, d0, o0) = $decode(p.add(b * $bytes));
+                    let p0 = qdot(q0, xq.add(b * BLOCK));
+                    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * *xd.add(b)), p0, acc0);
+                    off0 += o0 * *xs.add(b);
+                }
             }
             hsum(_mm256_mul_ps(_mm256_add_ps(acc0, acc1), $lanes)) + (off0 + off1)
         }};
@@ -617,12 +736,14 @@ pub(crate) mod avx2 {
 
     /// [`block_dot`] for `$n` activation rows at once: each weight block is decoded once and
     /// dotted with every row. Per row, the operations and their order are those of
-    /// `block_dot`, so each result is bit for bit the single-row one.
+    /// `block_dot`, so each result is bit for bit the single-row one. The enclosing kernel's
+    /// contract: `$p` points at `$nb` blocks of `$bytes` bytes and each of the `$n` rows of
+    /// `$acts` holds `$nb` blocks.
     macro_rules! block_dot_n {
         ($n:literal, $p:expr, $nb:expr, $acts:expr, $split:expr, $lanes:expr, $bytes:expr, $decode:expr) => {{
             let (acts, p): (&[Acts<'_>], *const u8) = ($acts, $p);
             let x: [*const i16; $n] = std::array::from_fn(|i| {
-                debug_assert!(acts[i].d.len() >= $nb && acts[i].qs.len() >= $nb * BLOCK);
+                debug_assert!(super::acts_hold(acts[i], $nb));
                 if $split {
                     acts[i].split.as_ptr()
                 } else {
@@ -635,26 +756,32 @@ pub(crate) mod avx2 {
             let mut acc1 = [_mm256_setzero_ps(); $n];
             let (mut off0, mut off1) = ([0.0f32; $n], [0.0f32; $n]);
             let mut b = 0;
-            while b + 2 <= $nb {
-                _mm_prefetch::<_MM_HINT_T0>(p.add(b * $bytes + 1024).cast());
-                let (q0, d0, o0) = $decode(p.add(b * $bytes));
-                let (q1, d1, o1) = $decode(p.add((b + 1) * $bytes));
-                for i in 0..$n {
-                    let p0 = qdot(q0, x[i].add(b * BLOCK));
-                    let p1 = qdot(q1, x[i].add((b + 1) * BLOCK));
-                    acc0[i] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * *xd[i].add(b)), p0, acc0[i]);
-                    acc1[i] = _mm256_fmadd_ps(_mm256_set1_ps(d1 * *xd[i].add(b + 1)), p1, acc1[i]);
-                    off0[i] += o0 * *xs[i].add(b);
-                    off1[i] += o1 * *xs[i].add(b + 1);
+            // SAFETY: as in `block_dot`: blocks b < $nb of the weights and of each row's
+            // activations (the kernel's contract); the prefetch address, possibly past the
+            // weights, is formed with `wrapping_add` and never read.
+            unsafe {
+                while b + 2 <= $nb {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(b * $bytes + 1024).cast());
+                    let (q0, d0, o0) = $decode(p.add(b * $bytes));
+                    let (q1, d1, o1) = $decode(p.add((b + 1) * $bytes));
+                    for i in 0..$n {
+                        let p0 = qdot(q0, x[i].add(b * BLOCK));
+                        let p1 = qdot(q1, x[i].add((b + 1) * BLOCK));
+                        acc0[i] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * *xd[i].add(b)), p0, acc0[i]);
+                        acc1[i] =
+                            _mm256_fmadd_ps(_mm256_set1_ps(d1 * *xd[i].add(b + 1)), p1, acc1[i]);
+                        off0[i] += o0 * *xs[i].add(b);
+                        off1[i] += o1 * *xs[i].add(b + 1);
+                    }
+                    b += 2;
                 }
-                b += 2;
-            }
-            if b < $nb {
-                let (q0, d0, o0) = $decode(p.add(b * $bytes));
-                for i in 0..$n {
-                    let p0 = qdot(q0, x[i].add(b * BLOCK));
-                    acc0[i] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * *xd[i].add(b)), p0, acc0[i]);
-                    off0[i] += o0 * *xs[i].add(b);
+                if b < $nb {
+                    let (q0, d0, o0) = $decode(p.add(b * $bytes));
+                    for i in 0..$n {
+                        let p0 = qdot(q0, x[i].add(b * BLOCK));
+                        acc0[i] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * *xd[i].add(b)), p0, acc0[i]);
+                        off0[i] += o0 * *xs[i].add(b);
+                    }
                 }
             }
             let lanes = $lanes;
@@ -667,6 +794,10 @@ pub(crate) mod avx2 {
 
     /// One weight row in block format `f` against 2 or 4 activation rows (`acts.len()`); `None`
     /// for formats or counts without a multi-row kernel.
+    ///
+    /// # Safety
+    /// `p` must be valid for reads of `nb` blocks of `f`, and every row of `acts` must hold `nb`
+    /// blocks.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_multi(
@@ -699,6 +830,10 @@ pub(crate) mod avx2 {
 
     /// `out[i·stride + r] (+)= W[r]·x_i` for the rows in `rows` and the 2 or 4 activation rows
     /// in `acts`; false (nothing written) when the format or count has no multi-row kernel.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; every row of `acts` must hold `cols / 32` blocks
+    /// (what `super::dot_rows_multi` asserts); `out` as for [`super::dot_rows_multi`].
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_rows_multi(
         rows: Rows<'_>,
@@ -716,63 +851,87 @@ pub(crate) mod avx2 {
         }
         let rb = format.row_bytes(cols);
         let nb = cols / BLOCK;
+        debug_assert!(acts.iter().all(|&a| super::acts_hold(a, nb)));
         for r in 0..data.len() / rb {
-            let Some(v) = dot_multi(format, data.as_ptr().add(r * rb), nb, acts) else {
+            // SAFETY: row r of `data.len() / rb` whole rows holds `nb` blocks, and so does every
+            // activation row (contract).
+            let Some(v) = (unsafe { dot_multi(format, data.as_ptr().add(r * rb), nb, acts) })
+            else {
                 return false;
             };
             for (i, v) in v.iter().take(acts.len()).enumerate() {
-                put(&mut *out.add(i * stride + r), *v, add);
+                // SAFETY: the caller vouches for `out` at `i·stride + r` (activation row i, weight
+                // row r), with no other reference to it.
+                put(unsafe { &mut *out.add(i * stride + r) }, *v, add);
             }
         }
         true
     }
 
+    // The block decoders below share one contract (`# Safety`): `blk` must be valid for reads
+    // of one whole block of their format (18, 20, 22, 24 or 34 bytes).
+
     /// Q4_0 block at `blk`: quants in split order, `d`, and the offset `−8·d`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q4_0_block(blk: *const u8) -> (Quants, f32, f32) {
-        let d = f16_one(blk);
-        (nibbles_split(blk.add(2)), d, -8.0 * d)
+        // SAFETY: `d` is bytes 0..2 and the quants 2..18 of the block (contract).
+        unsafe {
+            let d = f16_one(blk);
+            (nibbles_split(blk.add(2)), d, -8.0 * d)
+        }
     }
 
     /// Q4_1 block: quants in split order, `d`, and the minimum `m`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q4_1_block(blk: *const u8) -> (Quants, f32, f32) {
-        let (d, m) = f16_pair(blk);
-        (nibbles_split(blk.add(4)), d, m)
+        // SAFETY: `d, m` are bytes 0..4 and the quants 4..20 of the block (contract).
+        unsafe {
+            let (d, m) = f16_pair(blk);
+            (nibbles_split(blk.add(4)), d, m)
+        }
     }
 
     /// Q5_0 block: 5-bit quants in split order, `d`, and the offset `−16·d`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q5_0_block(blk: *const u8) -> (Quants, f32, f32) {
-        let d = f16_one(blk);
-        let q = or(nibbles_split(blk.add(6)), high_bits_split(blk.add(2)));
-        (q, d, -16.0 * d)
+        // SAFETY: `d` is bytes 0..2, `qh` 2..6 and the quants 6..22 of the block (contract).
+        unsafe {
+            let d = f16_one(blk);
+            let q = or(nibbles_split(blk.add(6)), high_bits_split(blk.add(2)));
+            (q, d, -16.0 * d)
+        }
     }
 
     /// Q5_1 block: 5-bit quants in split order, `d`, and the minimum `m`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q5_1_block(blk: *const u8) -> (Quants, f32, f32) {
-        let (d, m) = f16_pair(blk);
-        (
-            or(nibbles_split(blk.add(8)), high_bits_split(blk.add(4))),
-            d,
-            m,
-        )
+        // SAFETY: `d, m` are bytes 0..4, `qh` 4..8 and the quants 8..24 of the block (contract).
+        unsafe {
+            let (d, m) = f16_pair(blk);
+            (
+                or(nibbles_split(blk.add(8)), high_bits_split(blk.add(4))),
+                d,
+                m,
+            )
+        }
     }
 
     /// Q8_0 block: quants in element order, `d`, no offset.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q8_0_block(blk: *const u8) -> (Quants, f32, f32) {
-        let w = Quants(
-            _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(2).cast())),
-            _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(18).cast())),
-        );
-        (w, f16_one(blk), 0.0)
+        // SAFETY: `d` is bytes 0..2 and the quants 2..34 of the block (contract).
+        unsafe {
+            let w = Quants(
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(2).cast())),
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(18).cast())),
+            );
+            (w, f16_one(blk), 0.0)
+        }
     }
 
     /// Lane weights undoing [`nibbles_split`]'s factor 16 on the upper half.
@@ -781,6 +940,10 @@ pub(crate) mod avx2 {
     fn split_lanes() -> __m256 {
         _mm256_setr_ps(1.0, 1.0, 1.0, 1.0, 0.0625, 0.0625, 0.0625, 0.0625)
     }
+
+    // The row kernels `dot_q4_0` … `dot_q6_k` share one contract (`# Safety`): `p` must be valid
+    // for reads of one row of `nb` blocks of 32 (`nb / 8` super-blocks of 256 for the K-quants)
+    // and `a` must hold `nb` blocks (checked by `super::dot_rows`).
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q4_0(p: *const u8, nb: usize, _x: &[f32], a: Acts<'_>) -> f32 {
@@ -800,40 +963,46 @@ pub(crate) mod avx2 {
         use super::Q4_K_BYTES;
         use crate::quant::scale_min_k4;
         let (xq, xd, xs) = (a.split.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
-        debug_assert!(a.d.len() >= nb && a.split.len() >= nb * BLOCK);
+        debug_assert!(super::acts_hold(a, nb));
         let m4 = _mm256_set1_epi16(0x0F);
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut off = 0.0f32;
-        let qdot2 = |lo: __m256i, hi: __m256i, b: usize| {
-            let x = xq.add(b * BLOCK);
-            let e = _mm256_madd_epi16(lo, _mm256_loadu_si256(x.cast()));
-            let o = _mm256_madd_epi16(hi, _mm256_loadu_si256(x.add(16).cast()));
-            _mm256_cvtepi32_ps(_mm256_add_epi32(e, o))
-        };
-        // `nb` counts blocks of 32; a super-block holds 8.
-        for sb in 0..nb / 8 {
-            let blk = p.add(sb * Q4_K_BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(blk.add(Q4_K_BYTES * 4).cast());
-            let (d, dmin) = f16_pair(blk);
-            let scales = std::slice::from_raw_parts(blk.add(4), 12);
-            for g in 0..4 {
-                let l = _mm256_loadu_si256(blk.add(16 + 32 * g).cast());
-                let b = 8 * sb + 2 * g;
-                let (sc0, m0) = scale_min_k4(2 * g, scales);
-                let (sc1, m1) = scale_min_k4(2 * g + 1, scales);
-                let lo = qdot2(
-                    _mm256_and_si256(l, m4),
-                    _mm256_and_si256(_mm256_srli_epi16(l, 8), m4),
-                    b,
-                );
-                let hi = qdot2(
-                    _mm256_and_si256(_mm256_srli_epi16(l, 4), m4),
-                    _mm256_srli_epi16(l, 12),
-                    b + 1,
-                );
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * sc0 as f32 * *xd.add(b)), lo, acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * sc1 as f32 * *xd.add(b + 1)), hi, acc1);
-                off += dmin * (m0 as f32 * *xs.add(b) + m1 as f32 * *xs.add(b + 1));
+        // SAFETY: super-blocks sb < nb / 8 of the row and activation blocks b < nb are read (the
+        // kernel's contract). The prefetch address, four super-blocks ahead and past the row on
+        // its last ones, is formed with `wrapping_add`, and a prefetch never faults.
+        unsafe {
+            let qdot2 = |lo: __m256i, hi: __m256i, b: usize| {
+                let x = xq.add(b * BLOCK);
+                let e = _mm256_madd_epi16(lo, _mm256_loadu_si256(x.cast()));
+                let o = _mm256_madd_epi16(hi, _mm256_loadu_si256(x.add(16).cast()));
+                _mm256_cvtepi32_ps(_mm256_add_epi32(e, o))
+            };
+            // `nb` counts blocks of 32; a super-block holds 8.
+            for sb in 0..nb / 8 {
+                let blk = p.add(sb * Q4_K_BYTES);
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(Q4_K_BYTES * 4).cast());
+                let (d, dmin) = f16_pair(blk);
+                let scales = std::slice::from_raw_parts(blk.add(4), 12);
+                for g in 0..4 {
+                    let l = _mm256_loadu_si256(blk.add(16 + 32 * g).cast());
+                    let b = 8 * sb + 2 * g;
+                    let (sc0, m0) = scale_min_k4(2 * g, scales);
+                    let (sc1, m1) = scale_min_k4(2 * g + 1, scales);
+                    let lo = qdot2(
+                        _mm256_and_si256(l, m4),
+                        _mm256_and_si256(_mm256_srli_epi16(l, 8), m4),
+                        b,
+                    );
+                    let hi = qdot2(
+                        _mm256_and_si256(_mm256_srli_epi16(l, 4), m4),
+                        _mm256_srli_epi16(l, 12),
+                        b + 1,
+                    );
+                    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * sc0 as f32 * *xd.add(b)), lo, acc0);
+                    acc1 =
+                        _mm256_fmadd_ps(_mm256_set1_ps(d * sc1 as f32 * *xd.add(b + 1)), hi, acc1);
+                    off += dmin * (m0 as f32 * *xs.add(b) + m1 as f32 * *xs.add(b + 1));
+                }
             }
         }
         hsum(_mm256_add_ps(acc0, acc1)) - off
@@ -842,15 +1011,22 @@ pub(crate) mod avx2 {
     /// `Σ (q − 32)·x` of one Q6_K block of 32 (quants as even/odd 16-bit lanes, activations in
     /// split order at `x`), as eight f32 lanes: lanes 0–3 sum the first sub-block of 16, lanes
     /// 4–7 the second.
+    ///
+    /// # Safety
+    /// `x` must be valid for reads of 32 `i16`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q6_block(even: __m256i, odd: __m256i, x: *const i16) -> __m256 {
         let bias = _mm256_set1_epi16(32);
-        let e = _mm256_madd_epi16(_mm256_sub_epi16(even, bias), _mm256_loadu_si256(x.cast()));
-        let o = _mm256_madd_epi16(
-            _mm256_sub_epi16(odd, bias),
-            _mm256_loadu_si256(x.add(16).cast()),
-        );
+        // SAFETY: the caller guarantees 32 readable i16 at `x`; the loads are unaligned.
+        let (x0, x1) = unsafe {
+            (
+                _mm256_loadu_si256(x.cast()),
+                _mm256_loadu_si256(x.add(16).cast()),
+            )
+        };
+        let e = _mm256_madd_epi16(_mm256_sub_epi16(even, bias), x0);
+        let o = _mm256_madd_epi16(_mm256_sub_epi16(odd, bias), x1);
         _mm256_cvtepi32_ps(_mm256_add_epi32(e, o))
     }
 
@@ -870,81 +1046,86 @@ pub(crate) mod avx2 {
             [6, 6, 6, 6, 7, 7, 7, 7],
         ];
         let (xq, xd) = (a.split.as_ptr(), a.d.as_ptr());
-        debug_assert!(a.d.len() >= nb && a.split.len() >= nb * BLOCK);
+        debug_assert!(super::acts_hold(a, nb));
         let m4 = _mm256_set1_epi16(0x0F);
         let m2 = _mm256_set1_epi16(0x30);
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let scale = |scales: __m256, t: usize, b: usize| {
-            let idx = _mm256_loadu_si256(PAIRS[t].as_ptr().cast());
-            _mm256_mul_ps(
-                _mm256_permutevar8x32_ps(scales, idx),
-                _mm256_set1_ps(*xd.add(b)),
-            )
-        };
-        for sb in 0..nb / 8 {
-            let blk = p.add(sb * Q6_K_BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(blk.add(Q6_K_BYTES * 2).cast());
-            _mm_prefetch::<_MM_HINT_T0>(blk.add(Q6_K_BYTES * 2 + 64).cast());
-            _mm_prefetch::<_MM_HINT_T0>(blk.add(Q6_K_BYTES * 2 + 128).cast());
-            let d = _mm256_set1_ps(f16_one(blk.add(208)));
-            for h in 0..2 {
-                let sc = _mm_loadl_epi64(blk.add(192 + 8 * h).cast());
-                let scales = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
-                let l0 = _mm256_loadu_si256(blk.add(64 * h).cast());
-                let l1 = _mm256_loadu_si256(blk.add(64 * h + 32).cast());
-                let hb = _mm256_loadu_si256(blk.add(128 + 32 * h).cast());
-                let b = 8 * sb + 4 * h;
-                let x = xq.add(b * BLOCK);
-                // Lane k holds bytes 2k (even element) and 2k + 1 (odd element); each block
-                // takes a nibble of l0 or l1 and its two bits of hb, moved to bits 4–5.
-                let v0 = q6_block(
-                    _mm256_or_si256(
-                        _mm256_and_si256(l0, m4),
-                        _mm256_and_si256(_mm256_slli_epi16(hb, 4), m2),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(l0, 8), m4),
-                        _mm256_and_si256(_mm256_srli_epi16(hb, 4), m2),
-                    ),
-                    x,
-                );
-                acc0 = _mm256_fmadd_ps(scale(scales, 0, b), v0, acc0);
-                let v1 = q6_block(
-                    _mm256_or_si256(
-                        _mm256_and_si256(l1, m4),
-                        _mm256_and_si256(_mm256_slli_epi16(hb, 2), m2),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(l1, 8), m4),
-                        _mm256_and_si256(_mm256_srli_epi16(hb, 6), m2),
-                    ),
-                    x.add(BLOCK),
-                );
-                acc1 = _mm256_fmadd_ps(scale(scales, 1, b + 1), v1, acc1);
-                let v2 = q6_block(
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                        _mm256_and_si256(hb, m2),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_srli_epi16(l0, 12),
-                        _mm256_and_si256(_mm256_srli_epi16(hb, 8), m2),
-                    ),
-                    x.add(2 * BLOCK),
-                );
-                acc0 = _mm256_fmadd_ps(scale(scales, 2, b + 2), v2, acc0);
-                let v3 = q6_block(
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                        _mm256_and_si256(_mm256_srli_epi16(hb, 2), m2),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_srli_epi16(l1, 12),
-                        _mm256_and_si256(_mm256_srli_epi16(hb, 10), m2),
-                    ),
-                    x.add(3 * BLOCK),
-                );
-                acc1 = _mm256_fmadd_ps(scale(scales, 3, b + 3), v3, acc1);
+        // SAFETY: super-blocks sb < nb / 8 of the row and activation blocks b < nb are read (the
+        // kernel's contract). The prefetch addresses, two super-blocks ahead and past the row on
+        // its last ones, are formed with `wrapping_add`, and a prefetch never faults.
+        unsafe {
+            let scale = |scales: __m256, t: usize, b: usize| {
+                let idx = _mm256_loadu_si256(PAIRS[t].as_ptr().cast());
+                _mm256_mul_ps(
+                    _mm256_permutevar8x32_ps(scales, idx),
+                    _mm256_set1_ps(*xd.add(b)),
+                )
+            };
+            for sb in 0..nb / 8 {
+                let blk = p.add(sb * Q6_K_BYTES);
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(Q6_K_BYTES * 2).cast());
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(Q6_K_BYTES * 2 + 64).cast());
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(Q6_K_BYTES * 2 + 128).cast());
+                let d = _mm256_set1_ps(f16_one(blk.add(208)));
+                for h in 0..2 {
+                    let sc = _mm_loadl_epi64(blk.add(192 + 8 * h).cast());
+                    let scales = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+                    let l0 = _mm256_loadu_si256(blk.add(64 * h).cast());
+                    let l1 = _mm256_loadu_si256(blk.add(64 * h + 32).cast());
+                    let hb = _mm256_loadu_si256(blk.add(128 + 32 * h).cast());
+                    let b = 8 * sb + 4 * h;
+                    let x = xq.add(b * BLOCK);
+                    // Lane k holds bytes 2k (even element) and 2k + 1 (odd element); each block
+                    // takes a nibble of l0 or l1 and its two bits of hb, moved to bits 4–5.
+                    let v0 = q6_block(
+                        _mm256_or_si256(
+                            _mm256_and_si256(l0, m4),
+                            _mm256_and_si256(_mm256_slli_epi16(hb, 4), m2),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(l0, 8), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(hb, 4), m2),
+                        ),
+                        x,
+                    );
+                    acc0 = _mm256_fmadd_ps(scale(scales, 0, b), v0, acc0);
+                    let v1 = q6_block(
+                        _mm256_or_si256(
+                            _mm256_and_si256(l1, m4),
+                            _mm256_and_si256(_mm256_slli_epi16(hb, 2), m2),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(l1, 8), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(hb, 6), m2),
+                        ),
+                        x.add(BLOCK),
+                    );
+                    acc1 = _mm256_fmadd_ps(scale(scales, 1, b + 1), v1, acc1);
+                    let v2 = q6_block(
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                            _mm256_and_si256(hb, m2),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_srli_epi16(l0, 12),
+                            _mm256_and_si256(_mm256_srli_epi16(hb, 8), m2),
+                        ),
+                        x.add(2 * BLOCK),
+                    );
+                    acc0 = _mm256_fmadd_ps(scale(scales, 2, b + 2), v2, acc0);
+                    let v3 = q6_block(
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(hb, 2), m2),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_srli_epi16(l1, 12),
+                            _mm256_and_si256(_mm256_srli_epi16(hb, 10), m2),
+                        ),
+                        x.add(3 * BLOCK),
+                    );
+                    acc1 = _mm256_fmadd_ps(scale(scales, 3, b + 3), v3, acc1);
+                }
             }
         }
         hsum(_mm256_add_ps(acc0, acc1))
@@ -965,150 +1146,173 @@ pub(crate) mod avx2 {
         block_dot!(p, nb, a, a.qs.as_ptr(), _mm256_set1_ps(1.0), 34, q8_0_block)
     }
 
+    /// [`super::dequantize_fast`] with AVX2.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `bytes` must be exactly the blocks of `out.len()`
+    /// values of `format` (`out.len()` a multiple of its block size), as `dequantize_fast`
+    /// checks.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dequantize(format: WeightFormat, bytes: &[u8], out: &mut [f32]) -> bool {
         let (src, dst, n) = (bytes.as_ptr(), out.as_mut_ptr(), out.len());
-        match format {
-            WeightFormat::F16 | WeightFormat::BF16 => {
-                let mut k = 0;
-                while k + 8 <= n {
-                    let h = _mm_loadu_si128(src.add(2 * k).cast());
-                    let v = if format == WeightFormat::F16 {
-                        _mm256_cvtph_ps(h)
-                    } else {
-                        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-                    };
-                    _mm256_storeu_ps(dst.add(k), v);
-                    k += 8;
-                }
-                if k < n {
-                    let tail = &bytes[2 * k..];
-                    if crate::quant::dequantize(format.ggml(), tail, &mut out[k..]).is_err() {
-                        return false;
+        // SAFETY: every format reads whole blocks b < n / block size of `bytes` and writes the
+        // values of those blocks in `out`, both in bounds by the contract (f16/bf16: 8 values at
+        // a time while k + 8 ≤ n, then a checked tail).
+        unsafe {
+            match format {
+                WeightFormat::F16 | WeightFormat::BF16 => {
+                    let mut k = 0;
+                    while k + 8 <= n {
+                        let h = _mm_loadu_si128(src.add(2 * k).cast());
+                        let v = if format == WeightFormat::F16 {
+                            _mm256_cvtph_ps(h)
+                        } else {
+                            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                        };
+                        _mm256_storeu_ps(dst.add(k), v);
+                        k += 8;
                     }
-                }
-                true
-            }
-            WeightFormat::Q8_0 => {
-                for b in 0..n / BLOCK {
-                    let blk = src.add(b * 34);
-                    let d = _mm256_set1_ps(f16_one(blk));
-                    for c in 0..4 {
-                        let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * c).cast()));
-                        let v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
-                        _mm256_storeu_ps(dst.add(b * BLOCK + 8 * c), v);
+                    if k < n {
+                        let tail = &bytes[2 * k..];
+                        if crate::quant::dequantize(format.ggml(), tail, &mut out[k..]).is_err() {
+                            return false;
+                        }
                     }
+                    true
                 }
-                true
-            }
-            WeightFormat::Q4_0 | WeightFormat::Q4_1 | WeightFormat::Q5_0 | WeightFormat::Q5_1 => {
-                let bb = format.block_bytes();
-                for b in 0..n / BLOCK {
-                    let blk = src.add(b * bb);
-                    // (quants, d, m, subtracted offset) as the reference decoder computes
-                    // `d·(q − offset)` or `d·q + m`, unfused.
-                    let (q, d, m, offset) = match format {
-                        WeightFormat::Q4_0 => (nibbles(blk.add(2)), f16_one(blk), None, 8),
-                        WeightFormat::Q4_1 => {
-                            let (d, m) = f16_pair(blk);
-                            (nibbles(blk.add(4)), d, Some(m), 0)
+                WeightFormat::Q8_0 => {
+                    for b in 0..n / BLOCK {
+                        let blk = src.add(b * 34);
+                        let d = _mm256_set1_ps(f16_one(blk));
+                        for c in 0..4 {
+                            let q =
+                                _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * c).cast()));
+                            let v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+                            _mm256_storeu_ps(dst.add(b * BLOCK + 8 * c), v);
                         }
-                        WeightFormat::Q5_0 => {
-                            let qh = blk.add(2).cast::<u32>().read_unaligned();
-                            (
-                                or(nibbles(blk.add(6)), high_bits(qh)),
-                                f16_one(blk),
-                                None,
-                                16,
-                            )
-                        }
-                        _ => {
-                            let (d, m) = f16_pair(blk);
-                            let qh = blk.add(4).cast::<u32>().read_unaligned();
-                            (or(nibbles(blk.add(8)), high_bits(qh)), d, Some(m), 0)
-                        }
-                    };
-                    let (dv, off) = (_mm256_set1_ps(d), _mm256_set1_epi32(offset));
-                    let o = dst.add(b * BLOCK);
-                    for (c, half) in [q.0, q.1].into_iter().enumerate() {
-                        for (e, part) in [
-                            _mm256_castsi256_si128(half),
-                            _mm256_extracti128_si256(half, 1),
-                        ]
-                        .into_iter()
-                        .enumerate()
-                        {
-                            let qi = _mm256_sub_epi32(_mm256_cvtepu16_epi32(part), off);
-                            let mut v = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(qi));
-                            if let Some(m) = m {
-                                v = _mm256_add_ps(v, _mm256_set1_ps(m));
+                    }
+                    true
+                }
+                WeightFormat::Q4_0
+                | WeightFormat::Q4_1
+                | WeightFormat::Q5_0
+                | WeightFormat::Q5_1 => {
+                    let bb = format.block_bytes();
+                    for b in 0..n / BLOCK {
+                        let blk = src.add(b * bb);
+                        // (quants, d, m, subtracted offset) as the reference decoder computes
+                        // `d·(q − offset)` or `d·q + m`, unfused.
+                        let (q, d, m, offset) = match format {
+                            WeightFormat::Q4_0 => (nibbles(blk.add(2)), f16_one(blk), None, 8),
+                            WeightFormat::Q4_1 => {
+                                let (d, m) = f16_pair(blk);
+                                (nibbles(blk.add(4)), d, Some(m), 0)
                             }
-                            _mm256_storeu_ps(o.add(16 * c + 8 * e), v);
-                        }
-                    }
-                }
-                true
-            }
-            WeightFormat::Q6_K => {
-                use super::Q6_K_BYTES;
-                let (m4, m2, bias) = (
-                    _mm256_set1_epi32(0x0F),
-                    _mm256_set1_epi32(3),
-                    _mm256_set1_epi32(32),
-                );
-                for sb in 0..n / 256 {
-                    let blk = src.add(sb * Q6_K_BYTES);
-                    let d = f16_one(blk.add(208));
-                    let sc = blk.add(192).cast::<i8>();
-                    for h in 0..2 {
-                        let (ql, qh) = (blk.add(64 * h), blk.add(128 + 32 * h));
-                        let y = dst.add(256 * sb + 128 * h);
-                        for l in (0..32).step_by(8) {
-                            let load =
-                                |p: *const u8| _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()));
-                            let (a, b, hb) =
-                                (load(ql.add(l)), load(ql.add(32 + l)), load(qh.add(l)));
-                            let nibbles = [
-                                _mm256_and_si256(a, m4),
-                                _mm256_and_si256(b, m4),
-                                _mm256_srli_epi32(a, 4),
-                                _mm256_srli_epi32(b, 4),
-                            ];
-                            for (k, nib) in nibbles.into_iter().enumerate() {
-                                let high = _mm256_and_si256(
-                                    _mm256_srl_epi32(hb, _mm_cvtsi32_si128(2 * k as i32)),
-                                    m2,
-                                );
-                                let q = _mm256_sub_epi32(
-                                    _mm256_or_si256(nib, _mm256_slli_epi32(high, 4)),
-                                    bias,
-                                );
-                                // `(d·sc)·q`, the reference decoder's order.
-                                let s = d * *sc.add(8 * h + l / 16 + 2 * k) as f32;
-                                let v = _mm256_mul_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(q));
-                                _mm256_storeu_ps(y.add(32 * k + l), v);
+                            WeightFormat::Q5_0 => {
+                                let qh = blk.add(2).cast::<u32>().read_unaligned();
+                                (
+                                    or(nibbles(blk.add(6)), high_bits(qh)),
+                                    f16_one(blk),
+                                    None,
+                                    16,
+                                )
+                            }
+                            _ => {
+                                let (d, m) = f16_pair(blk);
+                                let qh = blk.add(4).cast::<u32>().read_unaligned();
+                                (or(nibbles(blk.add(8)), high_bits(qh)), d, Some(m), 0)
+                            }
+                        };
+                        let (dv, off) = (_mm256_set1_ps(d), _mm256_set1_epi32(offset));
+                        let o = dst.add(b * BLOCK);
+                        for (c, half) in [q.0, q.1].into_iter().enumerate() {
+                            for (e, part) in [
+                                _mm256_castsi256_si128(half),
+                                _mm256_extracti128_si256(half, 1),
+                            ]
+                            .into_iter()
+                            .enumerate()
+                            {
+                                let qi = _mm256_sub_epi32(_mm256_cvtepu16_epi32(part), off);
+                                let mut v = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(qi));
+                                if let Some(m) = m {
+                                    v = _mm256_add_ps(v, _mm256_set1_ps(m));
+                                }
+                                _mm256_storeu_ps(o.add(16 * c + 8 * e), v);
                             }
                         }
                     }
+                    true
                 }
-                true
+                WeightFormat::Q6_K => {
+                    use super::Q6_K_BYTES;
+                    let (m4, m2, bias) = (
+                        _mm256_set1_epi32(0x0F),
+                        _mm256_set1_epi32(3),
+                        _mm256_set1_epi32(32),
+                    );
+                    for sb in 0..n / 256 {
+                        let blk = src.add(sb * Q6_K_BYTES);
+                        let d = f16_one(blk.add(208));
+                        let sc = blk.add(192).cast::<i8>();
+                        for h in 0..2 {
+                            let (ql, qh) = (blk.add(64 * h), blk.add(128 + 32 * h));
+                            let y = dst.add(256 * sb + 128 * h);
+                            for l in (0..32).step_by(8) {
+                                let load =
+                                    |p: *const u8| _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()));
+                                let (a, b, hb) =
+                                    (load(ql.add(l)), load(ql.add(32 + l)), load(qh.add(l)));
+                                let nibbles = [
+                                    _mm256_and_si256(a, m4),
+                                    _mm256_and_si256(b, m4),
+                                    _mm256_srli_epi32(a, 4),
+                                    _mm256_srli_epi32(b, 4),
+                                ];
+                                for (k, nib) in nibbles.into_iter().enumerate() {
+                                    let high = _mm256_and_si256(
+                                        _mm256_srl_epi32(hb, _mm_cvtsi32_si128(2 * k as i32)),
+                                        m2,
+                                    );
+                                    let q = _mm256_sub_epi32(
+                                        _mm256_or_si256(nib, _mm256_slli_epi32(high, 4)),
+                                        bias,
+                                    );
+                                    // `(d·sc)·q`, the reference decoder's order.
+                                    let s = d * *sc.add(8 * h + l / 16 + 2 * k) as f32;
+                                    let v = _mm256_mul_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(q));
+                                    _mm256_storeu_ps(y.add(32 * k + l), v);
+                                }
+                            }
+                        }
+                    }
+                    true
+                }
+                _ => false,
             }
-            _ => false,
         }
     }
 
     /// Per block of 32: `d = max|x|/32767`, `q = round(x/d)` (ties to even), `s = d·Σq`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `a.qs` and `a.split` must hold `x.len()` values
+    /// (`a.d` and `a.s` are indexed with bounds checks).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn quantize(x: &[f32], a: &mut QuantizedActs) {
+        debug_assert!(a.qs.len() >= x.len() && a.split.len() >= x.len());
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
         for b in 0..x.len() / BLOCK {
-            let p = x.as_ptr().add(b * BLOCK);
-            let v = [
-                _mm256_loadu_ps(p),
-                _mm256_loadu_ps(p.add(8)),
-                _mm256_loadu_ps(p.add(16)),
-                _mm256_loadu_ps(p.add(24)),
-            ];
+            // SAFETY: block b < x.len() / 32 of `x`: 32 values from `p`.
+            let v = unsafe {
+                let p = x.as_ptr().add(b * BLOCK);
+                [
+                    _mm256_loadu_ps(p),
+                    _mm256_loadu_ps(p.add(8)),
+                    _mm256_loadu_ps(p.add(16)),
+                    _mm256_loadu_ps(p.add(24)),
+                ]
+            };
             let m = _mm256_max_ps(
                 _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
                 _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
@@ -1133,24 +1337,34 @@ pub(crate) mod avx2 {
             let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
             let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
             // Pack 2 × 8 i32 to 16 i16 twice; packs work per 128-bit lane, the permute restores
-            // element order.
-            let out = a.qs.as_mut_ptr().add(b * BLOCK);
-            for (h, pair) in [(0, [i[0], i[1]]), (16, [i[2], i[3]])] {
-                let packed =
-                    _mm256_permute4x64_epi64(_mm256_packs_epi32(pair[0], pair[1]), 0b11_01_10_00);
-                _mm256_storeu_si256(out.add(h).cast(), packed);
-            }
-            // Split order: a pair of i16 quants read as one i32 gives the even element in its
-            // low half and the odd one in its high half.
-            let n0 = _mm256_loadu_si256(out.cast());
-            let n1 = _mm256_loadu_si256(out.add(16).cast());
+            // element order. Then the split order: a pair of i16 quants read as one i32 gives the
+            // even element in its low half and the odd one in its high half.
+            // SAFETY: block b < x.len() / 32 of `a.qs` (32 values), which holds `x.len()`
+            // (contract); stores and loads are unaligned.
+            let (n0, n1) = unsafe {
+                let out = a.qs.as_mut_ptr().add(b * BLOCK);
+                for (h, pair) in [(0, [i[0], i[1]]), (16, [i[2], i[3]])] {
+                    let packed = _mm256_permute4x64_epi64(
+                        _mm256_packs_epi32(pair[0], pair[1]),
+                        0b11_01_10_00,
+                    );
+                    _mm256_storeu_si256(out.add(h).cast(), packed);
+                }
+                (
+                    _mm256_loadu_si256(out.cast()),
+                    _mm256_loadu_si256(out.add(16).cast()),
+                )
+            };
             let even = |n: __m256i| _mm256_srai_epi32(_mm256_slli_epi32(n, 16), 16);
             let odd = |n: __m256i| _mm256_srai_epi32(n, 16);
-            let split = a.split.as_mut_ptr().add(b * BLOCK);
             for (h, pair) in [(0, [even(n0), even(n1)]), (16, [odd(n0), odd(n1)])] {
                 let packed =
                     _mm256_permute4x64_epi64(_mm256_packs_epi32(pair[0], pair[1]), 0b11_01_10_00);
-                _mm256_storeu_si256(split.add(h).cast(), packed);
+                // SAFETY: 16 of the 32 values of block b of `a.split`, which holds `x.len()`
+                // (contract); the store is unaligned.
+                unsafe {
+                    _mm256_storeu_si256(a.split.as_mut_ptr().add(b * BLOCK + h).cast(), packed)
+                };
             }
             a.d[b] = d;
             a.s[b] = d * _mm_cvtsi128_si32(s1) as f32;

@@ -309,6 +309,9 @@ impl WeightMatrix {
     /// `y (n × rows) = [y +] x (n × cols) · Wᵀ`, both row-major: [`gemv`] for `n ≤`
     /// [`SMALL_BATCH`] (decode steps), otherwise
     /// tiles of `W` dequantized to f32 and multiplied with faer, weight rows split across threads.
+    ///
+    /// # Panics
+    /// If `x` is not `n × cols` or `y` not `n × rows`.
     pub fn matmul(
         &self,
         x: &[f32],
@@ -317,8 +320,14 @@ impl WeightMatrix {
         accum: Accum,
         acts: &mut QuantizedActs,
     ) {
-        debug_assert_eq!(x.len(), n * self.cols);
-        debug_assert_eq!(y.len(), n * self.rows);
+        assert!(
+            n.checked_mul(self.cols) == Some(x.len()) && n.checked_mul(self.rows) == Some(y.len()),
+            "matmul of {n} rows by {} × {}: x has {} values, y {}",
+            self.rows,
+            self.cols,
+            x.len(),
+            y.len()
+        );
         if n <= SMALL_BATCH {
             gemv(&mut [GemvTask::new(self, y, accum == Accum::Add)], x, acts);
             return;
@@ -343,8 +352,9 @@ impl WeightMatrix {
                         }
                     };
                     let wt = MatRef::from_row_major_slice(w, r1 - r0, k).transpose();
-                    // SAFETY: this part writes only columns r0..r1 of the n × m row-major `y`,
-                    // disjoint from every other part's; `y` outlives the job.
+                    // SAFETY: `y` is n × m row-major (asserted above); this part writes only its
+                    // columns r0..r1 ⊆ 0..m, disjoint from every other part's; `y` outlives the
+                    // job.
                     let out = unsafe {
                         MatMut::from_raw_parts_mut(y_ptr.get().add(r0), n, r1 - r0, m as isize, 1)
                     };
@@ -368,6 +378,7 @@ pub(crate) struct SyncPtr(pub(crate) *mut f32);
 // SAFETY: parts write disjoint elements (each use states its partition) and the job ends before
 // the buffer is used again.
 unsafe impl Send for SyncPtr {}
+// SAFETY: as for `Send`: shared between the parts of one job, each writing its own elements.
 unsafe impl Sync for SyncPtr {}
 
 impl SyncPtr {
@@ -484,18 +495,21 @@ pub fn gemv(tasks: &mut [GemvTask<'_>], x: &[f32], acts: &mut QuantizedActs) {
                     if n - i >= 2 && quantized {
                         let group: [Acts<'_>; 4] =
                             std::array::from_fn(|k| row_acts(i + k.min(m - 1)));
-                        // SAFETY: as below, for the output rows i..i + m.
-                        let base_out = unsafe { t.out.get().add(i * rows + r0) };
-                        if unsafe {
+                        // SAFETY: the task's output is n × rows (`t.len`, asserted above) and
+                        // i + m ≤ n; the kernel writes columns r0..r1 (the r1 − r0 weight rows
+                        // of `w`) of output rows i..i + m, which belong to this part alone.
+                        let done = unsafe {
+                            let base_out = t.out.get().add(i * rows + r0);
                             dot::dot_rows_multi(w, cols, &group[..m], base_out, rows, t.add)
-                        } {
+                        };
+                        if done {
                             i += m;
                             continue;
                         }
                     }
-                    // SAFETY: rows r0..r1 of every output row of this task belong to this part
-                    // alone; the slice lives as long as the task's borrow, which outlives the
-                    // job.
+                    // SAFETY: columns r0..r1 of output row i < n (the output is n × rows,
+                    // asserted above) belong to this part alone; the slice lives as long as the
+                    // task's borrow, which outlives the job.
                     let out = unsafe {
                         std::slice::from_raw_parts_mut(t.out.get().add(i * rows + r0), r1 - r0)
                     };

@@ -55,12 +55,32 @@ pub fn axpy_i8(y: &mut [f32], alpha: f32, c: &[i8]) {
         .for_each(|(y, c)| *y += alpha * *c as f32);
 }
 
+/// Whether `count` rows of `width` values, one every `stride` values from the start, fit in
+/// `len` values (the last one ends at `(count − 1)·stride + width`).
+fn rows_fit(len: usize, count: usize, stride: usize, width: usize) -> bool {
+    count == 0
+        || (count - 1)
+            .checked_mul(stride)
+            .and_then(|start| start.checked_add(width))
+            .is_some_and(|end| end <= len)
+}
+
 /// `scores[j] = scale · q·k_j` for the `scores.len()` keys `k_j = keys[j·stride..][..q.len()]`.
+///
+/// # Panics
+/// If `keys` is shorter than those keys (checked once per call).
 pub fn key_scores(q: &[f32], keys: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
-    debug_assert!(scores.is_empty() || keys.len() >= (scores.len() - 1) * stride + q.len());
+    assert!(
+        rows_fit(keys.len(), scores.len(), stride, q.len()),
+        "key_scores: {} keys of {} values every {stride} do not fit in {} values",
+        scores.len(),
+        q.len(),
+        keys.len()
+    );
     #[cfg(target_arch = "x86_64")]
     if simd() {
-        // SAFETY: features checked; key j is read at keys[j·stride..j·stride + q.len()].
+        // SAFETY: `simd()` checked the CPU features; key j < scores.len() is read at
+        // keys[j·stride..j·stride + q.len()], inside `keys` by the assert above.
         unsafe { avx2::key_scores(q, keys, stride, scale, scores) };
         return;
     }
@@ -70,11 +90,21 @@ pub fn key_scores(q: &[f32], keys: &[f32], stride: usize, scale: f32, scores: &m
 }
 
 /// `out = Σ_j p_j · v_j` for `v_j = values[j·stride..][..out.len()]`, `j < p.len()`.
+///
+/// # Panics
+/// If `values` is shorter than those rows (checked once per call).
 pub fn weighted_rows(p: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
-    debug_assert!(p.is_empty() || values.len() >= (p.len() - 1) * stride + out.len());
+    assert!(
+        rows_fit(values.len(), p.len(), stride, out.len()),
+        "weighted_rows: {} rows of {} values every {stride} do not fit in {} values",
+        p.len(),
+        out.len(),
+        values.len()
+    );
     #[cfg(target_arch = "x86_64")]
     if simd() && out.len() % 8 == 0 {
-        // SAFETY: features checked; row j is read at values[j·stride..j·stride + out.len()].
+        // SAFETY: `simd()` checked the CPU features; row j < p.len() is read at
+        // values[j·stride..j·stride + out.len()], inside `values` by the assert above.
         unsafe { avx2::weighted_rows(p, values, stride, out) };
         return;
     }
@@ -172,31 +202,42 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    //! Every function here needs AVX2, FMA and F16C (`# Safety` of each: the CPU has them, as
+    //! `simd()` checks) and reads or writes its slices only within the bounds stated on it.
+
     use std::arch::x86_64::*;
 
     use crate::kernels::dot::avx2::hsum;
 
     /// Eight int8 values at `p` as f32.
+    ///
+    /// # Safety
+    /// `p` must be valid for reads of 8 bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn i8x8(p: *const i8) -> __m256 {
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())))
+        // SAFETY: the caller guarantees 8 readable bytes at `p`; the load is unaligned.
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(p.cast()) }))
     }
 
+    /// [`super::dot_i8`] over the common length.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_i8(c: &[i8], x: &[f32]) -> f32 {
         let n = c.len().min(x.len());
         let (pc, px) = (c.as_ptr(), x.as_ptr());
         let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut k = 0;
-        while k + 16 <= n {
-            s0 = _mm256_fmadd_ps(i8x8(pc.add(k)), _mm256_loadu_ps(px.add(k)), s0);
-            s1 = _mm256_fmadd_ps(i8x8(pc.add(k + 8)), _mm256_loadu_ps(px.add(k + 8)), s1);
-            k += 16;
-        }
-        if k + 8 <= n {
-            s0 = _mm256_fmadd_ps(i8x8(pc.add(k)), _mm256_loadu_ps(px.add(k)), s0);
-            k += 8;
+        // SAFETY: elements k..k + 16 (or + 8) ≤ n of both slices.
+        unsafe {
+            while k + 16 <= n {
+                s0 = _mm256_fmadd_ps(i8x8(pc.add(k)), _mm256_loadu_ps(px.add(k)), s0);
+                s1 = _mm256_fmadd_ps(i8x8(pc.add(k + 8)), _mm256_loadu_ps(px.add(k + 8)), s1);
+                k += 16;
+            }
+            if k + 8 <= n {
+                s0 = _mm256_fmadd_ps(i8x8(pc.add(k)), _mm256_loadu_ps(px.add(k)), s0);
+                k += 8;
+            }
         }
         let mut s = hsum(_mm256_add_ps(s0, s1));
         while k < n {
@@ -206,6 +247,7 @@ mod avx2 {
         s
     }
 
+    /// [`super::axpy_i8`] over the common length.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn axpy_i8(y: &mut [f32], alpha: f32, c: &[i8]) {
         let n = y.len().min(c.len());
@@ -213,8 +255,11 @@ mod avx2 {
         let a = _mm256_set1_ps(alpha);
         let mut k = 0;
         while k + 8 <= n {
-            let v = _mm256_fmadd_ps(a, i8x8(pc.add(k)), _mm256_loadu_ps(py.add(k)));
-            _mm256_storeu_ps(py.add(k), v);
+            // SAFETY: elements k..k + 8 ≤ n of both slices.
+            unsafe {
+                let v = _mm256_fmadd_ps(a, i8x8(pc.add(k)), _mm256_loadu_ps(py.add(k)));
+                _mm256_storeu_ps(py.add(k), v);
+            }
             k += 8;
         }
         while k < n {
@@ -223,24 +268,28 @@ mod avx2 {
         }
     }
 
+    /// [`super::dot`] over the common length.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut k = 0;
-        while k + 16 <= n {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(k)), _mm256_loadu_ps(pb.add(k)), s0);
-            s1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(k + 8)),
-                _mm256_loadu_ps(pb.add(k + 8)),
-                s1,
-            );
-            k += 16;
-        }
-        if k + 8 <= n {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(k)), _mm256_loadu_ps(pb.add(k)), s0);
-            k += 8;
+        // SAFETY: elements k..k + 16 (or + 8) ≤ n of both slices.
+        unsafe {
+            while k + 16 <= n {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(k)), _mm256_loadu_ps(pb.add(k)), s0);
+                s1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(k + 8)),
+                    _mm256_loadu_ps(pb.add(k + 8)),
+                    s1,
+                );
+                k += 16;
+            }
+            if k + 8 <= n {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(k)), _mm256_loadu_ps(pb.add(k)), s0);
+                k += 8;
+            }
         }
         let mut s = hsum(_mm256_add_ps(s0, s1));
         while k < n {
@@ -250,6 +299,7 @@ mod avx2 {
         s
     }
 
+    /// [`super::axpy`] over the common length.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
         let n = x.len().min(y.len());
@@ -257,8 +307,11 @@ mod avx2 {
         let a = _mm256_set1_ps(alpha);
         let mut k = 0;
         while k + 8 <= n {
-            let v = _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(k)), _mm256_loadu_ps(py.add(k)));
-            _mm256_storeu_ps(py.add(k), v);
+            // SAFETY: elements k..k + 8 ≤ n of both slices.
+            unsafe {
+                let v = _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(k)), _mm256_loadu_ps(py.add(k)));
+                _mm256_storeu_ps(py.add(k), v);
+            }
             k += 8;
         }
         while k < n {
@@ -269,6 +322,10 @@ mod avx2 {
 
     /// Eight keys at a time: eight independent FMA chains (the latency of one dot product is
     /// hidden behind the others), then one horizontal reduction for all eight.
+    ///
+    /// # Safety
+    /// Besides the CPU features: `keys` must hold the `s.len()` keys of `q.len()` values, one
+    /// every `stride` (what `super::key_scores` asserts).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn key_scores(q: &[f32], keys: &[f32], stride: usize, scale: f32, s: &mut [f32]) {
         let (hd, t) = (q.len(), s.len());
@@ -279,10 +336,14 @@ mod avx2 {
             while j + 8 <= t {
                 let mut acc = [_mm256_setzero_ps(); 8];
                 for c in (0..hd).step_by(8) {
-                    let qv = _mm256_loadu_ps(q.as_ptr().add(c));
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let k = _mm256_loadu_ps(base.add((j + r) * stride + c));
-                        *a = _mm256_fmadd_ps(qv, k, *a);
+                    // SAFETY: q[c..c + 8] with c + 8 ≤ hd; values c..c + 8 of keys j..j + 8 < t
+                    // (contract).
+                    unsafe {
+                        let qv = _mm256_loadu_ps(q.as_ptr().add(c));
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            let k = _mm256_loadu_ps(base.add((j + r) * stride + c));
+                            *a = _mm256_fmadd_ps(qv, k, *a);
+                        }
                     }
                 }
                 let t0 = _mm256_hadd_ps(acc[0], acc[1]);
@@ -295,19 +356,27 @@ mod avx2 {
                     _mm256_permute2f128_ps(u0, u1, 0x20),
                     _mm256_permute2f128_ps(u0, u1, 0x31),
                 );
-                _mm256_storeu_ps(s.as_mut_ptr().add(j), _mm256_mul_ps(sum, sc));
+                // SAFETY: scores j..j + 8 ≤ t.
+                unsafe { _mm256_storeu_ps(s.as_mut_ptr().add(j), _mm256_mul_ps(sum, sc)) };
                 j += 8;
             }
         }
         for (j, s) in s.iter_mut().enumerate().skip(j) {
-            *s = scale * dot(q, keys.get_unchecked(j * stride..j * stride + hd));
+            // SAFETY: key j < t lies inside `keys` (contract); `dot` needs only the CPU features.
+            *s = scale * unsafe { dot(q, keys.get_unchecked(j * stride..j * stride + hd)) };
         }
     }
 
     /// Column blocks of 32 accumulate in four registers over all rows, then store.
+    ///
+    /// # Safety
+    /// Besides the CPU features: `values` must hold the `p.len()` rows of `out.len()` values, one
+    /// every `stride` (what `super::weighted_rows` asserts), and `out.len()` must be a multiple
+    /// of 8.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn weighted_rows(p: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
         let w = out.len();
+        debug_assert_eq!(w % 8, 0);
         let base = values.as_ptr();
         let mut c = 0;
         while c < w {
@@ -315,13 +384,17 @@ mod avx2 {
             let mut acc = [_mm256_setzero_ps(); 4];
             for (j, &pj) in p.iter().enumerate() {
                 let pv = _mm256_set1_ps(pj);
-                let row = base.add(j * stride + c);
-                for (l, a) in acc.iter_mut().enumerate().take(lanes) {
-                    *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * l)), *a);
+                // SAFETY: values c..c + 8·lanes ≤ w of row j < p.len() (contract).
+                unsafe {
+                    let row = base.add(j * stride + c);
+                    for (l, a) in acc.iter_mut().enumerate().take(lanes) {
+                        *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * l)), *a);
+                    }
                 }
             }
             for (l, a) in acc.iter().enumerate().take(lanes) {
-                _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * l), *a);
+                // SAFETY: out[c + 8l..c + 8l + 8] with c + 8·lanes ≤ w.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * l), *a) };
             }
             c += 8 * lanes;
         }
@@ -365,6 +438,7 @@ mod avx2 {
         _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
     }
 
+    /// [`super::exp_shifted`].
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
         let n = x.len();
@@ -373,8 +447,12 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         let mut k = 0;
         while k + 8 <= n {
-            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(k)), s));
-            _mm256_storeu_ps(p.add(k), e);
+            // SAFETY: elements k..k + 8 ≤ n of `x`.
+            let e = unsafe {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(k)), s));
+                _mm256_storeu_ps(p.add(k), e);
+                e
+            };
             acc = _mm256_add_ps(acc, e);
             k += 8;
         }
@@ -387,6 +465,7 @@ mod avx2 {
         sum
     }
 
+    /// [`super::gelu`].
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn gelu(x: &mut [f32]) {
         let n = x.len();
@@ -395,7 +474,8 @@ mod avx2 {
         let (one, half) = (_mm256_set1_ps(1.0), _mm256_set1_ps(0.5));
         let mut k = 0;
         while k + 8 <= n {
-            let v = _mm256_loadu_ps(p.add(k));
+            // SAFETY: elements k..k + 8 ≤ n of `x`.
+            let v = unsafe { _mm256_loadu_ps(p.add(k)) };
             let z = _mm256_mul_ps(v, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
             let a = _mm256_andnot_ps(sign, z);
             let t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(super::ERF_P), a, one));
@@ -409,7 +489,8 @@ mod avx2 {
             let y = _mm256_fnmadd_ps(poly, e, one);
             let erf = _mm256_or_ps(y, _mm256_and_ps(sign, z));
             let g = _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, erf));
-            _mm256_storeu_ps(p.add(k), g);
+            // SAFETY: as the load above.
+            unsafe { _mm256_storeu_ps(p.add(k), g) };
             k += 8;
         }
         for v in &mut x[k..] {
@@ -417,6 +498,7 @@ mod avx2 {
         }
     }
 
+    /// [`super::silu_mul`] over the common length.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
         let n = gate.len().min(up.len());
@@ -424,10 +506,13 @@ mod avx2 {
         let one = _mm256_set1_ps(1.0);
         let mut k = 0;
         while k + 8 <= n {
-            let g = _mm256_loadu_ps(pg.add(k));
-            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-            let silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
-            _mm256_storeu_ps(pg.add(k), _mm256_mul_ps(silu, _mm256_loadu_ps(pu.add(k))));
+            // SAFETY: elements k..k + 8 ≤ n of both slices.
+            unsafe {
+                let g = _mm256_loadu_ps(pg.add(k));
+                let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+                let silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+                _mm256_storeu_ps(pg.add(k), _mm256_mul_ps(silu, _mm256_loadu_ps(pu.add(k))));
+            }
             k += 8;
         }
         while k < n {
@@ -478,6 +563,30 @@ mod tests {
         let total: f64 = want.iter().sum();
         // An f32 sum of ~2000 terms: within n·ε of the exact one.
         assert!(((sum as f64) - total).abs() / total < 2e-4);
+    }
+
+    // A wrong length is refused by the release assert (its message), not read past.
+
+    #[test]
+    #[should_panic(expected = "key_scores: 16 keys of 64 values every 64 do not fit in 1023")]
+    fn key_scores_refuses_keys_past_the_end() {
+        let (q, keys) = (vec![1.0; 64], vec![1.0; 16 * 64 - 1]);
+        key_scores(&q, &keys, 64, 1.0, &mut [0.0; 16]);
+    }
+
+    #[test]
+    #[should_panic(expected = "weighted_rows: 16 rows of 64 values every 64 do not fit in 1023")]
+    fn weighted_rows_refuses_values_past_the_end() {
+        let (p, values) = (vec![1.0; 16], vec![1.0; 16 * 64 - 1]);
+        weighted_rows(&p, &values, 64, &mut [0.0; 64]);
+    }
+
+    #[test]
+    fn rows_fit_counts_the_last_row_only_once() {
+        assert!(rows_fit(0, 0, 7, 3));
+        assert!(rows_fit(13, 3, 5, 3));
+        assert!(!rows_fit(12, 3, 5, 3));
+        assert!(!rows_fit(usize::MAX, 3, usize::MAX, 1));
     }
 
     #[test]

@@ -316,3 +316,77 @@ fn small_batches_equal_their_rows_run_alone_bit_for_bit() {
         }
     }
 }
+
+// The safe entry points check, in release builds too, what their unsafe loops read and write: a
+// wrong length is a panic that names the function, never an access out of bounds. The expected
+// messages are those of the release asserts, so a test fails if only a debug assertion (or
+// nothing) caught the mistake.
+
+#[test]
+#[should_panic(expected = "dot_rows: weights or quantized activations shorter than 4 rows")]
+fn dot_rows_refuses_fewer_f32_rows_than_outputs() {
+    let w = vec![0.5f32; 3 * 64];
+    let x = vec![1.0f32; 64];
+    let mut out = vec![0.0; 4];
+    dot_rows(Rows::F32(&w), &x, Acts::default(), &mut out, false);
+}
+
+#[test]
+#[should_panic(expected = "dot_rows: weights or quantized activations shorter than 4 rows")]
+fn dot_rows_refuses_fewer_block_rows_than_outputs() {
+    let mut rng = Lcg(19);
+    let w = matrix(WeightFormat::Q4_1, 3, 64, &mut rng);
+    let x = rng.vec(64);
+    let mut acts = QuantizedActs::default();
+    acts.quantize(&x);
+    let mut out = vec![0.0; 4];
+    dot_rows(w.rows_ref(0, 3), &x, acts.view(), &mut out, false);
+}
+
+#[test]
+#[should_panic(expected = "dot_rows: weights or quantized activations shorter than 2 rows")]
+fn dot_rows_refuses_activations_quantized_from_a_shorter_vector() {
+    let mut rng = Lcg(23);
+    let w = matrix(WeightFormat::Q6_K, 2, 512, &mut rng);
+    let x = rng.vec(512);
+    let mut acts = QuantizedActs::default();
+    acts.quantize(&x[..256]);
+    let mut out = vec![0.0; 2];
+    dot_rows(w.rows_ref(0, 2), &x, acts.view(), &mut out, false);
+}
+
+#[test]
+#[should_panic(expected = "dot_rows_multi: quantized activations shorter than 128 values")]
+fn multi_row_kernels_refuse_short_activations() {
+    let mut rng = Lcg(29);
+    let w = matrix(WeightFormat::Q4_0, 4, 128, &mut rng);
+    let x = rng.vec(128);
+    let (mut long, mut short) = (QuantizedActs::default(), QuantizedActs::default());
+    long.quantize(&x);
+    short.quantize(&x[..96]);
+    let mut out = vec![0.0; 2 * 4];
+    // SAFETY: `out` holds 2 activation rows × 4 weight rows at stride 4, and nothing else
+    // refers to it.
+    unsafe {
+        dot::dot_rows_multi(
+            w.rows_ref(0, 4),
+            128,
+            &[long.view(), short.view()],
+            out.as_mut_ptr(),
+            4,
+            false,
+        );
+    }
+}
+
+#[test]
+#[should_panic(expected = "matmul of 9 rows by 16 × 32: x has 288 values, y 143")]
+fn batched_matmul_refuses_a_short_output() {
+    // More rows than a small batch: the tiled path, which writes `y` through a raw pointer.
+    let mut rng = Lcg(31);
+    let w = matrix(WeightFormat::F32, 16, 32, &mut rng);
+    let n = SMALL_BATCH + 1;
+    let x = rng.vec(n * 32);
+    let mut y = vec![0.0; n * 16 - 1];
+    w.matmul(&x, n, &mut y, Accum::Replace, &mut QuantizedActs::default());
+}

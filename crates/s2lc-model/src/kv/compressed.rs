@@ -790,8 +790,8 @@ pub fn attend_compressed(
             UNIT.with_borrow_mut(|s| {
                 for unit in split_range(units, part, of, 1) {
                     let (g, pi) = (unit / parts.len(), unit % parts.len());
-                    // SAFETY: unit `unit` alone writes its `per_unit` slots; `partials`
-                    // outlives the job.
+                    // SAFETY: `partials` holds units·per_unit values and unit < units; unit
+                    // `unit` alone writes its `per_unit` slots; `partials` outlives the job.
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut(ptr.get().add(unit * per_unit), per_unit)
                     };
@@ -838,8 +838,9 @@ pub fn attend_compressed(
 #[inline]
 fn group_quants<'a>(bits: u32, data: &'a [u8], at: usize, buf: &'a mut [i8; GROUP]) -> &'a [i8] {
     if bits == 8 {
-        // SAFETY: u8 and i8 have the same size and alignment, and `bytes` is in bounds.
         let bytes = &data[at..at + GROUP];
+        // SAFETY: `bytes` is GROUP initialised bytes (bounds-checked above), and u8 and i8 have
+        // the same size, alignment and validity; the view borrows `data` for `'a`.
         return unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<i8>(), GROUP) };
     }
     for (pair, &b) in buf
@@ -975,6 +976,8 @@ fn attend_unit(
     let (hd, q_dim, kv_dim) = (shape.head_dim, shape.q_dim(), shape.kv_dim());
     let group = shape.n_heads / shape.n_kv_heads;
     let slot = hd + 2;
+    // Once per unit: the raw `o` views below stay inside `dst`.
+    assert!(dst.len() >= group * n * slot, "attend_unit: dst too short");
     // Keys/values as (matrix, optional basis): dense rows are used in place.
     let (t, visible) = match part {
         Part::Segment(seg) => (seg.tokens, None),
@@ -1034,7 +1037,7 @@ fn attend_unit(
         // Values: p·V, or (p·C_v)·B_v on factors, into the `o` slots (row stride `slot`).
         let p = MatRef::from_row_major_slice(&s.scores, n, t);
         // SAFETY: rows `hh·n..hh·n+n` of `dst` (stride `slot`), columns 2..2+hd, lie inside
-        // `dst`, which this unit owns exclusively.
+        // `dst` (group·n·slot values, checked above), which this unit owns exclusively.
         let o = unsafe {
             MatMut::from_raw_parts_mut(
                 dst.as_mut_ptr().add(hh * n * slot + 2),

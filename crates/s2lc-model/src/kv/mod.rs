@@ -70,6 +70,9 @@ pub trait KvCache: Send {
 /// `q·kᵀ/√head_dim`, masked so query `i` sees keys `0..=p0+i`. A single query (decode) goes to
 /// [`attend_decode`]; otherwise work is split into (head, block of up to 32 query rows) units
 /// spread over the kernel pool, each two faer products.
+///
+/// # Panics
+/// If a length differs from the above, or `n_kv_heads` does not divide `n_heads`.
 pub fn attend_dense(
     shape: AttnShape,
     q: &[f32],
@@ -81,13 +84,26 @@ pub fn attend_dense(
 ) {
     const ROWS: usize = 32;
     let (hd, q_dim, kv_dim) = (shape.head_dim, shape.q_dim(), shape.kv_dim());
+    // Once per call: what both paths read and write.
+    let kv_len = p0.checked_add(n).and_then(|t| t.checked_mul(kv_dim));
+    let q_len = n.checked_mul(q_dim);
+    assert!(
+        q_len == Some(q.len())
+            && q_len == Some(out.len())
+            && kv_len == Some(k_all.len())
+            && kv_len == Some(v_all.len())
+            && shape.n_kv_heads > 0
+            && shape.n_heads % shape.n_kv_heads == 0,
+        "attend_dense: n = {n}, p0 = {p0}, {shape:?}: q has {} values, out {}, keys {}, values {}",
+        q.len(),
+        out.len(),
+        k_all.len(),
+        v_all.len()
+    );
     if n == 1 {
         attend_decode(shape, q, k_all, v_all, p0 + 1, out);
         return;
     }
-    debug_assert_eq!(k_all.len(), (p0 + n) * kv_dim);
-    debug_assert_eq!(q.len(), n * q_dim);
-    debug_assert_eq!(out.len(), n * q_dim);
     let group = shape.n_heads / shape.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let chunks = n.div_ceil(ROWS);
@@ -119,8 +135,8 @@ pub fn attend_dense(
                     softmax_prefix(row, p0 + r0 + i + 1);
                 }
                 let s = MatRef::from_row_major_slice(scores, rows, t);
-                // SAFETY: this unit alone writes rows r0..r1, columns h·hd..(h+1)·hd of `out`
-                // (row stride q_dim); `out` outlives the job.
+                // SAFETY: `out` is n × q_dim (asserted above); this unit alone writes its rows
+                // r0..r1 ⊆ 0..n, columns h·hd..(h+1)·hd ⊆ 0..q_dim; `out` outlives the job.
                 let oh = unsafe {
                     MatMut::from_raw_parts_mut(
                         out_ptr.get().add(r0 * q_dim + h * hd),
@@ -162,6 +178,7 @@ fn attend_decode(
 ) {
     let (hd, kv_dim) = (shape.head_dim, shape.kv_dim());
     debug_assert_eq!(k_all.len(), t * kv_dim);
+    debug_assert_eq!(v_all.len(), t * kv_dim);
     let group = shape.n_heads / shape.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     // At least two units per thread so the KV heads spread evenly, at most DECODE_KEYS keys and
@@ -192,8 +209,9 @@ fn attend_decode(
                         ops::key_scores(&q[h * hd..][..hd], keys, kv_dim, scale, scores);
                         let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                         let l = ops::exp_shifted(scores, m);
-                        // SAFETY: slot (unit, hh) of `partials` belongs to this unit alone and
-                        // `partials` outlives the job.
+                        // SAFETY: `partials` holds units·group·slot values, unit < units and
+                        // hh < group; slot (unit, hh) belongs to this unit alone and `partials`
+                        // outlives the job.
                         let dst = unsafe {
                             std::slice::from_raw_parts_mut(
                                 parts_ptr.get().add((unit * group + hh) * slot),
@@ -413,6 +431,42 @@ mod tests {
         attend_dense(shape, &q, &k, &v, n, 0, &mut b);
         assert_eq!(a[..16], b[..16]);
         assert_ne!(a[16..], b[16..]);
+    }
+
+    // A wrong length is refused by the release assert (its message), not read or written past.
+
+    #[test]
+    #[should_panic(expected = "attend_dense: n = 3, p0 = 0")]
+    fn prefill_attention_refuses_a_short_output() {
+        let shape = AttnShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+        };
+        let n = 3;
+        let (q, k, v) = (data(n * 8, 1), data(n * 4, 2), data(n * 4, 3));
+        // The last value of the last head's output is missing.
+        let mut out = vec![0.0; n * 8 - 1];
+        attend_dense(shape, &q, &k, &v, n, 0, &mut out);
+    }
+
+    #[test]
+    #[should_panic(expected = "attend_dense: n = 1, p0 = 2")]
+    fn dense_cache_refuses_a_step_without_its_key() {
+        let shape = AttnShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 8,
+        };
+        let mut cache = DenseKvCache::new(1, shape, 16);
+        let mut out = vec![0.0; 16];
+        for i in 0..2 {
+            cache.attend(0, &data(16, i), &data(8, i), &data(8, i + 1), 1, &mut out);
+            cache.commit(1);
+        }
+        // A decode step whose key is missing would score key 2, which the cache does not hold
+        // (only its reserved, unwritten capacity).
+        cache.attend(0, &data(16, 5), &[], &data(8, 6), 1, &mut out);
     }
 
     #[test]
