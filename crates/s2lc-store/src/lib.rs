@@ -1,5 +1,6 @@
-//! The S2LC Adapter Store: content-addressed blobs, manifests and semantic-version refs over
-//! [`object_store`] — a local directory by default, any S3-compatible store with the `s3` feature.
+//! The S2LC Adapter Store: content-addressed blobs, manifests and semantic-version refs — in a
+//! local directory by default, in any S3-compatible store (through [`object_store`]) with the
+//! `s3` feature.
 //!
 //! Layout under the store's root:
 //!
@@ -8,31 +9,40 @@
 //! manifests/<blake3>          JSON manifest of one pushed version (itself content-addressed)
 //! refs/<name>/<version>       the manifest digest of name@version (written last, never replaced)
 //! tags/<name>/<tag>           a version of name
+//! leases/<id>                 a push in flight: the blobs and manifest it will reference
+//! gc/<id>                     a gc in flight: the leases it honours
 //! ```
 //!
-//! Every read re-hashes what it got; every object is written whole (object_store puts are
+//! Every read re-hashes what it got; every object is written whole (a local write is staged under
+//! a unique name, fsynced, published by link or rename and its directory fsynced; an S3 put is
 //! atomic) and a push writes its blobs, then its manifest, then — with a conditional put that
 //! fails if it exists — its ref, so a version is visible only once complete and two pushes of one
-//! version cannot both win. `gc` removes only unreachable objects older than a grace period, so it
-//! never deletes the blobs of a push still in flight. The store knows nothing of tensors: a pushed
-//! version is a directory of files plus caller metadata (base model digest, packing parameters).
+//! version cannot both win. `gc` removes only unreachable objects older
+//! than a grace period that no push in flight has leased; pushes and gc coordinate through
+//! leases and gc locks so that gc never deletes an object a push re-uses (the protocol, and why
+//! it is race-free on both backends, is in [`lease`]). Staging files left by a killed writer are
+//! reported by `verify` and swept by `gc`. The store knows nothing of tensors: a pushed version is
+//! a directory of files plus caller metadata (base model digest, packing parameters).
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod lease;
+mod local;
 #[cfg(feature = "s3")]
 pub mod loopback;
+mod objects;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use futures::TryStreamExt;
-use object_store::path::Path as Key;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use semver::{Version, VersionReq};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::lease::{GcLock, Lease, GC_LOCKS, LEASES};
+use crate::local::Meta;
+use crate::objects::{Fault, Objects};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -140,17 +150,26 @@ pub struct VerifyReport {
     pub checked: usize,
     /// Problems, one line each (corrupt blobs, manifests or refs pointing at missing objects).
     pub problems: Vec<String>,
+    /// Traces of writers in flight or killed, one line each: staging files of unfinished writes,
+    /// leases of pushes and locks of gcs. Not problems: `gc` sweeps them once they are old.
+    pub leftovers: Vec<String>,
 }
 
 /// What [`Store::gc`] did.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct GcReport {
-    /// Objects removed.
+    /// Objects (blobs and manifests) removed.
     pub removed: usize,
-    /// Bytes freed.
+    /// Bytes freed (objects and staging files).
     pub freed: u64,
     /// Unreachable objects kept because they are younger than the grace period.
     pub young: usize,
+    /// Unreachable objects kept because a push in flight holds a lease on them.
+    pub leased: usize,
+    /// Staging files of unfinished writes removed.
+    pub staging: usize,
+    /// Expired leases and gc locks (of killed pushes and gcs) removed.
+    pub expired: usize,
 }
 
 /// A reference to an adapter in a pull: `name@REQ` where REQ is an exact version (`1.2.0`), a
@@ -185,18 +204,34 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
-fn check_tag(tag: &str) -> Result<()> {
+/// Checks a tag name: a lowercase letter, then letters, digits, `_`, `-`; and not something
+/// [`parse_selector`] reads as a version or requirement first (`x` is the requirement `*`), which
+/// could never select the tag.
+pub fn check_tag(tag: &str) -> Result<()> {
     let ok = tag.chars().next().is_some_and(|c| c.is_ascii_lowercase())
         && tag
             .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::BadName(format!(
-            "bad tag '{tag}' (a lowercase letter, then letters, digits, '_', '-')"
-        )))
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))
+        && tag.len() <= 128;
+    if !ok {
+        return Err(StoreError::BadName(format!(
+            "bad tag '{tag}' (a lowercase letter, then letters, digits, '_', '-'; at most 128)"
+        )));
     }
+    if Version::parse(tag).is_ok() || VersionReq::parse(tag).is_ok() {
+        return Err(StoreError::BadName(format!(
+            "bad tag '{tag}': it reads as a version requirement, so NAME@{tag} would never \
+             select the tag"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `s` is a digest as [`digest`] writes it (64 lowercase hex digits).
+pub(crate) fn is_digest(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Splits `name@version` (exact semantic version) for a push.
@@ -231,13 +266,19 @@ pub fn parse_selector(s: &str) -> Result<(String, Selector)> {
     Ok((name.to_string(), sel))
 }
 
+/// How long a lease or gc lock lives without being renewed, by default: a push or gc that has
+/// not renewed its own for this long is taken for dead (see [`lease`]).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(300);
+
 /// The adapter store.
 pub struct Store {
-    backend: Arc<dyn ObjectStore>,
-    /// Prefix of every key (the part of an `s3://bucket/prefix` URL after the bucket).
-    root: Key,
-    rt: tokio::runtime::Runtime,
+    objects: Objects,
     location: String,
+    /// See [`Store::with_lease_ttl`].
+    pub(crate) lease_ttl: Duration,
+    /// Added to the clock when judging ages (tests).
+    clock_ahead: Duration,
+    fault: Fault,
 }
 
 impl std::fmt::Debug for Store {
@@ -257,39 +298,69 @@ impl Store {
     /// `AmazonS3ConfigKey` parses them (`aws_endpoint`, `aws_access_key_id`, `aws_allow_http`, ...).
     /// A local store takes no settings.
     pub fn open_with(location: &str, s3_options: &[(&str, &str)]) -> Result<Store> {
-        let (backend, root): (Arc<dyn ObjectStore>, Key) =
-            if let Some(rest) = location.strip_prefix("s3://") {
-                open_s3(rest, s3_options)?
-            } else if location.contains("://") {
-                return Err(StoreError::BadName(format!(
-                    "unsupported store '{location}' (a directory or s3://bucket/prefix)"
-                )));
-            } else if let Some((key, _)) = s3_options.first() {
-                return Err(StoreError::BadName(format!(
-                    "S3 setting '{key}' given for the local store '{location}'"
-                )));
-            } else {
-                let dir = Path::new(location);
-                std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
-                let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)?;
-                (Arc::new(fs), Key::default())
-            };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|source| StoreError::Io {
-                path: PathBuf::from(location),
+        let objects = if let Some(rest) = location.strip_prefix("s3://") {
+            open_s3(rest, s3_options, location)?
+        } else if location.contains("://") {
+            return Err(StoreError::BadName(format!(
+                "unsupported store '{location}' (a directory or s3://bucket/prefix)"
+            )));
+        } else if let Some((key, _)) = s3_options.first() {
+            return Err(StoreError::BadName(format!(
+                "S3 setting '{key}' given for the local store '{location}'"
+            )));
+        } else {
+            let dir = Path::new(location);
+            local::ensure_dir(dir).map_err(|source| StoreError::Io {
+                path: dir.to_path_buf(),
                 source,
             })?;
+            Objects::local(dir)
+        };
         Ok(Store {
-            backend,
-            root,
-            rt,
+            objects,
             location: location.to_string(),
+            lease_ttl: DEFAULT_LEASE_TTL,
+            clock_ahead: Duration::ZERO,
+            fault: Fault::default(),
         })
+    }
+
+    /// Sets how long a lease or gc lock lives unrenewed ([`DEFAULT_LEASE_TTL`]). Every handle
+    /// that pushes or collects on one store at the same time must use the same TTL, longer than
+    /// twice the clock skew plus one request's latency; a push renews its lease every TTL/4, so
+    /// a crashed push's objects are kept, and a crashed gc makes pushes wait, for at most a TTL.
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Store {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// Judges ages as if the clock were `ahead` later (for tests of expiry).
+    #[doc(hidden)]
+    pub fn with_clock_ahead(mut self, ahead: Duration) -> Store {
+        self.clock_ahead = ahead;
+        self
+    }
+
+    /// Makes this handle "crash" at its `n`-th write or delete (0-based): a local write leaves
+    /// its staging file unpublished, nothing is cleaned up, and every later operation fails with
+    /// [`StoreError::Aborted`] (for tests of killed pushes).
+    #[doc(hidden)]
+    pub fn crash_at_mutation(mut self, n: usize) -> Store {
+        self.fault = Fault::at(n);
+        self
+    }
+
+    /// Skips fsync on a local store: writes stay atomic and ordered for other processes, but
+    /// not durable across a power loss. Only for tests that race many tiny pushes, where fsync
+    /// latency (30x higher on a busy disk) would set the pace.
+    #[doc(hidden)]
+    pub fn without_fsync(mut self) -> Store {
+        match &mut self.objects {
+            Objects::Local(l) => l.fsync = false,
+            #[cfg(feature = "s3")]
+            Objects::S3(_) => {}
+        }
+        self
     }
 
     /// Where the store is.
@@ -297,114 +368,67 @@ impl Store {
         &self.location
     }
 
-    fn key(&self, rel: &str) -> Key {
-        let mut parts: Vec<String> = self.root.parts().map(|p| p.as_ref().to_string()).collect();
-        parts.extend(rel.split('/').map(str::to_string));
-        Key::from_iter(parts)
+    /// Whether a lease or gc lock last written at `modified` is expired: older than the TTL plus
+    /// a second, as S3 servers may stamp times to the second (erring towards "alive" is safe:
+    /// gc keeps more, a push waits longer).
+    pub(crate) fn expired(&self, modified: SystemTime) -> bool {
+        self.age(modified) >= self.lease_ttl + Duration::from_secs(1)
     }
 
-    /// `rel` of a listed key (its path below the root).
-    fn rel(&self, key: &Key) -> String {
-        let root: Vec<_> = self.root.parts().collect();
-        key.parts()
-            .skip(root.len())
-            .map(|p| p.as_ref().to_string())
-            .collect::<Vec<_>>()
-            .join("/")
+    /// How long ago `modified` was.
+    pub(crate) fn age(&self, modified: SystemTime) -> Duration {
+        (SystemTime::now() + self.clock_ahead)
+            .duration_since(modified)
+            .unwrap_or_default()
     }
 
-    fn get_raw(&self, rel: &str) -> Result<Option<Vec<u8>>> {
-        let key = self.key(rel);
-        self.rt.block_on(async {
-            match self.backend.get(&key).await {
-                Ok(r) => Ok(Some(r.bytes().await?.to_vec())),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e.into()),
-            }
-        })
+    pub(crate) fn get_raw(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        self.objects.get(&self.fault, rel)
     }
 
     /// Writes `bytes` at `rel`; with `create`, fails with `Ok(false)` if it exists.
-    fn put_raw(&self, rel: &str, bytes: Vec<u8>, create: bool) -> Result<bool> {
-        let key = self.key(rel);
-        let opts = PutOptions {
-            mode: if create {
-                PutMode::Create
-            } else {
-                PutMode::Overwrite
-            },
-            ..Default::default()
-        };
-        self.rt.block_on(async {
-            match self
-                .backend
-                .put_opts(&key, PutPayload::from(bytes), opts)
-                .await
-            {
-                Ok(_) => Ok(true),
-                Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-                Err(e) => Err(e.into()),
-            }
-        })
+    pub(crate) fn put_raw(&self, rel: &str, bytes: Vec<u8>, create: bool) -> Result<bool> {
+        self.objects.put(&self.fault, rel, bytes, create)
     }
 
-    /// Every object under `rel/` with (path below the root, size, age in seconds).
-    fn list_raw(&self, rel: &str) -> Result<Vec<(String, u64, u64)>> {
-        let prefix = self.key(rel);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let metas: Vec<_> = self
-            .rt
-            .block_on(self.backend.list(Some(&prefix)).try_collect::<Vec<_>>())?;
-        Ok(metas
-            .into_iter()
-            .map(|m| {
-                let age = (now - m.last_modified.timestamp()).max(0) as u64;
-                (self.rel(&m.location), m.size, age)
-            })
-            .collect())
+    /// Every object under `rel/`.
+    pub(crate) fn list_raw(&self, rel: &str) -> Result<Vec<Meta>> {
+        self.objects.list(&self.fault, rel)
     }
 
-    fn delete_raw(&self, rel: &str) -> Result<()> {
-        let key = self.key(rel);
-        self.rt.block_on(async {
-            match self.backend.delete(&key).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                Err(e) => Err(e.into()),
-            }
-        })
+    pub(crate) fn delete_raw(&self, rel: &str) -> Result<()> {
+        self.objects.delete(&self.fault, rel, false)
     }
 
     /// Stores a content-addressed object once. A present one is seen with a HEAD and its bytes
     /// are not sent: that saves the upload, and some S3 servers (s3s-fs 0.14.1) answer a
     /// create-if-absent put of an existing object by closing the connection before reading the
-    /// body, which the client sees as a broken pipe rather than "already exists".
-    fn put_once(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
-        let key = self.key(rel);
-        let present = self.rt.block_on(async {
-            match self.backend.head(&key).await {
-                Ok(_) => Ok(true),
-                Err(object_store::Error::NotFound { .. }) => Ok(false),
-                Err(e) => Err(e),
-            }
-        })?;
-        if !present {
-            self.put_raw(rel, bytes, true)?;
+    /// body, which the client sees as a broken pipe rather than "already exists". Within a push,
+    /// the lease makes relying on a present object safe against gc.
+    fn put_once(&self, rel: &str, bytes: impl FnOnce() -> Result<Vec<u8>>) -> Result<()> {
+        if !self.objects.exists(&self.fault, rel)? {
+            self.put_raw(rel, bytes()?, true)?;
         }
         Ok(())
     }
 
-    /// Stores `bytes` as a blob (once: an existing blob is kept); returns its digest.
+    /// Stores `bytes` as a blob (once: an existing blob is kept); returns its digest. Outside a
+    /// push the blob holds no lease: gc may collect it once it is older than the grace period,
+    /// unless a version references it by then.
     pub fn put_blob(&self, bytes: &[u8]) -> Result<String> {
         let d = digest(bytes);
-        self.put_once(&format!("blobs/{d}"), bytes.to_vec())?;
+        self.put_once(&format!("blobs/{d}"), || Ok(bytes.to_vec()))?;
         Ok(d)
     }
 
     /// Reads the object `dir/digest` and checks its hash.
     fn get_verified(&self, dir: &str, d: &str) -> Result<Vec<u8>> {
         let rel = format!("{dir}/{d}");
+        if !is_digest(d) {
+            return Err(StoreError::Invalid(format!(
+                "'{rel}' is not a BLAKE3 digest"
+            )));
+        }
         let bytes = self
             .get_raw(&rel)?
             .ok_or_else(|| StoreError::NotFound(format!("{rel} is missing from the store")))?;
@@ -424,6 +448,10 @@ impl Store {
     /// the manifest, then the ref (refused if the version exists). `progress(k)` is called after
     /// the k-th blob; an error it returns aborts the push, leaving the store valid (the orphaned
     /// blobs are reachable by a later push of the same files, or collected by `gc`).
+    ///
+    /// The push holds a lease on every object it will reference from before it looks for them
+    /// until its ref is written, so a concurrent `gc` keeps them (see [`lease`]); it waits while
+    /// a gc that started before the lease and does not honour it is running.
     pub fn push(
         &self,
         name: &str,
@@ -434,25 +462,23 @@ impl Store {
         progress: &mut dyn FnMut(usize) -> Result<(), String>,
     ) -> Result<Manifest> {
         check_name(name)?;
+        let exists = || StoreError::VersionExists {
+            name: name.to_string(),
+            version: version.clone(),
+        };
         if self.get_raw(&ref_key(name, version))?.is_some() {
-            return Err(StoreError::VersionExists {
-                name: name.to_string(),
-                version: version.clone(),
-            });
+            return Err(exists());
         }
-        let mut files = Vec::new();
-        for (path, rel) in walk(dir)? {
-            let bytes = std::fs::read(&path).map_err(|source| StoreError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            let d = self.put_blob(&bytes)?;
+        // P1: every digest first (one file in memory at a time; uploads read them again).
+        let sources = walk(dir)?;
+        let mut files = Vec::with_capacity(sources.len());
+        for (path, rel) in &sources {
+            let bytes = read(path)?;
             files.push(FileEntry {
-                path: rel,
-                digest: d,
+                path: rel.clone(),
+                digest: digest(&bytes),
                 size: bytes.len() as u64,
             });
-            progress(files.len()).map_err(StoreError::Aborted)?;
         }
         if files.is_empty() {
             return Err(StoreError::Invalid(format!(
@@ -470,13 +496,74 @@ impl Store {
         let text =
             serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let md = digest(&text);
-        self.put_once(&format!("manifests/{md}"), text)?;
+        let mut objects: Vec<String> = manifest
+            .files
+            .iter()
+            .map(|f| format!("blobs/{}", f.digest))
+            .collect();
+        objects.push(format!("manifests/{md}"));
+        objects.sort();
+        objects.dedup();
+
+        let mut lease = Lease::acquire(self, &format!("{name}@{version}"), objects)?;
+        let result = self.push_leased(
+            &mut lease, name, version, &sources, &manifest, text, &md, progress,
+        );
+        lease.release();
+        result.map(|()| manifest)
+    }
+
+    /// P4 of [`lease`]: the blobs, the manifest and the ref, each step under the lease.
+    #[allow(clippy::too_many_arguments)]
+    fn push_leased(
+        &self,
+        lease: &mut Lease<'_>,
+        name: &str,
+        version: &Version,
+        sources: &[(PathBuf, String)],
+        manifest: &Manifest,
+        text: Vec<u8>,
+        md: &str,
+        progress: &mut dyn FnMut(usize) -> Result<(), String>,
+    ) -> Result<()> {
         let exists = || StoreError::VersionExists {
             name: name.to_string(),
             version: version.clone(),
         };
-        if !self.put_raw(&ref_key(name, version), md.clone().into_bytes(), true)? {
-            return Err(exists());
+        let n = manifest.files.len();
+        let mut reported = 0;
+        let mut step = 0;
+        loop {
+            if lease.hold()? {
+                // The lease may have looked expired: check everything again.
+                step = 0;
+                continue;
+            }
+            if step < n {
+                let (f, (path, _)) = (&manifest.files[step], &sources[step]);
+                self.put_once(&format!("blobs/{}", f.digest), || {
+                    let bytes = read(path)?;
+                    if digest(&bytes) != f.digest {
+                        return Err(StoreError::Invalid(format!(
+                            "{} changed during the push",
+                            path.display()
+                        )));
+                    }
+                    Ok(bytes)
+                })?;
+                if step + 1 > reported {
+                    reported = step + 1;
+                    progress(reported).map_err(StoreError::Aborted)?;
+                }
+            } else if step == n {
+                self.put_once(&format!("manifests/{md}"), || Ok(text.clone()))?;
+            } else {
+                if !self.put_raw(&ref_key(name, version), md.as_bytes().to_vec(), true)? {
+                    return Err(exists());
+                }
+                break;
+            }
+            step += 1;
         }
         // Read the ref back: on a server whose create-if-absent is check-then-write rather than
         // atomic (s3s-fs 0.14.1), a racing push can overwrite ours after our put succeeded. The
@@ -486,7 +573,7 @@ impl Store {
         if String::from_utf8_lossy(&stored).trim() != md {
             return Err(exists());
         }
-        Ok(manifest)
+        Ok(())
     }
 
     /// Versions of `name`, ascending.
@@ -495,7 +582,7 @@ impl Store {
         let mut v: Vec<Version> = self
             .list_raw(&format!("refs/{name}"))?
             .into_iter()
-            .filter_map(|(rel, _, _)| Version::parse(rel.rsplit('/').next()?).ok())
+            .filter_map(|m| Version::parse(m.rel.rsplit('/').next()?).ok())
             .collect();
         v.sort();
         Ok(v)
@@ -581,23 +668,17 @@ impl Store {
             contents.push((f, self.get_blob(&f.digest)?));
         }
         for (f, bytes) in contents {
+            // Staged under a unique name, fsynced, renamed, directory fsynced.
             let path = dir.join(&f.path);
-            let io = |source| StoreError::Io {
-                path: path.clone(),
-                source,
-            };
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(io)?;
-            }
-            let tmp = path.with_extension("part");
-            std::fs::write(&tmp, bytes).map_err(io)?;
-            std::fs::rename(&tmp, &path).map_err(io)?;
+            local::write_atomic(&path, &bytes, local::Publish::Overwrite, true)
+                .map_err(|source| StoreError::Io { path, source })?;
         }
         Ok(m)
     }
 
     /// Points `name@tag` at an existing version (moving the tag if it exists).
     pub fn tag(&self, name: &str, version: &Version, tag: &str) -> Result<()> {
+        check_name(name)?;
         check_tag(tag)?;
         self.manifest(name, version)?;
         self.put_raw(
@@ -611,12 +692,12 @@ impl Store {
     /// Removes `name@version` (its ref and the tags on it); blobs stay until `gc`.
     pub fn remove(&self, name: &str, version: &Version) -> Result<()> {
         self.manifest(name, version)?;
-        for (rel, _, _) in self.list_raw(&format!("tags/{name}"))? {
+        for m in self.list_raw(&format!("tags/{name}"))? {
             if self
-                .get_raw(&rel)?
+                .get_raw(&m.rel)?
                 .is_some_and(|b| String::from_utf8_lossy(&b).trim() == version.to_string())
             {
-                self.delete_raw(&rel)?;
+                self.delete_raw(&m.rel)?;
             }
         }
         self.delete_raw(&ref_key(name, version))
@@ -625,7 +706,7 @@ impl Store {
     /// Every version in the store, with its tags.
     pub fn list(&self) -> Result<Vec<Listing>> {
         let mut tags: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
-        for (rel, _, _) in self.list_raw("tags")? {
+        for Meta { rel, .. } in self.list_raw("tags")? {
             let parts: Vec<&str> = rel.split('/').collect();
             if let [_, name, tag] = parts[..] {
                 if let Some(v) = self.get_raw(&rel)? {
@@ -637,7 +718,7 @@ impl Store {
             }
         }
         let mut out = Vec::new();
-        for (rel, _, _) in self.list_raw("refs")? {
+        for Meta { rel, .. } in self.list_raw("refs")? {
             let parts: Vec<&str> = rel.split('/').collect();
             let [_, name, version] = parts[..] else {
                 continue;
@@ -663,14 +744,14 @@ impl Store {
     /// `(bytes all versions reference, bytes of distinct blobs)`: the dedup saving.
     pub fn usage(&self) -> Result<(u64, u64)> {
         let logical = self.list()?.iter().map(|l| l.bytes).sum();
-        let physical = self.list_raw("blobs")?.iter().map(|(_, s, _)| s).sum();
+        let physical = self.list_raw("blobs")?.iter().map(|m| m.size).sum();
         Ok((logical, physical))
     }
 
     /// Digests of the manifests and blobs every ref reaches.
     fn reachable(&self, problems: &mut Vec<String>) -> Result<BTreeSet<String>> {
         let mut keep = BTreeSet::new();
-        for (rel, _, _) in self.list_raw("refs")? {
+        for Meta { rel, .. } in self.list_raw("refs")? {
             let Some(md) = self.get_raw(&rel)? else {
                 continue;
             };
@@ -687,20 +768,21 @@ impl Store {
         Ok(keep)
     }
 
-    /// Re-hashes every blob and manifest, and checks that every ref reaches existing objects.
+    /// Re-hashes every blob and manifest, checks that every ref reaches existing objects, and
+    /// lists staging files, leases and gc locks as leftovers.
     pub fn verify(&self) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
         let reachable = self.reachable(&mut report.problems)?;
         let mut present = BTreeSet::new();
         for dir in ["blobs", "manifests"] {
-            for (rel, _, _) in self.list_raw(dir)? {
-                let name = rel.rsplit('/').next().unwrap_or_default().to_string();
+            for m in self.list_raw(dir)? {
+                let name = m.rel.rsplit('/').next().unwrap_or_default().to_string();
                 report.checked += 1;
                 match self.get_verified(dir, &name) {
                     Ok(_) => {}
                     Err(e) => report.problems.push(e.to_string()),
                 }
-                present.insert(rel);
+                present.insert(m.rel);
             }
         }
         for missing in reachable.difference(&present) {
@@ -708,12 +790,49 @@ impl Store {
                 .problems
                 .push(format!("{missing} is referenced but missing"));
         }
+        for m in self.objects.staging(&self.fault)? {
+            report.leftovers.push(format!(
+                "staging file {} ({} bytes, {} s old): an unfinished write; gc removes it",
+                m.rel,
+                m.size,
+                self.age(m.modified).as_secs()
+            ));
+        }
+        for (dir, what) in [(LEASES, "lease of a push"), (GC_LOCKS, "lock of a gc")] {
+            for m in self.list_raw(dir)? {
+                let age = self.age(m.modified);
+                let state = if self.expired(m.modified) {
+                    "expired: its owner died; gc removes it"
+                } else {
+                    "in flight"
+                };
+                report.leftovers.push(format!(
+                    "{what} {} ({} s old, {state})",
+                    m.rel,
+                    age.as_secs()
+                ));
+            }
+        }
         Ok(report)
     }
 
-    /// Removes blobs and manifests no ref reaches that are older than `grace` (younger ones may
-    /// belong to a push in flight, whose ref is written last).
+    /// Removes blobs and manifests that no ref reaches, no push in flight has leased and that
+    /// are older than `grace`; then staging files of unfinished writes older than `grace`
+    /// (those of leased objects are kept; others outside `blobs/` and `manifests/` are kept for
+    /// a lease TTL too, as they may be a live ref, tag or lease write), and expired leases and
+    /// gc locks. Runs the gc side of the protocol in [`lease`], so it never deletes an object a
+    /// concurrent push relies on.
     pub fn gc(&self, grace: Duration) -> Result<GcReport> {
+        let mut lock = GcLock::acquire(self)?;
+        let result = self.gc_locked(&mut lock, grace);
+        lock.release();
+        result
+    }
+
+    fn gc_locked(&self, lock: &mut GcLock<'_>, grace: Duration) -> Result<GcReport> {
+        // G2-G3 before G4: a lease that is gone by the time it is read belongs to a push that
+        // wrote its ref first.
+        let leased = lock.read_leases()?;
         let mut problems = Vec::new();
         let keep = self.reachable(&mut problems)?;
         if !problems.is_empty() {
@@ -724,17 +843,49 @@ impl Store {
         }
         let mut report = GcReport::default();
         for dir in ["blobs", "manifests"] {
-            for (rel, size, age) in self.list_raw(dir)? {
-                if keep.contains(&rel) {
+            for m in self.list_raw(dir)? {
+                if keep.contains(&m.rel) {
                     continue;
                 }
-                if age < grace.as_secs() {
+                if leased.objects.contains(&m.rel) {
+                    report.leased += 1;
+                    continue;
+                }
+                if self.age(m.modified) < grace {
                     report.young += 1;
                     continue;
                 }
-                self.delete_raw(&rel)?;
+                lock.hold()?;
+                self.delete_raw(&m.rel)?;
                 report.removed += 1;
-                report.freed += size;
+                report.freed += m.size;
+            }
+        }
+        for m in self.objects.staging(&self.fault)? {
+            let (dir, file) = m.rel.rsplit_once('/').unwrap_or(("", &m.rel));
+            let target = format!("{dir}/{}", local::staging_target(file).unwrap_or_default());
+            let content = dir == "blobs" || dir == "manifests";
+            let min_age = if content {
+                grace
+            } else {
+                grace.max(self.lease_ttl)
+            };
+            if leased.objects.contains(&target) || self.age(m.modified) < min_age {
+                continue;
+            }
+            lock.hold()?;
+            self.objects.delete(&self.fault, &m.rel, true)?;
+            report.staging += 1;
+            report.freed += m.size;
+        }
+        for rel in &leased.expired {
+            self.delete_raw(rel)?;
+            report.expired += 1;
+        }
+        for m in self.list_raw(GC_LOCKS)? {
+            if !lock.is(&m.rel) && self.expired(m.modified) {
+                self.delete_raw(&m.rel)?;
+                report.expired += 1;
             }
         }
         Ok(report)
@@ -743,6 +894,13 @@ impl Store {
 
 fn ref_key(name: &str, version: &Version) -> String {
     format!("refs/{name}/{version}")
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Files under `dir`, recursively, in byte order of their relative paths (`/`-separated).
@@ -779,8 +937,9 @@ fn walk(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
 }
 
 #[cfg(feature = "s3")]
-fn open_s3(rest: &str, options: &[(&str, &str)]) -> Result<(Arc<dyn ObjectStore>, Key)> {
+fn open_s3(rest: &str, options: &[(&str, &str)], location: &str) -> Result<Objects> {
     use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+    use object_store::path::Path as Key;
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
         return Err(StoreError::BadName("s3:// needs a bucket".into()));
@@ -808,11 +967,22 @@ fn open_s3(rest: &str, options: &[(&str, &str)]) -> Result<(Arc<dyn ObjectStore>
         }
     }
     let s3 = b.build()?;
-    Ok((Arc::new(s3), Key::from(prefix)))
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| StoreError::Io {
+            path: PathBuf::from(location),
+            source,
+        })?;
+    Ok(Objects::S3(objects::s3::Bucket {
+        store: std::sync::Arc::new(s3),
+        root: Key::from(prefix),
+        rt,
+    }))
 }
 
 #[cfg(not(feature = "s3"))]
-fn open_s3(_: &str, _: &[(&str, &str)]) -> Result<(Arc<dyn ObjectStore>, Key)> {
+fn open_s3(_: &str, _: &[(&str, &str)], _: &str) -> Result<Objects> {
     Err(StoreError::BadName(
         "this build has no S3 support (build s2lc with --features s3)".into(),
     ))

@@ -18,6 +18,8 @@ fn s3(name: &str) -> Backend {
         objects,
         scratch,
         atomic_create: false,
+        // Every request crosses HTTP: fewer rounds keep the test within seconds.
+        race_rounds: 300,
     }
 }
 

@@ -60,11 +60,13 @@ pub enum StoreCommand {
         /// The tag (e.g. prod).
         tag: String,
     },
-    /// Re-hash every object and check that every version is complete.
+    /// Re-hash every object and check that every version is complete; list staging files,
+    /// leases and gc locks left by writers in flight or killed.
     Verify,
-    /// Delete objects no version reaches (older than the grace period).
+    /// Delete objects no version reaches (older than the grace period, not held by a push in
+    /// flight), staging files of unfinished writes and expired leases.
     Gc {
-        /// Keep unreachable objects younger than this many seconds (pushes in flight).
+        /// Keep unreachable objects and staging files younger than this many seconds.
         #[arg(long, default_value_t = 3600)]
         grace_secs: u64,
     },
@@ -208,6 +210,9 @@ pub fn run(args: &StoreArgs) -> Result<()> {
             for p in &r.problems {
                 println!("problem: {p}");
             }
+            for l in &r.leftovers {
+                println!("note: {l}");
+            }
             println!(
                 "{} objects checked, {} problems",
                 r.checked,
@@ -224,8 +229,10 @@ pub fn run(args: &StoreArgs) -> Result<()> {
         StoreCommand::Gc { grace_secs } => {
             let r = store.gc(Duration::from_secs(*grace_secs))?;
             println!(
-                "removed {} objects ({} bytes); kept {} unreachable objects younger than {grace_secs} s",
-                r.removed, r.freed, r.young
+                "removed {} objects, {} staging files of unfinished writes and {} expired leases \
+                 ({} bytes); kept {} unreachable objects younger than {grace_secs} s and {} that \
+                 pushes in flight hold",
+                r.removed, r.staging, r.expired, r.freed, r.young, r.leased
             );
         }
         StoreCommand::Rm { target } => {
