@@ -15,12 +15,15 @@
 pub mod assets;
 pub mod compress;
 pub mod config;
+pub mod digest;
 pub mod encoder;
 pub mod error;
 pub mod eval;
+pub mod expert_eval;
 pub mod experts;
 pub mod generate;
 pub mod gguf;
+pub mod heldout;
 pub mod kernels;
 pub mod kv;
 pub mod linear;
@@ -30,6 +33,7 @@ pub mod model;
 pub mod perf;
 pub mod quant;
 pub mod source;
+pub mod speed;
 pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig};
