@@ -24,7 +24,7 @@ use s2lc_spectral::analysis::{
 
 use s2lc_model::source::WeightStorage;
 
-use crate::{load_model, progress, ModelArg};
+use crate::{load_model, progress_bar, ModelArg};
 
 /// Arguments of `s2lc analyze`.
 #[derive(Args)]
@@ -78,7 +78,7 @@ pub fn run(args: &AnalyzeArgs) -> Result<()> {
         bail!("{} has no linear layers to analyze", path.display());
     }
     let svd_start = Instant::now();
-    let bar = progress::bar(jobs.len() as u64, "singular values");
+    let bar = progress_bar(jobs.len() as u64, "singular values");
     let matrices = jobs
         .par_iter()
         .map(|&(layer, kind, linear)| {

@@ -13,7 +13,8 @@ use s2lc_model::tokenizer::read_text_file;
 
 use s2lc_model::source::WeightStorage;
 
-use crate::{load_model, progress, s2lc_home, ModelArg};
+use crate::{load_model, progress_bar, ModelArg};
+use s2lc_bench::common::s2lc_home;
 
 /// Factorization method on the command line.
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,7 +104,7 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         refit: args.refit,
     };
     let start = Instant::now();
-    let bar = progress::bar(model.config().n_layers as u64, "compressing");
+    let bar = progress_bar(model.config().n_layers as u64, "compressing");
     let report = compress(&mut model, &opts, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);

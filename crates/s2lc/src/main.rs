@@ -8,20 +8,16 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-mod adapterbench;
 mod adapters;
 mod analyze;
-mod bench;
 mod compress;
-mod experts;
-mod heldout;
-mod kvbench;
-mod packbench;
-mod progress;
-mod router;
 mod serve;
-mod servebench;
 mod store;
+
+// The plumbing every command shares, and the commands that live with the benches (they share
+// the held-out protocol and the reports): reachable as `crate::...` from the command modules.
+pub use s2lc_bench::common::{load_model, parse_kv, parse_weights, progress_bar, ModelArg};
+use s2lc_bench::{experts, router, BenchCommand};
 
 use s2lc_model::eval::{perplexity, perplexity_streamed};
 use s2lc_model::generate::{generate, Sampler, SamplingParams};
@@ -29,6 +25,7 @@ use s2lc_model::kv::KvSpec;
 use s2lc_model::llama::LlamaModel;
 use s2lc_model::model::apply_chat_template;
 use s2lc_model::source::WeightStorage;
+use s2lc_model::speed::{decode_after, decode_speed, dense_kv_bytes};
 use s2lc_model::tokenizer::{read_text_file, Tokenizer};
 use s2lc_model::ModelSource;
 
@@ -80,52 +77,6 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Batch-1 prefill and decode speed against this machine's memory-bandwidth bound.
-    Decode(bench::DecodeArgs),
-    /// Dense vs low-rank variants (energy thresholds and parameter budgets × svd/whitened) in one
-    /// process: parameters, bytes, held-out perplexity, prefill and decode speed.
-    CompressSweep(bench::SweepArgs),
-    /// KV caches on a long real text, one process: dense vs q8/q4 vs spectral at several
-    /// energies and blocks — perplexity through the cache, KV bytes, decode speed at the context.
-    Kv(kvbench::KvArgs),
-    /// The adapter set on the real text domains, one process: a domain × adapter matrix of
-    /// held-out perplexity, and prefill/decode speed of the base vs each adapter unmerged.
-    Adapters(adapterbench::AdaptersArgs),
-    /// S2LC packing of the adapter set and the expert set: bytes vs f16, error, own-domain
-    /// perplexity after unpacking, unpack time — per energy × bits, with and without sharing.
-    Pack(packbench::PackBenchArgs),
-    /// Load test of the server on loopback: many clients, many adapters, a byte budget;
-    /// throughput, latency percentiles, cache hit rate, peak RSS.
-    Serve(servebench::ServeBenchArgs),
-    /// The sentence encoder compressed (plain and whitened SVD, energies and budgets): cosine of
-    /// held-out embeddings to the dense encoder's, routing accuracy, embedding time.
-    Encoder(router::EncoderBenchArgs),
-}
-
-/// Which model to run.
-#[derive(Args, Clone)]
-pub struct ModelArg {
-    /// A .gguf file or a Hugging Face directory [default: SmolLM2-135M-Instruct in $S2LC_HOME].
-    #[arg(long)]
-    model: Option<PathBuf>,
-}
-
-impl ModelArg {
-    /// The model path, defaulting to the SmolLM2 asset fetched by `scripts/fetch-assets`.
-    pub fn path(&self) -> PathBuf {
-        self.model
-            .clone()
-            .unwrap_or_else(s2lc_model::assets::smollm2)
-    }
-}
-
-/// `$S2LC_HOME`, default `~/.cache/s2lc` (where `scripts/fetch-assets` puts the assets).
-fn s2lc_home() -> PathBuf {
-    s2lc_model::assets::home()
 }
 
 #[derive(Args)]
@@ -247,13 +198,7 @@ fn try_main() -> Result<()> {
         Command::Serve(args) => serve::run(&args),
         Command::Router(cmd) => router::run(&cmd),
         Command::Logits(args) => cmd_logits(&args),
-        Command::Bench(BenchCommand::Decode(args)) => bench::decode(&args),
-        Command::Bench(BenchCommand::CompressSweep(args)) => bench::compress_sweep(&args),
-        Command::Bench(BenchCommand::Kv(args)) => kvbench::run(&args),
-        Command::Bench(BenchCommand::Adapters(args)) => adapterbench::run(&args),
-        Command::Bench(BenchCommand::Pack(args)) => packbench::run(&args),
-        Command::Bench(BenchCommand::Serve(args)) => servebench::run(&args),
-        Command::Bench(BenchCommand::Encoder(args)) => router::bench_encoder(&args),
+        Command::Bench(cmd) => s2lc_bench::run(&cmd),
     }
 }
 
@@ -296,7 +241,7 @@ impl WeightsArg {
             eprintln!("expert {name}: FFN of layers {:?} swapped in", set.layers);
         }
         for dir in &self.adapters {
-            let adapter = adapters::load_adapter(dir)?;
+            let adapter = s2lc_bench::adapter_io::load_adapter(dir)?;
             model
                 .attach_adapter(&adapter)
                 .with_context(|| format!("attaching the adapter {}", dir.display()))?;
@@ -310,31 +255,6 @@ impl WeightsArg {
         }
         Ok((source, model, tokenizer))
     }
-}
-
-pub fn parse_kv(s: &str) -> Result<KvSpec, String> {
-    KvSpec::parse(s).map_err(|e| e.to_string())
-}
-
-fn parse_weights(s: &str) -> Result<WeightStorage, String> {
-    WeightStorage::parse(s)
-        .ok_or_else(|| format!("unknown weight storage '{s}' (f32, f16, q8_0, native)"))
-}
-
-/// Opens a model and loads its runtime weights in `storage` with a progress bar.
-pub fn load_model(
-    path: &Path,
-    storage: WeightStorage,
-) -> Result<(ModelSource, LlamaModel, Tokenizer)> {
-    let source = ModelSource::open(path).context("opening the model")?;
-    let cfg = source.config().context("reading the model configuration")?;
-    let tokenizer = source.tokenizer().context("building the tokenizer")?;
-    let bar = progress::bar(cfg.n_layers as u64, "loading blocks");
-    let model = source
-        .load_llama(storage, |_| bar.inc(1))
-        .context("loading the weights")?;
-    bar.finish_and_clear();
-    Ok((source, model, tokenizer))
 }
 
 fn cmd_generate(args: &GenerateArgs) -> Result<()> {
@@ -407,7 +327,7 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
         "KV cache: {} ({:.2} MB; a dense f16 cache would hold {:.2} MB)",
         args.kv.name(),
         cache.bytes() as f64 / 1e6,
-        kvbench::dense_bytes(&model, cache.len(), 2) as f64 / 1e6
+        dense_kv_bytes(&model, cache.len(), 2) as f64 / 1e6
     );
     Ok(())
 }
@@ -418,7 +338,7 @@ fn eval_streamed(args: &EvalArgs, spec: &KvSpec, model: &LlamaModel, tokens: &[u
     let mut cache = spec
         .cache(model.config().n_layers, model.attn_shape(), limit)
         .context("checking --kv against the model")?;
-    let bar = progress::bar(
+    let bar = progress_bar(
         tokens.len().div_ceil(args.chunk.max(1)) as u64,
         "scoring chunks",
     );
@@ -436,12 +356,12 @@ fn eval_streamed(args: &EvalArgs, spec: &KvSpec, model: &LlamaModel, tokens: &[u
     println!(
         "KV cache: {:.2} MB ({:.2}x smaller than dense f16, {:.2}x than dense f32)",
         cache.bytes() as f64 / 1e6,
-        kvbench::dense_bytes(model, cache.len(), 2) as f64 / cache.bytes() as f64,
-        kvbench::dense_bytes(model, cache.len(), 4) as f64 / cache.bytes() as f64
+        dense_kv_bytes(model, cache.len(), 2) as f64 / cache.bytes() as f64,
+        dense_kv_bytes(model, cache.len(), 4) as f64 / cache.bytes() as f64
     );
     println!("prefill: {:.1} tok/s", report.prefill_tok_s());
     if args.decode_tokens > 0 {
-        let speed = kvbench::decode_after(model, cache.as_mut(), tokens, args.decode_tokens)
+        let speed = decode_after(model, cache.as_mut(), tokens, args.decode_tokens)
             .context("timing decode")?;
         println!(
             "decode at {} tokens of context: {speed:.1} tok/s",
@@ -464,7 +384,7 @@ fn cmd_eval(args: &EvalArgs) -> Result<()> {
         return eval_streamed(args, spec, &model, &tokens);
     }
     let windows = s2lc_model::eval::windows(tokens.len(), args.window, args.stride).len();
-    let bar = progress::bar(windows as u64, "scoring windows");
+    let bar = progress_bar(windows as u64, "scoring windows");
     let report = perplexity(&model, &tokens, args.window, args.stride, |_, _| bar.inc(1))
         .with_context(|| format!("scoring {}", args.text.display()))?;
     bar.finish_and_clear();
@@ -478,8 +398,7 @@ fn cmd_eval(args: &EvalArgs) -> Result<()> {
     );
     println!("prefill: {:.1} tok/s", report.prefill_tok_s());
     if args.decode_tokens > 0 {
-        let speed =
-            bench::decode_speed(&model, &tokens, args.decode_tokens).context("timing decode")?;
+        let speed = decode_speed(&model, &tokens, args.decode_tokens).context("timing decode")?;
         println!("decode: {speed:.1} tok/s");
     }
     Ok(())

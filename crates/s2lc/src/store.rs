@@ -1,6 +1,6 @@
 //! `s2lc store push|pull|ls|tag|verify|gc|rm`: the Adapter Store from the command line.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -77,37 +77,20 @@ pub enum StoreCommand {
     },
 }
 
-/// BLAKE3 of a base model: of the file, or of a directory's `config.json` and `*.safetensors`.
-pub fn model_digest(path: &Path) -> Result<String> {
-    let mut h = blake3::Hasher::new();
-    if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .with_context(|| format!("listing {}", path.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name().is_some_and(|n| n == "config.json")
-                    || p.extension().is_some_and(|e| e == "safetensors")
-            })
-            .collect();
-        files.sort();
-        for f in files {
-            h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
-            h.update_mmap(&f)
-                .with_context(|| format!("hashing {}", f.display()))?;
-        }
-    } else {
-        h.update_mmap(path)
-            .with_context(|| format!("hashing the base model {}", path.display()))?;
-    }
-    Ok(h.finalize().to_hex().to_string())
-}
+/// The base model's identity, recorded at push and checked at pull and serve.
+pub use s2lc_model::digest::model_digest;
 
 /// Opens the store at `location`, else `$S2LC_STORE`, else `$S2LC_HOME/store`.
 pub fn open_store(location: Option<&str>) -> Result<Store> {
     let location = location
         .map(str::to_string)
         .or_else(|| std::env::var("S2LC_STORE").ok())
-        .unwrap_or_else(|| crate::s2lc_home().join("store").display().to_string());
+        .unwrap_or_else(|| {
+            s2lc_model::assets::home()
+                .join("store")
+                .display()
+                .to_string()
+        });
     Store::open(&location).with_context(|| format!("opening the store {location}"))
 }
 

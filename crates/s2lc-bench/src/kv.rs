@@ -1,18 +1,18 @@
 //! `s2lc bench kv`: KV caches compared on one long real text in one process.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
 
 use s2lc_model::eval::perplexity_streamed;
 use s2lc_model::kv::{CompressedKvCache, KvCache, KvSpec};
-use s2lc_model::llama::{ForwardScratch, LlamaModel};
 use s2lc_model::source::WeightStorage;
+use s2lc_model::speed::{decode_after, dense_kv_bytes};
 use s2lc_model::tokenizer::read_text_file;
 
-use crate::{load_model, parse_kv, parse_weights, s2lc_home, ModelArg};
+use crate::common::{load_model, parse_kv, parse_weights, s2lc_home, ModelArg};
 
 /// The caches `bench kv` measures when no `--kv` is given.
 const DEFAULT_SPECS: &[&str] = &[
@@ -53,31 +53,6 @@ pub struct KvArgs {
     /// q8, q4 and several spectral settings].
     #[arg(long = "kv", value_parser = parse_kv)]
     specs: Vec<KvSpec>,
-}
-
-/// Bytes of a dense cache of `tokens` tokens with `bytes_per_value`-byte keys and values.
-pub fn dense_bytes(model: &LlamaModel, tokens: usize, bytes_per_value: usize) -> usize {
-    2 * model.config().n_layers * tokens * model.attn_shape().kv_dim() * bytes_per_value
-}
-
-/// Greedy decode speed of `n` steps on a cache already holding a context (the first step, which
-/// repeats the last token of `tokens` to get logits, is not timed).
-pub fn decode_after(
-    model: &LlamaModel,
-    cache: &mut dyn KvCache,
-    tokens: &[u32],
-    n: usize,
-) -> Result<f64> {
-    let mut scratch = ForwardScratch::default();
-    let mut logits = Vec::new();
-    let last = *tokens.last().context("no tokens")?;
-    model.forward_last(&[last], cache, &mut scratch, &mut logits)?;
-    let t = Instant::now();
-    for _ in 0..n {
-        let next = s2lc_model::generate::argmax(&logits);
-        model.forward_last(&[next], cache, &mut scratch, &mut logits)?;
-    }
-    Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
 /// One measured cache.
@@ -152,7 +127,7 @@ pub fn run(args: &KvArgs) -> Result<()> {
         });
     }
     let n = tokens.len();
-    let f16 = dense_bytes(&model, n, 2) as f64;
+    let f16 = dense_kv_bytes(&model, n, 2) as f64;
     let base = rows.first().map_or(f64::NAN, |r| r.ppl);
     println!(
         "\n{}: {n} tokens as one sequence, chunks of {}, then {} decode steps at that context; \

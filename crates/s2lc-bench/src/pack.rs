@@ -19,12 +19,15 @@ use s2lc_model::lora::LoraAdapter;
 use s2lc_model::source::WeightStorage;
 use s2lc_spectral::QuantBits;
 
-use crate::adapters::{
-    calibration, input_whitening, loss_sensitivities, parse_bits, parse_scope, print_sensitivity,
-    read_members,
+use s2lc_model::expert_eval::bench_set;
+use s2lc_model::heldout::{adapter_domain, default_texts, domain_of_text, Domain};
+
+use crate::adapter_io::{
+    calibration, domain_adapters, input_whitening, loss_sensitivities, parse_bits, parse_scope,
+    print_sensitivity, read_members,
 };
-use crate::heldout::{adapter_domain, default_texts, domain_of_text, Domain, HeldoutArgs};
-use crate::{load_model, parse_weights, progress, ModelArg};
+use crate::common::{load_model, parse_weights, progress_bar, write_json, ModelArg};
+use crate::domains::HeldoutArgs;
 
 /// Options of `s2lc bench pack`.
 #[derive(Args)]
@@ -221,11 +224,11 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
     let dirs: Vec<PathBuf> = if args.no_adapters {
         Vec::new()
     } else if args.adapters.is_empty() {
-        crate::adapters::domain_adapters()
+        domain_adapters()
     } else {
         args.adapters.clone()
     };
-    let experts_dir = crate::experts::bench_set(args.experts.as_deref(), args.no_experts);
+    let experts_dir = bench_set(args.experts.as_deref(), args.no_experts);
     if dirs.is_empty() && experts_dir.is_none() {
         bail!("nothing to pack: no adapters (scripts/reference/train_adapter_set.sh) and no expert set");
     }
@@ -302,7 +305,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
         let set = ExpertSet::open(dir)
             .with_context(|| format!("opening the expert set {}", dir.display()))?;
         let base = set.base()?;
-        let bar = progress::bar(set.experts.len() as u64, "decomposing expert residuals");
+        let bar = progress_bar(set.experts.len() as u64, "decomposing expert residuals");
         let (mut members, mut own, mut reference) = (Vec::new(), Vec::new(), Vec::new());
         for info in &set.experts {
             let expert = set.expert(&info.name)?;
@@ -455,8 +458,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             })),
             "suites": report,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&out)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_json(path, &out)?;
     }
     Ok(())
 }

@@ -19,8 +19,7 @@ use s2lc_serve::client::{metric_value, request};
 use s2lc_serve::{BatchConfig, Engine, ServeConfig, StoreSource};
 use s2lc_store::Store;
 
-use crate::serve::parse_bytes;
-use crate::{load_model, parse_weights, progress, ModelArg};
+use crate::common::{load_model, parse_bytes, parse_weights, progress_bar, write_json, ModelArg};
 
 /// Options of `s2lc bench serve`.
 #[derive(Args)]
@@ -86,7 +85,7 @@ fn metric(text: &str, name: &str) -> f64 {
 /// Runs `s2lc bench serve`.
 pub fn run(args: &ServeBenchArgs) -> Result<()> {
     let sources: Vec<PathBuf> = if args.adapters.is_empty() {
-        crate::adapters::domain_adapters()
+        crate::adapter_io::domain_adapters()
     } else {
         args.adapters.clone()
     };
@@ -97,12 +96,12 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         bail!("--clients and --n-adapters must be positive");
     }
     let model_path = args.model.path();
-    let digest = crate::store::model_digest(&model_path)?;
+    let digest = s2lc_model::digest::model_digest(&model_path).context("hashing the base model")?;
     let dir = std::env::temp_dir().join(format!("s2lc-bench-serve-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let store = Store::open(dir.to_str().context("temp dir is not UTF-8")?)?;
     let t = Instant::now();
-    let bar = progress::bar(args.n_adapters as u64, "pushing adapters");
+    let bar = progress_bar(args.n_adapters as u64, "pushing adapters");
     let v1 = Version::new(1, 0, 0);
     for i in 0..args.n_adapters {
         let src = &sources[i % sources.len()];
@@ -164,8 +163,7 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
             "budget_bytes": args.adapter_memory, "max_tokens": args.max_tokens,
             "sources": sources, "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
         });
-        std::fs::write(path, serde_json::to_string_pretty(&out)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_json(path, &out)?;
     }
     let _ = std::fs::remove_dir_all(&dir);
     for run in &runs {

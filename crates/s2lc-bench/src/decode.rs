@@ -1,19 +1,17 @@
-//! `s2lc bench ...`: speed measured against this machine's limits in the same run.
+//! `s2lc bench decode` and `s2lc bench compress-sweep`: speed measured against this machine's
+//! limits in the same run, and the dense model against its low-rank variants.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use std::time::Instant;
-
-use s2lc_model::generate::{argmax, generate, Sampler, SamplingParams};
-use s2lc_model::kv::KvCache;
-use s2lc_model::llama::{BatchRow, ForwardScratch, LlamaModel, Part, Profile};
+use s2lc_model::llama::{ForwardScratch, LlamaModel, Part};
 use s2lc_model::source::WeightStorage;
+use s2lc_model::speed::{batched_decode, decode_speed, prefill_and_decode, PrefillDecode};
 use s2lc_model::tokenizer::read_text_file;
 
-use crate::{load_model, parse_weights, s2lc_home, ModelArg};
+use crate::common::{load_model, parse_weights, s2lc_home, ModelArg};
 
 /// Options of `s2lc bench decode`.
 #[derive(Args)]
@@ -46,78 +44,6 @@ pub struct DecodeArgs {
     /// forward pass per step, as the server batches requests), e.g. `--batch 1,2,4,8`.
     #[arg(long, value_delimiter = ',')]
     batch: Vec<usize>,
-}
-
-/// Aggregate tok/s of `n` sequences decoding `new_tokens` greedy tokens together after
-/// `context` prompt tokens each (best of `runs`).
-fn batched_decode(
-    model: &LlamaModel,
-    prompt: &[u32],
-    n: usize,
-    new_tokens: usize,
-    runs: usize,
-    scratch: &mut ForwardScratch,
-) -> Result<f64> {
-    let mut best = 0.0f64;
-    let mut logits = Vec::new();
-    for _ in 0..runs.max(1) {
-        let mut caches = Vec::with_capacity(n);
-        let mut next = Vec::with_capacity(n);
-        for _ in 0..n {
-            let mut cache = model.dense_cache(prompt.len() + new_tokens + 1);
-            model.forward_last(prompt, &mut cache, scratch, &mut logits)?;
-            next.push(argmax(&logits));
-            caches.push(cache);
-        }
-        let vocab = model.config().vocab_size;
-        let t = Instant::now();
-        for _ in 0..new_tokens {
-            let mut rows: Vec<BatchRow<'_>> = caches
-                .iter_mut()
-                .zip(&next)
-                .map(|(cache, &token)| BatchRow {
-                    token,
-                    cache,
-                    adapter: None,
-                })
-                .collect();
-            model.decode_batch(&mut rows, scratch, &mut logits)?;
-            for (i, t) in next.iter_mut().enumerate() {
-                *t = argmax(&logits[i * vocab..(i + 1) * vocab]);
-            }
-        }
-        best = best.max((n * new_tokens) as f64 / t.elapsed().as_secs_f64());
-    }
-    Ok(best)
-}
-
-/// One timed prefill of `prompt`, then (on a fresh cache, as llama-bench's `tg` test does) a
-/// greedy decode of `new_tokens` after `context` prompt tokens; returns (prefill tok/s, decode
-/// tok/s) and, when `profile`, where the decode steps spent their time.
-pub(crate) fn prefill_and_decode(
-    model: &LlamaModel,
-    prompt: &[u32],
-    context: usize,
-    new_tokens: usize,
-    scratch: &mut ForwardScratch,
-    profile: bool,
-) -> Result<(f64, f64, Option<Profile>)> {
-    let mut cache = model.dense_cache(prompt.len().max(context + 1) + new_tokens);
-    let mut logits = Vec::new();
-    let t = Instant::now();
-    model.forward_last(prompt, &mut cache, scratch, &mut logits)?;
-    let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
-    cache.clear();
-    let start = &prompt[..context.clamp(1, prompt.len())];
-    model.forward_last(start, &mut cache, scratch, &mut logits)?;
-    scratch.profile = profile.then(Profile::default);
-    let t = Instant::now();
-    for _ in 0..new_tokens {
-        let next = argmax(&logits);
-        model.forward_last(&[next], &mut cache, scratch, &mut logits)?;
-    }
-    let decode = new_tokens as f64 / t.elapsed().as_secs_f64();
-    Ok((prefill, decode, scratch.profile.take()))
 }
 
 /// Runs `s2lc bench decode`: per weight storage, prefill and decode speed, bytes per token and
@@ -155,7 +81,11 @@ pub fn decode(args: &DecodeArgs) -> Result<()> {
             .context("warm-up run")?;
         let (mut prefill, mut decode) = (0.0f64, 0.0f64);
         for _ in 0..args.runs.max(1) {
-            let (p, d, _) = prefill_and_decode(
+            let PrefillDecode {
+                prefill: p,
+                decode: d,
+                ..
+            } = prefill_and_decode(
                 &model,
                 &prompt,
                 args.decode_context,
@@ -169,7 +99,7 @@ pub fn decode(args: &DecodeArgs) -> Result<()> {
         }
         if args.profile {
             // An extra run: the stopwatch calls stay out of the timed ones.
-            let (_, _, p) = prefill_and_decode(
+            let p = prefill_and_decode(
                 &model,
                 &prompt,
                 args.decode_context,
@@ -177,7 +107,8 @@ pub fn decode(args: &DecodeArgs) -> Result<()> {
                 &mut scratch,
                 true,
             )
-            .context("profiled run")?;
+            .context("profiled run")?
+            .profile;
             profiles.push((
                 storage_name(storage, &model),
                 p.unwrap_or_default(),
@@ -256,24 +187,6 @@ fn storage_name(storage: WeightStorage, model: &LlamaModel) -> String {
         (WeightStorage::Native, Some(b)) => format!("{name} ({})", b.q_proj.format()),
         _ => name.to_string(),
     }
-}
-
-/// Greedy decode speed (tokens/s after the first) generating `generated` tokens from the first
-/// 64 of `tokens`; what `eval` and `compress-sweep` report as decode speed.
-pub fn decode_speed(model: &LlamaModel, tokens: &[u32], generated: usize) -> Result<f64> {
-    let prompt = &tokens[..tokens.len().min(64)];
-    let mut cache = model.dense_cache(model.config().max_seq_len);
-    let mut sampler = Sampler::new(SamplingParams::default());
-    let stats = generate(
-        model,
-        &mut cache,
-        prompt,
-        generated,
-        &mut sampler,
-        &[],
-        |_| true,
-    )?;
-    Ok(stats.decode_tok_s())
 }
 
 /// Options of `s2lc bench compress-sweep`.

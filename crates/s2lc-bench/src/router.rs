@@ -15,7 +15,8 @@ use s2lc_model::lora::LoraAdapter;
 use s2lc_model::tokenizer::read_text_file;
 use s2lc_serve::router::{pieces, RouteTable};
 
-use crate::s2lc_home;
+use crate::common::{load_model, parse_weights, s2lc_home, write_json, ModelArg};
+use s2lc_model::heldout::split_chars;
 
 /// Router subcommands.
 #[derive(Subcommand)]
@@ -41,9 +42,9 @@ pub struct MorphEvalArgs {
     #[command(flatten)]
     text: RouterText,
     #[command(flatten)]
-    model: crate::ModelArg,
+    model: ModelArg,
     /// Weight storage of the base model.
-    #[arg(long, default_value = "native", value_parser = crate::parse_weights)]
+    #[arg(long, default_value = "native", value_parser = parse_weights)]
     weights: s2lc_model::source::WeightStorage,
     /// Characters per held-out paragraph.
     #[arg(long, default_value_t = 1000)]
@@ -123,7 +124,8 @@ impl RouterText {
         load_encoder(self.encoder.as_deref())
     }
 
-    /// `(adapter, text)` pairs, split into (training part, held-out part).
+    /// `(adapter, text)` pairs, split into (training part, held-out part) by characters: the
+    /// router's protocol ([`s2lc_model::heldout`] says why it is not the benches' token split).
     fn texts(&self) -> Result<Vec<(String, String, String)>> {
         if !(0.0..1.0).contains(&self.heldout) {
             bail!("--heldout {} is outside [0, 1)", self.heldout);
@@ -149,11 +151,8 @@ impl RouterText {
             .map(|(a, path)| {
                 let text =
                     read_text_file(&path).with_context(|| format!("reading {}", path.display()))?;
-                let mut cut = ((1.0 - self.heldout) * text.len() as f64) as usize;
-                while !text.is_char_boundary(cut) {
-                    cut += 1;
-                }
-                Ok((a, text[..cut].to_string(), text[cut..].to_string()))
+                let (train, held) = split_chars(&text, self.heldout);
+                Ok((a, train.to_string(), held.to_string()))
             })
             .collect()
     }
@@ -275,7 +274,7 @@ fn morph_eval(args: &MorphEvalArgs) -> Result<()> {
     let members: Vec<String> = set.members.iter().map(|m| m.name.clone()).collect();
     let texts = args.text.texts()?;
     let held = held_out(&texts, args.chars, args.pieces);
-    let (_source, mut model, tokenizer) = crate::load_model(&args.model.path(), args.weights)?;
+    let (_source, mut model, tokenizer) = load_model(&args.model.path(), args.weights)?;
     // Every paragraph of every domain, with its domain's index.
     let mut paragraphs = Vec::new();
     let mut blends = Vec::new();
@@ -549,9 +548,4 @@ pub fn bench_encoder(args: &EncoderBenchArgs) -> Result<()> {
         )?;
     }
     Ok(())
-}
-
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(v)?)
-        .with_context(|| format!("writing {}", path.display()))
 }

@@ -12,11 +12,14 @@ use s2lc_model::llama::{ForwardScratch, LlamaModel};
 use s2lc_model::lora::LoraAdapter;
 use s2lc_model::source::WeightStorage;
 
-use crate::adapters::{dir_name, load_adapter};
-use crate::bench::prefill_and_decode;
-use crate::experts::{bench_set, measure};
-use crate::heldout::{adapter_domain, default_texts, print_table, HeldoutArgs, Row};
-use crate::{load_model, parse_weights, progress, s2lc_home, ModelArg};
+use s2lc_model::expert_eval::bench_set;
+use s2lc_model::heldout::{adapter_domain, default_texts};
+use s2lc_model::speed::{prefill_and_decode, PrefillDecode};
+
+use crate::adapter_io::{dir_name, load_adapter};
+use crate::common::{load_model, parse_weights, progress_bar, s2lc_home, write_json, ModelArg};
+use crate::domains::{print_table, HeldoutArgs, Row};
+use crate::experts::{measure_set, print_report, report_json};
 
 /// Options of `s2lc bench adapters`.
 #[derive(Args)]
@@ -94,7 +97,7 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
         entries.push(Entry { dir, adapter, own });
     }
 
-    let bar = progress::bar(entries.len() as u64 + 1, "scoring base and adapters");
+    let bar = progress_bar(entries.len() as u64 + 1, "scoring base and adapters");
     let base_ppl = h.score(&model, &domains)?;
     bar.inc(1);
     let mut rows = Vec::new();
@@ -135,12 +138,12 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
     if let Some(dir) = &experts_dir {
         println!();
         // On a copy: the experts replace FFN weights, and the timing below measures the base.
-        let report = measure(dir, &mut model.clone(), &domains, h)?;
-        let failures = report.print(&domains, h, args.weights.name());
+        let report = measure_set(dir, &mut model.clone(), &domains, h)?;
+        let failures = print_report(&report, &domains, h, args.weights.name());
         for f in &failures {
             eprintln!("warning: {f}");
         }
-        experts_json = report.to_json(&domains, &failures);
+        experts_json = report_json(&report, &domains, &failures);
     }
 
     let timing = if args.decode_tokens > 0 {
@@ -192,8 +195,7 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
             "failures": failures,
             "experts": experts_json,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_json(path, &report)?;
     }
     Ok(())
 }
@@ -221,10 +223,10 @@ fn time_adapters(
         .map(|l| (l, 0.0, 0.0))
         .collect();
     let mut scratch = ForwardScratch::default();
-    let bar = progress::bar((args.runs.max(1) * best.len()) as u64, "timing");
-    let keep = |slot: &mut (String, f64, f64), (p, d, _)| {
-        slot.1 = f64::max(slot.1, p);
-        slot.2 = f64::max(slot.2, d);
+    let bar = progress_bar((args.runs.max(1) * best.len()) as u64, "timing");
+    let keep = |slot: &mut (String, f64, f64), t: PrefillDecode| {
+        slot.1 = f64::max(slot.1, t.prefill);
+        slot.2 = f64::max(slot.2, t.decode);
         bar.inc(1);
     };
     for _ in 0..args.runs.max(1) {
