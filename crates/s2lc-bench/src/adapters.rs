@@ -12,12 +12,13 @@ use s2lc_model::llama::{ForwardScratch, LlamaModel};
 use s2lc_model::lora::LoraAdapter;
 use s2lc_model::source::WeightStorage;
 
-use s2lc_model::expert_eval::bench_set;
 use s2lc_model::heldout::{adapter_domain, default_texts};
 use s2lc_model::speed::{prefill_and_decode, PrefillDecode};
 
 use crate::adapter_io::{dir_name, load_adapter};
-use crate::common::{load_model, parse_weights, progress_bar, s2lc_home, write_json, ModelArg};
+use crate::common::{
+    progress_bar, s2lc_home, write_json, AdapterSetArgs, BaseModelArgs, ExpertSetArgs,
+};
 use crate::domains::{print_table, HeldoutArgs, Row};
 use crate::experts::{measure_set, print_report, report_json};
 
@@ -25,14 +26,9 @@ use crate::experts::{measure_set, print_report, report_json};
 #[derive(Args)]
 pub struct AdaptersArgs {
     #[command(flatten)]
-    model: ModelArg,
-    /// Weight storage of the base model.
-    #[arg(long, default_value = "native", value_parser = parse_weights)]
-    weights: WeightStorage,
-    /// A PEFT adapter directory (repeat the flag) [default: every adapter under
-    /// $S2LC_HOME/adapters, as `scripts/reference/train_adapter_set.sh` writes them].
-    #[arg(long = "adapter")]
-    adapters: Vec<PathBuf>,
+    base: BaseModelArgs,
+    #[command(flatten)]
+    adapters: AdapterSetArgs,
     #[command(flatten)]
     heldout: HeldoutArgs,
     /// Tokens decoded per timing run (0 skips the timing).
@@ -41,13 +37,8 @@ pub struct AdaptersArgs {
     /// Timing rounds; base and every adapter are timed once per round, interleaved, best kept.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Expert set to score after the adapters [default: $S2LC_HOME/experts/ffn-every3 when it
-    /// exists].
-    #[arg(long)]
-    experts: Option<PathBuf>,
-    /// Skip the expert set.
-    #[arg(long, conflicts_with = "experts")]
-    no_experts: bool,
+    #[command(flatten)]
+    experts: ExpertSetArgs,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -78,15 +69,13 @@ fn find_adapters(root: &Path) -> Result<Vec<PathBuf>> {
 
 /// Runs `s2lc bench adapters`.
 pub fn run(args: &AdaptersArgs) -> Result<()> {
-    let (_source, mut model, tokenizer) = load_model(&args.model.path(), args.weights)?;
+    let (_source, mut model, tokenizer) = args.base.load()?;
     let h = &args.heldout;
     let domains = h.load(&tokenizer, &default_texts())?;
     let home = s2lc_home();
-    let dirs = if args.adapters.is_empty() {
-        find_adapters(&home.join("adapters"))?
-    } else {
-        args.adapters.clone()
-    };
+    let dirs = args
+        .adapters
+        .dirs_or(|| find_adapters(&home.join("adapters")))?;
     if dirs.is_empty() {
         bail!("no adapters to measure (train them with scripts/reference/train_adapter_set.sh)");
     }
@@ -115,7 +104,7 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
     let name = |e: &Entry| dir_name(&e.dir);
     h.print_title(&format!(
         "held-out perplexity, {} weights, change vs base",
-        args.weights.name()
+        args.base.weights.name()
     ));
     let table: Vec<Row> = entries
         .iter()
@@ -133,13 +122,13 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
         eprintln!("warning: {f}");
     }
 
-    let experts_dir = bench_set(args.experts.as_deref(), args.no_experts);
+    let experts_dir = args.experts.dir();
     let mut experts_json = Value::Null;
     if let Some(dir) = &experts_dir {
         println!();
         // On a copy: the experts replace FFN weights, and the timing below measures the base.
         let report = measure_set(dir, &mut model.clone(), &domains, h)?;
-        let failures = print_report(&report, &domains, h, args.weights.name());
+        let failures = print_report(&report, &domains, h, args.base.weights.name());
         for f in &failures {
             eprintln!("warning: {f}");
         }
@@ -155,7 +144,7 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
         let (base_prefill, base_decode) = (timing[0].1, timing[0].2);
         println!(
             "\nbatch-1 speed, {} weights (prefill {} tokens, decode {} after 64; best of {}):",
-            args.weights.name(),
+            args.base.weights.name(),
             h.seq,
             args.decode_tokens,
             args.runs
@@ -175,8 +164,8 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
 
     if let Some(path) = &args.json {
         let report = json!({
-            "model": args.model.path(),
-            "weights": args.weights.name(),
+            "model": args.base.path(),
+            "weights": args.base.weights.name(),
             "heldout": h.heldout,
             "seq": h.seq,
             "domains": h.domains_json(&domains),
@@ -210,7 +199,7 @@ fn time_adapters(
 ) -> Result<Vec<(String, f64, f64)>> {
     let prompt = &text[..args.heldout.seq.min(text.len())];
     let mut merged = None;
-    if args.weights == WeightStorage::F32 {
+    if args.base.weights == WeightStorage::F32 {
         let mut m = model.clone();
         m.attach_adapter(&entries[0].adapter)?;
         m.merge_adapters()?;

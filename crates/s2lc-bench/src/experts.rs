@@ -12,9 +12,8 @@ use s2lc_model::expert_eval::{default_set, measure, ExpertReport};
 use s2lc_model::experts::ExpertSet;
 use s2lc_model::heldout::{default_texts, named_texts, Domain};
 use s2lc_model::llama::LlamaModel;
-use s2lc_model::source::WeightStorage;
 
-use crate::common::{load_model, parse_weights, progress_bar, write_json, ModelArg};
+use crate::common::{progress_bar, write_json, BaseModelArgs};
 use crate::domains::{print_table, HeldoutArgs, Row};
 
 /// What to do with an expert set.
@@ -31,10 +30,7 @@ pub struct EvalArgs {
     /// Expert set directory (manifest.json) [default: $S2LC_HOME/experts/ffn-every3].
     set: Option<PathBuf>,
     #[command(flatten)]
-    model: ModelArg,
-    /// Weight storage of the layers the experts do not replace.
-    #[arg(long, default_value = "native", value_parser = parse_weights)]
-    weights: WeightStorage,
+    base: BaseModelArgs,
     /// Score these texts instead of the real text domains (repeat the flag).
     #[arg(long = "text")]
     texts: Vec<PathBuf>,
@@ -136,7 +132,7 @@ fn eval(args: &EvalArgs) -> Result<()> {
             dir.display()
         )
     })?;
-    let (_source, mut model, tokenizer) = load_model(&args.model.path(), args.weights)?;
+    let (_source, mut model, tokenizer) = args.base.load()?;
     let texts = if args.texts.is_empty() {
         default_texts()
     } else {
@@ -145,13 +141,13 @@ fn eval(args: &EvalArgs) -> Result<()> {
     let h = &args.heldout;
     let domains = h.load(&tokenizer, &texts)?;
     let report = measure_set(&dir, &mut model, &domains, h)?;
-    let failures = print_report(&report, &domains, h, args.weights.name());
+    let failures = print_report(&report, &domains, h, args.base.weights.name());
     for f in &failures {
         eprintln!("warning: {f}");
     }
     if let Some(path) = &args.json {
         let mut json = report_json(&report, &domains, &failures);
-        json["weights"] = json!(args.weights.name());
+        json["weights"] = json!(args.base.weights.name());
         json["heldout"] = json!(h.heldout);
         json["seq"] = json!(h.seq);
         json["domains"] = h.domains_json(&domains);

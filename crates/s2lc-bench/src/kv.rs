@@ -8,11 +8,10 @@ use clap::Args;
 
 use s2lc_model::eval::perplexity_streamed;
 use s2lc_model::kv::{CompressedKvCache, KvCache, KvSpec};
-use s2lc_model::source::WeightStorage;
 use s2lc_model::speed::{decode_after, dense_kv_bytes};
 use s2lc_model::tokenizer::read_text_file;
 
-use crate::common::{load_model, parse_kv, parse_weights, s2lc_home, ModelArg};
+use crate::common::{parse_kv, s2lc_home, BaseModelArgs};
 
 /// The caches `bench kv` measures when no `--kv` is given.
 const DEFAULT_SPECS: &[&str] = &[
@@ -33,10 +32,7 @@ const DEFAULT_SPECS: &[&str] = &[
 #[derive(Args)]
 pub struct KvArgs {
     #[command(flatten)]
-    model: ModelArg,
-    /// Weight storage of the model (the caches are what is compared).
-    #[arg(long, default_value = "native", value_parser = parse_weights)]
-    weights: WeightStorage,
+    base: BaseModelArgs,
     /// Long evaluation text [default: plrabn12.txt from $S2LC_HOME].
     #[arg(long)]
     text: Option<PathBuf>,
@@ -74,7 +70,7 @@ pub fn run(args: &KvArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| s2lc_home().join("text/canterbury/plrabn12.txt"));
     let text = read_text_file(&text_path).context("reading the evaluation text")?;
-    let (_source, model, tokenizer) = load_model(&args.model.path(), args.weights)?;
+    let (_source, model, tokenizer) = args.base.load()?;
     let mut tokens = tokenizer
         .encode(&text, false)
         .context("tokenizing the text")?;
@@ -135,7 +131,7 @@ pub fn run(args: &KvArgs) -> Result<()> {
         text_path.display(),
         args.chunk,
         args.decode_tokens,
-        args.weights.name(),
+        args.base.weights.name(),
         s2lc_model::kernels::pool::global().threads()
     );
     println!("| KV cache | perplexity | vs first row | KV MB | smaller than f16 | mean rank K / V | compression ms per token | prefill tok/s | decode tok/s at {n} | compression / decode time |");

@@ -26,6 +26,8 @@ pub mod router;
 pub mod serve;
 
 /// `s2lc bench` subcommands.
+// Parsed once per process: boxing the larger argument sets would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Batch-1 prefill and decode speed against this machine's memory-bandwidth bound.

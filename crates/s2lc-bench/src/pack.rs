@@ -16,40 +16,29 @@ use s2lc_adapters::{pack_with, EnergyScope, InputWhitening, Member, PackParams};
 use s2lc_model::experts::{ExpertSet, FfnWeights};
 use s2lc_model::llama::LlamaModel;
 use s2lc_model::lora::LoraAdapter;
-use s2lc_model::source::WeightStorage;
 use s2lc_spectral::QuantBits;
 
-use s2lc_model::expert_eval::bench_set;
 use s2lc_model::heldout::{adapter_domain, default_texts, domain_of_text, Domain};
 
 use crate::adapter_io::{
     calibration, domain_adapters, input_whitening, loss_sensitivities, parse_bits, parse_scope,
     print_sensitivity, read_members,
 };
-use crate::common::{load_model, parse_weights, progress_bar, write_json, ModelArg};
+use crate::common::{progress_bar, write_json, AdapterSetArgs, BaseModelArgs, ExpertSetArgs};
 use crate::domains::HeldoutArgs;
 
 /// Options of `s2lc bench pack`.
 #[derive(Args)]
 pub struct PackBenchArgs {
     #[command(flatten)]
-    model: ModelArg,
-    /// Weight storage of the base model.
-    #[arg(long, default_value = "native", value_parser = parse_weights)]
-    weights: WeightStorage,
-    /// PEFT adapters to pack (repeat the flag) [default: the rank-8 domain adapters
-    /// `$S2LC_HOME/adapters/DOMAIN-r8` that exist].
-    #[arg(long = "adapter")]
-    adapters: Vec<PathBuf>,
+    base: BaseModelArgs,
+    #[command(flatten)]
+    adapters: AdapterSetArgs,
     /// Skip the LoRA adapters (pack only the expert set).
     #[arg(long, conflicts_with = "adapters")]
     no_adapters: bool,
-    /// Expert set to pack the residuals of [default: $S2LC_HOME/experts/ffn-every3 if present].
-    #[arg(long)]
-    experts: Option<PathBuf>,
-    /// Skip the expert set.
-    #[arg(long, conflicts_with = "experts")]
-    no_experts: bool,
+    #[command(flatten)]
+    experts: ExpertSetArgs,
     /// Energies to try (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "0.9,0.95,0.99")]
     energies: Vec<f64>,
@@ -223,16 +212,14 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
     }
     let dirs: Vec<PathBuf> = if args.no_adapters {
         Vec::new()
-    } else if args.adapters.is_empty() {
-        domain_adapters()
     } else {
-        args.adapters.clone()
+        args.adapters.dirs_or(|| Ok(domain_adapters()))?
     };
-    let experts_dir = bench_set(args.experts.as_deref(), args.no_experts);
+    let experts_dir = args.experts.dir();
     if dirs.is_empty() && experts_dir.is_none() {
         bail!("nothing to pack: no adapters (scripts/reference/train_adapter_set.sh) and no expert set");
     }
-    let (_source, mut model, tokenizer) = load_model(&args.model.path(), args.weights)?;
+    let (_source, mut model, tokenizer) = args.base.load()?;
     let h = &args.heldout;
     let domains = h.load(&tokenizer, &default_texts())?;
     let whitening = if args.whiten {
@@ -444,8 +431,8 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
     }
     if let Some(path) = &args.json {
         let out = json!({
-            "model": args.model.path(),
-            "weights": args.weights.name(),
+            "model": args.base.path(),
+            "weights": args.base.weights.name(),
             "heldout": h.heldout, "seq": h.seq, "max_windows": h.max_windows,
             "scope": args.scope.name(), "basis_bits": args.basis_bits.name(),
             "mixed_bases": args.mixed_bases, "block": args.block, "entropy": args.entropy, "basis_rate": args.basis_rate,

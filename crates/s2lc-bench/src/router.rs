@@ -15,7 +15,7 @@ use s2lc_model::lora::LoraAdapter;
 use s2lc_model::tokenizer::read_text_file;
 use s2lc_serve::router::{pieces, RouteTable};
 
-use crate::common::{load_model, parse_weights, s2lc_home, write_json, ModelArg};
+use crate::common::{s2lc_home, write_json, BaseModelArgs};
 use s2lc_model::heldout::split_chars;
 
 /// Router subcommands.
@@ -42,10 +42,7 @@ pub struct MorphEvalArgs {
     #[command(flatten)]
     text: RouterText,
     #[command(flatten)]
-    model: ModelArg,
-    /// Weight storage of the base model.
-    #[arg(long, default_value = "native", value_parser = parse_weights)]
-    weights: s2lc_model::source::WeightStorage,
+    base: BaseModelArgs,
     /// Characters per held-out paragraph.
     #[arg(long, default_value_t = 1000)]
     chars: usize,
@@ -274,7 +271,7 @@ fn morph_eval(args: &MorphEvalArgs) -> Result<()> {
     let members: Vec<String> = set.members.iter().map(|m| m.name.clone()).collect();
     let texts = args.text.texts()?;
     let held = held_out(&texts, args.chars, args.pieces);
-    let (_source, mut model, tokenizer) = load_model(&args.model.path(), args.weights)?;
+    let (_source, mut model, tokenizer) = args.base.load()?;
     // Every paragraph of every domain, with its domain's index.
     let mut paragraphs = Vec::new();
     let mut blends = Vec::new();

@@ -14,25 +14,21 @@ use clap::Args;
 use semver::Version;
 use serde_json::json;
 
-use s2lc_model::source::WeightStorage;
 use s2lc_serve::client::{metric_value, request};
 use s2lc_serve::{BatchConfig, Engine, ServeConfig, StoreSource};
 use s2lc_store::Store;
 
-use crate::common::{load_model, parse_bytes, parse_weights, progress_bar, write_json, ModelArg};
+use crate::common::{
+    load_model, parse_bytes, progress_bar, write_json, AdapterSetArgs, BaseModelArgs,
+};
 
 /// Options of `s2lc bench serve`.
 #[derive(Args)]
 pub struct ServeBenchArgs {
     #[command(flatten)]
-    model: ModelArg,
-    /// Weight storage of the base model.
-    #[arg(long, default_value = "native", value_parser = parse_weights)]
-    weights: WeightStorage,
-    /// PEFT adapters to copy into the store (repeat) [default: the rank-8 domain adapters in
-    /// $S2LC_HOME/adapters].
-    #[arg(long = "adapter")]
-    adapters: Vec<PathBuf>,
+    base: BaseModelArgs,
+    #[command(flatten)]
+    adapters: AdapterSetArgs,
     /// Adapter names in the store (copies of the sources, cycled).
     #[arg(long, default_value_t = 1000)]
     n_adapters: usize,
@@ -84,18 +80,16 @@ fn metric(text: &str, name: &str) -> f64 {
 
 /// Runs `s2lc bench serve`.
 pub fn run(args: &ServeBenchArgs) -> Result<()> {
-    let sources: Vec<PathBuf> = if args.adapters.is_empty() {
-        crate::adapter_io::domain_adapters()
-    } else {
-        args.adapters.clone()
-    };
+    let sources = args
+        .adapters
+        .dirs_or(|| Ok(crate::adapter_io::domain_adapters()))?;
     if sources.is_empty() {
         bail!("no adapters to serve: pass --adapter DIR or train the set (scripts/reference/train_adapter_set.sh)");
     }
     if args.clients == 0 || args.n_adapters == 0 {
         bail!("--clients and --n-adapters must be positive");
     }
-    let model_path = args.model.path();
+    let model_path = args.base.path();
     let digest = s2lc_model::digest::model_digest(&model_path).context("hashing the base model")?;
     let dir = std::env::temp_dir().join(format!("s2lc-bench-serve-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -259,7 +253,7 @@ fn load_test(
     max_batch: usize,
     cdf: &[f64],
 ) -> Result<Run> {
-    let (source, model, tokenizer) = load_model(model_path, args.weights)?;
+    let (source, model, tokenizer) = load_model(model_path, args.base.weights)?;
     let batch = BatchConfig {
         max_batch,
         ..BatchConfig::default()
