@@ -696,9 +696,17 @@ mod tests {
         let want = {
             let mut cache = kv.cache(n_layers, shape, limit).unwrap();
             let mut sampler = Sampler::new(SamplingParams::default());
-            generate(&m, cache.as_mut(), &[1, 2, 3], 100, &mut sampler, &[], |_| true)
-                .unwrap()
-                .generated
+            generate(
+                &m,
+                cache.as_mut(),
+                &[1, 2, 3],
+                100,
+                &mut sampler,
+                &[],
+                |_| true,
+            )
+            .unwrap()
+            .generated
         };
         let need = kv_bytes_bound(&kv, n_layers, shape, limit);
         // One partial block of 32 tokens stays f32; the other 71 take 18 of 128 bytes per head.
