@@ -31,7 +31,7 @@
 //! - per width present, `ans.int3` etc.: the codes of every matrix of that width in index order,
 //!   each value the two's-complement bit field of its code.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use half::f16;
@@ -45,6 +45,7 @@ use s2lc_model::lora::TARGETS;
 use s2lc_model::source::write_file_atomic;
 use s2lc_spectral::{AnsTable, BlockQuant, QuantBits};
 
+use crate::artifact::{check_file_name, AdapterLimits, ArtifactFiles, DirFiles};
 use crate::pack::{
     ModuleKey, PackError, PackParams, PackedCore, PackedMember, PackedModule, PackedSet, QMat,
 };
@@ -105,9 +106,6 @@ const RECORD: usize = 18;
 
 /// Largest block size a file may declare (a guard against a corrupt header's allocation).
 const MAX_BLOCK: usize = 1 << 16;
-
-/// Largest number of values one matrix in a file may declare (the same guard).
-const MAX_VALUES: usize = 1 << 32;
 
 /// One safetensors file being written: its matrices in order.
 struct Writer<'a> {
@@ -322,16 +320,16 @@ fn f16s(bytes: &[u8]) -> Vec<f16> {
         .collect()
 }
 
-/// The frequency table `name.freqs` (pairs of symbol and frequency, symbols below `alphabet`),
-/// and the stream `name.stream` decoded into `out`.
-fn decode_stream(
-    st: &SafeTensors<'_>,
-    name: &str,
-    alphabet: usize,
-    out: &mut [u8],
-) -> Result<(), String> {
+/// The frequency table `name.freqs` (pairs of symbol and frequency, symbols below `alphabet`).
+fn read_table(st: &SafeTensors<'_>, name: &str, alphabet: usize) -> Result<AnsTable, String> {
     let mut freqs = vec![0u16; alphabet];
-    for pair in tensor(st, &format!("{name}.freqs"), Dtype::U16)?.chunks_exact(4) {
+    let pairs = tensor(st, &format!("{name}.freqs"), Dtype::U16)?;
+    if pairs.len() % 4 != 0 {
+        return Err(format!(
+            "{name}.freqs is not whole (symbol, frequency) pairs"
+        ));
+    }
+    for pair in pairs.chunks_exact(4) {
         let symbol = u16::from_le_bytes([pair[0], pair[1]]) as usize;
         let freq = u16::from_le_bytes([pair[2], pair[3]]);
         match freqs.get_mut(symbol) {
@@ -339,27 +337,146 @@ fn decode_stream(
             _ => return Err(format!("{name}.freqs: symbol {symbol} of {alphabet} (frequency {freq}, given twice or out of range)")),
         }
     }
-    let table = AnsTable::from_freqs(freqs).map_err(|e| format!("{name}: {e}"))?;
-    table
+    AnsTable::from_freqs(freqs).map_err(|e| format!("{name}: {e}"))
+}
+
+/// The stream `name` (table `name.freqs`, symbols `name.stream`) decoded into `out`: exactly
+/// `out.len()` symbols, a length the caller has checked against its limits.
+fn decode_stream(
+    st: &SafeTensors<'_>,
+    name: &str,
+    alphabet: usize,
+    out: &mut [u8],
+) -> Result<(), String> {
+    read_table(st, name, alphabet)?
         .decode_into(tensor(st, &format!("{name}.stream"), Dtype::U8)?, out)
         .map_err(|e| format!("{name}.stream: {e}"))
 }
 
+/// Values charged to the budget for every matrix besides its own, so that a file cannot declare
+/// unboundedly many empty ones.
+const MATRIX_COST: usize = 64;
+
+/// What the matrices of one artifact may still declare: every matrix is checked against the
+/// limits and charged its values (rounded up to whole blocks) before anything is allocated
+/// for it, so all the files of a pack together decode to at most `max_values` values.
+struct Budget<'a> {
+    limits: &'a AdapterLimits,
+    /// The pack's block size (`params.block`): every matrix's.
+    block: usize,
+    values_left: usize,
+}
+
+impl<'a> Budget<'a> {
+    fn new(limits: &'a AdapterLimits, block: usize) -> Self {
+        Budget {
+            limits,
+            block,
+            values_left: limits.max_values,
+        }
+    }
+
+    /// Admits the `rows × cols` matrix at `slot` in blocks of `block`: returns its values.
+    fn admit(
+        &mut self,
+        slot: &Slot,
+        rows: usize,
+        cols: usize,
+        block: usize,
+    ) -> Result<usize, String> {
+        let (l, name) = (self.limits, slot.name());
+        if slot.key.layer >= l.max_layers {
+            return Err(format!(
+                "matrix {name}: layer {}, but at most {} layers are accepted",
+                slot.key.layer, l.max_layers
+            ));
+        }
+        if slot.group > 0 && slot.part > 1 {
+            return Err(format!("matrix {name}: a column group of a core"));
+        }
+        if block != self.block {
+            return Err(format!(
+                "matrix {name}: block size {block}, not the pack's {}",
+                self.block
+            ));
+        }
+        // Bases are `dim × rank`, cores `rank × rank`, residual factors `dim × r` and `r × dim`.
+        let (dim, rank) = (l.max_dim, l.max_rank);
+        let (max_rows, max_cols) = match slot.part {
+            0 | 1 | 4 => (dim, rank),
+            2 | 3 => (rank, rank),
+            _ => (rank, dim),
+        };
+        if rows > max_rows || cols > max_cols {
+            return Err(format!(
+                "matrix {name}: {rows}×{cols}, more than the {max_rows}×{max_cols} accepted"
+            ));
+        }
+        let len = rows
+            .checked_mul(cols)
+            .ok_or_else(|| format!("matrix {name}: {rows}×{cols} values"))?;
+        let charged = len
+            .div_ceil(block)
+            .saturating_mul(block)
+            .saturating_add(MATRIX_COST);
+        self.values_left = self.values_left.checked_sub(charged).ok_or_else(|| {
+            format!(
+                "matrix {name}: the pack declares more than the {} values accepted",
+                l.max_values
+            )
+        })?;
+        Ok(len)
+    }
+}
+
+/// The slot of a tensor prefix `L{layer}.{target}.{part}[.{group}]` (as [`Slot::name`] writes).
+fn parse_slot(name: &str) -> Option<Slot> {
+    let rest = name.strip_prefix('L')?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (target, rest) = rest.split_once('.')?;
+    let target = TARGETS.iter().position(|t| *t == target)?;
+    let (part, group) = match rest.rsplit_once('.') {
+        Some((part, group)) if !group.starts_with('0') => (part, group.parse().ok()?),
+        _ => (rest, 0),
+    };
+    let part = PARTS.iter().position(|p| *p == part)?;
+    let slot = Slot {
+        key: ModuleKey { layer, target },
+        part,
+        group,
+    };
+    // One spelling per slot (no leading zeros, no `.0` group), so names cannot alias.
+    (slot.name() == name).then_some(slot)
+}
+
 /// The matrices of a plain file: three tensors each, shapes in the `s2lc` metadata.
-fn read_plain(st: &SafeTensors<'_>, headers: &str) -> Result<HashMap<String, QMat>, String> {
+fn read_plain(
+    st: &SafeTensors<'_>,
+    headers: &str,
+    budget: &mut Budget<'_>,
+) -> Result<HashMap<String, QMat>, String> {
     let headers: BTreeMap<String, QMatHeader> =
         serde_json::from_str(headers).map_err(|e| e.to_string())?;
-    let mut mats = HashMap::new();
+    if headers.len() > st.len() / 3 {
+        return Err(format!(
+            "{} matrices declared but {} tensors present (three per matrix)",
+            headers.len(),
+            st.len()
+        ));
+    }
+    let mut mats = HashMap::with_capacity(headers.len());
     for (name, h) in headers {
+        let slot = parse_slot(&name).ok_or_else(|| format!("matrix name {name}"))?;
+        let len = budget.admit(&slot, h.rows, h.cols, h.block)?;
         let kept_bytes = tensor(st, &format!("{name}.kept"), Dtype::U8)?;
-        if kept_bytes.len() % 8 != 0 {
-            return Err(format!("{name}.kept is not whole 64-bit words"));
+        if kept_bytes.len() != len.div_ceil(h.block).div_ceil(64) * 8 {
+            return Err(format!(
+                "{name}.kept: {} bytes for {} blocks",
+                kept_bytes.len(),
+                len.div_ceil(h.block)
+            ));
         }
-        let len = h
-            .rows
-            .checked_mul(h.cols)
-            .filter(|&n| n <= MAX_VALUES)
-            .ok_or_else(|| format!("matrix {name}: {}×{} values", h.rows, h.cols))?;
         let q = BlockQuant {
             bits: h.bits,
             block: h.block,
@@ -378,8 +495,18 @@ fn read_plain(st: &SafeTensors<'_>, headers: &str) -> Result<HashMap<String, QMa
     Ok(mats)
 }
 
-/// The matrices of a coded file (see the module docs).
-fn read_coded(st: &SafeTensors<'_>, meta: &str) -> Result<HashMap<String, QMat>, String> {
+/// One matrix of a coded file's index: name, width (index into [`QuantBits::ALL`]), rows,
+/// columns, block size, values.
+type Record = (String, usize, usize, usize, usize, usize);
+
+/// The matrices of a coded file (see the module docs). Every count is checked before it is
+/// allocated: the records one at a time as they are decoded, then the bitmaps, scales and codes
+/// they declare, whose sizes the budget has admitted.
+fn read_coded(
+    st: &SafeTensors<'_>,
+    meta: &str,
+    budget: &mut Budget<'_>,
+) -> Result<HashMap<String, QMat>, String> {
     #[derive(Deserialize)]
     struct Meta {
         matrices: usize,
@@ -390,11 +517,19 @@ fn read_coded(st: &SafeTensors<'_>, meta: &str) -> Result<HashMap<String, QMat>,
     if n > 1 << 24 {
         return Err(format!("{n} matrices"));
     }
-    let mut index = vec![0u8; n * RECORD];
-    decode_stream(st, "index", 256, &mut index)?;
-    // The records: name, width, rows, columns, block size, blocks.
-    let mut records = Vec::with_capacity(n);
-    for r in index.chunks_exact(RECORD) {
+    // The records, decoded one by one: a stream can decode to any length (a one-symbol table
+    // decodes it from 16 bytes), so nothing is sized by `n` before its records are admitted.
+    let table = read_table(st, "index", 256)?;
+    let mut index = table
+        .decoder(tensor(st, "index.stream", Dtype::U8)?)
+        .map_err(|e| format!("index.stream: {e}"))?;
+    let mut records: Vec<Record> = Vec::new();
+    let mut names = HashSet::new();
+    let mut r = [0u8; RECORD];
+    for _ in 0..n {
+        index
+            .decode(&mut r)
+            .map_err(|e| format!("index.stream: {e}"))?;
         let u32_at =
             |i: usize| u32::from_le_bytes(r[i..i + 4].try_into().expect("4 bytes")) as usize;
         let key = ModuleKey {
@@ -405,27 +540,27 @@ fn read_coded(st: &SafeTensors<'_>, meta: &str) -> Result<HashMap<String, QMat>,
         if key.target >= TARGETS.len() || part >= PARTS.len() {
             return Err(format!("index record of target {} part {part}", key.target));
         }
-        let name = Slot { key, part, group }.name();
+        let slot = Slot { key, part, group };
+        let name = slot.name();
+        if !names.insert(name.clone()) {
+            return Err(format!("matrix {name} appears twice"));
+        }
         let w = QuantBits::ALL
             .iter()
             .position(|b| b.bits() == r[5] as usize)
             .ok_or_else(|| format!("matrix {name}: {} bits", r[5]))?;
         let (rows, cols, block) = (u32_at(6), u32_at(10), u32_at(14));
-        let len = rows
-            .checked_mul(cols)
-            .filter(|&n| n <= MAX_VALUES)
-            .ok_or_else(|| format!("matrix {name}: {rows}×{cols} values"))?;
         if block == 0 || block > MAX_BLOCK {
             return Err(format!("matrix {name}: block size {block}"));
         }
+        let len = budget.admit(&slot, rows, cols, block)?;
         records.push((name, w, rows, cols, block, len));
     }
-    let bitmap_len = |&(.., block, len): &(String, usize, usize, usize, usize, usize)| {
-        len.div_ceil(block).div_ceil(8)
-    };
+    index.finish().map_err(|e| format!("index.stream: {e}"))?;
+    let bitmap_len = |&(.., block, len): &Record| len.div_ceil(block).div_ceil(8);
     let mut kept_bytes = vec![0u8; records.iter().map(bitmap_len).sum()];
     decode_stream(st, "kept", 256, &mut kept_bytes)?;
-    let mut bitmaps = Vec::with_capacity(n);
+    let mut bitmaps = Vec::with_capacity(records.len());
     let mut at = 0;
     for rec in &records {
         let bytes = &kept_bytes[at..at + bitmap_len(rec)];
@@ -436,25 +571,29 @@ fn read_coded(st: &SafeTensors<'_>, meta: &str) -> Result<HashMap<String, QMat>,
         }
         bitmaps.push(kept);
     }
+    drop(kept_bytes);
     let n_kept: usize = bitmaps
         .iter()
         .flatten()
         .map(|w| w.count_ones() as usize)
         .sum();
-    let mut hi = vec![0u8; n_kept];
-    decode_stream(st, "scales.hi", 256, &mut hi)?;
+    // The low bytes are stored as they are: one per kept block must be present.
     let lo = tensor(st, "scales.lo", Dtype::U8)?;
     if lo.len() != n_kept {
         return Err(format!("{} scales for {n_kept} kept blocks", lo.len()));
     }
+    let mut hi = vec![0u8; n_kept];
+    decode_stream(st, "scales.hi", 256, &mut hi)?;
     let mut scales = lo
         .iter()
         .zip(&hi)
         .map(|(&l, &h)| f16::from_le_bytes([l, h]));
     let mut code_counts = vec![0usize; QuantBits::ALL.len()];
-    let mut mats = Vec::with_capacity(n);
+    let mut mats = Vec::with_capacity(records.len());
     for ((name, w, rows, cols, block, len), kept) in records.into_iter().zip(bitmaps) {
         let n_kept: usize = kept.iter().map(|w| w.count_ones() as usize).sum();
+        // At most the matrix's blocks (bits past the end are refused by `validate` below), so
+        // the codes are within what the budget admitted.
         code_counts[w] += n_kept * block;
         let q = BlockQuant {
             bits: QuantBits::ALL[w],
@@ -465,6 +604,13 @@ fn read_coded(st: &SafeTensors<'_>, meta: &str) -> Result<HashMap<String, QMat>,
             data: Vec::new(),
         };
         mats.push((name, QMat { rows, cols, q }));
+    }
+    // A bitmap marking blocks past a matrix's end would claim codes no budget admitted.
+    for (name, m) in &mats {
+        let n_blocks = m.q.len.div_ceil(m.q.block);
+        if (n_blocks..m.q.kept.len() * 64).any(|i| m.q.kept[i / 64] >> (i % 64) & 1 == 1) {
+            return Err(format!("matrix {name}: bitmap marks blocks past the end"));
+        }
     }
     // The streams of the different widths are independent: decode them side by side, then
     // hand each matrix its run of codes.
@@ -494,14 +640,7 @@ fn read_coded(st: &SafeTensors<'_>, meta: &str) -> Result<HashMap<String, QMat>,
             m.q.set_codes(run);
             m.q.validate().map_err(|e| format!("matrix {name}: {e}"))
         })?;
-    let mut out = HashMap::with_capacity(n);
-    for (name, m) in mats {
-        if out.contains_key(&name) {
-            return Err(format!("matrix {name} appears twice"));
-        }
-        out.insert(name, m);
-    }
-    Ok(out)
+    Ok(mats.into_iter().collect())
 }
 
 /// Position of `bits` in [`QuantBits::ALL`]: the number of its code stream.
@@ -514,27 +653,29 @@ fn width_index(bits: QuantBits) -> usize {
 
 /// A parsed pack file: its matrices by tensor prefix, each taken once.
 struct Reader {
+    /// The file's name in the pack.
     path: PathBuf,
     mats: HashMap<String, QMat>,
 }
 
 impl Reader {
-    fn new(path: &Path, bytes: &[u8]) -> Result<Self, PackError> {
+    /// Parses the file `name` of a pack, its matrices admitted by `budget`.
+    fn new(name: &str, bytes: &[u8], budget: &mut Budget<'_>) -> Result<Self, PackError> {
         let fail = |message: String| PackError::Format {
-            path: path.to_path_buf(),
+            path: PathBuf::from(name),
             message,
         };
         let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| fail(e.to_string()))?;
         let meta = meta.metadata().clone().unwrap_or_default();
         let st = SafeTensors::deserialize(bytes).map_err(|e| fail(e.to_string()))?;
         let mats = match (meta.get(PLAIN_KEY), meta.get(CODED_KEY)) {
-            (Some(headers), None) => read_plain(&st, headers),
-            (None, Some(coded)) => read_coded(&st, coded),
+            (Some(headers), None) => read_plain(&st, headers, budget),
+            (None, Some(coded)) => read_coded(&st, coded, budget),
             _ => Err("no s2lc metadata (not an S2LC pack file)".into()),
         }
         .map_err(fail)?;
         Ok(Reader {
-            path: path.to_path_buf(),
+            path: PathBuf::from(name),
             mats,
         })
     }
@@ -557,29 +698,25 @@ impl Reader {
     }
 
     /// A basis: its column groups at `prefix`, `prefix.1`, `prefix.2`, ….
-    fn get_basis(&mut self, prefix: &str) -> Result<QBasis, PackError> {
+    fn get_basis(&mut self, prefix: &str, max_rank: usize) -> Result<QBasis, PackError> {
         let mut groups = vec![self.get(prefix)?];
         while self.has(&format!("{prefix}.{}", groups.len())) {
             groups.push(self.get(&format!("{prefix}.{}", groups.len()))?);
         }
-        QBasis::from_groups(groups).map_err(|e| self.fail(format!("{prefix}: {e}")))
+        let basis = QBasis::from_groups(groups).map_err(|e| self.fail(format!("{prefix}: {e}")))?;
+        if basis.cols > max_rank {
+            return Err(self.fail(format!(
+                "{prefix}: a basis of {} vectors, more than the {max_rank} accepted",
+                basis.cols
+            )));
+        }
+        Ok(basis)
     }
 }
 
 /// A member name usable as a file name.
 fn check_name(name: &str) -> Result<(), PackError> {
-    let ok = !name.is_empty()
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(PackError::Invalid(format!(
-            "member name '{name}' must be letters, digits, '.', '_' or '-'"
-        )))
-    }
+    check_file_name(name).map_err(|e| PackError::Invalid(format!("member name: {e}")))
 }
 
 /// Writes `set` into `dir` (created if needed). Every file goes through a temporary name, and
@@ -640,18 +777,62 @@ pub fn save_member(set: &PackedSet, name: &str, dir: &Path) -> Result<(), PackEr
     save(&single, dir)
 }
 
-/// Reads a pack written by [`save`]; every matrix is checked for consistency.
+/// Largest `pack.json` read (a pack of hundreds of members and matrices takes some 100 KB).
+const MAX_MANIFEST_BYTES: u64 = 1 << 24;
+
+/// Reads a pack written by [`save`]; every matrix is checked for consistency. Sizes are checked
+/// against [`AdapterLimits::GENEROUS`] only: a pack from untrusted storage is read with
+/// [`load_with`] and the limits of the model it is for.
 pub fn load(dir: &Path) -> Result<PackedSet, PackError> {
-    let manifest_path = dir.join("pack.json");
-    let text = std::fs::read_to_string(&manifest_path).map_err(|source| PackError::Io {
-        path: manifest_path.clone(),
-        source,
-    })?;
+    load_with(dir, &AdapterLimits::GENEROUS)
+}
+
+/// Reads the pack in `dir` as untrusted input (see [`crate::artifact`]): only the files the
+/// format names (`basis_file` a plain file name, each member's file
+/// `members/NAME.safetensors`), each a regular file of the size `pack.json` declares; every
+/// matrix within `limits`. Errors name files relative to the pack, never `dir`.
+pub fn load_with(dir: &Path, limits: &AdapterLimits) -> Result<PackedSet, PackError> {
+    load_files(&DirFiles(dir), limits)
+}
+
+/// [`load_with`] over any source of the pack's files.
+pub fn load_files(
+    files: &dyn ArtifactFiles,
+    limits: &AdapterLimits,
+) -> Result<PackedSet, PackError> {
     let fail = |message: String| PackError::Format {
-        path: manifest_path.clone(),
+        path: PathBuf::from("pack.json"),
         message,
     };
-    let manifest: Value = serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
+    // A file of the pack: its declared size (if `pack.json` gives one) is the most read, and
+    // must be its size.
+    let read = |name: &str, declared: &Value| -> Result<Vec<u8>, PackError> {
+        let fail = |message: String| PackError::Format {
+            path: PathBuf::from(name),
+            message,
+        };
+        let declared = match declared {
+            Value::Null => None,
+            v => Some(
+                v.as_u64()
+                    .ok_or_else(|| fail(format!("declared size {v}")))?,
+            ),
+        };
+        let cap = declared.map_or(limits.max_file_bytes, |d| d.min(limits.max_file_bytes));
+        let bytes = files.read(name, cap).map_err(|e| fail(e.to_string()))?;
+        match declared {
+            Some(d) if d != bytes.len() as u64 => Err(fail(format!(
+                "{} bytes, but pack.json declares {d}",
+                bytes.len()
+            ))),
+            _ => Ok(bytes),
+        }
+    };
+    let text = files
+        .read("pack.json", MAX_MANIFEST_BYTES)
+        .map_err(|e| fail(e.to_string()))?;
+    let manifest: Value = serde_json::from_slice(&text).map_err(|e| fail(e.to_string()))?;
+    drop(text);
     if ![FORMAT, FORMAT_MIXED, FORMAT_CODED]
         .iter()
         .any(|f| manifest["format"] == *f)
@@ -663,42 +844,77 @@ pub fn load(dir: &Path) -> Result<PackedSet, PackError> {
     }
     let params: PackParams =
         serde_json::from_value(manifest["params"].clone()).map_err(|e| fail(e.to_string()))?;
+    params
+        .validate()
+        .map_err(|e| fail(format!("params: {e}")))?;
+    if params.block > MAX_BLOCK {
+        return Err(fail(format!(
+            "block size {} (at most {MAX_BLOCK})",
+            params.block
+        )));
+    }
     let keys: Vec<ModuleKey> =
         serde_json::from_value(manifest["modules"].clone()).map_err(|e| fail(e.to_string()))?;
-    let read = |file: &str| -> Result<Vec<u8>, PackError> {
-        let path = dir.join(file);
-        std::fs::read(&path).map_err(|source| PackError::Io { path, source })
-    };
-    let basis_file = manifest["basis_file"]
+    let mut seen = HashSet::new();
+    for key in &keys {
+        if key.target >= TARGETS.len() || key.layer >= limits.max_layers {
+            return Err(fail(format!(
+                "module of layer {} target {} (at most {} layers, {} targets)",
+                key.layer,
+                key.target,
+                limits.max_layers,
+                TARGETS.len()
+            )));
+        }
+        if !seen.insert(*key) {
+            return Err(fail(format!("module {} listed twice", key.name())));
+        }
+    }
+    let basis_name = manifest["basis_file"]
         .as_str()
         .ok_or_else(|| fail("no basis_file".into()))?;
-    let basis_bytes = read(basis_file)?;
-    let mut basis = Reader::new(&dir.join(basis_file), &basis_bytes)?;
-    let mut modules = BTreeMap::new();
-    for key in &keys {
-        if key.target >= TARGETS.len() {
-            return Err(fail(format!("target index {} out of range", key.target)));
-        }
-        let module = PackedModule {
-            u: basis.get_basis(&prefix(key, "u"))?,
-            v: basis.get_basis(&prefix(key, "v"))?,
-        };
-        modules.insert(*key, module);
-    }
-    let mut members = Vec::new();
-    for m in manifest["members"]
+    check_file_name(basis_name).map_err(|e| fail(format!("basis_file: {e}")))?;
+    let members_list = manifest["members"]
         .as_array()
-        .ok_or_else(|| fail("no members list".into()))?
-    {
+        .ok_or_else(|| fail("no members list".into()))?;
+    // Every name is checked before any file is read.
+    let mut member_files = Vec::with_capacity(members_list.len());
+    let mut names = HashSet::new();
+    for m in members_list {
         let name = m["name"]
             .as_str()
             .ok_or_else(|| fail("a member has no name".into()))?;
         check_name(name)?;
-        let file = m["file"]
-            .as_str()
-            .ok_or_else(|| fail(format!("member {name} has no file")))?;
-        let bytes = read(file)?;
-        let mut r = Reader::new(&dir.join(file), &bytes)?;
+        if !names.insert(name) {
+            return Err(fail(format!("member {name} listed twice")));
+        }
+        // The file is where `save` puts it, or nowhere: the name is never used as a path.
+        let file = format!("members/{name}.safetensors");
+        if m["file"].as_str() != Some(file.as_str()) {
+            return Err(fail(format!(
+                "member {name}: file {} is not {file}",
+                m["file"]
+            )));
+        }
+        member_files.push((name, file, &m["bytes"]));
+    }
+    let mut budget = Budget::new(limits, params.block);
+    let basis_bytes = read(basis_name, &manifest["basis_bytes"])?;
+    let mut basis = Reader::new(basis_name, &basis_bytes, &mut budget)?;
+    drop(basis_bytes);
+    let mut modules = BTreeMap::new();
+    for key in &keys {
+        let module = PackedModule {
+            u: basis.get_basis(&prefix(key, "u"), limits.max_rank)?,
+            v: basis.get_basis(&prefix(key, "v"), limits.max_rank)?,
+        };
+        modules.insert(*key, module);
+    }
+    let mut members = Vec::new();
+    for (name, file, declared) in member_files {
+        let bytes = read(&file, declared)?;
+        let mut r = Reader::new(&file, &bytes, &mut budget)?;
+        drop(bytes);
         let mut cores = BTreeMap::new();
         for key in &keys {
             let core_prefix = prefix(key, "core_b");

@@ -24,6 +24,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod artifact;
 pub mod format;
 pub mod loss;
 pub mod pack;

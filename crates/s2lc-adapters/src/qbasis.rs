@@ -64,7 +64,9 @@ impl QBasis {
         }
     }
 
-    /// Builds a basis from groups read back from a file, checking that their row counts agree.
+    /// Builds a basis from groups read back from a file, checking that their row counts agree,
+    /// that each holds its `rows × cols` values, and that the whole fits in memory's arithmetic
+    /// (a file's sizes are untrusted; the reader has checked them against its limits).
     pub fn from_groups(groups: Vec<QMat>) -> Result<Self, String> {
         let rows = groups.first().ok_or("a basis without groups")?.rows;
         if let Some(g) = groups.iter().find(|g| g.rows != rows) {
@@ -73,7 +75,20 @@ impl QBasis {
                 g.rows
             ));
         }
-        let cols = groups.iter().map(|g| g.cols).sum();
+        if let Some(g) = groups
+            .iter()
+            .find(|g| g.rows.checked_mul(g.cols) != Some(g.q.len))
+        {
+            return Err(format!(
+                "a basis group of {}×{} holds {} values",
+                g.rows, g.cols, g.q.len
+            ));
+        }
+        let cols = groups
+            .iter()
+            .try_fold(0usize, |n, g| n.checked_add(g.cols))
+            .filter(|&c| rows.checked_mul(c).is_some())
+            .ok_or("a basis too large to address")?;
         Ok(QBasis { rows, cols, groups })
     }
 
@@ -373,5 +388,9 @@ mod tests {
         let mut bad = b.groups.clone();
         bad[1] = QMat::new(m.subrows(0, 32), 32, QuantBits::Int4, 0.0);
         assert!(QBasis::from_groups(bad).is_err());
+        // A group whose shape is not its values (a file's header lying about them).
+        let mut bad = b.groups.clone();
+        bad[1].cols += 1;
+        assert!(QBasis::from_groups(bad).unwrap_err().contains("holds"));
     }
 }

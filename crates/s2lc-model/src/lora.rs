@@ -19,6 +19,7 @@ use faer::{Accum, MatRef};
 use safetensors::SafeTensors;
 use serde_json::{json, Map, Value};
 
+use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::kernels::dot::QuantizedActs;
 use crate::kernels::WeightMatrix;
@@ -120,11 +121,122 @@ impl LoraDelta {
     }
 }
 
-/// The `lora_A` and `lora_B` tensors of one layer (values and shape) while an adapter is read.
+/// Caps on what an adapter read from untrusted storage (an Adapter Store entry, a pushed pack)
+/// may declare, checked before anything is allocated for it. [`AdapterLimits::for_model`] derives
+/// them from the base model's shapes; [`AdapterLimits::GENEROUS`] is for loaders without a model
+/// (the CLI on local files), where only absurd sizes are refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdapterLimits {
+    /// Layers an adapter may adapt (a layer index is below this).
+    pub max_layers: usize,
+    /// Largest input or output width of an adapted matrix.
+    pub max_dim: usize,
+    /// Largest rank of a delta, and width of a shared basis.
+    pub max_rank: usize,
+    /// Values all the matrices of one artifact may hold once decoded (f32 each).
+    pub max_values: usize,
+    /// Largest file of an artifact, in bytes.
+    pub max_file_bytes: u64,
+}
+
+impl AdapterLimits {
+    /// Caps for a loader without a base model: far above any adapter of a real model.
+    pub const GENEROUS: AdapterLimits = AdapterLimits {
+        max_layers: 1 << 12,
+        max_dim: 1 << 18,
+        max_rank: 1 << 16,
+        max_values: 1 << 33,
+        max_file_bytes: 1 << 36,
+    };
+
+    /// Caps for adapters of a model of `cfg`: its layers, its widest projection, ranks up to the
+    /// full rank of its widest target, and values of a pack of full-rank deltas of every target
+    /// (bases and cores: twice those of a full-rank PEFT adapter).
+    pub fn for_model(cfg: &ModelConfig) -> Self {
+        let (d, q, kv, ff) = (
+            cfg.hidden_size,
+            cfg.n_heads * cfg.head_dim,
+            cfg.n_kv_heads * cfg.head_dim,
+            cfg.intermediate_size,
+        );
+        // (in, out) of each target in [`TARGETS`] order.
+        let shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, ff), (d, ff), (ff, d)];
+        let full_rank = |(i, o): (usize, usize)| (i + o).saturating_mul(i.min(o));
+        let per_layer = shapes
+            .iter()
+            .fold(0usize, |acc, &s| acc.saturating_add(full_rank(s)));
+        let max_values = per_layer
+            .saturating_mul(cfg.n_layers)
+            .saturating_mul(2)
+            .max(1);
+        AdapterLimits {
+            max_layers: cfg.n_layers,
+            max_dim: d.max(q).max(kv).max(ff),
+            max_rank: shapes.iter().map(|&(i, o)| i.min(o)).max().unwrap_or(0),
+            max_values,
+            max_file_bytes: (max_values as u64)
+                .saturating_mul(4)
+                .saturating_add(1 << 24),
+        }
+    }
+
+    /// These caps with at most `values` values per artifact (e.g. a cache's budget in f32s).
+    pub fn with_max_values(self, values: usize) -> Self {
+        AdapterLimits {
+            max_values: self.max_values.min(values),
+            ..self
+        }
+    }
+}
+
+impl Default for AdapterLimits {
+    fn default() -> Self {
+        AdapterLimits::GENEROUS
+    }
+}
+
+/// Reads the file `path` of an untrusted artifact: a regular file (not a device, FIFO or
+/// directory, which could be endless or block) of at most `max_bytes`, read no further than that.
+pub fn read_artifact_file(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(Error::new(ErrorKind::InvalidData, "not a regular file"));
+    }
+    let too_large = |n: u64| {
+        Error::new(
+            ErrorKind::InvalidData,
+            format!("{n} bytes, more than the {max_bytes} accepted"),
+        )
+    };
+    if meta.len() > max_bytes {
+        return Err(too_large(meta.len()));
+    }
+    // The length can change under us: read at most one byte past the cap to notice.
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// Largest `adapter_config.json` read (real ones are a few KB).
+const MAX_CONFIG_BYTES: u64 = 1 << 24;
+
+/// One tensor of an adapter file, checked but not yet converted.
+struct PendingTensor<'a> {
+    name: String,
+    view: safetensors::tensor::TensorView<'a>,
+}
+
+/// The `lora_A` and `lora_B` tensors of one layer while an adapter is read.
 #[derive(Default)]
-struct LoraPair {
-    a: Option<(Vec<f32>, Vec<usize>)>,
-    b: Option<(Vec<f32>, Vec<usize>)>,
+struct LoraPair<'a> {
+    a: Option<PendingTensor<'a>>,
+    b: Option<PendingTensor<'a>>,
 }
 
 /// A PEFT LoRA adapter as loaded: its settings and, per layer and target, the delta.
@@ -146,26 +258,60 @@ pub struct LoraAdapter {
 
 impl LoraAdapter {
     /// Reads a PEFT adapter directory. Shapes are checked against the model by
-    /// [`crate::llama::LlamaModel::attach_adapter`].
+    /// [`crate::llama::LlamaModel::attach_adapter`]; sizes only against
+    /// [`AdapterLimits::GENEROUS`] (see [`LoraAdapter::load_with`]).
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        Self::load_with(dir, &AdapterLimits::GENEROUS)
+    }
+
+    /// Reads a PEFT adapter directory from untrusted storage: both files must be regular files
+    /// within `limits`, and every layer, shape and rank is checked against `limits` before its
+    /// values are converted.
+    pub fn load_with(dir: &Path, limits: &AdapterLimits) -> Result<Self, ModelError> {
         let config_path = dir.join("adapter_config.json");
+        let text = read_artifact_file(&config_path, MAX_CONFIG_BYTES)
+            .map_err(|source| ModelError::io(&config_path, source))?;
+        let weights_path = dir.join("adapter_model.safetensors");
+        let bytes = read_artifact_file(&weights_path, limits.max_file_bytes)
+            .map_err(|source| ModelError::io(&weights_path, source))?;
+        Self::from_bytes(dir, &text, &bytes, limits)
+    }
+
+    /// An adapter from the bytes of its `adapter_config.json` and `adapter_model.safetensors`;
+    /// errors and [`LoraAdapter::path`] name `dir`.
+    pub fn from_bytes(
+        dir: &Path,
+        config: &[u8],
+        weights: &[u8],
+        limits: &AdapterLimits,
+    ) -> Result<Self, ModelError> {
+        let config_path = dir.join("adapter_config.json");
+        let weights_path = dir.join("adapter_model.safetensors");
         let bad = |msg: String| ModelError::InvalidConfig(format!("{}: {msg}", dir.display()));
-        let text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
-            path: config_path.clone(),
-            source,
-        })?;
-        let config: Value = serde_json::from_str(&text).map_err(|source| ModelError::Config {
-            path: config_path.clone(),
-            source,
-        })?;
-        let rank = config["r"]
-            .as_u64()
-            .ok_or_else(|| bad("adapter_config.json has no integer 'r'".into()))?
-            as usize;
-        if rank == 0 {
-            return Err(bad("LoRA rank r is 0".into()));
-        }
-        let alpha = config["lora_alpha"].as_f64().unwrap_or(rank as f64) as f32;
+        let config: Value =
+            serde_json::from_slice(config).map_err(|source| ModelError::Config {
+                path: config_path.clone(),
+                source,
+            })?;
+        let rank = match config["r"].as_u64() {
+            Some(0) => return Err(bad("LoRA rank r is 0".into())),
+            Some(r) if r <= limits.max_rank as u64 => r as usize,
+            Some(r) => {
+                return Err(bad(format!(
+                    "LoRA rank r is {r}, above the {} accepted",
+                    limits.max_rank
+                )))
+            }
+            None => return Err(bad("adapter_config.json has no integer 'r'".into())),
+        };
+        let alpha = match &config["lora_alpha"] {
+            Value::Null => rank as f32,
+            v => v
+                .as_f64()
+                .map(|a| a as f32)
+                .filter(|a| a.is_finite())
+                .ok_or_else(|| bad(format!("lora_alpha {v} is not a finite number")))?,
+        };
         let rslora = config["use_rslora"].as_bool().unwrap_or(false);
         let scale_of = |alpha: f32, rank: usize| {
             if rslora {
@@ -174,8 +320,9 @@ impl LoraAdapter {
                 alpha / rank as f32
             }
         };
-        let rank_pattern = Pattern::read(&config, "rank_pattern").map_err(bad)?;
-        let alpha_pattern = Pattern::read(&config, "alpha_pattern").map_err(bad)?;
+        let rank_pattern =
+            Pattern::read(&config, "rank_pattern", Some(limits.max_rank)).map_err(bad)?;
+        let alpha_pattern = Pattern::read(&config, "alpha_pattern", None).map_err(bad)?;
         let targets: Vec<String> = match &config["target_modules"] {
             Value::String(s) => vec![s.clone()],
             Value::Array(a) => a
@@ -192,56 +339,90 @@ impl LoraAdapter {
                 )));
             }
         }
-        let weights_path = dir.join("adapter_model.safetensors");
-        let bytes = std::fs::read(&weights_path).map_err(|source| ModelError::Io {
-            path: weights_path.clone(),
-            source,
-        })?;
         let corrupt = |message: String| ModelError::Safetensors {
             path: weights_path.clone(),
             message,
         };
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        let mut layers: Vec<[Option<LoraDelta>; 7]> = Vec::new();
-        // (layer, target) → the A and B tensors with their shapes, as they are found.
-        let mut pending: HashMap<(usize, usize), LoraPair> = HashMap::new();
+        let st = SafeTensors::deserialize(weights).map_err(|e| corrupt(e.to_string()))?;
+        // (layer, target) → the A and B tensors, as they are found: only names and shapes are
+        // looked at until every pair has been checked against the limits.
+        let mut pending: HashMap<(usize, usize), LoraPair<'_>> = HashMap::new();
         for (name, view) in st.tensors() {
             let (layer, target, is_a) = parse_name(&name).ok_or_else(|| {
                 bad(format!(
                     "unexpected tensor '{name}' (not a PEFT LoRA A/B weight)"
                 ))
             })?;
-            let data = bytes_to_f32(&name, view.dtype(), view.data())?;
+            if layer >= limits.max_layers {
+                return Err(bad(format!(
+                    "tensor '{name}' adapts layer {layer}, but at most {} layers are accepted",
+                    limits.max_layers
+                )));
+            }
             let entry = pending.entry((layer, target)).or_default();
             let side = if is_a { &mut entry.a } else { &mut entry.b };
-            *side = Some((data, view.shape().to_vec()));
+            if side.is_some() {
+                return Err(bad(format!(
+                    "{}: lora_{} is given twice",
+                    module_name(layer, target),
+                    if is_a { "A" } else { "B" }
+                )));
+            }
+            *side = Some(PendingTensor { name, view });
         }
-        for ((layer, target), pair) in pending {
+        if pending.is_empty() {
+            return Err(bad("adapter_model.safetensors holds no LoRA weights".into()));
+        }
+        let mut shapes = Vec::with_capacity(pending.len());
+        let mut values = 0usize;
+        for (&(layer, target), pair) in &pending {
             let module = module_name(layer, target);
-            let (Some((a, a_shape)), Some((b, b_shape))) = (pair.a, pair.b) else {
+            let (Some(a), Some(b)) = (&pair.a, &pair.b) else {
                 return Err(bad(format!("{module}: lora_A or lora_B is missing")));
             };
             let r = rank_pattern.lookup(&module).map_or(rank, |v| v as usize);
-            if a_shape.len() != 2 || b_shape.len() != 2 || a_shape[0] != r || b_shape[1] != r {
+            let (a_shape, b_shape) = (a.view.shape(), b.view.shape());
+            let [a_rows, inp] = a_shape[..] else {
+                return Err(bad(format!("{module}: lora_A has shape {a_shape:?}")));
+            };
+            let [out, b_cols] = b_shape[..] else {
+                return Err(bad(format!("{module}: lora_B has shape {b_shape:?}")));
+            };
+            if a_rows != r || b_cols != r {
                 return Err(bad(format!(
                     "{module}: lora_A {a_shape:?} and lora_B {b_shape:?} do not have rank {r}"
                 )));
             }
-            let alpha = alpha_pattern.lookup(&module).map_or(alpha, |v| v as f32);
-            if layers.len() <= layer {
-                layers.resize_with(layer + 1, Default::default);
+            if inp == 0 || out == 0 || inp > limits.max_dim || out > limits.max_dim {
+                return Err(bad(format!(
+                    "{module}: {out}×{inp} (B·A), outside 1..={} per side",
+                    limits.max_dim
+                )));
             }
-            layers[layer][target] = Some(LoraDelta::new(
-                a,
-                b,
-                r,
-                a_shape[1],
-                b_shape[0],
-                scale_of(alpha, r),
-            ));
+            values = r
+                .checked_mul(inp + out)
+                .and_then(|n| values.checked_add(n))
+                .filter(|&n| n <= limits.max_values)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "more than the {} values accepted (at {module})",
+                        limits.max_values
+                    ))
+                })?;
+            let alpha = alpha_pattern.lookup(&module).map_or(alpha, |v| v as f32);
+            shapes.push(((layer, target), r, inp, out, scale_of(alpha, r)));
         }
-        if layers.is_empty() {
-            return Err(bad("adapter_model.safetensors holds no LoRA weights".into()));
+        let n_layers = pending.keys().map(|&(l, _)| l + 1).max().unwrap_or(0);
+        let mut layers: Vec<[Option<LoraDelta>; 7]> = Vec::new();
+        layers.resize_with(n_layers, Default::default);
+        for (key, r, inp, out, scale) in shapes {
+            let pair = pending.remove(&key).expect("every pair was checked");
+            let (Some(a), Some(b)) = (pair.a, pair.b) else {
+                unreachable!("both sides were checked")
+            };
+            let a = bytes_to_f32(&a.name, a.view.dtype(), a.view.data())?;
+            let b = bytes_to_f32(&b.name, b.view.dtype(), b.view.data())?;
+            layers[key.0][key.1] = Some(LoraDelta::new(a, b, r, inp, out, scale));
         }
         Ok(LoraAdapter {
             path: dir.to_path_buf(),
@@ -431,7 +612,9 @@ pub fn module_name(layer: usize, target: usize) -> String {
 struct Pattern(Vec<(String, f64)>);
 
 impl Pattern {
-    fn read(config: &Value, field: &str) -> Result<Self, String> {
+    /// The pattern `field` of `config`; with `max_rank`, a rank pattern, whose values must be
+    /// whole numbers in `1..=max_rank` (`0.5` would otherwise truncate to rank 0).
+    fn read(config: &Value, field: &str, max_rank: Option<usize>) -> Result<Self, String> {
         let Some(map) = config[field].as_object() else {
             return Ok(Pattern(Vec::new()));
         };
@@ -443,10 +626,19 @@ impl Pattern {
                     "{field} key '{key}' is a regular expression; S2LC matches module names literally"
                 ));
             }
-            let v = value
-                .as_f64()
-                .filter(|v| *v > 0.0)
-                .ok_or_else(|| format!("{field}['{key}'] is not a positive number"))?;
+            let v = match max_rank {
+                Some(max) => value
+                    .as_u64()
+                    .filter(|v| (1..=max as u64).contains(v))
+                    .map(|v| v as f64)
+                    .ok_or_else(|| {
+                        format!("{field}['{key}'] is {value}, not a whole rank in 1..={max}")
+                    })?,
+                None => value
+                    .as_f64()
+                    .filter(|v| *v > 0.0 && v.is_finite())
+                    .ok_or_else(|| format!("{field}['{key}'] is not a positive number"))?,
+            };
             keys.push((literal, v));
         }
         Ok(Pattern(keys))
@@ -641,23 +833,192 @@ mod tests {
     #[test]
     fn rank_patterns_match_module_suffixes_and_refuse_regexes() {
         let config = json!({"rank_pattern": {"q_proj": 2, "model.layers.1.self_attn.q_proj": 5}});
-        let p = Pattern::read(&config, "rank_pattern").unwrap();
+        let p = Pattern::read(&config, "rank_pattern", Some(64)).unwrap();
         assert_eq!(p.lookup("model.layers.0.self_attn.q_proj"), Some(2.0));
         assert_eq!(p.lookup("model.layers.1.self_attn.q_proj"), Some(5.0));
         assert_eq!(p.lookup("model.layers.1.self_attn.qq_proj"), None);
         let escaped = json!({"alpha_pattern": {"model\\.layers\\.3\\.mlp\\.up_proj": 7}});
-        let p = Pattern::read(&escaped, "alpha_pattern").unwrap();
+        let p = Pattern::read(&escaped, "alpha_pattern", None).unwrap();
         assert_eq!(p.lookup("model.layers.3.mlp.up_proj"), Some(7.0));
         let err = Pattern::read(
             &json!({"rank_pattern": {"^model.*q_proj": 2}}),
             "rank_pattern",
+            Some(64),
         )
         .err()
         .unwrap();
         assert!(err.contains("regular expression"), "{err}");
-        let err = Pattern::read(&json!({"rank_pattern": {"q_proj": 0}}), "rank_pattern")
+        for bad in [
+            json!(0),
+            json!(0.5),
+            json!(2.5),
+            json!(65),
+            json!("4"),
+            json!(-1),
+        ] {
+            let err = Pattern::read(
+                &json!({"rank_pattern": {"q_proj": bad}}),
+                "rank_pattern",
+                Some(64),
+            )
             .err()
             .unwrap();
+            assert!(err.contains("not a whole rank"), "{err}");
+        }
+        let err = Pattern::read(
+            &json!({"alpha_pattern": {"q_proj": 0}}),
+            "alpha_pattern",
+            None,
+        )
+        .err()
+        .unwrap();
         assert!(err.contains("positive"), "{err}");
+    }
+
+    /// The bytes of an adapter file holding `tensors` (name, shape) of zeros, f32.
+    fn weights(tensors: &[(&str, Vec<usize>)]) -> Vec<u8> {
+        let data: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, shape)| vec![0u8; 4 * shape.iter().product::<usize>()])
+            .collect();
+        let views: Vec<_> = tensors
+            .iter()
+            .zip(&data)
+            .map(|((name, shape), bytes)| {
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.clone(),
+                    bytes,
+                )
+                .unwrap();
+                (name.to_string(), view)
+            })
+            .collect();
+        safetensors::serialize(views, None).unwrap()
+    }
+
+    const QA: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    const QB: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+
+    fn config(extra: Value) -> Vec<u8> {
+        let mut c = json!({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]});
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::to_vec(&c).unwrap()
+    }
+
+    fn load(config: &[u8], weights: &[u8]) -> Result<LoraAdapter, String> {
+        let limits = AdapterLimits {
+            max_layers: 4,
+            max_dim: 64,
+            max_rank: 8,
+            max_values: 3_000,
+            max_file_bytes: 1 << 20,
+        };
+        LoraAdapter::from_bytes(Path::new("adapter"), config, weights, &limits)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Issue 22: a `rank_pattern` of 0.5 became rank 0 (with rank-0 tensors it passed every
+    /// check and panicked in `gemv`); now it is refused at load, as is any non-integer rank.
+    #[test]
+    fn fractional_or_zero_ranks_are_refused_at_load() {
+        let zero = weights(&[(QA, vec![0, 8]), (QB, vec![8, 0])]);
+        for pattern in [json!(0.5), json!(0), json!(1.5), json!(-2)] {
+            let err =
+                load(&config(json!({"rank_pattern": {"q_proj": pattern}})), &zero).unwrap_err();
+            assert!(err.contains("not a whole rank"), "{err}");
+        }
+        for r in [json!(0), json!(0.5), json!(2.0), json!("2")] {
+            let err = load(&config(json!({ "r": r })), &zero).unwrap_err();
+            assert!(err.contains("'r'") || err.contains("rank r is 0"), "{err}");
+        }
+        // The rank-0 tensors themselves do not have the config's rank.
+        let err = load(&config(json!({})), &zero).unwrap_err();
+        assert!(err.contains("do not have rank 2"), "{err}");
+        let ok = weights(&[(QA, vec![2, 8]), (QB, vec![8, 2])]);
+        let a = load(&config(json!({"rank_pattern": {"q_proj": 2}})), &ok).unwrap();
+        assert_eq!(a.layers[0][0].as_ref().unwrap().rank(), 2);
+    }
+
+    /// Issue 22: the layer index of a tensor name drove `resize_with(layer + 1)` unbounded.
+    #[test]
+    fn layer_index_and_sizes_are_capped_before_allocation() {
+        let far = "base_model.model.model.layers.4000000000.self_attn.q_proj.lora_A.weight";
+        let err = load(&config(json!({})), &weights(&[(far, vec![2, 8])])).unwrap_err();
+        assert!(err.contains("at most 4 layers"), "{err}");
+        let wide = weights(&[(QA, vec![2, 65]), (QB, vec![8, 2])]);
+        let err = load(&config(json!({})), &wide).unwrap_err();
+        assert!(err.contains("outside 1..=64"), "{err}");
+        let err = load(&config(json!({"r": 9})), &wide).unwrap_err();
+        assert!(err.contains("above the 8 accepted"), "{err}");
+        // Four layers of 2·(64 + 64) values fit 3 000; at rank 8 (4·8·128 values) they do not.
+        let names: Vec<(String, String)> = (0..4)
+            .map(|l| {
+                (
+                    QA.replace("layers.0", &format!("layers.{l}")),
+                    QB.replace("layers.0", &format!("layers.{l}")),
+                )
+            })
+            .collect();
+        let tensors = |r: usize| -> Vec<(&str, Vec<usize>)> {
+            names
+                .iter()
+                .flat_map(|(a, b)| [(a.as_str(), vec![r, 64]), (b.as_str(), vec![64, r])])
+                .collect()
+        };
+        assert!(load(&config(json!({})), &weights(&tensors(2))).is_ok());
+        let err = load(&config(json!({"r": 8})), &weights(&tensors(8)))
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.contains("values accepted"), "{err}");
+        let twice = weights(&[
+            (QA, vec![2, 8]),
+            (QB, vec![8, 2]),
+            (
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
+                vec![2, 8],
+            ),
+        ]);
+        let err = load(&config(json!({})), &twice).unwrap_err();
+        assert!(err.contains("given twice"), "{err}");
+    }
+
+    #[test]
+    fn only_regular_files_within_the_cap_are_read() {
+        let err = read_artifact_file(Path::new("/dev/zero"), 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let dir = std::env::temp_dir().join(format!("s2lc-lora-cap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("f");
+        std::fs::write(&f, [7u8; 100]).unwrap();
+        assert_eq!(read_artifact_file(&f, 100).unwrap().len(), 100);
+        let err = read_artifact_file(&f, 99).unwrap_err();
+        assert!(err.to_string().contains("more than the 99"), "{err}");
+        assert!(read_artifact_file(&dir, 1 << 20).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn model_limits_follow_its_shapes() {
+        let cfg = ModelConfig {
+            arch: crate::config::Arch::Llama,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            n_layers: 30,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            vocab_size: 49152,
+            rope_theta: 1e4,
+            rms_eps: 1e-5,
+            max_seq_len: 2048,
+            tie_embeddings: true,
+        };
+        let l = AdapterLimits::for_model(&cfg);
+        assert_eq!((l.max_layers, l.max_dim, l.max_rank), (30, 1536, 576));
+        assert!(l.max_values > 30 * 7 * 2 * 576 * 64);
+        assert_eq!(l.with_max_values(10).max_values, 10);
     }
 }

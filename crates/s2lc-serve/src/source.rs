@@ -1,10 +1,10 @@
 //! Where the server's adapters come from: resolve `name@semver-req` to one version, then load it
 //! (pull, verify, unpack) when the cache misses.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use s2lc_model::lora::LoraAdapter;
+use s2lc_model::lora::{AdapterLimits, LoraAdapter};
 use s2lc_store::{parse_selector, parse_versioned, Selector, Store, StoreError};
 
 /// Why an adapter could not be resolved or loaded; each maps to one HTTP status.
@@ -57,6 +57,7 @@ pub trait AdapterSource: Send + Sync {
 pub struct StoreSource {
     store: Store,
     base_digest: Option<String>,
+    limits: AdapterLimits,
     scratch: PathBuf,
     pulls: AtomicU64,
 }
@@ -69,9 +70,17 @@ impl StoreSource {
         StoreSource {
             store,
             base_digest,
+            limits: AdapterLimits::GENEROUS,
             scratch: std::env::temp_dir().join(format!("s2lc-serve-{}", std::process::id())),
             pulls: AtomicU64::new(0),
         }
+    }
+
+    /// Reads pulled adapters within `limits` (those of the base model the server runs,
+    /// [`AdapterLimits::for_model`], and its adapter budget): a store entry is untrusted input.
+    pub fn with_limits(mut self, limits: AdapterLimits) -> Self {
+        self.limits = limits;
+        self
     }
 }
 
@@ -95,10 +104,19 @@ impl AdapterSource for StoreSource {
                 &dir,
                 self.base_digest.as_deref(),
             )?;
-            read_adapter(&dir, key, morph)
+            read_adapter(&dir, key, morph, &self.limits)
         })();
         let _ = std::fs::remove_dir_all(&dir);
-        result
+        // Errors name the store entry, never where the server staged it.
+        result.map_err(|e| {
+            scrub(
+                e,
+                &dir,
+                &self.scratch,
+                Path::new(self.store.location()),
+                key,
+            )
+        })
     }
 
     fn list(&self) -> Result<Vec<String>, SourceError> {
@@ -115,9 +133,10 @@ impl AdapterSource for StoreSource {
 /// `s2lc store push --member` stores), unpacked; or, with `morph` weights, the blend of members
 /// of a pack.
 fn read_adapter(
-    dir: &std::path::Path,
+    dir: &Path,
     key: &str,
     morph: &[(String, f32)],
+    limits: &AdapterLimits,
 ) -> Result<LoraAdapter, SourceError> {
     let unusable = |e: &dyn std::fmt::Display| SourceError::Unusable(format!("{key}: {e}"));
     let is_pack = dir.join("pack.json").is_file();
@@ -127,7 +146,7 @@ fn read_adapter(
                 "{key} is a PEFT adapter, not an S2LC pack: it has no members to morph"
             )));
         }
-        let set = s2lc_adapters::format::load(dir).map_err(|e| unusable(&e))?;
+        let set = s2lc_adapters::format::load_with(dir, limits).map_err(|e| unusable(&e))?;
         let names: Vec<&str> = set.members.iter().map(|m| m.name.as_str()).collect();
         if let Some((missing, _)) = morph.iter().find(|(m, _)| !names.contains(&m.as_str())) {
             return Err(SourceError::NotFound(format!(
@@ -139,7 +158,7 @@ fn read_adapter(
         set.morph_lora(key, &weights)
             .map_err(|e| SourceError::BadRequest(format!("{key}: {e}")))?
     } else if is_pack {
-        let set = s2lc_adapters::format::load(dir).map_err(|e| unusable(&e))?;
+        let set = s2lc_adapters::format::load_with(dir, limits).map_err(|e| unusable(&e))?;
         let [member] = set.members.as_slice() else {
             return Err(SourceError::BadRequest(format!(
                 "{key} is a pack of {} members: blend them with 'morph', or push one with \
@@ -149,8 +168,30 @@ fn read_adapter(
         };
         set.unpack_lora(&member.name).map_err(|e| unusable(&e))?
     } else {
-        LoraAdapter::load(dir).map_err(|e| unusable(&e))?
+        LoraAdapter::load_with(dir, limits).map_err(|e| unusable(&e))?
     };
     adapter.path = PathBuf::from(key);
     Ok(adapter)
+}
+
+/// `e` with the staging directory `dir` replaced by the store entry `key` in its message, and
+/// the scratch root holding it and a local store's directory by placeholders.
+fn scrub(e: SourceError, dir: &Path, scratch: &Path, store: &Path, key: &str) -> SourceError {
+    let clean = |msg: String| {
+        let mut msg = msg;
+        for (path, with) in [(dir, key), (scratch, "<scratch>"), (store, "<store>")] {
+            // Only absolute paths: a relative store name could be a word of the message.
+            let p = path.display().to_string();
+            if path.is_absolute() && p.len() > 1 {
+                msg = msg.replace(&format!("{p}/"), "").replace(&p, with);
+            }
+        }
+        msg
+    };
+    match e {
+        SourceError::BadRequest(m) => SourceError::BadRequest(clean(m)),
+        SourceError::NotFound(m) => SourceError::NotFound(clean(m)),
+        SourceError::Unusable(m) => SourceError::Unusable(clean(m)),
+        SourceError::Unavailable(m) => SourceError::Unavailable(clean(m)),
+    }
 }

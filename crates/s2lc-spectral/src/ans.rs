@@ -161,7 +161,18 @@ impl AnsTable {
     }
 
     /// Decodes `out.len()` symbols from `bytes`, checking that the stream is consumed exactly.
+    ///
+    /// The caller chooses the count, and must bound it: a stream decodes to any length (under a
+    /// one-symbol table every symbol costs nothing, so 16 bytes decode to any number of them).
     pub fn decode_into(&self, bytes: &[u8], out: &mut [u8]) -> Result<(), AnsError> {
+        let mut decoder = self.decoder(bytes)?;
+        decoder.decode(out)?;
+        decoder.finish()
+    }
+
+    /// A decoder of `bytes` that hands out symbols in runs ([`AnsDecoder::decode`]), for a
+    /// reader that checks what it decodes before it decodes more.
+    pub fn decoder(&self, bytes: &[u8]) -> Result<AnsDecoder, AnsError> {
         if bytes.len() % 2 != 0 {
             return Err(AnsError::Stream("not whole 16-bit words"));
         }
@@ -179,7 +190,7 @@ impl AnsTable {
         );
         let n_words = words.len();
         words.resize(n_words + STATES, 0);
-        let mut x: [u32; STATES] = std::array::from_fn(|k| words[2 * k] << 16 | words[2 * k + 1]);
+        let x: [u32; STATES] = std::array::from_fn(|k| words[2 * k] << 16 | words[2 * k + 1]);
         // The encoder keeps a state in [L, 2^32); decoding keeps it there too once it starts there.
         if x.iter().any(|&x| x < STATE_LOW) {
             return Err(AnsError::Stream("state outside its range"));
@@ -193,8 +204,40 @@ impl AnsTable {
         let freq_cum: Vec<u32> = (self.freqs.iter().zip(&self.cum))
             .map(|(&f, &c)| (f as u32) << 16 | c)
             .collect();
+        Ok(AnsDecoder {
+            slot_symbol,
+            freq_cum,
+            words,
+            n_words,
+            x,
+            at: 2 * STATES,
+            next: 0,
+        })
+    }
+}
+
+/// A stream being decoded: [`AnsDecoder::decode`] takes the next symbols, as many as asked
+/// (never more), and [`AnsDecoder::finish`] checks that the stream ended there.
+#[derive(Debug)]
+pub struct AnsDecoder {
+    slot_symbol: Vec<u8>,
+    freq_cum: Vec<u32>,
+    /// The stream's words and `STATES` zero words of padding.
+    words: Vec<u32>,
+    n_words: usize,
+    x: [u32; STATES],
+    /// The next word to read.
+    at: usize,
+    /// The number of the next symbol (its state is `next mod STATES`).
+    next: usize,
+}
+
+impl AnsDecoder {
+    /// Decodes the next `out.len()` symbols.
+    pub fn decode(&mut self, out: &mut [u8]) -> Result<(), AnsError> {
+        let (slot_symbol, freq_cum, words) = (&self.slot_symbol, &self.freq_cum, &self.words);
+        let (n_words, mut x, mut at) = (self.n_words, self.x, self.at);
         let mask = ANS_TOTAL - 1;
-        let mut at = 2 * STATES;
         let decode = |x: &mut u32, at: &mut usize| -> u8 {
             let slot = *x & mask;
             let s = slot_symbol[slot as usize];
@@ -205,9 +248,18 @@ impl AnsTable {
             *at += renormalize as usize;
             s
         };
-        // Whole groups first, then the remainder: a fixed group length lets the compiler unroll
-        // the four chains (one `chunks_mut` loop over both measured 30–45 % slower).
-        let mut groups = out.chunks_exact_mut(STATES);
+        // Symbols up to the next group boundary one by one (a run that starts mid-group), then
+        // whole groups, then the remainder: a fixed group length lets the compiler unroll the
+        // four chains (one `chunks_mut` loop over both measured 30–45 % slower).
+        let head = ((STATES - self.next % STATES) % STATES).min(out.len());
+        let (first, rest) = out.split_at_mut(head);
+        for (i, o) in first.iter_mut().enumerate() {
+            if at > n_words {
+                return Err(AnsError::Stream("ends early"));
+            }
+            *o = decode(&mut x[(self.next + i) % STATES], &mut at);
+        }
+        let mut groups = rest.chunks_exact_mut(STATES);
         for group in &mut groups {
             if at > n_words {
                 return Err(AnsError::Stream("ends early"));
@@ -225,10 +277,18 @@ impl AnsTable {
         if at > n_words {
             return Err(AnsError::Stream("ends early"));
         }
-        if x != [STATE_LOW; STATES] {
+        (self.x, self.at) = (x, at);
+        self.next += out.len();
+        Ok(())
+    }
+
+    /// Checks that the stream ends after the symbols decoded: every state back at its initial
+    /// value and every word read.
+    pub fn finish(self) -> Result<(), AnsError> {
+        if self.x != [STATE_LOW; STATES] {
             return Err(AnsError::Stream("does not end in the initial state"));
         }
-        if at != n_words {
+        if self.at != self.n_words {
             return Err(AnsError::Stream("has bytes after its last symbol"));
         }
         Ok(())
@@ -323,5 +383,39 @@ mod tests {
             Err(AnsError::Table { symbols: 3, sum: 6 })
         ));
         assert!(AnsTable::from_freqs(vec![]).is_err());
+    }
+
+    /// Decoding in runs of any lengths gives what one decode gives, and the end is checked once.
+    #[test]
+    fn runs_decode_like_one_call() {
+        let symbols = peaked(1001, 7, 5);
+        let table = AnsTable::fit(&symbols, 7);
+        let bytes = table.encode(&symbols);
+        for run in [1usize, 2, 3, 5, 18, 1000] {
+            let mut d = table.decoder(&bytes).unwrap();
+            let mut back = Vec::new();
+            while back.len() < symbols.len() {
+                let mut out = vec![0u8; run.min(symbols.len() - back.len())];
+                d.decode(&mut out).unwrap();
+                back.extend(out);
+            }
+            assert_eq!(back, symbols, "runs of {run}");
+            d.finish().unwrap();
+        }
+        let mut d = table.decoder(&bytes).unwrap();
+        d.decode(&mut [0u8; 1000]).unwrap();
+        assert!(d.finish().is_err());
+    }
+
+    /// Issue 22: under a one-symbol table a 16-byte stream decodes to any length; the count is
+    /// the caller's to bound (the pack reader admits it against its limits first).
+    #[test]
+    fn a_one_symbol_table_decodes_any_length_from_sixteen_bytes() {
+        let table = AnsTable::fit(&[3, 3, 3], 4);
+        let bytes = table.encode(&[3; 10]);
+        assert_eq!(bytes.len(), 16);
+        let mut out = vec![0u8; 1 << 20];
+        table.decode_into(&bytes, &mut out).unwrap();
+        assert!(out.iter().all(|&s| s == 3));
     }
 }
