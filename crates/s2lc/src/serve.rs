@@ -11,6 +11,7 @@ use s2lc_serve::{BatchConfig, Engine, RouteTable, SemanticRouter, ServeConfig, S
 use std::time::Duration;
 
 use crate::{load_model, parse_weights};
+use s2lc_bench::common::parse_bytes;
 use s2lc_model::kv::KvSpec;
 use s2lc_model::source::WeightStorage;
 
@@ -349,33 +350,6 @@ impl ServeArgs {
             kv_memory: size(self.kv_memory, "kv-memory", &file.kv_memory, "1GiB")?,
         })
     }
-}
-
-/// Parses `256MiB`, `1GiB`, `64KiB`, `1MB` or a plain byte count.
-pub fn parse_bytes(s: &str) -> Result<usize, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let scale: f64 = match unit.trim() {
-        "" | "B" => 1.0,
-        "KB" | "kB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "KiB" => 1024.0,
-        "MiB" => 1024.0 * 1024.0,
-        "GiB" => 1024.0 * 1024.0 * 1024.0,
-        u => {
-            return Err(format!(
-                "unknown unit '{u}' in '{s}' (B, KB, MB, GB, KiB, MiB, GiB)"
-            ))
-        }
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (e.g. 256MiB)"))?;
-    Ok((n * scale) as usize)
 }
 
 /// Runs `s2lc serve` until the process is stopped.
