@@ -491,14 +491,9 @@ mod tests {
 
     #[test]
     fn singular_values_match_the_thin_svd() {
-        let mut state = 7u64;
+        let mut rng = crate::rng::SplitMix64::new(7);
         for (rows, cols) in [(1, 1), (5, 17), (17, 5), (64, 64), (129, 40)] {
-            let a = Mat::from_fn(rows, cols, |_, _| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            });
+            let a = Mat::from_fn(rows, cols, |_, _| rng.centered_f32());
             let want = crate::thin_svd(a.as_ref()).unwrap().s;
             for par in [Par::Seq, Par::rayon(2)] {
                 let got = singular_values(a.as_ref(), par).unwrap();

@@ -302,14 +302,12 @@ mod tests {
 
     /// Symbols clustered near the middle of the alphabet, like quantized Gaussian values.
     fn peaked(n: usize, alphabet: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
+        let mut rng = crate::rng::SplitMix64::new(seed);
         (0..n)
             .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let a = (state >> 40) % alphabet as u64;
-                let b = (state >> 20) % alphabet as u64;
+                let word = rng.next_u64();
+                let a = (word >> 40) % alphabet as u64;
+                let b = (word >> 20) % alphabet as u64;
                 ((a + b) / 2) as u8
             })
             .collect()

@@ -369,15 +369,12 @@ mod tests {
     use proptest::prelude::*;
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed | 1;
+        let mut rng = crate::rng::SplitMix64::new(seed);
         (0..n)
             .map(|i| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
                 // Blocks of very different magnitude, so dropping has something to choose.
                 let scale = 1.0 + (i / 7 % 5) as f32 * 3.0;
-                scale * ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                scale * rng.centered_f32()
             })
             .collect()
     }

@@ -10,6 +10,7 @@ pub mod ans;
 pub mod blockquant;
 pub mod energy;
 pub mod lowrank;
+pub mod rng;
 pub mod rsvd;
 pub mod shared;
 pub mod svd;
@@ -38,16 +39,11 @@ pub fn row_major(m: faer::MatRef<'_, f32>) -> Vec<f32> {
     out
 }
 
-/// A reproducible `rows × cols` test matrix with entries in [-0.5, 0.5) (xorshift64).
+/// A reproducible `rows × cols` test matrix with entries in [-0.5, 0.5).
 #[cfg(test)]
 pub(crate) fn test_matrix(rows: usize, cols: usize, seed: u64) -> faer::Mat<f32> {
-    let mut state = seed | 1;
-    faer::Mat::from_fn(rows, cols, |_, _| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    })
+    let mut rng = rng::SplitMix64::new(seed);
+    faer::Mat::from_fn(rows, cols, |_, _| rng.centered_f32())
 }
 
 /// The largest absolute entry of `m` (tests compare matrices with it).

@@ -24,6 +24,7 @@
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::{Accum, Conj, Mat, MatRef, Par};
 
+use crate::rng::SplitMix64;
 use crate::svd::{Svd, SvdError};
 
 /// Parameters of the randomized SVD.
@@ -66,14 +67,14 @@ impl RsvdParams {
     }
 }
 
-/// A tiny seeded standard-normal generator: SplitMix64 (Steele, Lea & Flood 2014) for uniform
+/// A tiny seeded standard-normal generator: the workspace's [`SplitMix64`] for uniform
 /// 64-bit words, turned into pairs of independent `N(0, 1)` samples by the Box–Muller transform.
 ///
 /// Not cryptographic and not meant to be; it only needs to be reproducible and Gaussian enough for
 /// a random sketch (the HMT analysis assumes Gaussian entries).
 #[derive(Debug, Clone)]
 pub struct GaussianRng {
-    state: u64,
+    uniform: SplitMix64,
     spare: Option<f64>,
 }
 
@@ -81,23 +82,9 @@ impl GaussianRng {
     /// A generator seeded with `seed` (any value, including 0, is fine for SplitMix64).
     pub fn new(seed: u64) -> Self {
         Self {
-            state: seed,
+            uniform: SplitMix64::new(seed),
             spare: None,
         }
-    }
-
-    /// Next SplitMix64 output.
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A uniform sample in `(0, 1]` with 53 random bits (never 0, so `ln` is finite).
-    fn uniform_open0(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
     /// The next standard-normal sample.
@@ -105,8 +92,9 @@ impl GaussianRng {
         if let Some(z) = self.spare.take() {
             return z;
         }
-        let u1 = self.uniform_open0();
-        let u2 = self.uniform_open0();
+        // Both in (0, 1]: never 0, so the logarithm is finite.
+        let u1 = self.uniform.open_unit_f64();
+        let u2 = self.uniform.open_unit_f64();
         let r = (-2.0 * u1.ln()).sqrt();
         let theta = 2.0 * std::f64::consts::PI * u2;
         self.spare = Some(r * theta.sin());

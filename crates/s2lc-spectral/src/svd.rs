@@ -69,15 +69,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn matrix(rows: usize, cols: usize, seed: u64) -> Mat<f32> {
-        let mut state = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        Mat::from_fn(rows, cols, |_, _| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
+        crate::test_matrix(rows, cols, seed)
     }
 
     proptest! {
