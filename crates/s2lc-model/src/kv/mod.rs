@@ -33,7 +33,12 @@ impl AttnShape {
     }
 }
 
+pub mod attend;
+pub mod coding;
 pub mod compressed;
+pub mod spec;
+#[cfg(test)]
+mod testutil;
 
 pub use compressed::{CompressedConfig, CompressedKvCache, KvSpec};
 
