@@ -29,6 +29,7 @@ pub mod format;
 pub mod loss;
 pub mod pack;
 pub mod qbasis;
+mod qmat;
 
 pub use pack::{
     pack, pack_separately, pack_with, DecodedBases, Delta, EnergyScope, Factors, InputWhitening,

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use s2lc_spectral::{AnsTable, BlockQuant, QuantBits};
 
-use crate::pack::QMat;
+use crate::qmat::QMat;
 
 /// A basis (`rows × cols`) stored as column groups side by side, each block-quantized row-major at
 /// its own width. A uniform basis is one group.
