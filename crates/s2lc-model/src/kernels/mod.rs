@@ -12,6 +12,8 @@
 pub mod dot;
 pub mod ops;
 pub mod pool;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use std::borrow::Cow;
 use std::cell::RefCell;

@@ -207,7 +207,7 @@ mod avx2 {
 
     use std::arch::x86_64::*;
 
-    use crate::kernels::dot::avx2::hsum;
+    use crate::kernels::x86::hsum;
 
     /// Eight int8 values at `p` as f32.
     ///
