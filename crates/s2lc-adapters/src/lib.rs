@@ -36,14 +36,9 @@ pub use pack::{
     Member, MemberReport, ModuleKey, PackError, PackParams, PackedSet,
 };
 
-/// A reproducible `rows × cols` test matrix of xorshift values in [-0.5, 0.5).
+/// A reproducible `rows × cols` test matrix with entries in [-0.5, 0.5).
 #[cfg(test)]
 pub(crate) fn test_matrix(rows: usize, cols: usize, seed: u64) -> faer::Mat<f32> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    faer::Mat::from_fn(rows, cols, |_, _| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    })
+    let mut rng = s2lc_spectral::rng::SplitMix64::new(seed);
+    faer::Mat::from_fn(rows, cols, |_, _| rng.centered_f32())
 }

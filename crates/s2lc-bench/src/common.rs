@@ -169,7 +169,7 @@ pub fn load_model(
 /// report, and a failed run leaves the previous one in place.
 pub fn write_json(path: &Path, report: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(report).context("serializing the report")?;
-    s2lc_model::source::write_file_atomic(path, text.as_bytes())
+    s2lc_model::atomic::write_file_atomic(path, text.as_bytes())
         .with_context(|| format!("writing the report {}", path.display()))
 }
 

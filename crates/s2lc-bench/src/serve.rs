@@ -16,6 +16,7 @@ use serde_json::json;
 
 use s2lc_serve::client::{metric_value, request};
 use s2lc_serve::{BatchConfig, Engine, ServeConfig, StoreSource};
+use s2lc_spectral::rng::SplitMix64;
 use s2lc_store::Store;
 
 use crate::common::{
@@ -308,14 +309,11 @@ fn load_test(
             .map(|c| {
                 let (cdf, issued, results, addr) = (&cdf, &issued, &results, &addr);
                 s.spawn(move || {
-                    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (c as u64 + 1);
+                    let mut rng = SplitMix64::new(c as u64 + 1);
                     while issued.fetch_add(1, Ordering::Relaxed) < args.requests
                         && Instant::now() < deadline
                     {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        let u = (state >> 11) as f64 / (1u64 << 53) as f64;
+                        let u = rng.unit_f64();
                         let i = cdf.partition_point(|&p| p < u).min(cdf.len() - 1);
                         let body = json!({"model": format!("base:bench-{i:04}@^1"),
                             "prompt": "The quick brown fox", "max_tokens": args.max_tokens});

@@ -17,11 +17,11 @@ use s2lc_spectral::{
     LowRankFactors, Spectrum, Svd, WhitenError, Whitening,
 };
 
+use crate::atomic::write_file_atomic;
 use crate::error::ModelError;
 use crate::kv::KvCache;
 use crate::linear::{Linear, LowRankLinear};
 use crate::llama::{ActivationObserver, ForwardScratch, LinearInput, LlamaModel};
-use crate::source::write_file_atomic;
 
 /// How ranks are chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -148,15 +148,9 @@ pub fn calibration_windows(
         });
     }
     let span = (tokens.len() - window + 1) as u64;
-    let mut state = seed;
+    let mut rng = s2lc_spectral::rng::SplitMix64::new(seed);
     let mut offsets: Vec<usize> = (0..samples)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) % span) as usize
-        })
+        .map(|_| (rng.next_u64() % span) as usize)
         .collect();
     offsets.sort_unstable();
     Ok(offsets
@@ -679,9 +673,9 @@ pub fn save_model_dir(
         tensors.iter().map(|(n, t)| (n.as_str(), t)),
         Some(meta),
     )?;
-    let tok_tmp = dir.join("tokenizer.json.part");
-    tokenizer.save(&tok_tmp)?;
-    std::fs::rename(&tok_tmp, dir.join("tokenizer.json")).map_err(|e| ModelError::io(dir, e))?;
+    crate::atomic::write_atomic_with(&dir.join("tokenizer.json"), |tmp| {
+        tokenizer.save(tmp).map_err(ModelError::from)
+    })?;
     let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
     write("config.json", pretty(&model.config().to_hf_json()))?;
     write("s2lc_compression.json", pretty(record))

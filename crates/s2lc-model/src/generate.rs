@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use crate::error::ModelError;
 use crate::kv::KvCache;
 use crate::llama::{ForwardScratch, LlamaModel};
+use s2lc_spectral::rng::SplitMix64;
 
 /// The smallest temperature that samples: below it a sampler is greedy. At `t → 0` the
 /// scaled logits `(l − max)/t` overflow (`1/t` is infinite below ~3e-39, and `0·∞` is NaN), while
@@ -36,7 +37,7 @@ impl Default for SamplingParams {
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    state: u64,
+    rng: SplitMix64,
     candidates: Vec<(f32, u32)>,
 }
 
@@ -45,19 +46,14 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         Sampler {
             params,
-            state: params.seed,
+            rng: SplitMix64::new(params.seed),
             candidates: Vec::new(),
         }
     }
 
     /// A uniform draw in [0, 1) from SplitMix64 (small, fast, and reproducible across platforms).
     fn next_uniform(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
+        self.rng.unit_f64()
     }
 
     /// Chooses the next token id from `logits` (one value per vocabulary entry).

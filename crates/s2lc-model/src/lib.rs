@@ -13,6 +13,7 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod assets;
+pub mod atomic;
 pub mod compress;
 pub mod config;
 pub mod digest;

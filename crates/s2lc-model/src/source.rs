@@ -537,19 +537,10 @@ pub fn read_safetensors_where(
         .collect()
 }
 
-/// Writes `bytes` to `path` through a `.part` file renamed into place, so a crash never leaves a
-/// half-written file under the final name.
-pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".part");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
-}
+pub use crate::atomic::write_file_atomic;
 
 /// Writes f32 tensors (Hugging Face names, row-major) as one safetensors file with `metadata` in
-/// its header. The file is written beside `path` and renamed into place, so a crash never leaves
-/// a half-written file under the final name.
+/// its header, crash-safely ([`crate::atomic`]).
 pub fn write_safetensors<'a>(
     path: &Path,
     tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
@@ -573,12 +564,12 @@ pub fn write_safetensors<'a>(
             })?;
         views.push((*name, view));
     }
-    let tmp = path.with_extension("safetensors.part");
-    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| ModelError::Safetensors {
-        path: tmp.clone(),
-        message: e.to_string(),
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+    crate::atomic::write_atomic_with(path, |tmp| {
+        safetensors::serialize_to_file(views, metadata, tmp).map_err(|e| ModelError::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    })
 }
 
 /// Tensors held in memory: for tests and for models built or transformed in-process.

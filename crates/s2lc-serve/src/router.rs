@@ -272,7 +272,7 @@ impl RouteTable {
     /// Writes the table as JSON.
     pub fn save(&self, path: &Path) -> Result<(), RouterError> {
         let json = serde_json::to_string(self).map_err(|e| RouterError::Invalid(e.to_string()))?;
-        s2lc_model::source::write_file_atomic(path, json.as_bytes())?;
+        s2lc_model::atomic::write_file_atomic(path, json.as_bytes())?;
         Ok(())
     }
 

@@ -17,6 +17,7 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use rayon::prelude::*;
+use s2lc_model::atomic::{write_atomic_with, write_file_atomic};
 use s2lc_model::linear::Linear;
 use s2lc_spectral::analysis::{
     singular_values, MatrixSpectrum, SpectralReport, DEFAULT_THRESHOLDS,
@@ -113,7 +114,8 @@ pub fn run(args: &AnalyzeArgs) -> Result<()> {
     print_tables(&mut out, &report)?;
 
     let json = serde_json::to_vec(&report).context("serializing the report")?;
-    write_atomically(&json_path, &json)?;
+    write_file_atomic(&json_path, &json)
+        .with_context(|| format!("writing {}", json_path.display()))?;
     let svg_path = with_suffix(&plot_prefix, ".svg");
     let png_path = with_suffix(&plot_prefix, ".png");
     let text = plot_font_available();
@@ -270,40 +272,10 @@ fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// A temporary sibling of `path` that keeps its extension (the PNG encoder picks the format by it).
-fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
-    path.with_file_name(format!(".{}.tmp-{name}", std::process::id()))
-}
-
-fn create_parent(path: &Path) -> Result<()> {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the directory {}", dir.display())),
-        _ => Ok(()),
-    }
-}
-
-/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`, so a failure
-/// never leaves a half-written file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    create_parent(path)?;
-    let tmp = temp_sibling(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Runs `draw` on a temporary sibling of `path`, then renames it into place.
+/// Runs `draw` on a temporary sibling of `path` (with the same extension), then puts it in
+/// place crash-safely.
 fn draw_atomically(path: &Path, draw: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    create_parent(path)?;
-    let tmp = temp_sibling(path);
-    if let Err(e) = draw(&tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("drawing {}", path.display())));
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    write_atomic_with(path, |tmp| draw(tmp)).with_context(|| format!("drawing {}", path.display()))
 }
 
 const PLOT_SIZE: (u32, u32) = (1800, 1000);

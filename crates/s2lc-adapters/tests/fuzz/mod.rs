@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use s2lc_spectral::rng::SplitMix64;
+
 // ---------------------------------------------------------------------------------------------
 // Heap accounting.
 
@@ -274,29 +276,12 @@ fn save_current(kind: &str, detail: usize) {
 // ---------------------------------------------------------------------------------------------
 // Mutation.
 
-/// xorshift64*.
-pub struct Rng(u64);
+/// The mutation stream: the workspace's generator.
+pub type Rng = SplitMix64;
 
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-    fn chance(&mut self, one_in: usize) -> bool {
-        self.below(one_in) == 0
-    }
+/// True once in `one_in` draws.
+fn chance(rng: &mut Rng, one_in: usize) -> bool {
+    rng.below(one_in) == 0
 }
 
 const INTERESTING: [u64; 16] = [
@@ -352,7 +337,7 @@ fn mutate(input: &mut Input, others: &[Input], dict: &[Vec<u8>], rng: &mut Rng) 
                 let i = rng.below(len);
                 v[i] = match rng.below(3) {
                     0 => INTERESTING[rng.below(9)] as u8,
-                    _ => rng.next() as u8,
+                    _ => rng.next_u64() as u8,
                 };
             }
             2 if len > 0 => {
@@ -360,7 +345,7 @@ fn mutate(input: &mut Input, others: &[Input], dict: &[Vec<u8>], rng: &mut Rng) 
                 let width = [2usize, 4, 8][rng.below(3)];
                 let i = rng.below(len);
                 let value = match rng.below(4) {
-                    0 => rng.next(),
+                    0 => rng.next_u64(),
                     1 => (len as u64 + rng.below(16) as u64).wrapping_sub(8),
                     _ => INTERESTING[rng.below(INTERESTING.len())],
                 };
@@ -371,7 +356,7 @@ fn mutate(input: &mut Input, others: &[Input], dict: &[Vec<u8>], rng: &mut Rng) 
             3 if len > 0 => {
                 let i = rng.below(len);
                 let d = 1 + rng.below(16) as u8;
-                v[i] = if rng.chance(2) {
+                v[i] = if chance(rng, 2) {
                     v[i].wrapping_add(d)
                 } else {
                     v[i].wrapping_sub(d)
@@ -386,10 +371,10 @@ fn mutate(input: &mut Input, others: &[Input], dict: &[Vec<u8>], rng: &mut Rng) 
             6 => {
                 let at = rng.below(len + 1);
                 let n = 1 + rng.below(32);
-                let fill: Vec<u8> = if rng.chance(2) {
-                    vec![rng.next() as u8; n]
+                let fill: Vec<u8> = if chance(rng, 2) {
+                    vec![rng.next_u64() as u8; n]
                 } else {
-                    (0..n).map(|_| rng.next() as u8).collect()
+                    (0..n).map(|_| rng.next_u64() as u8).collect()
                 };
                 v.splice(at..at, fill);
             }
@@ -414,7 +399,7 @@ fn mutate(input: &mut Input, others: &[Input], dict: &[Vec<u8>], rng: &mut Rng) 
             9 | 10 if !dict.is_empty() => {
                 let token = &dict[rng.below(dict.len())];
                 let at = rng.below(len + 1);
-                if rng.chance(2) {
+                if chance(rng, 2) {
                     v.splice(at..at, token.iter().copied());
                 } else {
                     let end = (at + token.len()).min(len);
@@ -426,7 +411,7 @@ fn mutate(input: &mut Input, others: &[Input], dict: &[Vec<u8>], rng: &mut Rng) 
             _ => {
                 if len > 0 {
                     let i = rng.below(len);
-                    v[i] = rng.next() as u8;
+                    v[i] = rng.next_u64() as u8;
                 }
             }
         }
@@ -683,7 +668,7 @@ pub fn fuzz(t: &Target<'_>, secs: f64, seed: u64) -> Report {
         let mut input = corpus[rng.below(corpus.len())].clone();
         mutate(&mut input, &corpus, &t.dict, &mut rng);
         if let Some(fix) = t.fixup {
-            if rng.chance(2) {
+            if chance(&mut rng, 2) {
                 fix(&mut input);
             }
         }

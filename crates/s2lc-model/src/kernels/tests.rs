@@ -3,25 +3,22 @@
 
 use super::dot::{dot_rows, dot_rows_scalar, simd, QuantizedActs};
 use super::*;
+use s2lc_spectral::rng::SplitMix64;
 
-/// Deterministic values in [−1, 1).
-struct Lcg(u64);
+/// Deterministic values in [−1, 1) and bytes, drawn from the workspace's generator.
+struct Draws(SplitMix64);
 
-impl Lcg {
+impl Draws {
+    fn new(seed: u64) -> Self {
+        Self(SplitMix64::new(seed))
+    }
+
     fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        2.0 * self.0.centered_f32()
     }
 
     fn byte(&mut self) -> u8 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 56) as u8
+        (self.0.next_u64() >> 56) as u8
     }
 
     fn vec(&mut self, n: usize) -> Vec<f32> {
@@ -44,7 +41,7 @@ const ALL: [WeightFormat; 10] = [
 
 /// A `rows × cols` matrix in `format`: converted from random values where S2LC can produce the
 /// format, random blocks (random quants, scales ~0.01, minimums ~−0.1) for the load-only ones.
-fn matrix(format: WeightFormat, rows: usize, cols: usize, rng: &mut Lcg) -> WeightMatrix {
+fn matrix(format: WeightFormat, rows: usize, cols: usize, rng: &mut Draws) -> WeightMatrix {
     let values = rng.vec(rows * cols);
     if let Ok(m) = WeightMatrix::quantize(&values, rows, cols, format) {
         return m;
@@ -107,7 +104,7 @@ fn reference(w: &WeightMatrix, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
 
 #[test]
 fn gemv_matches_the_dequantized_reference_on_awkward_sizes() {
-    let mut rng = Lcg(7);
+    let mut rng = Draws::new(7);
     for format in ALL {
         let col_choices: &[usize] = match format.block_size() {
             1 => &[1, 7, 13, 33, 96, 577],
@@ -142,7 +139,7 @@ fn simd_and_portable_kernels_agree() {
     if !simd() {
         eprintln!("no AVX2 here: the portable kernels are the only ones");
     }
-    let mut rng = Lcg(11);
+    let mut rng = Draws::new(11);
     for format in ALL {
         let cols = match format.block_size() {
             1 => 203,
@@ -176,7 +173,7 @@ fn simd_and_portable_kernels_agree() {
 
 #[test]
 fn fused_gemv_equals_separate_products_and_accumulates() {
-    let mut rng = Lcg(3);
+    let mut rng = Draws::new(3);
     let q = matrix(WeightFormat::Q4_1, 576, 576, &mut rng);
     let k = matrix(WeightFormat::Q8_0, 192, 576, &mut rng);
     let v = matrix(WeightFormat::F16, 192, 576, &mut rng);
@@ -203,7 +200,7 @@ fn fused_gemv_equals_separate_products_and_accumulates() {
 
 #[test]
 fn batched_matmul_matches_the_reference_and_accumulates() {
-    let mut rng = Lcg(5);
+    let mut rng = Draws::new(5);
     for format in [
         WeightFormat::F32,
         WeightFormat::F16,
@@ -241,7 +238,7 @@ fn batched_matmul_matches_the_reference_and_accumulates() {
 
 #[test]
 fn conversions_round_trip_within_their_precision() {
-    let mut rng = Lcg(9);
+    let mut rng = Draws::new(9);
     let values = rng.vec(64 * 96);
     for (format, tol) in [
         (WeightFormat::F32, 0.0),
@@ -259,7 +256,7 @@ fn conversions_round_trip_within_their_precision() {
 
 #[test]
 fn fast_dequantization_is_bit_exact() {
-    let mut rng = Lcg(13);
+    let mut rng = Draws::new(13);
     for format in ALL {
         // 768 columns: whole blocks of 32 and of 256.
         let w = matrix(format, 7, 768, &mut rng);
@@ -291,7 +288,7 @@ fn bad_layouts_are_named_errors() {
 
 #[test]
 fn small_batches_equal_their_rows_run_alone_bit_for_bit() {
-    let mut rng = Lcg(17);
+    let mut rng = Draws::new(17);
     for format in ALL {
         let cols = if format.block_size() == 256 { 512 } else { 160 };
         // 301 rows: chunks of the row split and the parts' ranges do not line up.
@@ -334,7 +331,7 @@ fn dot_rows_refuses_fewer_f32_rows_than_outputs() {
 #[test]
 #[should_panic(expected = "dot_rows: weights or quantized activations shorter than 4 rows")]
 fn dot_rows_refuses_fewer_block_rows_than_outputs() {
-    let mut rng = Lcg(19);
+    let mut rng = Draws::new(19);
     let w = matrix(WeightFormat::Q4_1, 3, 64, &mut rng);
     let x = rng.vec(64);
     let mut acts = QuantizedActs::default();
@@ -346,7 +343,7 @@ fn dot_rows_refuses_fewer_block_rows_than_outputs() {
 #[test]
 #[should_panic(expected = "dot_rows: weights or quantized activations shorter than 2 rows")]
 fn dot_rows_refuses_activations_quantized_from_a_shorter_vector() {
-    let mut rng = Lcg(23);
+    let mut rng = Draws::new(23);
     let w = matrix(WeightFormat::Q6_K, 2, 512, &mut rng);
     let x = rng.vec(512);
     let mut acts = QuantizedActs::default();
@@ -358,7 +355,7 @@ fn dot_rows_refuses_activations_quantized_from_a_shorter_vector() {
 #[test]
 #[should_panic(expected = "dot_rows_multi: quantized activations shorter than 128 values")]
 fn multi_row_kernels_refuse_short_activations() {
-    let mut rng = Lcg(29);
+    let mut rng = Draws::new(29);
     let w = matrix(WeightFormat::Q4_0, 4, 128, &mut rng);
     let x = rng.vec(128);
     let (mut long, mut short) = (QuantizedActs::default(), QuantizedActs::default());
@@ -383,7 +380,7 @@ fn multi_row_kernels_refuse_short_activations() {
 #[should_panic(expected = "matmul of 9 rows by 16 × 32: x has 288 values, y 143")]
 fn batched_matmul_refuses_a_short_output() {
     // More rows than a small batch: the tiled path, which writes `y` through a raw pointer.
-    let mut rng = Lcg(31);
+    let mut rng = Draws::new(31);
     let w = matrix(WeightFormat::F32, 16, 32, &mut rng);
     let n = SMALL_BATCH + 1;
     let x = rng.vec(n * 32);
