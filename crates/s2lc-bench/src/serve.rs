@@ -14,6 +14,7 @@ use clap::Args;
 use semver::Version;
 use serde_json::json;
 
+use s2lc_model::lora::AdapterDtype;
 use s2lc_serve::client::{metric_value, request};
 use s2lc_serve::{BatchConfig, Engine, ServeConfig, StoreSource};
 use s2lc_spectral::rng::SplitMix64;
@@ -45,6 +46,9 @@ pub struct ServeBenchArgs {
     /// The server's adapter budget.
     #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
     adapter_memory: usize,
+    /// How the server holds loaded adapters: f32, f16, int8 or int4 factors.
+    #[arg(long, default_value_t = AdapterDtype::F16)]
+    adapter_dtype: AdapterDtype,
     /// Tokens generated per request.
     #[arg(long, default_value_t = 4)]
     max_tokens: usize,
@@ -136,11 +140,12 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         })
         .collect();
     println!(
-        "{} clients, {} adapters (Zipf {}), budget {:.0} MiB, {} tokens per request",
+        "{} clients, {} adapters (Zipf {}), budget {:.0} MiB of {} factors, {} tokens per request",
         args.clients,
         args.n_adapters,
         args.zipf,
         args.adapter_memory as f64 / (1 << 20) as f64,
+        args.adapter_dtype,
         args.max_tokens
     );
     let mut runs = Vec::new();
@@ -155,7 +160,8 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let out = json!({
             "clients": args.clients, "adapters": args.n_adapters, "zipf": args.zipf,
-            "budget_bytes": args.adapter_memory, "max_tokens": args.max_tokens,
+            "budget_bytes": args.adapter_memory, "adapter_dtype": args.adapter_dtype.name(),
+            "max_tokens": args.max_tokens,
             "sources": sources, "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
         });
         write_json(path, &out)?;
@@ -272,8 +278,9 @@ fn load_test(
     };
     let server_store = Store::open(dir.to_str().context("temp dir is not UTF-8")?)?;
     let digest = digest.to_string();
+    let dtype = args.adapter_dtype;
     std::thread::spawn(move || {
-        let src = Box::new(StoreSource::new(server_store, Some(digest)));
+        let src = Box::new(StoreSource::new(server_store, Some(digest)).with_dtype(dtype));
         if let Err(e) = s2lc_serve::serve(listener, engine, src, None, config) {
             eprintln!("error: the server stopped: {e}");
             std::process::exit(1);

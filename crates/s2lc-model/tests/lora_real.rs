@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use s2lc_model::eval::perplexity;
 use s2lc_model::kv::DenseKvCache;
 use s2lc_model::llama::{ForwardScratch, LlamaModel};
-use s2lc_model::lora::LoraAdapter;
+use s2lc_model::lora::{AdapterDtype, LoraAdapter};
 use s2lc_model::source::WeightStorage;
 use s2lc_model::tokenizer::{read_text_file, Tokenizer};
 use s2lc_model::ModelSource;
@@ -166,4 +166,28 @@ fn real_adapter_matches_peft_and_lowers_its_domains_perplexity() {
         "the adapter lowers perplexity on its own domain: {a} vs {b}"
     );
     assert!((b / tb - 1.0).abs() < 1e-3 && (a / ta - 1.0).abs() < 1e-3);
+
+    // The compact resident forms the server holds adapters in (`--adapter-dtype`): f16 factors
+    // are within rounding of f32; int8 and int4 (Q8_0, Q4_0 blocks) cost at most 0.5 % perplexity,
+    // the bound a compact form must meet to be offered.
+    for (dtype, bound) in [
+        (AdapterDtype::F16, 1e-4),
+        (AdapterDtype::Int8, 5e-3),
+        (AdapterDtype::Int4, 5e-3),
+    ] {
+        let compact = adapter.to_dtype(dtype).unwrap();
+        let mut model = base.clone();
+        model.attach_adapter(&compact).unwrap();
+        let p = perplexity(&model, held_out, seq, seq, |_, _| {})
+            .unwrap()
+            .perplexity();
+        let cost = p / a - 1.0;
+        eprintln!(
+            "{dtype} factors: held-out perplexity {p:.4} ({:+.4} % vs f32), {} of {} bytes",
+            100.0 * cost,
+            compact.resident_bytes(),
+            adapter.resident_bytes()
+        );
+        assert!(cost.abs() <= bound, "{dtype}: {cost}");
+    }
 }

@@ -1,10 +1,12 @@
 //! Where the server's adapters come from: resolve `name@semver-req` to one version, then load it
-//! (pull, verify, unpack) when the cache misses.
+//! when the cache misses: its blobs are fetched into memory (each checked against its digest)
+//! and parsed there, within the base model's limits, then held in the resident form the server
+//! was started with ([`AdapterDtype`]).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use s2lc_model::lora::{AdapterLimits, LoraAdapter};
+use s2lc_model::lora::{AdapterDtype, AdapterLimits, LoraAdapter};
 use s2lc_store::{parse_selector, parse_versioned, Selector, Store, StoreError};
 
 /// Why an adapter could not be resolved or loaded; each maps to one HTTP status.
@@ -58,28 +60,33 @@ pub struct StoreSource {
     store: Store,
     base_digest: Option<String>,
     limits: AdapterLimits,
-    scratch: PathBuf,
-    pulls: AtomicU64,
+    dtype: AdapterDtype,
 }
 
 impl StoreSource {
-    /// Serves from `store`; pulls of adapters recorded for another base than `base_digest` are
-    /// refused. Pulled files are staged under the system temp directory and removed after
-    /// unpacking.
+    /// Serves from `store`; adapters recorded for another base than `base_digest` are refused.
+    /// Until [`StoreSource::with_limits`] narrows them, entries are read within
+    /// [`AdapterLimits::GENEROUS`]; adapters are held as f16 factors until
+    /// [`StoreSource::with_dtype`] says otherwise.
     pub fn new(store: Store, base_digest: Option<String>) -> Self {
         StoreSource {
             store,
             base_digest,
             limits: AdapterLimits::GENEROUS,
-            scratch: std::env::temp_dir().join(format!("s2lc-serve-{}", std::process::id())),
-            pulls: AtomicU64::new(0),
+            dtype: AdapterDtype::default(),
         }
     }
 
-    /// Reads pulled adapters within `limits` (those of the base model the server runs,
+    /// Reads store entries within `limits` (those of the base model the server runs,
     /// [`AdapterLimits::for_model`], and its adapter budget): a store entry is untrusted input.
     pub fn with_limits(mut self, limits: AdapterLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Holds loaded adapters as `dtype` factors (f16 by default; int8 block-quantizes them).
+    pub fn with_dtype(mut self, dtype: AdapterDtype) -> Self {
+        self.dtype = dtype;
         self
     }
 }
@@ -93,30 +100,20 @@ impl AdapterSource for StoreSource {
 
     fn load(&self, key: &str, morph: &[(String, f32)]) -> Result<LoraAdapter, SourceError> {
         let (name, version) = parse_versioned(key)?;
-        let dir = self
-            .scratch
-            .join(format!("{}", self.pulls.fetch_add(1, Ordering::Relaxed)));
-        let _ = std::fs::remove_dir_all(&dir);
         let result = (|| {
-            self.store.pull(
+            let (_, files) = self.store.fetch(
                 &name,
                 &Selector::Exact(version),
-                &dir,
                 self.base_digest.as_deref(),
+                self.limits.max_file_bytes,
             )?;
-            read_adapter(&dir, key, morph, &self.limits)
+            let adapter = read_adapter(&files, key, morph, &self.limits)?;
+            adapter
+                .to_dtype(self.dtype)
+                .map_err(|e| SourceError::Unusable(format!("{key}: {e}")))
         })();
-        let _ = std::fs::remove_dir_all(&dir);
-        // Errors name the store entry, never where the server staged it.
-        result.map_err(|e| {
-            scrub(
-                e,
-                &dir,
-                &self.scratch,
-                Path::new(self.store.location()),
-                key,
-            )
-        })
+        // Errors name the store entry, never where a local store lives.
+        result.map_err(|e| scrub(e, Path::new(self.store.location())))
     }
 
     fn list(&self) -> Result<Vec<String>, SourceError> {
@@ -129,24 +126,28 @@ impl AdapterSource for StoreSource {
     }
 }
 
-/// A pulled version: a PEFT adapter directory, or an S2LC pack holding one member (what
+/// The files of a PEFT adapter version.
+const PEFT_CONFIG: &str = "adapter_config.json";
+const PEFT_WEIGHTS: &str = "adapter_model.safetensors";
+
+/// A fetched version: a PEFT adapter, or an S2LC pack holding one member (what
 /// `s2lc store push --member` stores), unpacked; or, with `morph` weights, the blend of members
 /// of a pack.
 fn read_adapter(
-    dir: &Path,
+    files: &BTreeMap<String, Vec<u8>>,
     key: &str,
     morph: &[(String, f32)],
     limits: &AdapterLimits,
 ) -> Result<LoraAdapter, SourceError> {
     let unusable = |e: &dyn std::fmt::Display| SourceError::Unusable(format!("{key}: {e}"));
-    let is_pack = dir.join("pack.json").is_file();
+    let is_pack = files.contains_key("pack.json");
     let mut adapter = if !morph.is_empty() {
         if !is_pack {
             return Err(SourceError::BadRequest(format!(
                 "{key} is a PEFT adapter, not an S2LC pack: it has no members to morph"
             )));
         }
-        let set = s2lc_adapters::format::load_with(dir, limits).map_err(|e| unusable(&e))?;
+        let set = s2lc_adapters::format::load_files(files, limits).map_err(|e| unusable(&e))?;
         let names: Vec<&str> = set.members.iter().map(|m| m.name.as_str()).collect();
         if let Some((missing, _)) = morph.iter().find(|(m, _)| !names.contains(&m.as_str())) {
             return Err(SourceError::NotFound(format!(
@@ -158,7 +159,7 @@ fn read_adapter(
         set.morph_lora(key, &weights)
             .map_err(|e| SourceError::BadRequest(format!("{key}: {e}")))?
     } else if is_pack {
-        let set = s2lc_adapters::format::load_with(dir, limits).map_err(|e| unusable(&e))?;
+        let set = s2lc_adapters::format::load_files(files, limits).map_err(|e| unusable(&e))?;
         let [member] = set.members.as_slice() else {
             return Err(SourceError::BadRequest(format!(
                 "{key} is a pack of {} members: blend them with 'morph', or push one with \
@@ -168,25 +169,31 @@ fn read_adapter(
         };
         set.unpack_lora(&member.name).map_err(|e| unusable(&e))?
     } else {
-        LoraAdapter::load_with(dir, limits).map_err(|e| unusable(&e))?
+        let file = |name: &str| {
+            files.get(name).ok_or_else(|| {
+                SourceError::Unusable(format!(
+                    "{key} is neither an S2LC pack (no pack.json) nor a PEFT adapter (no {name})"
+                ))
+            })
+        };
+        let (config, weights) = (file(PEFT_CONFIG)?, file(PEFT_WEIGHTS)?);
+        LoraAdapter::from_bytes(Path::new(key), config, weights, limits)
+            .map_err(|e| unusable(&e))?
     };
     adapter.path = PathBuf::from(key);
     Ok(adapter)
 }
 
-/// `e` with the staging directory `dir` replaced by the store entry `key` in its message, and
-/// the scratch root holding it and a local store's directory by placeholders.
-fn scrub(e: SourceError, dir: &Path, scratch: &Path, store: &Path, key: &str) -> SourceError {
+/// `e` with a local store's directory replaced by a placeholder in its message.
+fn scrub(e: SourceError, store: &Path) -> SourceError {
     let clean = |msg: String| {
-        let mut msg = msg;
-        for (path, with) in [(dir, key), (scratch, "<scratch>"), (store, "<store>")] {
-            // Only absolute paths: a relative store name could be a word of the message.
-            let p = path.display().to_string();
-            if path.is_absolute() && p.len() > 1 {
-                msg = msg.replace(&format!("{p}/"), "").replace(&p, with);
-            }
+        // Only absolute paths: a relative store name could be a word of the message.
+        let p = store.display().to_string();
+        if store.is_absolute() && p.len() > 1 {
+            msg.replace(&format!("{p}/"), "").replace(&p, "<store>")
+        } else {
+            msg
         }
-        msg
     };
     match e {
         SourceError::BadRequest(m) => SourceError::BadRequest(clean(m)),

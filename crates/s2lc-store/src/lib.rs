@@ -636,15 +636,18 @@ impl Store {
         Ok((md, m))
     }
 
-    /// Writes `name@sel` into `dir` (every blob's hash checked before anything is written);
-    /// refused if `base_digest` is given and differs from the one recorded at push.
-    pub fn pull(
+    /// Reads `name` at `sel` into memory: its manifest and each file's bytes by path, every blob
+    /// checked against its digest. Refused when the version was made for another base model than
+    /// `base_digest`, when the manifest names an unsafe path, or when a file is larger than
+    /// `max_file_bytes` (checked on the manifest's declared size before the blob is read, and on
+    /// the blob itself). A server parses these bytes directly: nothing touches its disk.
+    pub fn fetch(
         &self,
         name: &str,
         sel: &Selector,
-        dir: &Path,
         base_digest: Option<&str>,
-    ) -> Result<Manifest> {
+        max_file_bytes: u64,
+    ) -> Result<(Manifest, BTreeMap<String, Vec<u8>>)> {
         let version = self.resolve(name, sel)?;
         let (_, m) = self.manifest(name, &version)?;
         if let (Some(want), Some(have)) = (base_digest, m.base_digest.as_deref()) {
@@ -654,7 +657,7 @@ impl Store {
                 )));
             }
         }
-        let mut contents = Vec::new();
+        let mut contents = BTreeMap::new();
         for f in &m.files {
             if f.path
                 .split('/')
@@ -665,11 +668,37 @@ impl Store {
                     f.path
                 )));
             }
-            contents.push((f, self.get_blob(&f.digest)?));
+            let too_big = |size: u64| {
+                StoreError::Invalid(format!(
+                    "{name}@{version}: '{}' has {size} bytes, more than the {max_file_bytes} accepted",
+                    f.path
+                ))
+            };
+            if f.size > max_file_bytes {
+                return Err(too_big(f.size));
+            }
+            let bytes = self.get_blob(&f.digest)?;
+            if bytes.len() as u64 > max_file_bytes {
+                return Err(too_big(bytes.len() as u64));
+            }
+            contents.insert(f.path.clone(), bytes);
         }
-        for (f, bytes) in contents {
-            // Staged under a unique name, fsynced, renamed, directory fsynced.
-            let path = dir.join(&f.path);
+        Ok((m, contents))
+    }
+
+    /// Writes `name` at `sel` into `dir` (see [`Store::fetch`]; no size cap): every blob is read
+    /// and checked before the first file is written, and each file is staged under a unique
+    /// name, fsynced, renamed and its directory fsynced.
+    pub fn pull(
+        &self,
+        name: &str,
+        sel: &Selector,
+        dir: &Path,
+        base_digest: Option<&str>,
+    ) -> Result<Manifest> {
+        let (m, contents) = self.fetch(name, sel, base_digest, u64::MAX)?;
+        for (rel, bytes) in contents {
+            let path = dir.join(&rel);
             local::write_atomic(&path, &bytes, local::Publish::Overwrite, true)
                 .map_err(|source| StoreError::Io { path, source })?;
         }

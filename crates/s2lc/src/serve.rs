@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::{load_model, parse_weights};
 use s2lc_bench::common::parse_bytes;
 use s2lc_model::kv::KvSpec;
+use s2lc_model::lora::{AdapterDtype, AdapterLimits};
 use s2lc_model::source::WeightStorage;
 
 /// Options of `s2lc serve`. Every setting can also come from a TOML file (`--config`), under
@@ -39,9 +40,14 @@ pub struct ServeArgs {
     /// Port (0 picks a free one; the address is printed) [default: 8080].
     #[arg(long)]
     port: Option<u16>,
-    /// Bytes of unpacked adapters kept resident (e.g. 256MiB, 1GiB, 1000000) [default: 256MiB].
+    /// Bytes of adapters kept resident, counted in their resident form (e.g. 256MiB, 1GiB,
+    /// 1000000) [default: 256MiB].
     #[arg(long, value_parser = parse_bytes)]
     adapter_memory: Option<usize>,
+    /// How loaded adapters are held: f32, f16, int8 or int4 factors (Q8_0 or Q4_0 blocks, run
+    /// by the block kernels) [default: f16].
+    #[arg(long)]
+    adapter_dtype: Option<AdapterDtype>,
     /// Largest max_tokens a request may ask for [default: 512].
     #[arg(long)]
     max_tokens: Option<usize>,
@@ -128,6 +134,7 @@ struct ServeFile {
     host: Option<String>,
     port: Option<u16>,
     adapter_memory: Option<Size>,
+    adapter_dtype: Option<String>,
     max_tokens: Option<usize>,
     max_batch: Option<usize>,
     max_body: Option<Size>,
@@ -179,6 +186,7 @@ struct Settings {
     host: String,
     port: u16,
     adapter_memory: usize,
+    adapter_dtype: AdapterDtype,
     max_tokens: usize,
     max_batch: usize,
     max_body: usize,
@@ -308,6 +316,13 @@ impl ServeArgs {
                 &file.adapter_memory,
                 "256MiB",
             )?,
+            adapter_dtype: match (self.adapter_dtype, &file.adapter_dtype) {
+                (Some(d), _) => d,
+                (None, Some(d)) => d
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("adapter-dtype: {e}"))?,
+                (None, None) => AdapterDtype::default(),
+            },
             max_tokens: self.max_tokens.or(file.max_tokens).unwrap_or(512),
             max_batch: self.max_batch.or(file.max_batch).unwrap_or(8),
             max_body: size(self.max_body, "max-body", &file.max_body, "1MiB")?,
@@ -397,15 +412,21 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         kv: cfg.kv.clone(),
         kv_memory: cfg.kv_memory,
     };
+    // A store entry is untrusted: read within the base model's shapes, and with no more values
+    // than the adapter budget has bytes (no resident form holds a value in less than a byte, so
+    // a larger adapter could never be cached).
+    let limits = AdapterLimits::for_model(model.config()).with_max_values(cfg.adapter_memory);
     let engine = Engine::new(model, tokenizer, source.chat_template(), batch);
     let listener = s2lc_serve::api::listen::bind(&cfg.host, cfg.port)
         .with_context(|| format!("listening on {}:{}", cfg.host, cfg.port))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     eprintln!(
-        "s2lc serve: {model_id} ({}), adapters from {location}, {} MiB adapter budget, batches \
+        "s2lc serve: {model_id} ({}), adapters from {location}, {} MiB adapter budget ({} \
+         factors), batches \
          of up to {} (+{} queued), KV cache {} within {} MiB, {} tag rules{}{}",
         cfg.weights.name(),
         cfg.adapter_memory >> 20,
+        cfg.adapter_dtype,
         cfg.max_batch,
         cfg.max_queue,
         cfg.kv.name(),
@@ -427,7 +448,11 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     s2lc_serve::serve(
         listener,
         engine,
-        Box::new(StoreSource::new(store, Some(digest))),
+        Box::new(
+            StoreSource::new(store, Some(digest))
+                .with_limits(limits)
+                .with_dtype(cfg.adapter_dtype),
+        ),
         router,
         ServeConfig {
             adapter_budget: cfg.adapter_memory,

@@ -223,12 +223,56 @@ fn serve_completions_with_store_adapters() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `--adapter-dtype`: the cache holds and charges an adapter in the form asked for (the real
+/// rank-4 adapter: 4 bytes per value as f32, 2 as f16, 17/16 as int8 and 9/16 as int4: blocks
+/// of 32 values with an f16 scale), and every form serves the same request.
+#[test]
+fn adapters_are_resident_in_the_dtype_asked_for() {
+    let Some(model) = smollm2() else { return };
+    let dir = scratch("serve-dtype");
+    let (store, _) = store_with_alice(&dir, &model);
+    let mut resident = Vec::new();
+    for dtype in ["f32", "f16", "int8", "int4"] {
+        let server = start(&[
+            "--store",
+            store.to_str().unwrap(),
+            "--adapter-dtype",
+            dtype,
+            "--pin",
+            "alice@1",
+        ]);
+        let addr = server.addr.as_str();
+        let (status, body) = post(
+            addr,
+            "/v1/completions",
+            &json!({"prompt": "Alice was beginning", "max_tokens": 4, "temperature": 0,
+                    "adapter": "alice@1"}),
+        );
+        assert_eq!(status, 200, "{dtype}: {body}");
+        assert_eq!(body["s2lc"]["adapter_cache"], "hit", "{dtype}: pinned");
+        assert!(body["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+        resident.push(metric(addr, "s2lc_adapter_cache_resident_bytes"));
+    }
+    let f32_bytes = resident[0];
+    assert!(f32_bytes > 0.0);
+    let ratios: Vec<f64> = resident.iter().map(|b| b / f32_bytes).collect();
+    assert_eq!(ratios, [1.0, 0.5, 17.0 / 64.0, 9.0 / 64.0], "{resident:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn serve_refuses_bad_flags_with_one_line() {
     let o = s2lc(&["serve", "--adapter-memory", "12 parsecs"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("unknown unit 'parsecs'"),
+        "{}",
+        stderr(&o)
+    );
+    let o = s2lc(&["serve", "--adapter-dtype", "int3"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unknown adapter dtype 'int3'"),
         "{}",
         stderr(&o)
     );

@@ -184,8 +184,10 @@ impl WeightMatrix {
     }
 
     /// Converts f32 values to `format`: f16/bf16 round to nearest, Q8_0 as llama.cpp quantizes
-    /// it (`d = max|x|/127` per block, stored as f16). The 4/5-bit formats are only loaded, never
-    /// produced here.
+    /// it (`d = max|x|/127` per block, stored as f16), Q4_0 likewise (`d = −m/8` for the block's
+    /// value `m` of largest magnitude, so `m` itself is exact at code 0 and the rest round to
+    /// nearest within codes 0..=15). The other block formats are only loaded, never produced
+    /// here.
     pub fn quantize(
         data: &[f32],
         rows: usize,
@@ -217,9 +219,28 @@ impl WeightMatrix {
                 }
                 out
             }
+            WeightFormat::Q4_0 => {
+                if cols % BLOCK != 0 {
+                    return Err(layout_error(format, cols));
+                }
+                let mut out = Vec::with_capacity(format.row_bytes(cols) * rows);
+                for block in data.chunks_exact(BLOCK) {
+                    let m = block
+                        .iter()
+                        .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                    let d = m / -8.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    let code = |v: f32| (v * id + 8.5).clamp(0.0, 15.0) as u8;
+                    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    let (lo, hi) = block.split_at(BLOCK / 2);
+                    out.extend(lo.iter().zip(hi).map(|(&l, &h)| code(l) | (code(h) << 4)));
+                }
+                out
+            }
             other => {
                 return Err(ModelError::WeightFormat(format!(
-                    "converting to {other} is not supported (only f32, f16, bf16 and q8_0 are produced)"
+                    "converting to {other} is not supported (only f32, f16, bf16, q8_0 and q4_0 \
+                     are produced)"
                 )))
             }
         };

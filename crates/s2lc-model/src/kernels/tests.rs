@@ -245,6 +245,8 @@ fn conversions_round_trip_within_their_precision() {
         (WeightFormat::F16, 1e-3),
         (WeightFormat::BF16, 8e-3),
         (WeightFormat::Q8_0, 1.0 / 127.0),
+        // Half a step of d = max/8, or a whole one for a value near −max (code 16 clamps to 15).
+        (WeightFormat::Q4_0, 1.0 / 8.0),
     ] {
         let w = WeightMatrix::quantize(&values, 64, 96, format).unwrap();
         assert_eq!(w.bytes(), format.row_bytes(96) * 64);
@@ -282,7 +284,7 @@ fn bad_layouts_are_named_errors() {
     assert!(err.to_string().contains("blocks of 32"), "{err}");
     let err = WeightMatrix::from_blocks(WeightFormat::Q4_1, vec![0; 19], 1, 32).unwrap_err();
     assert!(err.to_string().contains("needs 20 bytes, got 19"), "{err}");
-    let err = WeightMatrix::quantize(&[0.0; 32], 1, 32, WeightFormat::Q4_0).unwrap_err();
+    let err = WeightMatrix::quantize(&[0.0; 32], 1, 32, WeightFormat::Q4_1).unwrap_err();
     assert!(err.to_string().contains("not supported"), "{err}");
 }
 

@@ -171,7 +171,7 @@ pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         ),
         (
             "s2lc_adapter_cache_resident_bytes",
-            "Bytes of unpacked adapters resident.",
+            "Bytes of adapters resident, in their resident form (--adapter-dtype factors).",
             "gauge",
             c.resident_bytes as f64,
         ),

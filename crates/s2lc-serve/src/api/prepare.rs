@@ -197,14 +197,14 @@ pub fn load(s: &AppState, plan: Planned, id: u64) -> Result<Job, ApiError> {
 }
 
 /// An adapter (a morph of a pack's members when `morph` is not empty) and the bytes it holds
-/// resident (f32 factors).
+/// resident in the form the source gives it (f16 factors by default, int8 blocks, f32).
 pub fn load_sized(
     source: &dyn AdapterSource,
     key: &str,
     morph: &[(String, f32)],
 ) -> Result<(LoraAdapter, usize), SourceError> {
     let a = source.load(key, morph)?;
-    let bytes = 4 * a.n_params();
+    let bytes = a.resident_bytes();
     Ok((a, bytes))
 }
 
