@@ -46,6 +46,12 @@ pub trait AdapterSource: Send + Sync {
     /// Resolves `name@requirement` (`legal@^1.2`, `legal@1.0.0`, `legal@prod`, `legal`) to the
     /// cache key `name@version`.
     fn resolve(&self, spec: &str) -> Result<String, SourceError>;
+    /// What identifies the content of a key returned by [`AdapterSource::resolve`]: two keys
+    /// with the same content id hold the same adapter, which the server keeps resident once.
+    /// By default every key is its own content.
+    fn content_id(&self, key: &str) -> Result<String, SourceError> {
+        Ok(key.to_string())
+    }
     /// Loads the adapter of a key returned by [`AdapterSource::resolve`]; with `morph` weights,
     /// the key must name a multi-member pack and the result is the weighted blend of the named
     /// members, synthesized in the pack's shared basis (Expert Morphing).
@@ -96,6 +102,24 @@ impl AdapterSource for StoreSource {
         let (name, sel) = parse_selector(spec)?;
         let version = self.store.resolve(&name, &sel)?;
         Ok(format!("{name}@{version}"))
+    }
+
+    /// The digest of the base model the version was made for and of its files (each path with
+    /// its blob's digest, in path order): the same files pushed for the same base under two
+    /// names are one content. (The base is part of it so that a version made for another base
+    /// can never be served from the cache entry of one that was checked.)
+    fn content_id(&self, key: &str) -> Result<String, SourceError> {
+        let (name, version) = parse_versioned(key)?;
+        let (_, manifest) = self.store.manifest(&name, &version)?;
+        let mut files: Vec<String> = manifest
+            .files
+            .iter()
+            .map(|f| format!("{}\0{}\n", f.path, f.digest))
+            .collect();
+        files.sort();
+        let base = manifest.base_digest.unwrap_or_default();
+        let id = s2lc_store::digest(format!("{base}\n{}", files.concat()).as_bytes());
+        Ok(format!("content:{id}"))
     }
 
     fn load(&self, key: &str, morph: &[(String, f32)]) -> Result<LoraAdapter, SourceError> {

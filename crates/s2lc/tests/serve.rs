@@ -260,6 +260,45 @@ fn adapters_are_resident_in_the_dtype_asked_for() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// The same files pushed under two names are resident once: the second name is a cache hit and
+/// adds no bytes.
+#[test]
+fn identical_content_under_two_names_is_resident_once() {
+    let Some(model) = smollm2() else { return };
+    let dir = scratch("serve-dedup");
+    let (store, _) = store_with_alice(&dir, &model);
+    push(
+        &store,
+        &model,
+        &fixture("alice-r4"),
+        "alice-copy@2.0.0",
+        None,
+    );
+    let server = start(&["--store", store.to_str().unwrap()]);
+    let addr = server.addr.as_str();
+    let ask = |adapter: &str| {
+        let (status, body) = post(
+            addr,
+            "/v1/completions",
+            &json!({"prompt": "Alice was beginning", "max_tokens": 4, "temperature": 0,
+                    "adapter": adapter}),
+        );
+        assert_eq!(status, 200, "{adapter}: {body}");
+        body
+    };
+    let first = ask("alice@1");
+    assert_eq!(first["s2lc"]["adapter_cache"], "miss");
+    let one = metric(addr, "s2lc_adapter_cache_resident_bytes");
+    let copy = ask("alice-copy@2");
+    assert_eq!(copy["s2lc"]["adapter"], "alice-copy@2.0.0");
+    assert_eq!(copy["s2lc"]["adapter_cache"], "hit", "same content");
+    assert_eq!(copy["choices"], first["choices"]);
+    assert_eq!(metric(addr, "s2lc_adapter_cache_resident_bytes"), one);
+    assert_eq!(metric(addr, "s2lc_adapter_cache_resident"), 1.0);
+    assert_eq!(metric(addr, "s2lc_adapter_cache_misses_total"), 1.0);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn serve_refuses_bad_flags_with_one_line() {
     let o = s2lc(&["serve", "--adapter-memory", "12 parsecs"]);

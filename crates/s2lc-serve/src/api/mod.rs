@@ -174,7 +174,7 @@ pub struct AppState {
     /// Requests holding or loading an adapter.
     adapter_permits: Arc<Semaphore>,
     /// The last version each adapter spec resolved to, and when.
-    resolved: Mutex<HashMap<String, (String, std::time::Instant)>>,
+    resolved: Mutex<HashMap<String, (prepare::Resolved, std::time::Instant)>>,
     config: ServeConfig,
     metrics: Arc<Metrics>,
 }
@@ -246,14 +246,14 @@ impl Server {
             };
             // Through `resolve`, so the mapping is remembered: a pinned adapter keeps serving even
             // if the store is unreachable before any request has named it.
-            let key = prepare::resolve(&state, spec).map_err(|e| pin(e.message))?;
+            let r = prepare::resolve(&state, spec).map_err(|e| pin(e.message))?;
             state
                 .cache
-                .get_or_load(&key, || {
-                    prepare::load_sized(state.source.as_ref(), &key, &[])
+                .get_or_load(&r.content, || {
+                    prepare::load_sized(state.source.as_ref(), &r.key, &[])
                 })
                 .map_err(|e| pin(e.to_string()))?;
-            state.cache.set_pinned(&key, true);
+            state.cache.set_pinned(&r.content, true);
         }
         Ok(Server { state })
     }

@@ -162,9 +162,10 @@ pub fn plan(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Planned,
     })
 }
 
-/// Loads the planned adapter through the cache (a morph is cached under its pack's key and its
-/// weights). Blocking: a cold adapter is pulled and unpacked, and requests for the same cold
-/// adapter wait for that one load.
+/// Loads the planned adapter through the cache. Entries are keyed by content, not by name: the
+/// same files under two names are resident once, and a morph is cached under its pack's content
+/// and its weights. Blocking: a cold adapter is fetched and unpacked, and requests for the same
+/// cold content wait for that one load.
 pub fn load(s: &AppState, plan: Planned, id: u64) -> Result<Job, ApiError> {
     let Some(spec) = plan.spec.clone() else {
         return Ok(Job {
@@ -175,12 +176,12 @@ pub fn load(s: &AppState, plan: Planned, id: u64) -> Result<Job, ApiError> {
             cache: "none",
         });
     };
-    let key = resolve(s, &spec)?;
+    let Resolved { key, content } = resolve(s, &spec)?;
     let cache_key = if plan.morph.is_empty() {
-        key.clone()
+        content
     } else {
         let w: Vec<String> = plan.morph.iter().map(|(m, w)| format!("{m}={w}")).collect();
-        format!("{key}#morph({})", w.join(","))
+        format!("{content}#morph({})", w.join(","))
     };
     let mut loaded = false;
     let a = s.cache.get_or_load(&cache_key, || {
@@ -208,31 +209,43 @@ pub fn load_sized(
     Ok((a, bytes))
 }
 
-/// The cache key (`name@version`) of an adapter spec. A spec resolved within the last
+/// What an adapter spec resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// `name@version`: what responses and errors name.
+    pub key: String,
+    /// Its content id ([`AdapterSource::content_id`]): what the cache holds it under.
+    pub content: String,
+}
+
+/// The version an adapter spec names, and its content. A spec resolved within the last
 /// `resolve_ttl` is answered from memory (the store is not listed for every request). When the
 /// store is unreachable, a spec that resolved before and whose adapter is still resident is
 /// served from the cache; a cold one gets 503.
-pub fn resolve(s: &AppState, spec: &str) -> Result<String, ApiError> {
+pub fn resolve(s: &AppState, spec: &str) -> Result<Resolved, ApiError> {
     {
         let resolved = s.resolved.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((key, at)) = resolved.get(spec) {
+        if let Some((r, at)) = resolved.get(spec) {
             if at.elapsed() < s.config.resolve_ttl {
-                return Ok(key.clone());
+                return Ok(r.clone());
             }
         }
     }
     // The store is asked without the lock held: a slow store delays only this request.
-    let result = s.source.resolve(spec);
+    let result = s.source.resolve(spec).and_then(|key| {
+        let content = s.source.content_id(&key)?;
+        Ok(Resolved { key, content })
+    });
     let mut resolved = s.resolved.lock().unwrap_or_else(|p| p.into_inner());
     match result {
-        Ok(key) => {
-            resolved.insert(spec.to_string(), (key.clone(), Instant::now()));
-            Ok(key)
+        Ok(r) => {
+            resolved.insert(spec.to_string(), (r.clone(), Instant::now()));
+            Ok(r)
         }
         Err(SourceError::Unavailable(msg)) => resolved
             .get(spec)
-            .map(|(key, _)| key)
-            .filter(|key| s.cache.contains(key))
+            .map(|(r, _)| r)
+            .filter(|r| s.cache.contains(&r.content))
             .cloned()
             .ok_or_else(|| {
                 ApiError::new(
