@@ -1,10 +1,11 @@
 //! `s2lc bench serve`: a bounded load test of the server on loopback. Copies of the real adapters
-//! are pushed into a fresh store under many names, the server runs in this process with a byte
+//! are pushed into a fresh store under many names (each PEFT copy's delta scaled by its own
+//! factor, so that no two are the same content), the server runs in this process with a byte
 //! budget, and many clients send completions for adapters drawn with Zipf popularity. Reports
 //! throughput, latency percentiles, the cache hit rate, the largest resident adapter bytes seen
 //! (against the budget) and the process's peak RSS.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -64,6 +65,32 @@ pub struct ServeBenchArgs {
     json: Option<PathBuf>,
 }
 
+/// A copy of the PEFT adapter `src` in `staging` whose delta is scaled by `scale` (its
+/// `lora_alpha` multiplied), so that no two copies are the same content and the server's
+/// content-keyed cache cannot share them; `src` itself when it is not a PEFT adapter.
+fn scaled_copy(src: &Path, staging: &Path, scale: f64) -> Result<PathBuf> {
+    let config_path = src.join("adapter_config.json");
+    if !config_path.is_file() {
+        return Ok(src.to_path_buf());
+    }
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let mut config: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", config_path.display()))?;
+    let alpha = config["lora_alpha"]
+        .as_f64()
+        .with_context(|| format!("{} has no numeric lora_alpha", config_path.display()))?;
+    config["lora_alpha"] = json!(alpha * scale);
+    let _ = std::fs::remove_dir_all(staging);
+    std::fs::create_dir_all(staging).with_context(|| format!("creating {}", staging.display()))?;
+    let weights = "adapter_model.safetensors";
+    std::fs::copy(src.join(weights), staging.join(weights))
+        .with_context(|| format!("copying {}", src.join(weights).display()))?;
+    std::fs::write(staging.join("adapter_config.json"), config.to_string())
+        .with_context(|| format!("writing {}", staging.display()))?;
+    Ok(staging.to_path_buf())
+}
+
 /// `VmHWM` of this process in bytes (peak resident set).
 fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -102,20 +129,24 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
     let t = Instant::now();
     let bar = progress_bar(args.n_adapters as u64, "pushing adapters");
     let v1 = Version::new(1, 0, 0);
+    let staging = dir.with_extension("copy");
     for i in 0..args.n_adapters {
         let src = &sources[i % sources.len()];
+        let scale = 1.0 + (i / sources.len()) as f64 * 1e-3;
+        let copy = scaled_copy(src, &staging, scale)?;
         store
             .push(
                 &format!("bench-{i:04}"),
                 &v1,
-                src,
+                &copy,
                 Some(digest.clone()),
-                json!({"copy_of": src}),
+                json!({"copy_of": src, "scale": scale}),
                 &mut |_| Ok(()),
             )
             .with_context(|| format!("pushing copy {i} of {}", src.display()))?;
         bar.inc(1);
     }
+    let _ = std::fs::remove_dir_all(&staging);
     bar.finish_and_clear();
     let (logical, physical) = store.usage()?;
     eprintln!(
