@@ -461,6 +461,11 @@ fn tag_rules_and_morphs_from_a_config_file() {
     assert_error(
         p(json!({"adapter": "alice-set@1.0.0", "morph": {"alice-r4": -1.0}})),
         400,
+        "'alice-r4' is negative",
+    );
+    assert_error(
+        p(json!({"adapter": "alice-set@1.0.0", "morph": {"alice-r4": 0.001}})),
+        400,
         "sum to a positive number",
     );
     assert_error(

@@ -350,7 +350,7 @@ fn dot_q4_k_scalar(row: &[u8], a: Acts<'_>) -> f32 {
 }
 
 /// Bytes of a Q6_K super-block (256 elements): `ql: [u8; 128] | qh: [u8; 64] | scales: [i8; 16]
-/// | d: f16` (the layout is spelled out at `quant::block_q6_k`).
+/// | d: f16` (the layout is spelled out at `quant::kquants::block_q6_k`).
 pub(super) const Q6_K_BYTES: usize = 210;
 
 /// The 6-bit quant (0..64) of element `e` (0..256) of a Q6_K super-block: element `128h + 32k + l`

@@ -73,7 +73,7 @@ pub trait KvCache: Send {
 ///
 /// `q`/`out`: `n × q_dim`; `k_all`/`v_all`: `t × kv_dim`, all row-major. Scores are
 /// `q·kᵀ/√head_dim`, masked so query `i` sees keys `0..=p0+i`. A single query (decode) goes to
-/// [`attend_decode`]; otherwise work is split into (head, block of up to 32 query rows) units
+/// `attend_decode`; otherwise work is split into (head, block of up to 32 query rows) units
 /// spread over the kernel pool, each two faer products.
 ///
 /// # Panics

@@ -349,8 +349,13 @@ fn morph_weights(morph: Option<&Value>) -> Result<Vec<(String, f32)>, ApiError> 
                 "morph: the weight of '{m}' must be a finite number, not {w}"
             ))
         })?;
+        if w < 0.0 {
+            return Err(ApiError::bad(format!(
+                "morph: the weight of '{m}' is negative ({w}); a blend takes weights of 0 or more"
+            )));
+        }
         let steps = (w * MORPH_RESOLUTION).round();
-        if steps.abs() > 1e6 {
+        if steps > 1e6 {
             return Err(ApiError::bad(format!(
                 "morph: the weight of '{m}' is out of range ({w})"
             )));
@@ -412,7 +417,8 @@ mod tests {
         assert_eq!(a, vec![("a".to_string(), 0.7), ("b".to_string(), 0.3)]);
         for (v, needle) in [
             (json!({"a": 0.004}), "sum to a positive"),
-            (json!({"a": -1.0}), "sum to a positive"),
+            (json!({"a": -1.0}), "'a' is negative"),
+            (json!({"a": 1.0, "b": -0.5}), "'b' is negative"),
             (json!({"a": 1e300}), "out of range"),
             (json!({"a": "x"}), "finite number"),
             (json!([]), "non-empty object"),
