@@ -6,12 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-mod adapters;
-mod analyze;
 mod cmd;
-mod compress;
-mod serve;
-mod store;
 
 // The plumbing every command shares, and the commands that live with the benches (they share
 // the held-out protocol and the reports): reachable as `crate::...` from the command modules.
@@ -38,20 +33,20 @@ enum Command {
     /// Architecture, tensor table, dtypes and parameter counts of a model.
     Info(ModelArg),
     /// Singular values of every linear weight: ranks per energy threshold, JSON report and plots.
-    Analyze(analyze::AnalyzeArgs),
+    Analyze(cmd::analyze::AnalyzeArgs),
     /// Replace linear layers by low-rank factors and save the model.
-    Compress(compress::CompressArgs),
+    Compress(cmd::compress::CompressArgs),
     /// Inspect LoRA adapters (PEFT layout) and re-rank them by their spectra.
     #[command(subcommand)]
-    Adapters(adapters::AdaptersCommand),
+    Adapters(cmd::adapters::AdaptersCommand),
     /// Domain FFN expert sets (MoE residuals built from the dense model).
     #[command(subcommand)]
     Experts(experts::ExpertsCommand),
     /// The Adapter Store: content-addressed blobs, semantic versions, local or S3.
-    Store(store::StoreArgs),
+    Store(cmd::store::StoreArgs),
     /// Serve the base model and the store's adapters over an OpenAI-style HTTP API
     /// (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).
-    Serve(serve::ServeArgs),
+    Serve(cmd::serve::ServeArgs),
     /// The Context Router's centroids (`build`) and routing accuracy on held-out text (`eval`).
     #[command(subcommand)]
     Router(router::RouterCommand),
@@ -99,12 +94,12 @@ fn try_main() -> Result<()> {
         Command::Generate(args) => cmd::generate::run(&args),
         Command::Eval(args) => cmd::eval::run(&args),
         Command::Info(model) => cmd::info::run(&model.path()),
-        Command::Compress(args) => compress::run(&args),
-        Command::Analyze(args) => analyze::run(&args),
-        Command::Adapters(cmd) => adapters::run(&cmd),
+        Command::Compress(args) => cmd::compress::run(&args),
+        Command::Analyze(args) => cmd::analyze::run(&args),
+        Command::Adapters(cmd) => cmd::adapters::run(&cmd),
         Command::Experts(cmd) => experts::run(&cmd),
-        Command::Store(args) => store::run(&args),
-        Command::Serve(args) => serve::run(&args),
+        Command::Store(args) => cmd::store::run(&args),
+        Command::Serve(args) => cmd::serve::run(&args),
         Command::Router(cmd) => router::run(&cmd),
         Command::Logits(args) => cmd::logits::run(&args),
         Command::Bench(cmd) => s2lc_bench::run(&cmd),

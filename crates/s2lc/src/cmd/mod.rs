@@ -1,6 +1,7 @@
-//! The bodies of the commands that run one model (`generate`, `eval`, `logits`, `info`); `main.rs`
-//! parses the arguments and dispatches here, the other commands live in their own modules or in
-//! `s2lc-bench`.
+//! The bodies of the commands, one command family per module; `main.rs` parses the arguments and
+//! dispatches here (`experts`, `router` and `bench` live in `s2lc-bench`). This module holds what
+//! the commands that run one model (`generate`, `eval`, `logits`) share: `--weights` and its
+//! adapters.
 
 use std::path::Path;
 
@@ -15,10 +16,15 @@ use s2lc_model::ModelSource;
 
 use crate::{load_model, parse_weights};
 
+pub mod adapters;
+pub mod analyze;
+pub mod compress;
 pub mod eval;
 pub mod generate;
 pub mod info;
 pub mod logits;
+pub mod serve;
+pub mod store;
 
 /// How the runtime stores weight matrices (`--weights`) and which LoRA adapters it applies.
 #[derive(Args, Clone)]

@@ -381,9 +381,9 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     if model_id.contains(':') || model_id.is_empty() {
         bail!("model id '{model_id}' must be non-empty and free of ':' (it separates the adapter)");
     }
-    let store = crate::store::open_store(cfg.store.as_deref())?;
+    let store = super::store::open_store(cfg.store.as_deref())?;
     let location = store.location().to_string();
-    let digest = crate::store::model_digest(&path)?;
+    let digest = super::store::model_digest(&path)?;
     let router = match &cfg.router {
         None => None,
         Some(table) => {
