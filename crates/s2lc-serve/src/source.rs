@@ -90,7 +90,7 @@ impl StoreSource {
         self
     }
 
-    /// Holds loaded adapters as `dtype` factors (f16 by default; int8 block-quantizes them).
+    /// Holds loaded adapters as `dtype` factors (f16 by default; int8 and int4 block-quantize them).
     pub fn with_dtype(mut self, dtype: AdapterDtype) -> Self {
         self.dtype = dtype;
         self
