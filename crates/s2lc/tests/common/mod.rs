@@ -3,7 +3,7 @@
 
 pub mod server;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Runs the built `s2lc` binary with `args`.
@@ -23,6 +23,19 @@ pub fn s2lc_env(args: &[&str], env: &[(&str, String)]) -> Output {
 /// The standard error of a run, as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// One `error:` line naming the problem, no panic or backtrace, exit code 1.
+pub fn assert_clean_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
+    assert!(err.starts_with("error: "), "stderr: {err}");
+    assert!(err.contains(needle), "expected '{needle}' in: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "stderr: {err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "stderr: {err}");
 }
 
 /// A fresh, empty scratch directory for one test.
@@ -58,6 +71,24 @@ pub fn alice29() -> Option<PathBuf> {
         eprintln!("skipped: {} absent (run scripts/fetch-assets)", p.display());
         None
     }
+}
+
+/// The committed real adapter (trained with PEFT on alice29.txt, rank 4 on q/v).
+pub fn alice_r4() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/adapters/alice-r4")
+}
+
+/// `s2lc adapters unpack PACK NAME -o OUT`, which must succeed.
+pub fn unpack_ok(pack: &Path, name: &str, out: &Path) {
+    let o = s2lc(&[
+        "adapters",
+        "unpack",
+        pack.to_str().unwrap(),
+        name,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 /// Writes an expert set under `dir` built from the real model: layer 0's FFN as the base, and
