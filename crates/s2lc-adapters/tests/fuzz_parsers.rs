@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use s2lc_adapters::artifact::AdapterLimits;
 use s2lc_adapters::pack::{PackedSet, QMat};
 use s2lc_adapters::{format, pack, Member, PackParams};
-use s2lc_model::config::{Arch, ModelConfig};
+use s2lc_model::config::ModelConfig;
 use s2lc_model::gguf::{GgufFile, MetaValue};
 use s2lc_model::kernels::dot::QuantizedActs;
 use s2lc_model::lora::LoraAdapter;
@@ -39,20 +39,7 @@ fn regressions(target: &str) -> PathBuf {
 
 /// SmolLM2-135M, the base model of the committed adapters.
 fn smollm2() -> ModelConfig {
-    ModelConfig {
-        arch: Arch::Llama,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        n_layers: 30,
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-        vocab_size: 49152,
-        rope_theta: 1e5,
-        rms_eps: 1e-5,
-        max_seq_len: 8192,
-        tie_embeddings: true,
-    }
+    ModelConfig::smollm2_135m()
 }
 
 fn fixture(name: &str) -> PathBuf {

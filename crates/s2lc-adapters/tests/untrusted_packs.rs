@@ -11,7 +11,7 @@ use serde_json::json;
 
 use s2lc_adapters::artifact::AdapterLimits;
 use s2lc_adapters::{format, PackParams};
-use s2lc_model::config::{Arch, ModelConfig};
+use s2lc_model::config::ModelConfig;
 use s2lc_spectral::AnsTable;
 
 #[global_allocator]
@@ -21,20 +21,7 @@ static ALLOC: fuzz::Counting = fuzz::Counting;
 const SMALL: usize = 4 << 20;
 
 fn smollm2() -> AdapterLimits {
-    AdapterLimits::for_model(&ModelConfig {
-        arch: Arch::Llama,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        n_layers: 30,
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-        vocab_size: 49152,
-        rope_theta: 1e5,
-        rms_eps: 1e-5,
-        max_seq_len: 8192,
-        tie_embeddings: true,
-    })
+    AdapterLimits::for_model(&ModelConfig::smollm2_135m())
 }
 
 /// A safetensors file of `tensors` (name, dtype, shape, bytes) with `meta`.

@@ -99,6 +99,25 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The shapes of SmolLM2-135M (its `config.json`): for checks that need a real model's
+    /// shapes without its file, such as the caps on untrusted adapters in tests and fuzzing.
+    pub fn smollm2_135m() -> Self {
+        ModelConfig {
+            arch: Arch::Llama,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            n_layers: 30,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            vocab_size: 49152,
+            rope_theta: 1e5,
+            rms_eps: 1e-5,
+            max_seq_len: 8192,
+            tie_embeddings: true,
+        }
+    }
+
     /// Derives the runtime config from a parsed `config.json`.
     pub fn from_hf(hf: &HfConfig) -> Result<Self, ModelError> {
         let arch = Arch::from_name(&hf.model_type)?;

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use serde_json::{json, Value};
 
 use s2lc_adapters::{format, pack, Member, PackParams};
-use s2lc_model::config::{Arch, ModelConfig};
+use s2lc_model::config::ModelConfig;
 use s2lc_model::lora::{AdapterLimits, LoraAdapter, LoraDelta};
 use s2lc_serve::source::{AdapterSource, SourceError, StoreSource};
 use s2lc_store::Store;
@@ -29,20 +29,7 @@ fn repo() -> PathBuf {
 }
 
 fn smollm2() -> AdapterLimits {
-    AdapterLimits::for_model(&ModelConfig {
-        arch: Arch::Llama,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        n_layers: 30,
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-        vocab_size: 49152,
-        rope_theta: 1e5,
-        rms_eps: 1e-5,
-        max_seq_len: 8192,
-        tie_embeddings: true,
-    })
+    AdapterLimits::for_model(&ModelConfig::smollm2_135m())
 }
 
 fn temp(name: &str) -> PathBuf {

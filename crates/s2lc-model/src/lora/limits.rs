@@ -130,20 +130,7 @@ mod tests {
 
     #[test]
     fn model_limits_follow_its_shapes() {
-        let cfg = ModelConfig {
-            arch: crate::config::Arch::Llama,
-            hidden_size: 576,
-            intermediate_size: 1536,
-            n_layers: 30,
-            n_heads: 9,
-            n_kv_heads: 3,
-            head_dim: 64,
-            vocab_size: 49152,
-            rope_theta: 1e4,
-            rms_eps: 1e-5,
-            max_seq_len: 2048,
-            tie_embeddings: true,
-        };
+        let cfg = ModelConfig::smollm2_135m();
         let l = AdapterLimits::for_model(&cfg);
         assert_eq!((l.max_layers, l.max_dim, l.max_rank), (30, 1536, 576));
         assert!(l.max_values > 30 * 7 * 2 * 576 * 64);

@@ -38,7 +38,7 @@ pub enum StoreCommand {
         #[command(flatten)]
         model: ModelArg,
     },
-    /// Pull NAME[@REQ] (exact version, requirement such as ^1.2, or tag) into a directory.
+    /// Pull `NAME[@REQ]` (exact version, requirement such as ^1.2, or tag) into a directory.
     Pull {
         /// NAME, NAME@1.2.0, NAME@^1.2 or NAME@TAG.
         selector: String,
