@@ -9,19 +9,22 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Mat, MatRef};
 use rayon::prelude::*;
 use s2lc_spectral::{
     allocate_ranks, break_even_rank, rank_for_energy, refit_left, row_major, thin_svd, BudgetError,
     LowRankFactors, Spectrum, Svd, WhitenError, Whitening,
 };
 
+mod calibration;
+
 use crate::atomic::write_file_atomic;
 use crate::error::ModelError;
 use crate::kv::KvCache;
 use crate::linear::{Linear, LowRankLinear};
 use crate::llama::{ActivationObserver, ForwardScratch, LinearInput, LlamaModel};
+pub use calibration::calibration_windows;
+use calibration::{cross_gram, to_f64, GramCollector};
 
 /// How ranks are chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -131,94 +134,6 @@ pub struct CompressionReport {
     pub calibration_tokens: usize,
     /// Notes worth telling the user (damped Gram matrices, ...).
     pub notes: Vec<String>,
-}
-
-/// `samples` windows of `window` tokens at seeded pseudo-random offsets of `tokens` (SplitMix64),
-/// sorted by offset; the same seed always picks the same windows.
-pub fn calibration_windows(
-    tokens: &[u32],
-    samples: usize,
-    window: usize,
-    seed: u64,
-) -> Result<Vec<Vec<u32>>, CompressError> {
-    if window == 0 || tokens.len() < window {
-        return Err(CompressError::CalibrationTooShort {
-            tokens: tokens.len(),
-            window,
-        });
-    }
-    let span = (tokens.len() - window + 1) as u64;
-    let mut rng = s2lc_spectral::rng::SplitMix64::new(seed);
-    let mut offsets: Vec<usize> = (0..samples)
-        .map(|_| (rng.next_u64() % span) as usize)
-        .collect();
-    offsets.sort_unstable();
-    Ok(offsets
-        .iter()
-        .map(|&o| tokens[o..o + window].to_vec())
-        .collect())
-}
-
-/// Sums `XᵀX` per (layer, input kind) in f32 (one GEMM per window), widened to f64 for Cholesky.
-/// With `record`, it also keeps every input (per kind, in window order) for cross-Gram matrices.
-#[derive(Default)]
-struct GramCollector {
-    grams: HashMap<(usize, LinearInput), Mat<f32>>,
-    record: Option<HashMap<LinearInput, Vec<Vec<f32>>>>,
-}
-
-impl GramCollector {
-    fn recording() -> Self {
-        GramCollector {
-            grams: HashMap::new(),
-            record: Some(HashMap::new()),
-        }
-    }
-}
-
-/// `Σ_w X_c,wᵀ X_d,w` over paired windows of one input kind, widened to f64.
-fn cross_gram(xc: &[Vec<f32>], xd: &[Vec<f32>], width: usize) -> Mat<f64> {
-    let mut g = Mat::<f32>::zeros(width, width);
-    for (c, d) in xc.iter().zip(xd) {
-        let n = c.len() / width;
-        let cv = MatRef::from_row_major_slice(c, n, width);
-        let dv = MatRef::from_row_major_slice(d, n, width);
-        matmul(
-            g.as_mut(),
-            Accum::Add,
-            cv.transpose(),
-            dv,
-            1.0f32,
-            Par::rayon(0),
-        );
-    }
-    to_f64(&g)
-}
-
-impl ActivationObserver for GramCollector {
-    fn observe(&mut self, layer: usize, input: LinearInput, x: &[f32], n: usize) {
-        if let Some(r) = self.record.as_mut() {
-            r.entry(input).or_default().push(x.to_vec());
-        }
-        let width = x.len() / n;
-        let g = self
-            .grams
-            .entry((layer, input))
-            .or_insert_with(|| Mat::zeros(width, width));
-        let xv = MatRef::from_row_major_slice(x, n, width);
-        matmul(
-            g.as_mut(),
-            Accum::Add,
-            xv.transpose(),
-            xv,
-            1.0f32,
-            Par::rayon(0),
-        );
-    }
-}
-
-fn to_f64(m: &Mat<f32>) -> Mat<f64> {
-    Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f64)
 }
 
 /// One matrix's spectrum and how to turn it into factors.
@@ -682,154 +597,4 @@ pub fn save_model_dir(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::llama::random_model;
-    use crate::source::{MemorySource, WeightStorage, Weights};
-
-    fn logits(model: &LlamaModel, tokens: &[u32]) -> Vec<f32> {
-        let mut cache = model.dense_cache(256);
-        let mut out = Vec::new();
-        model
-            .forward_last(tokens, &mut cache, &mut ForwardScratch::default(), &mut out)
-            .unwrap();
-        out
-    }
-
-    fn opts(policy: RankPolicy, method: Method, sequential: bool) -> CompressOptions {
-        let tokens: Vec<u32> = (0..400u32).map(|i| (i * 7 + i / 3) % 50).collect();
-        CompressOptions {
-            policy,
-            method,
-            calibration: calibration_windows(&tokens, 4, 64, 1).unwrap(),
-            sequential,
-            refit: false,
-        }
-    }
-
-    #[test]
-    fn energy_policy_ranks_and_export_round_trip() {
-        let mut model = random_model(32, 64, 2, (4, 2), 50, 3);
-        let report = compress(
-            &mut model,
-            &opts(RankPolicy::Energy(0.6), Method::Svd, false),
-            |_, _| {},
-        )
-        .unwrap();
-        assert_eq!(report.matrices.len(), 14);
-        assert!(report.params_after < report.params_before);
-        for m in &report.matrices {
-            if let Some(r) = m.rank {
-                assert!(
-                    m.energy_kept >= 0.6 - 1e-9 && r <= break_even_rank(m.rows, m.cols),
-                    "{m:?}"
-                );
-            }
-        }
-        // Export → in-memory source → load gives the same logits (no re-densification).
-        let mut src = MemorySource::new();
-        for (name, t) in model.export_tensors() {
-            assert!(!name.ends_with("q_proj.weight") || report.matrices[0].rank.is_none());
-            src.insert(name, t.shape, t.data);
-        }
-        let loaded = LlamaModel::load(
-            model.config(),
-            &Weights::new(&src),
-            WeightStorage::F32,
-            |_| {},
-        )
-        .unwrap();
-        assert!(loaded
-            .blocks()
-            .iter()
-            .any(|b| matches!(b.q_proj, Linear::LowRank(_))));
-        assert_eq!(
-            logits(&model, &[1, 2, 3, 4]),
-            logits(&loaded, &[1, 2, 3, 4])
-        );
-    }
-
-    #[test]
-    fn budget_is_respected() {
-        for method in [Method::Svd, Method::Whitened] {
-            for sequential in [false, true] {
-                let mut model = random_model(32, 64, 2, (4, 2), 50, 5);
-                let report = compress(
-                    &mut model,
-                    &opts(RankPolicy::KeepParams(0.5), method, sequential),
-                    |_, _| {},
-                )
-                .unwrap();
-                let ratio = report.params_after as f64 / report.params_before as f64;
-                assert!(ratio <= 0.5 + 1e-9, "{method:?} {sequential}: kept {ratio}");
-                assert!(ratio > 0.4, "{method:?} {sequential}: kept only {ratio}");
-            }
-        }
-    }
-
-    #[test]
-    fn whitening_lowers_the_output_error_on_calibration_text() {
-        let dense = random_model(32, 64, 2, (4, 2), 50, 9);
-        let o = opts(RankPolicy::KeepParams(0.5), Method::Svd, false);
-        let test: Vec<u32> = o.calibration[0].clone();
-        let want = logits(&dense, &test);
-        let err = |m: &LlamaModel| -> f64 {
-            logits(m, &test)
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum::<f64>()
-                .sqrt()
-        };
-        let mut plain = dense.clone();
-        compress(&mut plain, &o, |_, _| {}).unwrap();
-        let mut whitened = dense.clone();
-        compress(
-            &mut whitened,
-            &opts(RankPolicy::KeepParams(0.5), Method::Whitened, true),
-            |_, _| {},
-        )
-        .unwrap();
-        assert!(
-            err(&whitened) < err(&plain),
-            "whitened {} vs plain {}",
-            err(&whitened),
-            err(&plain)
-        );
-        // Refit keeps the budget and the factor shapes; its effect on real text is measured in
-        // docs/results.md, not asserted on a random model.
-        let mut refit = dense.clone();
-        let mut o = opts(RankPolicy::KeepParams(0.5), Method::Whitened, true);
-        o.refit = true;
-        let report = compress(&mut refit, &o, |_, _| {}).unwrap();
-        assert!(report.params_after as f64 <= 0.5 * report.params_before as f64);
-        assert!(err(&refit).is_finite());
-    }
-
-    #[test]
-    fn bad_input_is_named() {
-        let mut model = random_model(32, 64, 1, (4, 2), 50, 1);
-        let e = compress(
-            &mut model,
-            &opts(RankPolicy::Energy(1.5), Method::Svd, false),
-            |_, _| {},
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("1.5"));
-        let e = compress(
-            &mut model,
-            &opts(RankPolicy::KeepParams(0.001), Method::Svd, false),
-            |_, _| {},
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("cannot keep"), "{e}");
-        let e = calibration_windows(&[1, 2, 3], 2, 8, 0).unwrap_err();
-        assert!(e.to_string().contains("fewer than one window"), "{e}");
-        let mut o = opts(RankPolicy::Energy(0.9), Method::Whitened, true);
-        o.calibration.clear();
-        assert!(matches!(
-            compress(&mut model, &o, |_, _| {}),
-            Err(CompressError::NoCalibration)
-        ));
-    }
-}
+mod tests;
