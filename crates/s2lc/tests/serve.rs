@@ -586,10 +586,20 @@ fn warm_adapters_keep_serving_when_the_store_goes_away() {
     let s3 = s2lc_store::loopback::S3sFs::start(&dir.join("s3")).unwrap();
     std::fs::create_dir_all(s3.root().join("fleet")).unwrap();
     let env = s3.env();
+    // Three contents (the cache holds one adapter under two names once): the cold one is the
+    // alice fixture with its delta scaled by 1.01.
+    let cold = dir.join("alice-scaled");
+    std::fs::create_dir_all(&cold).unwrap();
+    let weights = "adapter_model.safetensors";
+    std::fs::copy(fixture("alice-r4").join(weights), cold.join(weights)).unwrap();
+    let config = fixture("alice-r4").join("adapter_config.json");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(config).unwrap()).unwrap();
+    config["lora_alpha"] = json!(config["lora_alpha"].as_f64().unwrap() * 1.01);
+    std::fs::write(cold.join("adapter_config.json"), config.to_string()).unwrap();
     for (src, target) in [
-        ("alice-r4", "alice@1.0.0"),
-        ("alice-r4-e90", "cold@1.0.0"),
-        ("alice-r4", "pinned@1.0.0"),
+        (fixture("alice-r4"), "alice@1.0.0"),
+        (cold, "cold@1.0.0"),
+        (fixture("alice-r4-e90"), "pinned@1.0.0"),
     ] {
         let o = common::s2lc_env(
             &[
@@ -597,7 +607,7 @@ fn warm_adapters_keep_serving_when_the_store_goes_away() {
                 "--store",
                 "s3://fleet/adapters",
                 "push",
-                fixture(src).to_str().unwrap(),
+                src.to_str().unwrap(),
                 target,
                 "--model",
                 model.to_str().unwrap(),
