@@ -17,7 +17,7 @@ use s2lc_model::speed::{prefill_and_decode, PrefillDecode};
 
 use crate::adapter_io::{dir_name, load_adapter};
 use crate::common::{
-    progress_bar, s2lc_home, write_json, AdapterSetArgs, BaseModelArgs, ExpertSetArgs,
+    progress_bar, s2lc_home, write_json, AdapterSetArgs, BaseModelArgs, ExpertSetArgs, JsonArg,
 };
 use crate::domains::{print_table, HeldoutArgs, Row};
 use crate::experts::{measure_set, print_report, report_json};
@@ -39,9 +39,8 @@ pub struct AdaptersArgs {
     runs: usize,
     #[command(flatten)]
     experts: ExpertSetArgs,
-    /// Also write the results as JSON here.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
 /// An adapter and the domain it was trained on (from its `s2lc_training.json`, if any).
@@ -162,7 +161,7 @@ pub fn run(args: &AdaptersArgs) -> Result<()> {
         }
     }
 
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.json.path {
         let report = json!({
             "model": args.base.path(),
             "weights": args.base.weights.name(),

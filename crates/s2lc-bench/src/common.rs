@@ -165,6 +165,14 @@ pub fn load_model(
     Ok((source, model, tokenizer))
 }
 
+/// `--json FILE`, the same flag in every benchmark: also write the results as JSON there.
+#[derive(Args, Debug, Clone, Default)]
+pub struct JsonArg {
+    /// Also write the results as JSON here.
+    #[arg(long = "json", value_name = "FILE")]
+    pub path: Option<PathBuf>,
+}
+
 /// Writes a JSON report (`--json FILE`), pretty-printed, atomically: a reader never sees half a
 /// report, and a failed run leaves the previous one in place.
 pub fn write_json(path: &Path, report: &serde_json::Value) -> Result<()> {

@@ -13,7 +13,7 @@ use s2lc_model::experts::ExpertSet;
 use s2lc_model::heldout::{default_texts, named_texts, Domain};
 use s2lc_model::llama::LlamaModel;
 
-use crate::common::{progress_bar, write_json, BaseModelArgs};
+use crate::common::{progress_bar, write_json, BaseModelArgs, JsonArg};
 use crate::domains::{print_table, HeldoutArgs, Row};
 
 /// What to do with an expert set.
@@ -36,9 +36,8 @@ pub struct EvalArgs {
     texts: Vec<PathBuf>,
     #[command(flatten)]
     heldout: HeldoutArgs,
-    /// Also write the results as JSON here.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
 /// Runs an `experts` subcommand.
@@ -145,7 +144,7 @@ fn eval(args: &EvalArgs) -> Result<()> {
     for f in &failures {
         eprintln!("warning: {f}");
     }
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.json.path {
         let mut json = report_json(&report, &domains, &failures);
         json["weights"] = json!(args.base.weights.name());
         json["heldout"] = json!(h.heldout);

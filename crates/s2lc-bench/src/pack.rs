@@ -24,7 +24,9 @@ use crate::adapter_io::{
     calibration, domain_adapters, input_whitening, loss_sensitivities, parse_bits, parse_scope,
     print_sensitivity, read_members,
 };
-use crate::common::{progress_bar, write_json, AdapterSetArgs, BaseModelArgs, ExpertSetArgs};
+use crate::common::{
+    progress_bar, write_json, AdapterSetArgs, BaseModelArgs, ExpertSetArgs, JsonArg,
+};
 use crate::domains::HeldoutArgs;
 
 /// Options of `s2lc bench pack`.
@@ -116,9 +118,8 @@ pub struct PackBenchArgs {
     /// Unpack timings per configuration (the median is reported).
     #[arg(long, default_value_t = 9)]
     unpack_runs: usize,
-    /// Also write the results as JSON here.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
 /// A member set with what it is measured by.
@@ -429,7 +430,7 @@ pub fn run(args: &PackBenchArgs) -> Result<()> {
             "configs": rows,
         }));
     }
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.json.path {
         let out = json!({
             "model": args.base.path(),
             "weights": args.base.weights.name(),

@@ -15,7 +15,7 @@ use s2lc_model::lora::LoraAdapter;
 use s2lc_model::tokenizer::read_text_file;
 use s2lc_serve::router::{pieces, RouteTable};
 
-use crate::common::{s2lc_home, write_json, BaseModelArgs};
+use crate::common::{s2lc_home, write_json, BaseModelArgs, JsonArg};
 use s2lc_model::heldout::split_chars;
 
 /// Router subcommands.
@@ -52,9 +52,8 @@ pub struct MorphEvalArgs {
     /// Temperature of the router's weights, in cosine-score units (the server uses 0.05).
     #[arg(long, default_value_t = 0.05)]
     temperature: f32,
-    /// Also write the results as JSON here.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
 /// Options shared by build and eval.
@@ -99,9 +98,8 @@ pub struct EvalArgs {
     /// Paragraphs per domain.
     #[arg(long, default_value_t = 50)]
     pieces: usize,
-    /// Also write the results as JSON here.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
 /// Loads the sentence encoder at `dir` (default: the MiniLM asset); returns it with its
@@ -229,7 +227,7 @@ fn eval(args: &EvalArgs) -> Result<()> {
     for (r, (a, _, _)) in routed.iter().zip(&texts) {
         println!("{a:>20}: {:?}", r.to);
     }
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.json.path {
         write_json(
             path,
             &json!({"routes": names, "chars": args.chars, "heldout": args.text.heldout,
@@ -359,7 +357,7 @@ fn morph_eval(args: &MorphEvalArgs) -> Result<()> {
             100.0 * (ppl / base - 1.0)
         );
     }
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.json.path {
         let out: Vec<serde_json::Value> = rows
             .iter()
             .map(|(name, nll, n)| json!({"adapter": name, "perplexity": (nll / (*n).max(1) as f64).exp(), "tokens": n}))
@@ -434,9 +432,8 @@ pub struct EncoderBenchArgs {
     /// Held-out paragraphs per domain (500 characters each).
     #[arg(long, default_value_t = 50)]
     pieces: usize,
-    /// Also write the results as JSON here.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
 /// `s2lc bench encoder`: the encoder dense and compressed (plain and whitened SVD, energy
@@ -536,7 +533,7 @@ pub fn bench_encoder(args: &EncoderBenchArgs) -> Result<()> {
             "ms_per_paragraph": ms, "compress_seconds": compress_s}),
         );
     }
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.json.path {
         write_json(
             path,
             &json!({"encoder": dir.display().to_string(), "paragraphs": paragraphs,

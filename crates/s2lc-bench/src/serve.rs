@@ -22,7 +22,7 @@ use s2lc_spectral::rng::SplitMix64;
 use s2lc_store::Store;
 
 use crate::common::{
-    load_model, parse_bytes, progress_bar, write_json, AdapterSetArgs, BaseModelArgs,
+    load_model, parse_bytes, progress_bar, write_json, AdapterSetArgs, BaseModelArgs, JsonArg,
 };
 
 /// Options of `s2lc bench serve`.
@@ -60,9 +60,8 @@ pub struct ServeBenchArgs {
     /// the first are printed).
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     max_batch: Vec<usize>,
-    /// Also write the results as JSON here.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
 /// A copy of the PEFT adapter `src` in `staging` whose delta is scaled by `scale` (its
@@ -188,7 +187,7 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         run.print(runs.first());
         runs.push(run);
     }
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.json.path {
         let out = json!({
             "clients": args.clients, "adapters": args.n_adapters, "zipf": args.zipf,
             "budget_bytes": args.adapter_memory, "adapter_dtype": args.adapter_dtype.name(),
