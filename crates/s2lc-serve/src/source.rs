@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use s2lc_model::lora::{AdapterDtype, AdapterLimits, LoraAdapter};
-use s2lc_store::{parse_selector, parse_versioned, Selector, Store, StoreError};
+use s2lc_store::{parse_selector, parse_versioned, Store, StoreError};
 
 /// Why an adapter could not be resolved or loaded; each maps to one HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,7 +90,8 @@ impl StoreSource {
         self
     }
 
-    /// Holds loaded adapters as `dtype` factors (f16 by default; int8 and int4 block-quantize them).
+    /// Holds loaded adapters as `dtype` factors (f16 by default; int8 and int4 block-quantize
+    /// them).
     pub fn with_dtype(mut self, dtype: AdapterDtype) -> Self {
         self.dtype = dtype;
         self
@@ -127,7 +128,7 @@ impl AdapterSource for StoreSource {
         let result = (|| {
             let (_, files) = self.store.fetch(
                 &name,
-                &Selector::Exact(version),
+                &version,
                 self.base_digest.as_deref(),
                 self.limits.max_file_bytes,
             )?;

@@ -75,20 +75,21 @@ impl Store {
         Ok((md, m))
     }
 
-    /// Reads `name` at `sel` into memory: its manifest and each file's bytes by path, every blob
+    /// Reads `name@version` into memory: its manifest and each file's bytes by path, every blob
     /// checked against its digest. Refused when the version was made for another base model than
     /// `base_digest`, when the manifest names an unsafe path, or when a file is larger than
     /// `max_file_bytes` (checked on the manifest's declared size before the blob is read, and on
     /// the blob itself). A server parses these bytes directly: nothing touches its disk.
+    /// The version is exact (a caller holding a requirement resolves it first), so a fetch
+    /// reads the ref and manifest and lists nothing.
     pub fn fetch(
         &self,
         name: &str,
-        sel: &Selector,
+        version: &Version,
         base_digest: Option<&str>,
         max_file_bytes: u64,
     ) -> Result<(Manifest, BTreeMap<String, Vec<u8>>)> {
-        let version = self.resolve(name, sel)?;
-        let (_, m) = self.manifest(name, &version)?;
+        let (_, m) = self.manifest(name, version)?;
         if let (Some(want), Some(have)) = (base_digest, m.base_digest.as_deref()) {
             if want != have {
                 return Err(StoreError::Invalid(format!(
@@ -125,9 +126,9 @@ impl Store {
         Ok((m, contents))
     }
 
-    /// Writes `name` at `sel` into `dir` (see [`Store::fetch`]; no size cap): every blob is read
-    /// and checked before the first file is written, and each file is staged under a unique
-    /// name, fsynced, renamed and its directory fsynced.
+    /// Writes `name` at `sel` into `dir` (resolved, then [`Store::fetch`]; no size cap): every
+    /// blob is read and checked before the first file is written, and each file is staged under
+    /// a unique name, fsynced, renamed and its directory fsynced.
     pub fn pull(
         &self,
         name: &str,
@@ -135,7 +136,8 @@ impl Store {
         dir: &Path,
         base_digest: Option<&str>,
     ) -> Result<Manifest> {
-        let (m, contents) = self.fetch(name, sel, base_digest, u64::MAX)?;
+        let version = self.resolve(name, sel)?;
+        let (m, contents) = self.fetch(name, &version, base_digest, u64::MAX)?;
         for (rel, bytes) in contents {
             let path = dir.join(&rel);
             local::write_atomic(&path, &bytes, local::Publish::Overwrite, true)
