@@ -67,7 +67,7 @@ pub struct ServeBenchArgs {
 /// A copy of the PEFT adapter `src` in `staging` whose delta is scaled by `scale` (its
 /// `lora_alpha` multiplied), so that no two copies are the same content and the server's
 /// content-keyed cache cannot share them; `src` itself when it is not a PEFT adapter.
-fn scaled_copy(src: &Path, staging: &Path, scale: f64) -> Result<PathBuf> {
+pub fn scaled_copy(src: &Path, staging: &Path, scale: f64) -> Result<PathBuf> {
     let config_path = src.join("adapter_config.json");
     if !config_path.is_file() {
         return Ok(src.to_path_buf());

@@ -588,14 +588,9 @@ fn warm_adapters_keep_serving_when_the_store_goes_away() {
     let env = s3.env();
     // Three contents (the cache holds one adapter under two names once): the cold one is the
     // alice fixture with its delta scaled by 1.01.
-    let cold = dir.join("alice-scaled");
-    std::fs::create_dir_all(&cold).unwrap();
-    let weights = "adapter_model.safetensors";
-    std::fs::copy(fixture("alice-r4").join(weights), cold.join(weights)).unwrap();
-    let config = fixture("alice-r4").join("adapter_config.json");
-    let mut config: Value = serde_json::from_slice(&std::fs::read(config).unwrap()).unwrap();
-    config["lora_alpha"] = json!(config["lora_alpha"].as_f64().unwrap() * 1.01);
-    std::fs::write(cold.join("adapter_config.json"), config.to_string()).unwrap();
+    let cold =
+        s2lc_bench::serve::scaled_copy(&fixture("alice-r4"), &dir.join("alice-scaled"), 1.01)
+            .unwrap();
     for (src, target) in [
         (fixture("alice-r4"), "alice@1.0.0"),
         (cold, "cold@1.0.0"),
