@@ -175,7 +175,7 @@ fn expert_ffn(base: &FfnWeights, set: &PackedSet, name: &str) -> Result<FfnWeigh
             let Some(f) = unpacked.get(&key) else {
                 continue;
             };
-            let delta = s2lc_spectral::row_major(f.dense().as_ref());
+            let delta = s2lc_spectral::row_major(f.to_dense().as_ref());
             for (w, d) in t.data.iter_mut().zip(delta) {
                 *w += d;
             }

@@ -9,7 +9,7 @@ use std::path::Path;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
-use s2lc_spectral::row_major;
+use s2lc_spectral::LowRankFactors;
 
 use crate::compress::{
     check_policy, damping_notes, policy_ranks, whitening_of, CompressError, CompressionReport,
@@ -32,15 +32,7 @@ struct Dense {
     b: Vec<f32>,
     out: usize,
     inp: usize,
-    low_rank: Option<Factors>,
-}
-
-/// Row-major `u` (`out × rank`) and `vs` (`rank × in`).
-#[derive(Debug)]
-struct Factors {
-    u: Vec<f32>,
-    vs: Vec<f32>,
-    rank: usize,
+    low_rank: Option<LowRankFactors>,
 }
 
 /// `y = x·bᵀ` for row-major `x` (`n × k`) and `b` (`m × k`), `y` resized to `n × m`.
@@ -63,8 +55,8 @@ impl Dense {
         match &self.low_rank {
             None => matmul_nt(x, &self.w, n, self.inp, self.out, y),
             Some(f) => {
-                matmul_nt(x, &f.vs, n, self.inp, f.rank, mid);
-                matmul_nt(mid, &f.u, n, f.rank, self.out, y);
+                matmul_nt(x, f.vs_values(), n, self.inp, f.rank(), mid);
+                matmul_nt(mid, f.u_values(), n, f.rank(), self.out, y);
             }
         }
         for row in y.chunks_exact_mut(self.out) {
@@ -78,7 +70,7 @@ impl Dense {
     fn params(&self) -> usize {
         self.low_rank
             .as_ref()
-            .map_or(self.out * self.inp, |f| f.rank * (self.out + self.inp))
+            .map_or(self.out * self.inp, LowRankFactors::params)
     }
 }
 
@@ -452,10 +444,7 @@ impl Dense {
     fn weight(&self) -> Mat<f32> {
         match &self.low_rank {
             None => MatRef::from_row_major_slice(&self.w, self.out, self.inp).to_owned(),
-            Some(f) => {
-                MatRef::from_row_major_slice(&f.u, self.out, f.rank)
-                    * MatRef::from_row_major_slice(&f.vs, f.rank, self.inp)
-            }
+            Some(f) => f.to_dense(),
         }
     }
 }
@@ -645,12 +634,8 @@ impl SentenceEncoder {
         let dense = self.layers[li].linears_mut().into_iter().nth(i);
         let dense = dense.expect("a layer has six linears");
         let (report, factors) = dec.truncate(name, dense.out, dense.inp, rank);
-        if let Some(f) = factors {
-            dense.low_rank = Some(Factors {
-                rank: f.rank(),
-                u: row_major(f.u.as_ref()),
-                vs: row_major(f.vs.as_ref()),
-            });
+        if factors.is_some() {
+            dense.low_rank = factors;
             dense.w = Vec::new();
         }
         report
@@ -660,6 +645,7 @@ impl SentenceEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use s2lc_spectral::row_major;
 
     #[test]
     fn low_rank_dense_runs_its_factors() {
@@ -674,7 +660,7 @@ mod tests {
             b: b.clone(),
             out,
             inp,
-            low_rank: Some(Factors { u, vs, rank }),
+            low_rank: Some(LowRankFactors::from_row_major(out, rank, inp, u, vs)),
         };
         let dense = Dense {
             w: row_major(low.weight().as_ref()),

@@ -2,38 +2,124 @@
 //!
 //! A weight `W` (`rows × cols`, i.e. `out × in`) of rank-`r` truncation `W ≈ U_r Σ_r V_rᵀ` is kept
 //! as `u = U_r` (`out × r`) and `vs = Σ_r V_rᵀ` (`r × in`), so a layer computes `y = (x·vsᵀ)·uᵀ`.
+//! The same pair is a LoRA delta `ΔW = b·a` (`b = u`, `a = vs`).
 
 use faer::{Mat, MatRef};
 
 use crate::energy::break_even_rank;
+use crate::row_major;
 use crate::svd::Svd;
 
-/// The thin factors of a rank-`r` approximation: `W ≈ u · vs`.
-#[derive(Debug, Clone)]
+/// The thin factors of a rank-`r` approximation `W ≈ u · vs`, both row-major: the runtime's
+/// layout, so compressed layers, unpacked adapters and the sentence encoder take them without a
+/// copy. [`LowRankFactors::u`] and [`LowRankFactors::vs`] view them as matrices.
+#[derive(Debug, Clone, PartialEq)]
 pub struct LowRankFactors {
-    /// Left factor `U_r`, `rows × r`.
-    pub u: Mat<f32>,
-    /// Right factor `Σ_r V_rᵀ`, `r × cols`.
-    pub vs: Mat<f32>,
+    rows: usize,
+    rank: usize,
+    cols: usize,
+    /// `rows × rank`, row-major.
+    u: Vec<f32>,
+    /// `rank × cols`, row-major.
+    vs: Vec<f32>,
 }
 
 impl LowRankFactors {
-    /// The rank `r`.
-    pub fn rank(&self) -> usize {
-        self.u.ncols()
+    /// Factors from row-major `u` (`rows × rank`) and `vs` (`rank × cols`).
+    ///
+    /// # Panics
+    /// When the lengths do not match the shape (a caller's bug, not a data error).
+    pub fn from_row_major(
+        rows: usize,
+        rank: usize,
+        cols: usize,
+        u: Vec<f32>,
+        vs: Vec<f32>,
+    ) -> Self {
+        assert_eq!(u.len(), rows * rank, "u is not {rows} × {rank}");
+        assert_eq!(vs.len(), rank * cols, "vs is not {rank} × {cols}");
+        LowRankFactors {
+            rows,
+            rank,
+            cols,
+            u,
+            vs,
+        }
+    }
+
+    /// Factors from the matrices `u` (`rows × r`) and `vs` (`r × cols`).
+    ///
+    /// # Panics
+    /// When `u` has not as many columns as `vs` has rows.
+    pub fn from_mats(u: MatRef<'_, f32>, vs: MatRef<'_, f32>) -> Self {
+        assert_eq!(u.ncols(), vs.nrows(), "u and vs disagree on the rank");
+        Self::from_row_major(
+            u.nrows(),
+            u.ncols(),
+            vs.ncols(),
+            row_major(u),
+            row_major(vs),
+        )
     }
 
     /// Builds the rank-`rank` factors from a thin SVD (rank is clamped to the number of values).
     pub fn from_svd(svd: &Svd, rank: usize) -> Self {
         let r = rank.min(svd.s.len());
-        let u = svd.u.subcols(0, r).to_owned();
-        let vs = Mat::from_fn(r, svd.v.nrows(), |i, j| svd.s[i] * svd.v[(j, i)]);
-        LowRankFactors { u, vs }
+        let cols = svd.v.nrows();
+        let vs = (0..r)
+            .flat_map(|i| (0..cols).map(move |j| svd.s[i] * svd.v[(j, i)]))
+            .collect();
+        Self::from_row_major(svd.u.nrows(), r, cols, row_major(svd.u.subcols(0, r)), vs)
+    }
+
+    /// Rows of `W` (`out`).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The rank `r`.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Columns of `W` (`in`).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The left factor `u` (`rows × r`).
+    pub fn u(&self) -> MatRef<'_, f32> {
+        MatRef::from_row_major_slice(&self.u, self.rows, self.rank)
+    }
+
+    /// The right factor `vs` (`r × cols`).
+    pub fn vs(&self) -> MatRef<'_, f32> {
+        MatRef::from_row_major_slice(&self.vs, self.rank, self.cols)
+    }
+
+    /// The values of `u`, row-major.
+    pub fn u_values(&self) -> &[f32] {
+        &self.u
+    }
+
+    /// The values of `vs`, row-major.
+    pub fn vs_values(&self) -> &[f32] {
+        &self.vs
+    }
+
+    /// `(u, vs)` as row-major buffers, without a copy.
+    pub fn into_row_major(self) -> (Vec<f32>, Vec<f32>) {
+        (self.u, self.vs)
+    }
+
+    /// Values stored, `rank · (rows + cols)`.
+    pub fn params(&self) -> usize {
+        self.rank * (self.rows + self.cols)
     }
 
     /// `u · vs`, the dense approximation (for checks; the runtime never re-densifies).
     pub fn to_dense(&self) -> Mat<f32> {
-        &self.u * &self.vs
+        self.u() * self.vs()
     }
 }
 

@@ -9,6 +9,7 @@ use faer::linalg::triangular_solve::solve_upper_triangular_in_place;
 use faer::{Mat, MatRef, Par, Side};
 
 use crate::lowrank::LowRankFactors;
+use crate::row_major;
 use crate::svd::{thin_svd, Svd, SvdError};
 
 /// Why whitening failed.
@@ -116,10 +117,11 @@ impl Whitening {
         // vsᵀ = L⁻ᵀ (V_r Σ_r): solve Lᵀ Y = V_r Σ_r (Lᵀ is upper triangular).
         let mut y = Mat::from_fn(n, r, |i, k| svd.v[(i, k)] as f64 * svd.s[k] as f64);
         solve_upper_triangular_in_place(self.l.transpose(), y.as_mut(), Par::Seq);
-        LowRankFactors {
-            u: svd.u.subcols(0, r).to_owned(),
-            vs: Mat::from_fn(r, n, |k, j| y[(j, k)] as f32),
-        }
+        let y = &y;
+        let vs = (0..r)
+            .flat_map(|k| (0..n).map(move |j| y[(j, k)] as f32))
+            .collect();
+        LowRankFactors::from_row_major(svd.u.nrows(), r, n, row_major(svd.u.subcols(0, r)), vs)
     }
 }
 
@@ -209,8 +211,8 @@ mod tests {
         let to64 = |m: Mat<f32>| Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f64);
         let g_cc = gram(xc.as_ref());
         let g_cd = to64(xc.transpose() * &xd);
-        let err = |u: &Mat<f32>| {
-            let d = &xd * w.transpose() - &xc * f.vs.transpose() * u.transpose();
+        let err = |u: MatRef<'_, f32>| {
+            let d = &xd * w.transpose() - &xc * f.vs().transpose() * u.transpose();
             let mut s = 0.0f64;
             for j in 0..d.ncols() {
                 for i in 0..d.nrows() {
@@ -219,23 +221,23 @@ mod tests {
             }
             s.sqrt()
         };
-        let u2 = refit_left(w.as_ref(), f.vs.as_ref(), g_cc.as_ref(), g_cd.as_ref()).unwrap();
+        let u2 = refit_left(w.as_ref(), f.vs(), g_cc.as_ref(), g_cd.as_ref()).unwrap();
         // Least squares: no u does better for this objective, and the whitened u is not it.
         assert!(
-            err(&u2) < err(&f.u),
+            err(u2.as_ref()) < err(f.u()),
             "refit {} vs whitened {}",
-            err(&u2),
-            err(&f.u)
+            err(u2.as_ref()),
+            err(f.u())
         );
         let nudged = Mat::from_fn(out, r, |i, k| {
             u2[(i, k)] + 1e-2 * matrix(out, r, 14)[(i, k)]
         });
-        assert!(err(&u2) <= err(&nudged));
+        assert!(err(u2.as_ref()) <= err(nudged.as_ref()));
         // With unperturbed inputs the whitened factors are already optimal: refit keeps them.
-        let u3 = refit_left(w.as_ref(), f.vs.as_ref(), g_cc.as_ref(), g_cc.as_ref()).unwrap();
+        let u3 = refit_left(w.as_ref(), f.vs(), g_cc.as_ref(), g_cc.as_ref()).unwrap();
         let diff = (0..out)
             .flat_map(|i| (0..r).map(move |k| (i, k)))
-            .map(|(i, k)| (u3[(i, k)] - f.u[(i, k)]).abs())
+            .map(|(i, k)| (u3[(i, k)] - f.u()[(i, k)]).abs())
             .fold(0.0f32, f32::max);
         assert!(diff < 1e-3, "{diff}");
     }

@@ -6,7 +6,7 @@ use faer::Mat;
 use rayon::prelude::*;
 
 use s2lc_model::lora::LoraAdapter;
-use s2lc_spectral::{factored_svd, row_major, sq_frobenius as sq_norm};
+use s2lc_spectral::{factored_svd, sq_frobenius as sq_norm};
 
 use super::error::PackError;
 use super::linalg::{hcat, scale_cols, vcat};
@@ -83,17 +83,7 @@ impl PackedSet {
                 }
                 let b = hcat(&b_blocks.iter().map(Mat::as_ref).collect::<Vec<_>>());
                 let a = vcat(&a_blocks.iter().map(Mat::as_ref).collect::<Vec<_>>());
-                let (rows, rank, cols) = (b.nrows(), b.ncols(), a.ncols());
-                Ok((
-                    key,
-                    Factors {
-                        rows,
-                        rank,
-                        cols,
-                        b: row_major(b.as_ref()),
-                        a: row_major(a.as_ref()),
-                    },
-                ))
+                Ok((key, Factors::from_mats(b.as_ref(), a.as_ref())))
             })
             .collect()
     }
@@ -134,7 +124,7 @@ mod tests {
                 + ms[1].deltas[key].dense() * faer::Scale(wb)
                 + ms[2].deltas[key].dense() * faer::Scale(wc);
             total += sq_norm(want.as_ref());
-            err += sq_norm((want - f.dense()).as_ref());
+            err += sq_norm((want - f.to_dense()).as_ref());
         }
         assert!((err / total).sqrt() < 0.05, "{}", (err / total).sqrt());
         // Rank is bounded by the basis width (plus m2's residual), not the sum of the members'.
@@ -143,13 +133,18 @@ mod tests {
                 .extra
                 .as_ref()
                 .map_or(0, |(b, _)| b.cols);
-            assert!(f.rank <= set.modules[key].u.cols + extra, "{}", key.name());
+            assert!(
+                f.rank() <= set.modules[key].u.cols + extra,
+                "{}",
+                key.name()
+            );
         }
         // One member at weight 1 is that member.
         let one = set.morph(&[("m1", 1.0)]).unwrap();
         let plain = set.unpack("m1").unwrap();
         for (key, f) in &one {
-            let d = (f.dense() - plain[key].dense()).norm_l2() / plain[key].dense().norm_l2();
+            let d =
+                (f.to_dense() - plain[key].to_dense()).norm_l2() / plain[key].to_dense().norm_l2();
             assert!(d < 1e-4, "{}: {d}", key.name());
         }
         // Members that cancel blend to (almost) nothing, not to full-rank noise.
@@ -165,11 +160,11 @@ mod tests {
         for (key, f) in &none {
             let alone = &pair.unpack("m0").unwrap()[key];
             assert!(
-                f.rank == 0 || f.dense().norm_l2() < 1e-2 * alone.dense().norm_l2(),
+                f.rank() == 0 || f.to_dense().norm_l2() < 1e-2 * alone.to_dense().norm_l2(),
                 "{}: rank {} of {}",
                 key.name(),
-                f.rank,
-                alone.rank
+                f.rank(),
+                alone.rank()
             );
         }
         for (w, needle) in [

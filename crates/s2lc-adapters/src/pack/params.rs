@@ -295,7 +295,7 @@ mod tests {
             let dense = delta.dense();
             total += sq_norm((x * dense.transpose()).as_ref());
             let rest = match unpacked.get(key) {
-                Some(f) => dense - f.dense(),
+                Some(f) => dense - f.to_dense(),
                 None => dense,
             };
             err += sq_norm((x * rest.transpose()).as_ref());

@@ -39,7 +39,7 @@ impl PackedSet {
                     let dense = delta.dense();
                     total += sq_norm(dense.as_ref());
                     err += match unpacked.get(key) {
-                        Some(f) => sq_norm((dense - f.dense()).as_ref()),
+                        Some(f) => sq_norm((dense - f.to_dense()).as_ref()),
                         None => sq_norm(dense.as_ref()),
                     };
                 }

@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatMut, MatRef, Par};
+use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use s2lc_model::lora::{LoraAdapter, LoraDelta};
+use s2lc_spectral::LowRankFactors;
 
 use crate::qbasis::QBasis;
 use crate::qmat::QMat;
@@ -17,38 +18,10 @@ use super::error::PackError;
 use super::member::ModuleKey;
 use super::set::{PackedCore, PackedSet};
 
-/// One matrix unpacked, `ΔW ≈ b·a`, both row-major (the runtime's layout, so they become a
-/// [`LoraDelta`] without a copy).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Factors {
-    /// Rows of `ΔW`.
-    pub rows: usize,
-    /// Rank (columns of `b`, rows of `a`).
-    pub rank: usize,
-    /// Columns of `ΔW`.
-    pub cols: usize,
-    /// `rows × rank`, row-major.
-    pub b: Vec<f32>,
-    /// `rank × cols`, row-major.
-    pub a: Vec<f32>,
-}
-
-impl Factors {
-    /// `b` as a matrix view.
-    pub fn b(&self) -> MatRef<'_, f32> {
-        MatRef::from_row_major_slice(&self.b, self.rows, self.rank)
-    }
-
-    /// `a` as a matrix view.
-    pub fn a(&self) -> MatRef<'_, f32> {
-        MatRef::from_row_major_slice(&self.a, self.rank, self.cols)
-    }
-
-    /// `b·a`.
-    pub fn dense(&self) -> Mat<f32> {
-        self.b() * self.a()
-    }
-}
+/// One matrix unpacked, `ΔW ≈ b·a` with `b = u` (`rows × rank`) and `a = vs` (`rank × cols`),
+/// both row-major (the runtime's layout, so they become a [`LoraDelta`] without a copy): the
+/// workspace's one low-rank factors type, [`LowRankFactors`], by the name packing gives it.
+pub type Factors = LowRankFactors;
 
 /// A member unpacked: its factors per target matrix.
 pub type Unpacked = BTreeMap<ModuleKey, Factors>;
@@ -138,13 +111,7 @@ fn unpack_core(u: MatRef<'_, f32>, v: MatRef<'_, f32>, core: &PackedCore) -> Fac
         }
         a[k * cols..].copy_from_slice(&ea);
     }
-    Factors {
-        rows,
-        rank,
-        cols,
-        b,
-        a,
-    }
+    Factors::from_row_major(rows, rank, cols, b, a)
 }
 
 /// Unpacked factors as a LoRA adapter named `name` (scale 1).
@@ -153,11 +120,13 @@ pub(super) fn to_lora(name: &str, factors: Unpacked) -> LoraAdapter {
     let mut layers: Vec<[Option<LoraDelta>; 7]> = vec![Default::default(); n_layers];
     let mut rank = 1;
     for (key, f) in factors {
-        if f.rank == 0 {
+        let (rows, r, cols) = (f.rows(), f.rank(), f.cols());
+        if r == 0 {
             continue;
         }
-        rank = rank.max(f.rank);
-        layers[key.layer][key.target] = Some(LoraDelta::new(f.a, f.b, f.rank, f.cols, f.rows, 1.0));
+        rank = rank.max(r);
+        let (b, a) = f.into_row_major();
+        layers[key.layer][key.target] = Some(LoraDelta::new(a, b, r, cols, rows, 1.0));
     }
     LoraAdapter {
         path: PathBuf::from(name),

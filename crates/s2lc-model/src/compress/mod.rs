@@ -12,7 +12,7 @@ use std::sync::Arc;
 use faer::{Mat, MatRef};
 use rayon::prelude::*;
 use s2lc_spectral::{
-    allocate_ranks, break_even_rank, rank_for_energy, refit_left, row_major, thin_svd, BudgetError,
+    allocate_ranks, break_even_rank, rank_for_energy, refit_left, thin_svd, BudgetError,
     LowRankFactors, Spectrum, Svd, WhitenError, Whitening,
 };
 
@@ -355,18 +355,19 @@ fn apply(
     let (report, factors) = dec.truncate(name, rows, cols, rank);
     if let Some(mut f) = factors {
         if let (Some((g_cc, g_cd)), Some(w)) = (refit, dense_weight(slot)) {
-            f.u = refit_left(w, f.vs.as_ref(), g_cc.as_ref(), g_cd.as_ref()).map_err(|source| {
+            let u = refit_left(w, f.vs(), g_cc.as_ref(), g_cd.as_ref()).map_err(|source| {
                 CompressError::Factor {
                     name: report.name.clone(),
                     source,
                 }
             })?;
+            f = LowRankFactors::from_mats(u.as_ref(), f.vs());
         }
         let bias = match slot {
             Linear::Dense(d) => d.bias().map(<[f32]>::to_vec),
             Linear::LowRank(l) => l.bias().map(<[f32]>::to_vec),
         };
-        let (u, vs) = (row_major(f.u.as_ref()), row_major(f.vs.as_ref()));
+        let (u, vs) = f.into_row_major();
         *slot = Linear::LowRank(LowRankLinear::new(u, vs, rows, cols, bias));
     }
     Ok(report)
