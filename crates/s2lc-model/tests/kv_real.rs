@@ -11,7 +11,9 @@
 //! weights both sum to 1).
 
 use s2lc_model::eval::{perplexity, perplexity_streamed};
-use s2lc_model::kv::compressed::{attend_compressed, code, reconstruct, Coding, Segment};
+use s2lc_model::kv::compressed::{
+    attend_compressed, code, reconstruct, Coding, RankSelect, Segment, SpectralCoding,
+};
 use s2lc_model::kv::{attend_dense, AttnShape, DenseKvCache, KvCache, KvSpec};
 use s2lc_model::llama::{ForwardScratch, LlamaModel};
 use s2lc_model::source::WeightStorage;
@@ -152,10 +154,12 @@ fn spectral_attention_on_real_kv_stays_within_the_derived_bound() {
     let group = shape.n_heads / shape.n_kv_heads;
     let mut mean_rel = Vec::new();
     for energy in [0.95f32, 0.99, 0.999, 1.0] {
-        let coding = Coding::Spectral {
-            energy,
+        let coding = Coding::Spectral(SpectralCoding {
+            select: RankSelect::Energy(energy),
             max_rank: hd,
-        };
+            coef_bits: 8,
+            basis_bits: 16,
+        });
         let (mut rel_sum, mut count) = (0.0f64, 0usize);
         for layer in [0, 9, 19, 29] {
             let (k, v) = rec.dense.layer(layer);
@@ -165,8 +169,8 @@ fn spectral_attention_on_real_kv_stays_within_the_derived_bound() {
                     let rows = b * block * kv_dim..(b + 1) * block * kv_dim;
                     Segment {
                         tokens: block,
-                        keys: code(coding, &k[rows.clone()], block, shape, &mut ranks),
-                        values: code(coding, &v[rows], block, shape, &mut ranks),
+                        keys: code(coding, &k[rows.clone()], block, shape, None, &mut ranks),
+                        values: code(coding, &v[rows], block, shape, None, &mut ranks),
                     }
                 })
                 .collect();

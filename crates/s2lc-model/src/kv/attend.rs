@@ -10,7 +10,7 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use half::slice::HalfFloatSliceExt;
 
-use super::coding::{unpack, Coded, Segment};
+use super::coding::{unpack, Coded, Segment, Unpacked};
 use super::AttnShape;
 use crate::kernels::pool::{self, split_range};
 use crate::kernels::{ops, SyncPtr};
@@ -18,12 +18,8 @@ use crate::kernels::{ops, SyncPtr};
 /// Reusable per-thread buffers of the attention units.
 #[derive(Default)]
 struct UnitScratch {
-    keys: Vec<f32>,
-    values: Vec<f32>,
-    key_basis: Vec<f32>,
-    value_basis: Vec<f32>,
-    key_scale: Vec<f32>,
-    value_scale: Vec<f32>,
+    keys: Unpacked,
+    values: Unpacked,
     scores: Vec<f32>,
     small: Vec<f32>,
 }
@@ -146,28 +142,22 @@ fn attend_one(
         Part::Segment(seg) => seg.tokens,
         Part::Dense { t, .. } => t,
     };
-    // Once per unit, shared by the group's query heads: f16 bases and token scales to f32,
-    // group-quantized rows to f32 (`hd`-wide rows in `s.keys` / `s.values`).
+    // Once per unit, shared by the group's query heads: bases and token scales to f32, 4-bit
+    // coefficients to int8, quantized rows to f32 (`hd`-wide rows in `rows`).
     if let Part::Segment(seg) = part {
-        for (coded, basis, scales, rows) in [
-            (&seg.keys, &mut s.key_basis, &mut s.key_scale, &mut s.keys),
-            (
-                &seg.values,
-                &mut s.value_basis,
-                &mut s.value_scale,
-                &mut s.values,
-            ),
-        ] {
+        for (coded, u) in [(&seg.keys, &mut s.keys), (&seg.values, &mut s.values)] {
             match coded {
                 Coded::Spectral(heads) => {
                     let f = &heads[g];
-                    basis.resize(f.basis.len(), 0.0);
-                    f.basis.convert_to_f32_slice(basis);
-                    scales.resize(t, 0.0);
-                    f.scale.convert_to_f32_slice(scales);
+                    f.basis_f32(&mut u.basis);
+                    u.scale.resize(t, 0.0);
+                    f.scale.convert_to_f32_slice(&mut u.scale);
+                    if f.coef_bits != 8 {
+                        f.coef_i8(&mut u.quants);
+                    }
                 }
                 Coded::Quant { .. } => {
-                    unpack(coded, g, t, shape, rows, basis);
+                    unpack(coded, g, t, shape, u);
                 }
                 Coded::Exact(_) => {}
             }
@@ -186,18 +176,19 @@ fn attend_one(
                     let f = &heads[g];
                     let r = f.rank;
                     s.small.resize(r, 0.0);
-                    for (qb, b) in s.small.iter_mut().zip(s.key_basis.chunks_exact(hd)) {
+                    for (qb, b) in s.small.iter_mut().zip(s.keys.basis.chunks_exact(hd)) {
                         *qb = scale * ops::dot(qh, b);
                     }
+                    let coef = coef_view(f, &s.keys.quants);
                     for ((sc, c), ts) in scores
                         .iter_mut()
-                        .zip(f.coef.chunks_exact(r))
-                        .zip(&s.key_scale)
+                        .zip(coef.chunks_exact(r))
+                        .zip(&s.keys.scale)
                     {
                         *sc = ts * ops::dot_i8(c, &s.small);
                     }
                 }
-                Coded::Quant { .. } => ops::key_scores(qh, &s.keys, hd, scale, scores),
+                Coded::Quant { .. } => ops::key_scores(qh, &s.keys.rows, hd, scale, scores),
             },
         }
         let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -216,17 +207,29 @@ fn attend_one(
                     let r = f.rank;
                     s.small.clear();
                     s.small.resize(r, 0.0);
-                    for ((pt, c), ts) in p.iter().zip(f.coef.chunks_exact(r)).zip(&s.value_scale) {
+                    let coef = coef_view(f, &s.values.quants);
+                    for ((pt, c), ts) in p.iter().zip(coef.chunks_exact(r)).zip(&s.values.scale) {
                         ops::axpy_i8(&mut s.small, pt * ts, c);
                     }
                     o.fill(0.0);
-                    for (w, b) in s.small.iter().zip(s.value_basis.chunks_exact(hd)) {
+                    for (w, b) in s.small.iter().zip(s.values.basis.chunks_exact(hd)) {
                         ops::axpy(o, *w, b);
                     }
                 }
-                Coded::Quant { .. } => ops::weighted_rows(p, &s.values, hd, o),
+                Coded::Quant { .. } => ops::weighted_rows(p, &s.values.rows, hd, o),
             },
         }
+    }
+}
+
+/// The int8 coefficients of `f`: its own bytes at 8 bits, `unpacked` (filled per unit) at 4.
+fn coef_view<'a>(f: &'a super::coding::SpectralBlock, unpacked: &'a [i8]) -> &'a [i8] {
+    if f.coef_bits == 8 {
+        // SAFETY: u8 and i8 have the same size, alignment and validity; the view borrows
+        // `f.coef` for `'a`.
+        unsafe { std::slice::from_raw_parts(f.coef.as_ptr().cast::<i8>(), f.coef.len()) }
+    } else {
+        &unpacked[..f.scale.len() * f.rank]
     }
 }
 
@@ -259,8 +262,8 @@ fn attend_unit(
     };
     let (kb, vb) = match part {
         Part::Segment(seg) => (
-            unpack(&seg.keys, g, t, shape, &mut s.keys, &mut s.key_basis),
-            unpack(&seg.values, g, t, shape, &mut s.values, &mut s.value_basis),
+            unpack(&seg.keys, g, t, shape, &mut s.keys),
+            unpack(&seg.values, g, t, shape, &mut s.values),
         ),
         Part::Dense { .. } => (None, None),
     };
@@ -278,7 +281,7 @@ fn attend_unit(
                 }
                 (Part::Segment(_), Some(r)) => {
                     s.small.resize(n * r, 0.0);
-                    let b = MatRef::from_row_major_slice(&s.key_basis, r, hd);
+                    let b = MatRef::from_row_major_slice(&s.keys.basis, r, hd);
                     matmul(
                         MatMut::from_row_major_slice_mut(&mut s.small, n, r),
                         Accum::Replace,
@@ -287,12 +290,12 @@ fn attend_unit(
                         scale,
                         Par::Seq,
                     );
-                    let c = MatRef::from_row_major_slice(&s.keys[..t * r], t, r);
+                    let c = MatRef::from_row_major_slice(&s.keys.rows[..t * r], t, r);
                     let qb = MatRef::from_row_major_slice(&s.small, n, r);
                     matmul(sm, Accum::Replace, qb, c.transpose(), 1.0f32, Par::Seq);
                 }
                 (Part::Segment(_), None) => {
-                    let km = MatRef::from_row_major_slice(&s.keys[..t * hd], t, hd);
+                    let km = MatRef::from_row_major_slice(&s.keys.rows[..t * hd], t, hd);
                     matmul(sm, Accum::Replace, qh, km.transpose(), scale, Par::Seq);
                 }
             }
@@ -328,15 +331,15 @@ fn attend_unit(
             }
             (Part::Segment(_), Some(r)) => {
                 s.small.resize(n * r, 0.0);
-                let c = MatRef::from_row_major_slice(&s.values[..t * r], t, r);
+                let c = MatRef::from_row_major_slice(&s.values.rows[..t * r], t, r);
                 let pc = MatMut::from_row_major_slice_mut(&mut s.small, n, r);
                 matmul(pc, Accum::Replace, p, c, 1.0f32, Par::Seq);
-                let b = MatRef::from_row_major_slice(&s.value_basis, r, hd);
+                let b = MatRef::from_row_major_slice(&s.values.basis, r, hd);
                 let pc = MatRef::from_row_major_slice(&s.small, n, r);
                 matmul(o, Accum::Replace, pc, b, 1.0f32, Par::Seq);
             }
             (Part::Segment(_), None) => {
-                let vm = MatRef::from_row_major_slice(&s.values[..t * hd], t, hd);
+                let vm = MatRef::from_row_major_slice(&s.values.rows[..t * hd], t, hd);
                 matmul(o, Accum::Replace, p, vm, 1.0f32, Par::Seq);
             }
         }
@@ -348,7 +351,7 @@ mod tests {
     use super::*;
     use crate::kv::attend_dense;
     use crate::kv::coding::code;
-    use crate::kv::spec::Coding;
+    use crate::kv::spec::{Coding, RankSelect, SpectralCoding};
     use crate::kv::testutil::{data, low_rank, SHAPE};
 
     #[test]
@@ -358,10 +361,12 @@ mod tests {
         let (k, v) = (low_rank(tokens, 4, 8), low_rank(tokens, 4, 9));
         let q = data(SHAPE.q_dim(), 10);
         let mut ranks = (0, 0);
-        let c = Coding::Spectral {
-            energy: 1.0,
+        let c = Coding::Spectral(SpectralCoding {
+            select: RankSelect::Energy(1.0),
             max_rank: 64,
-        };
+            coef_bits: 8,
+            basis_bits: 16,
+        });
         let mut seg = |i: usize| Segment {
             tokens: 64,
             keys: code(
@@ -369,6 +374,7 @@ mod tests {
                 &k[i * 64 * SHAPE.kv_dim()..(i + 1) * 64 * SHAPE.kv_dim()],
                 64,
                 SHAPE,
+                None,
                 &mut ranks,
             ),
             values: code(
@@ -376,6 +382,7 @@ mod tests {
                 &v[i * 64 * SHAPE.kv_dim()..(i + 1) * 64 * SHAPE.kv_dim()],
                 64,
                 SHAPE,
+                None,
                 &mut ranks,
             ),
         };

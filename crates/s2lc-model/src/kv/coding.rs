@@ -1,16 +1,21 @@
-//! How a segment of keys or values is stored once it leaves the dense window: spectral factors
-//! or group quantization, with their encoders, decoders and byte accounting.
+//! How a segment of keys or values is stored once it leaves the dense window: spectral blocks or
+//! group quantization, with their encoders, decoders and byte accounting. The scalar quantizers are in [`super::quant`].
 //!
 //! # Spectral coding
 //! A segment's keys (or values) of one KV head form a `T × d` matrix `X` (`T = block` tokens,
-//! `d = head_dim`). Its SVD `X = U·Σ·Vᵀ` truncated to rank `r` is stored as coefficients `C = U_r`
-//! (`T × r`, int8 with one f16 scale per token) and a basis `B = Σ_r·V_rᵀ` (`r × d`, f16), so
-//! `X ≈ C·B`. Keeping the singular values in the basis leaves every coefficient column with unit
-//! norm, so one scale per token quantizes all components to the same relative precision. `r` is
-//! the smallest rank keeping the requested share of `‖X‖²_F`, capped by the maximum rank. The
-//! heads of a layer are decomposed in one [`rsvd_batch`] call (exact SVD when the rank is close
-//! to `d`).
-//!//!
+//! `d = head_dim`). Of its SVD `X = U·Σ·Vᵀ` a set `S` of `r` components is stored as coefficients
+//! `C = U_S` (`T × r`, int8 or int4 with one f16 scale per token) and a basis `B = Σ_S·V_Sᵀ`
+//! (`r × d`, f16 or int8 with a scale per row), so `X ≈ C·B`. Keeping the singular values in the
+//! basis leaves every coefficient column with unit norm, so one scale per token quantizes all
+//! components to the same relative precision.
+//!
+//! Which components are kept ([`RankSelect`]): the fewest keeping a share of `‖X‖²_F` (energy);
+//! or, for keys, ranked by the attention-score error they cause on the recent queries: with the
+//! queries' second moment `M = Σ qqᵀ`, dropping component `j` changes `Σ_q ‖X·q − X̂·q‖²` by
+//! exactly `σ_j²·v_jᵀMv_j` (`U` has orthonormal columns), so components are taken by that
+//! gain — up to a relative score error, or under a byte budget shared by every head and layer
+//! compressed at the same time ([`choose_budget`]).
+//!
 //! # RoPE
 //! Keys are compressed *after* RoPE (the cache receives rotated keys). Measured on SmolLM2
 //! (`plrabn12.txt`, 2048 tokens, blocks of 512, all layers and KV heads), pre-RoPE keys are
@@ -24,24 +29,86 @@ use faer::MatRef;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use s2lc_spectral::rsvd::{rsvd_batch, RsvdParams};
+use s2lc_spectral::svd::Svd;
 
-use super::spec::Coding;
+use super::quant::{dequantize_groups, quantize_row_i4, unpack_i4};
+pub use super::quant::{quantize_groups, quantize_row_i8, GROUP};
+use super::spec::{Coding, RankSelect, SpectralCoding};
 use super::AttnShape;
 use crate::kernels::ops;
 
-/// Elements per quantization group along the head dimension (the int8/int4 codings).
-pub const GROUP: usize = 32;
-/// Rank-`r` factors of one KV head's `T × d` block: `X ≈ diag(scale)·coef·basis`.
+/// One KV head's `T × d` block stored spectrally: quantized rank-`r` coefficients and a basis,
+/// `X ≈ diag(scale)·coef·basis` (a quantized KV block, not plain low-rank `b·a` factors).
 #[derive(Debug, Clone)]
-pub struct Factors {
+pub struct SpectralBlock {
     /// Rank kept.
     pub rank: usize,
-    /// `T × rank` int8 coefficients (row-major).
-    pub coef: Vec<i8>,
+    /// Bits per coefficient: 8 (int8 bytes) or 4 (a stream of `T·rank` nibbles `q + 8`, row `t`
+    /// starting at nibble `t·rank`, low nibble first).
+    pub coef_bits: u32,
+    /// `T × rank` coefficients (row-major), symmetric per token.
+    pub coef: Vec<u8>,
     /// Per-token scale of `coef`.
     pub scale: Vec<f16>,
-    /// `rank × d` basis (`Σ_r·V_rᵀ`, row-major).
-    pub basis: Vec<f16>,
+    /// `rank × d` basis (`σ_j·v_jᵀ` for the kept components, row-major).
+    pub basis: Basis,
+}
+
+/// How a spectral block's basis is held.
+#[derive(Debug, Clone)]
+pub enum Basis {
+    /// f16 values.
+    F16(Vec<f16>),
+    /// int8 with one f16 scale per row (per component).
+    Q8 {
+        /// The quants, `rank × d`.
+        data: Vec<i8>,
+        /// One scale per row.
+        scale: Vec<f16>,
+    },
+}
+
+impl SpectralBlock {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        let basis = match &self.basis {
+            Basis::F16(b) => 2 * b.len(),
+            Basis::Q8 { data, scale } => data.len() + 2 * scale.len(),
+        };
+        self.coef.len() + 2 * self.scale.len() + basis
+    }
+
+    /// The `T × rank` coefficients as int8 (borrowed for 8 bits, unpacked into `buf` for 4).
+    pub fn coef_i8<'a>(&'a self, buf: &'a mut Vec<i8>) -> &'a [i8] {
+        if self.coef_bits == 8 {
+            // SAFETY: u8 and i8 have the same size, alignment and validity; the view borrows
+            // `self.coef` for `'a`.
+            return unsafe {
+                std::slice::from_raw_parts(self.coef.as_ptr().cast::<i8>(), self.coef.len())
+            };
+        }
+        buf.resize(self.scale.len() * self.rank, 0);
+        unpack_i4(&self.coef, 0, buf);
+        buf
+    }
+
+    /// The `rank × d` basis as f32 into `out`.
+    pub fn basis_f32(&self, out: &mut Vec<f32>) {
+        match &self.basis {
+            Basis::F16(b) => {
+                out.resize(b.len(), 0.0);
+                b.convert_to_f32_slice(out);
+            }
+            Basis::Q8 { data, scale } => {
+                let d = data.len() / scale.len().max(1);
+                out.clear();
+                out.resize(data.len(), 0.0);
+                for ((o, q), s) in out.chunks_exact_mut(d).zip(data.chunks_exact(d)).zip(scale) {
+                    ops::axpy_i8(o, s.to_f32(), q);
+                }
+            }
+        }
+    }
 }
 
 /// One side (keys or values) of a compressed segment, all KV heads.
@@ -49,8 +116,8 @@ pub struct Factors {
 pub enum Coded {
     /// The `T × kv_dim` rows unchanged (attention sinks).
     Exact(Vec<f32>),
-    /// Factors per KV head.
-    Spectral(Vec<Factors>),
+    /// One spectral block per KV head.
+    Spectral(Vec<SpectralBlock>),
     /// `T × kv_dim` quants (int8; or two 4-bit values per byte, low nibble first) with one f16
     /// scale per group of 32.
     Quant {
@@ -67,10 +134,7 @@ impl Coded {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match self {
-            Coded::Spectral(heads) => heads
-                .iter()
-                .map(|f| f.coef.len() + 2 * (f.scale.len() + f.basis.len()))
-                .sum(),
+            Coded::Spectral(heads) => heads.iter().map(SpectralBlock::bytes).sum(),
             Coded::Quant { data, scale, .. } => data.len() + 2 * scale.len(),
             Coded::Exact(rows) => 4 * rows.len(),
         }
@@ -88,46 +152,265 @@ pub struct Segment {
     pub values: Coded,
 }
 
+/// The SVD of one KV head's block with each component's share of the selection criterion.
+pub struct HeadSpectrum {
+    /// `None`: the block was not finite and is kept at full rank on an identity basis.
+    svd: Option<Svd>,
+    /// `gains[j]`: component `j`'s share of the criterion (energy `σ_j²`, or attention-score
+    /// energy `σ_j²·v_jᵀMv_j`); the shares of all components of the block sum to 1.
+    pub gains: Vec<f64>,
+    /// Component indices by decreasing gain.
+    pub order: Vec<usize>,
+}
+
+/// SVDs of the KV heads of `tokens × kv_dim` rows `x`. With `moments` (per KV head the `d × d`
+/// second moment `M = Σ qqᵀ` of recent queries), component gains are their share of the
+/// attention-score energy `tr(X·M·Xᵀ)` (every component is computed); otherwise their share of
+/// `‖X‖²_F` over the leading `max_rank` components (randomized SVD below the break-even).
+pub fn spectra(
+    x: &[f32],
+    tokens: usize,
+    shape: AttnShape,
+    moments: Option<&[f32]>,
+    max_rank: usize,
+) -> Vec<HeadSpectrum> {
+    let (hd, kv_dim) = (shape.head_dim, shape.kv_dim());
+    let views: Vec<MatRef<'_, f32>> = (0..shape.n_kv_heads)
+        .map(|g| MatRef::from_row_major_slice_with_stride(&x[g * hd..], tokens, hd, kv_dim))
+        .collect();
+    let k = if moments.is_some() { hd } else { max_rank }
+        .min(hd)
+        .min(tokens);
+    let svds = match rsvd_batch(&views, &RsvdParams::new(k)) {
+        Ok(svds) => svds,
+        // Non-finite activations cannot be factored: keep them exactly (full rank).
+        Err(_) => {
+            return views
+                .iter()
+                .map(|_| HeadSpectrum {
+                    svd: None,
+                    gains: vec![1.0 / hd as f64; hd],
+                    order: (0..hd).collect(),
+                })
+                .collect()
+        }
+    };
+    svds.into_iter()
+        .zip(&views)
+        .enumerate()
+        .map(|(g, (svd, view))| {
+            let raw: Vec<f64> = match moments {
+                Some(m) => {
+                    let m = &m[g * hd * hd..][..hd * hd];
+                    (0..svd.s.len())
+                        .map(|j| {
+                            let v: Vec<f32> = (0..hd).map(|c| svd.v[(c, j)]).collect();
+                            let w: f64 = m
+                                .chunks_exact(hd)
+                                .zip(&v)
+                                .map(|(row, vc)| *vc as f64 * ops::dot(row, &v) as f64)
+                                .sum();
+                            (svd.s[j] as f64).powi(2) * w.max(0.0)
+                        })
+                        .collect()
+                }
+                None => svd.s.iter().map(|s| (*s as f64).powi(2)).collect(),
+            };
+            let total: f64 = match moments {
+                Some(_) => raw.iter().sum(),
+                None => (0..tokens)
+                    .map(|i| (0..hd).map(|j| (view[(i, j)] as f64).powi(2)).sum::<f64>())
+                    .sum(),
+            };
+            let gains: Vec<f64> = raw
+                .iter()
+                .map(|r| if total > 0.0 { r / total } else { 0.0 })
+                .collect();
+            let mut order: Vec<usize> = (0..gains.len()).collect();
+            order.sort_by(|&a, &b| gains[b].total_cmp(&gains[a]).then(a.cmp(&b)));
+            HeadSpectrum {
+                svd: Some(svd),
+                gains,
+                order,
+            }
+        })
+        .collect()
+}
+
+/// The fewest leading components of `h` (by gain) whose shares reach `keep`, at least one and
+/// at most `max_rank`.
+pub fn choose(h: &HeadSpectrum, keep: f64, max_rank: usize) -> Vec<usize> {
+    let goal = keep * (1.0 - 1e-6);
+    let mut acc = 0.0;
+    let mut out = Vec::new();
+    for &j in h.order.iter().take(max_rank.max(1)) {
+        out.push(j);
+        acc += h.gains[j];
+        if acc >= goal {
+            break;
+        }
+    }
+    out
+}
+
+/// Bytes of a spectral block: fixed (per-token scales) and per component (coefficient column
+/// and basis row).
+pub fn block_cost(c: &SpectralCoding, tokens: usize, hd: usize) -> (usize, usize) {
+    let basis = if c.basis_bits == 8 { hd + 2 } else { 2 * hd };
+    (2 * tokens, tokens * c.coef_bits as usize / 8 + basis)
+}
+
+/// Components of every head in `heads` under a byte budget: each head first gets its leading
+/// component, then the components with the largest gains over all heads are added while the
+/// blocks fit in `budget` bytes (heads at `max_rank` take no more). `None` when even one
+/// component per head does not fit.
+pub fn choose_budget(
+    heads: &[HeadSpectrum],
+    cost: (usize, usize),
+    budget: usize,
+    max_rank: usize,
+) -> Option<Vec<Vec<usize>>> {
+    let (fixed, per) = cost;
+    let mut spent = heads.len() * (fixed + per);
+    if spent > budget {
+        return None;
+    }
+    let mut chosen: Vec<Vec<usize>> = heads.iter().map(|h| vec![h.order[0]]).collect();
+    let mut rest: Vec<(f64, usize, usize)> = heads
+        .iter()
+        .enumerate()
+        .flat_map(|(i, h)| h.order[1..].iter().map(move |&j| (h.gains[j], i, j)))
+        .collect();
+    rest.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+    for (_, i, j) in rest {
+        if spent + per > budget {
+            break;
+        }
+        if chosen[i].len() < max_rank.min(heads[i].order.len()) {
+            chosen[i].push(j);
+            spent += per;
+        }
+    }
+    Some(chosen)
+}
+
+/// The spectral block of components `comps` of `h` (`tokens × hd`).
+pub fn spectral_block(
+    h: &HeadSpectrum,
+    comps: &[usize],
+    tokens: usize,
+    hd: usize,
+    c: &SpectralCoding,
+    x: MatRef<'_, f32>,
+) -> SpectralBlock {
+    let Some(svd) = &h.svd else {
+        return identity_block(x, c);
+    };
+    let r = comps.len();
+    let mut basis = vec![0.0f32; r * hd];
+    for (row, &j) in basis.chunks_exact_mut(hd).zip(comps) {
+        for (cc, b) in row.iter_mut().enumerate() {
+            *b = svd.s[j] * svd.v[(cc, j)];
+        }
+    }
+    let (coef, scale) = quantize_coefficients(tokens, r, c.coef_bits, |t, k| svd.u[(t, comps[k])]);
+    SpectralBlock {
+        rank: r,
+        coef_bits: c.coef_bits,
+        coef,
+        scale,
+        basis: store_basis(&basis, hd, c.basis_bits),
+    }
+}
+
+/// Full-rank "factors" of `x` itself (identity basis), for blocks an SVD cannot handle.
+fn identity_block(x: MatRef<'_, f32>, c: &SpectralCoding) -> SpectralBlock {
+    let (tokens, hd) = (x.nrows(), x.ncols());
+    let (coef, scale) = quantize_coefficients(tokens, hd, 8, |t, j| {
+        let e = x[(t, j)];
+        if e.is_finite() {
+            e
+        } else {
+            0.0
+        }
+    });
+    let basis: Vec<f32> = (0..hd * hd)
+        .map(|i| if i / hd == i % hd { 1.0 } else { 0.0 })
+        .collect();
+    SpectralBlock {
+        rank: hd,
+        coef_bits: 8,
+        coef,
+        scale,
+        basis: store_basis(&basis, hd, c.basis_bits),
+    }
+}
+
+/// The `r × hd` basis in its stored form.
+fn store_basis(basis: &[f32], hd: usize, bits: u32) -> Basis {
+    if bits == 16 {
+        return Basis::F16(basis.iter().map(|v| f16::from_f32(*v)).collect());
+    }
+    let mut data = vec![0i8; basis.len()];
+    let scale = basis
+        .chunks_exact(hd)
+        .zip(data.chunks_exact_mut(hd))
+        .map(|(b, q)| quantize_row_i8(b, q))
+        .collect();
+    Basis::Q8 { data, scale }
+}
+
+/// `rows × width` values `value(t, j)` quantized per row to `bits` (8 or 4) with an f16 scale.
+fn quantize_coefficients(
+    rows: usize,
+    width: usize,
+    bits: u32,
+    value: impl Fn(usize, usize) -> f32,
+) -> (Vec<u8>, Vec<f16>) {
+    let mut coef = vec![0u8; (rows * width * bits as usize).div_ceil(8)];
+    let mut scale = vec![f16::ZERO; rows];
+    let mut row = vec![0.0f32; width];
+    let mut q = vec![0i8; width];
+    for (t, s) in scale.iter_mut().enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = value(t, j);
+        }
+        *s = if bits == 8 {
+            let d = quantize_row_i8(&row, &mut q);
+            for (o, v) in coef[t * width..][..width].iter_mut().zip(&q) {
+                *o = *v as u8;
+            }
+            d
+        } else {
+            quantize_row_i4(&row, &mut coef, t * width)
+        };
+    }
+    (coef, scale)
+}
+
 /// Codes the `tokens × kv_dim` rows `x`; spectral ranks are added to `ranks` (sum, count).
+/// `moments`: per KV head the recent queries' `d × d` second moment, used by
+/// [`RankSelect::Score`]. [`RankSelect::Bits`] spans several blocks and is chosen by the cache
+/// with [`choose_budget`]; here it is treated as full energy.
 pub fn code(
     coding: Coding,
     x: &[f32],
     tokens: usize,
     shape: AttnShape,
+    moments: Option<&[f32]>,
     ranks: &mut (usize, usize),
 ) -> Coded {
-    let (hd, kv_dim) = (shape.head_dim, shape.kv_dim());
     match coding {
-        Coding::Spectral { energy, max_rank } => {
-            let views: Vec<MatRef<'_, f32>> = (0..shape.n_kv_heads)
-                .map(|g| MatRef::from_row_major_slice_with_stride(&x[g * hd..], tokens, hd, kv_dim))
-                .collect();
-            let max_rank = max_rank.min(hd).min(tokens);
-            let heads = match rsvd_batch(&views, &RsvdParams::new(max_rank)) {
-                Ok(svds) => svds
-                    .iter()
-                    .zip(&views)
-                    .map(|(svd, view)| {
-                        let total: f64 = (0..tokens)
-                            .map(|i| (0..hd).map(|j| (view[(i, j)] as f64).powi(2)).sum::<f64>())
-                            .sum();
-                        let r = energy_rank(&svd.s, total, energy as f64).max(1);
-                        ranks.0 += r;
-                        ranks.1 += 1;
-                        factors(svd, r, tokens, hd)
-                    })
-                    .collect(),
-                // Non-finite activations cannot be factored: keep them exactly (full rank).
-                Err(_) => views
-                    .iter()
-                    .map(|v| {
-                        ranks.0 += hd;
-                        ranks.1 += 1;
-                        identity_factors(*v)
-                    })
-                    .collect(),
+        Coding::Spectral(c) => {
+            let (keep, moments) = match c.select {
+                RankSelect::Energy(e) => (e as f64, None),
+                RankSelect::Score(err) => (1.0 - err as f64, moments),
+                RankSelect::Bits(_) => (1.0, None),
             };
-            Coded::Spectral(heads)
+            let heads = spectra(x, tokens, shape, moments, c.max_rank);
+            let comps: Vec<Vec<usize>> =
+                heads.iter().map(|h| choose(h, keep, c.max_rank)).collect();
+            spectral_side(&heads, &comps, x, tokens, shape, &c, ranks)
         }
         Coding::Q8 | Coding::Q4 => {
             let bits = if coding == Coding::Q8 { 8 } else { 4 };
@@ -137,175 +420,87 @@ pub fn code(
     }
 }
 
-/// Smallest `r ≤ s.len()` with `Σ_{i<r} sᵢ² ≥ energy·total` (`s.len()` when never reached).
-fn energy_rank(s: &[f32], total: f64, energy: f64) -> usize {
-    let goal = energy * total * (1.0 - 1e-6);
-    let mut acc = 0.0;
-    for (i, v) in s.iter().enumerate() {
-        acc += (*v as f64).powi(2);
-        if acc >= goal {
-            return i + 1;
-        }
-    }
-    s.len()
+/// The spectral side of chosen components `comps` per head.
+pub fn spectral_side(
+    heads: &[HeadSpectrum],
+    comps: &[Vec<usize>],
+    x: &[f32],
+    tokens: usize,
+    shape: AttnShape,
+    c: &SpectralCoding,
+    ranks: &mut (usize, usize),
+) -> Coded {
+    let (hd, kv_dim) = (shape.head_dim, shape.kv_dim());
+    Coded::Spectral(
+        heads
+            .iter()
+            .zip(comps)
+            .enumerate()
+            .map(|(g, (h, cs))| {
+                let view =
+                    MatRef::from_row_major_slice_with_stride(&x[g * hd..], tokens, hd, kv_dim);
+                let b = spectral_block(h, cs, tokens, hd, c, view);
+                ranks.0 += b.rank;
+                ranks.1 += 1;
+                b
+            })
+            .collect(),
+    )
 }
 
-/// Coefficients `U_r` (int8 per token) and basis `Σ_r·V_rᵀ` from an SVD.
-fn factors(svd: &s2lc_spectral::svd::Svd, r: usize, tokens: usize, hd: usize) -> Factors {
-    let (coef, scale) = int8_rows(tokens, r, |t, j| svd.u[(t, j)]);
-    let mut basis = vec![f16::ZERO; r * hd];
-    for j in 0..r {
-        for c in 0..hd {
-            basis[j * hd + c] = f16::from_f32(svd.s[j] * svd.v[(c, j)]);
-        }
-    }
-    Factors {
-        rank: r,
-        coef,
-        scale,
-        basis,
-    }
+/// Scratch of [`unpack`].
+#[derive(Default)]
+pub(super) struct Unpacked {
+    /// Spectral: `T × r` coefficients; otherwise `T × d` rows.
+    pub rows: Vec<f32>,
+    /// Spectral: the `r × d` basis.
+    pub basis: Vec<f32>,
+    /// Spectral: per-token scales.
+    pub scale: Vec<f32>,
+    /// 4-bit coefficients unpacked.
+    pub quants: Vec<i8>,
 }
 
-/// Full-rank "factors" of `x` itself (identity basis), for blocks an SVD cannot handle.
-fn identity_factors(x: MatRef<'_, f32>) -> Factors {
-    let (tokens, hd) = (x.nrows(), x.ncols());
-    let (coef, scale) = int8_rows(tokens, hd, |t, j| {
-        let e = x[(t, j)];
-        if e.is_finite() {
-            e
-        } else {
-            0.0
-        }
-    });
-    let basis = (0..hd * hd)
-        .map(|i| {
-            if i / hd == i % hd {
-                f16::ONE
-            } else {
-                f16::ZERO
-            }
-        })
-        .collect();
-    Factors {
-        rank: hd,
-        coef,
-        scale,
-        basis,
-    }
-}
-
-/// `rows × width` values `value(t, j)` quantized per row to int8 with an f16 scale.
-fn int8_rows(
-    rows: usize,
-    width: usize,
-    value: impl Fn(usize, usize) -> f32,
-) -> (Vec<i8>, Vec<f16>) {
-    let mut coef = vec![0i8; rows * width];
-    let mut scale = vec![f16::ZERO; rows];
-    let mut row = vec![0.0f32; width];
-    for (t, (c, s)) in coef.chunks_exact_mut(width).zip(&mut scale).enumerate() {
-        for (j, v) in row.iter_mut().enumerate() {
-            *v = value(t, j);
-        }
-        *s = quantize_row_i8(&row, c);
-    }
-    (coef, scale)
-}
-
-/// `q = round(x/d)` with `d = max|x|/127` (as f16, the stored scale); returns the scale.
-pub fn quantize_row_i8(x: &[f32], q: &mut [i8]) -> f16 {
-    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let d = f16::from_f32(amax / 127.0);
-    let df = d.to_f32();
-    let inv = if df > 0.0 { 1.0 / df } else { 0.0 };
-    for (o, v) in q.iter_mut().zip(x) {
-        *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
-    }
-    d
-}
-
-/// Quantizes `x` (length a multiple of 32) per group of 32 to `bits` (8 or 4) with f16 scales.
-pub fn quantize_groups(x: &[f32], bits: u32) -> (Vec<u8>, Vec<f16>) {
-    let groups = x.len() / GROUP;
-    let mut scale = Vec::with_capacity(groups);
-    let mut data = Vec::with_capacity(if bits == 8 { x.len() } else { x.len() / 2 });
-    let qmax = if bits == 8 { 127.0 } else { 7.0 };
-    for g in x.chunks_exact(GROUP) {
-        let amax = g.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = f16::from_f32(amax / qmax);
-        let df = d.to_f32();
-        let inv = if df > 0.0 { 1.0 / df } else { 0.0 };
-        let q = |v: f32| (v * inv).round().clamp(-qmax, qmax) as i8;
-        if bits == 8 {
-            data.extend(g.iter().map(|&v| q(v) as u8));
-        } else {
-            data.extend(
-                g.chunks_exact(2)
-                    .map(|p| ((q(p[0]) + 8) as u8) | (((q(p[1]) + 8) as u8) << 4)),
-            );
-        }
-        scale.push(d);
-    }
-    (data, scale)
-}
-
-/// Dequantizes the `out.len()` values starting at element `at` of a group-quantized buffer
-/// (`at` and the length multiples of 32) into `out`.
-fn dequantize_groups(bits: u32, data: &[u8], scale: &[f16], at: usize, out: &mut [f32]) {
-    let mut buf = [0i8; GROUP];
-    for (gi, o) in out.chunks_exact_mut(GROUP).enumerate() {
-        let g = at + gi * GROUP;
-        o.fill(0.0);
-        ops::axpy_i8(
-            o,
-            scale[g / GROUP].to_f32(),
-            group_quants(bits, data, g, &mut buf),
-        );
-    }
-}
-
-/// Writes KV head `g` of a coded side into `out` in a form attention can multiply:
-/// spectral → the `T × r` coefficients as f32 and the `r × d` basis as f32 in `basis`
-/// (returns `Some(r)`); quantized → the `T × d` rows (returns `None`).
+/// Writes KV head `g` of a coded side into `u` in a form attention can multiply:
+/// spectral → the `T × r` coefficients as f32 in `u.rows` and the `r × d` basis in `u.basis`
+/// (returns `Some(r)`); otherwise the `T × d` rows in `u.rows` (returns `None`).
 pub(super) fn unpack(
     coded: &Coded,
     g: usize,
     tokens: usize,
     shape: AttnShape,
-    out: &mut Vec<f32>,
-    basis: &mut Vec<f32>,
+    u: &mut Unpacked,
 ) -> Option<usize> {
     let (hd, kv_dim) = (shape.head_dim, shape.kv_dim());
     match coded {
         Coded::Spectral(heads) => {
             let f = &heads[g];
-            // The per-token scales go through `basis` first (converted as one slice).
-            basis.resize(tokens, 0.0);
-            f.scale.convert_to_f32_slice(basis);
-            out.resize(tokens * f.rank, 0.0);
-            for ((o, q), &s) in out
+            u.scale.resize(tokens, 0.0);
+            f.scale.convert_to_f32_slice(&mut u.scale);
+            let coef = f.coef_i8(&mut u.quants);
+            u.rows.resize(tokens * f.rank, 0.0);
+            for ((o, q), &s) in u
+                .rows
                 .chunks_exact_mut(f.rank)
-                .zip(f.coef.chunks_exact(f.rank))
-                .zip(basis.iter())
+                .zip(coef.chunks_exact(f.rank))
+                .zip(u.scale.iter())
             {
                 o.fill(0.0);
                 ops::axpy_i8(o, s, q);
             }
-            basis.resize(f.basis.len(), 0.0);
-            f.basis.convert_to_f32_slice(basis);
+            f.basis_f32(&mut u.basis);
             Some(f.rank)
         }
         Coded::Exact(rows) => {
-            out.clear();
+            u.rows.clear();
             for r in rows.chunks_exact(kv_dim) {
-                out.extend_from_slice(&r[g * hd..(g + 1) * hd]);
+                u.rows.extend_from_slice(&r[g * hd..(g + 1) * hd]);
             }
             None
         }
         Coded::Quant { bits, data, scale } => {
-            out.resize(tokens * hd, 0.0);
-            for (t, o) in out.chunks_exact_mut(hd).enumerate() {
+            u.rows.resize(tokens * hd, 0.0);
+            for (t, o) in u.rows.chunks_exact_mut(hd).enumerate() {
                 dequantize_groups(*bits, data, scale, t * kv_dim + g * hd, o);
             }
             None
@@ -317,13 +512,13 @@ pub(super) fn unpack(
 /// never rebuilds them).
 pub fn reconstruct(coded: &Coded, g: usize, tokens: usize, shape: AttnShape) -> Vec<f32> {
     let hd = shape.head_dim;
-    let (mut rows, mut basis) = (Vec::new(), Vec::new());
-    match unpack(coded, g, tokens, shape, &mut rows, &mut basis) {
-        None => rows,
+    let mut u = Unpacked::default();
+    match unpack(coded, g, tokens, shape, &mut u) {
+        None => u.rows,
         Some(r) => {
             let mut out = vec![0.0f32; tokens * hd];
-            for (o, c) in out.chunks_exact_mut(hd).zip(rows.chunks_exact(r)) {
-                for (cj, b) in c.iter().zip(basis.chunks_exact(hd)) {
+            for (o, c) in out.chunks_exact_mut(hd).zip(u.rows.chunks_exact(r)) {
+                for (cj, b) in c.iter().zip(u.basis.chunks_exact(hd)) {
                     ops::axpy(o, *cj, b);
                 }
             }
@@ -331,88 +526,150 @@ pub fn reconstruct(coded: &Coded, g: usize, tokens: usize, shape: AttnShape) -> 
         }
     }
 }
-/// The 32 quants of the group starting at element `at`, as int8 (4-bit ones unpacked into `buf`).
-#[inline]
-fn group_quants<'a>(bits: u32, data: &'a [u8], at: usize, buf: &'a mut [i8; GROUP]) -> &'a [i8] {
-    if bits == 8 {
-        let bytes = &data[at..at + GROUP];
-        // SAFETY: `bytes` is GROUP initialised bytes (bounds-checked above), and u8 and i8 have
-        // the same size, alignment and validity; the view borrows `data` for `'a`.
-        return unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<i8>(), GROUP) };
-    }
-    for (pair, &b) in buf
-        .chunks_exact_mut(2)
-        .zip(&data[at / 2..at / 2 + GROUP / 2])
-    {
-        pair[0] = (b & 0x0F) as i8 - 8;
-        pair[1] = (b >> 4) as i8 - 8;
-    }
-    buf
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kv::testutil::{data, low_rank, SHAPE};
 
-    #[test]
-    fn group_quantization_round_trips_within_half_a_step() {
-        let x = data(4 * GROUP, 3);
-        for bits in [8, 4] {
-            let (q, d) = quantize_groups(&x, bits);
-            assert_eq!(q.len(), if bits == 8 { x.len() } else { x.len() / 2 });
-            let mut y = vec![0.0; x.len()];
-            dequantize_groups(bits, &q, &d, 0, &mut y);
-            for (g, (xg, yg)) in x.chunks(GROUP).zip(y.chunks(GROUP)).enumerate() {
-                let step = d[g].to_f32();
-                let amax = xg.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                assert!(step > 0.0 && step <= amax / if bits == 8 { 126.0 } else { 6.9 });
-                for (a, b) in xg.iter().zip(yg) {
-                    assert!(
-                        (a - b).abs() <= 0.5 * step * 1.01 + 1e-7,
-                        "{bits} bits: {a} vs {b}"
-                    );
-                }
+    fn spectral(select: RankSelect, coef_bits: u32, basis_bits: u32) -> Coding {
+        Coding::Spectral(SpectralCoding {
+            select,
+            max_rank: 64,
+            coef_bits,
+            basis_bits,
+        })
+    }
+
+    /// Relative Frobenius error of head `g` of `coded` against the rows `x`.
+    fn rel_err(coded: &Coded, x: &[f32], g: usize, tokens: usize) -> f64 {
+        let y = reconstruct(coded, g, tokens, SHAPE);
+        let (mut err, mut norm) = (0.0f64, 0.0f64);
+        for t in 0..tokens {
+            for d in 0..SHAPE.head_dim {
+                let a = x[t * SHAPE.kv_dim() + g * SHAPE.head_dim + d] as f64;
+                err += (a - y[t * SHAPE.head_dim + d] as f64).powi(2);
+                norm += a * a;
             }
         }
-        let mut q = [0i8; 5];
-        let d = quantize_row_i8(&[0.5, -1.0, 0.25, 0.0, 1.0], &mut q);
-        assert_eq!(q, [64, -127, 32, 0, 127]);
-        assert!((d.to_f32() - 1.0 / 127.0).abs() < 1e-5);
+        (err / norm).sqrt()
     }
 
     #[test]
     fn exact_low_rank_blocks_are_recovered_at_their_rank() {
         let (block, r) = (64, 5);
         let x = low_rank(block, r, 1);
-        let mut ranks = (0, 0);
-        let coded = code(
-            Coding::Spectral {
-                energy: 0.9999,
-                max_rank: 64,
-            },
-            &x,
-            block,
-            SHAPE,
-            &mut ranks,
-        );
-        assert_eq!(ranks, (2 * r, 2), "rank of each head");
-        for g in 0..SHAPE.n_kv_heads {
-            let y = reconstruct(&coded, g, block, SHAPE);
-            let (mut err, mut norm) = (0.0f64, 0.0f64);
-            for t in 0..block {
-                for d in 0..SHAPE.head_dim {
-                    let a = x[t * SHAPE.kv_dim() + g * SHAPE.head_dim + d] as f64;
-                    err += (a - y[t * SHAPE.head_dim + d] as f64).powi(2);
-                    norm += a * a;
-                }
-            }
-            // Only the int8 coefficients and f16 scales are lossy here (~0.4 % per entry).
-            assert!(
-                (err / norm).sqrt() < 0.01,
-                "head {g}: {}",
-                (err / norm).sqrt()
+        // int8 coefficients and f16 basis (~0.4 % per entry); int4 coefficients (~1/14 of a
+        // coefficient's range per entry); an int8 basis adds ~0.4 %.
+        for (coef, basis, bound) in [(8, 16, 0.01), (4, 16, 0.12), (8, 8, 0.015), (4, 8, 0.12)] {
+            let mut ranks = (0, 0);
+            let coded = code(
+                spectral(RankSelect::Energy(0.9999), coef, basis),
+                &x,
+                block,
+                SHAPE,
+                None,
+                &mut ranks,
             );
+            assert_eq!(ranks, (2 * r, 2), "rank of each head");
+            let Coded::Spectral(heads) = &coded else {
+                panic!("spectral")
+            };
+            // Bytes: coefficients, per-token scales, basis (with per-row scales at int8).
+            let basis_bytes = if basis == 8 {
+                r * 64 + 2 * r
+            } else {
+                2 * r * 64
+            };
+            assert_eq!(
+                heads[0].bytes(),
+                block * r * coef as usize / 8 + 2 * block + basis_bytes
+            );
+            assert_eq!(coded.bytes(), 2 * heads[0].bytes());
+            for g in 0..SHAPE.n_kv_heads {
+                let e = rel_err(&coded, &x, g, block);
+                assert!(e < bound, "coef {coef}, basis {basis}, head {g}: {e}");
+            }
         }
+    }
+
+    #[test]
+    fn score_selection_keeps_the_directions_queries_weigh() {
+        // Keys with a strong component along channel 0 and a weak one along channel 1; queries
+        // look only along channel 1. Energy keeps channel 0, the score criterion channel 1.
+        let (tokens, hd) = (64, SHAPE.head_dim);
+        let mut x = vec![0.0f32; tokens * SHAPE.kv_dim()];
+        // Orthogonal sign patterns over the tokens: the SVD's components are the channels.
+        let sign = |b: bool| if b { 1.0 } else { -1.0 };
+        for t in 0..tokens {
+            for g in 0..SHAPE.n_kv_heads {
+                x[t * SHAPE.kv_dim() + g * hd] = 10.0 * sign(t < tokens / 2);
+                x[t * SHAPE.kv_dim() + g * hd + 1] = sign(t % 2 == 0);
+            }
+        }
+        let mut m = vec![0.0f32; SHAPE.n_kv_heads * hd * hd];
+        for g in 0..SHAPE.n_kv_heads {
+            m[g * hd * hd + hd + 1] = 1.0;
+        }
+        let one = |select, moments: Option<&[f32]>| {
+            let mut ranks = (0, 0);
+            let coded = code(
+                spectral(select, 8, 16),
+                &x,
+                tokens,
+                SHAPE,
+                moments,
+                &mut ranks,
+            );
+            assert_eq!(ranks, (2, 2));
+            reconstruct(&coded, 0, tokens, SHAPE)
+        };
+        let by_energy = one(RankSelect::Energy(0.9), None);
+        let by_score = one(RankSelect::Score(0.05), Some(&m));
+        let along = |y: &[f32], c: usize| (0..tokens).map(|t| y[t * hd + c].abs()).sum::<f32>();
+        assert!(along(&by_energy, 0) > 10.0 && along(&by_energy, 1) < 1e-3);
+        assert!(along(&by_score, 1) > 1.0 && along(&by_score, 0) < 1e-3);
+    }
+
+    #[test]
+    fn a_byte_budget_is_met_exactly_and_spent_where_it_counts() {
+        let (tokens, hd) = (64, SHAPE.head_dim);
+        let c = SpectralCoding {
+            select: RankSelect::Bits(1.0),
+            max_rank: 64,
+            coef_bits: 4,
+            basis_bits: 8,
+        };
+        // Head 0 of block a is rank 3, everything else full rank.
+        let a = low_rank(tokens, 3, 1);
+        let b = data(tokens * SHAPE.kv_dim(), 2);
+        let mut heads = spectra(&a, tokens, SHAPE, None, 64);
+        heads.extend(spectra(&b, tokens, SHAPE, None, 64));
+        let cost = block_cost(&c, tokens, hd);
+        assert_eq!(cost, (128, 32 + 66));
+        let budget = 4 * tokens * hd / 8; // 1 bit per value over four heads
+        let comps = choose_budget(&heads, cost, budget, 64).unwrap();
+        let spent: usize = comps.iter().map(|cs| cost.0 + cs.len() * cost.1).sum();
+        assert!(
+            spent <= budget && spent + cost.1 > budget,
+            "{spent} of {budget}"
+        );
+        // The rank-3 head needs only three components; the rest goes to the full-rank heads.
+        assert_eq!(
+            comps[0].len(),
+            3,
+            "{:?}",
+            comps.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        assert!(comps[2].len() > 3 && comps[3].len() > 3);
+        // The built blocks hold exactly the bytes counted.
+        let mut ranks = (0, 0);
+        let coded = spectral_side(&heads[..2], &comps[..2], &a, tokens, SHAPE, &c, &mut ranks);
+        assert_eq!(
+            coded.bytes(),
+            2 * cost.0 + (comps[0].len() + comps[1].len()) * cost.1
+        );
+        // One component per head must fit.
+        assert!(choose_budget(&heads, cost, 4 * (cost.0 + cost.1) - 1, 64).is_none());
     }
 }

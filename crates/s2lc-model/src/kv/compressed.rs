@@ -1,33 +1,50 @@
-//! A KV cache that keeps the most recent tokens dense and stores older blocks compressed: as
-//! spectral factors (the S2LC spectral cache) or quantized per group of 32 (the simple
-//! alternative it is measured against). Attention runs on the stored form directly.
+//! A KV cache that keeps the most recent tokens uncompressed and stores older blocks compressed:
+//! as spectral blocks (the S2LC spectral cache) or quantized per group of 32 (the simple
+//! alternatives it is measured against). Attention runs on the stored form directly.
 //!
 //! # Layout
 //! Per layer, committed tokens are a list of compressed *segments* of `block` tokens each
-//! (oldest first) followed by a dense f32 *window*. When the committed window reaches
-//! `window + block` tokens (checked at each commit), its oldest `block` tokens are compressed
-//! into a new segment, so at least `window` recent tokens always stay exact.
-//!//!
+//! (oldest first) followed by a *window* of recent rows (f32, f16 or int8, see
+//! [`super::recent`]). When the committed window reaches `window + block` tokens (checked at each
+//! commit), its oldest `block` tokens are compressed into a new segment, so at least `window`
+//! recent tokens always stay uncompressed. Every layer reaches that point at the same commit, so
+//! a byte budget ([`RankSelect::Bits`]) is shared by all layers and KV heads compressed together.
+//!
+//! When keys are ranked by attention-score error, the cache also keeps per layer and KV head the
+//! second moment `M = Σ qqᵀ` of the queries seen since that layer's last compression (`d × d`
+//! f32, counted in [`KvCache::bytes`]).
+//!
 //! The stored forms are in [`super::coding`], attention on them in [`super::attend`] and the
 //! `--kv` specification in [`super::spec`]; their items are re-exported here.
 
 use std::time::{Duration, Instant};
 
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+
+use super::recent::Recent;
 use super::{AttnShape, KvCache};
 
 pub use super::attend::attend_compressed;
 pub use super::coding::{
-    code, quantize_groups, quantize_row_i8, reconstruct, Coded, Factors, Segment, GROUP,
+    block_cost, choose, choose_budget, code, quantize_groups, quantize_row_i8, reconstruct,
+    spectra, spectral_side, Basis, Coded, HeadSpectrum, Segment, SpectralBlock, GROUP,
 };
-pub use super::spec::{Coding, CompressedConfig, KvSpec};
+pub use super::recent::RecentDtype;
+pub use super::spec::{Coding, CompressedConfig, KvSpec, RankSelect, SpectralCoding};
 
-/// Dense recent window plus compressed segments; see the module docs.
+/// Recent window plus compressed segments; see the module docs.
 pub struct CompressedKvCache {
     shape: AttnShape,
     config: CompressedConfig,
     segments: Vec<Vec<Segment>>,
-    window_k: Vec<Vec<f32>>,
-    window_v: Vec<Vec<f32>>,
+    window_k: Vec<Recent>,
+    window_v: Vec<Recent>,
+    /// Per layer, the queries' second moments (`n_kv_heads × d × d`), when keys need them.
+    moments: Vec<Vec<f32>>,
+    /// f32 rows of a quantized window, rebuilt per `attend` call.
+    view_k: Vec<f32>,
+    view_v: Vec<f32>,
     len: usize,
     compress_time: Duration,
     ranks: RankStats,
@@ -36,9 +53,9 @@ pub struct CompressedKvCache {
 /// Sum and count of the ranks chosen for spectral segments (keys, values).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RankStats {
-    /// Summed key ranks and the number of key factor sets.
+    /// Summed key ranks and the number of key blocks.
     pub keys: (usize, usize),
-    /// Summed value ranks and the number of value factor sets.
+    /// Summed value ranks and the number of value blocks.
     pub values: (usize, usize),
 }
 
@@ -53,13 +70,27 @@ impl RankStats {
 impl CompressedKvCache {
     /// An empty cache; `config` should come from [`KvSpec::check`] (rank bound resolved).
     pub fn new(n_layers: usize, shape: AttnShape, config: CompressedConfig) -> Self {
-        let window = (config.window + config.block) * shape.kv_dim();
+        let (kv_dim, hd) = (shape.kv_dim(), shape.head_dim);
+        let rows = config.window + config.block + config.sink;
+        let window = || {
+            (0..n_layers)
+                .map(|_| Recent::new(config.recent, kv_dim, rows))
+                .collect()
+        };
+        let moments = if config.needs_query_moments() {
+            vec![vec![0.0; shape.n_kv_heads * hd * hd]; n_layers]
+        } else {
+            vec![Vec::new(); n_layers]
+        };
         CompressedKvCache {
             shape,
             config,
             segments: vec![Vec::new(); n_layers],
-            window_k: (0..n_layers).map(|_| Vec::with_capacity(window)).collect(),
-            window_v: (0..n_layers).map(|_| Vec::with_capacity(window)).collect(),
+            window_k: window(),
+            window_v: window(),
+            moments,
+            view_k: Vec::new(),
+            view_v: Vec::new(),
             len: 0,
             compress_time: Duration::ZERO,
             ranks: RankStats::default(),
@@ -86,72 +117,161 @@ impl CompressedKvCache {
         &self.segments[layer]
     }
 
-    /// Committed tokens of `layer` still in its dense window (layers compress one after another
-    /// within a forward pass, so this is per layer).
+    /// Committed tokens of `layer` still in its window.
     pub fn window_tokens(&self, layer: usize) -> usize {
-        self.len - self.segments[layer].iter().map(|s| s.tokens).sum::<usize>()
+        self.window_k[layer].tokens()
     }
 
-    /// Compresses the oldest `block` tokens of `layer`'s window into a new segment.
-    fn compress_oldest(&mut self, layer: usize) {
+    /// Adds the `n` query rows `q` to `layer`'s second moments (per KV head, over its group).
+    fn add_moments(&mut self, layer: usize, q: &[f32], n: usize) {
+        let (hd, q_dim) = (self.shape.head_dim, self.shape.q_dim());
+        let group = self.shape.n_heads / self.shape.n_kv_heads;
+        let m = &mut self.moments[layer];
+        for (g, mg) in m.chunks_exact_mut(hd * hd).enumerate() {
+            for h in g * group..(g + 1) * group {
+                let qh = MatRef::from_row_major_slice_with_stride(&q[h * hd..], n, hd, q_dim);
+                matmul(
+                    MatMut::from_row_major_slice_mut(mg, hd, hd),
+                    Accum::Add,
+                    qh.transpose(),
+                    qh,
+                    1.0f32,
+                    Par::Seq,
+                );
+            }
+        }
+    }
+
+    /// Compresses the oldest `block` tokens of the windows of `layers` into new segments.
+    fn compress_oldest(&mut self, layers: &[usize]) {
         let t0 = Instant::now();
-        let (block, kv_dim) = (self.config.block, self.shape.kv_dim());
-        if self.segments[layer].is_empty() && self.config.sink > 0 {
-            // The sinks leave the window first, as an exact segment.
-            let n = self.config.sink * kv_dim;
-            let keys = Coded::Exact(self.window_k[layer].drain(..n).collect());
-            let values = Coded::Exact(self.window_v[layer].drain(..n).collect());
+        let (block, kv_dim, shape) = (self.config.block, self.shape.kv_dim(), self.shape);
+        let mut rows_k = Vec::with_capacity(layers.len());
+        let mut rows_v = Vec::with_capacity(layers.len());
+        for &layer in layers {
+            if self.segments[layer].is_empty() && self.config.sink > 0 {
+                // The sinks leave the window first, as an exact segment.
+                let sink = self.config.sink;
+                let keys = Coded::Exact(self.window_k[layer].take_front(sink));
+                let values = Coded::Exact(self.window_v[layer].take_front(sink));
+                self.segments[layer].push(Segment {
+                    tokens: sink,
+                    keys,
+                    values,
+                });
+            }
+            rows_k.push(self.window_k[layer].take_front(block));
+            rows_v.push(self.window_v[layer].take_front(block));
+        }
+        let moments = &self.moments;
+        let keys = code_layers(
+            self.config.keys,
+            &rows_k,
+            layers,
+            |l| Some(&moments[l][..]).filter(|m| !m.is_empty()),
+            block,
+            shape,
+            &mut self.ranks.keys,
+        );
+        let values = code_layers(
+            self.config.values,
+            &rows_v,
+            layers,
+            |_| None,
+            block,
+            shape,
+            &mut self.ranks.values,
+        );
+        for ((&layer, keys), values) in layers.iter().zip(keys).zip(values) {
             self.segments[layer].push(Segment {
-                tokens: self.config.sink,
+                tokens: block,
                 keys,
                 values,
             });
+            self.moments[layer].fill(0.0);
         }
-        let n = block * kv_dim;
-        let keys = code(
-            self.config.keys,
-            &self.window_k[layer][..n],
-            block,
-            self.shape,
-            &mut self.ranks.keys,
-        );
-        let values = code(
-            self.config.values,
-            &self.window_v[layer][..n],
-            block,
-            self.shape,
-            &mut self.ranks.values,
-        );
-        self.window_k[layer].drain(..n);
-        self.window_v[layer].drain(..n);
-        self.segments[layer].push(Segment {
-            tokens: block,
-            keys,
-            values,
-        });
+        debug_assert!(rows_k.iter().all(|r| r.len() == block * kv_dim));
         self.compress_time += t0.elapsed();
     }
 }
+
+/// Codes one side of a block per layer in `layers` (`rows[i]` is layer `layers[i]`'s
+/// `block × kv_dim` rows); a byte budget is shared by all of them.
+fn code_layers<'m>(
+    coding: Coding,
+    rows: &[Vec<f32>],
+    layers: &[usize],
+    moments: impl Fn(usize) -> Option<&'m [f32]>,
+    block: usize,
+    shape: AttnShape,
+    ranks: &mut (usize, usize),
+) -> Vec<Coded> {
+    let c = match coding {
+        Coding::Spectral(
+            c @ SpectralCoding {
+                select: RankSelect::Bits(bits),
+                ..
+            },
+        ) => (c, bits),
+        _ => {
+            return rows
+                .iter()
+                .zip(layers)
+                .map(|(x, &l)| code(coding, x, block, shape, moments(l), ranks))
+                .collect()
+        }
+    };
+    let (c, bits) = c;
+    let (hd, heads_per_layer) = (shape.head_dim, shape.n_kv_heads);
+    let spectra_all: Vec<HeadSpectrum> = rows
+        .iter()
+        .zip(layers)
+        .flat_map(|(x, &l)| spectra(x, block, shape, moments(l), c.max_rank))
+        .collect();
+    let values = spectra_all.len() * block * hd;
+    let budget = (bits as f64 * values as f64 / 8.0).floor() as usize;
+    let cost = block_cost(&c, block, hd);
+    // `KvSpec::check` refuses budgets below one component per head, so this always fits.
+    let comps = choose_budget(&spectra_all, cost, budget, c.max_rank)
+        .unwrap_or_else(|| spectra_all.iter().map(|h| vec![h.order[0]]).collect());
+    rows.iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let at = i * heads_per_layer..(i + 1) * heads_per_layer;
+            spectral_side(
+                &spectra_all[at.clone()],
+                &comps[at],
+                x,
+                block,
+                shape,
+                &c,
+                ranks,
+            )
+        })
+        .collect()
+}
+
 impl KvCache for CompressedKvCache {
     fn len(&self) -> usize {
         self.len
     }
 
     fn attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32], n: usize, out: &mut [f32]) {
-        let kv_dim = self.shape.kv_dim();
-        let committed = self.window_tokens(layer);
-        // Drop anything a previous, uncommitted pass appended.
-        self.window_k[layer].truncate(committed * kv_dim);
-        self.window_v[layer].truncate(committed * kv_dim);
-        let p0 = self.window_k[layer].len() / kv_dim;
-        self.window_k[layer].extend_from_slice(k);
-        self.window_v[layer].extend_from_slice(v);
+        // Any rows a previous, uncommitted pass left are replaced.
+        self.window_k[layer].set_pending(k);
+        self.window_v[layer].set_pending(v);
+        if !self.moments[layer].is_empty() {
+            self.add_moments(layer, q, n);
+        }
+        let p0 = self.window_k[layer].tokens();
+        let keys = self.window_k[layer].view(&mut self.view_k);
+        let values = self.window_v[layer].view(&mut self.view_v);
         attend_compressed(
             self.shape,
             q,
             &self.segments[layer],
-            &self.window_k[layer],
-            &self.window_v[layer],
+            keys,
+            values,
             n,
             p0,
             out,
@@ -160,29 +280,37 @@ impl KvCache for CompressedKvCache {
 
     fn commit(&mut self, n: usize) {
         self.len += n;
+        for (k, v) in self.window_k.iter_mut().zip(&mut self.window_v) {
+            k.commit();
+            v.commit();
+        }
         // Compress as soon as a block is committed past the window, so `bytes()` is the steady
         // state and the next step attends to the compressed form.
-        for layer in 0..self.segments.len() {
-            loop {
-                // The first compression also cuts the sinks.
-                let sink = if self.segments[layer].is_empty() {
-                    self.config.sink
-                } else {
-                    0
-                };
-                if self.window_tokens(layer) < self.config.window + self.config.block + sink {
-                    break;
-                }
-                self.compress_oldest(layer);
+        loop {
+            let due: Vec<usize> = (0..self.segments.len())
+                .filter(|&layer| {
+                    // The first compression also cuts the sinks.
+                    let sink = if self.segments[layer].is_empty() {
+                        self.config.sink
+                    } else {
+                        0
+                    };
+                    self.window_tokens(layer) >= self.config.window + self.config.block + sink
+                })
+                .collect();
+            if due.is_empty() {
+                break;
             }
+            self.compress_oldest(&due);
         }
     }
 
     fn clear(&mut self) {
         self.len = 0;
         self.segments.iter_mut().for_each(Vec::clear);
-        self.window_k.iter_mut().for_each(Vec::clear);
-        self.window_v.iter_mut().for_each(Vec::clear);
+        self.window_k.iter_mut().for_each(Recent::clear);
+        self.window_v.iter_mut().for_each(Recent::clear);
+        self.moments.iter_mut().for_each(|m| m.fill(0.0));
     }
 
     fn bytes(&self) -> usize {
@@ -192,11 +320,14 @@ impl KvCache for CompressedKvCache {
             .flatten()
             .map(|s| s.keys.bytes() + s.values.bytes())
             .sum();
-        // Committed window rows of keys and values, f32.
-        let window: usize = (0..self.segments.len())
-            .map(|l| 2 * 4 * self.window_tokens(l) * self.shape.kv_dim())
+        let window: usize = self
+            .window_k
+            .iter()
+            .chain(&self.window_v)
+            .map(Recent::bytes)
             .sum();
-        segments + window
+        let moments: usize = self.moments.iter().map(|m| 4 * m.len()).sum();
+        segments + window + moments
     }
 }
 #[cfg(test)]
@@ -256,6 +387,30 @@ mod tests {
             ("q8", 5, 0.02),
             ("q4", 5, 0.25),
             ("spectral:block=64,window=32,keys=q8,values=q4", 7, 0.25),
+            // Stored forms below int8: int4 coefficients, int8 basis, quantized windows.
+            ("spectral:block=64,window=32,energy=0.9999,coef=4", 5, 0.25),
+            (
+                "spectral:block=64,window=32,energy=0.9999,basis=q8",
+                1,
+                0.02,
+            ),
+            (
+                "spectral:block=64,window=32,energy=0.9999,recent=f16",
+                9,
+                0.02,
+            ),
+            (
+                "spectral:block=64,window=32,energy=0.9999,recent=q8",
+                1,
+                0.03,
+            ),
+            // Ranks by attention-score error on the queries seen, or under a byte budget.
+            (
+                "spectral:block=64,window=32,kscore=0.0001,energy=0.9999",
+                7,
+                0.02,
+            ),
+            ("spectral:block=64,window=32,kbits=6,vbits=6", 7, 0.03),
         ] {
             let mut cache = CompressedKvCache::new(1, SHAPE, spec(s));
             let worst = max_rel_diff(&mut cache, &k, &v, tokens, chunk);
@@ -329,5 +484,77 @@ mod tests {
         }
         let quantized = 192; // six full segments of 32; the 8 newest tokens stay dense
         assert_eq!(q8.bytes(), 2 * quantized * kv / 32 * 34 + 2 * 8 * kv * 4);
+        // int4 coefficients, int8 basis, int8 window, and the query moments of `kscore`.
+        let s = "spectral:block=64,window=32,rank=8,sink=0,coef=4,basis=q8,recent=q8";
+        for (extra, moments) in [("", 0), (",kscore=0.5", 4 * SHAPE.n_kv_heads * hd * hd)] {
+            let mut cache = CompressedKvCache::new(1, SHAPE, spec(&format!("{s}{extra}")));
+            for p in 0..tokens {
+                let r = p * kv..(p + 1) * kv;
+                let q = &q[p * SHAPE.q_dim()..(p + 1) * SHAPE.q_dim()];
+                cache.attend(0, q, &k[r.clone()], &v[r], 1, &mut out[..SHAPE.q_dim()]);
+                cache.commit(1);
+            }
+            let per_head = |r: usize| 64 * r / 2 + 2 * 64 + r * hd + 2 * r;
+            let side = |c: &Coded| -> usize {
+                match c {
+                    Coded::Spectral(h) => h.iter().map(|b| per_head(b.rank)).sum(),
+                    _ => panic!("spectral"),
+                }
+            };
+            let Coded::Spectral(heads) = &cache.segments(0)[0].keys else {
+                panic!("spectral keys")
+            };
+            let key_ranks: Vec<usize> = heads.iter().map(|h| h.rank).collect();
+            if extra.is_empty() {
+                assert_eq!(key_ranks, [8, 8]);
+            }
+            let segments: usize = cache
+                .segments(0)
+                .iter()
+                .map(|seg| side(&seg.keys) + side(&seg.values))
+                .sum();
+            let window = 2 * 72 * (kv + 2 * kv / 32);
+            assert_eq!(cache.bytes(), segments + window + moments, "{s}{extra}");
+            assert!(
+                key_ranks.iter().all(|&r| (1..=8).contains(&r)),
+                "{key_ranks:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_key_budget_holds_for_every_compression() {
+        let tokens = 320;
+        let layers = 3;
+        let (k, v) = (
+            data(tokens * SHAPE.kv_dim(), 5),
+            data(tokens * SHAPE.kv_dim(), 6),
+        );
+        let (kv, qd, hd) = (SHAPE.kv_dim(), SHAPE.q_dim(), SHAPE.head_dim);
+        let q = data(tokens * qd, 7);
+        let config = spec("spectral:block=64,window=32,sink=0,kbits=1.5,coef=4,values=q8");
+        let mut cache = CompressedKvCache::new(layers, SHAPE, config);
+        let mut out = vec![0.0; 16 * qd];
+        for p in (0..tokens).step_by(16) {
+            for l in 0..layers {
+                let (r, rq) = (p * kv..(p + 16) * kv, p * qd..(p + 16) * qd);
+                cache.attend(l, &q[rq], &k[r.clone()], &v[r], 16, &mut out);
+            }
+            cache.commit(16);
+        }
+        let Coding::Spectral(c) = config.keys else {
+            panic!("spectral keys")
+        };
+        let cost = block_cost(&c, 64, hd);
+        let budget = 3 * 2 * 64 * 64 * 3 / 2 / 8; // 1.5 bits over layers × heads × 64 × 64
+        let n = cache.segments(0).len();
+        assert_eq!(n, 4);
+        for i in 0..n {
+            let spent: usize = (0..layers).map(|l| cache.segments(l)[i].keys.bytes()).sum();
+            assert!(
+                spent <= budget && spent + cost.1 > budget,
+                "{spent} of {budget}"
+            );
+        }
     }
 }

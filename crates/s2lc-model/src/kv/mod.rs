@@ -36,6 +36,8 @@ impl AttnShape {
 pub mod attend;
 pub mod coding;
 pub mod compressed;
+pub mod quant;
+pub mod recent;
 pub mod spec;
 #[cfg(test)]
 mod testutil;
