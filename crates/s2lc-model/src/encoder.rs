@@ -12,8 +12,9 @@ use rayon::prelude::*;
 use s2lc_spectral::LowRankFactors;
 
 use crate::compress::{
-    check_policy, damping_notes, policy_ranks, whitening_of, CompressError, CompressionReport,
-    Decomposition, MatrixReport, Method, RankPolicy,
+    pipeline::{self, Cut},
+    whitening_of, CompressError, CompressionReport, Decomposition, MatrixReport, Method,
+    RankPolicy,
 };
 use crate::error::ModelError;
 use crate::kernels::ops::{gelu, softmax_prefix};
@@ -465,10 +466,10 @@ impl SentenceEncoder {
     }
 
     /// Replaces the encoder's linear layers by thin factors, as [`crate::compress::compress`]
-    /// does for a decoder: plain or whitened SVD, ranks by energy or a global parameter budget.
-    /// `calibration` texts (required for `Whitened`) give the Gram matrices of each layer's
-    /// inputs; with `sequential` each layer sees the states of the already-compressed layers
-    /// before it. A matrix whose rank reaches break-even stays dense.
+    /// does for a decoder (the same pipeline): plain or whitened SVD, ranks by energy or a global
+    /// parameter budget. `calibration` texts (required for `Whitened`) give the Gram matrices of
+    /// each layer's inputs; with `sequential` each layer sees the states of the
+    /// already-compressed layers before it. A matrix whose rank reaches break-even stays dense.
     pub fn compress(
         &mut self,
         policy: RankPolicy,
@@ -476,80 +477,11 @@ impl SentenceEncoder {
         sequential: bool,
         calibration: &[&str],
     ) -> Result<CompressionReport, CompressError> {
-        let shapes: Vec<(usize, usize)> = self
-            .layers
-            .iter()
-            .flat_map(|l| l.linears().map(|d| (d.out, d.inp)))
-            .collect();
-        check_policy(policy, &shapes)?;
-        let whitened = method == Method::Whitened;
-        if whitened && calibration.is_empty() {
-            return Err(CompressError::NoCalibration);
-        }
-        let params_before = self.linear_params();
-        let mut streams: Streams = Vec::new();
-        if whitened {
-            for text in calibration {
-                let ids = self.ids(text)?;
-                streams.push((self.embed_tokens(&ids), ids.len()));
-            }
-        }
-        let calibration_tokens = streams.iter().map(|s| s.1).sum();
-        let mut matrices = Vec::with_capacity(shapes.len());
-        if whitened && sequential {
-            // A budget needs every spectrum first: ranks from a pass over the dense encoder.
-            let fixed = match policy {
-                RankPolicy::KeepParams(_) => {
-                    let decs = self.decompose_all(streams.clone(), true)?;
-                    Some(policy_ranks(policy, &decs, &shapes)?)
-                }
-                RankPolicy::Energy(_) => None,
-            };
-            for li in 0..self.layers.len() {
-                let grams = self.advance(li, &mut streams.clone(), true);
-                let decs = self.decompose_layer(li, grams.as_ref())?;
-                let ranks = match &fixed {
-                    Some(r) => r[li * 6..][..6].to_vec(),
-                    None => policy_ranks(policy, &decs, &shapes[li * 6..][..6])?,
-                };
-                for (i, dec) in decs.iter().enumerate() {
-                    matrices.push(self.apply(li, i, dec, ranks[i]));
-                }
-                self.advance(li, &mut streams, false);
-            }
-        } else {
-            let decs = self.decompose_all(streams, whitened)?;
-            let ranks = policy_ranks(policy, &decs, &shapes)?;
-            for (i, dec) in decs.iter().enumerate() {
-                matrices.push(self.apply(i / 6, i % 6, dec, ranks[i]));
-            }
-        }
-        Ok(CompressionReport {
-            notes: damping_notes(&matrices),
-            matrices,
-            params_before,
-            params_after: self.linear_params(),
-            calibration_tokens,
-        })
-    }
-
-    /// Decomposes every linear, layer by layer, whitened (when `whiten`) by the states of
-    /// `streams` advanced through the encoder as it is.
-    fn decompose_all(
-        &self,
-        mut streams: Streams,
-        whiten: bool,
-    ) -> Result<Vec<Decomposition>, CompressError> {
-        let mut all = Vec::new();
-        for li in 0..self.layers.len() {
-            let grams = if whiten {
-                self.advance(li, &mut streams, true)
-            } else {
-                None
-            };
-            all.extend(self.decompose_layer(li, grams.as_ref())?);
-        }
-        Ok(all)
+        let mut encoder = Compression {
+            encoder: self,
+            calibration,
+        };
+        pipeline::run(&mut encoder, policy, method, sequential, |_, _| {})
     }
 
     /// Runs layer `li` on every stream in place (in parallel); with `collect`, returns the Gram
@@ -606,7 +538,7 @@ impl SentenceEncoder {
         &self,
         li: usize,
         grams: Option<&Vec<Mat<f32>>>,
-    ) -> Result<Vec<Decomposition>, CompressError> {
+    ) -> Result<Vec<Option<Decomposition>>, CompressError> {
         let name = |i: usize| format!("encoder.layer.{li}.{}", LINEARS[i].0);
         let whitenings = match grams {
             Some(g) => (0..INPUTS)
@@ -622,14 +554,20 @@ impl SentenceEncoder {
             .into_par_iter()
             .map(|i| {
                 let w = linears[i].weight();
-                Decomposition::new(&name(i), w.as_ref(), whitenings[LINEARS[i].1].clone())
+                Decomposition::new(&name(i), w.as_ref(), whitenings[LINEARS[i].1].clone()).map(Some)
             })
             .collect()
     }
 
-    /// Cuts linear `i` of layer `li` to `rank` (or leaves it as it is when that does not shrink
+    /// Cuts the linear `cut` names to its rank (or leaves it as it is when that does not shrink
     /// it) and reports it.
-    fn apply(&mut self, li: usize, i: usize, dec: &Decomposition, rank: usize) -> MatrixReport {
+    fn apply(&mut self, cut: Cut<'_>) -> MatrixReport {
+        let Cut {
+            layer: li,
+            index: i,
+            dec,
+            rank,
+        } = cut;
         let name = format!("encoder.layer.{li}.{}", LINEARS[i].0);
         let dense = self.layers[li].linears_mut().into_iter().nth(i);
         let dense = dense.expect("a layer has six linears");
@@ -639,6 +577,73 @@ impl SentenceEncoder {
             dense.w = Vec::new();
         }
         report
+    }
+}
+
+/// The encoder as [`pipeline::run`] compresses it: layer by layer, calibration texts as
+/// hidden states.
+struct Compression<'a, 'b> {
+    encoder: &'a mut SentenceEncoder,
+    calibration: &'a [&'b str],
+}
+
+impl pipeline::Layered for Compression<'_, '_> {
+    type Streams = Streams;
+    type Grams = Vec<Mat<f32>>;
+
+    fn n_layers(&self) -> usize {
+        self.encoder.layers.len()
+    }
+
+    fn per_layer(&self) -> usize {
+        LINEARS.len()
+    }
+
+    fn shapes(&self) -> Vec<(usize, usize)> {
+        self.encoder
+            .layers
+            .iter()
+            .flat_map(|l| l.linears().map(|d| (d.out, d.inp)))
+            .collect()
+    }
+
+    fn linear_params(&self) -> usize {
+        self.encoder.linear_params()
+    }
+
+    fn has_calibration(&self) -> bool {
+        !self.calibration.is_empty()
+    }
+
+    fn streams(&self) -> Result<(Streams, usize), CompressError> {
+        let mut streams = Vec::with_capacity(self.calibration.len());
+        for text in self.calibration {
+            let ids = self.encoder.ids(text)?;
+            streams.push((self.encoder.embed_tokens(&ids), ids.len()));
+        }
+        let tokens = streams.iter().map(|s| s.1).sum();
+        Ok((streams, tokens))
+    }
+
+    fn advance(
+        &self,
+        layer: usize,
+        streams: &mut Streams,
+        collect: bool,
+    ) -> Result<Option<Vec<Mat<f32>>>, CompressError> {
+        Ok(self.encoder.advance(layer, streams, collect))
+    }
+
+    fn decompose(
+        &self,
+        layer: usize,
+        grams: Option<&Vec<Mat<f32>>>,
+    ) -> Result<Vec<Option<Decomposition>>, CompressError> {
+        self.encoder.decompose_layer(layer, grams)
+    }
+
+    fn apply(&mut self, cut: Cut<'_>) -> Result<MatrixReport, CompressError> {
+        Ok(self.encoder.apply(cut))
     }
 }
 

@@ -5,6 +5,10 @@
 //! Whitening needs calibration activations. With `sequential` calibration each block is whitened
 //! with the activations produced by the already-compressed blocks before it, so later layers
 //! compensate earlier errors instead of compounding them.
+//!
+//! Parts: this module (options, reports, decomposing and replacing the decoder's linears, export),
+//! `pipeline` (the order of passes, shared with the sentence encoder) and `calibration` (windows,
+//! Gram collection).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +21,9 @@ use s2lc_spectral::{
 };
 
 mod calibration;
+pub(crate) mod pipeline;
+
+use pipeline::Cut;
 
 use crate::atomic::write_file_atomic;
 use crate::error::ModelError;
@@ -330,14 +337,17 @@ fn decompose_layer(
         .collect()
 }
 
-/// Replaces linear `index` of block `layer` by rank-`rank` factors (or leaves it dense when the
-/// rank reaches break-even) and reports it.
+/// Replaces the block linear `cut` names by its factors (or leaves it dense when the rank
+/// reaches break-even), the left factor refitted when `refit` gives its Gram matrices, and
+/// reports it.
 fn apply(
     model: &mut LlamaModel,
-    layer: usize,
-    index: usize,
-    dec: &Decomposition,
-    rank: usize,
+    Cut {
+        layer,
+        index,
+        dec,
+        rank,
+    }: Cut<'_>,
     refit: Option<(&Mat<f64>, &Mat<f64>)>,
 ) -> Result<MatrixReport, CompressError> {
     let block = &mut model.blocks_mut()[layer];
@@ -432,139 +442,138 @@ pub fn input_grams(
 pub fn compress(
     model: &mut LlamaModel,
     opts: &CompressOptions,
-    mut on_layer: impl FnMut(usize, usize),
+    on_layer: impl FnMut(usize, usize),
 ) -> Result<CompressionReport, CompressError> {
-    check_policy(opts.policy, &model.linear_shapes())?;
-    let n_layers = model.config().n_layers;
-    let params_before: usize = model.linear_params();
-    let whitened = opts.method == Method::Whitened;
-    if whitened && opts.calibration.is_empty() {
-        return Err(CompressError::NoCalibration);
-    }
-
-    // Residual streams of the calibration windows at the input of the current block.
-    let mut streams: Vec<Vec<f32>> = Vec::new();
-    if whitened {
-        for w in &opts.calibration {
-            let mut x = Vec::new();
-            model.embed(w, &mut x)?;
-            streams.push(x);
-        }
-    }
-
-    // A global budget needs every spectrum before any rank is fixed: allocate on a first pass
-    // (dense activations for whitening), then factor (sequentially, if asked) with those ranks.
-    let fixed_ranks: Option<Vec<usize>> = match opts.policy {
-        RankPolicy::KeepParams(_) => {
-            let mut all: Vec<Decomposition> = Vec::new();
-            let mut dense_streams = streams.clone();
-            for layer in 0..n_layers {
-                let mut grams = GramCollector::default();
-                if whitened {
-                    advance_block(model, layer, &mut dense_streams, Some(&mut grams))?;
-                }
-                let decs = decompose_layer(model, layer, whitened.then_some(&grams.grams))?;
-                all.extend(decs.into_iter().flatten());
-                on_layer(layer + 1, 2 * n_layers);
-            }
-            let ranks = policy_ranks(opts.policy, &all, &model.linear_shapes())?;
-            if !(whitened && opts.sequential) {
-                // Non-sequential factors are already computed: apply them.
-                let mut matrices = Vec::new();
-                for (i, dec) in all.iter().enumerate() {
-                    matrices.push(apply(model, i / 7, i % 7, dec, ranks[i], None)?);
-                }
-                on_layer(2 * n_layers, 2 * n_layers);
-                return Ok(finish(model, matrices, params_before, opts));
-            }
-            Some(ranks)
-        }
-        RankPolicy::Energy(_) => None,
+    let refit = (opts.method == Method::Whitened && opts.sequential && opts.refit).then(|| Refit {
+        dense_streams: Vec::new(),
+        grams: HashMap::new(),
+    });
+    let mut decoder = Decoder {
+        model,
+        calibration: &opts.calibration,
+        refit,
     };
-
-    let mut matrices = Vec::new();
-    let mut pending_grams: Vec<GramCollector> = Vec::new();
-    let refit = whitened && opts.sequential && opts.refit;
-    // The dense model's residual streams, for refit targets.
-    let mut dense_streams = if refit { streams.clone() } else { Vec::new() };
-    for layer in 0..n_layers {
-        let mut grams = if refit {
-            GramCollector::recording()
-        } else {
-            GramCollector::default()
-        };
-        if whitened {
-            // Gram matrices of this block's inputs, from the (possibly compressed) prefix.
-            let mut probe = streams.clone();
-            advance_block(model, layer, &mut probe, Some(&mut grams))?;
-        }
-        // Cross-Gram matrices X_cᵀ·X_d per input kind (block `layer` is still dense here).
-        let mut refit_grams: HashMap<LinearInput, (Mat<f64>, Mat<f64>)> = HashMap::new();
-        if refit {
-            let mut dense_taps = GramCollector::recording();
-            advance_block(model, layer, &mut dense_streams, Some(&mut dense_taps))?;
-            let (rc, rd) = (grams.record.take(), dense_taps.record.take());
-            for (kind, xc) in rc.iter().flatten() {
-                let Some(xd) = rd.as_ref().and_then(|r| r.get(kind)) else {
-                    continue;
-                };
-                let g_cc = grams.grams.get(&(layer, *kind)).map(to_f64);
-                let width = g_cc.as_ref().map_or(0, |g| g.nrows());
-                if let Some(g_cc) = g_cc {
-                    refit_grams.insert(*kind, (g_cc, cross_gram(xc, xd, width)));
-                }
-            }
-        }
-        if !whitened || opts.sequential {
-            let decs = decompose_layer(model, layer, whitened.then_some(&grams.grams))?;
-            for (i, dec) in decs.iter().enumerate() {
-                let Some(dec) = dec else { continue };
-                let fixed = fixed_ranks.as_ref().map(|r| r[layer * 7 + i]);
-                let rank = rank_for(opts.policy, dec, fixed);
-                let kind = LinearInput::of(LINEARS[i]).expect("block linear names are known");
-                let pair = refit_grams.get(&kind).map(|(a, b)| (a, b));
-                matrices.push(apply(model, layer, i, dec, rank, pair)?);
-            }
-        } else {
-            pending_grams.push(grams);
-        }
-        if whitened {
-            // Advance the streams through this block as it now is (compressed if sequential).
-            advance_block(model, layer, &mut streams, None)?;
-        }
-        let base = if fixed_ranks.is_some() { n_layers } else { 0 };
-        on_layer(base + layer + 1, base + n_layers);
-    }
-    for (layer, grams) in pending_grams.iter().enumerate() {
-        let decs = decompose_layer(model, layer, Some(&grams.grams))?;
-        for (i, dec) in decs.iter().enumerate() {
-            let Some(dec) = dec else { continue };
-            let rank = rank_for(opts.policy, dec, None);
-            matrices.push(apply(model, layer, i, dec, rank, None)?);
-        }
-    }
-    Ok(finish(model, matrices, params_before, opts))
+    pipeline::run(
+        &mut decoder,
+        opts.policy,
+        opts.method,
+        opts.sequential,
+        on_layer,
+    )
 }
 
-/// The report of a finished compression; notes are derived from the matrix reports.
-fn finish(
-    model: &LlamaModel,
-    matrices: Vec<MatrixReport>,
-    params_before: usize,
-    opts: &CompressOptions,
-) -> CompressionReport {
-    let notes = damping_notes(&matrices);
-    let calibration_tokens = if opts.method == Method::Whitened {
-        opts.calibration.iter().map(Vec::len).sum()
-    } else {
-        0
-    };
-    CompressionReport {
-        matrices,
-        params_before,
-        params_after: model.linear_params(),
-        calibration_tokens,
-        notes,
+/// The decoder as [`pipeline::run`] compresses it: block by block, calibration windows as
+/// residual streams.
+struct Decoder<'a> {
+    model: &'a mut LlamaModel,
+    calibration: &'a [Vec<u32>],
+    refit: Option<Refit>,
+}
+
+/// What refitting each `u` needs: the dense model's residual streams, and per input kind of the
+/// current block the Gram matrix `X_cᵀX_c` and cross-Gram matrix `X_cᵀX_d`.
+struct Refit {
+    dense_streams: Vec<Vec<f32>>,
+    grams: HashMap<LinearInput, (Mat<f64>, Mat<f64>)>,
+}
+
+impl pipeline::Layered for Decoder<'_> {
+    type Streams = Vec<Vec<f32>>;
+    type Grams = GramCollector;
+
+    fn n_layers(&self) -> usize {
+        self.model.config().n_layers
+    }
+
+    fn per_layer(&self) -> usize {
+        LINEARS.len()
+    }
+
+    fn shapes(&self) -> Vec<(usize, usize)> {
+        self.model.linear_shapes()
+    }
+
+    fn linear_params(&self) -> usize {
+        self.model.linear_params()
+    }
+
+    fn has_calibration(&self) -> bool {
+        !self.calibration.is_empty()
+    }
+
+    fn streams(&self) -> Result<(Self::Streams, usize), CompressError> {
+        let mut streams = Vec::with_capacity(self.calibration.len());
+        for w in self.calibration {
+            let mut x = Vec::new();
+            self.model.embed(w, &mut x)?;
+            streams.push(x);
+        }
+        Ok((streams, self.calibration.iter().map(Vec::len).sum()))
+    }
+
+    fn advance(
+        &self,
+        layer: usize,
+        streams: &mut Self::Streams,
+        collect: bool,
+    ) -> Result<Option<GramCollector>, CompressError> {
+        let mut grams = collect.then(GramCollector::default);
+        advance_block(self.model, layer, streams, grams.as_mut())?;
+        Ok(grams)
+    }
+
+    /// With refitting, also runs the dense model's streams through the (still dense) block and
+    /// keeps the cross-Gram matrices of its inputs for [`Self::apply`].
+    fn probe(
+        &mut self,
+        layer: usize,
+        streams: &Self::Streams,
+    ) -> Result<Option<GramCollector>, CompressError> {
+        let Some(refit) = self.refit.as_mut() else {
+            return self.advance(layer, &mut streams.clone(), true);
+        };
+        if layer == 0 {
+            refit.dense_streams = streams.clone();
+        }
+        let mut grams = GramCollector::recording();
+        advance_block(self.model, layer, &mut streams.clone(), Some(&mut grams))?;
+        let mut dense_taps = GramCollector::recording();
+        advance_block(
+            self.model,
+            layer,
+            &mut refit.dense_streams,
+            Some(&mut dense_taps),
+        )?;
+        refit.grams.clear();
+        let (rc, rd) = (grams.record.take(), dense_taps.record.take());
+        for (kind, xc) in rc.iter().flatten() {
+            let Some(xd) = rd.as_ref().and_then(|r| r.get(kind)) else {
+                continue;
+            };
+            if let Some(g_cc) = grams.grams.get(&(layer, *kind)).map(to_f64) {
+                let width = g_cc.nrows();
+                refit.grams.insert(*kind, (g_cc, cross_gram(xc, xd, width)));
+            }
+        }
+        Ok(Some(grams))
+    }
+
+    fn decompose(
+        &self,
+        layer: usize,
+        grams: Option<&GramCollector>,
+    ) -> Result<Vec<Option<Decomposition>>, CompressError> {
+        decompose_layer(self.model, layer, grams.map(|g| &g.grams))
+    }
+
+    fn apply(&mut self, cut: Cut<'_>) -> Result<MatrixReport, CompressError> {
+        let kind = LinearInput::of(LINEARS[cut.index]).expect("block linear names are known");
+        let pair = self
+            .refit
+            .as_ref()
+            .and_then(|r| r.grams.get(&kind))
+            .map(|(a, b)| (a, b));
+        apply(self.model, cut, pair)
     }
 }
 
