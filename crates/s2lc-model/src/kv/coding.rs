@@ -163,8 +163,27 @@ pub struct HeadSpectrum {
     pub order: Vec<usize>,
 }
 
-/// SVDs of the KV heads of `tokens × kv_dim` rows `x`. With `moments` (per KV head the `d × d`
-/// second moment `M = Σ qqᵀ` of recent queries), component gains are their share of the
+/// Values of a symmetric `d × d` matrix stored as its upper triangle (row-major, `i ≤ j`).
+pub fn packed_len(d: usize) -> usize {
+    d * (d + 1) / 2
+}
+
+/// The full `d × d` matrix of an upper triangle stored as by [`packed_len`].
+fn symmetric(packed: &[f32], d: usize) -> Vec<f32> {
+    let mut m = vec![0.0f32; d * d];
+    let mut k = 0;
+    for i in 0..d {
+        for j in i..d {
+            m[i * d + j] = packed[k];
+            m[j * d + i] = packed[k];
+            k += 1;
+        }
+    }
+    m
+}
+
+/// SVDs of the KV heads of `tokens × kv_dim` rows `x`. With `moments` (per KV head the second
+/// moment `M = Σ qqᵀ` of recent queries, its upper triangle as by [`packed_len`]), component gains are their share of the
 /// attention-score energy `tr(X·M·Xᵀ)` (every component is computed); otherwise their share of
 /// `‖X‖²_F` over the leading `max_rank` components (randomized SVD below the break-even).
 pub fn spectra(
@@ -201,7 +220,7 @@ pub fn spectra(
         .map(|(g, (svd, view))| {
             let raw: Vec<f64> = match moments {
                 Some(m) => {
-                    let m = &m[g * hd * hd..][..hd * hd];
+                    let m = symmetric(&m[g * packed_len(hd)..][..packed_len(hd)], hd);
                     (0..svd.s.len())
                         .map(|j| {
                             let v: Vec<f32> = (0..hd).map(|c| svd.v[(c, j)]).collect();
@@ -405,7 +424,7 @@ pub fn code(
             let (keep, moments) = match c.select {
                 RankSelect::Energy(e) => (e as f64, None),
                 RankSelect::Score(err) => (1.0 - err as f64, moments),
-                RankSelect::Bits(_) => (1.0, None),
+                RankSelect::Bits { .. } => (1.0, None),
             };
             let heads = spectra(x, tokens, shape, moments, c.max_rank);
             let comps: Vec<Vec<usize>> =
@@ -607,9 +626,10 @@ mod tests {
                 x[t * SHAPE.kv_dim() + g * hd + 1] = sign(t % 2 == 0);
             }
         }
-        let mut m = vec![0.0f32; SHAPE.n_kv_heads * hd * hd];
+        // M = e₁e₁ᵀ per head: in the upper triangle, row 1 starts after the 64 values of row 0.
+        let mut m = vec![0.0f32; SHAPE.n_kv_heads * packed_len(hd)];
         for g in 0..SHAPE.n_kv_heads {
-            m[g * hd * hd + hd + 1] = 1.0;
+            m[g * packed_len(hd) + hd] = 1.0;
         }
         let one = |select, moments: Option<&[f32]>| {
             let mut ranks = (0, 0);
@@ -635,7 +655,10 @@ mod tests {
     fn a_byte_budget_is_met_exactly_and_spent_where_it_counts() {
         let (tokens, hd) = (64, SHAPE.head_dim);
         let c = SpectralCoding {
-            select: RankSelect::Bits(1.0),
+            select: RankSelect::Bits {
+                bits: 1.0,
+                score: false,
+            },
             max_rank: 64,
             coef_bits: 4,
             basis_bits: 8,

@@ -11,8 +11,8 @@
 //! a byte budget ([`RankSelect::Bits`]) is shared by all layers and KV heads compressed together.
 //!
 //! When keys are ranked by attention-score error, the cache also keeps per layer and KV head the
-//! second moment `M = Σ qqᵀ` of the queries seen since that layer's last compression (`d × d`
-//! f32, counted in [`KvCache::bytes`]).
+//! second moment `M = Σ qqᵀ` of the queries seen since that layer's last compression (its upper
+//! triangle in f32, `d(d+1)/2` values, counted in [`KvCache::bytes`]).
 //!
 //! The stored forms are in [`super::coding`], attention on them in [`super::attend`] and the
 //! `--kv` specification in [`super::spec`]; their items are re-exported here.
@@ -27,8 +27,8 @@ use super::{AttnShape, KvCache};
 
 pub use super::attend::attend_compressed;
 pub use super::coding::{
-    block_cost, choose, choose_budget, code, quantize_groups, quantize_row_i8, reconstruct,
-    spectra, spectral_side, Basis, Coded, HeadSpectrum, Segment, SpectralBlock, GROUP,
+    block_cost, choose, choose_budget, code, packed_len, quantize_groups, quantize_row_i8,
+    reconstruct, spectra, spectral_side, Basis, Coded, HeadSpectrum, Segment, SpectralBlock, GROUP,
 };
 pub use super::recent::RecentDtype;
 pub use super::spec::{Coding, CompressedConfig, KvSpec, RankSelect, SpectralCoding};
@@ -40,8 +40,11 @@ pub struct CompressedKvCache {
     segments: Vec<Vec<Segment>>,
     window_k: Vec<Recent>,
     window_v: Vec<Recent>,
-    /// Per layer, the queries' second moments (`n_kv_heads × d × d`), when keys need them.
+    /// Per layer, the queries' second moments (`n_kv_heads` upper triangles), when keys need
+    /// them.
     moments: Vec<Vec<f32>>,
+    /// One full `d × d` moment, per `attend` call.
+    moment: Vec<f32>,
     /// f32 rows of a quantized window, rebuilt per `attend` call.
     view_k: Vec<f32>,
     view_v: Vec<f32>,
@@ -78,7 +81,7 @@ impl CompressedKvCache {
                 .collect()
         };
         let moments = if config.needs_query_moments() {
-            vec![vec![0.0; shape.n_kv_heads * hd * hd]; n_layers]
+            vec![vec![0.0; shape.n_kv_heads * packed_len(hd)]; n_layers]
         } else {
             vec![Vec::new(); n_layers]
         };
@@ -89,6 +92,7 @@ impl CompressedKvCache {
             window_k: window(),
             window_v: window(),
             moments,
+            moment: vec![0.0; hd * hd],
             view_k: Vec::new(),
             view_v: Vec::new(),
             len: 0,
@@ -126,12 +130,16 @@ impl CompressedKvCache {
     fn add_moments(&mut self, layer: usize, q: &[f32], n: usize) {
         let (hd, q_dim) = (self.shape.head_dim, self.shape.q_dim());
         let group = self.shape.n_heads / self.shape.n_kv_heads;
-        let m = &mut self.moments[layer];
-        for (g, mg) in m.chunks_exact_mut(hd * hd).enumerate() {
+        let full = &mut self.moment;
+        for (g, packed) in self.moments[layer]
+            .chunks_exact_mut(packed_len(hd))
+            .enumerate()
+        {
+            full.fill(0.0);
             for h in g * group..(g + 1) * group {
                 let qh = MatRef::from_row_major_slice_with_stride(&q[h * hd..], n, hd, q_dim);
                 matmul(
-                    MatMut::from_row_major_slice_mut(mg, hd, hd),
+                    MatMut::from_row_major_slice_mut(full, hd, hd),
                     Accum::Add,
                     qh.transpose(),
                     qh,
@@ -139,6 +147,8 @@ impl CompressedKvCache {
                     Par::Seq,
                 );
             }
+            let upper = (0..hd).flat_map(|i| full[i * hd + i..(i + 1) * hd].iter());
+            packed.iter_mut().zip(upper).for_each(|(p, v)| *p += v);
         }
     }
 
@@ -209,7 +219,7 @@ fn code_layers<'m>(
     let c = match coding {
         Coding::Spectral(
             c @ SpectralCoding {
-                select: RankSelect::Bits(bits),
+                select: RankSelect::Bits { bits, .. },
                 ..
             },
         ) => (c, bits),
@@ -486,7 +496,10 @@ mod tests {
         assert_eq!(q8.bytes(), 2 * quantized * kv / 32 * 34 + 2 * 8 * kv * 4);
         // int4 coefficients, int8 basis, int8 window, and the query moments of `kscore`.
         let s = "spectral:block=64,window=32,rank=8,sink=0,coef=4,basis=q8,recent=q8";
-        for (extra, moments) in [("", 0), (",kscore=0.5", 4 * SHAPE.n_kv_heads * hd * hd)] {
+        for (extra, moments) in [
+            ("", 0),
+            (",kscore=0.5", 4 * SHAPE.n_kv_heads * hd * (hd + 1) / 2),
+        ] {
             let mut cache = CompressedKvCache::new(1, SHAPE, spec(&format!("{s}{extra}")));
             for p in 0..tokens {
                 let r = p * kv..(p + 1) * kv;

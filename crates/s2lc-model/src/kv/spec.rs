@@ -16,10 +16,14 @@ pub enum RankSelect {
     /// Keys: the fewest components whose dropped share of the attention-score energy on the
     /// recent queries is at most this, in (0, 1).
     Score(f32),
-    /// A byte budget: this many bits per cached value on average over the blocks compressed at
-    /// the same time (every layer and KV head), spent on the components with the largest gains
-    /// (attention-score gains for keys, energy for values).
-    Bits(f32),
+    /// A byte budget: `bits` per cached value on average over the blocks compressed at the same
+    /// time (every layer and KV head), spent on the components with the largest gains.
+    Bits {
+        /// Bits per value.
+        bits: f32,
+        /// Gains by attention-score energy on the recent queries (keys) instead of energy.
+        score: bool,
+    },
 }
 
 /// A spectral side's parameters.
@@ -55,7 +59,10 @@ impl Coding {
                 let mut s = match c.select {
                     RankSelect::Energy(e) => format!("spectral(energy={e}"),
                     RankSelect::Score(e) => format!("spectral(score error≤{e}"),
-                    RankSelect::Bits(b) => format!("spectral({b} bits/value"),
+                    RankSelect::Bits { bits, score } => format!(
+                        "spectral({bits} bits/value by {}",
+                        if score { "score" } else { "energy" }
+                    ),
                 };
                 if c.max_rank != usize::MAX {
                     s += &format!(",rank≤{}", c.max_rank);
@@ -90,11 +97,12 @@ const SIDES: &str = "spectral, q8, q4";
 const KINDS: &str = "dense, spectral, q8, q4";
 /// Options of a compressed spec.
 const OPTIONS: &str =
-    "energy, rank, kscore, kbits, vbits, coef, basis, block, window, recent, sink, keys, values";
+    "energy, rank, kscore, kbits, by, vbits, coef, basis, block, window, recent, sink, keys, values";
 
 /// A cache configuration as given on the command line: `dense`, or
 /// `spectral|q8|q4[:key=value,…]`. Options: `energy`, `rank`, `kscore` (keys ranked by
-/// attention-score error), `kbits` / `vbits` (a byte budget per side, in bits per value), `coef`
+/// attention-score error), `kbits` / `vbits` (a byte budget per side, in bits per value; keys by
+/// attention-score gains unless `by=energy`), `coef`
 /// (8 or 4 bits), `basis` (`f16` or `q8`), `block`, `window`, `recent` (the window's storage:
 /// `f32`, `f16` or `q8`), `sink`, and `keys` / `values` overriding the coding of one side
 /// (`spectral`, `q8`, `q4`).
@@ -140,7 +148,7 @@ impl CompressedConfig {
         matches!(
             self.keys,
             Coding::Spectral(SpectralCoding {
-                select: RankSelect::Score(_) | RankSelect::Bits(_),
+                select: RankSelect::Score(_) | RankSelect::Bits { score: true, .. },
                 ..
             })
         )
@@ -155,6 +163,7 @@ struct Options<'a> {
     kscore: Option<f32>,
     kbits: Option<f32>,
     vbits: Option<f32>,
+    by: Option<&'a str>,
     coef: Option<u32>,
     basis: Option<u32>,
     block: Option<usize>,
@@ -208,6 +217,12 @@ impl KvSpec {
                 "kbits" => o.kbits = Some(real(0.0, 32.0, false)?),
                 "vbits" => o.vbits = Some(real(0.0, 32.0, false)?),
                 "rank" => o.rank = Some(number("rank")?),
+                "by" => {
+                    if !matches!(value, "energy" | "score") {
+                        return Err(bad(format!("by={value}: expected energy or score")));
+                    }
+                    o.by = Some(value);
+                }
                 "block" => o.block = Some(number("block")?),
                 "sink" => o.sink = Some(number("sink")?),
                 "window" => o.window = Some(number("window")?),
@@ -281,16 +296,20 @@ impl KvSpec {
             o.keys.unwrap_or(key_default),
             o.kscore
                 .map(RankSelect::Score)
-                .or(o.kbits.map(RankSelect::Bits)),
+                .or(o.kbits.map(|bits| RankSelect::Bits {
+                    bits,
+                    score: o.by != Some("energy"),
+                })),
         );
         let values = side(
             o.values.unwrap_or(value_default),
-            o.vbits.map(RankSelect::Bits),
+            o.vbits.map(|bits| RankSelect::Bits { bits, score: false }),
         );
         let spectral = |c: &Coding| matches!(c, Coding::Spectral(_));
         for (given, what, side_ok) in [
             (o.kscore.is_some(), "kscore", spectral(&keys)),
             (o.kbits.is_some(), "kbits", spectral(&keys)),
+            (o.by.is_some(), "by (of kbits)", o.kbits.is_some()),
             (o.vbits.is_some(), "vbits", spectral(&values)),
             (
                 o.coef.is_some(),
@@ -384,7 +403,7 @@ impl KvSpec {
                     c.max_rank
                 ));
             }
-            if let RankSelect::Bits(bits) = c.select {
+            if let RankSelect::Bits { bits, .. } = c.select {
                 let (fixed, per) = block_cost(c, block, hd);
                 let least = 8.0 * (fixed + per) as f64 / (block * hd) as f64;
                 if (bits as f64) < least {
@@ -464,7 +483,10 @@ mod tests {
         assert_eq!(
             c.keys,
             Coding::Spectral(SpectralCoding {
-                select: RankSelect::Bits(1.5),
+                select: RankSelect::Bits {
+                    bits: 1.5,
+                    score: true,
+                },
                 max_rank: 64,
                 coef_bits: 4,
                 basis_bits: 8,
@@ -476,6 +498,7 @@ mod tests {
         assert_eq!(c.keys, spectral(RankSelect::Score(0.02), 64));
         assert_eq!(c.values, spectral(RankSelect::Energy(0.9), 64));
         assert!(!spec("spectral:vbits=3").needs_query_moments());
+        assert!(!spec("spectral:kbits=2,by=energy").needs_query_moments());
         for (bad, needle) in [
             ("spectral:energy=0", "outside (0, 1]"),
             ("spectral:energy=1.5", "outside (0, 1]"),
@@ -503,6 +526,14 @@ mod tests {
             ("spectral:basis=q4", "basis=q4: expected f16 or q8"),
             ("spectral:recent=q4", "recent=q4: expected f32, f16 or q8"),
             ("spectral:kscore=0.1,kbits=2", "give one"),
+            (
+                "spectral:by=energy",
+                "by (of kbits) applies to a spectral side",
+            ),
+            (
+                "spectral:kbits=2,by=rank",
+                "by=rank: expected energy or score",
+            ),
             ("q4:kbits=2", "kbits applies to a spectral side"),
             (
                 "spectral:keys=q8,kscore=0.1",
