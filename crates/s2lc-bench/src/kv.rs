@@ -20,12 +20,14 @@ const DEFAULT_SPECS: &[&str] = &[
     "q4",
     "q8:values=q4",
     "spectral:energy=1",
-    "spectral:energy=0.99,sink=0",
     "spectral:energy=0.99",
-    "spectral:energy=0.95",
-    "spectral:energy=0.99,block=256,window=128",
-    "spectral:energy=0.95,values=q4",
     "spectral:energy=0.9,values=q4",
+    // Below int8: int4 coefficients, int8 basis, an int8 window of 128 behind blocks of 256.
+    "spectral:block=256,window=128,recent=q8,basis=q8,coef=4,energy=0.9,values=q4",
+    "spectral:block=256,window=128,recent=q8,basis=q8,coef=4,keys=q4,vbits=3",
+    "spectral:block=256,window=128,recent=q8,basis=q8,coef=4,kbits=1.5,vbits=3",
+    "spectral:block=256,window=128,recent=q8,basis=q8,coef=4,kbits=1.5,by=energy,vbits=3",
+    "spectral:block=256,window=128,recent=q8,basis=q8,coef=4,kbits=1,vbits=2",
 ];
 
 /// Options of `s2lc bench kv`.
