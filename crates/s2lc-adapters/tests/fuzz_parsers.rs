@@ -18,7 +18,7 @@ use s2lc_adapters::{format, pack, Member, PackParams};
 use s2lc_model::config::ModelConfig;
 use s2lc_model::gguf::{GgufFile, MetaValue};
 use s2lc_model::kernels::dot::QuantizedActs;
-use s2lc_model::lora::LoraAdapter;
+use s2lc_model::lora::{DeltaScratch, LoraAdapter};
 use s2lc_spectral::blockquant::QuantBits;
 
 use fuzz::{Input, Runner, Target};
@@ -55,7 +55,7 @@ fn first_layers(a: &LoraAdapter, n: usize) -> LoraAdapter {
 
 /// Runs every delta of `a` on one row of input: what a rank-0 or misshapen delta would panic in.
 fn exercise(a: &LoraAdapter) {
-    let (mut mid, mut acts) = (Vec::new(), QuantizedActs::default());
+    let (mut mid, mut acts) = (DeltaScratch::default(), QuantizedActs::default());
     for (_, _, d) in a.deltas() {
         let x = vec![0.5f32; d.in_dim()];
         let mut y = vec![0.0f32; d.out_dim()];

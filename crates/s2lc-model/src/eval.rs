@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use crate::error::ModelError;
 use crate::kv::KvCache;
 use crate::llama::{ForwardScratch, LlamaModel};
-use crate::lora::LoraAdapter;
+use crate::lora::{AdapterDeltas, LoraAdapter};
 
 /// Rows of logits materialised at once (bounds memory at `rows × vocab` floats: 50 MB for a
 /// 49152-token vocabulary; fewer rows would decode a quantized tied head more often).
@@ -328,8 +328,12 @@ impl WindowRun {
         adapter: Option<&LoraAdapter>,
     ) -> Result<&mut Vec<f32>, ModelError> {
         self.cache.clear();
-        let hidden =
-            model.forward_hidden_adapted(window, &mut self.cache, adapter, &mut self.scratch)?;
+        let hidden = model.forward_hidden_adapted(
+            window,
+            &mut self.cache,
+            adapter.map(|a| a as &dyn AdapterDeltas),
+            &mut self.scratch,
+        )?;
         model.logits(hidden, &mut self.logits);
         Ok(&mut self.logits)
     }

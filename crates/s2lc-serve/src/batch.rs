@@ -26,7 +26,7 @@ use s2lc_model::generate::{Sampler, SamplingParams};
 use s2lc_model::kv::compressed::{Coding, GROUP};
 use s2lc_model::kv::{AttnShape, KvCache, KvSpec};
 use s2lc_model::llama::{BatchRow, ForwardScratch, LlamaModel};
-use s2lc_model::lora::LoraAdapter;
+use s2lc_model::lora::AdapterDeltas;
 
 /// OpenAI's presence and frequency penalties: before sampling, the logit of every token already
 /// generated `c > 0` times is lowered by `presence + c·frequency`.
@@ -57,7 +57,7 @@ pub struct Submission {
     /// `Some(k)`: report each token's log-probability and the `k` most likely alternatives.
     pub logprobs: Option<usize>,
     /// The sequence's adapter, if any.
-    pub adapter: Option<Arc<LoraAdapter>>,
+    pub adapter: Option<Arc<dyn AdapterDeltas>>,
     /// Where the sequence's tokens go; dropping the receiver cancels the sequence.
     pub events: UnboundedSender<Event>,
 }
@@ -211,7 +211,7 @@ struct Seq {
     /// How often each token has been generated (only kept when penalties apply).
     counts: HashMap<u32, u32>,
     logprobs: Option<usize>,
-    adapter: Option<Arc<LoraAdapter>>,
+    adapter: Option<Arc<dyn AdapterDeltas>>,
     events: UnboundedSender<Event>,
     prompt: Vec<u32>,
     /// Prompt tokens already in the cache.
@@ -393,7 +393,7 @@ fn admit(model: &LlamaModel, kv: &KvSpec, sub: Submission, reserved: usize) -> O
         return None;
     }
     if let Some(a) = &sub.adapter {
-        if let Err(e) = model.check_adapter(a) {
+        if let Err(e) = model.check_adapter(a.as_ref()) {
             let _ = sub
                 .events
                 .send(Event::Done(Err(format!("the adapter does not fit: {e}"))));
@@ -513,8 +513,14 @@ fn step(
     logits: &mut Vec<f32>,
 ) {
     let vocab = model.config().vocab_size;
-    // Rows with the same adapter next to each other share one delta product.
-    active.sort_by_key(|s| s.adapter.as_ref().map_or(0, |a| Arc::as_ptr(a) as usize));
+    // Rows with the same adapter, or over the same pack, next to each other share their delta
+    // products.
+    active.sort_by_key(|s| {
+        s.adapter.as_ref().map_or((0, 0), |a| {
+            let id = Arc::as_ptr(a) as *const () as usize;
+            (a.shared_state().unwrap_or(id), id)
+        })
+    });
     if run_rows(model, active, scratch, logits).is_ok() {
         let mut rows = logits.chunks_mut(vocab);
         active.retain_mut(|s| rows.next().is_some_and(|row| s.take_next(row, stop)));

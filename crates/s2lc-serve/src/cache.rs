@@ -9,6 +9,9 @@
 //! - **Budget**: after an insert the resident bytes are at most the budget; entries still in use
 //!   by a request (an `Arc` held elsewhere) may be evicted from the cache, their memory is freed
 //!   when the request drops them. A value larger than the whole budget is refused with an error.
+//! - **Shared parts**: a value that others depend on (a pack's bases and cores, held by every
+//!   member and blend of the pack, resident or running in a batch row) is never evicted while
+//!   the cache's `busy` test says so ([`JitCache::with_busy`]): evicting it would free nothing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -86,6 +89,10 @@ struct Inner<V, E> {
 /// loader's error.
 pub struct JitCache<V, E = String> {
     budget: usize,
+    /// Whether a resident value is in use by other resident values or by requests in a way
+    /// that evicting it would not free its memory (a pack's bases while any view of the pack
+    /// exists): such entries are never evicted.
+    busy: fn(&V) -> bool,
     inner: Mutex<Inner<V, E>>,
 }
 
@@ -104,8 +111,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl<V, E: Clone> JitCache<V, E> {
     /// An empty cache holding at most `budget` bytes.
     pub fn new(budget: usize) -> Self {
+        Self::with_busy(budget, |_| false)
+    }
+
+    /// [`JitCache::new`], never evicting a value while `busy` says it is in use.
+    pub fn with_busy(budget: usize, busy: fn(&V) -> bool) -> Self {
         JitCache {
             budget,
+            busy,
             inner: Mutex::new(Inner {
                 slots: HashMap::new(),
                 clock: 0,
@@ -127,6 +140,27 @@ impl<V, E: Clone> JitCache<V, E> {
     where
         F: FnOnce() -> Result<(V, usize), E>,
     {
+        self.get_or_load_counted(key, load, true)
+    }
+
+    /// [`JitCache::get_or_load`] for a part of an entry being loaded (a pack's bases or cores
+    /// under a member or morph): hits and misses are not counted, the entry's own are.
+    pub fn get_or_load_part<F>(&self, key: &str, load: F) -> Result<Arc<V>, CacheError<E>>
+    where
+        F: FnOnce() -> Result<(V, usize), E>,
+    {
+        self.get_or_load_counted(key, load, false)
+    }
+
+    fn get_or_load_counted<F>(
+        &self,
+        key: &str,
+        load: F,
+        count: bool,
+    ) -> Result<Arc<V>, CacheError<E>>
+    where
+        F: FnOnce() -> Result<(V, usize), E>,
+    {
         let flight = {
             let mut inner = lock(&self.inner);
             inner.clock += 1;
@@ -137,12 +171,12 @@ impl<V, E: Clone> JitCache<V, E> {
                 }) => {
                     *last_used = now;
                     let value = value.clone();
-                    inner.stats.hits += 1;
+                    inner.stats.hits += u64::from(count);
                     return Ok(value);
                 }
                 Some(Slot::Loading(flight)) => {
                     let flight = flight.clone();
-                    inner.stats.coalesced += 1;
+                    inner.stats.coalesced += u64::from(count);
                     drop(inner);
                     return wait(&flight);
                 }
@@ -154,7 +188,7 @@ impl<V, E: Clone> JitCache<V, E> {
                     inner
                         .slots
                         .insert(key.to_string(), Slot::Loading(flight.clone()));
-                    inner.stats.misses += 1;
+                    inner.stats.misses += u64::from(count);
                     flight
                 }
             }
@@ -201,8 +235,9 @@ impl<V, E: Clone> JitCache<V, E> {
                 Slot::Ready {
                     bytes,
                     pinned: false,
+                    value,
                     ..
-                } => Some(*bytes),
+                } if !(self.busy)(value) => Some(*bytes),
                 _ => None,
             })
             .sum();
@@ -225,8 +260,9 @@ impl<V, E: Clone> JitCache<V, E> {
                     Slot::Ready {
                         last_used,
                         pinned: false,
+                        value,
                         ..
-                    } => Some((*last_used, k.clone())),
+                    } if !(self.busy)(value) => Some((*last_used, k.clone())),
                     _ => None,
                 })
                 .min()
@@ -262,6 +298,34 @@ impl<V, E: Clone> JitCache<V, E> {
             }
             _ => false,
         }
+    }
+
+    /// The value of `key` if it is resident (counted as neither hit nor miss: for parts of an
+    /// entry being loaded).
+    pub fn peek(&self, key: &str) -> Option<Arc<V>> {
+        let mut inner = lock(&self.inner);
+        inner.clock += 1;
+        let now = inner.clock;
+        match inner.slots.get_mut(key) {
+            Some(Slot::Ready {
+                value, last_used, ..
+            }) => {
+                *last_used = now;
+                Some(value.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Resident bytes summed by `kind` of value (for `/metrics`).
+    pub fn bytes_by<K: Ord>(&self, kind: impl Fn(&V) -> K) -> std::collections::BTreeMap<K, usize> {
+        let mut out = std::collections::BTreeMap::new();
+        for s in lock(&self.inner).slots.values() {
+            if let Slot::Ready { value, bytes, .. } = s {
+                *out.entry(kind(value)).or_insert(0) += bytes;
+            }
+        }
+        out
     }
 
     /// Whether `key` is resident.

@@ -20,6 +20,7 @@ pub mod api;
 pub mod batch;
 pub mod cache;
 pub mod client;
+pub mod resident;
 pub mod router;
 pub mod source;
 

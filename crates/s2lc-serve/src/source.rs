@@ -1,11 +1,13 @@
 //! Where the server's adapters come from: resolve `name@semver-req` to one version, then load it
 //! when the cache misses: its blobs are fetched into memory (each checked against its digest)
-//! and parsed there, within the base model's limits, then held in the resident form the server
-//! was started with ([`AdapterDtype`]).
+//! and parsed there, within the base model's limits. A PEFT adapter is held in the resident form
+//! the server was started with ([`AdapterDtype`]); a pack is handed over as stored, for its
+//! bases and cores to be held once ([`crate::resident`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use s2lc_adapters::pack::PackedSet;
 use s2lc_model::lora::{AdapterDtype, AdapterLimits, LoraAdapter};
 use s2lc_store::{parse_selector, parse_versioned, Store, StoreError};
 
@@ -41,21 +43,40 @@ impl From<StoreError> for SourceError {
     }
 }
 
+/// What identifies an adapter version's content ([`AdapterSource::content`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Content {
+    /// Two keys with the same id hold the same adapter, which the server keeps resident once.
+    pub id: String,
+    /// For a pack, what identifies its shared bases: versions with the same bases (members of
+    /// one pack pushed one by one) share one resident copy.
+    pub bases: Option<String>,
+}
+
+/// An adapter version as read from its source.
+#[derive(Debug)]
+pub enum Loaded {
+    /// A PEFT adapter, in the server's resident dtype.
+    Lora(LoraAdapter),
+    /// An S2LC pack (one member or several), as stored.
+    Pack(PackedSet),
+}
+
 /// A provider of adapters by name and version.
 pub trait AdapterSource: Send + Sync {
     /// Resolves `name@requirement` (`legal@^1.2`, `legal@1.0.0`, `legal@prod`, `legal`) to the
     /// cache key `name@version`.
     fn resolve(&self, spec: &str) -> Result<String, SourceError>;
-    /// What identifies the content of a key returned by [`AdapterSource::resolve`]: two keys
-    /// with the same content id hold the same adapter, which the server keeps resident once.
-    /// By default every key is its own content.
-    fn content_id(&self, key: &str) -> Result<String, SourceError> {
-        Ok(key.to_string())
+    /// What identifies the content of a key returned by [`AdapterSource::resolve`]. By default
+    /// every key is its own content.
+    fn content(&self, key: &str) -> Result<Content, SourceError> {
+        Ok(Content {
+            id: key.to_string(),
+            bases: None,
+        })
     }
-    /// Loads the adapter of a key returned by [`AdapterSource::resolve`]; with `morph` weights,
-    /// the key must name a multi-member pack and the result is the weighted blend of the named
-    /// members, synthesized in the pack's shared basis (Expert Morphing).
-    fn load(&self, key: &str, morph: &[(String, f32)]) -> Result<LoraAdapter, SourceError>;
+    /// Reads the adapter of a key returned by [`AdapterSource::resolve`].
+    fn load(&self, key: &str) -> Result<Loaded, SourceError>;
     /// Every available `name@version`.
     fn list(&self) -> Result<Vec<String>, SourceError>;
 }
@@ -108,8 +129,9 @@ impl AdapterSource for StoreSource {
     /// The digest of the base model the version was made for and of its files (each path with
     /// its blob's digest, in path order): the same files pushed for the same base under two
     /// names are one content. (The base is part of it so that a version made for another base
-    /// can never be served from the cache entry of one that was checked.)
-    fn content_id(&self, key: &str) -> Result<String, SourceError> {
+    /// can never be served from the cache entry of one that was checked.) A pack's bases are
+    /// its bases file's digest, with the base's.
+    fn content(&self, key: &str) -> Result<Content, SourceError> {
         let (name, version) = parse_versioned(key)?;
         let (_, manifest) = self.store.manifest(&name, &version)?;
         let mut files: Vec<String> = manifest
@@ -120,10 +142,18 @@ impl AdapterSource for StoreSource {
         files.sort();
         let base = manifest.base_digest.unwrap_or_default();
         let id = s2lc_store::digest(format!("{base}\n{}", files.concat()).as_bytes());
-        Ok(format!("content:{id}"))
+        let bases = manifest
+            .files
+            .iter()
+            .find(|f| f.path == BASES_FILE)
+            .map(|f| format!("{base}:{}", f.digest));
+        Ok(Content {
+            id: format!("content:{id}"),
+            bases,
+        })
     }
 
-    fn load(&self, key: &str, morph: &[(String, f32)]) -> Result<LoraAdapter, SourceError> {
+    fn load(&self, key: &str) -> Result<Loaded, SourceError> {
         let (name, version) = parse_versioned(key)?;
         let result = (|| {
             let (_, files) = self.store.fetch(
@@ -132,10 +162,13 @@ impl AdapterSource for StoreSource {
                 self.base_digest.as_deref(),
                 self.limits.max_file_bytes,
             )?;
-            let adapter = read_adapter(&files, key, morph, &self.limits)?;
-            adapter
-                .to_dtype(self.dtype)
-                .map_err(|e| SourceError::Unusable(format!("{key}: {e}")))
+            Ok(match read_adapter(&files, key, &self.limits)? {
+                Loaded::Lora(a) => Loaded::Lora(
+                    a.to_dtype(self.dtype)
+                        .map_err(|e| SourceError::Unusable(format!("{key}: {e}")))?,
+                ),
+                pack => pack,
+            })
         })();
         // Errors name the store entry, never where a local store lives.
         result.map_err(|e| scrub(e, Path::new(self.store.location())))
@@ -155,58 +188,33 @@ impl AdapterSource for StoreSource {
 const PEFT_CONFIG: &str = "adapter_config.json";
 const PEFT_WEIGHTS: &str = "adapter_model.safetensors";
 
-/// A fetched version: a PEFT adapter, or an S2LC pack holding one member (what
-/// `s2lc store push --member` stores), unpacked; or, with `morph` weights, the blend of members
-/// of a pack.
+/// The shared-bases file of a pack.
+const BASES_FILE: &str = "basis.safetensors";
+
+/// A fetched version: an S2LC pack (what `s2lc adapters pack` writes, or one member of it as
+/// `s2lc store push --member` stores), or a PEFT adapter.
 fn read_adapter(
     files: &BTreeMap<String, Vec<u8>>,
     key: &str,
-    morph: &[(String, f32)],
     limits: &AdapterLimits,
-) -> Result<LoraAdapter, SourceError> {
+) -> Result<Loaded, SourceError> {
     let unusable = |e: &dyn std::fmt::Display| SourceError::Unusable(format!("{key}: {e}"));
-    let is_pack = files.contains_key("pack.json");
-    let mut adapter = if !morph.is_empty() {
-        if !is_pack {
-            return Err(SourceError::BadRequest(format!(
-                "{key} is a PEFT adapter, not an S2LC pack: it has no members to morph"
-            )));
-        }
+    if files.contains_key("pack.json") {
         let set = s2lc_adapters::format::load_files(files, limits).map_err(|e| unusable(&e))?;
-        let names: Vec<&str> = set.members.iter().map(|m| m.name.as_str()).collect();
-        if let Some((missing, _)) = morph.iter().find(|(m, _)| !names.contains(&m.as_str())) {
-            return Err(SourceError::NotFound(format!(
-                "{key} has no member '{missing}' (members: {})",
-                names.join(", ")
-            )));
-        }
-        let weights: Vec<(&str, f32)> = morph.iter().map(|(m, w)| (m.as_str(), *w)).collect();
-        set.morph_lora(key, &weights)
-            .map_err(|e| SourceError::BadRequest(format!("{key}: {e}")))?
-    } else if is_pack {
-        let set = s2lc_adapters::format::load_files(files, limits).map_err(|e| unusable(&e))?;
-        let [member] = set.members.as_slice() else {
-            return Err(SourceError::BadRequest(format!(
-                "{key} is a pack of {} members: blend them with 'morph', or push one with \
-                 `s2lc store push --member`",
-                set.members.len()
-            )));
-        };
-        set.unpack_lora(&member.name).map_err(|e| unusable(&e))?
-    } else {
-        let file = |name: &str| {
-            files.get(name).ok_or_else(|| {
-                SourceError::Unusable(format!(
-                    "{key} is neither an S2LC pack (no pack.json) nor a PEFT adapter (no {name})"
-                ))
-            })
-        };
-        let (config, weights) = (file(PEFT_CONFIG)?, file(PEFT_WEIGHTS)?);
-        LoraAdapter::from_bytes(Path::new(key), config, weights, limits)
-            .map_err(|e| unusable(&e))?
+        return Ok(Loaded::Pack(set));
+    }
+    let file = |name: &str| {
+        files.get(name).ok_or_else(|| {
+            SourceError::Unusable(format!(
+                "{key} is neither an S2LC pack (no pack.json) nor a PEFT adapter (no {name})"
+            ))
+        })
     };
+    let (config, weights) = (file(PEFT_CONFIG)?, file(PEFT_WEIGHTS)?);
+    let mut adapter = LoraAdapter::from_bytes(Path::new(key), config, weights, limits)
+        .map_err(|e| unusable(&e))?;
     adapter.path = PathBuf::from(key);
-    Ok(adapter)
+    Ok(Loaded::Lora(adapter))
 }
 
 /// `e` with a local store's directory replaced by a placeholder in its message.

@@ -9,14 +9,15 @@
 mod fuzz;
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::{json, Value};
 
+use s2lc_adapters::pack::{PackView, ResidentBases, ResidentCores};
 use s2lc_adapters::{format, pack, Member, PackParams};
 use s2lc_model::config::ModelConfig;
-use s2lc_model::lora::{AdapterLimits, LoraAdapter, LoraDelta};
-use s2lc_serve::source::{AdapterSource, SourceError, StoreSource};
+use s2lc_model::lora::{AdapterDeltas, AdapterLimits, LoraAdapter, LoraDelta};
+use s2lc_serve::source::{AdapterSource, Loaded, SourceError, StoreSource};
 use s2lc_store::Store;
 
 use fuzz::{Input, Target};
@@ -125,10 +126,29 @@ fn run_manifest(files: &[Vec<u8>]) -> Result<(), String> {
     let f = fixture();
     put_manifest(&f.root, files.first().ok_or("no file")?);
     let tmp = std::env::temp_dir().display().to_string();
-    let check = |r: Result<LoraAdapter, SourceError>| -> Result<(), String> {
+    // What the server holds resident: a PEFT adapter's factors, or a pack's bases and cores and
+    // a view of them (one member, or the blend of `morph`).
+    let check = |r: Result<Loaded, SourceError>, morph: &[(&str, f32)]| -> Result<(), String> {
         match r {
-            Ok(a) => {
+            Ok(Loaded::Lora(a)) => {
                 assert!(a.layers.len() <= 30);
+                if morph.is_empty() {
+                    Ok(())
+                } else {
+                    Err("a PEFT adapter has no members".into())
+                }
+            }
+            Ok(Loaded::Pack(set)) => {
+                let bases = ResidentBases::new(&set).map_err(|e| e.to_string())?;
+                let cores = Arc::new(ResidentCores::new(&set).map_err(|e| e.to_string())?);
+                let weights: Vec<(&str, f32)> = match (morph, cores.members()) {
+                    ([], [one]) => vec![(one.as_str(), 1.0)],
+                    ([], _) => return Err("a pack of several members needs a morph".into()),
+                    (m, _) => m.to_vec(),
+                };
+                let view = PackView::new("fuzz", Arc::new(bases), cores.clone(), &weights)
+                    .map_err(|e| e.to_string())?;
+                assert!(view.n_layers() <= 30);
                 Ok(())
             }
             Err(e) => {
@@ -138,8 +158,8 @@ fn run_manifest(files: &[Vec<u8>]) -> Result<(), String> {
             }
         }
     };
-    let plain = check(f.source.load("fuzz@1.0.0", &[]));
-    let morph = check(f.source.load("fuzz@1.0.0", &[("m0".into(), 0.5)]));
+    let plain = check(f.source.load("fuzz@1.0.0"), &[]);
+    let morph = check(f.source.load("fuzz@1.0.0"), &[("m0", 0.5)]);
     // A seed works one way or the other (a PEFT adapter has no members, a pack of two is
     // loaded only as a blend).
     plain.or(morph)
@@ -213,7 +233,7 @@ fn a_pushed_pack_cannot_make_the_server_read_outside_it() {
         push(&store, &format!("evil{i}"), &dir);
         let source = StoreSource::new(Store::open(root.to_str().unwrap()).unwrap(), None)
             .with_limits(smollm2());
-        let (r, peak) = fuzz::measure(|| source.load(&format!("evil{i}@1.0.0"), &[]));
+        let (r, peak) = fuzz::measure(|| source.load(&format!("evil{i}@1.0.0")));
         let Err(SourceError::Unusable(msg)) = r else {
             panic!("{bad}: {r:?}");
         };
@@ -255,7 +275,7 @@ fn a_pushed_rank_pattern_of_one_half_is_refused() {
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
     push(&store, "half", &dir);
     let source = StoreSource::new(store, None).with_limits(smollm2());
-    let r = source.load("half@1.0.0", &[]);
+    let r = source.load("half@1.0.0");
     let Err(SourceError::Unusable(msg)) = r else {
         panic!("{r:?}");
     };

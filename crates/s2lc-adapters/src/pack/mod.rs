@@ -12,7 +12,8 @@
 //! - `add`: [`PackedSet::add`];
 //! - `unpack`: [`PackedSet::unpack`], [`Factors`], [`DecodedBases`];
 //! - `morph`: [`PackedSet::morph`];
-//! - `report`: [`PackedSet::report`], [`MemberReport`].
+//! - `report`: [`PackedSet::report`], [`MemberReport`];
+//! - `resident`: a pack served as stored ([`ResidentBases`], [`ResidentCores`], [`PackView`]).
 
 mod add;
 mod build;
@@ -24,6 +25,7 @@ mod morph;
 mod params;
 mod project;
 mod report;
+mod resident;
 mod set;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -35,5 +37,6 @@ pub use error::PackError;
 pub use member::{Delta, Member, ModuleKey};
 pub use params::{EnergyScope, InputWhitening, PackParams};
 pub use report::MemberReport;
+pub use resident::{PackView, ResidentBases, ResidentCores};
 pub use set::{PackedCore, PackedMember, PackedModule, PackedSet};
 pub use unpack::{DecodedBases, Factors, Unpacked};

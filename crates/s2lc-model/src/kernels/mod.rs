@@ -247,6 +247,22 @@ impl WeightMatrix {
         WeightMatrix::from_blocks(format, bytes, rows, cols)
     }
 
+    /// `data` (`rows × cols`, row-major) in `format`, or in f16 when `format` is a block format
+    /// and the rows are not whole blocks (a LoRA factor or pack basis of an odd size).
+    pub fn quantize_or_f16(
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+        format: WeightFormat,
+    ) -> Result<Self, ModelError> {
+        let format = if cols % format.block_size() == 0 {
+            format
+        } else {
+            WeightFormat::F16
+        };
+        WeightMatrix::quantize(data, rows, cols, format)
+    }
+
     /// Output features (rows).
     pub fn rows(&self) -> usize {
         self.rows
@@ -313,6 +329,47 @@ impl WeightMatrix {
                     // The layout was checked on construction, so decoding cannot fail.
                     let r = dequantize(f.ggml(), bytes, out);
                     debug_assert!(r.is_ok(), "{r:?}");
+                }
+            }
+        }
+    }
+
+    /// `y (n × cols) += c (n × rows) · W`: each output row is a combination of `W`'s rows. This
+    /// is the product with `W` transposed, for a matrix held with its long side along the rows
+    /// (a block-quantized `Bᵀ` of a LoRA delta, a pack's `Uᵀ`), where the block kernels cannot
+    /// run `Wᵀ·x` directly. Each row of `W` is decoded once (into `row`, reused across calls)
+    /// and added to every output row while it sits in L1; zero coefficients are skipped.
+    ///
+    /// # Panics
+    /// If `c` is not `n × rows` or `y` not `n × cols`.
+    pub fn axpy_rows(&self, c: &[f32], n: usize, y: &mut [f32], row: &mut Vec<f32>) {
+        let (r, k) = (self.rows, self.cols);
+        assert!(
+            n.checked_mul(r) == Some(c.len()) && n.checked_mul(k) == Some(y.len()),
+            "axpy_rows of {n} rows by {r} × {k}: c has {} values, y {}",
+            c.len(),
+            y.len()
+        );
+        if let Some(w) = self.as_f32() {
+            for (yi, ci) in y.chunks_exact_mut(k).zip(c.chunks_exact(r)) {
+                for (j, wj) in w.chunks_exact(k).enumerate() {
+                    if ci[j] != 0.0 {
+                        ops::axpy(yi, ci[j], wj);
+                    }
+                }
+            }
+            return;
+        }
+        row.resize(k, 0.0);
+        for j in 0..r {
+            if (0..n).all(|i| c[i * r + j] == 0.0) {
+                continue;
+            }
+            self.dequantize_rows(j, j + 1, row);
+            for (i, yi) in y.chunks_exact_mut(k).enumerate() {
+                let cij = c[i * r + j];
+                if cij != 0.0 {
+                    ops::axpy(yi, cij, row);
                 }
             }
         }

@@ -389,3 +389,33 @@ fn batched_matmul_refuses_a_short_output() {
     let mut y = vec![0.0; n * 16 - 1];
     w.matmul(&x, n, &mut y, Accum::Replace, &mut QuantizedActs::default());
 }
+
+/// `y += c·W` equals the f64 product with the dequantized matrix in every format, adds to what
+/// `y` held, and skips zero coefficients without changing the result.
+#[test]
+fn axpy_rows_matches_the_transposed_reference() {
+    let mut rng = Draws::new(41);
+    let (rows, cols, n) = (5, 64, 3);
+    for format in ALL {
+        let w = matrix(format, rows, cols, &mut rng);
+        let dense = w.to_f32();
+        let mut c = rng.vec(n * rows);
+        c[rows + 2] = 0.0;
+        let start = rng.vec(n * cols);
+        let mut y = start.clone();
+        w.axpy_rows(&c, n, &mut y, &mut Vec::new());
+        for i in 0..n {
+            for o in 0..cols {
+                let want: f64 = start[i * cols + o] as f64
+                    + (0..rows)
+                        .map(|j| c[i * rows + j] as f64 * dense[j * cols + o] as f64)
+                        .sum::<f64>();
+                let got = y[i * cols + o] as f64;
+                assert!(
+                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "{format}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}

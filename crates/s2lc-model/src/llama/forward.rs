@@ -9,7 +9,7 @@ use crate::error::ModelError;
 use crate::kernels::dot::QuantizedActs;
 use crate::kv::KvCache;
 use crate::linear::{Linear, LinearScratch};
-use crate::lora::{LoraAdapter, LoraDelta};
+use crate::lora::{same_adapter, AdapterDeltas, DeltaScratch};
 
 /// Sees the inputs of linear layers during [`LlamaModel::run_block`] (`x` is `n × width`, row-major).
 pub trait ActivationObserver {
@@ -24,15 +24,16 @@ pub struct BatchRow<'a> {
     pub token: u32,
     /// The sequence's own cache; the token is committed to it.
     pub cache: &'a mut dyn KvCache,
-    /// This sequence's LoRA adapter, if any.
-    pub adapter: Option<&'a LoraAdapter>,
+    /// This sequence's adapter, if any (a PEFT adapter, or a pack member or blend running from
+    /// the pack's bases).
+    pub adapter: Option<&'a dyn AdapterDeltas>,
 }
 
 /// What a forward pass runs over: `n` consecutive tokens of one sequence (prefill, or one decode
 /// step), or one token of each of `n` sequences (a batched decode step).
 enum Seqs<'c, 'r> {
     /// One sequence, with its own adapter (if any) on top of the attached ones.
-    One(&'c mut dyn KvCache, Option<&'r LoraAdapter>),
+    One(&'c mut dyn KvCache, Option<&'r dyn AdapterDeltas>),
     Batch(&'c mut [BatchRow<'r>]),
 }
 
@@ -51,49 +52,69 @@ pub struct ForwardScratch {
     sin: Vec<f32>,
     tokens: Vec<u32>,
     linear: LinearScratch,
-    lora_mid: Vec<f32>,
+    deltas: DeltaScratch,
     /// When set, wall time per part of the forward pass accumulates here.
     pub profile: Option<Profile>,
 }
 
-/// Adds each sequence's own adapter delta for linear `j` of `layer`: `out_i += s·B·A·x_i`, one
-/// product per run of consecutive batch rows sharing an adapter.
+/// Adds each sequence's own adapter delta for linear `j` of `layer`: `out_i += Δᵢ·x_i`, one call
+/// per run of consecutive batch rows sharing an adapter, or sharing resident state (the bases of
+/// one pack: [`AdapterDeltas::apply_rows`] then projects those rows through them together).
 fn row_deltas(
     seqs: &Seqs<'_, '_>,
     layer: usize,
     j: usize,
     x: &[f32],
     out: &mut [f32],
-    mid: &mut Vec<f32>,
+    scratch: &mut DeltaScratch,
     acts: &mut QuantizedActs,
 ) {
-    fn delta_of(a: Option<&LoraAdapter>, layer: usize, j: usize) -> Option<&LoraDelta> {
-        a?.layers.get(layer)?[j].as_ref()
-    }
     let rows = match seqs {
-        Seqs::One(_, adapter) => {
-            if let Some(delta) = delta_of(*adapter, layer, j) {
-                delta.apply(x, x.len() / delta.in_dim(), out, mid, acts);
+        Seqs::One(_, Some(adapter)) => {
+            if let Some((_, inp)) = adapter.shape(layer, j) {
+                adapter.apply(layer, j, x, x.len() / inp, out, scratch, acts);
             }
             return;
         }
+        Seqs::One(_, None) => return,
         Seqs::Batch(rows) => rows,
     };
     let n = rows.len();
     let (xw, ow) = (x.len() / n, out.len() / n);
     let mut start = 0;
     while start < n {
-        let adapter = rows[start].adapter;
-        let same = |r: &BatchRow<'_>| match (r.adapter, adapter) {
-            (Some(a), Some(b)) => std::ptr::eq(a, b),
-            (None, None) => true,
-            _ => false,
+        let Some(first) = rows[start].adapter else {
+            start += 1;
+            continue;
         };
-        let end = start + rows[start..].iter().take_while(|r| same(r)).count();
-        if let Some(delta) = delta_of(adapter, layer, j) {
-            let m = end - start;
-            let out = &mut out[start * ow..end * ow];
-            delta.apply(&x[start * xw..end * xw], m, out, mid, acts);
+        let key = first.shared_state();
+        let together = |r: &BatchRow<'_>| match r.adapter {
+            Some(a) => same_adapter(a, first) || (key.is_some() && a.shared_state() == key),
+            None => false,
+        };
+        let end = start + rows[start..].iter().take_while(|r| together(r)).count();
+        let (x, out) = (&x[start * xw..end * xw], &mut out[start * ow..end * ow]);
+        let alike = rows[start..end]
+            .iter()
+            .all(|r| r.adapter.is_some_and(|a| same_adapter(a, first)));
+        if alike {
+            if first.shape(layer, j).is_some() {
+                first.apply(layer, j, x, end - start, out, scratch, acts);
+            }
+        } else {
+            // The group's adapters, on the stack for the usual batch sizes (no allocation per step).
+            let mut stack = [first; 32];
+            let mut heap = Vec::new();
+            let group: &[&dyn AdapterDeltas] = if end - start <= stack.len() {
+                for (slot, r) in stack.iter_mut().zip(&rows[start..end]) {
+                    *slot = r.adapter.unwrap_or(first);
+                }
+                &stack[..end - start]
+            } else {
+                heap.extend(rows[start..end].iter().filter_map(|r| r.adapter));
+                &heap
+            };
+            first.apply_rows(group, layer, j, x, out, scratch, acts);
         }
         start = end;
     }
@@ -130,7 +151,7 @@ impl LlamaModel {
         &self,
         tokens: &[u32],
         cache: &mut dyn KvCache,
-        adapter: Option<&LoraAdapter>,
+        adapter: Option<&dyn AdapterDeltas>,
         scratch: &'s mut ForwardScratch,
     ) -> Result<&'s [f32], ModelError> {
         if let Some(a) = adapter {
@@ -251,9 +272,9 @@ impl LlamaModel {
         );
         for (j, out) in [&mut s.q, &mut s.k, &mut s.v].into_iter().enumerate() {
             for delta in &b.lora[j] {
-                delta.apply(&s.h, n, out, &mut s.lora_mid, ls.acts_mut());
+                delta.apply(&s.h, n, out, &mut s.deltas, ls.acts_mut());
             }
-            row_deltas(seqs, layer, j, &s.h, out, &mut s.lora_mid, ls.acts_mut());
+            row_deltas(seqs, layer, j, &s.h, out, &mut s.deltas, ls.acts_mut());
         }
         lap.mark(Part::Qkv);
         self.rope.apply(&mut s.q, qd, &s.cos, &s.sin);
@@ -273,9 +294,9 @@ impl LlamaModel {
         lap.mark(Part::Attention);
         b.o_proj.forward(&s.attn, n, x, Accum::Add, ls);
         for delta in &b.lora[3] {
-            delta.apply(&s.attn, n, x, &mut s.lora_mid, ls.acts_mut());
+            delta.apply(&s.attn, n, x, &mut s.deltas, ls.acts_mut());
         }
-        row_deltas(seqs, layer, 3, &s.attn, x, &mut s.lora_mid, ls.acts_mut());
+        row_deltas(seqs, layer, 3, &s.attn, x, &mut s.deltas, ls.acts_mut());
         lap.mark(Part::Output);
 
         rms_norm(x, &b.ffn_norm, cfg.rms_eps, &mut s.h);
@@ -290,9 +311,9 @@ impl LlamaModel {
         );
         for (j, out) in [(4, &mut s.gate), (5, &mut s.up)] {
             for delta in &b.lora[j] {
-                delta.apply(&s.h, n, out, &mut s.lora_mid, ls.acts_mut());
+                delta.apply(&s.h, n, out, &mut s.deltas, ls.acts_mut());
             }
-            row_deltas(seqs, layer, j, &s.h, out, &mut s.lora_mid, ls.acts_mut());
+            row_deltas(seqs, layer, j, &s.h, out, &mut s.deltas, ls.acts_mut());
         }
         lap.mark(Part::GateUp);
         crate::kernels::ops::silu_mul(&mut s.gate, &s.up);
@@ -300,9 +321,9 @@ impl LlamaModel {
         lap.mark(Part::Other);
         b.down_proj.forward(&s.gate, n, x, Accum::Add, ls);
         for delta in &b.lora[6] {
-            delta.apply(&s.gate, n, x, &mut s.lora_mid, ls.acts_mut());
+            delta.apply(&s.gate, n, x, &mut s.deltas, ls.acts_mut());
         }
-        row_deltas(seqs, layer, 6, &s.gate, x, &mut s.lora_mid, ls.acts_mut());
+        row_deltas(seqs, layer, 6, &s.gate, x, &mut s.deltas, ls.acts_mut());
         lap.mark(Part::Down);
     }
 
@@ -373,7 +394,7 @@ impl LlamaModel {
         &self,
         tokens: &[u32],
         cache: &mut dyn KvCache,
-        adapter: Option<&LoraAdapter>,
+        adapter: Option<&dyn AdapterDeltas>,
         scratch: &mut ForwardScratch,
         out: &mut Vec<f32>,
     ) -> Result<(), ModelError> {

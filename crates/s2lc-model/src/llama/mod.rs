@@ -14,7 +14,7 @@ use crate::error::ModelError;
 use crate::kernels::WeightMatrix;
 use crate::kv::{AttnShape, DenseKvCache};
 use crate::linear::Linear;
-use crate::lora::LoraAdapter;
+use crate::lora::{AdapterDeltas, LoraAdapter};
 use crate::source::{Tensor, WeightStorage, Weights};
 
 pub use crate::kernels::ops::rms_norm;
@@ -229,25 +229,25 @@ impl LlamaModel {
 
     /// Checks that every delta of `adapter` fits this model's layers (an adapter trained for
     /// another base is refused with the layer and shapes named).
-    pub fn check_adapter(&self, adapter: &LoraAdapter) -> Result<(), ModelError> {
-        let bad = |msg: String| {
-            ModelError::InvalidConfig(format!("adapter {}: {msg}", adapter.path.display()))
-        };
-        if adapter.layers.len() > self.blocks.len() {
+    pub fn check_adapter(&self, adapter: &dyn AdapterDeltas) -> Result<(), ModelError> {
+        let bad =
+            |msg: String| ModelError::InvalidConfig(format!("adapter {}: {msg}", adapter.label()));
+        let n_layers = adapter.n_layers();
+        if n_layers > self.blocks.len() {
             return Err(bad(format!(
                 "adapts layer {} but the model has {} layers (an adapter for another base?)",
-                adapter.layers.len() - 1,
+                n_layers - 1,
                 self.blocks.len()
             )));
         }
-        for (layer, (deltas, block)) in adapter.layers.iter().zip(&self.blocks).enumerate() {
-            for ((name, linear), delta) in block.linears().iter().zip(deltas) {
-                let Some(delta) = delta else { continue };
-                if (delta.out_dim(), delta.in_dim()) != (linear.out_dim(), linear.in_dim()) {
+        for (layer, block) in self.blocks.iter().enumerate().take(n_layers) {
+            for (target, (name, linear)) in block.linears().iter().enumerate() {
+                let Some((out, inp)) = adapter.shape(layer, target) else {
+                    continue;
+                };
+                if (out, inp) != (linear.out_dim(), linear.in_dim()) {
                     return Err(bad(format!(
-                        "layer {layer} {name}: LoRA is {}×{} (B·A) but the layer is {}×{} (an adapter for another base?)",
-                        delta.out_dim(),
-                        delta.in_dim(),
+                        "layer {layer} {name}: LoRA is {out}×{inp} (B·A) but the layer is {}×{} (an adapter for another base?)",
                         linear.out_dim(),
                         linear.in_dim()
                     )));

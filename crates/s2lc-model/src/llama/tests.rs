@@ -225,7 +225,13 @@ fn a_batched_step_equals_each_sequence_run_alone() {
         let mut out = Vec::new();
         let mut cache = DenseKvCache::new(2, m.attn_shape(), 16);
         model
-            .forward_last_adapted(prompt, &mut cache, adapter, &mut scratch, &mut out)
+            .forward_last_adapted(
+                prompt,
+                &mut cache,
+                adapter.map(|a| a as _),
+                &mut scratch,
+                &mut out,
+            )
             .unwrap();
         caches.push(cache);
         let mut cache = DenseKvCache::new(2, m.attn_shape(), 16);
@@ -242,7 +248,7 @@ fn a_batched_step_equals_each_sequence_run_alone() {
         .map(|((cache, adapter), token)| BatchRow {
             token,
             cache,
-            adapter,
+            adapter: adapter.map(|a| a as _),
         })
         .collect();
     let mut out = Vec::new();

@@ -65,22 +65,6 @@ impl FromStr for AdapterDtype {
     }
 }
 
-/// `data` (`rows × cols`) in `format`, or in f16 when `format` is a block format and the rows
-/// are not whole blocks.
-fn convert(
-    data: &[f32],
-    rows: usize,
-    cols: usize,
-    format: WeightFormat,
-) -> Result<WeightMatrix, ModelError> {
-    let format = if cols % format.block_size() == 0 {
-        format
-    } else {
-        WeightFormat::F16
-    };
-    WeightMatrix::quantize(data, rows, cols, format)
-}
-
 impl LoraDelta {
     /// The same delta held as `dtype` (from its current values: converting a converted delta
     /// rounds again).
@@ -93,8 +77,13 @@ impl LoraDelta {
                 b: Expand::Rows(WeightMatrix::from_f32(b.into_owned(), out, r)),
             },
             AdapterDtype::F16 => LoraDelta {
-                a: convert(&a, r, inp, WeightFormat::F16)?,
-                b: Expand::Rows(convert(&b, out, r, WeightFormat::F16)?),
+                a: WeightMatrix::quantize_or_f16(&a, r, inp, WeightFormat::F16)?,
+                b: Expand::Rows(WeightMatrix::quantize_or_f16(
+                    &b,
+                    out,
+                    r,
+                    WeightFormat::F16,
+                )?),
             },
             AdapterDtype::Int8 | AdapterDtype::Int4 => {
                 let format = if dtype == AdapterDtype::Int8 {
@@ -102,12 +91,17 @@ impl LoraDelta {
                 } else {
                     WeightFormat::Q4_0
                 };
-                let a = convert(&a, r, inp, format)?;
+                let a = WeightMatrix::quantize_or_f16(&a, r, inp, format)?;
                 let b = if out % format.block_size() == 0 {
                     let bt: Vec<f32> = (0..r * out).map(|i| b[(i % out) * r + i / out]).collect();
-                    Expand::Transposed(convert(&bt, r, out, format)?)
+                    Expand::Transposed(WeightMatrix::quantize_or_f16(&bt, r, out, format)?)
                 } else {
-                    Expand::Rows(convert(&b, out, r, WeightFormat::F16)?)
+                    Expand::Rows(WeightMatrix::quantize_or_f16(
+                        &b,
+                        out,
+                        r,
+                        WeightFormat::F16,
+                    )?)
                 };
                 LoraDelta { a, b }
             }
@@ -165,6 +159,7 @@ impl LoraAdapter {
 mod tests {
     use super::*;
     use crate::kernels::dot::QuantizedActs;
+    use crate::lora::DeltaScratch;
     use s2lc_spectral::rng::SplitMix64;
 
     /// A delta of rank 8 from 64 inputs to 96 outputs, scale 0.5.
@@ -186,7 +181,7 @@ mod tests {
             x,
             n,
             &mut out,
-            &mut Vec::new(),
+            &mut DeltaScratch::default(),
             &mut QuantizedActs::default(),
         );
         out

@@ -11,6 +11,7 @@
 //! S2LC also writes adapters in the same layout ([`LoraAdapter::save`]), e.g. after re-ranking every
 //! delta by its spectrum ([`LoraAdapter::truncate`]).
 
+mod deltas;
 mod dtype;
 mod limits;
 mod peft;
@@ -24,6 +25,7 @@ use crate::error::ModelError;
 use crate::kernels::dot::QuantizedActs;
 use crate::kernels::WeightMatrix;
 
+pub use deltas::{same_adapter, AdapterDeltas, DeltaScratch};
 pub use dtype::AdapterDtype;
 pub use limits::{read_artifact_file, AdapterLimits};
 pub use peft::parse_name;
@@ -97,36 +99,24 @@ impl LoraDelta {
         }
     }
 
-    /// `out (n × out_dim) += s·B·(A·x)` for `x` (`n × in_dim`); `mid` is scratch, reused across
-    /// calls (it holds `A·x` and, for a transposed `B`, its rows as f32).
+    /// `out (n × out_dim) += s·B·(A·x)` for `x` (`n × in_dim`); `scratch` holds `A·x` and, for a
+    /// transposed `B`, one of its rows decoded at a time ([`WeightMatrix::axpy_rows`]), reused
+    /// across calls.
     pub fn apply(
         &self,
         x: &[f32],
         n: usize,
         out: &mut [f32],
-        mid: &mut Vec<f32>,
+        scratch: &mut DeltaScratch,
         acts: &mut QuantizedActs,
     ) {
         let r = self.rank();
+        let mid = &mut scratch.mid;
+        mid.resize(n * r, 0.0);
+        self.a.matmul(x, n, mid, Accum::Replace, acts);
         match &self.b {
-            Expand::Rows(b) => {
-                mid.resize(n * r, 0.0);
-                self.a.matmul(x, n, mid, Accum::Replace, acts);
-                b.matmul(mid, n, out, Accum::Add, acts);
-            }
-            Expand::Transposed(bt) => {
-                let o = bt.cols();
-                assert_eq!(out.len(), n * o, "output is not n × out_dim");
-                mid.resize(n * r + r * o, 0.0);
-                let (ax, rows) = mid.split_at_mut(n * r);
-                self.a.matmul(x, n, ax, Accum::Replace, acts);
-                bt.dequantize_rows(0, r, rows);
-                for (y, c) in out.chunks_exact_mut(o).zip(ax.chunks_exact(r)) {
-                    for (k, row) in rows.chunks_exact(o).enumerate() {
-                        crate::kernels::ops::axpy(y, c[k], row);
-                    }
-                }
-            }
+            Expand::Rows(b) => b.matmul(mid, n, out, Accum::Add, acts),
+            Expand::Transposed(bt) => bt.axpy_rows(mid, n, out, &mut scratch.row),
         }
     }
 
@@ -306,7 +296,7 @@ mod tests {
             &x,
             1,
             &mut y,
-            &mut Vec::new(),
+            &mut DeltaScratch::default(),
             &mut QuantizedActs::default(),
         );
         let dense = d.dense();

@@ -8,6 +8,7 @@
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use s2lc_model::lora::AdapterDeltas;
 use s2lc_model::tokenizer::{StreamDecoder, Tokenizer};
 
 use super::error::ApiError;
@@ -106,7 +107,10 @@ impl<'a> Generation<'a> {
             sampling: p.sampling,
             penalties: p.penalties,
             logprobs: p.logprobs,
-            adapter: job.adapter.clone(),
+            adapter: job
+                .adapter
+                .clone()
+                .map(|a| a as std::sync::Arc<dyn AdapterDeltas>),
             events: tx,
         });
         if !submitted {

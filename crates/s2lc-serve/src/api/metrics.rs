@@ -171,7 +171,7 @@ pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         ),
         (
             "s2lc_adapter_cache_resident_bytes",
-            "Bytes of adapters resident, in their resident form (--adapter-dtype factors).",
+            "Bytes of adapters resident, in their resident form (PEFT factors in --adapter-dtype; pack bases, cores and views).",
             "gauge",
             c.resident_bytes as f64,
         ),
@@ -192,6 +192,18 @@ pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     for (name, help, kind, v) in series {
         out.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+        ));
+    }
+    out.push_str(
+        "# HELP s2lc_adapter_resident_bytes Bytes of the adapter cache by kind: peft (factors), \
+         bases and cores (of packs, each once), views (members and morphs of packs).\n\
+         # TYPE s2lc_adapter_resident_bytes gauge\n",
+    );
+    let by_kind = s.cache.bytes_by(|r| r.kind());
+    for kind in ["peft", "bases", "cores", "views"] {
+        let v = by_kind.get(kind).copied().unwrap_or(0);
+        out.push_str(&format!(
+            "s2lc_adapter_resident_bytes{{kind=\"{kind}\"}} {v}\n"
         ));
     }
     let bounds = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];

@@ -44,11 +44,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
 
 use s2lc_model::llama::LlamaModel;
-use s2lc_model::lora::LoraAdapter;
+
 use s2lc_model::tokenizer::Tokenizer;
 
 use crate::batch::{BatchConfig, Batcher};
 use crate::cache::JitCache;
+use crate::resident::Resident;
 use crate::router::{SemanticRouter, TagRule};
 use crate::source::{AdapterSource, SourceError};
 pub use error::ApiError;
@@ -166,7 +167,7 @@ impl Engine {
 pub struct AppState {
     engine: Engine,
     source: Box<dyn AdapterSource>,
-    cache: JitCache<LoraAdapter, SourceError>,
+    cache: JitCache<Resident, SourceError>,
     router: Option<SemanticRouter>,
     /// Completion requests admitted (decoding, queued, or preparing).
     admission: Arc<Semaphore>,
@@ -230,7 +231,7 @@ impl Server {
         let state = Arc::new(AppState {
             engine,
             source,
-            cache: JitCache::new(config.adapter_budget),
+            cache: JitCache::with_busy(config.adapter_budget, Resident::busy),
             router,
             admission: Arc::new(Semaphore::new(admitted_limit)),
             admitted_limit,
@@ -249,9 +250,7 @@ impl Server {
             let r = prepare::resolve(&state, spec).map_err(|e| pin(e.message))?;
             state
                 .cache
-                .get_or_load(&r.content, || {
-                    prepare::load_sized(state.source.as_ref(), &r.key, &[])
-                })
+                .get_or_load(&r.content, || prepare::load_entry(&state, &r, &[]))
                 .map_err(|e| pin(e.to_string()))?;
             state.cache.set_pinned(&r.content, true);
         }

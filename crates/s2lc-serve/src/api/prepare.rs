@@ -8,14 +8,16 @@ use std::time::Instant;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 
-use s2lc_model::lora::LoraAdapter;
+use s2lc_adapters::pack::{PackView, PackedSet, ResidentBases, ResidentCores};
 use s2lc_model::model::{chatml, uses_chatml};
 
 use super::error::ApiError;
 use super::request::{CompletionRequest, Message, Params};
 use super::AppState;
+use crate::cache::CacheError;
+use crate::resident::Resident;
 use crate::router::{first_match, parse_tags, SemanticRouter};
-use crate::source::{AdapterSource, SourceError};
+use crate::source::{Loaded, SourceError};
 
 /// Temperature of router-chosen morph weights (`"morph": "auto"`), in cosine-score units: a
 /// route 0.05 behind the best gets e⁻¹ of its weight.
@@ -50,8 +52,8 @@ pub struct Job {
     pub id: u64,
     /// The plan it came from.
     pub plan: Planned,
-    /// The adapter, if any.
-    pub adapter: Option<Arc<LoraAdapter>>,
+    /// The adapter, if any, as the cache holds it.
+    pub adapter: Option<Arc<Resident>>,
     /// `name@version` of the adapter.
     pub key: Option<String>,
     /// `none`, `hit` or `miss`.
@@ -164,8 +166,10 @@ pub fn plan(s: &AppState, req: CompletionRequest, chat: bool) -> Result<Planned,
 
 /// Loads the planned adapter through the cache. Entries are keyed by content, not by name: the
 /// same files under two names are resident once, and a morph is cached under its pack's content
-/// and its weights. Blocking: a cold adapter is fetched and unpacked, and requests for the same
-/// cold content wait for that one load.
+/// and its weights. A pack member or morph is a weight vector over the pack's bases and cores,
+/// each resident once (a miss on another member or blend of a resident pack reads nothing).
+/// Blocking: a cold adapter is fetched, and requests for the same cold content wait for that
+/// one load.
 pub fn load(s: &AppState, plan: Planned, id: u64) -> Result<Job, ApiError> {
     let Some(spec) = plan.spec.clone() else {
         return Ok(Job {
@@ -176,37 +180,109 @@ pub fn load(s: &AppState, plan: Planned, id: u64) -> Result<Job, ApiError> {
             cache: "none",
         });
     };
-    let Resolved { key, content } = resolve(s, &spec)?;
+    let r = resolve(s, &spec)?;
     let cache_key = if plan.morph.is_empty() {
-        content
+        r.content.clone()
     } else {
         let w: Vec<String> = plan.morph.iter().map(|(m, w)| format!("{m}={w}")).collect();
-        format!("{content}#morph({})", w.join(","))
+        format!("{}#morph({})", r.content, w.join(","))
     };
     let mut loaded = false;
     let a = s.cache.get_or_load(&cache_key, || {
         loaded = true;
-        load_sized(s.source.as_ref(), &key, &plan.morph)
+        load_entry(s, &r, &plan.morph)
     })?;
     Ok(Job {
         id,
         plan,
         adapter: Some(a),
-        key: Some(key),
+        key: Some(r.key),
         cache: if loaded { "miss" } else { "hit" },
     })
 }
 
-/// An adapter (a morph of a pack's members when `morph` is not empty) and the bytes it holds
-/// resident in the form the source gives it (f16 factors by default, int8 blocks, f32).
-pub fn load_sized(
-    source: &dyn AdapterSource,
-    key: &str,
+/// A cache miss: a PEFT adapter read whole, or a view of a pack over its bases and cores, each
+/// taken from the cache or read once and put there. Returns the entry and the bytes it holds
+/// of its own.
+pub fn load_entry(
+    s: &AppState,
+    r: &Resolved,
     morph: &[(String, f32)],
-) -> Result<(LoraAdapter, usize), SourceError> {
-    let a = source.load(key, morph)?;
-    let bytes = a.resident_bytes();
-    Ok((a, bytes))
+) -> Result<(Resident, usize), SourceError> {
+    let cores_key = format!("cores:{}", r.content);
+    let bases_key = format!("bases:{}", r.bases.as_deref().unwrap_or(&r.content));
+    let resident_part = |key: &str| s.cache.peek(key);
+    let (mut bases, mut cores) = (resident_part(&bases_key), resident_part(&cores_key));
+    if bases.is_none() || cores.is_none() {
+        let set = match s.source.load(&r.key)? {
+            Loaded::Lora(a) => {
+                if !morph.is_empty() {
+                    return Err(SourceError::BadRequest(format!(
+                        "{} is a PEFT adapter, not an S2LC pack: it has no members to morph",
+                        r.key
+                    )));
+                }
+                let bytes = a.resident_bytes();
+                return Ok((Resident::Lora(a), bytes));
+            }
+            Loaded::Pack(set) => set,
+        };
+        let part = |key: &str, build: &dyn Fn(&PackedSet) -> Result<(Resident, usize), String>| {
+            s.cache
+                .get_or_load_part(key, || {
+                    build(&set).map_err(|e| SourceError::Unusable(format!("{}: {e}", r.key)))
+                })
+                .map_err(|e| match e {
+                    CacheError::Load(e) => e,
+                    other => SourceError::Unavailable(other.to_string()),
+                })
+        };
+        bases = Some(part(&bases_key, &|set| {
+            let b = ResidentBases::new(set).map_err(|e| e.to_string())?;
+            let bytes = b.bytes();
+            Ok((Resident::Bases(Arc::new(b)), bytes))
+        })?);
+        cores = Some(part(&cores_key, &|set| {
+            let c = ResidentCores::new(set).map_err(|e| e.to_string())?;
+            let bytes = c.bytes();
+            Ok((Resident::Cores(Arc::new(c)), bytes))
+        })?);
+    }
+    let (Some(Resident::Bases(bases)), Some(Resident::Cores(cores))) =
+        (bases.as_deref(), cores.as_deref())
+    else {
+        return Err(SourceError::Unusable(format!(
+            "{}: the cache holds another kind of entry under its pack's parts",
+            r.key
+        )));
+    };
+    let members = cores.members();
+    let weights: Vec<(&str, f32)> = if morph.is_empty() {
+        match members {
+            [one] => vec![(one.as_str(), 1.0)],
+            _ => {
+                return Err(SourceError::BadRequest(format!(
+                    "{} is a pack of {} members: blend them with 'morph', or push one with \
+                     `s2lc store push --member`",
+                    r.key,
+                    members.len()
+                )))
+            }
+        }
+    } else {
+        if let Some((missing, _)) = morph.iter().find(|(m, _)| !members.contains(m)) {
+            return Err(SourceError::NotFound(format!(
+                "{} has no member '{missing}' (members: {})",
+                r.key,
+                members.join(", ")
+            )));
+        }
+        morph.iter().map(|(m, w)| (m.as_str(), *w)).collect()
+    };
+    let view = PackView::new(&r.key, bases.clone(), cores.clone(), &weights)
+        .map_err(|e| SourceError::BadRequest(format!("{}: {e}", r.key)))?;
+    let bytes = view.own_bytes();
+    Ok((Resident::View(view), bytes))
 }
 
 /// What an adapter spec resolved to.
@@ -214,8 +290,11 @@ pub fn load_sized(
 pub struct Resolved {
     /// `name@version`: what responses and errors name.
     pub key: String,
-    /// Its content id ([`AdapterSource::content_id`]): what the cache holds it under.
+    /// Its content id ([`crate::source::AdapterSource::content`]): what the cache holds it
+    /// under.
     pub content: String,
+    /// For a pack, what identifies its shared bases.
+    pub bases: Option<String>,
 }
 
 /// The version an adapter spec names, and its content. A spec resolved within the last
@@ -233,8 +312,12 @@ pub fn resolve(s: &AppState, spec: &str) -> Result<Resolved, ApiError> {
     }
     // The store is asked without the lock held: a slow store delays only this request.
     let result = s.source.resolve(spec).and_then(|key| {
-        let content = s.source.content_id(&key)?;
-        Ok(Resolved { key, content })
+        let content = s.source.content(&key)?;
+        Ok(Resolved {
+            key,
+            content: content.id,
+            bases: content.bases,
+        })
     });
     let mut resolved = s.resolved.lock().unwrap_or_else(|p| p.into_inner());
     match result {
