@@ -112,3 +112,83 @@ impl AdapterDeltas for Resident {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{CacheError, JitCache};
+    use s2lc_adapters::pack::pack;
+    use s2lc_adapters::{Member, PackParams};
+    use s2lc_model::lora::LoraDelta;
+    use s2lc_spectral::rng::SplitMix64;
+
+    /// A rank-4 adapter on layer 0's q_proj (64 × 64), random (a unit test, not a quality claim).
+    fn adapter(seed: u64) -> LoraAdapter {
+        let mut rng = SplitMix64::new(seed);
+        let mut layers: Vec<[Option<LoraDelta>; 7]> = vec![Default::default()];
+        layers[0][0] = Some(LoraDelta::new(
+            rng.centered_vec(4 * 64),
+            rng.centered_vec(64 * 4),
+            4,
+            64,
+            64,
+            1.0,
+        ));
+        LoraAdapter {
+            path: format!("a{seed}").into(),
+            rank: 4,
+            alpha: 4.0,
+            scale: 1.0,
+            base_model: None,
+            layers,
+        }
+    }
+
+    /// A pack's bases and cores stay resident while a view of them exists (in the cache or in
+    /// a batch row): a load that would need their bytes is refused instead, and once the last
+    /// view is gone they are evicted like any entry.
+    #[test]
+    fn pack_parts_are_never_evicted_while_a_view_uses_them() {
+        let set = pack(
+            &[Member::from_lora("m0", &adapter(1))],
+            PackParams::default(),
+        )
+        .unwrap();
+        let (b, c) = (
+            ResidentBases::new(&set).unwrap(),
+            ResidentCores::new(&set).unwrap(),
+        );
+        let parts = b.bytes() + c.bytes();
+        let cache: JitCache<Resident, String> = JitCache::with_busy(parts, Resident::busy);
+        let bases = cache
+            .get_or_load_part("bases", || {
+                Ok((Resident::Bases(Arc::new(b)), parts - c.bytes()))
+            })
+            .unwrap();
+        let cores = cache
+            .get_or_load_part("cores", || {
+                let c = ResidentCores::new(&set).map_err(|e| e.to_string())?;
+                let n = c.bytes();
+                Ok((Resident::Cores(Arc::new(c)), n))
+            })
+            .unwrap();
+        let (Resident::Bases(bs), Resident::Cores(cs)) = (&*bases, &*cores) else {
+            unreachable!()
+        };
+        let view = PackView::new("m0", bs.clone(), cs.clone(), &[("m0", 1.0)]).unwrap();
+        drop((bases, cores));
+        // A batch row holds the view (not the cache): the parts are still busy.
+        let row: Arc<dyn AdapterDeltas> = Arc::new(Resident::View(view));
+        let big = |cache: &JitCache<Resident, String>| {
+            cache.get_or_load("peft", || Ok((Resident::Lora(adapter(2)), parts)))
+        };
+        let Err(CacheError::OverBudget { .. }) = big(&cache) else {
+            panic!("a pack part in use was evicted");
+        };
+        assert!(cache.contains("bases") && cache.contains("cores"));
+        drop(row);
+        big(&cache).unwrap();
+        assert!(!cache.contains("bases") && !cache.contains("cores"));
+        assert_eq!(cache.stats().resident_bytes, parts);
+    }
+}

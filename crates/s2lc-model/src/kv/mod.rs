@@ -269,6 +269,7 @@ thread_local! {
 pub use crate::kernels::ops::softmax_prefix;
 
 /// A dense f32 cache: per layer, keys and values as `tokens × kv_dim` row-major buffers.
+#[derive(Debug, Clone)]
 pub struct DenseKvCache {
     shape: AttnShape,
     keys: Vec<Vec<f32>>,
