@@ -1,9 +1,11 @@
-//! `s2lc bench serve`: a bounded load test of the server on loopback. Copies of the real adapters
-//! are pushed into a fresh store under many names (each PEFT copy's delta scaled by its own
-//! factor, so that no two are the same content), the server runs in this process with a byte
-//! budget, and many clients send completions for adapters drawn with Zipf popularity. Reports
-//! throughput, latency percentiles, the cache hit rate, the largest resident adapter bytes seen
-//! (against the budget) and the process's peak RSS.
+//! `s2lc bench serve`: a bounded load test of the server on loopback, in one process and one
+//! sitting, for each workload asked for: the base model alone; many distinct PEFT adapters
+//! (copies of the real adapters pushed into a fresh store under many names, each copy's delta
+//! scaled by its own factor so that no two are the same content); many distinct morphs of one
+//! real pack (weights drawn per name from a flat Dirichlet). Names are drawn with Zipf
+//! popularity. Reports throughput and its ratio to the first run, latency percentiles, the cache
+//! hit rate, the largest resident adapter and KV bytes seen (against the budget) and the
+//! process's peak RSS.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -60,8 +62,54 @@ pub struct ServeBenchArgs {
     /// the first are printed).
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     max_batch: Vec<usize>,
+    /// What the clients ask for, one load test each: `base` (no adapter), `peft` (the
+    /// --n-adapters copies of the adapters), `morph` (--n-adapters distinct blends of --pack).
+    #[arg(long, value_delimiter = ',', default_value = "peft")]
+    workload: Vec<Workload>,
+    /// The pack whose members the `morph` workload blends (a directory written by `s2lc
+    /// adapters pack`).
+    #[arg(long)]
+    pack: Option<PathBuf>,
     #[command(flatten)]
     json: JsonArg,
+}
+
+/// What the clients of one load test ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// The base model, no adapter.
+    Base,
+    /// Distinct PEFT adapters.
+    Peft,
+    /// Distinct morphs of one pack.
+    Morph,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Base => "base",
+            Workload::Peft => "peft",
+            Workload::Morph => "morph",
+        }
+    }
+}
+
+/// Weights of morph `i` over `members`: a draw from the flat Dirichlet (normalized
+/// exponentials), seeded by `i`, so every name has its own blend.
+fn dirichlet(members: &[String], i: usize) -> serde_json::Value {
+    let mut rng = SplitMix64::new(0x5eed ^ i as u64);
+    let e: Vec<f64> = members
+        .iter()
+        .map(|_| -(1.0 - rng.unit_f64()).ln())
+        .collect();
+    let sum: f64 = e.iter().sum();
+    let w: serde_json::Map<String, serde_json::Value> = members
+        .iter()
+        .zip(&e)
+        .map(|(m, x)| (m.clone(), json!((x / sum * 100.0).round() / 100.0)))
+        .collect();
+    serde_json::Value::Object(w)
 }
 
 /// A copy of the PEFT adapter `src` in `staging` whose delta is scaled by `scale` (its
@@ -90,6 +138,48 @@ pub fn scaled_copy(src: &Path, staging: &Path, scale: f64) -> Result<PathBuf> {
     Ok(staging.to_path_buf())
 }
 
+/// Pushes `--n-adapters` scaled copies of `sources` as `bench-0000@1.0.0`, ….
+fn push_copies(
+    args: &ServeBenchArgs,
+    store: &Store,
+    sources: &[PathBuf],
+    digest: &str,
+    dir: &Path,
+) -> Result<()> {
+    let t = Instant::now();
+    let bar = progress_bar(args.n_adapters as u64, "pushing adapters");
+    let v1 = Version::new(1, 0, 0);
+    let staging = dir.with_extension("copy");
+    for i in 0..args.n_adapters {
+        let src = &sources[i % sources.len()];
+        let scale = 1.0 + (i / sources.len()) as f64 * 1e-3;
+        let copy = scaled_copy(src, &staging, scale)?;
+        store
+            .push(
+                &format!("bench-{i:04}"),
+                &v1,
+                &copy,
+                Some(digest.to_string()),
+                json!({"copy_of": src, "scale": scale}),
+                &mut |_| Ok(()),
+            )
+            .with_context(|| format!("pushing copy {i} of {}", src.display()))?;
+        bar.inc(1);
+    }
+    let _ = std::fs::remove_dir_all(&staging);
+    bar.finish_and_clear();
+    let (logical, physical) = store.usage()?;
+    eprintln!(
+        "store: {} adapters ({} sources) pushed in {:.1} s; {:.1} MB logical, {:.1} MB stored",
+        args.n_adapters,
+        sources.len(),
+        t.elapsed().as_secs_f64(),
+        logical as f64 / 1e6,
+        physical as f64 / 1e6
+    );
+    Ok(())
+}
+
 /// `VmHWM` of this process in bytes (peak resident set).
 fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -111,12 +201,6 @@ fn metric(text: &str, name: &str) -> f64 {
 
 /// Runs `s2lc bench serve`.
 pub fn run(args: &ServeBenchArgs) -> Result<()> {
-    let sources = args
-        .adapters
-        .dirs_or(|| Ok(crate::adapter_io::domain_adapters()))?;
-    if sources.is_empty() {
-        bail!("no adapters to serve: pass --adapter DIR or train the set (scripts/reference/train_adapter_set.sh)");
-    }
     if args.clients == 0 || args.n_adapters == 0 {
         bail!("--clients and --n-adapters must be positive");
     }
@@ -125,37 +209,50 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("s2lc-bench-serve-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let store = Store::open(dir.to_str().context("temp dir is not UTF-8")?)?;
-    let t = Instant::now();
-    let bar = progress_bar(args.n_adapters as u64, "pushing adapters");
     let v1 = Version::new(1, 0, 0);
-    let staging = dir.with_extension("copy");
-    for i in 0..args.n_adapters {
-        let src = &sources[i % sources.len()];
-        let scale = 1.0 + (i / sources.len()) as f64 * 1e-3;
-        let copy = scaled_copy(src, &staging, scale)?;
+    let mut sources = Vec::new();
+    if args.workload.contains(&Workload::Peft) {
+        sources = args
+            .adapters
+            .dirs_or(|| Ok(crate::adapter_io::domain_adapters()))?;
+        if sources.is_empty() {
+            bail!("no adapters to serve: pass --adapter DIR or train the set (scripts/reference/train_adapter_set.sh)");
+        }
+        push_copies(args, &store, &sources, &digest, &dir)?;
+    }
+    let mut members = Vec::new();
+    if args.workload.contains(&Workload::Morph) {
+        let pack = args
+            .pack
+            .as_ref()
+            .context("the morph workload needs --pack DIR (a pack of several members)")?;
+        let set = s2lc_adapters::format::load(pack)
+            .with_context(|| format!("reading the pack {}", pack.display()))?;
+        members = set.members.iter().map(|m| m.name.clone()).collect();
+        if members.len() < 2 {
+            bail!(
+                "{} has {} member(s): a morph blends several",
+                pack.display(),
+                members.len()
+            );
+        }
         store
             .push(
-                &format!("bench-{i:04}"),
+                "bench-pack",
                 &v1,
-                &copy,
+                pack,
                 Some(digest.clone()),
-                json!({"copy_of": src, "scale": scale}),
+                json!({}),
                 &mut |_| Ok(()),
             )
-            .with_context(|| format!("pushing copy {i} of {}", src.display()))?;
-        bar.inc(1);
+            .with_context(|| format!("pushing {}", pack.display()))?;
+        eprintln!(
+            "store: the pack {} ({} members: {})",
+            pack.display(),
+            members.len(),
+            members.join(", ")
+        );
     }
-    let _ = std::fs::remove_dir_all(&staging);
-    bar.finish_and_clear();
-    let (logical, physical) = store.usage()?;
-    eprintln!(
-        "store: {} adapters ({} sources) pushed in {:.1} s; {:.1} MB logical, {:.1} MB stored",
-        args.n_adapters,
-        sources.len(),
-        t.elapsed().as_secs_f64(),
-        logical as f64 / 1e6,
-        physical as f64 / 1e6
-    );
 
     // Zipf popularity: adapter i drawn with weight 1/(i+1)^s.
     let weights: Vec<f64> = (0..args.n_adapters)
@@ -170,7 +267,7 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         })
         .collect();
     println!(
-        "{} clients, {} adapters (Zipf {}), budget {:.0} MiB of {} factors, {} tokens per request",
+        "{} clients, {} adapter names (Zipf {}), budget {:.0} MiB (PEFT as {} factors), {} tokens per request",
         args.clients,
         args.n_adapters,
         args.zipf,
@@ -179,19 +276,29 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         args.max_tokens
     );
     let mut runs = Vec::new();
-    for &max_batch in &args.max_batch {
-        if max_batch == 0 {
-            bail!("--max-batch values must be at least 1");
+    for &workload in &args.workload {
+        for &max_batch in &args.max_batch {
+            if max_batch == 0 {
+                bail!("--max-batch values must be at least 1");
+            }
+            let body = |i: usize| match workload {
+                Workload::Base => json!({"model": "base"}),
+                Workload::Peft => json!({"model": format!("base:bench-{i:04}@^1")}),
+                Workload::Morph => {
+                    json!({"model": "base:bench-pack@^1", "morph": dirichlet(&members, i)})
+                }
+            };
+            let mut run = load_test(args, &model_path, &dir, &digest, max_batch, &cdf, &body)?;
+            run.workload = workload;
+            run.print(runs.first());
+            runs.push(run);
         }
-        let run = load_test(args, &model_path, &dir, &digest, max_batch, &cdf)?;
-        run.print(runs.first());
-        runs.push(run);
     }
     if let Some(path) = &args.json.path {
         let out = json!({
             "clients": args.clients, "adapters": args.n_adapters, "zipf": args.zipf,
             "budget_bytes": args.adapter_memory, "adapter_dtype": args.adapter_dtype.name(),
-            "max_tokens": args.max_tokens,
+            "max_tokens": args.max_tokens, "pack": args.pack, "members": members,
             "sources": sources, "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
         });
         write_json(path, &out)?;
@@ -200,14 +307,16 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
     for run in &runs {
         if run.ok < run.sent {
             bail!(
-                "batch {}: {} requests failed",
+                "{} batch {}: {} requests failed",
+                run.workload.name(),
                 run.max_batch,
                 run.sent - run.ok
             );
         }
         if run.max_resident > args.adapter_memory as f64 {
             bail!(
-                "batch {}: resident adapter bytes {} exceeded the budget",
+                "{} batch {}: resident adapter bytes {} exceeded the budget",
+                run.workload.name(),
                 run.max_batch,
                 run.max_resident
             );
@@ -218,6 +327,7 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
 
 /// What one load test measured.
 struct Run {
+    workload: Workload,
     max_batch: usize,
     sent: usize,
     ok: usize,
@@ -229,6 +339,7 @@ struct Run {
     misses: f64,
     evictions: f64,
     max_resident: f64,
+    max_kv: f64,
     rss: u64,
 }
 
@@ -238,15 +349,17 @@ impl Run {
         let ratio = first
             .map(|f| {
                 format!(
-                    " ({:.2}x batch {})",
+                    " ({:.2}x {} batch {})",
                     rate / (f.ok as f64 / f.wall),
+                    f.workload.name(),
                     f.max_batch
                 )
             })
             .unwrap_or_default();
         let [p50, p90, p99, max] = self.latency;
         println!(
-            "\nbatch {}: {} sent, {} answered 200, {} failed, in {:.1} s: {rate:.2} req/s{ratio}, {:.1} generated tok/s",
+            "\n{} batch {}: {} sent, {} answered 200, {} failed, in {:.1} s: {rate:.2} req/s{ratio}, {:.1} generated tok/s",
+            self.workload.name(),
             self.max_batch,
             self.sent,
             self.ok,
@@ -256,12 +369,13 @@ impl Run {
         );
         println!("latency ms: p50 {p50:.0}, p90 {p90:.0}, p99 {p99:.0}, max {max:.0}");
         println!(
-            "adapter cache: hit rate {:.1} % ({} hits, {} loads, {} evictions); resident at most {:.1} MiB; peak RSS so far {:.0} MiB",
+            "adapter cache: hit rate {:.1} % ({} hits, {} loads, {} evictions); resident at most {:.2} MiB; KV at most {:.1} MiB; peak RSS so far {:.0} MiB",
             100.0 * self.hits / (self.hits + self.misses).max(1.0),
             self.hits,
             self.misses,
             self.evictions,
             self.max_resident / (1 << 20) as f64,
+            self.max_kv / (1 << 20) as f64,
             self.rss as f64 / (1 << 20) as f64
         );
     }
@@ -269,12 +383,13 @@ impl Run {
     fn json(&self) -> serde_json::Value {
         let [p50, p90, p99, max] = self.latency;
         json!({
-            "max_batch": self.max_batch, "requests": self.sent, "ok": self.ok,
+            "workload": self.workload.name(), "max_batch": self.max_batch, "requests": self.sent, "ok": self.ok,
             "seconds": self.wall, "req_per_s": self.ok as f64 / self.wall,
             "generated_tok_per_s": self.tokens / self.wall,
             "latency_ms": {"p50": p50, "p90": p90, "p99": p99, "max": max},
             "cache": {"hits": self.hits, "loads": self.misses, "evictions": self.evictions,
                       "max_resident_bytes": self.max_resident},
+            "max_kv_bytes": self.max_kv,
             "peak_rss_bytes_so_far": self.rss,
         })
     }
@@ -289,6 +404,7 @@ fn load_test(
     digest: &str,
     max_batch: usize,
     cdf: &[f64],
+    body_of: &(dyn Fn(usize) -> serde_json::Value + Sync),
 ) -> Result<Run> {
     let (source, model, tokenizer) = load_model(model_path, args.base.weights)?;
     let batch = BatchConfig {
@@ -327,6 +443,7 @@ fn load_test(
     let issued = AtomicUsize::new(0);
     let results = Mutex::new(Vec::<(f64, u16)>::with_capacity(args.requests));
     let max_resident = Mutex::new(0f64);
+    let max_kv = Mutex::new(0f64);
     let done = std::sync::atomic::AtomicBool::new(false);
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let start = Instant::now();
@@ -335,9 +452,14 @@ fn load_test(
         s.spawn(|| {
             while !done.load(Ordering::Relaxed) {
                 if let Ok(r) = request(&addr, "GET", "/metrics", b"") {
-                    let v = metric(&r.body, "s2lc_adapter_cache_resident_bytes");
-                    let mut m = max_resident.lock().unwrap_or_else(|p| p.into_inner());
-                    *m = m.max(v);
+                    for (name, max) in [
+                        ("s2lc_adapter_cache_resident_bytes", &max_resident),
+                        ("s2lc_kv_cache_resident_bytes", &max_kv),
+                    ] {
+                        let v = metric(&r.body, name);
+                        let mut m = max.lock().unwrap_or_else(|p| p.into_inner());
+                        *m = m.max(v);
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -352,8 +474,9 @@ fn load_test(
                     {
                         let u = rng.unit_f64();
                         let i = cdf.partition_point(|&p| p < u).min(cdf.len() - 1);
-                        let body = json!({"model": format!("base:bench-{i:04}@^1"),
-                            "prompt": "The quick brown fox", "max_tokens": args.max_tokens});
+                        let mut body = body_of(i);
+                        body["prompt"] = json!("The quick brown fox");
+                        body["max_tokens"] = json!(args.max_tokens);
                         let t = Instant::now();
                         let status =
                             request(addr, "POST", "/v1/completions", body.to_string().as_bytes())
@@ -387,6 +510,7 @@ fn load_test(
     let misses = metric(&metrics, "s2lc_adapter_cache_misses_total");
     let evictions = metric(&metrics, "s2lc_adapter_cache_evictions_total");
     let max_resident = max_resident.into_inner().unwrap_or_else(|p| p.into_inner());
+    let max_kv = max_kv.into_inner().unwrap_or_else(|p| p.into_inner());
     let rss = peak_rss().unwrap_or(0);
     let tokens = metric(&metrics, "s2lc_completion_tokens_total");
     Ok(Run {
@@ -405,6 +529,8 @@ fn load_test(
         misses,
         evictions,
         max_resident,
+        max_kv,
         rss,
+        workload: Workload::Base,
     })
 }

@@ -34,6 +34,7 @@ pub trait AdapterDeltas: Send + Sync {
 
     /// `out (n × out_dim) += Δ·x` for `x` (`n × in_dim`) on `target` of `layer`; nothing where
     /// it has no delta.
+    #[allow(clippy::too_many_arguments)]
     fn apply(
         &self,
         layer: usize,

@@ -201,6 +201,9 @@ pub fn load(s: &AppState, plan: Planned, id: u64) -> Result<Job, ApiError> {
     })
 }
 
+/// Builds one resident part of a pack (its bases or its cores) and its bytes.
+type PartBuilder = dyn Fn(&PackedSet) -> Result<(Resident, usize), String>;
+
 /// A cache miss: a PEFT adapter read whole, or a view of a pack over its bases and cores, each
 /// taken from the cache or read once and put there. Returns the entry and the bytes it holds
 /// of its own.
@@ -227,7 +230,7 @@ pub fn load_entry(
             }
             Loaded::Pack(set) => set,
         };
-        let part = |key: &str, build: &dyn Fn(&PackedSet) -> Result<(Resident, usize), String>| {
+        let part = |key: &str, build: &PartBuilder| {
             s.cache
                 .get_or_load_part(key, || {
                     build(&set).map_err(|e| SourceError::Unusable(format!("{}: {e}", r.key)))
