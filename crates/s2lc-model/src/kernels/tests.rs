@@ -395,7 +395,7 @@ fn batched_matmul_refuses_a_short_output() {
 #[test]
 fn axpy_rows_matches_the_transposed_reference() {
     let mut rng = Draws::new(41);
-    let (rows, cols, n) = (5, 64, 3);
+    let (rows, cols, n) = (5, 256, 3);
     for format in ALL {
         let w = matrix(format, rows, cols, &mut rng);
         let dense = w.to_f32();
