@@ -109,25 +109,38 @@ impl Default for BatchConfig {
 /// An upper bound of the bytes a `spec` cache holds at `tokens` tokens, per the layouts of
 /// [`s2lc_model::kv`]: dense f32 keys and values; q8 and q4 groups of 32 values with an f16 scale
 /// (34 and 18 bytes), behind a window, the sink tokens and one partial block kept as f32. A
-/// spectral side is bounded by f32 (its rank, and so its size, is known only once coded).
+/// spectral side is bounded by f32 (its rank, and so its size, is known only once coded); keys
+/// ranked by attention error add the queries' second moments they keep.
 pub fn kv_bytes_bound(spec: &KvSpec, n_layers: usize, shape: AttnShape, tokens: usize) -> usize {
     let kv_dim = shape.kv_dim();
     let f32_side = tokens * kv_dim * 4;
-    let per_side = match spec {
+    let (per_side, moments) = match spec {
         KvSpec::Dense => return n_layers * 2 * f32_side,
-        KvSpec::Compressed(c) => [c.keys, c.values].map(|coding| {
-            let dense = (c.window + c.sink + c.block).min(tokens);
-            let coded = tokens - dense;
-            let groups = kv_dim.div_ceil(GROUP);
-            let per_token = match coding {
-                Coding::Q8 => groups * 34,
-                Coding::Q4 => groups * 18,
-                Coding::Spectral { .. } => kv_dim * 4,
-            };
-            dense * kv_dim * 4 + coded * per_token
-        }),
+        KvSpec::Compressed(c) => (
+            [c.keys, c.values].map(|coding| {
+                let dense = (c.window + c.sink + c.block).min(tokens);
+                let coded = tokens - dense;
+                let groups = kv_dim.div_ceil(GROUP);
+                let per_token = match coding {
+                    Coding::Q8 => groups * 34,
+                    Coding::Q4 => groups * 18,
+                    Coding::Spectral { .. } => kv_dim * 4,
+                };
+                dense * kv_dim * 4 + coded * per_token
+            }),
+            {
+                // Keys ranked by attention error keep each layer's recent queries' second moments
+                // (per KV head, an upper triangle), plus one full `d × d` scratch.
+                let hd = shape.head_dim;
+                if c.needs_query_moments() {
+                    4 * (n_layers * shape.n_kv_heads * hd * (hd + 1) / 2 + hd * hd)
+                } else {
+                    0
+                }
+            },
+        ),
     };
-    n_layers * (per_side[0] + per_side[1])
+    n_layers * (per_side[0] + per_side[1]) + moments
 }
 
 /// The handle requests submit through; the decode thread ends when the handle is dropped and the
@@ -689,6 +702,46 @@ mod tests {
             a_tokens += 1;
         }
         assert!(a_tokens >= 15, "A got {a_tokens} tokens during B's prefill");
+    }
+
+    /// The bound holds what each kind of cache holds after a generation, keys ranked by
+    /// attention error (which keep the queries' second moments) included.
+    #[test]
+    fn the_kv_bound_holds_every_cache_kind() {
+        let m = s2lc_model::llama::random_model(64, 96, 2, (2, 1), 11, 7);
+        let shape = m.attn_shape();
+        let n_layers = m.config().n_layers;
+        for spec in [
+            "dense",
+            "q8",
+            "q4",
+            "spectral",
+            "spectral:kscore=0.05",
+            "spectral:kbits=2",
+        ] {
+            let kv = KvSpec::parse(spec).unwrap();
+            kv.check(shape).unwrap();
+            for limit in [8, 80] {
+                let mut cache = kv.cache(n_layers, shape, limit).unwrap();
+                let mut sampler = Sampler::new(SamplingParams::default());
+                generate(
+                    &m,
+                    cache.as_mut(),
+                    &[1, 2, 3],
+                    limit - 3,
+                    &mut sampler,
+                    &[],
+                    |_| true,
+                )
+                .unwrap();
+                let bound = kv_bytes_bound(&kv, n_layers, shape, limit);
+                assert!(
+                    cache.bytes() <= bound,
+                    "{spec} at {limit}: {} > {bound}",
+                    cache.bytes()
+                );
+            }
+        }
     }
 
     #[test]
