@@ -435,6 +435,13 @@ impl PackView {
     }
 }
 
+/// `r` as a view of `cores`, if it is one.
+fn view_of<'r>(r: &'r dyn AdapterDeltas, cores: &Arc<ResidentCores>) -> Option<&'r PackView> {
+    r.as_any()
+        .downcast_ref::<PackView>()
+        .filter(|v| Arc::ptr_eq(&v.cores, cores))
+}
+
 impl AdapterDeltas for PackView {
     fn label(&self) -> String {
         self.label.clone()
@@ -484,17 +491,10 @@ impl AdapterDeltas for PackView {
         scratch: &mut DeltaScratch,
         acts: &mut QuantizedActs,
     ) {
-        let views: Option<Vec<&PackView>> = rows
-            .iter()
-            .map(|r| {
-                r.as_any()
-                    .downcast_ref::<PackView>()
-                    .filter(|v| Arc::ptr_eq(&v.cores, &self.cores))
-            })
-            .collect();
-        match views {
-            Some(views) => self.run(
-                |i| &views[i].weights,
+        // Each row's view of these cores (checked for all rows first; nothing is allocated).
+        match rows.iter().all(|r| view_of(*r, &self.cores).is_some()) {
+            true => self.run(
+                |i| view_of(rows[i], &self.cores).map_or(&[][..], |v| &v.weights),
                 rows.len(),
                 layer,
                 target,
@@ -503,7 +503,7 @@ impl AdapterDeltas for PackView {
                 scratch,
                 acts,
             ),
-            None => {
+            false => {
                 // Not all views of these cores: one row at a time.
                 let n = rows.len();
                 let (xw, ow) = (x.len() / n, out.len() / n);
