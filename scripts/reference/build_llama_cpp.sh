@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the peer engine llama.cpp (llama-bench, llama-quantize) for scripts/reference/bench_peers.sh.
+# Build the peer engine llama.cpp (llama-bench, llama-quantize, llama-perplexity) for
+# scripts/reference/bench_peers.sh, `s2lc bench kv --llama-perplexity` and the weight frontier.
 #
 #   scripts/reference/build_llama_cpp.sh      everything under ${S2LC_PEERS:-$HOME/.cache/s2lc-peers}
 #
@@ -52,15 +53,16 @@ if [ ! -f "$SRC/CMakeLists.txt" ]; then
   tar -xzf "$TARBALL" -C "$PEERS"
 fi
 
-# 3. Configure (a no-op when the cache already has these values) and build the two tools.
-# LLAMA_BUILD_TOOLS (default ON for a top-level build) holds llama-bench and llama-quantize; the unified
+# 3. Configure (a no-op when the cache already has these values) and build the three tools.
+# LLAMA_BUILD_TOOLS (default ON for a top-level build) holds llama-bench, llama-quantize and
+# llama-perplexity; the unified
 # `llama` app and the server are not needed. This llama.cpp no longer has LLAMA_CURL (only a warning).
 cd "$SRC"
 cmake -S . -B build -G Ninja \
   -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
   -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_SERVER=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
-cmake --build build -j "$JOBS" --target llama-bench llama-quantize
+cmake --build build -j "$JOBS" --target llama-bench llama-quantize llama-perplexity
 
 # 4. F32 and F16 GGUFs from the Q4_1 file: every quantized tensor (Q8_0 embedding too) is dequantized.
 # F32 is exactly the Q4_1 model (what S2LC's and PyTorch's f32 paths compute with); F16 rounds it.
@@ -79,4 +81,5 @@ done
 
 echo "llama-bench:    $BIN/llama-bench"
 echo "llama-quantize: $BIN/llama-quantize"
+echo "llama-perplexity: $BIN/llama-perplexity"
 ls -l "$PEERS"/models/*.gguf

@@ -9,8 +9,10 @@ use std::borrow::Cow;
 
 use faer::Accum;
 
+use crate::error::ModelError;
 use crate::kernels::dot::QuantizedActs;
 use crate::kernels::{gemv, GemvTask, WeightFormat, WeightMatrix, SMALL_BATCH};
+use crate::source::{BytesTensor, Weights};
 
 /// A dense linear layer: one [`WeightMatrix`] (f32 or a quantized format) and an optional bias.
 #[derive(Debug, Clone)]
@@ -131,6 +133,160 @@ impl LowRankLinear {
     }
 }
 
+/// A quantized weight plus a low-rank correction of its quantization error:
+/// `y = x·(Q + L·R)ᵀ + b`, with `Q` in a block format, `R` (`rank × in`) and `L` held
+/// transposed (`Lᵀ`, `rank × out`) so both factors can be block-quantized along their long side.
+/// A decode step computes `Q·x` and `R·x` in one pass over `x`, then adds `(R·x)·Lᵀ`.
+#[derive(Debug, Clone)]
+pub struct CorrectedLinear {
+    weight: WeightMatrix,
+    r: WeightMatrix,
+    lt: WeightMatrix,
+    bias: Option<Vec<f32>>,
+}
+
+impl CorrectedLinear {
+    /// Builds a layer from the quantized `weight` (`out × in`), the correction's `r` (`rank ×
+    /// in`) and `lt` (`rank × out`), and an optional bias.
+    ///
+    /// # Panics
+    /// If the shapes do not fit together.
+    pub fn new(
+        weight: WeightMatrix,
+        r: WeightMatrix,
+        lt: WeightMatrix,
+        bias: Option<Vec<f32>>,
+    ) -> Self {
+        assert!(
+            r.cols() == weight.cols() && lt.cols() == weight.rows() && r.rows() == lt.rows(),
+            "correction factors do not fit the weight"
+        );
+        if let Some(b) = &bias {
+            assert_eq!(b.len(), weight.rows(), "bias is not out");
+        }
+        CorrectedLinear {
+            weight,
+            r,
+            lt,
+            bias,
+        }
+    }
+
+    /// The rank of the correction.
+    pub fn rank(&self) -> usize {
+        self.r.rows()
+    }
+
+    /// The quantized weight `Q`, the correction's `R` and `Lᵀ`, as stored.
+    pub fn matrices(&self) -> (&WeightMatrix, &WeightMatrix, &WeightMatrix) {
+        (&self.weight, &self.r, &self.lt)
+    }
+
+    /// `Q + L·R` as f32 (`out × in`, row-major): the weight the layer applies.
+    pub fn effective_weight(&self) -> Vec<f32> {
+        let (o, i) = (self.weight.rows(), self.weight.cols());
+        let mut w = self.weight.to_f32().into_owned();
+        let r = self.r.to_f32();
+        let lt = self.lt.to_f32();
+        for k in 0..self.rank() {
+            let rk = &r[k * i..(k + 1) * i];
+            for (a, row) in w.chunks_exact_mut(i).enumerate() {
+                let l = lt[k * o + a];
+                if l != 0.0 {
+                    crate::kernels::ops::axpy(row, l, rk);
+                }
+            }
+        }
+        w
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
+    /// The layer's matrices as `u8` tensors under scope `name`: `weight_sq` (the low-bit rows,
+    /// `[out, row_bytes]`), `correction_r` (`[rank, row_bytes]`) and `correction_lt` (`[rank,
+    /// row_bytes]`), each in its stored format; [`CorrectedLinear::load`] infers every format
+    /// from its row length (the bias is an f32 tensor of its own).
+    pub fn export(&self, name: &str) -> Vec<(String, BytesTensor)> {
+        let enc = |m: &WeightMatrix| BytesTensor {
+            shape: vec![m.rows(), m.format().row_bytes(m.cols())],
+            bytes: m.encoded().map(<[u8]>::to_vec).unwrap_or_else(|| {
+                // f32 storage: written as its little-endian bytes.
+                m.to_f32().iter().flat_map(|v| v.to_le_bytes()).collect()
+            }),
+        };
+        vec![
+            (format!("{name}.weight_sq"), enc(&self.weight)),
+            (format!("{name}.correction_r"), enc(&self.r)),
+            (format!("{name}.correction_lt"), enc(&self.lt)),
+        ]
+    }
+
+    /// Loads the layer [`CorrectedLinear::export`] wrote under scope `w` (`out × inp`), or
+    /// `None` when the scope holds no `weight_sq`.
+    pub fn load(
+        w: &Weights,
+        out: usize,
+        inp: usize,
+        bias: Option<Vec<f32>>,
+    ) -> Result<Option<Self>, ModelError> {
+        let Some(weight) = load_encoded(w, "weight_sq", Some(out), inp, LOWBIT)? else {
+            return Ok(None);
+        };
+        let r = load_encoded(w, "correction_r", None, inp, FACTOR)?
+            .ok_or_else(|| ModelError::MissingTensor(w.full("correction_r")))?;
+        let lt = load_encoded(w, "correction_lt", Some(r.rows()), out, FACTOR)?
+            .ok_or_else(|| ModelError::MissingTensor(w.full("correction_lt")))?;
+        Ok(Some(CorrectedLinear::new(weight, r, lt, bias)))
+    }
+}
+
+/// Formats a quantized weight may be stored in.
+const LOWBIT: &[WeightFormat] = &[WeightFormat::Sq2, WeightFormat::Sq3, WeightFormat::Sq4];
+/// Formats a correction factor may be stored in.
+const FACTOR: &[WeightFormat] = &[WeightFormat::Q8_0, WeightFormat::F16, WeightFormat::F32];
+
+/// The `u8` tensor `leaf` of scope `w` as a matrix of `cols` columns (and `rows` rows when
+/// given) in whichever of `formats` has its row length; `None` when absent.
+fn load_encoded(
+    w: &Weights,
+    leaf: &str,
+    rows: Option<usize>,
+    cols: usize,
+    formats: &[WeightFormat],
+) -> Result<Option<WeightMatrix>, ModelError> {
+    let name = w.full(leaf);
+    let Some(t) = w.source().load_bytes(&name)? else {
+        return Ok(None);
+    };
+    let [r, rb] = t.shape[..] else {
+        return Err(ModelError::WeightFormat(format!(
+            "{name}: encoded rows must be 2-D, got shape {:?}",
+            t.shape
+        )));
+    };
+    if rows.is_some_and(|want| want != r) {
+        return Err(ModelError::ShapeMismatch {
+            name,
+            expected: vec![rows.unwrap_or(r), rb],
+            got: t.shape,
+        });
+    }
+    let format = formats
+        .iter()
+        .copied()
+        .find(|f| cols % f.block_size() == 0 && f.row_bytes(cols) == rb)
+        .ok_or_else(|| {
+            ModelError::WeightFormat(format!(
+                "{name}: rows of {rb} bytes are none of {} at {cols} columns",
+                formats.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+    WeightMatrix::from_blocks(format, t.bytes, r, cols).map(Some)
+}
+
 /// A linear layer in one of the representations the runtime executes.
 #[derive(Debug, Clone)]
 pub enum Linear {
@@ -138,6 +294,8 @@ pub enum Linear {
     Dense(DenseLinear),
     /// Thin factors.
     LowRank(LowRankLinear),
+    /// Quantized weight plus a low-rank correction.
+    Corrected(CorrectedLinear),
 }
 
 /// Buffers a [`Linear::forward`] reuses across calls: the low-rank intermediate and the
@@ -146,6 +304,8 @@ pub enum Linear {
 pub struct LinearScratch {
     low_rank: Vec<f32>,
     acts: QuantizedActs,
+    /// One decoded row of a correction's `Lᵀ`.
+    row: Vec<f32>,
 }
 
 impl LinearScratch {
@@ -182,6 +342,7 @@ impl Linear {
         match self {
             Linear::Dense(d) => d.weight.rows(),
             Linear::LowRank(l) => l.u.rows(),
+            Linear::Corrected(c) => c.weight.rows(),
         }
     }
 
@@ -190,6 +351,16 @@ impl Linear {
         match self {
             Linear::Dense(d) => d.weight.cols(),
             Linear::LowRank(l) => l.vs.cols(),
+            Linear::Corrected(c) => c.weight.cols(),
+        }
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&[f32]> {
+        match self {
+            Linear::Dense(d) => d.bias(),
+            Linear::LowRank(l) => l.bias(),
+            Linear::Corrected(c) => c.bias(),
         }
     }
 
@@ -201,6 +372,10 @@ impl Linear {
             Linear::LowRank(l) => {
                 l.u.rows() * l.u.cols() + l.vs.rows() * l.vs.cols() + bias(&l.bias)
             }
+            Linear::Corrected(c) => {
+                let (w, r, lt) = (&c.weight, &c.r, &c.lt);
+                w.rows() * w.cols() + r.rows() * r.cols() + lt.rows() * lt.cols() + bias(&c.bias)
+            }
         }
     }
 
@@ -210,6 +385,7 @@ impl Linear {
         match self {
             Linear::Dense(d) => d.weight.bytes() + bias(&d.bias),
             Linear::LowRank(l) => l.u.bytes() + l.vs.bytes() + bias(&l.bias),
+            Linear::Corrected(c) => c.weight.bytes() + c.r.bytes() + c.lt.bytes() + bias(&c.bias),
         }
     }
 
@@ -218,6 +394,7 @@ impl Linear {
         match self {
             Linear::Dense(d) => d.weight.format(),
             Linear::LowRank(l) => l.vs.format(),
+            Linear::Corrected(c) => c.weight.format(),
         }
     }
 
@@ -243,6 +420,21 @@ impl Linear {
                 l.vs.matmul(x, n, mid, Accum::Replace, &mut scratch.acts);
                 let accum = apply_bias(l.bias.as_deref(), out, accum);
                 l.u.matmul(mid, n, out, accum, &mut scratch.acts);
+            }
+            Linear::Corrected(c) => {
+                let mid = &mut scratch.low_rank;
+                mid.resize(n * c.rank(), 0.0);
+                let accum = apply_bias(c.bias.as_deref(), out, accum);
+                if n <= SMALL_BATCH {
+                    // One pass over x for Q·x and R·x.
+                    let add = accum == Accum::Add;
+                    let tasks = &mut [GemvTask::new(&c.weight, out, add), GemvTask::new(&c.r, mid, false)];
+                    gemv(tasks, x, &mut scratch.acts);
+                } else {
+                    c.weight.matmul(x, n, out, accum, &mut scratch.acts);
+                    c.r.matmul(x, n, mid, Accum::Replace, &mut scratch.acts);
+                }
+                c.lt.axpy_rows(mid, n, out, &mut scratch.row);
             }
         }
     }

@@ -56,6 +56,21 @@ pub trait TensorSource: Send + Sync {
     fn load_raw(&self, _name: &str) -> Result<Option<RawTensor>, ModelError> {
         Ok(None)
     }
+    /// Tensor `name` as raw bytes when the file stores it as `u8` (S2LC's low-bit rows and
+    /// block-quantized correction factors, see [`BytesTensor`]); `None` when absent or not `u8`.
+    fn load_bytes(&self, _name: &str) -> Result<Option<BytesTensor>, ModelError> {
+        Ok(None)
+    }
+}
+
+/// A `u8` tensor: rows of an encoded matrix (`shape = [rows, row_bytes]`), written by
+/// [`write_safetensors_with_bytes`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BytesTensor {
+    /// Row-major shape of the bytes.
+    pub shape: Vec<usize>,
+    /// The bytes.
+    pub bytes: Vec<u8>,
 }
 
 /// A tensor's bytes as a file stores them (see [`TensorSource::load_raw`]).
@@ -116,6 +131,11 @@ pub struct Weights<'a> {
 }
 
 impl<'a> Weights<'a> {
+    /// The source this scope reads.
+    pub fn source(&self) -> &'a dyn TensorSource {
+        self.source
+    }
+
     /// A root scope over `source`.
     pub fn new(source: &'a dyn TensorSource) -> Self {
         Weights {
@@ -137,7 +157,8 @@ impl<'a> Weights<'a> {
         }
     }
 
-    fn full(&self, leaf: &str) -> String {
+    /// The full name of `leaf` in this scope.
+    pub fn full(&self, leaf: &str) -> String {
         if self.prefix.is_empty() {
             leaf.to_string()
         } else {
@@ -492,6 +513,18 @@ impl TensorSource for SafetensorsSource {
         self.with_view(name, |v| Ok(v.shape().to_vec())).ok()
     }
 
+    fn load_bytes(&self, name: &str) -> Result<Option<BytesTensor>, ModelError> {
+        if !self.index.contains_key(name) {
+            return Ok(None);
+        }
+        self.with_view(name, |v| {
+            Ok((v.dtype() == Dtype::U8).then(|| BytesTensor {
+                shape: v.shape().to_vec(),
+                bytes: v.data().to_vec(),
+            }))
+        })
+    }
+
     fn describe(&self) -> Vec<TensorDesc> {
         self.index
             .keys()
@@ -546,23 +579,37 @@ pub fn write_safetensors<'a>(
     tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<(), ModelError> {
+    write_safetensors_with_bytes(path, tensors, std::iter::empty(), metadata)
+}
+
+/// [`write_safetensors`] plus `u8` tensors (encoded matrices, see [`BytesTensor`]).
+pub fn write_safetensors_with_bytes<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+    byte_tensors: impl IntoIterator<Item = (&'a str, &'a BytesTensor)>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<(), ModelError> {
     let mut views = Vec::new();
-    let bytes: Vec<(&str, &[usize], Vec<u8>)> = tensors
+    let floats: Vec<(&str, &[usize], Vec<u8>)> = tensors
         .into_iter()
         .map(|(name, t)| {
             let b = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
             (name, t.shape.as_slice(), b)
         })
         .collect();
-    for (name, shape, b) in &bytes {
-        let view =
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.to_vec(), b).map_err(|e| {
-                ModelError::Safetensors {
-                    path: path.to_path_buf(),
-                    message: format!("{name}: {e}"),
-                }
-            })?;
-        views.push((*name, view));
+    let raw: Vec<(&str, &BytesTensor)> = byte_tensors.into_iter().collect();
+    let all = floats
+        .iter()
+        .map(|(n, s, b)| (*n, Dtype::F32, *s, b.as_slice()))
+        .chain(raw.iter().map(|(n, t)| (*n, Dtype::U8, t.shape.as_slice(), t.bytes.as_slice())));
+    for (name, dtype, shape, b) in all {
+        let view = safetensors::tensor::TensorView::new(dtype, shape.to_vec(), b).map_err(|e| {
+            ModelError::Safetensors {
+                path: path.to_path_buf(),
+                message: format!("{name}: {e}"),
+            }
+        })?;
+        views.push((name, view));
     }
     crate::atomic::write_atomic_with(path, |tmp| {
         safetensors::serialize_to_file(views, metadata, tmp).map_err(|e| ModelError::Safetensors {

@@ -294,7 +294,7 @@ fn dense_weight(l: &Linear) -> Option<MatRef<'_, f32>> {
             .matrix()
             .as_f32()
             .map(|w| MatRef::from_row_major_slice(w, l.out_dim(), l.in_dim())),
-        Linear::LowRank(_) => None,
+        Linear::LowRank(_) | Linear::Corrected(_) => None,
     }
 }
 
@@ -373,10 +373,7 @@ fn apply(
             })?;
             f = LowRankFactors::from_mats(u.as_ref(), f.vs());
         }
-        let bias = match slot {
-            Linear::Dense(d) => d.bias().map(<[f32]>::to_vec),
-            Linear::LowRank(l) => l.bias().map(<[f32]>::to_vec),
-        };
+        let bias = slot.bias().map(<[f32]>::to_vec);
         let (u, vs) = f.into_row_major();
         *slot = Linear::LowRank(LowRankLinear::new(u, vs, rows, cols, bias));
     }
@@ -589,13 +586,15 @@ pub fn save_model_dir(
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let write = |name: &str, text: String| write_file_atomic(&dir.join(name), text.as_bytes());
     let tensors = model.export_tensors();
+    let encoded = model.export_byte_tensors();
     let meta = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         ("s2lc".to_string(), record.to_string()),
     ]);
-    crate::source::write_safetensors(
+    crate::source::write_safetensors_with_bytes(
         &dir.join("model.safetensors"),
         tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        encoded.iter().map(|(n, t)| (n.as_str(), t)),
         Some(meta),
     )?;
     crate::atomic::write_atomic_with(&dir.join("tokenizer.json"), |tmp| {

@@ -147,6 +147,12 @@ pub enum Rows<'a> {
 /// If `rows` holds fewer than `out.len()` rows of `x.len()` values, or `acts` fewer blocks than
 /// one row of a block format (checked once per call, SIMD or not).
 pub fn dot_rows(rows: Rows<'_>, x: &[f32], acts: Acts<'_>, out: &mut [f32], add: bool) {
+    if let Rows::Blocks(format, data) = rows {
+        if let Some(bits) = format.lowbit_bits() {
+            super::lowbit::dot_rows(bits, data, x, out, add);
+            return;
+        }
+    }
     assert!(
         rows_cover(rows, x.len(), out.len()) && acts_cover(rows, acts, x.len() / BLOCK),
         "dot_rows: weights or quantized activations shorter than {} rows of {} values",
@@ -177,7 +183,7 @@ pub(super) fn rows_cover(rows: Rows<'_>, cols: usize, n: usize) -> bool {
 pub(super) fn acts_cover(rows: Rows<'_>, a: Acts<'_>, nb: usize) -> bool {
     let quantized = match rows {
         Rows::F32(_) => false,
-        Rows::Blocks(format, _) => !matches!(format, WeightFormat::F16 | WeightFormat::BF16),
+        Rows::Blocks(format, _) => format.quantizes_acts(),
     };
     !quantized || acts_hold(a, nb)
 }
@@ -208,6 +214,9 @@ pub unsafe fn dot_rows_multi(
     stride: usize,
     add: bool,
 ) -> bool {
+    if matches!(rows, Rows::Blocks(f, _) if f.lowbit_bits().is_some()) {
+        return false;
+    }
     // Once per call (here, not in the kernel, whose code it would change): what a multi-row
     // kernel reads of each activation row.
     assert!(
@@ -229,7 +238,7 @@ pub unsafe fn dot_rows_multi(
 /// and embedding rows); false means the caller must use the generic decoder. Results equal `quant::dequantize` bit for bit (same operation order).
 pub fn dequantize_fast(format: WeightFormat, bytes: &[u8], out: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if simd() {
+    if simd() && format.ggml().is_some() {
         let n = out.len();
         if bytes.len() != format.row_bytes(n) || n % format.block_size() != 0 {
             return false;
@@ -312,7 +321,10 @@ fn dot_blocks_scalar(format: WeightFormat, row: &[u8], a: Acts<'_>) -> f32 {
             | WeightFormat::F16
             | WeightFormat::BF16
             | WeightFormat::Q4_K
-            | WeightFormat::Q6_K => unreachable!("not a block format of 32"),
+            | WeightFormat::Q6_K
+            | WeightFormat::Sq2
+            | WeightFormat::Sq3
+            | WeightFormat::Sq4 => unreachable!("not a block format of 32"),
         };
         total += d * a.d[b] * isum as f32 + offset * a.s[b];
     }

@@ -10,6 +10,7 @@
 //!   takes a range of weight rows, dequantizes a tile of them to f32 and multiplies it with faer.
 
 pub mod dot;
+pub mod lowbit;
 pub mod ops;
 pub mod pool;
 #[cfg(target_arch = "x86_64")]
@@ -52,12 +53,19 @@ pub enum WeightFormat {
     /// ggml Q6_K: 256 × 6-bit in 16 sub-blocks of 16 with int8 scales under an f16 super-scale
     /// (6.5625 bits per weight).
     Q6_K,
+    /// S2LC 2-bit groups of 64 with log-coded scales ([`lowbit`]; 2.31 bits per weight at 576
+    /// columns). No ggml equivalent.
+    Sq2,
+    /// S2LC 3-bit groups of 64 ([`lowbit`]; 3.31 bits per weight at 576 columns).
+    Sq3,
+    /// S2LC 4-bit groups of 64 ([`lowbit`]; 4.31 bits per weight at 576 columns).
+    Sq4,
 }
 
 impl WeightFormat {
-    /// The ggml type with the same layout.
-    pub fn ggml(self) -> GgmlType {
-        match self {
+    /// The ggml type with the same layout (`None` for S2LC's own low-bit rows).
+    pub fn ggml(self) -> Option<GgmlType> {
+        Some(match self {
             WeightFormat::F32 => GgmlType::F32,
             WeightFormat::F16 => GgmlType::F16,
             WeightFormat::BF16 => GgmlType::BF16,
@@ -68,6 +76,27 @@ impl WeightFormat {
             WeightFormat::Q5_1 => GgmlType::Q5_1,
             WeightFormat::Q4_K => GgmlType::Q4_K,
             WeightFormat::Q6_K => GgmlType::Q6_K,
+            WeightFormat::Sq2 | WeightFormat::Sq3 | WeightFormat::Sq4 => return None,
+        })
+    }
+
+    /// Bits per code of S2LC's low-bit rows (`None` for the other formats).
+    pub fn lowbit_bits(self) -> Option<usize> {
+        match self {
+            WeightFormat::Sq2 => Some(2),
+            WeightFormat::Sq3 => Some(3),
+            WeightFormat::Sq4 => Some(4),
+            _ => None,
+        }
+    }
+
+    /// The low-bit row format of `bits` (2, 3 or 4).
+    pub fn lowbit(bits: usize) -> Option<Self> {
+        match bits {
+            2 => Some(WeightFormat::Sq2),
+            3 => Some(WeightFormat::Sq3),
+            4 => Some(WeightFormat::Sq4),
+            _ => None,
         }
     }
 
@@ -88,25 +117,34 @@ impl WeightFormat {
         })
     }
 
-    /// Elements per block (1 for the float formats).
+    /// Elements per block (1 for the float formats, a group of 64 for the low-bit rows).
     pub fn block_size(self) -> usize {
-        self.ggml().block_size()
+        match (self.ggml(), self.lowbit_bits()) {
+            (Some(t), _) => t.block_size(),
+            (None, _) => lowbit::GROUP,
+        }
     }
 
-    /// Bytes per block.
+    /// Bytes per block (for the low-bit rows: per group, without the 4-byte row header).
     pub fn block_bytes(self) -> usize {
-        self.ggml().type_size()
+        match (self.ggml(), self.lowbit_bits()) {
+            (Some(t), _) => t.type_size(),
+            (None, bits) => lowbit::group_bytes(bits.unwrap_or(0)),
+        }
     }
 
     /// Bytes of one row of `cols` elements (`cols` a multiple of the block size).
     pub fn row_bytes(self, cols: usize) -> usize {
-        cols / self.block_size() * self.block_bytes()
+        match self.lowbit_bits() {
+            Some(bits) => lowbit::row_bytes(bits, cols),
+            None => cols / self.block_size() * self.block_bytes(),
+        }
     }
 
     /// Whether products take the activation quantized per block of 32 ([`QuantizedActs`]): every
-    /// block format (a K-quant's sub-blocks are blocks of 32 too).
+    /// ggml block format (a K-quant's sub-blocks are blocks of 32 too); the low-bit rows take f32.
     fn quantizes_acts(self) -> bool {
-        self.block_size() % BLOCK == 0
+        self.lowbit_bits().is_none() && self.block_size() % BLOCK == 0
     }
 
     /// Lower-case name as used on the command line (`f32`, `q4_1`, ...).
@@ -122,6 +160,9 @@ impl WeightFormat {
             WeightFormat::Q5_1 => "q5_1",
             WeightFormat::Q4_K => "q4_k",
             WeightFormat::Q6_K => "q6_k",
+            WeightFormat::Sq2 => "sq2",
+            WeightFormat::Sq3 => "sq3",
+            WeightFormat::Sq4 => "sq4",
         }
     }
 }
@@ -237,10 +278,16 @@ impl WeightMatrix {
                 }
                 out
             }
+            WeightFormat::Sq2 | WeightFormat::Sq3 | WeightFormat::Sq4 => {
+                if cols % lowbit::GROUP != 0 {
+                    return Err(layout_error(format, cols));
+                }
+                lowbit::quantize_rtn(data, cols, format.lowbit_bits().unwrap_or(4))
+            }
             other => {
                 return Err(ModelError::WeightFormat(format!(
-                    "converting to {other} is not supported (only f32, f16, bf16, q8_0 and q4_0 \
-                     are produced)"
+                    "converting to {other} is not supported (only f32, f16, bf16, q8_0, q4_0 and \
+                     sq2/sq3/sq4 are produced)"
                 )))
             }
         };
@@ -289,6 +336,14 @@ impl WeightMatrix {
         }
     }
 
+    /// The encoded rows when stored in a non-f32 format (`rows × format.row_bytes(cols)`).
+    pub fn encoded(&self) -> Option<&[u8]> {
+        match &self.storage {
+            Storage::F32(_) => None,
+            Storage::Blocks(_, b) => Some(b),
+        }
+    }
+
     /// The f32 values, mutable, when stored as f32 (merging a delta into the weight).
     pub fn as_f32_mut(&mut self) -> Option<&mut [f32]> {
         match &mut self.storage {
@@ -325,10 +380,12 @@ impl WeightMatrix {
             Storage::Blocks(f, b) => {
                 let rb = f.row_bytes(c);
                 let bytes = &b[r0 * rb..r1 * rb];
-                if !dot::dequantize_fast(*f, bytes, out) {
+                if let Some(bits) = f.lowbit_bits() {
+                    lowbit::dequantize(bits, bytes, c, out);
+                } else if !dot::dequantize_fast(*f, bytes, out) {
                     // The layout was checked on construction, so decoding cannot fail.
-                    let r = dequantize(f.ggml(), bytes, out);
-                    debug_assert!(r.is_ok(), "{r:?}");
+                    let r = f.ggml().map(|t| dequantize(t, bytes, out));
+                    debug_assert!(matches!(r, Some(Ok(()))), "{r:?}");
                 }
             }
         }

@@ -266,7 +266,7 @@ fn fast_dequantization_is_bit_exact() {
             continue;
         };
         let mut want = vec![0.0; 7 * 768];
-        crate::quant::dequantize(format.ggml(), bytes, &mut want).unwrap();
+        crate::quant::dequantize(format.ggml().expect("a ggml format"), bytes, &mut want).unwrap();
         let mut got = vec![f32::NAN; 7 * 768];
         w.dequantize_rows(0, 7, &mut got);
         assert!(

@@ -4,7 +4,7 @@
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::kernels::{WeightFormat, WeightMatrix};
-use crate::linear::{DenseLinear, Linear, LowRankLinear};
+use crate::linear::{CorrectedLinear, DenseLinear, Linear, LowRankLinear};
 use crate::lora::LoraDelta;
 use crate::source::{WeightStorage, Weights};
 
@@ -35,7 +35,8 @@ pub struct Block {
 
 /// Loads a linear layer `[out, in]` with an optional bias `[out]` from scope `w`: a dense
 /// `weight`, or low-rank factors `lowrank_u` (`[out, r]`) and `lowrank_vs` (`[r, in]`), each
-/// matrix kept in `storage`.
+/// matrix kept in `storage`, or a quantized weight with its correction (`weight_sq`, kept as
+/// stored whatever `storage` says).
 pub(super) fn load_linear(
     w: &Weights,
     out: usize,
@@ -48,6 +49,11 @@ pub(super) fn load_linear(
     } else {
         None
     };
+    if w.source().contains(&w.full("weight_sq")) {
+        if let Some(c) = CorrectedLinear::load(w, out, inp, bias.clone())? {
+            return Ok(Linear::Corrected(c));
+        }
+    }
     if let Some(rank) = w.shape_of("lowrank_u").and_then(|s| s.get(1).copied()) {
         if storage == WeightStorage::Q8_0 && rank % 32 != 0 {
             // Q8_0 rows are blocks of 32 values: pad the rank with zero columns of `u` and zero

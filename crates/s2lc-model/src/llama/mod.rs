@@ -15,7 +15,7 @@ use crate::kernels::WeightMatrix;
 use crate::kv::{AttnShape, DenseKvCache};
 use crate::linear::Linear;
 use crate::lora::{AdapterDeltas, LoraAdapter};
-use crate::source::{Tensor, WeightStorage, Weights};
+use crate::source::{BytesTensor, Tensor, WeightStorage, Weights};
 
 pub use crate::kernels::ops::rms_norm;
 
@@ -75,6 +75,20 @@ impl LlamaModel {
             lm_head,
             rope: Rope::new(cfg.head_dim, cfg.rope_theta),
         })
+    }
+
+    /// The encoded tensors of every quantized-and-corrected layer ([`crate::linear::CorrectedLinear::export`]):
+    /// what a saved model holds beside [`LlamaModel::export_tensors`].
+    pub fn export_byte_tensors(&self) -> Vec<(String, BytesTensor)> {
+        let mut out = Vec::new();
+        for (n, b) in self.blocks.iter().enumerate() {
+            for (leaf, l) in b.linears() {
+                if let Linear::Corrected(c) = l {
+                    out.extend(c.export(&format!("model.layers.{n}.{leaf}")));
+                }
+            }
+        }
+        out
     }
 
     /// The runtime configuration.
@@ -172,6 +186,8 @@ impl LlamaModel {
                     out.push((format!("{name}.lowrank_vs"), t(vec![r, i], &lr.vs())));
                     lr.bias()
                 }
+                // Encoded as bytes by `export_byte_tensors`.
+                Linear::Corrected(c) => c.bias(),
             };
             if let Some(b) = bias {
                 out.push((format!("{name}.bias"), t(vec![o], b)));

@@ -35,7 +35,8 @@ pub unsafe fn dequantize(format: WeightFormat, bytes: &[u8], out: &mut [f32]) ->
                 }
                 if k < n {
                     let tail = &bytes[2 * k..];
-                    if crate::quant::dequantize(format.ggml(), tail, &mut out[k..]).is_err() {
+                    let Some(t) = format.ggml() else { return false };
+                    if crate::quant::dequantize(t, tail, &mut out[k..]).is_err() {
                         return false;
                     }
                 }

@@ -39,6 +39,9 @@ pub unsafe fn dot_rows(rows: Rows<'_>, x: &[f32], a: Acts<'_>, out: &mut [f32], 
                 WeightFormat::Q5_1 => dot_q5_1,
                 WeightFormat::Q4_K => dot_q4_k,
                 WeightFormat::Q6_K => dot_q6_k,
+                WeightFormat::Sq2 | WeightFormat::Sq3 | WeightFormat::Sq4 => {
+                    unreachable!("low-bit rows run in kernels::lowbit")
+                }
             };
             for (r, o) in out.iter_mut().enumerate() {
                 // SAFETY: row r < out.len() (`rb` bytes: `nb` blocks of 32, `nb / 8` of 256,

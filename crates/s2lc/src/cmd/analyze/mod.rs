@@ -143,7 +143,8 @@ pub fn run(args: &AnalyzeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Singular values of a layer's `out × in` weight (of `u·vs` for a low-rank layer).
+/// Singular values of a layer's `out × in` weight (of `u·vs` for a low-rank layer, of `Q + L·R`
+/// for a corrected one).
 fn linear_singular_values(linear: &Linear) -> Result<Vec<f32>> {
     let (rows, cols) = (linear.out_dim(), linear.in_dim());
     let values = match linear {
@@ -158,6 +159,10 @@ fn linear_singular_values(linear: &Linear) -> Result<Vec<f32>> {
             let vs = MatRef::from_row_major_slice(&vs, r, cols);
             singular_values((u * vs).as_ref(), Par::Seq)?
         }
+        Linear::Corrected(c) => singular_values(
+            MatRef::from_row_major_slice(&c.effective_weight(), rows, cols),
+            Par::Seq,
+        )?,
     };
     Ok(values)
 }
