@@ -93,6 +93,6 @@ impl ActivationObserver for GramCollector {
     }
 }
 
-pub(super) fn to_f64(m: &Mat<f32>) -> Mat<f64> {
+pub(crate) fn to_f64(m: &Mat<f32>) -> Mat<f64> {
     Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f64)
 }

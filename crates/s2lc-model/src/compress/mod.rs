@@ -21,6 +21,8 @@ use s2lc_spectral::{
 };
 
 mod calibration;
+mod gptq;
+pub mod quantlr;
 pub(crate) mod pipeline;
 
 use pipeline::Cut;
@@ -31,6 +33,7 @@ use crate::kv::KvCache;
 use crate::linear::{Linear, LowRankLinear};
 use crate::llama::{ActivationObserver, ForwardScratch, LinearInput, LlamaModel};
 pub use calibration::calibration_windows;
+pub use quantlr::{quantize_lowrank, QuantLrMatrix, QuantLrOptions, QuantLrReport};
 use calibration::{cross_gram, to_f64, GramCollector};
 
 /// How ranks are chosen.
@@ -109,6 +112,9 @@ pub enum CompressError {
     /// Running the model on calibration text failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// Quantization with a low-rank correction cannot run as asked (budget, ranks, shapes).
+    #[error("quant-lr: {0}")]
+    QuantLr(String),
 }
 
 /// What happened to one matrix.
@@ -350,16 +356,7 @@ fn apply(
     }: Cut<'_>,
     refit: Option<(&Mat<f64>, &Mat<f64>)>,
 ) -> Result<MatrixReport, CompressError> {
-    let block = &mut model.blocks_mut()[layer];
-    let slot = match index {
-        0 => &mut block.q_proj,
-        1 => &mut block.k_proj,
-        2 => &mut block.v_proj,
-        3 => &mut block.o_proj,
-        4 => &mut block.gate_proj,
-        5 => &mut block.up_proj,
-        _ => &mut block.down_proj,
-    };
+    let slot = slot_mut(model, layer, index);
     let (rows, cols) = (slot.out_dim(), slot.in_dim());
     let name = format!("model.layers.{layer}.{}", LINEARS[index]);
     let (report, factors) = dec.truncate(name, rows, cols, rank);
@@ -378,6 +375,20 @@ fn apply(
         *slot = Linear::LowRank(LowRankLinear::new(u, vs, rows, cols, bias));
     }
     Ok(report)
+}
+
+/// Block `layer`'s linear number `index` in [`LINEARS`] order.
+fn slot_mut(model: &mut LlamaModel, layer: usize, index: usize) -> &mut Linear {
+    let block = &mut model.blocks_mut()[layer];
+    match index {
+        0 => &mut block.q_proj,
+        1 => &mut block.k_proj,
+        2 => &mut block.v_proj,
+        3 => &mut block.o_proj,
+        4 => &mut block.gate_proj,
+        5 => &mut block.up_proj,
+        _ => &mut block.down_proj,
+    }
 }
 
 fn rank_for(policy: RankPolicy, dec: &Decomposition, fixed: Option<usize>) -> usize {

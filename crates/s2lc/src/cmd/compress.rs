@@ -1,4 +1,5 @@
-//! `s2lc compress`: low-rank decomposition of a model's linear layers, saved as safetensors.
+//! `s2lc compress`: low-rank decomposition of a model's linear layers, or low-bit quantization
+//! with a low-rank correction (`--method quant-lr`), saved as safetensors.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -7,7 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
 use s2lc_model::compress::{
-    calibration_windows, compress, save_model_dir, CompressOptions, Method, RankPolicy,
+    calibration_windows, compress, quantize_lowrank, save_model_dir, CompressOptions, Method,
+    QuantLrOptions, RankPolicy,
 };
 use s2lc_model::tokenizer::read_text_file;
 
@@ -23,6 +25,9 @@ pub enum MethodArg {
     Svd,
     /// Activation-aware SVD (SVD-LLM): whitened by calibration activations.
     Whitened,
+    /// Low-bit rows (2–4 bits, error feedback) plus a low-rank correction of their whitened
+    /// error, bits and ranks allocated under `--bits-per-weight`.
+    QuantLr,
 }
 
 /// Options of `s2lc compress`.
@@ -33,6 +38,19 @@ pub struct CompressArgs {
     /// Output directory (config.json, model.safetensors, tokenizer.json, s2lc_compression.json).
     #[arg(short, long)]
     output: PathBuf,
+    /// quant-lr: bytes budget of the block linears in bits per weight (rows, scales and
+    /// correction factors all counted).
+    #[arg(long)]
+    bits_per_weight: Option<f64>,
+    /// quant-lr: candidate bit widths of the rows.
+    #[arg(long, value_delimiter = ',', default_value = "2,3,4")]
+    bits: Vec<usize>,
+    /// quant-lr: candidate correction ranks (0: none).
+    #[arg(long, value_delimiter = ',', default_value = "0,8,16,32,64")]
+    ranks: Vec<usize>,
+    /// quant-lr: alternating refits of quantization and correction after the first fit.
+    #[arg(long, default_value_t = 1)]
+    iters: usize,
     /// Keep this fraction of each matrix's spectral energy (0 < E <= 1).
     #[arg(long, conflicts_with = "keep_params")]
     energy: Option<f64>,
@@ -65,6 +83,9 @@ pub struct CompressArgs {
 
 /// Runs `s2lc compress`.
 pub fn run(args: &CompressArgs) -> Result<()> {
+    if let MethodArg::QuantLr = args.method {
+        return run_quant_lr(args);
+    }
     let policy = match (args.energy, args.keep_params) {
         (Some(e), None) => RankPolicy::Energy(e),
         (None, Some(k)) => RankPolicy::KeepParams(k),
@@ -80,19 +101,11 @@ pub fn run(args: &CompressArgs) -> Result<()> {
     let (_source, mut model, tokenizer) = load_model(&model_path, WeightStorage::F32)?;
     let method = match args.method {
         MethodArg::Svd => Method::Svd,
-        MethodArg::Whitened => Method::Whitened,
+        MethodArg::Whitened | MethodArg::QuantLr => Method::Whitened,
     };
-    let calib_path = args
-        .calib_text
-        .clone()
-        .unwrap_or_else(|| s2lc_home().join("text/canterbury/alice29.txt"));
+    let calib_path = calibration_path(args);
     let calibration = if method == Method::Whitened {
-        let text = read_text_file(&calib_path).context("reading the calibration text")?;
-        let tokens = tokenizer
-            .encode(&text, false)
-            .context("tokenizing the calibration text")?;
-        calibration_windows(&tokens, args.calib_samples, args.calib_window, args.seed)
-            .context("choosing calibration windows")?
+        calibration(args, &tokenizer)?
     } else {
         Vec::new()
     };
@@ -154,6 +167,99 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         report.params_after,
         100.0 * report.params_after as f64 / report.params_before.max(1) as f64
     );
+    println!("saved: {}", args.output.display());
+    Ok(())
+}
+
+fn calibration_path(args: &CompressArgs) -> PathBuf {
+    args.calib_text
+        .clone()
+        .unwrap_or_else(|| s2lc_home().join("text/canterbury/alice29.txt"))
+}
+
+/// The calibration windows `args` ask for, from the calibration text.
+fn calibration(
+    args: &CompressArgs,
+    tokenizer: &s2lc_model::tokenizer::Tokenizer,
+) -> Result<Vec<Vec<u32>>> {
+    let path = calibration_path(args);
+    let text = read_text_file(&path)
+        .with_context(|| format!("reading the calibration text {}", path.display()))?;
+    let tokens = tokenizer
+        .encode(&text, false)
+        .context("tokenizing the calibration text")?;
+    calibration_windows(&tokens, args.calib_samples, args.calib_window, args.seed)
+        .context("choosing calibration windows")
+}
+
+/// `s2lc compress --method quant-lr`.
+fn run_quant_lr(args: &CompressArgs) -> Result<()> {
+    let Some(bits_per_weight) = args.bits_per_weight else {
+        bail!("--method quant-lr needs a budget: --bits-per-weight B (e.g. 3.0)");
+    };
+    if args.energy.is_some() || args.keep_params.is_some() {
+        bail!("--method quant-lr takes --bits-per-weight, not --energy or --keep-params");
+    }
+    let model_path = args.model.path();
+    let (_source, mut model, tokenizer) = load_model(&model_path, WeightStorage::F32)?;
+    let opts = QuantLrOptions {
+        bits_per_weight,
+        bits: args.bits.clone(),
+        ranks: args.ranks.clone(),
+        iters: args.iters,
+        calibration: calibration(args, &tokenizer)?,
+    };
+    let start = Instant::now();
+    let bar = progress_bar(1, "quantizing");
+    let report = quantize_lowrank(&mut model, &opts, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .context("quantizing with a low-rank correction")?;
+    bar.finish_and_clear();
+    let elapsed = start.elapsed().as_secs_f64();
+    let record = serde_json::json!({
+        "tool": "s2lc",
+        "tool_version": env!("CARGO_PKG_VERSION"),
+        "source": model_path.display().to_string(),
+        "method": "quant-lr",
+        "budget_bits_per_weight": bits_per_weight,
+        "candidate_bits": opts.bits,
+        "candidate_ranks": opts.ranks,
+        "iters": opts.iters,
+        "calibration": {
+            "text": calibration_path(args).display().to_string(),
+            "samples": args.calib_samples,
+            "window": args.calib_window,
+            "seed": args.seed,
+            "tokens": report.calibration_tokens,
+        },
+        "report": report,
+    });
+    save_model_dir(&model, &tokenizer, &args.output, &record)
+        .with_context(|| format!("saving to {}", args.output.display()))?;
+    let mean = |f: &dyn Fn(&s2lc_model::compress::QuantLrMatrix) -> f64| {
+        report.matrices.iter().map(f).sum::<f64>() / report.matrices.len().max(1) as f64
+    };
+    println!(
+        "quantized {} matrices in {elapsed:.1} s: {:.3} bits per weight (budget {bits_per_weight}), \
+         mean relative output error {:.4} (rows alone {:.4})",
+        report.matrices.len(),
+        report.bits_per_weight,
+        mean(&|m| m.rel_error),
+        mean(&|m| m.rel_error_quant),
+    );
+    for bits in [2, 3, 4] {
+        let of: Vec<_> = report.matrices.iter().filter(|m| m.bits == bits).collect();
+        if !of.is_empty() {
+            let ranks: usize = of.iter().map(|m| m.rank).sum();
+            println!(
+                "  {bits}-bit rows: {} matrices, mean correction rank {:.1}",
+                of.len(),
+                ranks as f64 / of.len() as f64
+            );
+        }
+    }
     println!("saved: {}", args.output.display());
     Ok(())
 }
