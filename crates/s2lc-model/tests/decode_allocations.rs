@@ -59,10 +59,11 @@ fn decode_steps_allocate_nothing() {
             // Rank-32 layers in place of every block's q/k/gate/down projections (the values
             // do not matter here, only that decode runs the two thin products).
             for block in model.blocks_mut() {
+                let gate = block.gate_proj.as_mut().expect("a Llama block has a gate");
                 for lin in [
                     &mut block.q_proj,
                     &mut block.k_proj,
-                    &mut block.gate_proj,
+                    gate,
                     &mut block.down_proj,
                 ] {
                     let (o, i, r) = (lin.out_dim(), lin.in_dim(), 32);

@@ -275,16 +275,14 @@ pub(crate) fn damping_notes(matrices: &[MatrixReport]) -> Vec<String> {
         .collect()
 }
 
-/// Names of the seven block linears, in `Block::linears` order.
-const LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
+/// The name of linear `index` of a block, counted in [`crate::llama::Block::linears`] order (the
+/// linears the architecture has: seven for Llama and Qwen2, six for GPT-2, which has no gate).
+fn linear_name(model: &LlamaModel, layer: usize, index: usize) -> Option<&'static str> {
+    model.blocks()[layer]
+        .linears()
+        .nth(index)
+        .map(|(name, _)| name)
+}
 
 /// The f32 weight of a dense layer (compression works on a model loaded with
 /// [`crate::source::WeightStorage::F32`]; layers held in other formats are left alone).
@@ -305,7 +303,7 @@ fn decompose_layer(
     grams: Option<&HashMap<(usize, LinearInput), Mat<f32>>>,
 ) -> Result<Vec<Option<Decomposition>>, CompressError> {
     let block = &model.blocks()[layer];
-    let linears = block.linears();
+    let linears: Vec<_> = block.linears().collect();
     // One whitening per input kind, shared by the layers reading it.
     let mut whitenings: HashMap<LinearInput, Arc<Whitening>> = HashMap::new();
     if let Some(grams) = grams {
@@ -350,18 +348,13 @@ fn apply(
     }: Cut<'_>,
     refit: Option<(&Mat<f64>, &Mat<f64>)>,
 ) -> Result<MatrixReport, CompressError> {
+    let leaf = linear_name(model, layer, index).expect("cuts index the block's linears");
     let block = &mut model.blocks_mut()[layer];
-    let slot = match index {
-        0 => &mut block.q_proj,
-        1 => &mut block.k_proj,
-        2 => &mut block.v_proj,
-        3 => &mut block.o_proj,
-        4 => &mut block.gate_proj,
-        5 => &mut block.up_proj,
-        _ => &mut block.down_proj,
-    };
+    let slot = block
+        .linear_mut(leaf)
+        .expect("the block has its own linears");
     let (rows, cols) = (slot.out_dim(), slot.in_dim());
-    let name = format!("model.layers.{layer}.{}", LINEARS[index]);
+    let name = format!("model.layers.{layer}.{leaf}");
     let (report, factors) = dec.truncate(name, rows, cols, rank);
     if let Some(mut f) = factors {
         if let (Some((g_cc, g_cd)), Some(w)) = (refit, dense_weight(slot)) {
@@ -486,7 +479,10 @@ impl pipeline::Layered for Decoder<'_> {
     }
 
     fn per_layer(&self) -> usize {
-        LINEARS.len()
+        self.model
+            .blocks()
+            .first()
+            .map_or(0, |b| b.linears().count())
     }
 
     fn shapes(&self) -> Vec<(usize, usize)> {
@@ -567,7 +563,8 @@ impl pipeline::Layered for Decoder<'_> {
     }
 
     fn apply(&mut self, cut: Cut<'_>) -> Result<MatrixReport, CompressError> {
-        let kind = LinearInput::of(LINEARS[cut.index]).expect("block linear names are known");
+        let name = linear_name(self.model, cut.layer, cut.index).expect("cuts index the linears");
+        let kind = LinearInput::of(name).expect("block linear names are known");
         let pair = self
             .refit
             .as_ref()
@@ -578,11 +575,14 @@ impl pipeline::Layered for Decoder<'_> {
 }
 
 /// Writes `model` as a Hugging Face directory: `config.json`, `model.safetensors` (with the
-/// compression record as `__metadata__["s2lc"]`), `tokenizer.json` and `s2lc_compression.json`.
-/// Files are written under temporary names and renamed, so a failure leaves no partial model.
+/// compression record as `__metadata__["s2lc"]`), `tokenizer.json` when a tokenizer is given (a
+/// model directory of weights alone, such as a GPT-2 without one, is saved without it) and
+/// `s2lc_compression.json`. Files are written under temporary names and renamed, so a failure
+/// leaves no partial model. Tensors carry the runtime's names ([`LlamaModel::export_tensors`]),
+/// a GPT-2 too: `config.json` says `gpt2` and loading maps either layout.
 pub fn save_model_dir(
     model: &LlamaModel,
-    tokenizer: &crate::tokenizer::Tokenizer,
+    tokenizer: Option<&crate::tokenizer::Tokenizer>,
     dir: &std::path::Path,
     record: &serde_json::Value,
 ) -> Result<(), ModelError> {
@@ -598,9 +598,11 @@ pub fn save_model_dir(
         tensors.iter().map(|(n, t)| (n.as_str(), t)),
         Some(meta),
     )?;
-    crate::atomic::write_atomic_with(&dir.join("tokenizer.json"), |tmp| {
-        tokenizer.save(tmp).map_err(ModelError::from)
-    })?;
+    if let Some(tokenizer) = tokenizer {
+        crate::atomic::write_atomic_with(&dir.join("tokenizer.json"), |tmp| {
+            tokenizer.save(tmp).map_err(ModelError::from)
+        })?;
+    }
     let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
     write("config.json", pretty(&model.config().to_hf_json()))?;
     write("s2lc_compression.json", pretty(record))

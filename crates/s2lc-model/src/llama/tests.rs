@@ -31,9 +31,10 @@ fn full_adapter(model: &LlamaModel, rank: usize, scale: f32) -> LoraAdapter {
         .iter()
         .enumerate()
         .map(|(l, b)| {
-            let ls = b.linears();
+            let ls = b.slots();
             std::array::from_fn(|t| {
-                let (out, inp) = (ls[t].1.out_dim(), ls[t].1.in_dim());
+                let lin = ls[t].1?;
+                let (out, inp) = (lin.out_dim(), lin.in_dim());
                 let v = |n: usize, s: usize| {
                     (0..n)
                         .map(|i| (((i * 31 + s * 17 + l * 5) % 23) as f32 - 11.0) / 23.0)

@@ -10,10 +10,11 @@ use s2lc_model::compress::{
     calibration_windows, compress, save_model_dir, CompressOptions, Method, RankPolicy,
 };
 use s2lc_model::tokenizer::read_text_file;
+use s2lc_model::ModelError;
 
 use s2lc_model::source::WeightStorage;
 
-use crate::{load_model, progress_bar, ModelArg};
+use crate::{load_weights, progress_bar, ModelArg};
 use s2lc_bench::common::s2lc_home;
 
 /// Factorization method on the command line.
@@ -77,10 +78,19 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         }
     }
     let model_path = args.model.path();
-    let (_source, mut model, tokenizer) = load_model(&model_path, WeightStorage::F32)?;
+    let (source, mut model) = load_weights(&model_path, WeightStorage::F32)?;
     let method = match args.method {
         MethodArg::Svd => Method::Svd,
         MethodArg::Whitened => Method::Whitened,
+    };
+    // Whitening tokenizes the calibration text; plain SVD needs the weights alone, and a model
+    // without a tokenizer is saved without one.
+    let tokenizer = match source.tokenizer() {
+        Ok(t) => Some(t),
+        Err(ModelError::MissingTokenizer(_)) if method == Method::Svd => None,
+        Err(e) => {
+            return Err(e).context("building the tokenizer (whitened compression tokenizes the calibration text; --method svd needs no tokenizer)")
+        }
     };
     let calib_path = args
         .calib_text
@@ -89,6 +99,8 @@ pub fn run(args: &CompressArgs) -> Result<()> {
     let calibration = if method == Method::Whitened {
         let text = read_text_file(&calib_path).context("reading the calibration text")?;
         let tokens = tokenizer
+            .as_ref()
+            .context("whitened compression needs a tokenizer")?
             .encode(&text, false)
             .context("tokenizing the calibration text")?;
         calibration_windows(&tokens, args.calib_samples, args.calib_window, args.seed)
@@ -137,7 +149,7 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         "params_after": report.params_after,
         "matrices": report.matrices,
     });
-    save_model_dir(&model, &tokenizer, &args.output, &record)
+    save_model_dir(&model, tokenizer.as_ref(), &args.output, &record)
         .with_context(|| format!("saving to {}", args.output.display()))?;
     for note in &report.notes {
         eprintln!("note: {note}");
