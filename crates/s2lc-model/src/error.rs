@@ -26,7 +26,7 @@ pub enum ModelError {
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     /// A command needs the model's tokenizer and the model directory has no `tokenizer.json`.
-    #[error("{0} not found: this needs the model's tokenizer (a directory of weights alone can be analyzed, compressed with --method svd, or run on token ids)")]
+    #[error("{0} not found: this needs the model's tokenizer (a directory of weights alone can be analyzed, or compressed with --method svd)")]
     MissingTokenizer(PathBuf),
     /// A safetensors file is malformed.
     #[error("{path}: invalid safetensors: {message}")]

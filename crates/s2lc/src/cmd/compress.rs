@@ -89,7 +89,9 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         Ok(t) => Some(t),
         Err(ModelError::MissingTokenizer(_)) if method == Method::Svd => None,
         Err(e) => {
-            return Err(e).context("building the tokenizer (whitened compression tokenizes the calibration text; --method svd needs no tokenizer)")
+            return Err(e).context(
+                "building the tokenizer (whitened compression tokenizes the calibration text)",
+            )
         }
     };
     let calib_path = args
