@@ -174,18 +174,23 @@ fn gpt2_compresses_and_the_saved_model_reloads() {
     let calibration: Vec<Vec<u32>> = (0..4)
         .map(|w| (0..32).map(|i| ((i * 37 + w * 101) % 512) as u32).collect())
         .collect();
-    for method in [Method::Svd, Method::Whitened] {
+    let runs = [
+        (Method::Svd, RankPolicy::Energy(0.9)),
+        (Method::Whitened, RankPolicy::Energy(0.9)),
+        (Method::Svd, RankPolicy::KeepParams(0.6)),
+        (Method::Whitened, RankPolicy::KeepParams(0.6)),
+    ];
+    for (run, (method, policy)) in runs.into_iter().enumerate() {
         let mut model = dense.clone();
         let opts = CompressOptions {
-            policy: RankPolicy::Energy(0.9),
+            policy,
             method,
             calibration: calibration.clone(),
             sequential: true,
             refit: false,
         };
         let report = compress(&mut model, &opts, |_, _| {}).expect("compress");
-        // Six linears per block (no gate), every one visited; the small ones at 90% energy
-        // fall below break-even.
+        // Six linears per block (no gate), every one visited.
         assert_eq!(report.matrices.len(), 6 * model.config().n_layers);
         assert!(report
             .matrices
@@ -193,16 +198,28 @@ fn gpt2_compresses_and_the_saved_model_reloads() {
             .any(|m| m.name.ends_with("mlp.up_proj")));
         assert!(report.matrices.iter().any(|m| m.rank.is_some()));
         assert!(report.params_after < report.params_before);
+        if let RankPolicy::KeepParams(keep) = policy {
+            // The budget is over the weight matrices; the biases stay as they are.
+            let biases = report.params_before
+                - dense
+                    .linear_shapes()
+                    .iter()
+                    .map(|(o, i)| o * i)
+                    .sum::<usize>();
+            let weights_after = (report.params_after - biases) as f64;
+            assert!(
+                weights_after <= keep * (report.params_before - biases) as f64,
+                "{} of {}",
+                report.params_after,
+                report.params_before
+            );
+        }
         let compressed = prefill_logits(&model, &ids);
         let drift = relative_error(&compressed, &dense_logits);
-        eprintln!("{}: drift from dense {drift:.3e}", method.name());
+        eprintln!("{} {policy:?}: drift from dense {drift:.3e}", method.name());
         assert!(drift.is_finite() && drift > 0.0);
 
-        let dir = std::env::temp_dir().join(format!(
-            "s2lc-gpt2-{}-{}",
-            method.name(),
-            std::process::id()
-        ));
+        let dir = std::env::temp_dir().join(format!("s2lc-gpt2-{run}-{}", std::process::id()));
         save_model_dir(&model, None, &dir, &serde_json::json!({"test": true})).expect("save");
         assert!(!dir.join("tokenizer.json").exists());
         let config: Value =
