@@ -71,6 +71,7 @@ impl Arch {
 
 /// `config.json` of a Hugging Face Llama-family model, as written by transformers.
 /// Fields the runtime does not need are ignored; optional ones get the transformers defaults.
+/// GPT-2 spells its fields differently (`n_embd`, `n_layer`, ...): see [`crate::gpt2::Gpt2Config`].
 #[derive(Debug, Clone, Deserialize)]
 pub struct HfConfig {
     /// `llama`, `qwen2`, ...
