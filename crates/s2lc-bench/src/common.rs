@@ -149,20 +149,36 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// Opens a model and loads its runtime weights in `storage` with a progress bar.
+/// Opens a model and loads its runtime weights in `storage` with a progress bar, and its
+/// tokenizer (a model directory without `tokenizer.json` is an error naming it).
 pub fn load_model(
     path: &Path,
     storage: WeightStorage,
 ) -> Result<(ModelSource, LlamaModel, Tokenizer)> {
     let source = ModelSource::open(path).context("opening the model")?;
-    let cfg = source.config().context("reading the model configuration")?;
+    source.config().context("reading the model configuration")?;
     let tokenizer = source.tokenizer().context("building the tokenizer")?;
+    let model = load_weights_of(&source, storage)?;
+    Ok((source, model, tokenizer))
+}
+
+/// [`load_model`] without the tokenizer, for commands that work from the weights alone
+/// (`analyze`, plain-SVD `compress`): a directory of weights without `tokenizer.json` loads.
+pub fn load_weights(path: &Path, storage: WeightStorage) -> Result<(ModelSource, LlamaModel)> {
+    let source = ModelSource::open(path).context("opening the model")?;
+    let model = load_weights_of(&source, storage)?;
+    Ok((source, model))
+}
+
+/// The runtime model of an open source in `storage`, with a progress bar over its blocks.
+fn load_weights_of(source: &ModelSource, storage: WeightStorage) -> Result<LlamaModel> {
+    let cfg = source.config().context("reading the model configuration")?;
     let bar = progress_bar(cfg.n_layers as u64, "loading blocks");
     let model = source
         .load_llama(storage, |_| bar.inc(1))
         .context("loading the weights")?;
     bar.finish_and_clear();
-    Ok((source, model, tokenizer))
+    Ok(model)
 }
 
 /// `--json FILE`, the same flag in every benchmark: also write the results as JSON there.

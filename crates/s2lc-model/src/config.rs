@@ -6,14 +6,46 @@ use serde::Deserialize;
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
 
-/// Architecture families the runtime executes. Both are decoder-only Llama-style transformers;
-/// Qwen2 differs only by biases on the q/k/v projections.
+/// Architecture families the runtime executes. All are decoder-only pre-norm transformers run by
+/// the one Llama-family decoder; they differ by the options below ([`NormKind`],
+/// [`PositionKind`], [`MlpKind`]) and by which linears carry biases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     /// Llama family (Llama, SmolLM2, Mistral-style without sliding window).
     Llama,
     /// Qwen2 family: Llama plus q/k/v biases.
     Qwen2,
+    /// GPT-2 (Hugging Face layout): LayerNorm with bias, learned absolute positions, a GELU
+    /// (tanh approximation) MLP without gate, biases on every linear, tied head.
+    Gpt2,
+}
+
+/// The normalization before attention, before the MLP and before the head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    /// `x / √(mean(x²) + ε) · w` (Llama, Qwen2).
+    Rms,
+    /// `(x − mean) / √(var + ε) · w + b` (GPT-2).
+    Layer,
+}
+
+/// How positions enter the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PositionKind {
+    /// Rotary embedding of queries and keys (Llama, Qwen2).
+    Rope,
+    /// A learned embedding per absolute position added to the token embedding (GPT-2's `wpe`);
+    /// positions end at the table's length.
+    Learned,
+}
+
+/// The feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpKind {
+    /// `down(silu(gate·x) ⊙ up·x)` (Llama, Qwen2).
+    SwiGlu,
+    /// `down(gelu_tanh(up·x))`, no gate (GPT-2's `c_fc` → `gelu_new` → `c_proj`).
+    GeluTanh,
 }
 
 impl Arch {
@@ -22,6 +54,7 @@ impl Arch {
         match name {
             "llama" | "mistral" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
+            "gpt2" => Ok(Arch::Gpt2),
             other => Err(ModelError::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -31,12 +64,14 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Gpt2 => "gpt2",
         }
     }
 }
 
 /// `config.json` of a Hugging Face Llama-family model, as written by transformers.
 /// Fields the runtime does not need are ignored; optional ones get the transformers defaults.
+/// GPT-2 spells its fields differently (`n_embd`, `n_layer`, ...): see [`crate::gpt2::Gpt2Config`].
 #[derive(Debug, Clone, Deserialize)]
 pub struct HfConfig {
     /// `llama`, `qwen2`, ...
@@ -90,9 +125,9 @@ pub struct ModelConfig {
     pub vocab_size: usize,
     /// RoPE base frequency.
     pub rope_theta: f32,
-    /// RMSNorm epsilon.
+    /// Epsilon of the norms (RMSNorm or LayerNorm, see [`ModelConfig::norm`]).
     pub rms_eps: f32,
-    /// Trained context length.
+    /// Trained context length (for learned positions, the rows of the position table).
     pub max_seq_len: usize,
     /// `lm_head` is the embedding matrix.
     pub tie_embeddings: bool,
@@ -143,6 +178,13 @@ impl ModelConfig {
     /// `tie_embeddings` is true when the file has no `output.weight`.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
         let arch = Arch::from_name(file.architecture()?)?;
+        if arch == Arch::Gpt2 {
+            // llama.cpp stores GPT-2 with fused q/k/v and its own names; only the Hugging Face
+            // layout is mapped.
+            return Err(ModelError::InvalidConfig(
+                "GPT-2 runs from a Hugging Face directory (config.json + model.safetensors), not from GGUF".into(),
+            ));
+        }
         let a = arch.name();
         let key = |k: &str| format!("{a}.{k}");
         let hidden_size = file.get_u32(&key("embedding_length"))? as usize;
@@ -186,6 +228,7 @@ impl ModelConfig {
         let arch = match self.arch {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Gpt2 => return crate::gpt2::Gpt2Config::from_runtime(self).to_json(),
         };
         serde_json::json!({
             "architectures": [arch],
@@ -219,13 +262,44 @@ impl ModelConfig {
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        // RoPE rotates pairs of a head's elements: its width must be even.
+        let even = self.positions() == PositionKind::Learned || self.head_dim % 2 == 0;
+        if self.head_dim == 0 || !even {
             return bad(format!(
                 "head_dim {} must be even and non-zero",
                 self.head_dim
             ));
         }
         Ok(self)
+    }
+
+    /// The normalization the architecture uses.
+    pub fn norm(&self) -> NormKind {
+        match self.arch {
+            Arch::Llama | Arch::Qwen2 => NormKind::Rms,
+            Arch::Gpt2 => NormKind::Layer,
+        }
+    }
+
+    /// How positions enter the model.
+    pub fn positions(&self) -> PositionKind {
+        match self.arch {
+            Arch::Llama | Arch::Qwen2 => PositionKind::Rope,
+            Arch::Gpt2 => PositionKind::Learned,
+        }
+    }
+
+    /// The feed-forward block.
+    pub fn mlp(&self) -> MlpKind {
+        match self.arch {
+            Arch::Llama | Arch::Qwen2 => MlpKind::SwiGlu,
+            Arch::Gpt2 => MlpKind::GeluTanh,
+        }
+    }
+
+    /// Whether every linear layer (not only q/k/v) carries a bias, as GPT-2's do.
+    pub fn biases_everywhere(&self) -> bool {
+        self.arch == Arch::Gpt2
     }
 
     /// Width of the concatenated query heads.
@@ -263,12 +337,12 @@ mod tests {
         let err = ModelConfig::from_hf(&hf).unwrap_err().to_string();
         assert!(err.contains("multiple"), "{err}");
 
-        let gpt = r#"{"model_type":"gpt2","hidden_size":8,"intermediate_size":8,
+        let neox = r#"{"model_type":"gpt_neox","hidden_size":8,"intermediate_size":8,
             "num_hidden_layers":1,"num_attention_heads":1,"vocab_size":10}"#;
-        let hf: HfConfig = serde_json::from_str(gpt).unwrap();
+        let hf: HfConfig = serde_json::from_str(neox).unwrap();
         assert!(matches!(
             ModelConfig::from_hf(&hf),
-            Err(ModelError::UnsupportedArchitecture(a)) if a == "gpt2"
+            Err(ModelError::UnsupportedArchitecture(a)) if a == "gpt_neox"
         ));
     }
 }

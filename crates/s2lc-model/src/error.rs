@@ -25,6 +25,9 @@ pub enum ModelError {
     /// The tokenizer could not be built or used.
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    /// A command needs the model's tokenizer and the model directory has no `tokenizer.json`.
+    #[error("{0} not found: this needs the model's tokenizer (a directory of weights alone can be analyzed, or compressed with --method svd)")]
+    MissingTokenizer(PathBuf),
     /// A safetensors file is malformed.
     #[error("{path}: invalid safetensors: {message}")]
     Safetensors {
@@ -42,7 +45,7 @@ pub enum ModelError {
         source: serde_json::Error,
     },
     /// The architecture is not one the runtime executes.
-    #[error("unsupported architecture '{0}' (the runtime executes llama and qwen2)")]
+    #[error("unsupported architecture '{0}' (the runtime executes llama, qwen2 and gpt2)")]
     UnsupportedArchitecture(String),
     /// The configuration is inconsistent.
     #[error("invalid model configuration: {0}")]

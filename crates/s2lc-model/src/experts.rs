@@ -156,7 +156,13 @@ impl FfnWeights {
                     "expert layer {layer} is outside the model's {n_layers} layers"
                 ))
             })?;
-            let targets = [&block.gate_proj, &block.up_proj, &block.down_proj];
+            let Some(gate_proj) = &block.gate_proj else {
+                return Err(ModelError::InvalidConfig(format!(
+                    "expert sets replace a gated (SwiGLU) feed-forward; this {} model has no gate_proj",
+                    model.config().arch.name()
+                )));
+            };
+            let targets = [gate_proj, &block.up_proj, &block.down_proj];
             for ((module, t), linear) in FFN_MODULES.iter().zip(tensors).zip(targets) {
                 let expected = vec![linear.out_dim(), linear.in_dim()];
                 if t.shape != expected {
@@ -178,7 +184,7 @@ impl FfnWeights {
                     None,
                 ))
             };
-            block.gate_proj = dense(gate);
+            block.gate_proj = Some(dense(gate));
             block.up_proj = dense(up);
             block.down_proj = dense(down);
         }
@@ -252,10 +258,11 @@ mod tests {
             let mut tensors = Vec::new();
             for &l in layers {
                 let b = &model.blocks()[l];
-                for (m, lin) in FFN_MODULES
-                    .iter()
-                    .zip([&b.gate_proj, &b.up_proj, &b.down_proj])
-                {
+                for (m, lin) in FFN_MODULES.iter().zip([
+                    b.gate_proj.as_ref().unwrap(),
+                    &b.up_proj,
+                    &b.down_proj,
+                ]) {
                     let Linear::Dense(d) = lin else { panic!() };
                     let data = d.weight().iter().map(|v| v * f).collect();
                     let shape = vec![lin.out_dim(), lin.in_dim()];

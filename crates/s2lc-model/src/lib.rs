@@ -24,6 +24,7 @@ pub mod expert_eval;
 pub mod experts;
 pub mod generate;
 pub mod gguf;
+pub mod gpt2;
 pub mod heldout;
 pub mod kernels;
 pub mod kv;

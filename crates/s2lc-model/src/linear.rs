@@ -281,7 +281,11 @@ fn load_encoded(
         .ok_or_else(|| {
             ModelError::WeightFormat(format!(
                 "{name}: rows of {rb} bytes are none of {} at {cols} columns",
-                formats.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
+                formats
+                    .iter()
+                    .map(|f| f.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })?;
     WeightMatrix::from_blocks(format, t.bytes, r, cols).map(Some)
@@ -428,7 +432,10 @@ impl Linear {
                 if n <= SMALL_BATCH {
                     // One pass over x for Q·x and R·x.
                     let add = accum == Accum::Add;
-                    let tasks = &mut [GemvTask::new(&c.weight, out, add), GemvTask::new(&c.r, mid, false)];
+                    let tasks = &mut [
+                        GemvTask::new(&c.weight, out, add),
+                        GemvTask::new(&c.r, mid, false),
+                    ];
                     gemv(tasks, x, &mut scratch.acts);
                 } else {
                     c.weight.matmul(x, n, out, accum, &mut scratch.acts);

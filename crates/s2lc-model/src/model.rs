@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{Arch, HfConfig, ModelConfig};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
+use crate::gpt2::{Gpt2Config, Gpt2Source};
 use crate::llama::LlamaModel;
 use crate::source::{GgufSource, SafetensorsSource, TensorSource, WeightStorage, Weights};
 use crate::tokenizer::{GgufBpe, Tokenizer};
@@ -15,7 +16,8 @@ use crate::tokenizer::{GgufBpe, Tokenizer};
 enum Format {
     Gguf(GgufSource),
     HfDir {
-        tensors: SafetensorsSource,
+        /// The safetensors files, under the runtime's names ([`Gpt2Source`] for GPT-2).
+        tensors: Box<dyn TensorSource>,
         config_json: serde_json::Value,
     },
 }
@@ -36,12 +38,19 @@ impl ModelSource {
             let config_path = path.join("config.json");
             let text = std::fs::read_to_string(&config_path)
                 .map_err(|e| ModelError::io(&config_path, e))?;
-            let config_json = serde_json::from_str(&text).map_err(|source| ModelError::Config {
-                path: config_path,
-                source,
-            })?;
+            let config_json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| ModelError::Config {
+                    path: config_path,
+                    source,
+                })?;
+            let files = Box::new(SafetensorsSource::open_dir(path)?);
+            let gpt2 = config_json.get("model_type").and_then(|v| v.as_str()) == Some("gpt2");
             Format::HfDir {
-                tensors: SafetensorsSource::open_dir(path)?,
+                tensors: if gpt2 {
+                    Box::new(Gpt2Source::new(files))
+                } else {
+                    files
+                },
                 config_json,
             }
         } else {
@@ -89,14 +98,17 @@ impl ModelSource {
             Format::Gguf(g) => ModelConfig::from_gguf(g.file()),
             Format::HfDir { config_json, .. } => {
                 // Name an unsupported architecture before complaining about its fields.
-                Arch::from_name(&self.architecture()?)?;
-                let hf: HfConfig =
-                    serde_json::from_value(config_json.clone()).map_err(|source| {
-                        ModelError::Config {
-                            path: self.path.join("config.json"),
-                            source,
-                        }
-                    })?;
+                let arch = Arch::from_name(&self.architecture()?)?;
+                let invalid = |source| ModelError::Config {
+                    path: self.path.join("config.json"),
+                    source,
+                };
+                if arch == Arch::Gpt2 {
+                    let hf: Gpt2Config =
+                        serde_json::from_value(config_json.clone()).map_err(invalid)?;
+                    return hf.to_runtime();
+                }
+                let hf: HfConfig = serde_json::from_value(config_json.clone()).map_err(invalid)?;
                 ModelConfig::from_hf(&hf)
             }
         }
@@ -106,7 +118,7 @@ impl ModelSource {
     pub fn tensors(&self) -> &dyn TensorSource {
         match &self.format {
             Format::Gguf(g) => g,
-            Format::HfDir { tensors, .. } => tensors,
+            Format::HfDir { tensors, .. } => tensors.as_ref(),
         }
     }
 
@@ -118,10 +130,17 @@ impl ModelSource {
         }
     }
 
-    /// The tokenizer: `tokenizer.json` in a directory, the embedded BPE vocabulary in a GGUF.
+    /// The tokenizer: `tokenizer.json` in a directory, the embedded BPE vocabulary in a GGUF. A
+    /// directory without `tokenizer.json` is [`ModelError::MissingTokenizer`].
     pub fn tokenizer(&self) -> Result<Tokenizer, ModelError> {
         match &self.format {
-            Format::HfDir { .. } => Ok(Tokenizer::from_file(&self.path.join("tokenizer.json"))?),
+            Format::HfDir { .. } => {
+                let path = self.path.join("tokenizer.json");
+                if !path.exists() {
+                    return Err(ModelError::MissingTokenizer(path));
+                }
+                Ok(Tokenizer::from_file(&path)?)
+            }
             Format::Gguf(g) => {
                 let f = g.file();
                 let model = f.get_str("tokenizer.ggml.model")?;

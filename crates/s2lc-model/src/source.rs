@@ -601,7 +601,10 @@ pub fn write_safetensors_with_bytes<'a>(
     let all = floats
         .iter()
         .map(|(n, s, b)| (*n, Dtype::F32, *s, b.as_slice()))
-        .chain(raw.iter().map(|(n, t)| (*n, Dtype::U8, t.shape.as_slice(), t.bytes.as_slice())));
+        .chain(
+            raw.iter()
+                .map(|(n, t)| (*n, Dtype::U8, t.shape.as_slice(), t.bytes.as_slice())),
+        );
     for (name, dtype, shape, b) in all {
         let view = safetensors::tensor::TensorView::new(dtype, shape.to_vec(), b).map_err(|e| {
             ModelError::Safetensors {

@@ -10,7 +10,9 @@ mod cmd;
 
 // The plumbing every command shares, and the commands that live with the benches (they share
 // the held-out protocol and the reports): reachable as `crate::...` from the command modules.
-pub use s2lc_bench::common::{load_model, parse_kv, parse_weights, progress_bar, ModelArg};
+pub use s2lc_bench::common::{
+    load_model, load_weights, parse_kv, parse_weights, progress_bar, ModelArg,
+};
 use s2lc_bench::{experts, router, BenchCommand};
 
 /// S2LC: spectral low-rank compression and serving of language models.

@@ -118,8 +118,8 @@ pub(crate) fn quantize(
             });
         let rest = cols - c0 - GROUP;
         if rest > 0 {
-            let wm = MatMut::from_row_major_slice_mut(&mut w, rows, cols)
-                .subcols_mut(c0 + GROUP, rest);
+            let wm =
+                MatMut::from_row_major_slice_mut(&mut w, rows, cols).subcols_mut(c0 + GROUP, rest);
             let em = MatRef::from_row_major_slice(&err, rows, GROUP);
             let um = MatRef::from_row_major_slice(u, n, n).submatrix(c0, c0 + GROUP, GROUP, rest);
             matmul(wm, Accum::Add, em, um, -1.0f32, Par::rayon(0));
@@ -191,7 +191,10 @@ mod tests {
             };
             let rtn = err_of(&decode(&lowbit::quantize_rtn(&w, cols, bits)));
             let gptq = err_of(&decode(&quantize(&w, rows, cols, bits, &hinv)));
-            assert!(gptq < 0.8 * rtn, "{bits} bits: error feedback {gptq:e} vs rounding {rtn:e}");
+            assert!(
+                gptq < 0.8 * rtn,
+                "{bits} bits: error feedback {gptq:e} vs rounding {rtn:e}"
+            );
         }
     }
 
@@ -211,6 +214,9 @@ mod tests {
             })
             .sum();
         let via_gram = output_error(&e, rows, cols, gram(&x, n, cols).as_ref());
-        assert!((direct - via_gram).abs() <= 1e-4 * direct, "{direct} vs {via_gram}");
+        assert!(
+            (direct - via_gram).abs() <= 1e-4 * direct,
+            "{direct} vs {via_gram}"
+        );
     }
 }

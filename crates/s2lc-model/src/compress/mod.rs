@@ -22,8 +22,8 @@ use s2lc_spectral::{
 
 mod calibration;
 mod gptq;
-pub mod quantlr;
 pub(crate) mod pipeline;
+pub mod quantlr;
 
 use pipeline::Cut;
 
@@ -33,8 +33,8 @@ use crate::kv::KvCache;
 use crate::linear::{Linear, LowRankLinear};
 use crate::llama::{ActivationObserver, ForwardScratch, LinearInput, LlamaModel};
 pub use calibration::calibration_windows;
-pub use quantlr::{quantize_lowrank, QuantLrMatrix, QuantLrOptions, QuantLrReport};
 use calibration::{cross_gram, to_f64, GramCollector};
+pub use quantlr::{quantize_lowrank, QuantLrMatrix, QuantLrOptions, QuantLrReport};
 
 /// How ranks are chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -281,16 +281,14 @@ pub(crate) fn damping_notes(matrices: &[MatrixReport]) -> Vec<String> {
         .collect()
 }
 
-/// Names of the seven block linears, in `Block::linears` order.
-const LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
+/// The name of linear `index` of a block, counted in [`crate::llama::Block::linears`] order (the
+/// linears the architecture has: seven for Llama and Qwen2, six for GPT-2, which has no gate).
+fn linear_name(model: &LlamaModel, layer: usize, index: usize) -> Option<&'static str> {
+    model.blocks()[layer]
+        .linears()
+        .nth(index)
+        .map(|(name, _)| name)
+}
 
 /// The f32 weight of a dense layer (compression works on a model loaded with
 /// [`crate::source::WeightStorage::F32`]; layers held in other formats are left alone).
@@ -311,7 +309,7 @@ fn decompose_layer(
     grams: Option<&HashMap<(usize, LinearInput), Mat<f32>>>,
 ) -> Result<Vec<Option<Decomposition>>, CompressError> {
     let block = &model.blocks()[layer];
-    let linears = block.linears();
+    let linears: Vec<_> = block.linears().collect();
     // One whitening per input kind, shared by the layers reading it.
     let mut whitenings: HashMap<LinearInput, Arc<Whitening>> = HashMap::new();
     if let Some(grams) = grams {
@@ -356,9 +354,13 @@ fn apply(
     }: Cut<'_>,
     refit: Option<(&Mat<f64>, &Mat<f64>)>,
 ) -> Result<MatrixReport, CompressError> {
-    let slot = slot_mut(model, layer, index);
+    let leaf = linear_name(model, layer, index).expect("cuts index the block's linears");
+    let block = &mut model.blocks_mut()[layer];
+    let slot = block
+        .linear_mut(leaf)
+        .expect("the block has its own linears");
     let (rows, cols) = (slot.out_dim(), slot.in_dim());
-    let name = format!("model.layers.{layer}.{}", LINEARS[index]);
+    let name = format!("model.layers.{layer}.{leaf}");
     let (report, factors) = dec.truncate(name, rows, cols, rank);
     if let Some(mut f) = factors {
         if let (Some((g_cc, g_cd)), Some(w)) = (refit, dense_weight(slot)) {
@@ -375,20 +377,6 @@ fn apply(
         *slot = Linear::LowRank(LowRankLinear::new(u, vs, rows, cols, bias));
     }
     Ok(report)
-}
-
-/// Block `layer`'s linear number `index` in [`LINEARS`] order.
-fn slot_mut(model: &mut LlamaModel, layer: usize, index: usize) -> &mut Linear {
-    let block = &mut model.blocks_mut()[layer];
-    match index {
-        0 => &mut block.q_proj,
-        1 => &mut block.k_proj,
-        2 => &mut block.v_proj,
-        3 => &mut block.o_proj,
-        4 => &mut block.gate_proj,
-        5 => &mut block.up_proj,
-        _ => &mut block.down_proj,
-    }
 }
 
 fn rank_for(policy: RankPolicy, dec: &Decomposition, fixed: Option<usize>) -> usize {
@@ -494,7 +482,10 @@ impl pipeline::Layered for Decoder<'_> {
     }
 
     fn per_layer(&self) -> usize {
-        LINEARS.len()
+        self.model
+            .blocks()
+            .first()
+            .map_or(0, |b| b.linears().count())
     }
 
     fn shapes(&self) -> Vec<(usize, usize)> {
@@ -575,7 +566,8 @@ impl pipeline::Layered for Decoder<'_> {
     }
 
     fn apply(&mut self, cut: Cut<'_>) -> Result<MatrixReport, CompressError> {
-        let kind = LinearInput::of(LINEARS[cut.index]).expect("block linear names are known");
+        let name = linear_name(self.model, cut.layer, cut.index).expect("cuts index the linears");
+        let kind = LinearInput::of(name).expect("block linear names are known");
         let pair = self
             .refit
             .as_ref()
@@ -586,11 +578,14 @@ impl pipeline::Layered for Decoder<'_> {
 }
 
 /// Writes `model` as a Hugging Face directory: `config.json`, `model.safetensors` (with the
-/// compression record as `__metadata__["s2lc"]`), `tokenizer.json` and `s2lc_compression.json`.
-/// Files are written under temporary names and renamed, so a failure leaves no partial model.
+/// compression record as `__metadata__["s2lc"]`), `tokenizer.json` when a tokenizer is given (a
+/// model directory of weights alone, such as a GPT-2 without one, is saved without it) and
+/// `s2lc_compression.json`. Files are written under temporary names and renamed, so a failure
+/// leaves no partial model. Tensors carry the runtime's names ([`LlamaModel::export_tensors`]),
+/// a GPT-2 too: `config.json` says `gpt2` and loading maps either layout.
 pub fn save_model_dir(
     model: &LlamaModel,
-    tokenizer: &crate::tokenizer::Tokenizer,
+    tokenizer: Option<&crate::tokenizer::Tokenizer>,
     dir: &std::path::Path,
     record: &serde_json::Value,
 ) -> Result<(), ModelError> {
@@ -608,9 +603,11 @@ pub fn save_model_dir(
         encoded.iter().map(|(n, t)| (n.as_str(), t)),
         Some(meta),
     )?;
-    crate::atomic::write_atomic_with(&dir.join("tokenizer.json"), |tmp| {
-        tokenizer.save(tmp).map_err(ModelError::from)
-    })?;
+    if let Some(tokenizer) = tokenizer {
+        crate::atomic::write_atomic_with(&dir.join("tokenizer.json"), |tmp| {
+            tokenizer.save(tmp).map_err(ModelError::from)
+        })?;
+    }
     let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
     write("config.json", pretty(&model.config().to_hf_json()))?;
     write("s2lc_compression.json", pretty(record))

@@ -27,7 +27,7 @@ use s2lc_spectral::Whitening;
 
 use super::calibration::to_f64;
 use super::gptq::{self, InverseHessian};
-use super::{input_grams, slot_mut, whitening_of, CompressError, LINEARS};
+use super::{input_grams, whitening_of, CompressError};
 use crate::kernels::{lowbit, WeightFormat, WeightMatrix};
 use crate::linear::{CorrectedLinear, Linear};
 use crate::llama::{LinearInput, LlamaModel};
@@ -83,11 +83,16 @@ pub struct QuantLrReport {
     pub calibration_tokens: usize,
 }
 
+/// What one input's calibration gives every linear reading it: the Gram matrix `H`, the
+/// factor of `H⁻¹` error feedback uses, and the whitening `L·Lᵀ = H`.
+type InputStats = (Mat<f32>, InverseHessian, Arc<Whitening>);
+
 /// One matrix's candidates: per bit width, the first fit's rows and its error spectrum.
 struct Candidates {
     name: String,
     layer: usize,
-    index: usize,
+    /// The linear's name within its block (`self_attn.q_proj`, ...).
+    leaf: &'static str,
     rows: usize,
     cols: usize,
     /// `‖X·Wᵀ‖²`.
@@ -114,7 +119,10 @@ fn correction_bytes(rows: usize, cols: usize, rank: usize) -> usize {
 fn check(opts: &QuantLrOptions, shapes: &[(usize, usize)]) -> Result<(), CompressError> {
     let bad = |m: String| Err(CompressError::QuantLr(m));
     if opts.bits.is_empty() || opts.bits.iter().any(|b| !(2..=4).contains(b)) {
-        return bad(format!("bit widths {:?}: each must be 2, 3 or 4", opts.bits));
+        return bad(format!(
+            "bit widths {:?}: each must be 2, 3 or 4",
+            opts.bits
+        ));
     }
     if opts.ranks.is_empty() {
         return bad("no candidate rank (give at least 0)".into());
@@ -168,29 +176,30 @@ pub fn quantize_lowrank(
     let max_rank = *ranks.last().unwrap_or(&0);
     let grams = input_grams(model, &opts.calibration)?;
     let n_layers = model.config().n_layers;
-    let total = 2 * n_layers * LINEARS.len();
+    let total = 2 * shapes.len();
     let mut done = 0;
 
     // 1–2. Candidates per matrix.
-    let mut cands = Vec::with_capacity(n_layers * LINEARS.len());
-    let mut hessians: HashMap<(usize, LinearInput), (Mat<f32>, InverseHessian, Arc<Whitening>)> =
-        HashMap::new();
+    let mut cands = Vec::with_capacity(shapes.len());
+    let mut hessians: HashMap<(usize, LinearInput), InputStats> = HashMap::new();
     for layer in 0..n_layers {
-        for (index, name) in LINEARS.iter().enumerate() {
+        let leaves: Vec<&'static str> = model.blocks()[layer].linears().map(|(n, _)| n).collect();
+        for name in leaves {
             let kind = LinearInput::of(name).expect("block linear names are known");
             let full = format!("model.layers.{layer}.{name}");
-            if !hessians.contains_key(&(layer, kind)) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = hessians.entry((layer, kind)) {
                 let g = grams
                     .get(&(layer, kind))
                     .ok_or(CompressError::NoCalibration)?;
-                let hinv = InverseHessian::new(to_f64(g).as_ref(), gptq::DAMPING).ok_or_else(
-                    || CompressError::QuantLr(format!("{full}: input Gram matrix not invertible")),
-                )?;
+                let hinv =
+                    InverseHessian::new(to_f64(g).as_ref(), gptq::DAMPING).ok_or_else(|| {
+                        CompressError::QuantLr(format!("{full}: input Gram matrix not invertible"))
+                    })?;
                 let wh = whitening_of(&full, g)?;
-                hessians.insert((layer, kind), (g.clone(), hinv, wh));
+                slot.insert((g.clone(), hinv, wh));
             }
             let (g, hinv, wh) = &hessians[&(layer, kind)];
-            let w = dense_f32(&model.blocks()[layer].linears()[index].1, &full)?;
+            let w = dense_f32(linear_of(model, layer, name), &full)?;
             let (rows, cols) = (w.nrows(), w.ncols());
             let wv = row_major(w.as_ref());
             let norm = gptq::output_error(&wv, rows, cols, g.as_ref());
@@ -212,7 +221,7 @@ pub fn quantize_lowrank(
             cands.push(Candidates {
                 name: full,
                 layer,
-                index,
+                leaf: name,
                 rows,
                 cols,
                 norm,
@@ -233,8 +242,9 @@ pub fn quantize_lowrank(
     for (c, &(oi, ri)) in cands.iter().zip(&choice) {
         let (bits, first_q, errs) = &c.options[oi];
         let rank = ranks[ri];
-        let (g, hinv, wh) = &hessians[&(c.layer, LinearInput::of(LINEARS[c.index]).expect("known"))];
-        let w = dense_f32(&model.blocks()[c.layer].linears()[c.index].1, &c.name)?;
+        let kind = LinearInput::of(c.leaf).expect("block linear names are known");
+        let (g, hinv, wh) = &hessians[&(c.layer, kind)];
+        let w = dense_f32(linear_of(model, c.layer, c.leaf), &c.name)?;
         let wv = row_major(w.as_ref());
         let (rows, cols) = (c.rows, c.cols);
         let mut q = first_q.clone();
@@ -255,7 +265,9 @@ pub fn quantize_lowrank(
         let weight = WeightMatrix::from_blocks(format, q, rows, cols)?;
         let r = WeightMatrix::quantize_or_f16(&factors.r, rank, cols, WeightFormat::Q8_0)?;
         let lt = WeightMatrix::quantize_or_f16(&factors.lt, rank, rows, WeightFormat::Q8_0)?;
-        let slot = slot_mut(model, c.layer, c.index);
+        let slot = model.blocks_mut()[c.layer]
+            .linear_mut(c.leaf)
+            .expect("the block has its own linears");
         let bias = slot.bias().map(<[f32]>::to_vec);
         let layer = CorrectedLinear::new(weight, r, lt, bias);
         let held = layer.effective_weight();
@@ -290,7 +302,8 @@ pub fn quantize_lowrank(
 /// The greedy choice `(option index, rank index)` per matrix within `budget` bytes.
 fn allocate(cands: &[Candidates], ranks: &[usize], budget: usize) -> Vec<(usize, usize)> {
     let cost = |c: &Candidates, o: usize, r: usize| {
-        c.rows * lowbit::row_bytes(c.options[o].0, c.cols) + correction_bytes(c.rows, c.cols, ranks[r])
+        c.rows * lowbit::row_bytes(c.options[o].0, c.cols)
+            + correction_bytes(c.rows, c.cols, ranks[r])
     };
     let err = |c: &Candidates, o: usize, r: usize| c.options[o].2[r];
     // Start: the cheapest option of each matrix.
@@ -380,7 +393,9 @@ fn correction(
     }
     let a = wh.whiten(MatRef::from_row_major_slice(e, rows, cols));
     let svd = rsvd(a.as_ref(), &RsvdParams::new(rank)).map_err(|err| {
-        CompressError::QuantLr(format!("SVD of a {rows} × {cols} quantization error: {err}"))
+        CompressError::QuantLr(format!(
+            "SVD of a {rows} × {cols} quantization error: {err}"
+        ))
     })?;
     let f = wh.factors(&svd, rank);
     let rank = f.rank();
@@ -434,4 +449,13 @@ fn dense_f32(l: &Linear, name: &str) -> Result<Mat<f32>, CompressError> {
             "{name} is not a dense f32 weight (load the model with f32 weights)"
         ))
     })
+}
+
+/// Block `layer`'s linear `leaf` (one of the names its `linears()` lists).
+fn linear_of<'m>(model: &'m LlamaModel, layer: usize, leaf: &str) -> &'m Linear {
+    model.blocks()[layer]
+        .linears()
+        .find(|(n, _)| *n == leaf)
+        .map(|(_, l)| l)
+        .expect("the block has its own linears")
 }

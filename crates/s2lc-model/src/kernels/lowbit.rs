@@ -383,7 +383,10 @@ mod tests {
                 // Codes read one by one from the documented plane layout.
                 let q = match bits {
                     2 => (g[2 + i % 16] >> (2 * (i / 16))) & 3,
-                    3 => ((g[2 + i % 16] >> (2 * (i / 16))) & 3) | (((g[18 + i % 8] >> (i / 8)) & 1) << 2),
+                    3 => {
+                        ((g[2 + i % 16] >> (2 * (i / 16))) & 3)
+                            | (((g[18 + i % 8] >> (i / 8)) & 1) << 2)
+                    }
                     _ => (g[2 + i % 32] >> (4 * (i / 32))) & 15,
                 };
                 out.push(d * q as f32 - m);
@@ -417,10 +420,18 @@ mod tests {
                 // as well as the full range, whose error is at most half a step everywhere (the
                 // log-coded scales move the step by up to 2.2 %).
                 let levels = ((1u32 << bits) - 1) as f32;
-                for (g, (a, b)) in w.chunks_exact(GROUP).zip(dec.chunks_exact(GROUP)).enumerate() {
+                for (g, (a, b)) in w
+                    .chunks_exact(GROUP)
+                    .zip(dec.chunks_exact(GROUP))
+                    .enumerate()
+                {
                     let half_step = g_range(a) / levels * 0.5 * 1.03;
-                    let mse = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>() / GROUP as f32;
-                    assert!(mse <= half_step * half_step + 1e-12, "bits {bits} group {g}: {mse} vs {half_step}²");
+                    let mse =
+                        a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>() / GROUP as f32;
+                    assert!(
+                        mse <= half_step * half_step + 1e-12,
+                        "bits {bits} group {g}: {mse} vs {half_step}²"
+                    );
                 }
                 let x = random(&mut rng, cols);
                 let mut y = vec![1.0; rows];

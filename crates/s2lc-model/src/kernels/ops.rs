@@ -200,6 +200,35 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// LayerNorm: `out = (x − mean) / √(var + eps) · weight + bias` for each row of width
+/// `weight.len()`, the variance the biased one (`/ d`), as torch computes it. Two passes over the
+/// row (mean, then centred squares) rather than `E[x²] − mean²`, which cancels badly when the
+/// mean is large against the spread.
+pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    debug_assert_eq!(bias.len(), d);
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mean = row.iter().sum::<f32>() / d as f32;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (((o, v), w), b) in o.iter_mut().zip(row).zip(weight).zip(bias) {
+            *o = (v - mean) * inv * w + b;
+        }
+    }
+}
+
+/// `√(2/π)`, the slope of GELU's tanh approximation.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+/// GELU, tanh approximation (GPT-2's `gelu_new`): `x/2 · (1 + tanh(√(2/π)·(x + 0.044715·x³)))`,
+/// in place.
+pub fn gelu_tanh(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        let t = (SQRT_2_OVER_PI * (*v + 0.044_715 * *v * *v * *v)).tanh();
+        *v = 0.5 * *v * (1.0 + t);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! Every function here needs AVX2, FMA and F16C (`# Safety` of each: the CPU has them, as

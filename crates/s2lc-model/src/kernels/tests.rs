@@ -419,3 +419,35 @@ fn axpy_rows_matches_the_transposed_reference() {
         }
     }
 }
+
+/// LayerNorm and GELU's tanh approximation against f64 evaluations of their definitions.
+#[test]
+fn layer_norm_and_gelu_tanh_match_their_definitions() {
+    let mut rng = Draws::new(43);
+    let d = 24;
+    // A large common offset: the centred second pass keeps the variance accurate.
+    let x: Vec<f32> = rng.vec(2 * d).iter().map(|v| v + 30.0).collect();
+    let (w, b) = (rng.vec(d), rng.vec(d));
+    let mut out = vec![0.0; 2 * d];
+    ops::layer_norm(&x, &w, &b, 1e-5, &mut out);
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact(d)) {
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+        for i in 0..d {
+            let want = (row[i] as f64 - mean) / (var + 1e-5).sqrt() * w[i] as f64 + b[i] as f64;
+            assert!((o[i] as f64 - want).abs() < 1e-4, "{} vs {want}", o[i]);
+        }
+    }
+    let mut g: Vec<f32> = (-40..=40).map(|i| i as f32 / 8.0).collect();
+    let x = g.clone();
+    ops::gelu_tanh(&mut g);
+    for (&x, &y) in x.iter().zip(&g) {
+        let x = x as f64;
+        let c = (2.0 / std::f64::consts::PI).sqrt();
+        let want = 0.5 * x * (1.0 + (c * (x + 0.044715 * x.powi(3))).tanh());
+        assert!(
+            (y as f64 - want).abs() < 1e-6,
+            "gelu_tanh({x}) = {y}, want {want}"
+        );
+    }
+}

@@ -1,18 +1,32 @@
-//! One decoder block's weights (norms, attention and SwiGLU projections, unmerged LoRA deltas)
-//! and how they load, dense or as low-rank factors.
+//! One decoder block's weights (norms, attention and feed-forward projections, unmerged LoRA
+//! deltas) and how they load, dense or as low-rank factors.
 
-use crate::config::ModelConfig;
+use crate::config::{MlpKind, ModelConfig, NormKind};
 use crate::error::ModelError;
 use crate::kernels::{WeightFormat, WeightMatrix};
 use crate::linear::{CorrectedLinear, DenseLinear, Linear, LowRankLinear};
 use crate::lora::LoraDelta;
 use crate::source::{WeightStorage, Weights};
 
+/// The names of a block's linear slots below `model.layers.N.`, in [`Block::slots`] order (the
+/// order of [`crate::lora::TARGETS`]: a slot's index is an adapter's target index).
+pub const LINEAR_NAMES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 /// One decoder block.
 #[derive(Debug, Clone)]
 pub struct Block {
-    /// RMSNorm before attention.
+    /// Norm weight before attention (RMSNorm, or LayerNorm with [`Block::attn_norm_bias`]).
     pub attn_norm: Vec<f32>,
+    /// LayerNorm bias before attention (GPT-2); `None` for RMSNorm.
+    pub attn_norm_bias: Option<Vec<f32>>,
     /// Query projection (`q_dim × d`).
     pub q_proj: Linear,
     /// Key projection (`kv_dim × d`).
@@ -21,15 +35,18 @@ pub struct Block {
     pub v_proj: Linear,
     /// Output projection (`d × q_dim`).
     pub o_proj: Linear,
-    /// RMSNorm before the feed-forward.
+    /// Norm weight before the feed-forward.
     pub ffn_norm: Vec<f32>,
-    /// SwiGLU gate (`ffn × d`).
-    pub gate_proj: Linear,
-    /// SwiGLU up (`ffn × d`).
+    /// LayerNorm bias before the feed-forward (GPT-2); `None` for RMSNorm.
+    pub ffn_norm_bias: Option<Vec<f32>>,
+    /// SwiGLU gate (`ffn × d`); `None` for a non-gated MLP (GPT-2), whose hidden layer is
+    /// `gelu_tanh(up·x)`. Its presence decides which of the two the block runs.
+    pub gate_proj: Option<Linear>,
+    /// Up projection (`ffn × d`; GPT-2's `c_fc`).
     pub up_proj: Linear,
-    /// SwiGLU down (`d × ffn`).
+    /// Down projection (`d × ffn`; GPT-2's `mlp.c_proj`).
     pub down_proj: Linear,
-    /// Unmerged LoRA deltas per linear layer, in [`Block::linears`] order (empty: none).
+    /// Unmerged LoRA deltas per linear slot, in [`Block::slots`] order (empty: none).
     pub lora: [Vec<LoraDelta>; 7],
 }
 
@@ -94,44 +111,93 @@ impl Block {
         );
         let attn = w.pp("self_attn");
         let mlp = w.pp("mlp");
+        // q/k/v may carry biases in every family (Qwen2); GPT-2 has them on every linear.
+        let all = cfg.biases_everywhere();
+        let norm_bias = |scope: &str| match cfg.norm() {
+            NormKind::Rms => Ok(None),
+            NormKind::Layer => w.pp(scope).get("bias", &[d]).map(Some),
+        };
         Ok(Block {
             attn_norm: w.pp("input_layernorm").get("weight", &[d])?,
+            attn_norm_bias: norm_bias("input_layernorm")?,
             q_proj: load_linear(&attn.pp("q_proj"), qd, d, true, storage)?,
             k_proj: load_linear(&attn.pp("k_proj"), kd, d, true, storage)?,
             v_proj: load_linear(&attn.pp("v_proj"), kd, d, true, storage)?,
-            o_proj: load_linear(&attn.pp("o_proj"), d, qd, false, storage)?,
+            o_proj: load_linear(&attn.pp("o_proj"), d, qd, all, storage)?,
             ffn_norm: w.pp("post_attention_layernorm").get("weight", &[d])?,
-            gate_proj: load_linear(&mlp.pp("gate_proj"), f, d, false, storage)?,
-            up_proj: load_linear(&mlp.pp("up_proj"), f, d, false, storage)?,
-            down_proj: load_linear(&mlp.pp("down_proj"), d, f, false, storage)?,
+            ffn_norm_bias: norm_bias("post_attention_layernorm")?,
+            gate_proj: match cfg.mlp() {
+                MlpKind::SwiGlu => Some(load_linear(&mlp.pp("gate_proj"), f, d, all, storage)?),
+                MlpKind::GeluTanh => None,
+            },
+            up_proj: load_linear(&mlp.pp("up_proj"), f, d, all, storage)?,
+            down_proj: load_linear(&mlp.pp("down_proj"), d, f, all, storage)?,
             lora: Default::default(),
         })
     }
 
-    /// Every linear layer of the block with its Hugging Face name below `model.layers.N.`.
-    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+    /// Every linear slot of the block with its Hugging Face name below `model.layers.N.`, in
+    /// [`LINEAR_NAMES`] order; `None` for a slot the architecture does not have (GPT-2's gate).
+    pub fn slots(&self) -> [(&'static str, Option<&Linear>); 7] {
+        let [q, k, v, o, gate, up, down] = LINEAR_NAMES;
         [
-            ("self_attn.q_proj", &self.q_proj),
-            ("self_attn.k_proj", &self.k_proj),
-            ("self_attn.v_proj", &self.v_proj),
-            ("self_attn.o_proj", &self.o_proj),
-            ("mlp.gate_proj", &self.gate_proj),
-            ("mlp.up_proj", &self.up_proj),
-            ("mlp.down_proj", &self.down_proj),
+            (q, Some(&self.q_proj)),
+            (k, Some(&self.k_proj)),
+            (v, Some(&self.v_proj)),
+            (o, Some(&self.o_proj)),
+            (gate, self.gate_proj.as_ref()),
+            (up, Some(&self.up_proj)),
+            (down, Some(&self.down_proj)),
         ]
+    }
+
+    /// The linear slots, mutable, in [`Block::slots`] order.
+    pub fn slots_mut(&mut self) -> [Option<&mut Linear>; 7] {
+        [
+            Some(&mut self.q_proj),
+            Some(&mut self.k_proj),
+            Some(&mut self.v_proj),
+            Some(&mut self.o_proj),
+            self.gate_proj.as_mut(),
+            Some(&mut self.up_proj),
+            Some(&mut self.down_proj),
+        ]
+    }
+
+    /// Every linear layer the block has, with its Hugging Face name below `model.layers.N.`, in
+    /// [`Block::slots`] order without the absent slots: what analysis and compression visit.
+    pub fn linears(&self) -> impl Iterator<Item = (&'static str, &Linear)> + '_ {
+        self.slots()
+            .into_iter()
+            .filter_map(|(name, l)| l.map(|l| (name, l)))
+    }
+
+    /// Parameters of the block's two norms (weights, and biases for LayerNorm).
+    pub fn norm_params(&self) -> usize {
+        let bias = |b: &Option<Vec<f32>>| b.as_ref().map_or(0, Vec::len);
+        self.attn_norm.len()
+            + self.ffn_norm.len()
+            + bias(&self.attn_norm_bias)
+            + bias(&self.ffn_norm_bias)
+    }
+
+    /// The linear layer named `name` (`mlp.up_proj`, ...), if the block has it.
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        let slot = LINEAR_NAMES.iter().position(|n| *n == name)?;
+        self.slots_mut().into_iter().nth(slot).flatten()
     }
 }
 
 /// The distinct inputs of a block's linear layers (what calibration statistics are taken of).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LinearInput {
-    /// RMS-normed residual: input of q/k/v.
+    /// Normed residual: input of q/k/v.
     Attention,
     /// Concatenated attention heads: input of o.
     AttentionOutput,
-    /// RMS-normed residual: input of gate/up.
+    /// Normed residual: input of gate/up.
     FeedForward,
-    /// SwiGLU activation: input of down.
+    /// The MLP's hidden activation (SwiGLU, or GELU of up): input of down.
     FeedForwardHidden,
 }
 

@@ -4,7 +4,7 @@
 use faer::Accum;
 
 use super::profile::Lap;
-use super::{rms_norm, LinearInput, LlamaModel, Part, Profile};
+use super::{layer_norm, rms_norm, LinearInput, LlamaModel, Part, Profile};
 use crate::error::ModelError;
 use crate::kernels::dot::QuantizedActs;
 use crate::kv::KvCache;
@@ -121,8 +121,22 @@ fn row_deltas(
 }
 
 impl LlamaModel {
-    /// Writes the embeddings of `tokens` (`n × d`, row-major) into `out`.
+    /// Writes the input of the first block for `tokens` at positions `0..n` (`n × d`, row-major)
+    /// into `out`: their embeddings, plus the learned position embeddings when the model has them
+    /// (GPT-2). What a sequence starting from an empty cache feeds the blocks (calibration).
     pub fn embed(&self, tokens: &[u32], out: &mut Vec<f32>) -> Result<(), ModelError> {
+        self.embed_at(tokens, 0..tokens.len(), out)
+    }
+
+    /// [`LlamaModel::embed`] with token `i` at `positions[i]` (one position per sequence of a
+    /// batch, or consecutive ones). A position past the learned table is
+    /// [`ModelError::ContextOverflow`].
+    fn embed_at(
+        &self,
+        tokens: &[u32],
+        positions: impl ExactSizeIterator<Item = usize>,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
         let (d, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         out.resize(tokens.len() * d, 0.0);
         for (row, &t) in out.chunks_exact_mut(d).zip(tokens) {
@@ -131,7 +145,35 @@ impl LlamaModel {
             }
             self.embed.dequantize_rows(t as usize, t as usize + 1, row);
         }
+        if let Some(table) = &self.positions {
+            debug_assert_eq!(positions.len(), tokens.len());
+            let limit = table.len() / d;
+            for (row, p) in out.chunks_exact_mut(d).zip(positions) {
+                if p >= limit {
+                    return Err(ModelError::ContextOverflow {
+                        needed: p + 1,
+                        limit,
+                    });
+                }
+                row.iter_mut()
+                    .zip(&table[p * d..][..d])
+                    .for_each(|(x, e)| *x += e);
+            }
+        }
         Ok(())
+    }
+
+    /// The block norm with `weight`: LayerNorm when it has a `bias` (GPT-2), RMSNorm otherwise.
+    fn norm(&self, x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+        match bias {
+            Some(b) => layer_norm(x, weight, b, self.cfg.rms_eps, out),
+            None => rms_norm(x, weight, self.cfg.rms_eps, out),
+        }
+    }
+
+    /// Whether queries and keys are rotated (RoPE) rather than positions added to the input.
+    fn uses_rope(&self) -> bool {
+        self.positions.is_none()
     }
 
     /// Runs `tokens` (positions `cache.len()..`) through the decoder, commits them to `cache`, and
@@ -177,9 +219,17 @@ impl LlamaModel {
     ) -> Result<(), ModelError> {
         let n = tokens.len();
         let mut x = std::mem::take(&mut scratch.x);
-        self.embed(tokens, &mut x)?;
+        let embedded = match seqs {
+            Seqs::One(cache, _) => self.embed_at(tokens, cache.len()..cache.len() + n, &mut x),
+            Seqs::Batch(rows) => self.embed_at(tokens, rows.iter().map(|r| r.cache.len()), &mut x),
+        };
+        if let Err(e) = embedded {
+            scratch.x = x;
+            return Err(e);
+        }
         let (cos, sin) = (&mut scratch.cos, &mut scratch.sin);
         match seqs {
+            _ if !self.uses_rope() => {}
             Seqs::One(cache, _) => self.rope.tables(cache.len(), n, cos, sin),
             Seqs::Batch(rows) => self
                 .rope
@@ -193,7 +243,7 @@ impl LlamaModel {
             Seqs::Batch(rows) => rows.iter_mut().for_each(|r| r.cache.commit(1)),
         }
         scratch.h.resize(x.len(), 0.0);
-        rms_norm(&x, &self.norm, self.cfg.rms_eps, &mut scratch.h);
+        self.norm(&x, &self.norm, self.norm_bias.as_deref(), &mut scratch.h);
         scratch.x = x;
         Ok(())
     }
@@ -221,13 +271,16 @@ impl LlamaModel {
     ) -> Result<(), ModelError> {
         let n = x.len() / self.cfg.hidden_size;
         self.check_context(cache.len(), n)?;
-        self.rope
-            .tables(cache.len(), n, &mut scratch.cos, &mut scratch.sin);
+        if self.uses_rope() {
+            self.rope
+                .tables(cache.len(), n, &mut scratch.cos, &mut scratch.sin);
+        }
         self.block_step(layer, x, n, &mut Seqs::One(cache, None), scratch, observer);
         Ok(())
     }
 
-    /// One decoder block on `x` with RoPE tables for the current positions already in `s`.
+    /// One decoder block on `x` with RoPE tables for the current positions already in `s` (when
+    /// the model rotates; learned positions are already in `x`).
     fn block_step(
         &self,
         layer: usize,
@@ -259,7 +312,7 @@ impl LlamaModel {
         };
 
         let mut lap = Lap::start(&mut s.profile);
-        rms_norm(x, &b.attn_norm, cfg.rms_eps, &mut s.h);
+        self.norm(x, &b.attn_norm, b.attn_norm_bias.as_deref(), &mut s.h);
         observe(LinearInput::Attention, &s.h);
         lap.mark(Part::Other);
         let ls = &mut s.linear;
@@ -277,8 +330,10 @@ impl LlamaModel {
             row_deltas(seqs, layer, j, &s.h, out, &mut s.deltas, ls.acts_mut());
         }
         lap.mark(Part::Qkv);
-        self.rope.apply(&mut s.q, qd, &s.cos, &s.sin);
-        self.rope.apply(&mut s.k, kd, &s.cos, &s.sin);
+        if self.uses_rope() {
+            self.rope.apply(&mut s.q, qd, &s.cos, &s.sin);
+            self.rope.apply(&mut s.k, kd, &s.cos, &s.sin);
+        }
         lap.mark(Part::Other);
         match seqs {
             Seqs::One(cache, _) => cache.attend(layer, &s.q, &s.k, &s.v, n, &mut s.attn),
@@ -299,24 +354,46 @@ impl LlamaModel {
         row_deltas(seqs, layer, 3, &s.attn, x, &mut s.deltas, ls.acts_mut());
         lap.mark(Part::Output);
 
-        rms_norm(x, &b.ffn_norm, cfg.rms_eps, &mut s.h);
+        self.norm(x, &b.ffn_norm, b.ffn_norm_bias.as_deref(), &mut s.h);
         observe(LinearInput::FeedForward, &s.h);
         lap.mark(Part::Other);
-        Linear::forward_shared(
-            &[&b.gate_proj, &b.up_proj],
-            &s.h,
-            n,
-            &mut [&mut s.gate, &mut s.up],
-            ls,
-        );
-        for (j, out) in [(4, &mut s.gate), (5, &mut s.up)] {
-            for delta in &b.lora[j] {
-                delta.apply(&s.h, n, out, &mut s.deltas, ls.acts_mut());
+        // The hidden activation ends in `s.gate` either way: silu(gate)·up, or gelu_tanh(up).
+        match &b.gate_proj {
+            Some(gate_proj) => {
+                Linear::forward_shared(
+                    &[gate_proj, &b.up_proj],
+                    &s.h,
+                    n,
+                    &mut [&mut s.gate, &mut s.up],
+                    ls,
+                );
+                for (j, out) in [(4, &mut s.gate), (5, &mut s.up)] {
+                    for delta in &b.lora[j] {
+                        delta.apply(&s.h, n, out, &mut s.deltas, ls.acts_mut());
+                    }
+                    row_deltas(seqs, layer, j, &s.h, out, &mut s.deltas, ls.acts_mut());
+                }
+                lap.mark(Part::GateUp);
+                crate::kernels::ops::silu_mul(&mut s.gate, &s.up);
             }
-            row_deltas(seqs, layer, j, &s.h, out, &mut s.deltas, ls.acts_mut());
+            None => {
+                b.up_proj.forward(&s.h, n, &mut s.gate, Accum::Replace, ls);
+                for delta in &b.lora[5] {
+                    delta.apply(&s.h, n, &mut s.gate, &mut s.deltas, ls.acts_mut());
+                }
+                row_deltas(
+                    seqs,
+                    layer,
+                    5,
+                    &s.h,
+                    &mut s.gate,
+                    &mut s.deltas,
+                    ls.acts_mut(),
+                );
+                lap.mark(Part::GateUp);
+                crate::kernels::ops::gelu_tanh(&mut s.gate);
+            }
         }
-        lap.mark(Part::GateUp);
-        crate::kernels::ops::silu_mul(&mut s.gate, &s.up);
         observe(LinearInput::FeedForwardHidden, &s.gate);
         lap.mark(Part::Other);
         b.down_proj.forward(&s.gate, n, x, Accum::Add, ls);

@@ -1,5 +1,8 @@
 //! The Llama-family decoder (Llama, SmolLM2, Qwen2): RMSNorm, rotary position embedding,
-//! grouped-query attention, SwiGLU feed-forward, optionally tied embeddings.
+//! grouped-query attention, SwiGLU feed-forward, optionally tied embeddings. GPT-2 runs as a
+//! configuration of it ([`crate::config::Arch::Gpt2`]): LayerNorm with bias, learned absolute
+//! positions added to the token embedding, a GELU (tanh) MLP with no gate, biases on every linear
+//! (its Hugging Face tensors are mapped onto these blocks by [`crate::gpt2::Gpt2Source`]).
 //!
 //! The model is immutable (`&self`); per-sequence state lives in a
 //! [`KvCache`](crate::kv::KvCache) and reusable buffers in a [`ForwardScratch`], so a decode loop
@@ -9,7 +12,7 @@
 //! `forward`, the decoder block's weights in `block`, rotary embedding in `rope` and the per-part
 //! timing in `profile`.
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, NormKind, PositionKind};
 use crate::error::ModelError;
 use crate::kernels::WeightMatrix;
 use crate::kv::{AttnShape, DenseKvCache};
@@ -17,7 +20,7 @@ use crate::linear::Linear;
 use crate::lora::{AdapterDeltas, LoraAdapter};
 use crate::source::{BytesTensor, Tensor, WeightStorage, Weights};
 
-pub use crate::kernels::ops::rms_norm;
+pub use crate::kernels::ops::{layer_norm, rms_norm};
 
 mod block;
 mod forward;
@@ -27,7 +30,7 @@ mod rope;
 pub(crate) mod tests;
 
 use block::load_linear;
-pub use block::{Block, LinearInput};
+pub use block::{Block, LinearInput, LINEAR_NAMES};
 pub use forward::{ActivationObserver, BatchRow, ForwardScratch};
 pub use profile::{Part, Profile};
 pub use rope::Rope;
@@ -38,8 +41,12 @@ pub struct LlamaModel {
     cfg: ModelConfig,
     /// `vocab × d`; also the output head when embeddings are tied.
     embed: WeightMatrix,
+    /// Learned absolute positions, `max_seq_len × d` row-major (GPT-2's `wpe`); `None` with RoPE.
+    positions: Option<Vec<f32>>,
     blocks: Vec<Block>,
     norm: Vec<f32>,
+    /// Bias of the final LayerNorm (GPT-2's `ln_f`); `None` for RMSNorm.
+    norm_bias: Option<Vec<f32>>,
     lm_head: Option<Linear>,
     rope: Rope,
 }
@@ -56,22 +63,41 @@ impl LlamaModel {
     ) -> Result<Self, ModelError> {
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed = w.pp("model.embed_tokens").matrix("weight", v, d, storage)?;
+        let positions = match cfg.positions() {
+            PositionKind::Rope => None,
+            PositionKind::Learned => Some(
+                w.pp("model.embed_positions")
+                    .get("weight", &[cfg.max_seq_len, d])?,
+            ),
+        };
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             blocks.push(Block::load(cfg, &w.pp("model.layers").pp(i), storage)?);
             on_block(i);
         }
         let norm = w.pp("model.norm").get("weight", &[d])?;
+        let norm_bias = match cfg.norm() {
+            NormKind::Rms => None,
+            NormKind::Layer => Some(w.pp("model.norm").get("bias", &[d])?),
+        };
         let lm_head = if cfg.tie_embeddings {
             None
         } else {
-            Some(load_linear(&w.pp("lm_head"), v, d, false, storage)?)
+            Some(load_linear(
+                &w.pp("lm_head"),
+                v,
+                d,
+                cfg.biases_everywhere(),
+                storage,
+            )?)
         };
         Ok(LlamaModel {
             cfg: cfg.clone(),
             embed,
+            positions,
             blocks,
             norm,
+            norm_bias,
             lm_head,
             rope: Rope::new(cfg.head_dim, cfg.rope_theta),
         })
@@ -144,18 +170,19 @@ impl LlamaModel {
             .blocks
             .iter()
             .map(|b| {
-                b.linears()
-                    .iter()
-                    .map(|(_, l)| l.weight_bytes())
-                    .sum::<usize>()
-                    + (b.attn_norm.len() + b.ffn_norm.len()) * f
+                b.linears().map(|(_, l)| l.weight_bytes()).sum::<usize>() + b.norm_params() * f
             })
             .sum();
         let head = match &self.lm_head {
             Some(l) => l.weight_bytes(),
             None => self.embed.bytes(),
         };
-        blocks + head + self.norm.len() * f
+        blocks + head + self.final_norm_params() * f
+    }
+
+    /// Parameters of the final norm (weight, and bias for LayerNorm).
+    fn final_norm_params(&self) -> usize {
+        self.norm.len() + self.norm_bias.as_ref().map_or(0, Vec::len)
     }
 
     /// Every tensor under its Hugging Face name (row-major f32), low-rank layers as
@@ -173,6 +200,15 @@ impl LlamaModel {
             ),
             ("model.norm.weight".to_string(), t(vec![d], &self.norm)),
         ];
+        if let Some(p) = &self.positions {
+            out.push((
+                "model.embed_positions.weight".to_string(),
+                t(vec![self.cfg.max_seq_len, d], p),
+            ));
+        }
+        if let Some(b) = &self.norm_bias {
+            out.push(("model.norm.bias".to_string(), t(vec![d], b)));
+        }
         let mut linear = |name: String, l: &Linear| {
             let (o, i) = (l.out_dim(), l.in_dim());
             let bias = match l {
@@ -210,6 +246,18 @@ impl LlamaModel {
                 format!("model.layers.{n}.post_attention_layernorm.weight"),
                 t(vec![d], &b.ffn_norm),
             ));
+            if let Some(bias) = &b.attn_norm_bias {
+                out.push((
+                    format!("model.layers.{n}.input_layernorm.bias"),
+                    t(vec![d], bias),
+                ));
+            }
+            if let Some(bias) = &b.ffn_norm_bias {
+                out.push((
+                    format!("model.layers.{n}.post_attention_layernorm.bias"),
+                    t(vec![d], bias),
+                ));
+            }
         }
         out
     }
@@ -219,15 +267,12 @@ impl LlamaModel {
         let blocks: usize = self
             .blocks
             .iter()
-            .map(|b| {
-                b.linears().iter().map(|(_, l)| l.n_params()).sum::<usize>()
-                    + b.attn_norm.len()
-                    + b.ffn_norm.len()
-            })
+            .map(|b| b.linears().map(|(_, l)| l.n_params()).sum::<usize>() + b.norm_params())
             .sum();
         blocks
             + self.embed.rows() * self.embed.cols()
-            + self.norm.len()
+            + self.positions.as_ref().map_or(0, Vec::len)
+            + self.final_norm_params()
             + self.lm_head.as_ref().map_or(0, Linear::n_params)
     }
 
@@ -257,9 +302,15 @@ impl LlamaModel {
             )));
         }
         for (layer, block) in self.blocks.iter().enumerate().take(n_layers) {
-            for (target, (name, linear)) in block.linears().iter().enumerate() {
+            for (target, (name, linear)) in block.slots().into_iter().enumerate() {
                 let Some((out, inp)) = adapter.shape(layer, target) else {
                     continue;
+                };
+                let Some(linear) = linear else {
+                    return Err(bad(format!(
+                        "adapts layer {layer} {name}, which this {} model does not have",
+                        self.cfg.arch.name()
+                    )));
                 };
                 if (out, inp) != (linear.out_dim(), linear.in_dim()) {
                     return Err(bad(format!(
@@ -284,8 +335,9 @@ impl LlamaModel {
     /// Needs dense f32 weights (`--weights f32`); on error nothing is changed.
     pub fn merge_adapters(&mut self) -> Result<(), ModelError> {
         for (layer, block) in self.blocks.iter().enumerate() {
-            for ((name, linear), deltas) in block.linears().iter().zip(&block.lora) {
-                let dense_f32 = matches!(linear, Linear::Dense(d) if d.matrix().as_f32().is_some());
+            for ((name, linear), deltas) in block.slots().into_iter().zip(&block.lora) {
+                let dense_f32 =
+                    matches!(linear, Some(Linear::Dense(d)) if d.matrix().as_f32().is_some());
                 if !deltas.is_empty() && !dense_f32 {
                     return Err(ModelError::WeightFormat(format!(
                         "layer {layer} {name}: merging a LoRA needs a dense f32 weight (load with f32 storage)"
@@ -295,17 +347,10 @@ impl LlamaModel {
         }
         for block in &mut self.blocks {
             let deltas = std::mem::take(&mut block.lora);
-            let layers = [
-                &mut block.q_proj,
-                &mut block.k_proj,
-                &mut block.v_proj,
-                &mut block.o_proj,
-                &mut block.gate_proj,
-                &mut block.up_proj,
-                &mut block.down_proj,
-            ];
-            for (linear, deltas) in layers.into_iter().zip(&deltas) {
-                let Linear::Dense(d) = linear else { continue };
+            for (linear, deltas) in block.slots_mut().into_iter().zip(&deltas) {
+                let Some(Linear::Dense(d)) = linear else {
+                    continue;
+                };
                 for delta in deltas {
                     let w = d.matrix_mut().as_f32_mut().expect("checked above");
                     for (w, dw) in w.iter_mut().zip(delta.dense()) {

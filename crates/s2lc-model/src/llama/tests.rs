@@ -31,9 +31,10 @@ fn full_adapter(model: &LlamaModel, rank: usize, scale: f32) -> LoraAdapter {
         .iter()
         .enumerate()
         .map(|(l, b)| {
-            let ls = b.linears();
+            let ls = b.slots();
             std::array::from_fn(|t| {
-                let (out, inp) = (ls[t].1.out_dim(), ls[t].1.in_dim());
+                let lin = ls[t].1?;
+                let (out, inp) = (lin.out_dim(), lin.in_dim());
                 let v = |n: usize, s: usize| {
                     (0..n)
                         .map(|i| (((i * 31 + s * 17 + l * 5) % 23) as f32 - 11.0) / 23.0)
@@ -276,4 +277,37 @@ fn a_batched_step_equals_each_sequence_run_alone() {
         .unwrap_err();
     assert!(err.to_string().contains("another base"), "{err}");
     assert_eq!(caches[0].len(), 4);
+}
+
+/// The GPT-2 fixture (no gate): an adapter on every linear it has runs unmerged and merged
+/// alike; one that adapts the absent gate is refused by name.
+#[test]
+fn gpt2_adapters_cover_its_six_linears_and_refuse_a_gate() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2-tiny");
+    let source = crate::ModelSource::open(&dir).unwrap();
+    let mut model = source
+        .load_llama(crate::source::WeightStorage::F32, |_| {})
+        .unwrap();
+    assert!(model.blocks().iter().all(|b| b.gate_proj.is_none()));
+    assert_eq!(model.blocks()[0].linears().count(), 6);
+    let tokens = [3, 1, 4, 1, 5, 9, 2, 6];
+    let base = last_logits(&model, &tokens);
+    let adapter = full_adapter(&model, 2, 0.5);
+    assert!(adapter.layers.iter().all(|l| l[4].is_none()));
+    model.attach_adapter(&adapter).unwrap();
+    let unmerged = last_logits(&model, &tokens);
+    model.merge_adapters().unwrap();
+    let merged = last_logits(&model, &tokens);
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff(&unmerged, &base) > 1e-3, "the adapter changes nothing");
+    assert!(diff(&unmerged, &merged) < 1e-4);
+
+    let mut gated = full_adapter(&model, 2, 0.5);
+    let up = gated.layers[0][5].clone();
+    gated.layers[0][4] = up;
+    let err = model.attach_adapter(&gated).unwrap_err().to_string();
+    assert!(
+        err.contains("mlp.gate_proj") && err.contains("gpt2"),
+        "{err}"
+    );
 }

@@ -12,10 +12,11 @@ use s2lc_model::compress::{
     QuantLrOptions, RankPolicy,
 };
 use s2lc_model::tokenizer::read_text_file;
+use s2lc_model::ModelError;
 
 use s2lc_model::source::WeightStorage;
 
-use crate::{load_model, progress_bar, ModelArg};
+use crate::{load_model, load_weights, progress_bar, ModelArg};
 use s2lc_bench::common::s2lc_home;
 
 /// Factorization method on the command line.
@@ -98,14 +99,28 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         }
     }
     let model_path = args.model.path();
-    let (_source, mut model, tokenizer) = load_model(&model_path, WeightStorage::F32)?;
+    let (source, mut model) = load_weights(&model_path, WeightStorage::F32)?;
     let method = match args.method {
         MethodArg::Svd => Method::Svd,
         MethodArg::Whitened | MethodArg::QuantLr => Method::Whitened,
     };
+    // Whitening tokenizes the calibration text; plain SVD needs the weights alone, and a model
+    // without a tokenizer is saved without one.
+    let tokenizer = match source.tokenizer() {
+        Ok(t) => Some(t),
+        Err(ModelError::MissingTokenizer(_)) if method == Method::Svd => None,
+        Err(e) => {
+            return Err(e).context(
+                "building the tokenizer (whitened compression tokenizes the calibration text)",
+            )
+        }
+    };
     let calib_path = calibration_path(args);
     let calibration = if method == Method::Whitened {
-        calibration(args, &tokenizer)?
+        let tokenizer = tokenizer
+            .as_ref()
+            .context("whitened compression needs a tokenizer")?;
+        calibration(args, tokenizer)?
     } else {
         Vec::new()
     };
@@ -150,7 +165,7 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         "params_after": report.params_after,
         "matrices": report.matrices,
     });
-    save_model_dir(&model, &tokenizer, &args.output, &record)
+    save_model_dir(&model, tokenizer.as_ref(), &args.output, &record)
         .with_context(|| format!("saving to {}", args.output.display()))?;
     for note in &report.notes {
         eprintln!("note: {note}");
@@ -236,7 +251,7 @@ fn run_quant_lr(args: &CompressArgs) -> Result<()> {
         },
         "report": report,
     });
-    save_model_dir(&model, &tokenizer, &args.output, &record)
+    save_model_dir(&model, Some(&tokenizer), &args.output, &record)
         .with_context(|| format!("saving to {}", args.output.display()))?;
     let mean = |f: &dyn Fn(&s2lc_model::compress::QuantLrMatrix) -> f64| {
         report.matrices.iter().map(f).sum::<f64>() / report.matrices.len().max(1) as f64

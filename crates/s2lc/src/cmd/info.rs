@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
+use s2lc_model::config::PositionKind;
 use s2lc_model::ModelSource;
 
 /// Runs `s2lc info` on the model at `path`.
@@ -15,19 +16,24 @@ pub fn run(path: &Path) -> Result<()> {
     writeln!(out, "format:       {}", source.format_name())?;
     writeln!(out, "architecture: {}", source.architecture()?)?;
     match source.config() {
-        Ok(cfg) => writeln!(
-            out,
-            "config:       d={} ffn={} layers={} heads={}/{} head_dim={} vocab={} rope_theta={} tied={}",
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.n_layers,
-            cfg.n_heads,
-            cfg.n_kv_heads,
-            cfg.head_dim,
-            cfg.vocab_size,
-            cfg.rope_theta,
-            cfg.tie_embeddings
-        )?,
+        Ok(cfg) => {
+            let positions = match cfg.positions() {
+                PositionKind::Rope => format!("rope_theta={}", cfg.rope_theta),
+                PositionKind::Learned => format!("positions=learned({})", cfg.max_seq_len),
+            };
+            writeln!(
+                out,
+                "config:       d={} ffn={} layers={} heads={}/{} head_dim={} vocab={} {positions} tied={}",
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.n_layers,
+                cfg.n_heads,
+                cfg.n_kv_heads,
+                cfg.head_dim,
+                cfg.vocab_size,
+                cfg.tie_embeddings
+            )?
+        }
         Err(e) => writeln!(out, "config:       not runnable here ({e})")?,
     }
     let tensors = source.tensors().describe();

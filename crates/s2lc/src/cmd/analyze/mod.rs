@@ -21,7 +21,7 @@ use s2lc_spectral::analysis::{
 
 use s2lc_model::source::WeightStorage;
 
-use crate::{load_model, progress_bar, ModelArg};
+use crate::{load_weights, progress_bar, ModelArg};
 
 mod draw;
 
@@ -59,7 +59,8 @@ pub fn run(args: &AnalyzeArgs) -> Result<()> {
         .unwrap_or_else(|| args.out.join("spectra"));
 
     let start = Instant::now();
-    let (_source, model, _tokenizer) = load_model(&path, WeightStorage::F32)?;
+    // The spectra need the weights only: a directory without a tokenizer is analyzed too.
+    let (_source, model) = load_weights(&path, WeightStorage::F32)?;
     let loaded = start.elapsed();
 
     // One job per linear weight, in model order; the decompositions run in parallel, each one
@@ -71,7 +72,6 @@ pub fn run(args: &AnalyzeArgs) -> Result<()> {
         .flat_map(|(layer, block)| {
             block
                 .linears()
-                .into_iter()
                 .map(move |(kind, linear)| (layer, kind, linear))
         })
         .collect();
