@@ -4,7 +4,7 @@
 //! spread over the columns not yet quantized as `w_j −= e·U_cj`, where `U` is the upper Cholesky
 //! factor of `H⁻¹` (`H = XᵀX` of the calibration inputs, damped): this keeps the layer's output
 //! error `‖X·(W − Q)ᵀ‖` near its minimum over the grid instead of rounding each weight alone.
-//! Within a group of 64 columns the updates are applied column by column (rows are independent,
+//! Within a group of columns the updates are applied column by column (rows are independent,
 //! so they run in parallel); the columns after the group get one GEMM per group. Each group's
 //! grid `(d, m)` is chosen when the group is reached, from the weights as updated so far.
 
@@ -58,7 +58,7 @@ impl InverseHessian {
     }
 }
 
-/// `w` (`rows × cols`, row-major, `cols` a multiple of 64) quantized to `bits`-bit rows with
+/// `w` (`rows × cols`, row-major, `cols` a multiple of the group) quantized to `bits`-bit rows with
 /// error feedback through `hinv` (`cols × cols`). Returns the encoded rows.
 pub(crate) fn quantize(
     w: &[f32],

@@ -53,12 +53,12 @@ pub enum WeightFormat {
     /// ggml Q6_K: 256 × 6-bit in 16 sub-blocks of 16 with int8 scales under an f16 super-scale
     /// (6.5625 bits per weight).
     Q6_K,
-    /// S2LC 2-bit groups of 64 with log-coded scales ([`lowbit`]; 2.31 bits per weight at 576
+    /// S2LC 2-bit groups of 32 with log-coded scales ([`lowbit`]; 2.56 bits per weight at 576
     /// columns). No ggml equivalent.
     Sq2,
-    /// S2LC 3-bit groups of 64 ([`lowbit`]; 3.31 bits per weight at 576 columns).
+    /// S2LC 3-bit groups of 32 ([`lowbit`]; 3.56 bits per weight at 576 columns).
     Sq3,
-    /// S2LC 4-bit groups of 64 ([`lowbit`]; 4.31 bits per weight at 576 columns).
+    /// S2LC 4-bit groups of 32 ([`lowbit`]; 4.56 bits per weight at 576 columns).
     Sq4,
 }
 
@@ -117,7 +117,7 @@ impl WeightFormat {
         })
     }
 
-    /// Elements per block (1 for the float formats, a group of 64 for the low-bit rows).
+    /// Elements per block (1 for the float formats, a group of 32 for the low-bit rows).
     pub fn block_size(self) -> usize {
         match (self.ggml(), self.lowbit_bits()) {
             (Some(t), _) => t.block_size(),
