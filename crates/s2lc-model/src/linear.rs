@@ -429,6 +429,10 @@ impl Linear {
                 let mid = &mut scratch.low_rank;
                 mid.resize(n * c.rank(), 0.0);
                 let accum = apply_bias(c.bias.as_deref(), out, accum);
+                if c.rank() == 0 {
+                    c.weight.matmul(x, n, out, accum, &mut scratch.acts);
+                    return;
+                }
                 if n <= SMALL_BATCH {
                     // One pass over x for Q·x and R·x.
                     let add = accum == Accum::Add;
