@@ -250,7 +250,7 @@ const FACTOR: &[WeightFormat] = &[WeightFormat::Q8_0, WeightFormat::F16, WeightF
 
 /// The `u8` tensor `leaf` of scope `w` as a matrix of `cols` columns (and `rows` rows when
 /// given) in whichever of `formats` has its row length; `None` when absent.
-fn load_encoded(
+pub(crate) fn load_encoded(
     w: &Weights,
     leaf: &str,
     rows: Option<usize>,
@@ -317,15 +317,6 @@ impl LinearScratch {
     pub fn acts_mut(&mut self) -> &mut QuantizedActs {
         &mut self.acts
     }
-}
-
-/// The fused-GEMV task of a dense layer, its bias written into `out` first.
-fn dense_task<'t>(l: &'t Linear, out: &'t mut [f32]) -> GemvTask<'t> {
-    let Linear::Dense(d) = l else {
-        unreachable!("forward_shared fuses dense layers only")
-    };
-    let add = apply_bias(d.bias.as_deref(), out, Accum::Replace) == Accum::Add;
-    GemvTask::new(&d.weight, out, add)
 }
 
 /// Writes (or adds) the bias into each row of `out`; returns the accumulation mode for what follows.
@@ -451,8 +442,9 @@ impl Linear {
     }
 
     /// `outs[i] = x · W_iᵀ + b_i` for layers sharing the input `x` (q/k/v, gate/up). A decode
-    /// step (`n ≤` [`SMALL_BATCH`] rows) over dense layers runs as one fused pass over all their
-    /// rows; anything else runs the layers one by one.
+    /// step (`n ≤` [`SMALL_BATCH`] rows) over dense or corrected layers runs as one fused pass
+    /// over all their rows (a correction's `R` included, its `Lᵀ` added after); anything else
+    /// runs the layers one by one.
     pub fn forward_shared(
         layers: &[&Linear],
         x: &[f32],
@@ -461,24 +453,71 @@ impl Linear {
         scratch: &mut LinearScratch,
     ) {
         debug_assert_eq!(layers.len(), outs.len());
-        let all_dense = layers.iter().all(|l| matches!(l, Linear::Dense(_)));
-        if n > SMALL_BATCH || !all_dense || layers.len() > 3 {
+        let fusable = |l: &&Linear| matches!(l, Linear::Dense(_) | Linear::Corrected(_));
+        if n > SMALL_BATCH || layers.len() > 3 || !layers.iter().all(fusable) {
             for (l, out) in layers.iter().zip(outs.iter_mut()) {
                 l.forward(x, n, out, Accum::Replace, scratch);
             }
             return;
         }
-        // Tasks on the stack (no allocation per token): one per layer, bias written first.
-        let acts = &mut scratch.acts;
-        match (layers, outs) {
-            ([a], [oa]) => gemv(&mut [dense_task(a, oa)], x, acts),
-            ([a, b], [oa, ob]) => gemv(&mut [dense_task(a, oa), dense_task(b, ob)], x, acts),
-            ([a, b, c], [oa, ob, oc]) => gemv(
-                &mut [dense_task(a, oa), dense_task(b, ob), dense_task(c, oc)],
-                x,
-                acts,
-            ),
-            _ => {}
+        // Each corrected layer's R·x lands in its own part of the low-rank scratch.
+        let rank = |l: &Linear| match l {
+            Linear::Corrected(c) => c.rank(),
+            _ => 0,
+        };
+        let total: usize = layers.iter().map(|l| n * rank(l)).sum();
+        let LinearScratch {
+            low_rank,
+            acts,
+            row,
+        } = scratch;
+        low_rank.resize(total, 0.0);
+        let mut mids: [&mut [f32]; 3] = Default::default();
+        let mut rest = &mut low_rank[..];
+        for (m, l) in mids.iter_mut().zip(layers) {
+            let (head, tail) = rest.split_at_mut(n * rank(l));
+            *m = head;
+            rest = tail;
+        }
+        {
+            // Tasks on the stack (no allocation per token): each layer's weight (bias written
+            // first) and, for a correction, its `R`; all of them one pass over `x`.
+            let mut slots: [Option<GemvTask<'_>>; 6] = Default::default();
+            let mut k = 0;
+            for ((l, out), mid) in layers.iter().zip(outs.iter_mut()).zip(mids.iter_mut()) {
+                let (weight, bias, r) = match l {
+                    Linear::Dense(d) => (&d.weight, d.bias.as_deref(), None),
+                    Linear::Corrected(c) => (&c.weight, c.bias.as_deref(), Some(&c.r)),
+                    Linear::LowRank(_) => unreachable!("checked above"),
+                };
+                let add = apply_bias(bias, out, Accum::Replace) == Accum::Add;
+                slots[k] = Some(GemvTask::new(weight, out, add));
+                k += 1;
+                if let Some(r) = r.filter(|_| !mid.is_empty()) {
+                    slots[k] = Some(GemvTask::new(r, mid, false));
+                    k += 1;
+                }
+            }
+            match slots {
+                [Some(a), None, ..] => gemv(&mut [a], x, acts),
+                [Some(a), Some(b), None, ..] => gemv(&mut [a, b], x, acts),
+                [Some(a), Some(b), Some(c), None, ..] => gemv(&mut [a, b, c], x, acts),
+                [Some(a), Some(b), Some(c), Some(d), None, ..] => gemv(&mut [a, b, c, d], x, acts),
+                [Some(a), Some(b), Some(c), Some(d), Some(e), None] => {
+                    gemv(&mut [a, b, c, d, e], x, acts)
+                }
+                [Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)] => {
+                    gemv(&mut [a, b, c, d, e, f], x, acts)
+                }
+                _ => {}
+            }
+        }
+        for ((l, out), mid) in layers.iter().zip(outs.iter_mut()).zip(&mids) {
+            if let Linear::Corrected(c) = l {
+                if !mid.is_empty() {
+                    c.lt.axpy_rows(mid, n, out, row);
+                }
+            }
         }
     }
 }
@@ -554,6 +593,72 @@ mod tests {
                 lin.forward(&x, n, &mut y2, Accum::Add, &mut LinearScratch::default());
                 for (a, b) in y2.iter().zip(&want) {
                     assert!((a - (b + 1.0)).abs() <= 1e-4 * (1.0 + b.abs()));
+                }
+            }
+        }
+    }
+
+    /// A corrected layer of `o × i` (3-bit rows, Q8_0 factors of `rank`) from fixed values.
+    fn corrected(o: usize, i: usize, rank: usize, bias: bool, seed: u64) -> Linear {
+        let mut rng = s2lc_spectral::rng::SplitMix64::new(seed);
+        let q = WeightMatrix::quantize(&rng.centered_vec(o * i), o, i, WeightFormat::Sq3).unwrap();
+        let r =
+            WeightMatrix::quantize_or_f16(&rng.centered_vec(rank * i), rank, i, WeightFormat::Q8_0)
+                .unwrap();
+        let lt =
+            WeightMatrix::quantize_or_f16(&rng.centered_vec(rank * o), rank, o, WeightFormat::Q8_0)
+                .unwrap();
+        let b = bias.then(|| rng.centered_vec(o));
+        Linear::Corrected(CorrectedLinear::new(q, r, lt, b))
+    }
+
+    #[test]
+    fn fused_layers_with_corrections_equal_each_layer_and_the_effective_weight() {
+        let i = 96;
+        let dense_w: Vec<f32> = (0..64 * i)
+            .map(|k| ((k * 7 % 13) as f32 - 6.0) / 9.0)
+            .collect();
+        let layers = [
+            Linear::Dense(DenseLinear::new(dense_w, 64, i, Some(vec![0.5; 64]))),
+            corrected(160, i, 5, true, 1),
+            corrected(32, i, 0, false, 2),
+        ];
+        let refs: Vec<&Linear> = layers.iter().collect();
+        for n in [1, 3, SMALL_BATCH, SMALL_BATCH + 1] {
+            let x: Vec<f32> = (0..n * i).map(|k| (k as f32 * 0.37).sin()).collect();
+            let mut fused: Vec<Vec<f32>> = layers
+                .iter()
+                .map(|l| vec![f32::NAN; n * l.out_dim()])
+                .collect();
+            let mut outs: Vec<&mut [f32]> = fused.iter_mut().map(|v| &mut v[..]).collect();
+            Linear::forward_shared(&refs, &x, n, &mut outs, &mut LinearScratch::default());
+            for (l, got) in layers.iter().zip(&fused) {
+                let mut alone = vec![f32::NAN; n * l.out_dim()];
+                l.forward(
+                    &x,
+                    n,
+                    &mut alone,
+                    Accum::Replace,
+                    &mut LinearScratch::default(),
+                );
+                assert!(
+                    got.iter()
+                        .zip(&alone)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "n = {n}: fused and single-layer results differ"
+                );
+                let w = match l {
+                    Linear::Corrected(c) => c.effective_weight(),
+                    Linear::Dense(d) => d.weight().into_owned(),
+                    Linear::LowRank(_) => unreachable!(),
+                };
+                let want = naive(&w, l.bias(), &x, n, l.out_dim(), i);
+                for (a, b) in got.iter().zip(&want) {
+                    // Block kernels take x quantized to 16 bits per block of 32.
+                    assert!(
+                        (a - b).abs() <= 2e-3 * (1.0 + b.abs()),
+                        "n = {n}: {a} vs {b}"
+                    );
                 }
             }
         }

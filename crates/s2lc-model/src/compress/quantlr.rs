@@ -161,7 +161,9 @@ fn check(opts: &QuantLrOptions, shapes: &[(usize, usize)]) -> Result<(), Compres
     Ok(())
 }
 
-/// Quantizes every block linear of `model` (loaded as f32) to `Q + L·R` under the byte budget.
+/// Quantizes every block linear of `model` (loaded as f32) to `Q + L·R` under the byte budget,
+/// and holds the embedding in Q8_0 ([`LlamaModel::quantize_embedding`]; not in the budget, which
+/// counts block linears only).
 /// `on_step(done, total)` reports progress over matrices (candidates, then final fits).
 pub fn quantize_lowrank(
     model: &mut LlamaModel,
@@ -289,6 +291,8 @@ pub fn quantize_lowrank(
         done += 1;
         on_step(done, total);
     }
+    // The embedding (the head too, when tied) as the llama.cpp quants of such models hold it.
+    model.quantize_embedding()?;
     let bytes: usize = matrices.iter().map(|m| m.bytes).sum();
     Ok(QuantLrReport {
         matrices,

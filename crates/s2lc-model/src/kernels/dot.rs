@@ -147,12 +147,6 @@ pub enum Rows<'a> {
 /// If `rows` holds fewer than `out.len()` rows of `x.len()` values, or `acts` fewer blocks than
 /// one row of a block format (checked once per call, SIMD or not).
 pub fn dot_rows(rows: Rows<'_>, x: &[f32], acts: Acts<'_>, out: &mut [f32], add: bool) {
-    if let Rows::Blocks(format, data) = rows {
-        if let Some(bits) = format.lowbit_bits() {
-            super::lowbit::dot_rows(bits, data, x, out, add);
-            return;
-        }
-    }
     assert!(
         rows_cover(rows, x.len(), out.len()) && acts_cover(rows, acts, x.len() / BLOCK),
         "dot_rows: weights or quantized activations shorter than {} rows of {} values",
@@ -214,9 +208,6 @@ pub unsafe fn dot_rows_multi(
     stride: usize,
     add: bool,
 ) -> bool {
-    if matches!(rows, Rows::Blocks(f, _) if f.lowbit_bits().is_some()) {
-        return false;
-    }
     // Once per call (here, not in the kernel, whose code it would change): what a multi-row
     // kernel reads of each activation row.
     assert!(
@@ -286,6 +277,10 @@ pub fn dot_rows_scalar(rows: Rows<'_>, x: &[f32], a: Acts<'_>, out: &mut [f32], 
                         .sum(),
                     WeightFormat::Q4_K => dot_q4_k_scalar(row, a),
                     WeightFormat::Q6_K => dot_q6_k_scalar(row, a),
+                    WeightFormat::Sq2 | WeightFormat::Sq3 | WeightFormat::Sq4 => {
+                        let bits = format.lowbit_bits().unwrap_or(4);
+                        super::lowbit::dot_row_scalar(bits, row, a)
+                    }
                     _ => dot_blocks_scalar(format, row, a),
                 };
                 store(o, v, add);

@@ -19,13 +19,15 @@
 //! codes `j` (low nibble) and `j+16` (high nibble). Bits per weight: `bits + 16/32 + 32/cols`
 //! (2.56 / 3.56 / 4.56 at 576 columns).
 //!
-//! Products take the f32 activation (no activation quantization): per group,
-//! `Σ w·x = d·Σ q·x − m·Σ x`. The same Rust code is compiled twice, once with AVX2 + FMA
-//! enabled for the compiler's vectorizer, so both paths give identical results.
+//! Products take the activation quantized to 16 bits per block of 32 like every block format
+//! ([`super::dot::QuantizedActs`]): per group, `Σ w·x = d·d_x·Σ q·q_x − m·d_x·Σ q_x`, integer
+//! sums in both the portable code here and the AVX2 kernels of `kernels::x86`.
 
 use std::sync::OnceLock;
 
 use half::f16;
+
+use super::dot::Acts;
 
 /// Weights per group.
 pub const GROUP: usize = 32;
@@ -86,22 +88,22 @@ pub fn pack_codes(bits: usize, codes: &[u8; GROUP], out: &mut [u8]) {
     }
 }
 
-/// The `GROUP` codes of one group's planes, as f32.
+/// The `GROUP` codes of one group's planes.
 #[inline(always)]
-fn unpack<const B: usize>(p: &[u8], q: &mut [f32; GROUP]) {
+fn unpack<const B: usize>(p: &[u8], q: &mut [u8; GROUP]) {
     match B {
         2 | 3 => {
             let lo = &p[..LO];
             for k in 0..4 {
                 for j in 0..LO {
-                    q[LO * k + j] = ((lo[j] >> (2 * k)) & 3) as f32;
+                    q[LO * k + j] = (lo[j] >> (2 * k)) & 3;
                 }
             }
             if B == 3 {
                 let hi = &p[LO..LO + HI];
                 for k in 0..8 {
                     for j in 0..HI {
-                        q[HI * k + j] += (((hi[j] >> k) & 1) << 2) as f32;
+                        q[HI * k + j] |= ((hi[j] >> k) & 1) << 2;
                     }
                 }
             }
@@ -110,7 +112,7 @@ fn unpack<const B: usize>(p: &[u8], q: &mut [f32; GROUP]) {
             let p = &p[..NIB];
             for k in 0..2 {
                 for j in 0..NIB {
-                    q[NIB * k + j] = ((p[j] >> (4 * k)) & 15) as f32;
+                    q[NIB * k + j] = (p[j] >> (4 * k)) & 15;
                 }
             }
         }
@@ -128,60 +130,43 @@ fn group_scales(d_row: f32, m_row: f32, g: &[u8]) -> (f32, f32) {
 #[inline(always)]
 fn dequantize_row_impl<const B: usize>(row: &[u8], out: &mut [f32]) {
     let (d_row, m_row) = (f16_le(row), f16_le(&row[2..]));
-    let mut q = [0.0f32; GROUP];
+    let mut q = [0u8; GROUP];
     for (g, o) in row[4..]
         .chunks_exact(group_bytes(B))
         .zip(out.chunks_exact_mut(GROUP))
     {
         let (d, m) = group_scales(d_row, m_row, g);
         unpack::<B>(&g[2..], &mut q);
-        for (o, q) in o.iter_mut().zip(&q) {
-            *o = d * q - m;
+        for (o, &q) in o.iter_mut().zip(&q) {
+            *o = d * q as f32 - m;
         }
     }
 }
 
-/// `W[row]·x` for one row.
-#[inline(always)]
-fn dot_row_impl<const B: usize>(row: &[u8], x: &[f32]) -> f32 {
+/// `W[row]·x` for one row of `bits`-bit codes against activations quantized per block of 32
+/// (`a` holds the row's `cols / 32` blocks): the portable kernel, whose integer sums the AVX2
+/// one in `kernels::x86` computes too.
+pub(crate) fn dot_row_scalar(bits: usize, row: &[u8], a: Acts<'_>) -> f32 {
+    match bits {
+        2 => dot_row_impl::<2>(row, a),
+        3 => dot_row_impl::<3>(row, a),
+        4 => dot_row_impl::<4>(row, a),
+        _ => panic!("lowbit dot: {bits} bits"),
+    }
+}
+
+fn dot_row_impl<const B: usize>(row: &[u8], a: Acts<'_>) -> f32 {
     let (d_row, m_row) = (f16_le(row), f16_le(&row[2..]));
-    let mut q = [0.0f32; GROUP];
+    let mut q = [0u8; GROUP];
     let mut total = 0.0f32;
-    for (g, xg) in row[4..]
-        .chunks_exact(group_bytes(B))
-        .zip(x.chunks_exact(GROUP))
-    {
+    for (b, g) in row[4..].chunks_exact(group_bytes(B)).enumerate() {
         let (d, m) = group_scales(d_row, m_row, g);
         unpack::<B>(&g[2..], &mut q);
-        // Eight lanes of partial sums: the vectorizer keeps them in one register each.
-        let (mut qx, mut sx) = ([0.0f32; 8], [0.0f32; 8]);
-        for (qc, xc) in q.chunks_exact(8).zip(xg.chunks_exact(8)) {
-            for l in 0..8 {
-                qx[l] += qc[l] * xc[l];
-                sx[l] += xc[l];
-            }
-        }
-        total += d * qx.iter().sum::<f32>() - m * sx.iter().sum::<f32>();
+        let xq = &a.qs[b * GROUP..][..GROUP];
+        let isum: i32 = q.iter().zip(xq).map(|(&q, &x)| q as i32 * x as i32).sum();
+        total += d * a.d[b] * isum as f32 - m * a.s[b];
     }
     total
-}
-
-fn dot_rows_impl<const B: usize>(data: &[u8], x: &[f32], out: &mut [f32], add: bool) {
-    let rb = row_bytes(B, x.len());
-    for (o, row) in out.iter_mut().zip(data.chunks_exact(rb)) {
-        let v = dot_row_impl::<B>(row, x);
-        if add {
-            *o += v;
-        } else {
-            *o = v;
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_rows_avx2<const B: usize>(data: &[u8], x: &[f32], out: &mut [f32], add: bool) {
-    dot_rows_impl::<B>(data, x, out, add)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -204,45 +189,11 @@ fn dequantize_portable<const B: usize>(data: &[u8], cols: usize, out: &mut [f32]
     }
 }
 
-/// `out[r] (+)= W[r]·x` for the `out.len()` rows of `bits`-bit rows in `data`.
-///
-/// # Panics
-/// If `x.len()` is not a multiple of 32, `bits` not 2, 3 or 4, or `data` holds fewer than
-/// `out.len()` rows.
-pub fn dot_rows(bits: usize, data: &[u8], x: &[f32], out: &mut [f32], add: bool) {
-    assert!(
-        x.len() % GROUP == 0 && data.len() >= out.len() * row_bytes(bits, x.len()),
-        "lowbit dot: {} rows of {} values need {} bytes, got {}",
-        out.len(),
-        x.len(),
-        out.len() * row_bytes(bits, x.len()),
-        data.len()
-    );
-    #[cfg(target_arch = "x86_64")]
-    if super::dot::simd() {
-        // SAFETY: `simd()` checked AVX2 and FMA; the functions only read in bounds (asserted).
-        unsafe {
-            match bits {
-                2 => dot_rows_avx2::<2>(data, x, out, add),
-                3 => dot_rows_avx2::<3>(data, x, out, add),
-                4 => dot_rows_avx2::<4>(data, x, out, add),
-                _ => panic!("lowbit dot: {bits} bits"),
-            }
-        }
-        return;
-    }
-    match bits {
-        2 => dot_rows_impl::<2>(data, x, out, add),
-        3 => dot_rows_impl::<3>(data, x, out, add),
-        4 => dot_rows_impl::<4>(data, x, out, add),
-        _ => panic!("lowbit dot: {bits} bits"),
-    }
-}
-
 /// Decodes whole rows of `cols` values (`out.len()` a multiple of `cols`).
 ///
 /// # Panics
-/// As [`dot_rows`].
+/// If `cols` is not a multiple of 32, `bits` not 2, 3 or 4, or `data` holds fewer rows than
+/// `out`.
 pub fn dequantize(bits: usize, data: &[u8], cols: usize, out: &mut [f32]) {
     let rows = out.len() / cols.max(1);
     assert!(
@@ -379,6 +330,7 @@ pub fn quantize_rtn(data: &[f32], cols: usize, bits: usize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::dot::{dot_rows, QuantizedActs, Rows};
     use s2lc_spectral::rng::SplitMix64;
 
     fn naive_decode(bits: usize, row: &[u8], cols: usize) -> Vec<f32> {
@@ -441,20 +393,34 @@ mod tests {
                         "bits {bits} group {g}: {mse} vs {half_step}²"
                     );
                 }
+                // Both kernels (the dispatching one, AVX2 where the CPU has it, and the portable
+                // one) against the decoded rows times the f32 input, within the rounding of the
+                // 16-bit activation quants.
                 let x = random(&mut rng, cols);
+                let mut acts = QuantizedActs::default();
+                acts.quantize(&x);
+                let format = crate::kernels::WeightFormat::lowbit(bits).expect("2, 3 or 4 bits");
                 let mut y = vec![1.0; rows];
-                dot_rows(bits, &data, &x, &mut y, true);
+                dot_rows(Rows::Blocks(format, &data), &x, acts.view(), &mut y, true);
                 for r in 0..rows {
-                    let want: f64 = dec[r * cols..(r + 1) * cols]
+                    let w = &dec[r * cols..(r + 1) * cols];
+                    let want: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let bound: f64 = w
                         .iter()
                         .zip(&x)
-                        .map(|(a, b)| *a as f64 * *b as f64)
-                        .sum();
-                    assert!(
-                        (y[r] as f64 - 1.0 - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "bits {bits} row {r}: {} vs {want}",
-                        y[r] - 1.0
-                    );
+                        .enumerate()
+                        .map(|(j, (a, b))| {
+                            (*a as f64).abs() * (acts.d[j / GROUP] as f64 * 0.5 + 1e-5 * *b as f64)
+                        })
+                        .sum::<f64>()
+                        + 1e-6;
+                    let scalar = dot_row_scalar(bits, &data[r * rb..(r + 1) * rb], acts.view());
+                    for (name, got) in [("kernel", y[r] - 1.0), ("portable", scalar)] {
+                        assert!(
+                            (got as f64 - want).abs() <= bound,
+                            "bits {bits} row {r} {name}: {got} vs {want} (bound {bound})"
+                        );
+                    }
                 }
             }
         }

@@ -142,9 +142,9 @@ impl WeightFormat {
     }
 
     /// Whether products take the activation quantized per block of 32 ([`QuantizedActs`]): every
-    /// ggml block format (a K-quant's sub-blocks are blocks of 32 too); the low-bit rows take f32.
+    /// block format (a K-quant's sub-blocks and the low-bit rows' groups are blocks of 32 too).
     fn quantizes_acts(self) -> bool {
-        self.lowbit_bits().is_none() && self.block_size() % BLOCK == 0
+        self.block_size() % BLOCK == 0
     }
 
     /// Lower-case name as used on the command line (`f32`, `q4_1`, ...).

@@ -26,7 +26,7 @@ impl Draws {
     }
 }
 
-const ALL: [WeightFormat; 10] = [
+const ALL: [WeightFormat; 13] = [
     WeightFormat::F32,
     WeightFormat::F16,
     WeightFormat::BF16,
@@ -37,6 +37,9 @@ const ALL: [WeightFormat; 10] = [
     WeightFormat::Q5_1,
     WeightFormat::Q4_K,
     WeightFormat::Q6_K,
+    WeightFormat::Sq2,
+    WeightFormat::Sq3,
+    WeightFormat::Sq4,
 ];
 
 /// A `rows × cols` matrix in `format`: converted from random values where S2LC can produce the
@@ -266,7 +269,11 @@ fn fast_dequantization_is_bit_exact() {
             continue;
         };
         let mut want = vec![0.0; 7 * 768];
-        crate::quant::dequantize(format.ggml().expect("a ggml format"), bytes, &mut want).unwrap();
+        match (format.ggml(), format.lowbit_bits()) {
+            (Some(t), _) => crate::quant::dequantize(t, bytes, &mut want).unwrap(),
+            (None, Some(bits)) => lowbit::dequantize(bits, bytes, 768, &mut want),
+            (None, None) => unreachable!("{format} is neither ggml nor low-bit"),
+        }
         let mut got = vec![f32::NAN; 7 * 768];
         w.dequantize_rows(0, 7, &mut got);
         assert!(

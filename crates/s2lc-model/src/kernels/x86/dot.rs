@@ -3,9 +3,12 @@
 
 use std::arch::x86_64::*;
 
-use super::{f16_one, f16_pair, high_bits_split, hsum, nibbles_split, or, put, qdot, Quants};
+use super::{
+    crumbs, f16_one, f16_pair, high_bits_split, hsum, nibbles_split, or, put, qdot, third_bits,
+    Quants,
+};
 use crate::kernels::dot::{acts_cover, acts_hold, rows_cover, Acts, Rows, BLOCK};
-use crate::kernels::WeightFormat;
+use crate::kernels::{lowbit, WeightFormat};
 
 /// [`crate::kernels::dot::dot_rows`] with AVX2.
 ///
@@ -39,9 +42,9 @@ pub unsafe fn dot_rows(rows: Rows<'_>, x: &[f32], a: Acts<'_>, out: &mut [f32], 
                 WeightFormat::Q5_1 => dot_q5_1,
                 WeightFormat::Q4_K => dot_q4_k,
                 WeightFormat::Q6_K => dot_q6_k,
-                WeightFormat::Sq2 | WeightFormat::Sq3 | WeightFormat::Sq4 => {
-                    unreachable!("low-bit rows run in kernels::lowbit")
-                }
+                WeightFormat::Sq2 => dot_sq::<2>,
+                WeightFormat::Sq3 => dot_sq::<3>,
+                WeightFormat::Sq4 => dot_sq::<4>,
             };
             for (r, o) in out.iter_mut().enumerate() {
                 // SAFETY: row r < out.len() (`rb` bytes: `nb` blocks of 32, `nb / 8` of 256,
@@ -250,23 +253,43 @@ unsafe fn dot_multi(
     acts: &[Acts<'_>],
 ) -> Option<[f32; 4]> {
     macro_rules! run {
-        ($split:expr, $lanes:expr, $bytes:expr, $decode:expr) => {
+        ($p:expr, $split:expr, $lanes:expr, $bytes:expr, $decode:expr) => {
             match acts.len() {
-                4 => block_dot_n!(4, p, nb, acts, $split, $lanes, $bytes, $decode),
+                4 => block_dot_n!(4, $p, nb, acts, $split, $lanes, $bytes, $decode),
                 2 => {
-                    let [a, b] = block_dot_n!(2, p, nb, acts, $split, $lanes, $bytes, $decode);
+                    let [a, b] = block_dot_n!(2, $p, nb, acts, $split, $lanes, $bytes, $decode);
                     [a, b, 0.0, 0.0]
                 }
                 _ => return None,
             }
         };
     }
+    // A low-bit row: its `(D, M)` header, then `nb` groups (the contract covers the whole row).
+    macro_rules! sq {
+        ($bits:literal, $split:expr, $lanes:expr) => {{
+            // SAFETY: the row starts with its 4-byte header (contract).
+            let (dr, mr) = unsafe { f16_pair(p) };
+            let t = lowbit::scale_table();
+            // SAFETY: `block_dot_n` passes whole groups of the row (contract).
+            let decode = |g: *const u8| unsafe { sq_group::<$bits>(g, dr, mr, t) };
+            run!(
+                p.wrapping_add(4),
+                $split,
+                $lanes,
+                lowbit::group_bytes($bits),
+                decode
+            )
+        }};
+    }
     Some(match f {
-        WeightFormat::Q4_0 => run!(true, split_lanes(), 18, q4_0_block),
-        WeightFormat::Q4_1 => run!(true, split_lanes(), 20, q4_1_block),
-        WeightFormat::Q5_0 => run!(true, split_lanes(), 22, q5_0_block),
-        WeightFormat::Q5_1 => run!(true, split_lanes(), 24, q5_1_block),
-        WeightFormat::Q8_0 => run!(false, _mm256_set1_ps(1.0), 34, q8_0_block),
+        WeightFormat::Q4_0 => run!(p, true, split_lanes(), 18, q4_0_block),
+        WeightFormat::Q4_1 => run!(p, true, split_lanes(), 20, q4_1_block),
+        WeightFormat::Q5_0 => run!(p, true, split_lanes(), 22, q5_0_block),
+        WeightFormat::Q5_1 => run!(p, true, split_lanes(), 24, q5_1_block),
+        WeightFormat::Q8_0 => run!(p, false, _mm256_set1_ps(1.0), 34, q8_0_block),
+        WeightFormat::Sq2 => sq!(2, false, _mm256_set1_ps(1.0)),
+        WeightFormat::Sq3 => sq!(3, false, _mm256_set1_ps(1.0)),
+        WeightFormat::Sq4 => sq!(4, true, split_lanes()),
         _ => return None,
     })
 }
@@ -374,6 +397,69 @@ unsafe fn q8_0_block(blk: *const u8) -> (Quants, f32, f32) {
             _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(18).cast())),
         );
         (w, f16_one(blk), 0.0)
+    }
+}
+
+/// One group of a low-bit row (`crate::kernels::lowbit`) at `g` (`cs, cm`, then the code
+/// planes): codes (split order for 4 bits, as [`nibbles_split`]; element order for 2 and 3),
+/// `d = D·2^(−cs/16)` and the offset `−m = −M·2^(−cm/16)` under the row's `D, M`.
+///
+/// # Safety
+/// `g` must be valid for reads of one group (`lowbit::group_bytes(B)` bytes).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn sq_group<const B: usize>(
+    g: *const u8,
+    d_row: f32,
+    m_row: f32,
+    t: &[f32; 256],
+) -> (Quants, f32, f32) {
+    // SAFETY: the two scale codes are bytes 0..2 and the planes 2..2 + 4·B (contract).
+    unsafe {
+        let (cs, cm) = (*g as usize, *g.add(1) as usize);
+        let q = match B {
+            4 => nibbles_split(g.add(2)),
+            3 => crumbs(g.add(2), third_bits(g.add(10))),
+            _ => crumbs(g.add(2), _mm256_setzero_si256()),
+        };
+        (q, d_row * t[cs], -(m_row * t[cm]))
+    }
+}
+
+/// A low-bit row: the row's `(D, M)` header, then its `nb` groups through [`block_dot`].
+///
+/// # Safety
+/// `p` must be valid for reads of one row (`lowbit::row_bytes(B, 32·nb)` bytes), and `a` must
+/// hold `nb` blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_sq<const B: usize>(p: *const u8, nb: usize, _x: &[f32], a: Acts<'_>) -> f32 {
+    // SAFETY: the header is the row's first 4 bytes (contract).
+    let (dr, mr) = unsafe { f16_pair(p) };
+    let t = lowbit::scale_table();
+    // SAFETY: `block_dot` passes whole groups of the row (contract).
+    let decode = |g: *const u8| unsafe { sq_group::<B>(g, dr, mr, t) };
+    let groups = p.wrapping_add(4);
+    if B == 4 {
+        block_dot!(
+            groups,
+            nb,
+            a,
+            a.split.as_ptr(),
+            split_lanes(),
+            lowbit::group_bytes(B),
+            decode
+        )
+    } else {
+        let ones = _mm256_set1_ps(1.0);
+        block_dot!(
+            groups,
+            nb,
+            a,
+            a.qs.as_ptr(),
+            ones,
+            lowbit::group_bytes(B),
+            decode
+        )
     }
 }
 

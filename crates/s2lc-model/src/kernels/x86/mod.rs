@@ -89,6 +89,42 @@ unsafe fn nibbles_split(p: *const u8) -> Quants {
     )
 }
 
+/// The 2-bit plane of a low-bit group (8 bytes at `p`: byte `j` holds codes `j, j + 8, j + 16,
+/// j + 24` at bits 0, 2, 4, 6), OR-ed with `high` (32 bytes in element order), widened to 16
+/// bits in element order. Each 64-bit lane `k` holds the 8 bytes shifted right by `2k`, so its
+/// byte `j`'s low two bits are code `8k + j`.
+///
+/// # Safety
+/// `p` must be valid for reads of 8 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn crumbs(p: *const u8, high: __m256i) -> Quants {
+    // SAFETY: the caller guarantees 8 readable bytes at `p`; the read is unaligned.
+    let plane = _mm256_set1_epi64x(unsafe { p.cast::<i64>().read_unaligned() });
+    let lanes = _mm256_srlv_epi64(plane, _mm256_setr_epi64x(0, 2, 4, 6));
+    let q = _mm256_or_si256(_mm256_and_si256(lanes, _mm256_set1_epi8(3)), high);
+    Quants(
+        _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
+        _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)),
+    )
+}
+
+/// The third-bit plane of a 3-bit group (4 bytes at `p`: byte `j` bit `k` is bit 2 of code
+/// `4k + j`) as 32 bytes in element order, each 0 or 4. Each 32-bit lane `k` holds the 4 bytes
+/// shifted right by `k`, so its byte `j`'s low bit is that of code `4k + j`.
+///
+/// # Safety
+/// `p` must be valid for reads of 4 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn third_bits(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 4 readable bytes at `p`; the read is unaligned.
+    let plane = _mm256_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() });
+    let lanes = _mm256_srlv_epi32(plane, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    // Bytes are 0 or 1: a 16-bit shift by 2 keeps each within its byte.
+    _mm256_slli_epi16(_mm256_and_si256(lanes, _mm256_set1_epi8(1)), 2)
+}
+
 /// Bit `j` of `bits` as 16-bit lane `j` (of elements 0..32) = 0x10 (set) or 0 (clear).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
