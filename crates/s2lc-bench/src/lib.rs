@@ -24,6 +24,7 @@ pub mod kv;
 pub mod pack;
 pub mod router;
 pub mod serve;
+pub mod weights;
 
 /// `s2lc bench` subcommands.
 // Parsed once per process: boxing the larger argument sets would buy nothing.
@@ -50,6 +51,9 @@ pub enum BenchCommand {
     /// The sentence encoder compressed (plain and whitened SVD, energies and budgets): cosine of
     /// held-out embeddings to the dense encoder's, routing accuracy, embedding time.
     Encoder(router::EncoderBenchArgs),
+    /// The weight frontier: bits per linear weight vs perplexity on several texts vs decode
+    /// speed, for a dense model and its quantized variants (llama.cpp's quants, S2LC quant-lr).
+    Weights(weights::WeightsArgs),
 }
 
 /// Runs one benchmark.
@@ -62,5 +66,6 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
         BenchCommand::Pack(args) => pack::run(args),
         BenchCommand::Serve(args) => serve::run(args),
         BenchCommand::Encoder(args) => router::bench_encoder(args),
+        BenchCommand::Weights(args) => weights::run(args),
     }
 }
