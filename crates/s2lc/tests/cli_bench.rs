@@ -241,3 +241,46 @@ fn bench_pack_measures_a_real_adapter() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn bench_weights_compares_variants_with_the_dense_model() {
+    let (Some(model), Some(text)) = (smollm2(), common::alice29()) else {
+        return;
+    };
+    let dir = scratch("bench-weights");
+    let (m, t) = (model.to_str().unwrap(), text.to_str().unwrap());
+    // The shipped file as its own variant: same bytes, same perplexity, Q4_1 = 5 bits per weight.
+    let report = s2lc_json(
+        &[
+            "bench",
+            "weights",
+            "--model",
+            m,
+            "--variant",
+            m,
+            "--texts",
+            t,
+            "--eval-tokens",
+            "512",
+            "--decode-tokens",
+            "4",
+            "--runs",
+            "2",
+        ],
+        &dir,
+    );
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        let bits = r["bits_per_linear_weight"].as_f64().unwrap();
+        assert!((bits - 5.0).abs() < 1e-9, "Q4_1 linears: {bits} bits");
+        assert_eq!(r["decode_tok_s_runs"].as_array().unwrap().len(), 2);
+        assert_eq!(r["decode_requantized"], false);
+    }
+    let ppl = |i: usize| rows[i]["perplexity"]["alice29.txt"].as_f64().unwrap();
+    assert!(ppl(0) > 1.0 && ppl(0) == ppl(1), "{} vs {}", ppl(0), ppl(1));
+    assert_clean_error(
+        &s2lc(&["bench", "weights", "--variant", m, "--runs", "0"]),
+        "--runs must be at least 1",
+    );
+}
