@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use s2lc_model::kernels::WeightFormat;
 use s2lc_model::llama::LlamaModel;
+use s2lc_model::quant::GgmlType;
 use s2lc_model::source::WeightStorage;
 use s2lc_model::speed::decode_speed;
 use s2lc_model::tokenizer::read_text_file;
@@ -62,12 +64,6 @@ fn is_linear_tensor(name: &str) -> bool {
     name.starts_with("model.layers.") && !name.contains("norm") && !name.ends_with(".bias")
 }
 
-/// Stored types the runtime runs as they are (the ggml types with a kernel, and `U8`: S2LC's
-/// encoded rows); any other is re-quantized to Q8_0 on load.
-const RUN_AS_STORED: &[&str] = &[
-    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K", "U8",
-];
-
 /// Stored bytes of the block linears of `source`, and whether any of them is in a block type
 /// without an S2LC kernel.
 fn linear_bytes(source: &ModelSource) -> (u64, bool) {
@@ -76,7 +72,10 @@ fn linear_bytes(source: &ModelSource) -> (u64, bool) {
     for t in source.tensors().describe() {
         if is_linear_tensor(&t.name) {
             bytes += t.bytes;
-            requantized |= !RUN_AS_STORED.contains(&t.dtype.as_str());
+            // A ggml type the runtime has no kernel for is re-quantized to Q8_0 on load.
+            requantized |= GgmlType::ALL
+                .iter()
+                .any(|&g| g.name() == t.dtype && WeightFormat::from_ggml(g).is_none());
         }
     }
     (bytes, requantized)

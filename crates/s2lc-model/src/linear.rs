@@ -417,26 +417,19 @@ impl Linear {
                 l.u.matmul(mid, n, out, accum, &mut scratch.acts);
             }
             Linear::Corrected(c) => {
-                let mid = &mut scratch.low_rank;
-                mid.resize(n * c.rank(), 0.0);
-                let accum = apply_bias(c.bias.as_deref(), out, accum);
-                if c.rank() == 0 {
-                    c.weight.matmul(x, n, out, accum, &mut scratch.acts);
-                    return;
-                }
                 if n <= SMALL_BATCH {
                     // One pass over x for Q·x and R·x.
-                    let add = accum == Accum::Add;
-                    let tasks = &mut [
-                        GemvTask::new(&c.weight, out, add),
-                        GemvTask::new(&c.r, mid, false),
-                    ];
-                    gemv(tasks, x, &mut scratch.acts);
-                } else {
-                    c.weight.matmul(x, n, out, accum, &mut scratch.acts);
-                    c.r.matmul(x, n, mid, Accum::Replace, &mut scratch.acts);
+                    Self::fused(&[self], x, n, &mut [out], accum, scratch);
+                    return;
                 }
-                c.lt.axpy_rows(mid, n, out, &mut scratch.row);
+                let accum = apply_bias(c.bias.as_deref(), out, accum);
+                c.weight.matmul(x, n, out, accum, &mut scratch.acts);
+                if c.rank() > 0 {
+                    let mid = &mut scratch.low_rank;
+                    mid.resize(n * c.rank(), 0.0);
+                    c.r.matmul(x, n, mid, Accum::Replace, &mut scratch.acts);
+                    c.lt.axpy_rows(mid, n, out, &mut scratch.row);
+                }
             }
         }
     }
@@ -460,6 +453,20 @@ impl Linear {
             }
             return;
         }
+        Self::fused(layers, x, n, outs, Accum::Replace, scratch);
+    }
+
+    /// The fused decode-step pass of [`Linear::forward_shared`] (and of a corrected layer's
+    /// [`Linear::forward`]): up to three dense or corrected layers, `n ≤` [`SMALL_BATCH`] rows,
+    /// each output written (`Replace`) or added to (`Add`).
+    fn fused(
+        layers: &[&Linear],
+        x: &[f32],
+        n: usize,
+        outs: &mut [&mut [f32]],
+        accum: Accum,
+        scratch: &mut LinearScratch,
+    ) {
         // Each corrected layer's R·x lands in its own part of the low-rank scratch.
         let rank = |l: &Linear| match l {
             Linear::Corrected(c) => c.rank(),
@@ -488,9 +495,9 @@ impl Linear {
                 let (weight, bias, r) = match l {
                     Linear::Dense(d) => (&d.weight, d.bias.as_deref(), None),
                     Linear::Corrected(c) => (&c.weight, c.bias.as_deref(), Some(&c.r)),
-                    Linear::LowRank(_) => unreachable!("checked above"),
+                    Linear::LowRank(_) => unreachable!("fused layers are dense or corrected"),
                 };
-                let add = apply_bias(bias, out, Accum::Replace) == Accum::Add;
+                let add = apply_bias(bias, out, accum) == Accum::Add;
                 slots[k] = Some(GemvTask::new(weight, out, add));
                 k += 1;
                 if let Some(r) = r.filter(|_| !mid.is_empty()) {

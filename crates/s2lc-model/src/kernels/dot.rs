@@ -277,10 +277,9 @@ pub fn dot_rows_scalar(rows: Rows<'_>, x: &[f32], a: Acts<'_>, out: &mut [f32], 
                         .sum(),
                     WeightFormat::Q4_K => dot_q4_k_scalar(row, a),
                     WeightFormat::Q6_K => dot_q6_k_scalar(row, a),
-                    WeightFormat::Sq2 | WeightFormat::Sq3 | WeightFormat::Sq4 => {
-                        let bits = format.lowbit_bits().unwrap_or(4);
-                        super::lowbit::dot_row_scalar(bits, row, a)
-                    }
+                    WeightFormat::Sq2 => super::lowbit::dot_row_scalar(2, row, a),
+                    WeightFormat::Sq3 => super::lowbit::dot_row_scalar(3, row, a),
+                    WeightFormat::Sq4 => super::lowbit::dot_row_scalar(4, row, a),
                     _ => dot_blocks_scalar(format, row, a),
                 };
                 store(o, v, add);

@@ -229,7 +229,9 @@ impl LlamaModel {
     }
 
     /// Every tensor under its Hugging Face name (row-major f32), low-rank layers as
-    /// `*.lowrank_u` (`[out, r]`) and `*.lowrank_vs` (`[r, in]`): what a saved model holds.
+    /// `*.lowrank_u` (`[out, r]`) and `*.lowrank_vs` (`[r, in]`): what a saved model holds,
+    /// beside the encoded ones of [`LlamaModel::export_byte_tensors`] (corrected layers, and the
+    /// embedding when it is held in Q8_0, which is then not written here).
     pub fn export_tensors(&self) -> Vec<(String, Tensor)> {
         let t = |shape: Vec<usize>, data: &[f32]| Tensor {
             shape,
