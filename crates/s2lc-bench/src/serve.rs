@@ -3,9 +3,12 @@
 //! (copies of the real adapters pushed into a fresh store under many names, each copy's delta
 //! scaled by its own factor so that no two are the same content); many distinct morphs of one
 //! real pack (weights drawn per name from a flat Dirichlet). Names are drawn with Zipf
-//! popularity. Reports throughput and its ratio to the first run, latency percentiles, the cache
-//! hit rate, the largest resident adapter and KV bytes seen (against the budget) and the
-//! process's peak RSS.
+//! popularity. Prompts are windows of `--prompt-tokens` tokens of the real texts' held-out
+//! parts (`--prompt-tokens 0`: one short fixed prompt, the form of the first measurements), and
+//! every request streams, so the clients time the first token and the gaps between tokens.
+//! Reports throughput and its ratio to the first run, request latency, time to first token and
+//! inter-token latency percentiles, the cache hit rate, the largest resident adapter and KV bytes
+//! seen (against the budget) and the process's peak RSS.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,8 +20,10 @@ use clap::Args;
 use semver::Version;
 use serde_json::json;
 
+use s2lc_model::heldout::{default_texts, HeldoutSplit};
 use s2lc_model::lora::AdapterDtype;
-use s2lc_serve::client::{metric_value, request};
+use s2lc_model::tokenizer::Tokenizer;
+use s2lc_serve::client::{metric_value, request, request_timed};
 use s2lc_serve::{BatchConfig, Engine, ServeConfig, StoreSource};
 use s2lc_spectral::rng::SplitMix64;
 use s2lc_store::Store;
@@ -53,8 +58,13 @@ pub struct ServeBenchArgs {
     #[arg(long, default_value_t = AdapterDtype::F16)]
     adapter_dtype: AdapterDtype,
     /// Tokens generated per request.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 32)]
     max_tokens: usize,
+    /// Tokens per prompt: windows of the held-out tenth of the six real texts, decoded to text
+    /// (the server re-tokenizes them, within a token or two of this). 0: every request sends
+    /// the short fixed prompt "The quick brown fox".
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
     /// Zipf exponent of adapter popularity (0: uniform).
     #[arg(long, default_value_t = 1.0)]
     zipf: f64,
@@ -266,13 +276,16 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
             Some(*acc)
         })
         .collect();
+    let prompts = prompts(&model_path, args.prompt_tokens)?;
     println!(
-        "{} clients, {} adapter names (Zipf {}), budget {:.0} MiB (PEFT as {} factors), {} tokens per request",
+        "{} clients, {} adapter names (Zipf {}), budget {:.0} MiB (PEFT as {} factors), {} prompts of {} tokens, {} tokens per request",
         args.clients,
         args.n_adapters,
         args.zipf,
         args.adapter_memory as f64 / (1 << 20) as f64,
         args.adapter_dtype,
+        prompts.len(),
+        args.prompt_tokens,
         args.max_tokens
     );
     let mut runs = Vec::new();
@@ -281,12 +294,19 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
             if max_batch == 0 {
                 bail!("--max-batch values must be at least 1");
             }
-            let body = |i: usize| match workload {
-                Workload::Base => json!({"model": "base"}),
-                Workload::Peft => json!({"model": format!("base:bench-{i:04}@^1")}),
-                Workload::Morph => {
-                    json!({"model": "base:bench-pack@^1", "morph": dirichlet(&members, i)})
-                }
+            // Request `n` for adapter name `i`.
+            let body = |i: usize, n: usize| {
+                let mut body = match workload {
+                    Workload::Base => json!({"model": "base"}),
+                    Workload::Peft => json!({"model": format!("base:bench-{i:04}@^1")}),
+                    Workload::Morph => {
+                        json!({"model": "base:bench-pack@^1", "morph": dirichlet(&members, i)})
+                    }
+                };
+                body["prompt"] = json!(prompts[n % prompts.len()]);
+                body["max_tokens"] = json!(args.max_tokens);
+                body["stream"] = json!(true);
+                body
             };
             let mut run = load_test(args, &model_path, &dir, &digest, max_batch, &cdf, &body)?;
             run.workload = workload;
@@ -298,7 +318,8 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         let out = json!({
             "clients": args.clients, "adapters": args.n_adapters, "zipf": args.zipf,
             "budget_bytes": args.adapter_memory, "adapter_dtype": args.adapter_dtype.name(),
-            "max_tokens": args.max_tokens, "pack": args.pack, "members": members,
+            "max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens,
+            "prompts": prompts.len(), "pack": args.pack, "members": members,
             "sources": sources, "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
         });
         write_json(path, &out)?;
@@ -325,6 +346,43 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The prompts of the load test: every `n_tokens`-token window of the held-out tenth of the six
+/// real texts (the token protocol of `bench adapters`, so no adapter was trained on them),
+/// decoded to text; `n_tokens == 0` gives the one short fixed prompt.
+fn prompts(model_path: &Path, n_tokens: usize) -> Result<Vec<String>> {
+    if n_tokens == 0 {
+        return Ok(vec!["The quick brown fox".to_string()]);
+    }
+    let source = s2lc_model::ModelSource::open(model_path).context("opening the model")?;
+    let tokenizer: Tokenizer = source.tokenizer().context("building the tokenizer")?;
+    let split = HeldoutSplit {
+        fraction: 0.1,
+        seq: n_tokens,
+        max_windows: usize::MAX,
+    };
+    let domains = split
+        .load(&tokenizer, &default_texts())
+        .context("the prompts' held-out text")?;
+    let mut out = Vec::new();
+    for d in &domains {
+        for w in d.tokens.chunks_exact(n_tokens) {
+            out.push(tokenizer.decode(w, true).context("decoding a prompt")?);
+        }
+    }
+    Ok(out)
+}
+
+/// Percentiles `ps` of `values` (sorted in place); NaN when empty.
+fn percentiles<const N: usize>(values: &mut [f64], ps: [f64; N]) -> [f64; N] {
+    values.sort_by(f64::total_cmp);
+    ps.map(|p| {
+        values
+            .get(((values.len() as f64 * p) as usize).min(values.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    })
+}
+
 /// What one load test measured.
 struct Run {
     workload: Workload,
@@ -335,6 +393,10 @@ struct Run {
     tokens: f64,
     /// Latency percentiles p50, p90, p99 and the maximum, ms.
     latency: [f64; 4],
+    /// Time to first token p50 and p99, ms.
+    ttft: [f64; 2],
+    /// Inter-token latency (gaps between streamed pieces of one request) p50 and p99, ms.
+    itl: [f64; 2],
     hits: f64,
     misses: f64,
     evictions: f64,
@@ -367,7 +429,10 @@ impl Run {
             self.wall,
             self.tokens / self.wall
         );
-        println!("latency ms: p50 {p50:.0}, p90 {p90:.0}, p99 {p99:.0}, max {max:.0}");
+        println!(
+            "latency ms: p50 {p50:.0}, p90 {p90:.0}, p99 {p99:.0}, max {max:.0}; time to first token p50 {:.0}, p99 {:.0}; inter-token p50 {:.1}, p99 {:.1}",
+            self.ttft[0], self.ttft[1], self.itl[0], self.itl[1]
+        );
         println!(
             "adapter cache: hit rate {:.1} % ({} hits, {} loads, {} evictions); resident at most {:.2} MiB; KV at most {:.1} MiB; peak RSS so far {:.0} MiB",
             100.0 * self.hits / (self.hits + self.misses).max(1.0),
@@ -387,6 +452,8 @@ impl Run {
             "seconds": self.wall, "req_per_s": self.ok as f64 / self.wall,
             "generated_tok_per_s": self.tokens / self.wall,
             "latency_ms": {"p50": p50, "p90": p90, "p99": p99, "max": max},
+            "ttft_ms": {"p50": self.ttft[0], "p99": self.ttft[1]},
+            "itl_ms": {"p50": self.itl[0], "p99": self.itl[1]},
             "cache": {"hits": self.hits, "loads": self.misses, "evictions": self.evictions,
                       "max_resident_bytes": self.max_resident},
             "max_kv_bytes": self.max_kv,
@@ -404,7 +471,7 @@ fn load_test(
     digest: &str,
     max_batch: usize,
     cdf: &[f64],
-    body_of: &(dyn Fn(usize) -> serde_json::Value + Sync),
+    body_of: &(dyn Fn(usize, usize) -> serde_json::Value + Sync),
 ) -> Result<Run> {
     let (source, model, tokenizer) = load_model(model_path, args.base.weights)?;
     let batch = BatchConfig {
@@ -441,7 +508,9 @@ fn load_test(
     }
 
     let issued = AtomicUsize::new(0);
-    let results = Mutex::new(Vec::<(f64, u16)>::with_capacity(args.requests));
+    // Per request: latency (ms), status, time to first token (ms), inter-token gaps (ms).
+    type Timing = (f64, u16, f64, Vec<f64>);
+    let results = Mutex::new(Vec::<Timing>::with_capacity(args.requests));
     let max_resident = Mutex::new(0f64);
     let max_kv = Mutex::new(0f64);
     let done = std::sync::atomic::AtomicBool::new(false);
@@ -469,23 +538,37 @@ fn load_test(
                 let (cdf, issued, results, addr) = (&cdf, &issued, &results, &addr);
                 s.spawn(move || {
                     let mut rng = SplitMix64::new(c as u64 + 1);
-                    while issued.fetch_add(1, Ordering::Relaxed) < args.requests
-                        && Instant::now() < deadline
-                    {
+                    loop {
+                        let n = issued.fetch_add(1, Ordering::Relaxed);
+                        if n >= args.requests || Instant::now() >= deadline {
+                            break;
+                        }
                         let u = rng.unit_f64();
                         let i = cdf.partition_point(|&p| p < u).min(cdf.len() - 1);
-                        let mut body = body_of(i);
-                        body["prompt"] = json!("The quick brown fox");
-                        body["max_tokens"] = json!(args.max_tokens);
+                        let body = body_of(i, n);
                         let t = Instant::now();
-                        let status =
-                            request(addr, "POST", "/v1/completions", body.to_string().as_bytes())
-                                .map_or(0, |r| r.status);
+                        let timed =
+                            request_timed(addr, "/v1/completions", body.to_string().as_bytes());
                         let ms = t.elapsed().as_secs_f64() * 1e3;
+                        // A stream without text or with an error event failed (status 0).
+                        let timing = match timed {
+                            Ok(r)
+                                if r.response.status == 200
+                                    && !r.pieces.is_empty()
+                                    && !r.response.body.contains("data: {\"error\"") =>
+                            {
+                                let gaps = r.pieces.windows(2).map(|w| (w[1] - w[0]) * 1e3);
+                                (ms, 200, r.pieces[0] * 1e3, gaps.collect())
+                            }
+                            Ok(r) if r.response.status != 200 => {
+                                (ms, r.response.status, f64::NAN, Vec::new())
+                            }
+                            _ => (ms, 0, f64::NAN, Vec::new()),
+                        };
                         results
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .push((ms, status));
+                            .push(timing);
                     }
                 })
             })
@@ -500,12 +583,9 @@ fn load_test(
     let metrics = request(&addr, "GET", "/metrics", b"")?.body;
     let ok = results.iter().filter(|r| r.1 == 200).count();
     let mut lat: Vec<f64> = results.iter().map(|r| r.0).collect();
-    lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let latency = percentiles(&mut lat, [0.5, 0.9, 0.99, 1.0]);
+    let mut ttft: Vec<f64> = results.iter().filter(|r| r.1 == 200).map(|r| r.2).collect();
+    let mut itl: Vec<f64> = results.iter().flat_map(|r| r.3.iter().copied()).collect();
     let hits = metric(&metrics, "s2lc_adapter_cache_hits_total");
     let misses = metric(&metrics, "s2lc_adapter_cache_misses_total");
     let evictions = metric(&metrics, "s2lc_adapter_cache_evictions_total");
@@ -519,12 +599,9 @@ fn load_test(
         ok,
         wall,
         tokens,
-        latency: [
-            pct(0.5),
-            pct(0.9),
-            pct(0.99),
-            lat.last().copied().unwrap_or(f64::NAN),
-        ],
+        latency,
+        ttft: percentiles(&mut ttft, [0.5, 0.99]),
+        itl: percentiles(&mut itl, [0.5, 0.99]),
         hits,
         misses,
         evictions,

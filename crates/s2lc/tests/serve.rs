@@ -148,6 +148,18 @@ fn serve_completions_with_store_adapters() {
         chunks.last().unwrap()["choices"][0]["finish_reason"],
         "length"
     );
+    // The load benchmark's timed client sees one arrival per piece of text, in order.
+    let timed =
+        s2lc_serve::client::request_timed(addr, "/v1/completions", streamed.to_string().as_bytes())
+            .unwrap();
+    assert_eq!(timed.response.status, 200);
+    assert_eq!(
+        timed.pieces.len(),
+        chunks.len() - 1,
+        "{}",
+        timed.response.body
+    );
+    assert!(timed.pieces.windows(2).all(|w| w[0] <= w[1]));
 
     // Chat.
     let (status, chat) = post(
@@ -746,4 +758,54 @@ fn the_router_sends_auto_requests_to_the_nearest_domain() {
     );
     drop(server);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `s2lc bench serve` on the real model with a small load: held-out prompts, streamed answers,
+/// and a report with time to first token and inter-token latency for the base model and for
+/// copies of a PEFT adapter.
+#[test]
+fn bench_serve_times_streamed_answers() {
+    let Some(model) = smollm2() else { return };
+    let dir = scratch("bench-serve");
+    let report = dir.join("serve.json");
+    let o = s2lc(&[
+        "bench",
+        "serve",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        fixture("alice-r4").to_str().unwrap(),
+        "--workload",
+        "base,peft",
+        "--max-batch",
+        "4",
+        "--clients",
+        "4",
+        "--requests",
+        "8",
+        "--n-adapters",
+        "3",
+        "--prompt-tokens",
+        "24",
+        "--max-tokens",
+        "4",
+        "--json",
+        report.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("time to first token"), "{stdout}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["prompt_tokens"], 24);
+    let runs = r["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{r}");
+    for run in runs {
+        assert_eq!(run["ok"], 8, "{run}");
+        let (ttft, lat) = (&run["ttft_ms"]["p50"], &run["latency_ms"]["p50"]);
+        let (ttft, lat) = (ttft.as_f64().unwrap(), lat.as_f64().unwrap());
+        assert!(ttft > 0.0 && ttft <= lat, "{run}");
+        let itl = run["itl_ms"]["p50"].as_f64().unwrap();
+        assert!(itl > 0.0 && itl < lat, "{run}");
+    }
+    assert!(runs[1]["cache"]["loads"].as_f64().unwrap() >= 1.0, "{r}");
 }

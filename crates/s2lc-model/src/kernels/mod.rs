@@ -394,8 +394,12 @@ impl WeightMatrix {
     /// `y (n × cols) += c (n × rows) · W`: each output row is a combination of `W`'s rows. This
     /// is the product with `W` transposed, for a matrix held with its long side along the rows
     /// (a block-quantized `Bᵀ` of a LoRA delta, a pack's `Uᵀ`), where the block kernels cannot
-    /// run `Wᵀ·x` directly. Each row of `W` is decoded once (into `row`, reused across calls)
-    /// and added to every output row while it sits in L1; zero coefficients are skipped.
+    /// run `Wᵀ·x` directly. For fewer than [`AXPY_GEMM_ROWS`] rows, each row of `W` is decoded
+    /// once (into `row`, reused across calls) and added to every output row while it sits in L1;
+    /// zero coefficients are skipped. For more, `W` is decoded whole into `row` (it is a thin
+    /// matrix: a rank times a width) and multiplied with faer's GEMM, the output's columns split
+    /// across the pool's threads: streaming `y` once per row of `W` is what the small path costs,
+    /// and it grows with `n`.
     ///
     /// # Panics
     /// If `c` is not `n × rows` or `y` not `n × cols`.
@@ -407,6 +411,39 @@ impl WeightMatrix {
             c.len(),
             y.len()
         );
+        if n >= AXPY_GEMM_ROWS && r > 0 && k > 0 {
+            let w: &[f32] = match self.as_f32() {
+                Some(v) => v,
+                None => {
+                    row.resize(r * k, 0.0);
+                    self.dequantize_rows(0, r, row);
+                    &row[..]
+                }
+            };
+            let y_ptr = SyncPtr(y.as_mut_ptr());
+            let job = |part: usize, parts: usize| {
+                let cols = pool::split_range(k, part, parts, 16);
+                if cols.is_empty() {
+                    return;
+                }
+                let cm = MatRef::from_row_major_slice(c, n, r);
+                let wm = MatRef::from_row_major_slice(w, r, k).subcols(cols.start, cols.len());
+                // SAFETY: `y` is n × k row-major (asserted above); this part writes only its
+                // columns `cols` ⊆ 0..k, disjoint from every other part's; `y` outlives the job.
+                let out = unsafe {
+                    MatMut::from_raw_parts_mut(
+                        y_ptr.get().add(cols.start),
+                        n,
+                        cols.len(),
+                        k as isize,
+                        1,
+                    )
+                };
+                matmul(out, Accum::Add, cm, wm, 1.0f32, Par::Seq);
+            };
+            run_sized(n * r * k, &job);
+            return;
+        }
         if let Some(w) = self.as_f32() {
             for (yi, ci) in y.chunks_exact_mut(k).zip(c.chunks_exact(r)) {
                 for (j, wj) in w.chunks_exact(k).enumerate() {
@@ -470,7 +507,6 @@ impl WeightMatrix {
             return;
         }
         let (m, k) = (self.rows, self.cols);
-        let pool = pool::global();
         // Weight rows per dequantized tile: ~128 KB of f32, at least 8.
         let tile = (32 * 1024 / k.max(1)).clamp(8, 256) / 8 * 8;
         let y_ptr = SyncPtr(y.as_mut_ptr());
@@ -499,7 +535,22 @@ impl WeightMatrix {
                 }
             });
         };
-        pool.run(&job);
+        run_sized(n * m * k, &job);
+    }
+}
+
+/// Fewest multiply-adds of a GEMM worth splitting over the pool's threads: waking them and
+/// waiting for the slowest costs more than a product below this (a pack's stacked cores, a
+/// rank-8 factor) takes on one thread.
+const PAR_MIN_FMAS: usize = 1 << 18;
+
+/// Runs a pool job of `fmas` multiply-adds on the pool, or on this thread alone when it is
+/// too small to split ([`PAR_MIN_FMAS`]).
+fn run_sized(fmas: usize, job: &(dyn Fn(usize, usize) + Sync)) {
+    if fmas < PAR_MIN_FMAS {
+        job(0, 1);
+    } else {
+        pool::global().run(job);
     }
 }
 
@@ -550,6 +601,10 @@ fn check_len(format: WeightFormat, rows: usize, cols: usize, len: usize) -> Resu
 /// activation row while it sits in L1; the results are bit for bit those of one row alone.
 /// Beyond this, dequantized tiles and faer's GEMM are faster.
 pub const SMALL_BATCH: usize = 8;
+
+/// Fewest output rows for which [`WeightMatrix::axpy_rows`] runs as a GEMM over the whole
+/// decoded matrix instead of one row of it at a time.
+pub const AXPY_GEMM_ROWS: usize = 4;
 
 /// One matrix of a fused [`gemv`]: `out (+)= W·x` for each of the `n` input rows.
 pub struct GemvTask<'a> {

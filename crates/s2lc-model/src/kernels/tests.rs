@@ -402,8 +402,12 @@ fn batched_matmul_refuses_a_short_output() {
 #[test]
 fn axpy_rows_matches_the_transposed_reference() {
     let mut rng = Draws::new(41);
-    let (rows, cols, n) = (5, 256, 3);
-    for format in ALL {
+    let (rows, cols) = (5, 256);
+    // Below and above the GEMM threshold.
+    for (n, format) in [AXPY_GEMM_ROWS - 1, AXPY_GEMM_ROWS + 5]
+        .into_iter()
+        .flat_map(|n| ALL.map(|f| (n, f)))
+    {
         let w = matrix(format, rows, cols, &mut rng);
         let dense = w.to_f32();
         let mut c = rng.vec(n * rows);
