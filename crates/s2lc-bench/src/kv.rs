@@ -1,17 +1,19 @@
-//! `s2lc bench kv`: KV caches compared on one long real text in one process.
+//! `s2lc bench kv`: KV caches compared on one long real text in one process, and llama.cpp's
+//! caches on the same text, model and context when its `llama-perplexity` is given.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use s2lc_model::eval::perplexity_streamed;
+use s2lc_model::eval::{perplexity_streamed, PerplexityReport};
 use s2lc_model::kv::{CompressedKvCache, KvCache, KvSpec};
 use s2lc_model::speed::{decode_after, dense_kv_bytes};
 use s2lc_model::tokenizer::read_text_file;
 
 use crate::common::{parse_kv, s2lc_home, BaseModelArgs};
+use crate::peer::{cache_type_bytes, llama_perplexity};
 
 /// The caches `bench kv` measures when no `--kv` is given.
 const DEFAULT_SPECS: &[&str] = &[
@@ -51,12 +53,21 @@ pub struct KvArgs {
     /// q8, q4 and several spectral settings].
     #[arg(long = "kv", value_parser = parse_kv)]
     specs: Vec<KvSpec>,
+    /// llama.cpp's `llama-perplexity` (`scripts/reference/build_llama_cpp.sh` builds it): adds
+    /// its rows for each `--llama-kv` type, on the same GGUF, text and context.
+    #[arg(long)]
+    llama_perplexity: Option<PathBuf>,
+    /// The KV cache types of the llama.cpp rows.
+    #[arg(long, value_delimiter = ',', default_value = "f16,q8_0,q4_0")]
+    llama_kv: Vec<String>,
 }
 
 /// One measured cache.
 struct Row {
     name: String,
     ppl: f64,
+    /// Perplexity of the predictions `llama-perplexity -c tokens` scores (the second half).
+    ppl_half: Option<f64>,
     bytes: usize,
     /// Mean spectral rank of keys and values (`None`: not spectral).
     ranks: Option<(Option<f64>, Option<f64>)>,
@@ -85,6 +96,17 @@ pub fn run(args: &KvArgs) -> Result<()> {
     } else {
         args.specs.clone()
     };
+    if let Some(bin) = &args.llama_perplexity {
+        if args.base.path().extension().is_none_or(|e| e != "gguf") {
+            bail!("--llama-perplexity runs on the same GGUF: give --model a .gguf file");
+        }
+        if !bin.is_file() {
+            bail!(
+                "--llama-perplexity {}: no such file (scripts/reference/build_llama_cpp.sh builds it)",
+                bin.display()
+            );
+        }
+    }
     let shape = model.attn_shape();
     let layers = model.config().n_layers;
     let limit = tokens.len() + args.decode_tokens + 1;
@@ -117,6 +139,7 @@ pub fn run(args: &KvArgs) -> Result<()> {
         rows.push(Row {
             name: spec.name(),
             ppl: report.perplexity(),
+            ppl_half: second_half(&report, tokens.len(), args.chunk),
             bytes,
             ranks,
             compress,
@@ -136,15 +159,16 @@ pub fn run(args: &KvArgs) -> Result<()> {
         args.base.weights.name(),
         s2lc_model::kernels::pool::global().threads()
     );
-    println!("| KV cache | perplexity | vs first row | KV MB | smaller than f16 | mean rank K / V | compression ms per token | prefill tok/s | decode tok/s at {n} | compression / decode time |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| KV cache | perplexity | vs first row | second half (llama.cpp's predictions) | KV MB | smaller than f16 | mean rank K / V | compression ms per token | prefill tok/s | decode tok/s at {n} | compression / decode time |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let per_token = r.compress.as_secs_f64() / n as f64;
         println!(
-            "| {} | {:.4} | {:+.2}% | {:.2} | {:.2}x | {} | {:.3} | {:.1} | {:.1} | {:.1}% |",
+            "| {} | {:.4} | {:+.2}% | {} | {:.2} | {:.2}x | {} | {:.3} | {:.1} | {:.1} | {:.1}% |",
             r.name,
             r.ppl,
             100.0 * (r.ppl / base - 1.0),
+            r.ppl_half.map_or("—".to_string(), |p| format!("{p:.4}")),
             r.bytes as f64 / 1e6,
             f16 / r.bytes as f64,
             {
@@ -157,6 +181,60 @@ pub fn run(args: &KvArgs) -> Result<()> {
             r.prefill,
             r.decode,
             100.0 * per_token * r.decode
+        );
+    }
+    if let Some(bin) = &args.llama_perplexity {
+        llama_rows(bin, &args.base.path(), &text_path, n, &args.llama_kv, f16)?;
+    }
+    Ok(())
+}
+
+/// Perplexity of the predictions of tokens `n/2 + 1 … n − 1` (what `llama-perplexity -c n`
+/// scores), from the per-chunk sums of a streamed run; `None` unless `n/2` starts a chunk.
+fn second_half(report: &PerplexityReport, n: usize, chunk: usize) -> Option<f64> {
+    let half = n / 2;
+    if half == 0 || half % chunk != 0 || report.window_nll.len() != n.div_ceil(chunk) {
+        return None;
+    }
+    let nll: f64 = report.window_nll[half / chunk..].iter().sum();
+    Some((nll / (n - 1 - half) as f64).exp())
+}
+
+/// The llama.cpp rows: `llama-perplexity` on the same GGUF and text with a context of `n`
+/// tokens, one run per KV type, printed as a table beside S2LC's.
+fn llama_rows(
+    bin: &Path,
+    gguf: &Path,
+    text: &Path,
+    n: usize,
+    types: &[String],
+    f16_bytes: f64,
+) -> Result<()> {
+    let threads = s2lc_model::kernels::pool::global().threads();
+    let mut runs = Vec::new();
+    for t in types {
+        let per_value = cache_type_bytes(t).with_context(|| {
+            format!("--llama-kv {t}: not a ggml type (f16, q8_0, q4_0, q4_1, q5_0, q5_1, …)")
+        })?;
+        eprintln!("bench kv: llama.cpp {t}");
+        let ppl = llama_perplexity(bin, gguf, text, n, t, threads)?;
+        // The same n cells of keys and values as S2LC's cache, in the type's blocks.
+        runs.push((t, ppl, f16_bytes / 2.0 * per_value));
+    }
+    let first = runs.first().map_or(f64::NAN, |r| r.1);
+    println!(
+        "\nllama.cpp ({}), the same GGUF and text, one chunk of {n} tokens (`-c {n} --chunks 1 -fa on`): \
+         it scores the second half, the predictions of the column of that name above\n",
+        bin.display()
+    );
+    println!("| llama.cpp KV cache | perplexity (second half) | vs first row | KV MB | smaller than f16 |");
+    println!("|---|---|---|---|---|");
+    for (t, ppl, bytes) in &runs {
+        println!(
+            "| {t} | {ppl:.4} | {:+.2}% | {:.2} | {:.2}x |",
+            100.0 * (ppl / first - 1.0),
+            bytes / 1e6,
+            f16_bytes / bytes
         );
     }
     Ok(())

@@ -22,6 +22,7 @@ pub mod domains;
 pub mod experts;
 pub mod kv;
 pub mod pack;
+pub mod peer;
 pub mod router;
 pub mod serve;
 pub mod weights;
