@@ -184,7 +184,7 @@ pub fn run(args: &KvArgs) -> Result<()> {
         );
     }
     if let Some(bin) = &args.llama_perplexity {
-        llama_rows(bin, &args.base.path(), &text_path, n, &args.llama_kv, f16)?;
+        llama_rows(bin, &args.base.path(), &text, n, &args.llama_kv, f16)?;
     }
     Ok(())
 }
@@ -201,26 +201,34 @@ fn second_half(report: &PerplexityReport, n: usize, chunk: usize) -> Option<f64>
 }
 
 /// The llama.cpp rows: `llama-perplexity` on the same GGUF and text with a context of `n`
-/// tokens, one run per KV type, printed as a table beside S2LC's.
+/// tokens, one run per KV type, printed as a table beside S2LC's. It is given the text as S2LC
+/// read it (line ends normalized to `\n`, as Python's universal newlines do): the Canterbury
+/// texts end their lines in `\r\n`, which would tokenize differently.
 fn llama_rows(
     bin: &Path,
     gguf: &Path,
-    text: &Path,
+    text: &str,
     n: usize,
     types: &[String],
     f16_bytes: f64,
 ) -> Result<()> {
     let threads = s2lc_model::kernels::pool::global().threads();
+    let file = std::env::temp_dir().join(format!("s2lc-bench-kv-{}.txt", std::process::id()));
+    std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
     let mut runs = Vec::new();
     for t in types {
         let per_value = cache_type_bytes(t).with_context(|| {
             format!("--llama-kv {t}: not a ggml type (f16, q8_0, q4_0, q4_1, q5_0, q5_1, …)")
         })?;
         eprintln!("bench kv: llama.cpp {t}");
-        let ppl = llama_perplexity(bin, gguf, text, n, t, threads)?;
+        let ppl = llama_perplexity(bin, gguf, &file, n, t, threads);
+        let ppl = ppl.inspect_err(|_| {
+            let _ = std::fs::remove_file(&file);
+        })?;
         // The same n cells of keys and values as S2LC's cache, in the type's blocks.
         runs.push((t, ppl, f16_bytes / 2.0 * per_value));
     }
+    let _ = std::fs::remove_file(&file);
     let first = runs.first().map_or(f64::NAN, |r| r.1);
     println!(
         "\nllama.cpp ({}), the same GGUF and text, one chunk of {n} tokens (`-c {n} --chunks 1 -fa on`): \

@@ -21,6 +21,7 @@ use semver::Version;
 use serde_json::json;
 
 use s2lc_model::heldout::{default_texts, HeldoutSplit};
+use s2lc_model::kv::KvSpec;
 use s2lc_model::lora::AdapterDtype;
 use s2lc_model::tokenizer::Tokenizer;
 use s2lc_serve::client::{metric_value, request, request_timed};
@@ -29,7 +30,8 @@ use s2lc_spectral::rng::SplitMix64;
 use s2lc_store::Store;
 
 use crate::common::{
-    load_model, parse_bytes, progress_bar, write_json, AdapterSetArgs, BaseModelArgs, JsonArg,
+    load_model, parse_bytes, parse_kv, progress_bar, write_json, AdapterSetArgs, BaseModelArgs,
+    JsonArg,
 };
 
 /// Options of `s2lc bench serve`.
@@ -65,6 +67,12 @@ pub struct ServeBenchArgs {
     /// the short fixed prompt "The quick brown fox".
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
+    /// The server's KV cache (`s2lc serve --kv`; the same default).
+    #[arg(long = "kv", default_value = "q8", value_parser = parse_kv)]
+    kv: KvSpec,
+    /// The server's KV byte budget (`s2lc serve --kv-memory`; the same default).
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    kv_memory: usize,
     /// Zipf exponent of adapter popularity (0: uniform).
     #[arg(long, default_value_t = 1.0)]
     zipf: f64,
@@ -278,7 +286,7 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         .collect();
     let prompts = prompts(&model_path, args.prompt_tokens)?;
     println!(
-        "{} clients, {} adapter names (Zipf {}), budget {:.0} MiB (PEFT as {} factors), {} prompts of {} tokens, {} tokens per request",
+        "{} clients, {} adapter names (Zipf {}), budget {:.0} MiB (PEFT as {} factors), {} prompts of {} tokens, {} tokens per request, KV cache {} within {:.0} MiB",
         args.clients,
         args.n_adapters,
         args.zipf,
@@ -286,7 +294,9 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         args.adapter_dtype,
         prompts.len(),
         args.prompt_tokens,
-        args.max_tokens
+        args.max_tokens,
+        args.kv.name(),
+        args.kv_memory as f64 / (1 << 20) as f64
     );
     let mut runs = Vec::new();
     for &workload in &args.workload {
@@ -319,6 +329,7 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
             "clients": args.clients, "adapters": args.n_adapters, "zipf": args.zipf,
             "budget_bytes": args.adapter_memory, "adapter_dtype": args.adapter_dtype.name(),
             "max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens,
+            "kv": args.kv.name(), "kv_memory_bytes": args.kv_memory,
             "prompts": prompts.len(), "pack": args.pack, "members": members,
             "sources": sources, "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
         });
@@ -476,6 +487,8 @@ fn load_test(
     let (source, model, tokenizer) = load_model(model_path, args.base.weights)?;
     let batch = BatchConfig {
         max_batch,
+        kv: args.kv.clone(),
+        kv_memory: args.kv_memory,
         ..BatchConfig::default()
     };
     let engine = Engine::new(model, tokenizer, source.chat_template(), batch);
