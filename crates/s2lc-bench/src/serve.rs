@@ -84,6 +84,11 @@ pub struct ServeBenchArgs {
     /// --n-adapters copies of the adapters), `morph` (--n-adapters distinct blends of --pack).
     #[arg(long, value_delimiter = ',', default_value = "peft")]
     workload: Vec<Workload>,
+    /// Times the whole list of load tests runs, one round after another; each run's throughput
+    /// is compared with the first run of its own round and the median ratio printed, so a
+    /// machine whose speed drifts over the sitting does not skew the ratios.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// The pack whose members the `morph` workload blends (a directory written by `s2lc
     /// adapters pack`).
     #[arg(long)]
@@ -299,8 +304,13 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         args.kv_memory as f64 / (1 << 20) as f64
     );
     let mut runs = Vec::new();
-    for &workload in &args.workload {
-        for &max_batch in &args.max_batch {
+    for round in 0..args.rounds.max(1) {
+        let round_start = runs.len();
+        for (&workload, &max_batch) in args
+            .workload
+            .iter()
+            .flat_map(|w| args.max_batch.iter().map(move |b| (w, b)))
+        {
             if max_batch == 0 {
                 bail!("--max-batch values must be at least 1");
             }
@@ -320,10 +330,12 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
             };
             let mut run = load_test(args, &model_path, &dir, &digest, max_batch, &cdf, &body)?;
             run.workload = workload;
-            run.print(runs.first());
+            run.round = round;
+            run.print(runs.get(round_start));
             runs.push(run);
         }
     }
+    let summary = ratios(&runs);
     if let Some(path) = &args.json.path {
         let out = json!({
             "clients": args.clients, "adapters": args.n_adapters, "zipf": args.zipf,
@@ -332,6 +344,7 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
             "kv": args.kv.name(), "kv_memory_bytes": args.kv_memory,
             "prompts": prompts.len(), "pack": args.pack, "members": members,
             "sources": sources, "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
+            "ratios": summary,
         });
         write_json(path, &out)?;
     }
@@ -394,9 +407,43 @@ fn percentiles<const N: usize>(values: &mut [f64], ps: [f64; N]) -> [f64; N] {
     })
 }
 
+/// Each workload's throughput (req/s) as a ratio to the first load test of the same round,
+/// per round and their median, printed when there are several rounds: interleaved rounds keep
+/// a change in the machine's speed over the sitting out of the ratios.
+fn ratios(runs: &[Run]) -> serde_json::Value {
+    let rate = |r: &Run| r.ok as f64 / r.wall;
+    let mut out = Vec::new();
+    let rounds = runs.last().map_or(0, |r| r.round + 1);
+    let first = |round: usize| runs.iter().find(|r| r.round == round);
+    for key in runs.iter().filter(|r| r.round == 0) {
+        let mut each: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.workload == key.workload && r.max_batch == key.max_batch)
+            .filter_map(|r| first(r.round).map(|f| rate(r) / rate(f)))
+            .collect();
+        let shown: Vec<String> = each.iter().map(|x| format!("{x:.2}")).collect();
+        let [median] = percentiles(&mut each, [0.5]);
+        if rounds > 1 {
+            println!(
+                "{} batch {}: req/s vs the first run of its round, median of {rounds} rounds {median:.2}x ({})",
+                key.workload.name(),
+                key.max_batch,
+                shown.join(", ")
+            );
+        }
+        out.push(
+            json!({"workload": key.workload.name(), "max_batch": key.max_batch,
+                        "median": median, "rounds": each}),
+        );
+    }
+    json!(out)
+}
+
 /// What one load test measured.
 struct Run {
     workload: Workload,
+    /// Which round of `--rounds` it belongs to.
+    round: usize,
     max_batch: usize,
     sent: usize,
     ok: usize,
@@ -459,7 +506,8 @@ impl Run {
     fn json(&self) -> serde_json::Value {
         let [p50, p90, p99, max] = self.latency;
         json!({
-            "workload": self.workload.name(), "max_batch": self.max_batch, "requests": self.sent, "ok": self.ok,
+            "workload": self.workload.name(), "max_batch": self.max_batch, "round": self.round,
+            "requests": self.sent, "ok": self.ok,
             "seconds": self.wall, "req_per_s": self.ok as f64 / self.wall,
             "generated_tok_per_s": self.tokens / self.wall,
             "latency_ms": {"p50": p50, "p90": p90, "p99": p99, "max": max},
@@ -622,5 +670,6 @@ fn load_test(
         max_kv,
         rss,
         workload: Workload::Base,
+        round: 0,
     })
 }

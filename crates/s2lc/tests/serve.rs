@@ -762,7 +762,7 @@ fn the_router_sends_auto_requests_to_the_nearest_domain() {
 
 /// `s2lc bench serve` on the real model with a small load: held-out prompts, streamed answers,
 /// and a report with time to first token and inter-token latency for the base model and for
-/// copies of a PEFT adapter.
+/// copies of a PEFT adapter, in two rounds whose ratios are each to their own base run.
 #[test]
 fn bench_serve_times_streamed_answers() {
     let Some(model) = smollm2() else { return };
@@ -789,6 +789,8 @@ fn bench_serve_times_streamed_answers() {
         "24",
         "--max-tokens",
         "4",
+        "--rounds",
+        "2",
         "--json",
         report.to_str().unwrap(),
     ]);
@@ -798,7 +800,12 @@ fn bench_serve_times_streamed_answers() {
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(r["prompt_tokens"], 24);
     let runs = r["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 2, "{r}");
+    assert_eq!(runs.len(), 4, "{r}");
+    // Each round's ratios are to its own base run: the base's are 1.
+    let ratios = r["ratios"].as_array().unwrap();
+    assert_eq!(ratios.len(), 2, "{r}");
+    assert_eq!(ratios[0]["rounds"], json!([1.0, 1.0]), "{r}");
+    assert_eq!(ratios[1]["rounds"].as_array().unwrap().len(), 2, "{r}");
     for run in runs {
         assert_eq!(run["ok"], 8, "{run}");
         let (ttft, lat) = (&run["ttft_ms"]["p50"], &run["latency_ms"]["p50"]);
@@ -808,4 +815,5 @@ fn bench_serve_times_streamed_answers() {
         assert!(itl > 0.0 && itl < lat, "{run}");
     }
     assert!(runs[1]["cache"]["loads"].as_f64().unwrap() >= 1.0, "{r}");
+    assert_eq!(runs[3]["round"], 1, "{r}");
 }
