@@ -13,7 +13,7 @@ use s2lc_model::speed::{decode_after, dense_kv_bytes};
 use s2lc_model::tokenizer::read_text_file;
 
 use crate::common::{parse_kv, s2lc_home, BaseModelArgs};
-use crate::peer::{cache_type_bytes, llama_perplexity};
+use crate::peer::{cache_type_bytes, llama_perplexity, LlamaRun};
 
 /// The caches `bench kv` measures when no `--kv` is given.
 const DEFAULT_SPECS: &[&str] = &[
@@ -201,9 +201,7 @@ fn second_half(report: &PerplexityReport, n: usize, chunk: usize) -> Option<f64>
 }
 
 /// The llama.cpp rows: `llama-perplexity` on the same GGUF and text with a context of `n`
-/// tokens, one run per KV type, printed as a table beside S2LC's. It is given the text as S2LC
-/// read it (line ends normalized to `\n`, as Python's universal newlines do): the Canterbury
-/// texts end their lines in `\r\n`, which would tokenize differently.
+/// tokens, one run per KV type, printed as a table beside S2LC's.
 fn llama_rows(
     bin: &Path,
     gguf: &Path,
@@ -212,23 +210,23 @@ fn llama_rows(
     types: &[String],
     f16_bytes: f64,
 ) -> Result<()> {
-    let threads = s2lc_model::kernels::pool::global().threads();
-    let file = std::env::temp_dir().join(format!("s2lc-bench-kv-{}.txt", std::process::id()));
-    std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
     let mut runs = Vec::new();
     for t in types {
         let per_value = cache_type_bytes(t).with_context(|| {
             format!("--llama-kv {t}: not a ggml type (f16, q8_0, q4_0, q4_1, q5_0, q5_1, …)")
         })?;
         eprintln!("bench kv: llama.cpp {t}");
-        let ppl = llama_perplexity(bin, gguf, &file, n, t, threads);
-        let ppl = ppl.inspect_err(|_| {
-            let _ = std::fs::remove_file(&file);
+        let ppl = llama_perplexity(&LlamaRun {
+            bin,
+            gguf,
+            text,
+            ctx: n,
+            chunks: 1,
+            cache_type: t,
         })?;
         // The same n cells of keys and values as S2LC's cache, in the type's blocks.
         runs.push((t, ppl, f16_bytes / 2.0 * per_value));
     }
-    let _ = std::fs::remove_file(&file);
     let first = runs.first().map_or(f64::NAN, |r| r.1);
     println!(
         "\nllama.cpp ({}), the same GGUF and text, one chunk of {n} tokens (`-c {n} --chunks 1 -fa on`): \

@@ -3,9 +3,11 @@
 //!
 //! `llama-perplexity -c N` cuts the text's tokens into chunks of `N` and scores, in each, only
 //! the predictions of its second half (positions `N/2 … N−1`), each seeing at least `N/2`
-//! tokens of context. With `--chunks 1` that is the predictions of tokens `N/2 + 1 … N − 1` of
-//! the text, which S2LC's streamed perplexity scores too (chunks starting at `N/2`), so the
-//! bench can put the two side by side on the same predictions.
+//! tokens of context. S2LC scores the same predictions
+//! ([`s2lc_model::eval::perplexity_second_halves`], or the chunks of a streamed run from `N/2`
+//! on), so the benches put the two side by side. The peer is given the text as S2LC reads it
+//! (line ends normalized to `\n`, as Python's universal newlines do): the Canterbury texts end
+//! their lines in `\r\n`, which would tokenize differently.
 
 use std::path::Path;
 use std::process::Command;
@@ -23,30 +25,51 @@ pub fn cache_type_bytes(name: &str) -> Option<f64> {
         .map(|t| t.type_size() as f64 / t.block_size() as f64)
 }
 
-/// Runs `bin` (`llama-perplexity`) on the first chunk of `ctx` tokens of `text` with model
-/// `gguf`, keys and values cached as `cache_type` (`f16`, `q8_0`, `q4_0`, …; flash attention
-/// on, which llama.cpp needs for a quantized V cache), on `threads` threads; returns the final
-/// estimate of the perplexity. Weights are read in the GGUF's own blocks (`--no-repack`), as
-/// S2LC reads them (the vendored build's repacked AMX path also faults on some CPUs).
-pub fn llama_perplexity(
-    bin: &Path,
-    gguf: &Path,
-    text: &Path,
-    ctx: usize,
-    cache_type: &str,
-    threads: usize,
-) -> Result<f64> {
+/// One `llama-perplexity` run: the model, the text, and how it reads them.
+#[derive(Debug, Clone, Copy)]
+pub struct LlamaRun<'a> {
+    /// The `llama-perplexity` binary.
+    pub bin: &'a Path,
+    /// The GGUF model.
+    pub gguf: &'a Path,
+    /// The text as S2LC read it.
+    pub text: &'a str,
+    /// Tokens per chunk (`-c`).
+    pub ctx: usize,
+    /// Chunks scored from the start of the text (`--chunks`).
+    pub chunks: usize,
+    /// Keys and values cached as this ggml type (`f16`, `q8_0`, `q4_0`, …).
+    pub cache_type: &'a str,
+}
+
+/// Runs `llama-perplexity` (flash attention on, which llama.cpp needs for a quantized V cache)
+/// on S2LC's pool size of threads and returns its final estimate of the perplexity. Weights are
+/// read in the GGUF's own blocks (`--no-repack`), as S2LC reads them (the vendored build's
+/// repacked AMX path also faults on some CPUs).
+pub fn llama_perplexity(run: &LlamaRun<'_>) -> Result<f64> {
+    let LlamaRun {
+        bin,
+        gguf,
+        text,
+        ctx,
+        chunks,
+        cache_type,
+    } = *run;
+    let file = std::env::temp_dir().join(format!("s2lc-peer-text-{}.txt", std::process::id()));
+    std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+    let threads = s2lc_model::kernels::pool::global().threads();
     let out = Command::new(bin)
         .arg("-m")
         .arg(gguf)
         .arg("-f")
-        .arg(text)
+        .arg(&file)
         .args(["-c", &ctx.to_string(), "-b", &ctx.min(2048).to_string()])
-        .args(["--chunks", "1", "-fa", "on", "--no-repack"])
+        .args(["--chunks", &chunks.to_string(), "-fa", "on", "--no-repack"])
         .args(["-ctk", cache_type, "-ctv", cache_type])
         .args(["-t", &threads.to_string()])
-        .output()
-        .with_context(|| format!("running {}", bin.display()))?;
+        .output();
+    let _ = std::fs::remove_file(&file);
+    let out = out.with_context(|| format!("running {}", bin.display()))?;
     let log = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -1,7 +1,9 @@
 //! `s2lc bench weights`: the weight frontier — bits per linear weight vs perplexity on several
 //! texts vs decode speed — for a dense model and quantized variants of it (llama.cpp's quants
 //! from `llama-quantize`, S2LC's `compress --method quant-lr` directories), in one process.
-//! `scripts/reference/weights_frontier.sh` builds the variants and calls this.
+//! `scripts/reference/weights_frontier.sh` builds the variants and calls this. With
+//! `--llama-perplexity`, every GGUF is also scored by llama.cpp on the same windows, beside
+//! S2LC's score of the same predictions (the second half of each window, see [`crate::peer`]).
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +19,7 @@ use s2lc_model::tokenizer::read_text_file;
 use s2lc_model::ModelSource;
 
 use crate::common::{load_model, s2lc_home, write_json, JsonArg, ModelArg};
+use crate::peer::{llama_perplexity, LlamaRun};
 
 /// Options of `s2lc bench weights`.
 #[derive(Args)]
@@ -40,6 +43,10 @@ pub struct WeightsArgs {
     /// Decode measurements per model, interleaved across models (the best is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// llama.cpp's `llama-perplexity`: scores every GGUF (`-c 512`, one chunk per window) beside
+    /// S2LC's perplexity of the same predictions.
+    #[arg(long)]
+    llama_perplexity: Option<PathBuf>,
     /// `--json FILE`.
     #[command(flatten)]
     json: JsonArg,
@@ -55,6 +62,10 @@ struct Row {
     /// not the format's own).
     requantized: bool,
     ppl: Vec<f64>,
+    /// Per text, the perplexity of the windows' second halves (`llama-perplexity`'s protocol).
+    half: Vec<f64>,
+    /// Per text, `llama-perplexity`'s figure (GGUF files, with `--llama-perplexity`).
+    llama: Vec<Option<f64>>,
     decode: Vec<f64>,
 }
 
@@ -106,6 +117,7 @@ pub fn run(args: &WeightsArgs) -> Result<()> {
         .collect();
     let mut models: Vec<(LlamaModel, Row)> = Vec::with_capacity(paths.len());
     let mut tokens: Vec<Vec<u32>> = Vec::new();
+    let mut contents: Vec<String> = Vec::new();
     let mut weights = 0usize;
     for (i, path) in paths.iter().enumerate() {
         let (source, model, tokenizer) =
@@ -117,6 +129,7 @@ pub fn run(args: &WeightsArgs) -> Result<()> {
                 let mut ids = tokenizer.encode(&text, false)?;
                 ids.truncate(args.eval_tokens);
                 tokens.push(ids);
+                contents.push(text);
             }
         } else if model.config() != models[0].0.config() {
             bail!(
@@ -126,18 +139,39 @@ pub fn run(args: &WeightsArgs) -> Result<()> {
             );
         }
         let (linear_bytes, requantized) = linear_bytes(&source);
-        let mut ppl = Vec::new();
-        for ids in &tokens {
+        let (mut ppl, mut half, mut llama) = (Vec::new(), Vec::new(), Vec::new());
+        for (ids, text) in tokens.iter().zip(&contents) {
+            let scoring = || format!("scoring {}", label(path));
             let report = s2lc_model::eval::perplexity(&model, ids, 512, 512, |_, _| {})
-                .with_context(|| format!("scoring {}", label(path)))?;
+                .with_context(scoring)?;
             ppl.push(report.perplexity());
+            let report = s2lc_model::eval::perplexity_second_halves(&model, ids, 512)
+                .with_context(scoring)?;
+            half.push(report.perplexity());
+            let gguf = path.extension().is_some_and(|e| e == "gguf");
+            llama.push(match &args.llama_perplexity {
+                Some(bin) if gguf => Some(llama_perplexity(&LlamaRun {
+                    bin,
+                    gguf: path,
+                    text,
+                    ctx: 512,
+                    chunks: ids.len() / 512,
+                    cache_type: "f16",
+                })?),
+                _ => None,
+            });
         }
-        eprintln!("{}: perplexity {ppl:.2?}", label(path));
+        eprintln!(
+            "{}: perplexity {ppl:.2?}, second halves {half:.2?}, llama.cpp {llama:.2?}",
+            label(path)
+        );
         let row = Row {
             name: label(path),
             linear_bytes,
             requantized,
             ppl,
+            half,
+            llama,
             decode: Vec::new(),
         };
         models.push((model, row));
@@ -172,18 +206,23 @@ fn print_table(
     println!();
     let text_cols: String = names
         .iter()
-        .map(|n| format!(" {n} ppl (vs dense) |"))
+        .map(|n| format!(" {n} ppl (vs dense) | {n} second halves: S2LC / llama.cpp |"))
         .collect();
     println!("| model | bits per linear weight |{text_cols} decode tok/s (vs dense) |");
-    println!("|---|---|{}---|", "---|".repeat(names.len()));
+    println!("|---|---|{}---|", "---|---|".repeat(names.len()));
     let mut json_rows = Vec::new();
     for (_, r) in models {
         let bits = 8.0 * r.linear_bytes as f64 / weights.max(1) as f64;
-        let ppl: String = r
-            .ppl
-            .iter()
-            .zip(&dense.ppl)
-            .map(|(p, d)| format!(" {p:.2} ({:+.1} %) |", 100.0 * (p / d - 1.0)))
+        let ppl: String = (0..names.len())
+            .map(|k| {
+                let (p, d) = (r.ppl[k], dense.ppl[k]);
+                let peer = r.llama[k].map_or("—".to_string(), |l| format!("{l:.2}"));
+                format!(
+                    " {p:.2} ({:+.1} %) | {:.2} / {peer} |",
+                    100.0 * (p / d - 1.0),
+                    r.half[k]
+                )
+            })
             .collect();
         let note = if r.requantized {
             ", runs re-quantized to Q8_0"
@@ -201,6 +240,8 @@ fn print_table(
             "bits_per_linear_weight": bits,
             "linear_bytes": r.linear_bytes,
             "perplexity": names.iter().zip(&r.ppl).map(|(n, p)| (n.clone(), serde_json::json!(p))).collect::<serde_json::Map<_, _>>(),
+            "second_halves": names.iter().zip(&r.half).map(|(n, p)| (n.clone(), serde_json::json!(p))).collect::<serde_json::Map<_, _>>(),
+            "llama_perplexity": names.iter().zip(&r.llama).map(|(n, p)| (n.clone(), serde_json::json!(p))).collect::<serde_json::Map<_, _>>(),
             "decode_tok_s_runs": r.decode,
             "decode_requantized": r.requantized,
         }));

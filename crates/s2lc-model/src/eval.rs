@@ -96,6 +96,37 @@ pub fn perplexity(
     Ok(scorer.report)
 }
 
+/// Perplexity of what `llama-perplexity -c window` scores: `tokens` cut into whole chunks of
+/// `window` (a partial last chunk is dropped), each run alone from an empty cache, and in each
+/// only the predictions of its second half (positions `window/2 … window − 2` predicting the
+/// next token), which all see at least `window/2` tokens of context. The peer's own protocol,
+/// so its figures and S2LC's can be put side by side on the same predictions.
+pub fn perplexity_second_halves(
+    model: &LlamaModel,
+    tokens: &[u32],
+    window: usize,
+) -> Result<PerplexityReport, ModelError> {
+    if window < 4 || tokens.len() < window {
+        return Err(ModelError::InvalidConfig(format!(
+            "second-half perplexity needs a window of at least 4 tokens and a text of at least one window (window {window}, {} tokens)",
+            tokens.len()
+        )));
+    }
+    let mut cache = model.dense_cache(window);
+    let mut scorer = Scorer::default();
+    for start in (0..tokens.len() / window).map(|c| c * window) {
+        cache.clear();
+        scorer.piece(
+            model,
+            &mut cache,
+            tokens,
+            start..start + window,
+            window / 2..window - 1,
+        )?;
+    }
+    Ok(scorer.report)
+}
+
 /// Perplexity of `tokens` read as one sequence through `cache`, the way generation sees it: the
 /// tokens go in `chunk`-token pieces (chunked prefill), each attending to everything before it
 /// *as the cache stores it* (a compressed cache answers from its compressed blocks), and every
@@ -437,6 +468,26 @@ mod tests {
             .unwrap();
         let ratio = small / smaller;
         assert!((ratio - 4.0).abs() < 0.2, "{small} / {smaller} = {ratio}");
+    }
+
+    /// The second halves of whole windows are the windows' streamed chunks from the middle on:
+    /// the same predictions, the same context, so the same sum; a partial last window is not
+    /// scored.
+    #[test]
+    fn second_halves_score_the_predictions_llama_perplexity_scores() {
+        let model = crate::llama::random_model(8, 12, 2, (2, 1), 11, 3);
+        let tokens: Vec<u32> = (0..19u32).map(|i| (i * 7 + 3) % 11).collect();
+        let half = perplexity_second_halves(&model, &tokens, 8).unwrap();
+        assert_eq!(half.predictions, 2 * 3);
+        let mut want = 0.0;
+        for w in tokens.chunks_exact(8) {
+            let mut cache = model.dense_cache(8);
+            let r = perplexity_streamed(&model, w, &mut cache, 4, |_, _| {}).unwrap();
+            want += r.window_nll[1];
+        }
+        let got: f64 = half.window_nll.iter().sum();
+        assert!((got - want).abs() < 1e-4 * want.abs(), "{got} vs {want}");
+        assert!(perplexity_second_halves(&model, &tokens[..7], 8).is_err());
     }
 
     #[test]
