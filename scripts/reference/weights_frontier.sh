@@ -11,7 +11,8 @@
 # Default: 4.6:4 3.9:3 3.6:3:0 3.9 3.5.
 # It builds the variants (llama-quantize's types from the dequantized F32 GGUF, `s2lc compress
 # --method quant-lr` at each budget) under $PEERS/frontier, then measures them all with
-# `s2lc bench weights` (JSON=FILE also writes its report). Needs
+# `s2lc bench weights` (JSON=FILE also writes its report), llama.cpp's `llama-perplexity` scoring
+# every GGUF on the same windows. Needs
 # scripts/reference/build_llama_cpp.sh (llama-quantize, the F32 GGUF) and a release build.
 # Bits per linear weight count every stored byte of the block linears (blocks, scales,
 # correction factors); embeddings are left as each file holds them (Q8_0 in all but dense).
@@ -50,4 +51,5 @@ for spec in "${BUDGETS[@]}"; do
 done
 # One process: every model scored on the same windows, decode runs interleaved.
 "$S2LC" bench weights --model "$F32" "${variants[@]}" --eval-tokens "$TOKENS" \
-  --texts "$(IFS=,; echo "${TEXTS[*]}")" ${JSON:+--json "$JSON"}
+  --texts "$(IFS=,; echo "${TEXTS[*]}")" --llama-perplexity "$BIN/llama-perplexity" \
+  ${JSON:+--json "$JSON"}
