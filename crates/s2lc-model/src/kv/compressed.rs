@@ -492,8 +492,23 @@ mod tests {
             );
             q8.commit(1);
         }
-        let quantized = 192; // six full segments of 32; the 8 newest tokens stay dense
-        assert_eq!(q8.bytes(), 2 * quantized * kv / 32 * 34 + 2 * 8 * kv * 4);
+        // Six full segments of 32 and the 8 newest tokens in the window, int8 alike by default;
+        // with `recent=f32` those 8 stay f32.
+        assert_eq!(q8.bytes(), 2 * tokens * kv / 32 * 34);
+        let mut f32_window = CompressedKvCache::new(1, SHAPE, spec("q8:recent=f32"));
+        for p in 0..tokens {
+            let r = p * kv..(p + 1) * kv;
+            f32_window.attend(
+                0,
+                &q[..SHAPE.q_dim()],
+                &k[r.clone()],
+                &v[r],
+                1,
+                &mut out[..SHAPE.q_dim()],
+            );
+            f32_window.commit(1);
+        }
+        assert_eq!(f32_window.bytes(), 2 * 192 * kv / 32 * 34 + 2 * 8 * kv * 4);
         // int4 coefficients, int8 basis, int8 window, and the query moments of `kscore`.
         let s = "spectral:block=64,window=32,rank=8,sink=0,coef=4,basis=q8,recent=q8";
         for (extra, moments) in [

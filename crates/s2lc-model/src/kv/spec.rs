@@ -341,7 +341,14 @@ impl KvSpec {
             values,
             block: o.block.unwrap_or(default_block),
             window: o.window.unwrap_or(default_window),
-            recent: o.recent.unwrap_or(RecentDtype::F32),
+            // Plain quantization holds the block it is filling at int8 too (the same groups and
+            // scales its coding uses, so committing it re-quantizes to the same bytes); without
+            // that, an f32 block of 32 tokens halves the saving of short sequences.
+            recent: o.recent.unwrap_or(if spectral_kind {
+                RecentDtype::F32
+            } else {
+                RecentDtype::Q8
+            }),
             // Spectral keys without the sinks lost 1.5 % perplexity on SmolLM2 (docs/results.md).
             sink: o.sink.unwrap_or(if spectral_kind {
                 CompressedConfig::DEFAULT_SINK
@@ -441,8 +448,8 @@ impl std::fmt::Display for CompressedConfig {
             self.block,
             self.window
         )?;
-        if self.recent != RecentDtype::F32 && self.window > 0 {
-            write!(f, " at {}", self.recent.name())?;
+        if self.recent != RecentDtype::F32 {
+            write!(f, ", recent rows at {}", self.recent.name())?;
         }
         if self.sink > 0 {
             write!(f, ", sink {}", self.sink)?;

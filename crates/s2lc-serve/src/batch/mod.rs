@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use tokio::sync::mpsc::UnboundedSender;
 
 use s2lc_model::generate::{Sampler, SamplingParams};
-use s2lc_model::kv::compressed::{Coding, GROUP};
+use s2lc_model::kv::compressed::{Coding, RecentDtype, GROUP};
 use s2lc_model::kv::{AttnShape, KvCache, KvSpec};
 use s2lc_model::llama::{BatchRow, ForwardScratch, LlamaModel};
 use s2lc_model::lora::AdapterDeltas;
@@ -108,7 +108,9 @@ impl Default for BatchConfig {
 
 /// An upper bound of the bytes a `spec` cache holds at `tokens` tokens, per the layouts of
 /// [`s2lc_model::kv`]: dense f32 keys and values; q8 and q4 groups of 32 values with an f16 scale
-/// (34 and 18 bytes), behind a window, the sink tokens and one partial block kept as f32. A
+/// (34 and 18 bytes), behind the sink tokens (f32) and a window plus one partial block held in
+/// the spec's `recent` form (int8 groups by default for q8 and q4; f32 rows of a pass in flight
+/// are transient and not counted). A
 /// spectral side is bounded by f32 (its rank, and so its size, is known only once coded); keys
 /// ranked by attention error add the queries' second moments they keep.
 pub fn kv_bytes_bound(spec: &KvSpec, n_layers: usize, shape: AttnShape, tokens: usize) -> usize {
@@ -118,15 +120,21 @@ pub fn kv_bytes_bound(spec: &KvSpec, n_layers: usize, shape: AttnShape, tokens: 
         KvSpec::Dense => return n_layers * 2 * f32_side,
         KvSpec::Compressed(c) => (
             [c.keys, c.values].map(|coding| {
-                let dense = (c.window + c.sink + c.block).min(tokens);
-                let coded = tokens - dense;
+                let sink = c.sink.min(tokens);
+                let recent = (c.window + c.block).min(tokens - sink);
+                let coded = tokens - sink - recent;
                 let groups = kv_dim.div_ceil(GROUP);
                 let per_token = match coding {
                     Coding::Q8 => groups * 34,
                     Coding::Q4 => groups * 18,
                     Coding::Spectral { .. } => kv_dim * 4,
                 };
-                dense * kv_dim * 4 + coded * per_token
+                let recent_per_token = match c.recent {
+                    RecentDtype::F32 => kv_dim * 4,
+                    RecentDtype::F16 => kv_dim * 2,
+                    RecentDtype::Q8 => groups * 34,
+                };
+                sink * kv_dim * 4 + recent * recent_per_token + coded * per_token
             }),
             {
                 // Keys ranked by attention error keep each layer's recent queries' second moments

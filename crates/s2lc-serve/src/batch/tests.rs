@@ -161,8 +161,10 @@ fn the_kv_bound_holds_every_cache_kind() {
     for spec in [
         "dense",
         "q8",
+        "q8:recent=f32",
         "q4",
         "spectral",
+        "spectral:block=32,window=16,recent=q8",
         "spectral:kscore=0.05",
         "spectral:kbits=2",
     ] {
@@ -191,6 +193,24 @@ fn the_kv_bound_holds_every_cache_kind() {
     }
 }
 
+/// The default q8 cache admits at least 3.5x the sequences of a dense f32 cache in the same
+/// memory, short sequences included: its partial block is held at int8 like the rest.
+#[test]
+fn q8_admits_over_three_and_a_half_times_the_dense_sequences() {
+    // SmolLM2-135M's attention: 3 KV heads of 64.
+    let shape = AttnShape {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
+    let q8 = KvSpec::parse("q8").unwrap();
+    for tokens in [1, 31, 33, 160, 4096] {
+        let dense = kv_bytes_bound(&KvSpec::Dense, 30, shape, tokens);
+        let ours = kv_bytes_bound(&q8, 30, shape, tokens);
+        assert!(2 * dense >= 7 * ours, "{tokens} tokens: {dense} / {ours}");
+    }
+}
+
 #[test]
 fn sequences_decode_through_the_configured_kv_cache_within_its_memory() {
     // q4 keys and values need heads of a multiple of 32: a random model with 32-wide heads.
@@ -215,8 +235,9 @@ fn sequences_decode_through_the_configured_kv_cache_within_its_memory() {
         .generated
     };
     let need = kv_bytes_bound(&kv, n_layers, shape, limit);
-    // One partial block of 32 tokens stays f32; the other 71 take 18 of 128 bytes per head.
-    assert!(need < kv_bytes_bound(&KvSpec::Dense, n_layers, shape, limit) / 2);
+    // One partial block of 32 tokens at int8 (34 of 128 bytes per group), the other 71 at int4
+    // (18 of 128).
+    assert!(need < kv_bytes_bound(&KvSpec::Dense, n_layers, shape, limit) / 4);
     let config = BatchConfig {
         kv: kv.clone(),
         // Room for two sequences at a time.
