@@ -394,8 +394,8 @@ mod tests {
             ("spectral:block=64,window=32,energy=0.9999", 1, 0.02),
             ("spectral:block=64,window=32,energy=0.9999", 37, 0.02),
             ("spectral:block=64,window=0,rank=64", 16, 0.02),
-            ("q8", 5, 0.02),
-            ("q4", 5, 0.25),
+            ("q8:block=32", 5, 0.02),
+            ("q4:block=32", 5, 0.25),
             ("spectral:block=64,window=32,keys=q8,values=q4", 7, 0.25),
             // Stored forms below int8: int4 coefficients, int8 basis, quantized windows.
             ("spectral:block=64,window=32,energy=0.9999,coef=4", 5, 0.25),
@@ -492,10 +492,10 @@ mod tests {
             );
             q8.commit(1);
         }
-        // Six full segments of 32 and the 8 newest tokens in the window, int8 alike by default;
-        // with `recent=f32` those 8 stay f32.
+        // Segments and the window are int8 alike by default; with `recent=f32` and segments of
+        // 32, six full segments and 8 f32 rows in the window.
         assert_eq!(q8.bytes(), 2 * tokens * kv / 32 * 34);
-        let mut f32_window = CompressedKvCache::new(1, SHAPE, spec("q8:recent=f32"));
+        let mut f32_window = CompressedKvCache::new(1, SHAPE, spec("q8:block=32,recent=f32"));
         for p in 0..tokens {
             let r = p * kv..(p + 1) * kv;
             f32_window.attend(

