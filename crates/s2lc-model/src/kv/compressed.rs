@@ -478,37 +478,24 @@ mod tests {
             let window = layers * 2 * window_tokens * kv * 4;
             assert_eq!(cache.bytes(), segments + sinks + window, "{s}");
         }
-        // The q8 cache holds 34 bytes per 32 values, as llama.cpp's q8_0.
-        let mut q8 = CompressedKvCache::new(1, SHAPE, spec("q8"));
-        for p in 0..tokens {
-            let r = p * kv..(p + 1) * kv;
-            q8.attend(
-                0,
-                &q[..SHAPE.q_dim()],
-                &k[r.clone()],
-                &v[r],
-                1,
-                &mut out[..SHAPE.q_dim()],
-            );
-            q8.commit(1);
-        }
-        // Segments and the window are int8 alike by default; with `recent=f32` and segments of
-        // 32, six full segments and 8 f32 rows in the window.
-        assert_eq!(q8.bytes(), 2 * tokens * kv / 32 * 34);
-        let mut f32_window = CompressedKvCache::new(1, SHAPE, spec("q8:block=32,recent=f32"));
-        for p in 0..tokens {
-            let r = p * kv..(p + 1) * kv;
-            f32_window.attend(
-                0,
-                &q[..SHAPE.q_dim()],
-                &k[r.clone()],
-                &v[r],
-                1,
-                &mut out[..SHAPE.q_dim()],
-            );
-            f32_window.commit(1);
-        }
-        assert_eq!(f32_window.bytes(), 2 * 192 * kv / 32 * 34 + 2 * 8 * kv * 4);
+        // The q8 cache holds 34 bytes per 32 values, as llama.cpp's q8_0. Segments and the
+        // window are int8 alike by default; with `recent=f32` and segments of 32, six full
+        // segments and 8 f32 rows in the window.
+        let one_layer_bytes = |s: &str, out: &mut [f32]| {
+            let mut cache = CompressedKvCache::new(1, SHAPE, spec(s));
+            for p in 0..tokens {
+                let r = p * kv..(p + 1) * kv;
+                cache.attend(0, &q[..SHAPE.q_dim()], &k[r.clone()], &v[r], 1, out);
+                cache.commit(1);
+            }
+            cache.bytes()
+        };
+        let out1 = &mut out[..SHAPE.q_dim()];
+        assert_eq!(one_layer_bytes("q8", out1), 2 * tokens * kv / 32 * 34);
+        assert_eq!(
+            one_layer_bytes("q8:block=32,recent=f32", out1),
+            2 * 192 * kv / 32 * 34 + 2 * 8 * kv * 4
+        );
         // int4 coefficients, int8 basis, int8 window, and the query moments of `kscore`.
         let s = "spectral:block=64,window=32,rank=8,sink=0,coef=4,basis=q8,recent=q8";
         for (extra, moments) in [
